@@ -1,0 +1,754 @@
+# cython: freethreading_compatible = False
+"""The compiled core: channels, subscribers, RFC 6455 checks, encoding and fan-out.
+
+The path of a published message through this file:
+
+    Session.on_ws_frame      RFC 6455 checks, reassembly, UTF-8, then JSON (msgspec)
+    Session._publish         permission, rate limit, envelope encoded once
+    hub.bus.publish          the bus (embedded or Redis) hands it to every worker's Hub
+    Hub.fanout               framed once, appended to each subscriber's OutputBuffer in C
+    Hub._flush               at the end of the loop turn, one send() per connection
+
+Nothing on that path calls Python per delivery: the per-subscriber loop (`_deliver`) is
+plain C over a contiguous array, and each connection costs one syscall per loop turn
+however many messages it carries.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+
+import secrets
+
+import msgspec
+
+from .protocol import decode_request, encode_json
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_NOSIGNAL
+
+# Hoehrmann's UTF-8 DFA: one table lookup per byte, and the state carries across
+# fragments, so a message split over frames is validated as it arrives.
+cdef extern from *:
+    """
+    static const unsigned char fastfan_utf8d[] = {
+      0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,
+      0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,
+      0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,
+      0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,
+      1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,9,9,9,9,9,9,9,9,9,9,9,9,9,9,9,9,
+      7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,7,
+      8,8,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,
+      10,3,3,3,3,3,3,3,3,3,3,3,3,4,3,3,11,6,6,6,5,8,8,8,8,8,8,8,8,8,8,8,
+      0,12,24,36,60,96,84,12,12,12,48,72,12,12,12,12,12,12,12,12,12,12,12,12,
+      12,0,12,12,12,12,12,0,12,0,12,12,12,24,12,12,12,12,12,24,12,24,12,12,
+      12,12,12,12,12,12,12,24,12,12,12,12,12,24,12,12,12,12,12,12,12,24,12,12,
+      12,12,12,12,12,12,12,36,12,36,12,12,12,36,12,12,12,12,12,36,12,36,12,12,
+      12,36,12,12,12,12,12,12,12,12,12,12,
+    };
+    #define FASTFAN_UTF8_ACCEPT 0
+    #define FASTFAN_UTF8_REJECT 12
+
+    static unsigned int fastfan_utf8_validate(unsigned int state,
+                                              const unsigned char* p, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            state = fastfan_utf8d[256 + state + fastfan_utf8d[p[i]]];
+            if (state == FASTFAN_UTF8_REJECT) break;
+        }
+        return state;
+    }
+    """
+    uint32_t utf8_validate "fastfan_utf8_validate" (uint32_t state, const uint8_t* p,
+                                                     Py_ssize_t n) nogil
+    uint32_t UTF8_ACCEPT "FASTFAN_UTF8_ACCEPT"
+    uint32_t UTF8_REJECT "FASTFAN_UTF8_REJECT"
+
+# Slow-consumer policies, in the order of config.SLOW_CONSUMER_POLICIES.
+SLOW_DISCONNECT = 0
+SLOW_DROP = 1
+SLOW_CONFLATE = 2
+cdef dict _POLICY_BY_NAME = {"disconnect": SLOW_DISCONNECT, "drop": SLOW_DROP,
+                             "conflate": SLOW_CONFLATE}
+
+# Close codes of the contract that picows's enum does not name.
+CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_RATE_LIMITED = 4029
+
+# A peer that does not answer our CLOSE within this many seconds is disconnected.
+cdef double CLOSE_TIMEOUT = 5.0
+# A client refused for publishing too fast for this long, without pause, is closed (4029).
+cdef double RATE_LIMIT_PATIENCE = 1.0
+# Output buffers larger than this are freed once written, so that a burst does not leave
+# an idle connection holding memory; smaller ones are kept for the next turn.
+cdef Py_ssize_t KEEP_BUFFER_BYTES = 16384
+# The largest WebSocket frame header a server writes (no mask).
+cdef Py_ssize_t MAX_HEADER = 10
+cdef Py_ssize_t MAX_CHANNEL_LENGTH = 255
+
+# Channel names: 1–255 characters from A–Z a–z 0–9 _ - . : @ /
+cdef bint[128] CHANNEL_CHAR
+for _c in range(128):
+    CHANNEL_CHAR[_c] = (chr(_c).isascii() and chr(_c).isalnum()) or chr(_c) in "_-.:@/"
+
+cdef bytes MESSAGE_PREFIX = b'{"type":"message","channel":"'
+
+
+cdef inline int64_t now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline Py_ssize_t write_header(char* p, uint8_t opcode, Py_ssize_t n) noexcept nogil:
+    """Write a final, unmasked frame header for an n-byte payload; return its length."""
+    cdef int i
+    p[0] = <char>(0x80 | opcode)
+    if n < 126:
+        p[1] = <char>n
+        return 2
+    if n < 65536:
+        p[1] = 126
+        p[2] = <char>(n >> 8)
+        p[3] = <char>(n & 0xFF)
+        return 4
+    p[1] = 127
+    for i in range(8):
+        p[2 + i] = <char>((n >> (56 - 8 * i)) & 0xFF)
+    return 10
+
+
+cpdef bint is_valid_channel(str channel):
+    cdef Py_ssize_t n = len(channel)
+    cdef Py_UCS4 c
+    if n < 1 or n > MAX_CHANNEL_LENGTH:
+        return False
+    for c in channel:
+        if c >= 128 or not CHANNEL_CHAR[c]:
+            return False
+    return True
+
+
+@cython.final
+cdef class OutputBuffer:
+    def __dealloc__(self):
+        free(self.data)
+
+    cdef int append(self, const char* ptr, Py_ssize_t n) except -1:
+        cdef Py_ssize_t needed = self.size + n
+        cdef Py_ssize_t capacity
+        cdef char* grown
+        if n <= 0:
+            return 0
+        if needed > self.capacity:
+            capacity = max(needed, 2 * self.capacity, 256)
+            grown = <char*>realloc(self.data, capacity)
+            if grown == NULL:
+                raise MemoryError()
+            self.data = grown
+            self.capacity = capacity
+        memcpy(self.data + self.size, ptr, n)
+        self.size = needed
+        return 0
+
+    cdef void release(self) noexcept:
+        """Empty the buffer; give its memory back if it grew large."""
+        self.size = 0
+        if self.capacity > KEEP_BUFFER_BYTES:
+            free(self.data)
+            self.data = NULL
+            self.capacity = 0
+
+
+@cython.final
+cdef class Channel:
+    def __cinit__(self, str name):
+        self.name = name
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.count):
+            Py_DECREF(<object>self.subscribers[i])
+        free(self.subscribers)
+
+    def __len__(self):
+        return self.count
+
+    cdef Py_ssize_t add(self, Session session) except -1:
+        cdef Py_ssize_t capacity
+        cdef void** grown
+        if self.count == self.capacity:
+            capacity = max(8, 2 * self.capacity)
+            grown = <void**>realloc(self.subscribers, capacity * sizeof(void*))
+            if grown == NULL:
+                raise MemoryError()
+            self.subscribers = grown
+            self.capacity = capacity
+        Py_INCREF(session)
+        self.subscribers[self.count] = <void*>session
+        self.count += 1
+        return self.count - 1
+
+    cdef Session remove_at(self, Py_ssize_t slot):
+        """Remove the subscriber in `slot` by moving the last one into it.
+
+        Returns the session that moved (its slot is now `slot`), or None.
+        """
+        cdef Session removed = <Session>self.subscribers[slot]
+        cdef Session moved = None
+        self.count -= 1
+        if slot != self.count:
+            self.subscribers[slot] = self.subscribers[self.count]
+            moved = <Session>self.subscribers[slot]
+        Py_DECREF(removed)
+        return moved
+
+
+@cython.final
+cdef class Hub:
+    """One worker's channels and connections; the bus calls `fanout` for every message."""
+
+    def __cinit__(self, loop, *, Py_ssize_t max_message_size, Py_ssize_t max_subscriptions,
+                  Py_ssize_t max_buffer, double publish_rate, str slow_consumer):
+        self.loop = loop
+        self.channels = {}
+        self.sessions = set()
+        self.pending = []
+        self.max_message_size = max_message_size
+        self.max_subscriptions = max_subscriptions
+        self.max_buffer = max_buffer
+        self.publish_rate = publish_rate
+        self.slow_consumer = _POLICY_BY_NAME[slow_consumer]
+        self.client_id_prefix = secrets.token_hex(6).encode() + b"-"
+
+    def __dealloc__(self):
+        free(self.frame)
+
+    @property
+    def connections(self):
+        return len(self.sessions)
+
+    @property
+    def subscriptions(self):
+        cdef Channel channel
+        return sum([channel.count for channel in self.channels.values()])
+
+    cdef bytes _new_client_id(self):
+        self.next_client_number += 1
+        return self.client_id_prefix + (b"%x" % self.next_client_number)
+
+    def encode_message(self, str channel, data, bytes sender):
+        """The `message` object subscribers receive: `data` is copied byte for byte."""
+        return b"".join((MESSAGE_PREFIX, channel.encode("ascii"), b'","data":', data,
+                         b',"from":"', sender, b'","timestamp":', b"%d}" % now_ms()))
+
+    cpdef Py_ssize_t fanout(self, str channel, object payload) except -1:
+        """Deliver an encoded `message` to this worker's subscribers of `channel`.
+
+        The payload is framed once into a scratch buffer; each subscriber gets a memcpy.
+        Returns the number of subscribers it was queued for.
+        """
+        cdef Channel target = self.channels.get(channel)
+        cdef Py_buffer view
+        cdef Py_ssize_t header, size
+        cdef char* grown
+        if target is None or target.count == 0:
+            return 0
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            size = view.len + MAX_HEADER
+            if size > self.frame_capacity:
+                grown = <char*>realloc(self.frame, size)
+                if grown == NULL:
+                    raise MemoryError()
+                self.frame = grown
+                self.frame_capacity = size
+            header = write_header(self.frame, WSMsgType.TEXT, view.len)
+            memcpy(self.frame + header, view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return self._deliver(target, self.frame, header + view.len)
+
+    cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1:
+        cdef Py_ssize_t i
+        cdef Session session
+        cdef Py_ssize_t limit = self.max_buffer
+        for i in range(channel.count):
+            session = <Session>channel.subscribers[i]
+            if (session.overflowing or session.closing
+                    or session.out.size + session.backlog + size > limit):
+                self._overflow(session, channel, frame, size)
+                continue
+            session.out.append(frame, size)
+            if not session.scheduled:
+                self._schedule(session)
+        self.deliveries_total += channel.count
+        return channel.count
+
+    cdef int _overflow(self, Session session, Channel channel, const char* frame,
+                       Py_ssize_t size) except -1:
+        """A subscriber's queue is past --max-buffer: apply the slow-consumer policy."""
+        self.deliveries_total -= 1
+        if session.closing:
+            return 0
+        if self.slow_consumer == SLOW_DISCONNECT:
+            self.slow_consumers_disconnected_total += 1
+            session.out.release()
+            session.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        elif self.slow_consumer == SLOW_DROP:
+            session.overflowing = True
+            self.dropped_slow_total += 1
+        else:
+            session.overflowing = True
+            if session.conflated is None:
+                session.conflated = {}
+            elif channel.name in session.conflated:
+                self.dropped_conflated_total += 1
+            session.conflated[channel.name] = PyBytes_FromStringAndSize(frame, size)
+        return 0
+
+    cdef int _schedule(self, Session session) except -1:
+        session.scheduled = True
+        self.pending.append(session)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return 0
+
+    def _flush(self):
+        """End of the loop turn: write each connection's queued frames in one send()."""
+        cdef Session session
+        cdef list pending = self.pending
+        self.pending = []
+        self.flush_scheduled = False
+        for session in pending:
+            session.scheduled = False
+            session.write_out()
+
+    def stats(self):
+        """This worker's figures, for /metrics."""
+        return {
+            "connections": len(self.sessions),
+            "connections_total": self.connections_total,
+            "channels": len(self.channels),
+            "subscriptions": self.subscriptions,
+            "messages_received_total": self.messages_received_total,
+            "deliveries_total": self.deliveries_total,
+            "bytes_sent_total": self.bytes_sent_total,
+            "dropped_slow_total": self.dropped_slow_total,
+            "dropped_conflated_total": self.dropped_conflated_total,
+            "slow_consumers_disconnected_total": self.slow_consumers_disconnected_total,
+            "publish_refused_total": self.publish_refused_total,
+        }
+
+    def sweep(self, double ping_interval, double ping_timeout):
+        """The periodic heartbeat, one pass over every connection (no timer per connection).
+
+        Silent for `ping_interval`: ping once. Silent for `ping_timeout`: close 1001.
+        A token whose exp has passed: close 4001.
+        """
+        cdef Session session
+        cdef double now = monotonic()
+        cdef double wall = now_ms() / 1000.0
+        cdef double silent
+        for session in list(self.sessions):
+            if session.closing:
+                continue
+            if session.expires_at and wall >= session.expires_at:
+                session.close(CLOSE_TOKEN_EXPIRED, "token expired")
+                continue
+            silent = now - session.last_seen
+            if silent >= ping_timeout:
+                session.close(WSCloseCode.GOING_AWAY, "heartbeat timeout")
+            elif silent >= ping_interval and session.pinged_at < session.last_seen:
+                session.pinged_at = now
+                session._queue_frame(WSMsgType.PING, NULL, 0)
+
+    def close_all(self, int code, str reason):
+        """Send every connection a CLOSE (shutdown); they disconnect as peers answer."""
+        cdef Session session
+        for session in list(self.sessions):
+            session.close(code, reason)
+
+    # Channel table --------------------------------------------------------------------
+
+    cdef int _subscribe(self, Session session, str name) except -1:
+        cdef Channel channel = self.channels.get(name)
+        if channel is None:
+            channel = Channel(name)
+            self.channels[name] = channel
+            self.bus.subscribe(name)
+        session.subscriptions[name] = channel.add(session)
+        return 0
+
+    cdef int _unsubscribe(self, Session session, str name) except -1:
+        cdef Channel channel = self.channels[name]
+        cdef Py_ssize_t slot = session.subscriptions.pop(name)
+        cdef Session moved = channel.remove_at(slot)
+        if moved is not None:
+            moved.subscriptions[name] = slot
+        if channel.count == 0:
+            del self.channels[name]
+            self.bus.unsubscribe(name)
+        return 0
+
+
+# Replies the server sends often enough to build once.
+cdef bytes PONG = b'{"type":"pong"}'
+
+
+cdef bytes _reply(bytes kind, str channel, bytes request_id):
+    """`{"type":kind,"channel":channel[,"id":id]}`; channel names need no escaping."""
+    cdef bytes body = b'{"type":"' + kind + b'","channel":"' + channel.encode("ascii") + b'"'
+    if request_id:
+        body += b',"id":' + request_id
+    return body + b"}"
+
+
+cdef bytes _error(int code, str message, bytes request_id):
+    cdef bytes body = b'{"type":"error","code":%d,"message":%s' % (code, encode_json(message))
+    if request_id:
+        body += b',"id":' + request_id
+    return body + b"}"
+
+
+@cython.final
+cdef class Session(WSListener):
+    """One WebSocket connection: frames in, RFC 6455 rules and limits, replies out."""
+
+    def __cinit__(self, Hub hub, identity, bint echo=False):
+        self.hub = hub
+        self.identity = identity
+        self.echo = echo
+        self.out = OutputBuffer()
+        self.subscriptions = {}
+        self.tokens = 2 * hub.publish_rate
+        self.fd = -1
+        self.expires_at = identity.expires_at or 0
+
+    # picows callbacks -----------------------------------------------------------------
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        cdef Hub hub = self.hub
+        self.transport = transport
+        tcp = transport.underlying_transport
+        # Any byte left unsent makes the transport pause us, and resume us once it has
+        # written everything: so while not paused, our own send() cannot jump the queue.
+        tcp.set_write_buffer_limits(0, 0)
+        self.paused = tcp.get_write_buffer_size() > 0
+        self.fd = tcp.get_extra_info("socket").fileno()
+        self.client_id = hub._new_client_id()
+        self.last_seen = monotonic()
+        self.refill_at = self.last_seen
+        hub.sessions.add(self)
+        hub.connections_total += 1
+        if not self.echo:
+            welcome = b'{"type":"welcome","data":{"clientId":"%s","user":%s,"timestamp":%d}}' % (
+                self.client_id, encode_json(self.identity.user), now_ms())
+            self.send_text(welcome, len(welcome))
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        cdef Hub hub = self.hub
+        cdef str name
+        hub.sessions.discard(self)
+        for name in list(self.subscriptions):
+            hub._unsubscribe(self, name)
+        self.out.release()
+        self.fragments = None
+        self.conflated = None
+        self.closing = True
+
+    cpdef pause_writing(self):
+        self.paused = True
+
+    cpdef resume_writing(self):
+        self.paused = False
+        self.backlog = 0
+        if (self.out.size or self.overflowing) and not self.scheduled and not self.closing:
+            self.hub._schedule(self)
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef WSMsgType kind = frame.msg_type
+        self.last_seen = monotonic()
+        if kind == WSMsgType.CLOSE:
+            self._on_close_frame(frame)
+            return
+        if self.closing:
+            return
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
+            return
+        if kind == WSMsgType.PING:
+            # Answered here, not by picows, so that the RSV check above applies and the
+            # pong keeps its place behind the frames already queued.
+            self._queue_frame(WSMsgType.PONG, frame.payload_ptr, frame.payload_size)
+            return
+        if kind == WSMsgType.PONG:
+            return  # only proves the peer alive (last_seen)
+        if kind == WSMsgType.CONTINUATION:
+            self._on_continuation(frame)
+            return
+        if self.fragment_type:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "new message before the last one ended")
+            return
+        if kind == WSMsgType.BINARY and not self.echo:
+            self.close(WSCloseCode.UNSUPPORTED_DATA, "binary frames are not accepted")
+            return
+        if kind == WSMsgType.TEXT:
+            self.utf8_state = utf8_validate(UTF8_ACCEPT, <uint8_t*>frame.payload_ptr,
+                                            frame.payload_size)
+            if self.utf8_state == UTF8_REJECT:
+                self.close(WSCloseCode.INVALID_TEXT, "text is not valid UTF-8")
+                return
+        if frame.fin:
+            if kind == WSMsgType.TEXT and self.utf8_state != UTF8_ACCEPT:
+                self.close(WSCloseCode.INVALID_TEXT, "text is not valid UTF-8")
+                return
+            self._on_message(kind, frame.payload_ptr, frame.payload_size)
+            return
+        self.fragment_type = kind
+        self.fragments = OutputBuffer()
+        self.fragments.append(frame.payload_ptr, frame.payload_size)
+
+    cdef int _on_continuation(self, WSFrame frame) except -1:
+        cdef OutputBuffer message
+        cdef int kind
+        if not self.fragment_type:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message")
+            return 0
+        if self.fragments.size + frame.payload_size > self.hub.max_message_size:
+            self.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
+            return 0
+        if self.fragment_type == WSMsgType.TEXT:
+            self.utf8_state = utf8_validate(self.utf8_state, <uint8_t*>frame.payload_ptr,
+                                            frame.payload_size)
+            if self.utf8_state == UTF8_REJECT or (frame.fin and self.utf8_state != UTF8_ACCEPT):
+                self.close(WSCloseCode.INVALID_TEXT, "text is not valid UTF-8")
+                return 0
+        self.fragments.append(frame.payload_ptr, frame.payload_size)
+        if frame.fin:
+            message = self.fragments
+            kind = self.fragment_type
+            self.fragments = None
+            self.fragment_type = 0
+            self._on_message(kind, message.data, message.size)
+        return 0
+
+    cdef int _on_close_frame(self, WSFrame frame) except -1:
+        """Answer the peer's CLOSE with its own code (picows has validated it), then hang up."""
+        cdef WSCloseCode code = frame.get_close_code()
+        if not self.closing:
+            self.closing = True
+            self._write_all()
+            self.transport.send_close(code if frame.payload_size >= 2 else WSCloseCode.OK)
+        self.transport.disconnect()
+        return 0
+
+    # Messages --------------------------------------------------------------------------
+
+    cdef int _on_message(self, int kind, const char* payload, Py_ssize_t size) except -1:
+        cdef Hub hub = self.hub
+        cdef bytes request_id = b""
+        if self.echo:
+            self._queue_frame(kind, payload, size)
+            return 0
+        hub.messages_received_total += 1
+        try:
+            request = decode_request(PyBytes_FromStringAndSize(payload, size))
+        except msgspec.ValidationError as exc:
+            return self._send_error(400, f"invalid message: {exc}", b"")
+        except msgspec.DecodeError as exc:
+            return self._send_error(400, f"invalid JSON: {exc}", b"")
+        if request.id:
+            request_id = bytes(request.id)
+        kind_name = request.type
+        if kind_name == "publish":
+            return self._publish(request, request_id)
+        if kind_name == "ping":
+            if request_id:
+                return self._send_bytes(b'{"type":"pong","id":' + request_id + b"}")
+            return self._send_bytes(PONG)
+        if kind_name == "subscribe":
+            return self._subscribe(request.channel, request_id)
+        if kind_name == "unsubscribe":
+            return self._unsubscribe(request.channel, request_id)
+        return self._send_error(400, f"unknown message type {kind_name!r}", request_id)
+
+    cdef int _check_channel(self, channel, bytes request_id) except -1:
+        """1 when `channel` is a valid name; else an error is sent and 0 returned."""
+        if channel is None:
+            self._send_error(400, "missing 'channel'", request_id)
+            return 0
+        if not is_valid_channel(channel):
+            self._send_error(400, "invalid channel name: 1-255 characters from "
+                             "A-Z a-z 0-9 _ - . : @ /", request_id)
+            return 0
+        return 1
+
+    cdef int _subscribe(self, channel, bytes request_id) except -1:
+        if not self._check_channel(channel, request_id):
+            return 0
+        if not self.identity.subscribe.allows(channel):
+            return self._send_error(403, f"not permitted to subscribe to {channel}", request_id)
+        if channel not in self.subscriptions:
+            if len(self.subscriptions) >= self.hub.max_subscriptions:
+                return self._send_error(
+                    429, f"subscription limit reached ({self.hub.max_subscriptions})", request_id)
+            self.hub._subscribe(self, channel)
+        return self._send_bytes(_reply(b"subscribed", channel, request_id))
+
+    cdef int _unsubscribe(self, channel, bytes request_id) except -1:
+        if not self._check_channel(channel, request_id):
+            return 0
+        if channel in self.subscriptions:
+            self.hub._unsubscribe(self, channel)
+        return self._send_bytes(_reply(b"unsubscribed", channel, request_id))
+
+    cdef int _publish(self, request, bytes request_id) except -1:
+        cdef Hub hub = self.hub
+        channel = request.channel
+        if not self._check_channel(channel, request_id):
+            return 0
+        if not request.data:
+            return self._send_error(400, "publish needs 'data'", request_id)
+        if not self.identity.publish.allows(channel):
+            return self._send_error(403, f"not permitted to publish to {channel}", request_id)
+        if not self._take_token():
+            hub.publish_refused_total += 1
+            if self.refused_since and monotonic() - self.refused_since > RATE_LIMIT_PATIENCE:
+                self.close(CLOSE_RATE_LIMITED, "publish rate limit exceeded")
+                return 0
+            return self._send_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
+                                    request_id)
+        payload = hub.encode_message(channel, request.data, self.client_id)
+        if not hub.bus.publish(channel, payload):
+            return self._send_error(503, "message bus unavailable, try again", request_id)
+        if request_id:
+            return self._send_bytes(_reply(b"published", channel, request_id))
+        return 0
+
+    cdef bint _take_token(self):
+        """Token bucket: `publish_rate` per second, bursts of twice that."""
+        cdef double now = monotonic()
+        cdef double burst = 2 * self.hub.publish_rate
+        self.tokens = min(burst, self.tokens + (now - self.refill_at) * self.hub.publish_rate)
+        self.refill_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            if self.tokens >= burst - 1:
+                self.refused_since = 0  # the client slowed down: forgive past refusals
+            return True
+        if not self.refused_since:
+            self.refused_since = now
+        return False
+
+    # Output ----------------------------------------------------------------------------
+
+    cdef int _send_error(self, int code, str message, bytes request_id) except -1:
+        return self._send_bytes(_error(code, message, request_id))
+
+    cdef int _send_bytes(self, bytes payload) except -1:
+        return self.send_text(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+    cdef int send_text(self, const char* payload, Py_ssize_t size) except -1:
+        return self._queue_frame(WSMsgType.TEXT, payload, size)
+
+    cdef int _queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1:
+        """Queue one frame of our own (a reply) behind whatever is already queued."""
+        cdef char header[10]
+        if self.closing:
+            return 0
+        if self.out.size + self.backlog + size > self.hub.max_buffer:
+            # The client sends requests but does not read the answers.
+            self.hub.slow_consumers_disconnected_total += 1
+            self.out.release()
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            return 0
+        self.out.append(header, write_header(header, opcode, size))
+        self.out.append(payload, size)
+        if not self.scheduled:
+            self.hub._schedule(self)
+        return 0
+
+    cdef int write_out(self) except -1:
+        """Hand the queued frames to the kernel: one send(); the rest goes to the transport."""
+        cdef ssize_t sent
+        cdef OutputBuffer out = self.out
+        cdef Hub hub = self.hub
+        if self.paused or self.closing or self.fd < 0:
+            return 0
+        if out.size:
+            while True:
+                sent = send(self.fd, out.data, out.size, MSG_NOSIGNAL)
+                if sent >= 0 or errno != EINTR:
+                    break
+            if sent < 0 and errno != EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
+                out.release()  # the peer is gone; the transport reports it and we clean up
+                self.transport.disconnect(False)
+                return 0
+            hub.bytes_sent_total += out.size
+            if sent < 0:
+                sent = 0
+            if sent < out.size:
+                self._leave_with_transport(out.data + sent, out.size - sent)
+            out.release()
+        if self.overflowing and not self.paused:
+            self._drained()
+        return 0
+
+    cdef int _leave_with_transport(self, const char* rest, Py_ssize_t size) except -1:
+        """The kernel is full: the transport keeps the rest and tells us when it is written."""
+        tcp = self.transport.underlying_transport
+        tcp.write(PyBytes_FromStringAndSize(rest, size))
+        self.backlog = size
+        if tcp.get_write_buffer_size():
+            self.paused = True
+        return 0
+
+    cdef int _drained(self) except -1:
+        """Everything queued is written: end the policy, send what `conflate` kept."""
+        cdef bytes frame
+        self.overflowing = False
+        if self.conflated:
+            for frame in self.conflated.values():
+                self.out.append(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+            self.hub.deliveries_total += len(self.conflated)
+            self.conflated = None
+            if not self.scheduled:
+                self.hub._schedule(self)
+        return 0
+
+    cdef int _write_all(self) except -1:
+        """Before a CLOSE: everything queued goes out, paused or not (bounded by --max-buffer)."""
+        if self.out.size and self.transport is not None:
+            self.hub.bytes_sent_total += self.out.size
+            self.transport.underlying_transport.write(
+                PyBytes_FromStringAndSize(self.out.data, self.out.size))
+        self.out.release()
+        return 0
+
+    cpdef close(self, int code, str reason):
+        """Flush what is queued, send CLOSE, and disconnect if the peer does not answer."""
+        if self.closing or self.transport is None:
+            return
+        self._write_all()
+        self.closing = True
+        self.transport.send_close(<WSCloseCode>code, reason.encode())
+        self.hub.loop.call_later(CLOSE_TIMEOUT, (<object>self.transport).disconnect)
+
+    def __repr__(self):
+        return f"<Session {self.client_id!r} user={self.identity.user!r}>"

@@ -1,0 +1,94 @@
+"""Client tokens: verify and mint HS256 JWTs, and the channel patterns they grant."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+
+class AuthError(Exception):
+    """The token is missing or not acceptable; str() is the one-line reason for the 401."""
+
+
+class ChannelPatterns:
+    """A token's `subscribe` or `publish` claim: `*` matches any run of characters."""
+
+    __slots__ = ("allows_all", "_regex")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        patterns = list(patterns)
+        self.allows_all = "*" in patterns
+        alternatives = "|".join(".*".join(map(re.escape, p.split("*"))) for p in patterns)
+        self._regex = re.compile(f"(?:{alternatives})\\Z" if patterns else "(?!)")
+
+    def allows(self, channel: str) -> bool:
+        return self.allows_all or self._regex.match(channel) is not None
+
+
+ALLOW_ALL = ChannelPatterns(["*"])
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection is and what it may do; `expires_at` is epoch seconds or None."""
+
+    user: str
+    subscribe: ChannelPatterns
+    publish: ChannelPatterns
+    expires_at: float | None
+
+
+ANONYMOUS = Identity("anonymous", ALLOW_ALL, ALLOW_ALL, None)
+
+
+def _patterns_claim(claims: dict[str, Any], name: str) -> ChannelPatterns:
+    value = claims.get(name)
+    if value is None:
+        return ALLOW_ALL
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise AuthError(f"claim '{name}' must be a list of channel patterns")
+    return ChannelPatterns(value)
+
+
+def verify_token(secret: str, token: str) -> Identity:
+    """The identity a token grants, or AuthError with the reason it is refused."""
+    try:
+        claims = jwt.decode(token, secret, algorithms=["HS256"],
+                            options={"require": ["sub"], "verify_exp": True})
+    except jwt.ExpiredSignatureError:
+        raise AuthError("token expired") from None
+    except jwt.InvalidAlgorithmError:
+        raise AuthError("token algorithm must be HS256") from None
+    except jwt.InvalidSignatureError:
+        raise AuthError("token signature is invalid") from None
+    except jwt.MissingRequiredClaimError:
+        raise AuthError("token has no 'sub' claim") from None
+    except jwt.InvalidTokenError as exc:
+        raise AuthError(f"token is malformed: {exc}") from None
+    user = claims["sub"]
+    if not isinstance(user, str) or not user:
+        raise AuthError("claim 'sub' must be a non-empty string")
+    exp = claims.get("exp")
+    return Identity(
+        user=user,
+        subscribe=_patterns_claim(claims, "subscribe"),
+        publish=_patterns_claim(claims, "publish"),
+        expires_at=float(exp) if exp is not None else None,
+    )
+
+
+def mint_token(secret: str, user: str, *, subscribe: Sequence[str] | None = None,
+               publish: Sequence[str] | None = None, ttl: float | None = 3600) -> str:
+    claims: dict[str, Any] = {"sub": user, "iat": int(time.time())}
+    if ttl is not None:
+        claims["exp"] = int(time.time() + ttl)
+    if subscribe is not None:
+        claims["subscribe"] = list(subscribe)
+    if publish is not None:
+        claims["publish"] = list(publish)
+    return jwt.encode(claims, secret, algorithm="HS256")

@@ -1,0 +1,176 @@
+"""Arguments and environment → Config; the `run` and `token` commands.
+
+Every `run` option also reads FASTFAN_<OPTION> (upper case, dashes as underscores); a flag
+given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any, NoReturn
+
+from .config import LOG_FORMATS, LOG_LEVELS, SLOW_CONSUMER_POLICIES, Config, ConfigError, cpu_count
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return cpu_count()
+    return _positive_int(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _path(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"expected a path starting with '/', got {text!r}")
+    return text
+
+
+# (flag, parse, choices, help). The Config field is the flag without dashes.
+_RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] = [
+    ("--host", str, None, "listen address (default 0.0.0.0)"),
+    ("--port", _port, None, "port for WebSocket, health and metrics (default 8080)"),
+    ("--workers", _workers, None, "worker processes, or 'auto' for one per CPU (default 1)"),
+    ("--redis", str, None, "Redis URL; unset = the embedded bus"),
+    ("--redis-prefix", str, None, "prefix of Redis channel names (default fastfan:)"),
+    ("--jwt-secret", str, None, "HS256 secret for client tokens"),
+    ("--max-message-size", _positive_int, None, "largest client message in bytes (65536)"),
+    ("--max-subscriptions", _positive_int, None, "channels one connection may hold (1024)"),
+    ("--publish-rate", _positive_int, None, "publishes per second per connection (1000)"),
+    ("--max-buffer", _positive_int, None, "bytes queued for one connection (1048576)"),
+    ("--slow-consumer", str, SLOW_CONSUMER_POLICIES, "policy past --max-buffer (disconnect)"),
+    ("--ping-interval", _seconds, None, "seconds of silence before a ping (30)"),
+    ("--ping-timeout", _seconds, None, "seconds without an answer before closing (60)"),
+    ("--shutdown-grace", _seconds, None, "seconds to drain on SIGTERM (10)"),
+    ("--log-level", str, LOG_LEVELS, "debug, info, warning or error (info)"),
+    ("--log-format", str, LOG_FORMATS, "text or json (text)"),
+    ("--echo-path", _path, None, "a path that echoes every message, for conformance suites"),
+]
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _env_name(flag: str) -> str:
+    return "FASTFAN_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but every error is one usage line, one reason line, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _env_default(parser: argparse.ArgumentParser, flag: str, parse: Callable[[str], Any],
+                 choices: Sequence[str] | None) -> Any:
+    raw = os.environ.get(_env_name(flag))
+    if raw is None:
+        return None
+    try:
+        value = parse(raw)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{_env_name(flag)}: {exc}")
+    if choices is not None and value not in choices:
+        parser.error(f"{_env_name(flag)}: expected one of {', '.join(choices)}, got {raw!r}")
+    return value
+
+
+def _env_flag(parser: argparse.ArgumentParser, flag: str) -> bool:
+    raw = os.environ.get(_env_name(flag), "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    parser.error(f"{_env_name(flag)}: expected true or false, got {raw!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastfan", description="WebSocket publish/subscribe server for fan-out")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="start the server")
+    for flag, parse, choices, help_text in _RUN_OPTIONS:
+        run.add_argument(flag, type=parse, choices=choices, help=help_text,
+                         default=_env_default(run, flag, parse, choices))
+    run.add_argument("--insecure", action="store_true", default=_env_flag(run, "--insecure"),
+                     help="accept connections without a token (local development only)")
+
+    token = commands.add_parser("token", help="print a signed client token")
+    token.add_argument("--jwt-secret", default=os.environ.get(_env_name("--jwt-secret")),
+                       help="HS256 secret (or FASTFAN_JWT_SECRET)")
+    token.add_argument("--sub", required=True, help="the user the token is for")
+    token.add_argument("--subscribe", action="append", metavar="PATTERN",
+                       help="channel pattern the user may subscribe to (repeatable; default *)")
+    token.add_argument("--publish", action="append", metavar="PATTERN",
+                       help="channel pattern the user may publish to (repeatable; default *)")
+    token.add_argument("--ttl", type=_positive_int, default=3600,
+                       help="seconds until the token expires (default 3600)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values = {f.name: getattr(args, f.name) for f in fields(Config)}
+    return Config(**{name: value for name, value in values.items() if value is not None})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "token":
+        return _token(parser, args)
+    try:
+        config = config_from_args(args)
+        config.require_auth_choice()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    from .master import serve
+
+    return serve(config)
+
+
+def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .auth import mint_token
+
+    if not args.jwt_secret:
+        parser.error("token needs --jwt-secret (or FASTFAN_JWT_SECRET), the server's secret")
+    print(mint_token(args.jwt_secret, args.sub, subscribe=args.subscribe,
+                     publish=args.publish, ttl=args.ttl))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

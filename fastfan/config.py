@@ -1,0 +1,79 @@
+"""One frozen Config, validated once: everything a worker needs to know about its options."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+SlowConsumerPolicy = Literal["disconnect", "drop", "conflate"]
+SLOW_CONSUMER_POLICIES: tuple[SlowConsumerPolicy, ...] = ("disconnect", "drop", "conflate")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(ValueError):
+    """An option has a value the server cannot run with; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 1
+    redis: str | None = None
+    redis_prefix: str = "fastfan:"
+    jwt_secret: str | None = None
+    insecure: bool = False
+    max_message_size: int = 65536
+    max_subscriptions: int = 1024
+    publish_rate: int = 1000
+    max_buffer: int = 1048576
+    slow_consumer: SlowConsumerPolicy = "disconnect"
+    ping_interval: float = 30.0
+    ping_timeout: float = 60.0
+    shutdown_grace: float = 10.0
+    log_level: str = "info"
+    log_format: str = "text"
+    echo_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 0-65535, got {self.port}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be 1 or more (or 'auto'), got {self.workers}")
+        for name in ("max_message_size", "max_subscriptions", "publish_rate", "max_buffer"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")
+        for name in ("ping_interval", "ping_timeout", "shutdown_grace"):
+            if getattr(self, name) <= 0:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be a positive number of seconds")
+        if self.slow_consumer not in SLOW_CONSUMER_POLICIES:
+            raise ConfigError(
+                f"--slow-consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, "
+                f"got {self.slow_consumer!r}"
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.echo_path is not None and not self.echo_path.startswith("/"):
+            raise ConfigError(f"--echo-path must start with '/', got {self.echo_path!r}")
+        if self.echo_path in ("/", "/ws", "/health", "/ready", "/metrics"):
+            raise ConfigError(f"--echo-path {self.echo_path} is already a fastfan path")
+        if self.redis is not None and not self.redis.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"--redis must be a redis:// or rediss:// URL, got {self.redis!r}")
+
+    def require_auth_choice(self) -> None:
+        """`run` needs a way to check tokens, or an explicit decision to skip them."""
+        if self.jwt_secret is None and not self.insecure:
+            raise ConfigError(
+                "no --jwt-secret (or FASTFAN_JWT_SECRET) given: set one to require client "
+                "tokens, or pass --insecure to accept any client (local development only)"
+            )
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

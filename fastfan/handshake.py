@@ -1,0 +1,107 @@
+"""The picows listener factory: plain GETs (/health, /ready, /metrics), auth → Session.
+
+picows calls the factory once per HTTP request, synchronously, before it validates the
+upgrade headers. It returns a Session (101), a response without listener (health, metrics,
+401, 503), or None (404).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+
+from ._core import Hub, Session
+from .auth import ANONYMOUS, AuthError, Identity, verify_token
+from .config import Config
+
+log = logging.getLogger("fastfan.handshake")
+
+Route = Session | WSUpgradeResponseWithListener | None
+
+_TEXT = {"Content-Type": "text/plain; charset=utf-8"}
+_PROMETHEUS = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+
+
+def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Route:
+    headers = {**_TEXT, **(headers or {})}
+    if status == 200:
+        response = WSUpgradeResponse.create_ok_response(body, headers)
+    else:
+        response = WSUpgradeResponse.create_error_response(status, body, headers)
+    return WSUpgradeResponseWithListener(response, None)
+
+
+class ListenerFactory:
+    def __init__(self, config: Config, hub: Hub, *, is_ready: Callable[[], bool],
+                 metrics: Callable[[], bytes]) -> None:
+        self._config = config
+        self._hub = hub
+        self._is_ready = is_ready
+        self._metrics = metrics
+        self._socket_paths = {b"/", b"/ws"}
+        self._echo_path = config.echo_path.encode() if config.echo_path else None
+        self.auth_failures_total = 0
+
+    def __call__(self, request: WSUpgradeRequest) -> Route:
+        try:
+            return self._route(request)
+        except Exception:
+            # picows would send the exception's text to the client: keep it in our log.
+            log.exception("handshake failed")
+            return _response(500, b"500 Internal Server Error\n")
+
+    def _route(self, request: WSUpgradeRequest) -> Route:
+        path, _, query = request.path.partition(b"?")
+        if path == b"/health":
+            return _response(200, b"ok\n")
+        if path == b"/ready":
+            if self._is_ready():
+                return _response(200, b"ready\n")
+            return _response(503, b"503 Service Unavailable: not ready\n")
+        if path == b"/metrics":
+            response = WSUpgradeResponse.create_ok_response(self._metrics(), _PROMETHEUS)
+            return WSUpgradeResponseWithListener(response, None)
+        echo = path == self._echo_path
+        if path not in self._socket_paths and not echo:
+            return None
+        try:
+            identity = self._authenticate(request, query)
+        except AuthError as exc:
+            self.auth_failures_total += 1
+            return _response(401, f"401 Unauthorized: {exc}\n".encode(),
+                             {"WWW-Authenticate": "Bearer"})
+        _accept_any_connection_header(request)
+        return Session(self._hub, identity, echo)
+
+    def _authenticate(self, request: WSUpgradeRequest, query: bytes) -> Identity:
+        secret = self._config.jwt_secret
+        if secret is None:
+            return ANONYMOUS  # --insecure without a secret: nobody is checked
+        token = _token_from(request, query)
+        if token is None:
+            if self._config.insecure:
+                return ANONYMOUS
+            raise AuthError("missing token: send 'Authorization: Bearer <token>' or ?token=")
+        return verify_token(secret, token)
+
+
+def _token_from(request: WSUpgradeRequest, query: bytes) -> str | None:
+    """The header wins over the query string, as the contract says."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("Authorization header must be 'Bearer <token>'")
+        return token.strip()
+    values = parse_qs(query.decode("latin-1")).get("token")
+    return values[0] if values else None
+
+
+def _accept_any_connection_header(request: WSUpgradeRequest) -> None:
+    """picows wants `Connection: Upgrade` exactly; Firefox sends `keep-alive, Upgrade`."""
+    value = request.headers.get("Connection", "")
+    if any(token.strip().lower() == "upgrade" for token in value.split(",")):
+        request.headers["Connection"] = "Upgrade"

@@ -1,0 +1,24 @@
+"""The client → server messages, as msgspec decodes them.
+
+`data` and `id` are kept as `msgspec.Raw`: the exact bytes the client sent, so a published
+`data` is forwarded byte for byte and an `id` is echoed exactly, never decoded and
+re-encoded. An absent field is an empty Raw. Unknown fields are ignored, so clients may
+send more than this server knows.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+NO_VALUE = msgspec.Raw(b"")
+
+
+class Request(msgspec.Struct):
+    type: str
+    channel: str | None = None
+    data: msgspec.Raw = NO_VALUE
+    id: msgspec.Raw = NO_VALUE
+
+
+decode_request = msgspec.json.Decoder(Request).decode
+encode_json = msgspec.json.encode
