@@ -122,4 +122,5 @@ cdef class Session(WSListener):
     cdef int _leave_with_transport(self, const char* rest, Py_ssize_t size) except -1
     cdef int _drained(self) except -1
     cdef int _write_all(self) except -1
+    cdef int _send_close(self, int code, str reason) except -1
     cpdef close(self, int code, str reason)

@@ -132,6 +132,13 @@ cdef inline Py_ssize_t write_header(char* p, uint8_t opcode, Py_ssize_t n) noexc
     return 10
 
 
+cdef inline bint is_valid_close_code(int code) noexcept:
+    """Codes a peer may send (RFC 6455 7.4): the defined ones below 3000, and 3000-4999."""
+    if 3000 <= code <= 4999:
+        return True
+    return 1000 <= code <= 1014 and code not in (1004, 1005, 1006)
+
+
 cpdef bint is_valid_channel(str channel):
     cdef Py_ssize_t n = len(channel)
     cdef Py_UCS4 c
@@ -484,13 +491,14 @@ cdef class Session(WSListener):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType kind = frame.msg_type
         self.last_seen = monotonic()
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            if not self.closing:
+                self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
+            return
         if kind == WSMsgType.CLOSE:
             self._on_close_frame(frame)
             return
         if self.closing:
-            return
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
-            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
             return
         if kind == WSMsgType.PING:
             # Answered here, not by picows, so that the RSV check above applies and the
@@ -549,12 +557,13 @@ cdef class Session(WSListener):
         return 0
 
     cdef int _on_close_frame(self, WSFrame frame) except -1:
-        """Answer the peer's CLOSE with its own code (picows has validated it), then hang up."""
-        cdef WSCloseCode code = frame.get_close_code()
+        """Answer the peer's CLOSE with its own code, then hang up."""
+        cdef int code = frame.get_close_code() if frame.payload_size >= 2 else WSCloseCode.OK
         if not self.closing:
-            self.closing = True
-            self._write_all()
-            self.transport.send_close(code if frame.payload_size >= 2 else WSCloseCode.OK)
+            if is_valid_close_code(code):
+                self._send_close(code, "")
+            else:
+                self._send_close(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
         self.transport.disconnect()
         return 0
 
@@ -741,13 +750,18 @@ cdef class Session(WSListener):
         self.out.release()
         return 0
 
-    cpdef close(self, int code, str reason):
-        """Flush what is queued, send CLOSE, and disconnect if the peer does not answer."""
-        if self.closing or self.transport is None:
-            return
+    cdef int _send_close(self, int code, str reason) except -1:
+        """Flush what is queued, then CLOSE; from here on only the peer's CLOSE matters."""
         self._write_all()
         self.closing = True
         self.transport.send_close(<WSCloseCode>code, reason.encode())
+        return 0
+
+    cpdef close(self, int code, str reason):
+        """Start the closing handshake; disconnect if the peer does not answer in time."""
+        if self.closing or self.transport is None:
+            return
+        self._send_close(code, reason)
         self.hub.loop.call_later(CLOSE_TIMEOUT, (<object>self.transport).disconnect)
 
     def __repr__(self):

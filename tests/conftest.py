@@ -1,0 +1,125 @@
+"""Fixtures that start real fastfan processes and always stop them."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastfan.auth import mint_token
+
+SECRET = "test-secret-0123456789abcdef0123456789"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def token(sub: str = "alice", *, secret: str = SECRET, **claims: Any) -> str:
+    return mint_token(secret, sub, **claims)
+
+
+class Server:
+    """A `fastfan run` process on a free port of 127.0.0.1."""
+
+    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None,
+                 secret: str | None = SECRET) -> None:
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.log_path = log_path
+        command = [sys.executable, "-m", "fastfan", "run", "--host", self.host,
+                   "--port", str(self.port), *args]
+        if secret is not None:
+            command += ["--jwt-secret", secret]
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited {self.process.returncode}:\n{self.log()}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"server not healthy in {timeout}s:\n{self.log()}")
+
+    def url(self, path: str = "/", token: str | None = None) -> str:
+        query = f"?token={token}" if token else ""
+        return f"ws://{self.host}:{self.port}{path}{query}"
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str],
+                                                                             bytes]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+        try:
+            conn.request("GET", path, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def metrics(self) -> dict[str, float]:
+        status, _, body = self.get("/metrics")
+        assert status == 200
+        figures = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                figures[name] = float(value)
+        return figures
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Any]:
+    servers: list[Server] = []
+
+    def start(*args: str, **kwargs: Any) -> Server:
+        server = Server(tmp_path / f"server-{len(servers)}.log", *args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def server(start_server: Any) -> Server:
+    return start_server()
+
+
+def messages_of(client: Any, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The next `count` JSON messages a websockets sync client receives."""
+    return [json.loads(client.recv(timeout=timeout)) for _ in range(count)]

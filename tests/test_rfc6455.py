@@ -1,0 +1,210 @@
+"""RFC 6455 rules that picows leaves to us, and every close code of the contract."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import pytest
+from conftest import Server, token
+from wire import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient
+
+
+def connect(server: Server, path: str = "/", headers: dict[str, str] | None = None) -> RawClient:
+    client = RawClient(server.host, server.port, path,
+                       {"Authorization": f"Bearer {token()}", **(headers or {})})
+    assert client.recv_json()["type"] == "welcome"
+    return client
+
+
+def assert_closed_with(client: RawClient, code: int) -> None:
+    assert client.recv_close()[0] == code
+    client.close()
+
+
+def subscribe_and_publish_text(channel: str, data: str) -> tuple[bytes, bytes]:
+    return (json.dumps({"type": "subscribe", "channel": channel}).encode(),
+            json.dumps({"type": "publish", "channel": channel, "data": data}).encode())
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 3000, 4999])
+def test_a_clients_close_is_answered_with_its_own_code(server: Server, code: int) -> None:
+    client = connect(server)
+    client.send_frame(CLOSE, struct.pack("!H", code) + b"bye")
+    assert client.recv_close()[0] == code
+    assert client.at_eof()
+
+
+def test_an_empty_close_is_answered_with_1000(server: Server) -> None:
+    client = connect(server)
+    client.send_frame(CLOSE)
+    assert client.recv_close()[0] == 1000
+
+
+@pytest.mark.parametrize("rsv", [1, 2, 4, 7])
+def test_reserved_bits_close_1002(server: Server, rsv: int) -> None:
+    client = connect(server)
+    client.send_frame(TEXT, b'{"type":"ping"}', rsv=rsv)
+    assert_closed_with(client, 1002)
+
+
+def test_reserved_bits_on_a_ping_close_1002(server: Server) -> None:
+    client = connect(server)
+    client.send_frame(PING, b"x", rsv=4)
+    assert_closed_with(client, 1002)
+
+
+def test_continuation_without_a_message_closes_1002(server: Server) -> None:
+    client = connect(server)
+    client.send_frame(CONTINUATION, b"abc")
+    assert_closed_with(client, 1002)
+
+
+def test_new_message_inside_a_fragmented_one_closes_1002(server: Server) -> None:
+    client = connect(server)
+    client.send_frame(TEXT, b'{"type":', fin=False)
+    client.send_frame(TEXT, b'"ping"}')
+    assert_closed_with(client, 1002)
+
+
+@pytest.mark.parametrize("opcode", [0x3, 0x7, 0xB, 0xF])
+def test_reserved_opcodes_close_1002(server: Server, opcode: int) -> None:
+    client = connect(server)
+    client.send_frame(opcode, b"")
+    assert_closed_with(client, 1002)
+
+
+def test_fragmented_control_frame_closes_1002(server: Server) -> None:
+    client = connect(server)
+    client.send_frame(PING, b"a", fin=False)
+    assert_closed_with(client, 1002)
+
+
+def test_control_frame_over_125_bytes_closes_1002(server: Server) -> None:
+    client = connect(server)
+    client.send_frame(PING, b"a" * 126)
+    assert_closed_with(client, 1002)
+
+
+def test_ping_is_answered_with_its_payload(server: Server) -> None:
+    client = connect(server)
+    client.send_frame(PING, b"are you there")
+    assert client.recv_frame() == (True, PONG, b"are you there")
+    client.close()
+
+
+def test_fragmented_message_is_reassembled(server: Server) -> None:
+    client = connect(server)
+    subscribe, publish = subscribe_and_publish_text("frag", "é" * 300)
+    client.send_frame(TEXT, subscribe)
+    assert client.recv_json()["type"] == "subscribed"
+    pieces = [publish[i:i + 7] for i in range(0, len(publish), 7)]  # splits UTF-8 sequences
+    client.send_frame(TEXT, pieces[0], fin=False)
+    client.send_frame(PING, b"between fragments")  # control frames may interleave
+    for piece in pieces[1:-1]:
+        client.send_frame(CONTINUATION, piece, fin=False)
+    client.send_frame(CONTINUATION, pieces[-1])
+    assert client.recv_frame() == (True, PONG, b"between fragments")
+    assert client.recv_json()["data"] == "é" * 300
+    client.close()
+
+
+def test_message_over_the_limit_closes_1009(start_server: Any) -> None:
+    server = start_server("--max-message-size", "1000")
+    client = connect(server)
+    client.send_frame(TEXT, b'{"type":"ping","pad":"' + b"x" * 1000 + b'"}')
+    assert_closed_with(client, 1009)
+
+
+def test_fragments_adding_up_past_the_limit_close_1009(start_server: Any) -> None:
+    server = start_server("--max-message-size", "1000")
+    client = connect(server)
+    client.send_frame(TEXT, b"[" + b" " * 599, fin=False)
+    client.send_frame(CONTINUATION, b" " * 600)
+    assert_closed_with(client, 1009)
+
+
+def test_message_at_the_limit_is_accepted(start_server: Any) -> None:
+    server = start_server("--max-message-size", "1000")
+    client = connect(server)
+    message = b'{"type":"ping","pad":"'
+    message += b"x" * (1000 - len(message) - 2) + b'"}'
+    assert len(message) == 1000
+    client.send_frame(TEXT, message)
+    assert client.recv_json() == {"type": "pong"}
+    client.close()
+
+
+def test_a_huge_frame_is_refused_from_its_header(start_server: Any) -> None:
+    """A 1 GiB length is refused on sight: nothing is buffered waiting for it."""
+    server = start_server("--max-message-size", "1000")
+    client = connect(server)
+    client.sock.sendall(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 30) + b"mask")
+    assert_closed_with(client, 1009)
+
+
+@pytest.mark.parametrize("payload", [
+    b"\xff", b'{"type":"ping","x":"\xc3"}', b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf",
+])
+def test_invalid_utf8_closes_1007(server: Server, payload: bytes) -> None:
+    client = connect(server)
+    client.send_frame(TEXT, payload)
+    assert_closed_with(client, 1007)
+
+
+def test_invalid_utf8_across_fragments_closes_1007(server: Server) -> None:
+    client = connect(server)
+    client.send_frame(TEXT, b'"\xce', fin=False)
+    client.send_frame(CONTINUATION, b'\xba\xe1\xbd\xb9\xcf', fin=False)
+    client.send_frame(CONTINUATION, b'"')  # \xcf is cut short by the closing quote
+    assert_closed_with(client, 1007)
+
+
+def test_binary_frames_close_1003(server: Server) -> None:
+    client = connect(server)
+    client.send_frame(BINARY, b'{"type":"ping"}')
+    assert_closed_with(client, 1003)
+
+
+def test_bad_frames_do_not_disturb_other_clients(server: Server) -> None:
+    healthy = connect(server)
+    subscribe, publish = subscribe_and_publish_text("calm", "still here")
+    healthy.send_frame(TEXT, subscribe)
+    assert healthy.recv_json()["type"] == "subscribed"
+    for frame in ((BINARY, b"x", 0), (TEXT, b"\xff", 0), (TEXT, b"{}", 3)):
+        bad = connect(server)
+        bad.send_frame(frame[0], frame[1], rsv=frame[2])
+        bad.recv_close()
+        bad.close()
+    healthy.send_frame(TEXT, publish)
+    assert healthy.recv_json()["data"] == "still here"
+    healthy.close()
+
+
+def test_firefox_connection_header_is_accepted(server: Server) -> None:
+    client = connect(server, headers={"Connection": "keep-alive, Upgrade"})
+    client.send_frame(TEXT, b'{"type":"ping"}')
+    assert client.recv_json() == {"type": "pong"}
+    client.close()
+
+
+def test_echo_path_echoes_text_and_binary(start_server: Any) -> None:
+    server = start_server("--echo-path", "/echo", "--max-message-size", "100")
+    client = RawClient(server.host, server.port, f"/echo?token={token()}")
+    client.send_frame(TEXT, "héllo".encode())
+    assert client.recv_frame() == (True, TEXT, "héllo".encode())
+    client.send_frame(BINARY, b"\x00\xff", fin=False)
+    client.send_frame(CONTINUATION, b"\x01")
+    assert client.recv_frame() == (True, BINARY, b"\x00\xff\x01")
+    client.send_frame(BINARY, b"x" * 101)
+    assert_closed_with(client, 1009)
+
+
+def test_echo_path_needs_a_token(start_server: Any) -> None:
+    from wire import HandshakeRefused
+
+    server = start_server("--echo-path", "/echo")
+    with pytest.raises(HandshakeRefused) as refused:
+        RawClient(server.host, server.port, "/echo")
+    assert refused.value.status == 401
