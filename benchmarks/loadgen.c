@@ -1,0 +1,307 @@
+/*
+ * loadgen: an open-loop fan-out load generator speaking the seed protocol.
+ *
+ * It opens SUBS subscriber connections and one publisher connection, subscribes every
+ * subscriber to CHANNEL, then publishes RATE messages per second for DURATION seconds on
+ * a fixed schedule (open loop: a slow server does not slow the offered load). Each
+ * message's data is {"seq":N,"ts":NANOS,"pad":"..."} of SIZE bytes; every subscriber
+ * checks that seq arrives in order without gaps and records the latency from ts
+ * (CLOCK_MONOTONIC is shared by all processes of one machine).
+ *
+ * It prints one JSON object. Written in C with epoll so that it receives far more than
+ * any server here can deliver: benchmarks/fanout.py --self-test shows by how much.
+ *
+ * Build: cc -O2 -o loadgen loadgen.c
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_BUFFER (256 * 1024)
+#define LATENCY_BUCKETS (10 * 1000 * 1000) /* 1 us buckets, up to 10 s */
+
+typedef struct {
+    int fd;
+    char *buf;
+    size_t len;
+    int64_t next_seq;       /* the seq this subscriber expects next */
+    uint64_t received;
+} conn_t;
+
+static uint64_t *latency_us;
+static uint64_t latency_count, latency_over;
+static uint64_t lost, reordered, delivered;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void die(const char *what) {
+    fprintf(stderr, "loadgen: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+/* A masked client frame (mask key 0: valid, and the payload stays as it is). */
+static size_t frame(char *out, const char *payload, size_t n) {
+    size_t h = 0;
+    out[h++] = (char)0x81;
+    if (n < 126) {
+        out[h++] = (char)(0x80 | n);
+    } else if (n < 65536) {
+        out[h++] = (char)(0x80 | 126);
+        out[h++] = (char)(n >> 8);
+        out[h++] = (char)(n & 0xff);
+    } else {
+        out[h++] = (char)(0x80 | 127);
+        for (int i = 7; i >= 0; i--) out[h++] = (char)((n >> (8 * i)) & 0xff);
+    }
+    memset(out + h, 0, 4);
+    h += 4;
+    memcpy(out + h, payload, n);
+    return h + n;
+}
+
+static void send_all(int fd, const char *p, size_t n) {
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) { usleep(50); continue; }
+            die("send");
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Read until the buffer holds `needle`; blocking socket. */
+static void read_until(conn_t *c, const char *needle) {
+    while (!memmem(c->buf, c->len, needle, strlen(needle))) {
+        ssize_t r = recv(c->fd, c->buf + c->len, READ_BUFFER - c->len, 0);
+        if (r <= 0) die("handshake recv");
+        c->len += (size_t)r;
+    }
+}
+
+static void drop_http_head(conn_t *c) {
+    char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
+    size_t head = (size_t)(end - c->buf) + 4;
+    if (strncmp(c->buf, "HTTP/1.1 101", 12) != 0) {
+        fprintf(stderr, "loadgen: upgrade refused: %.*s\n", (int)head, c->buf);
+        exit(1);
+    }
+    memmove(c->buf, c->buf + head, c->len - head);
+    c->len -= head;
+}
+
+static void open_conn(conn_t *c, const char *source, const char *host, int port,
+                      const char *path) {
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, host, &addr.sin_addr);
+    c->fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (c->fd < 0) die("socket");
+    if (source) {
+        struct sockaddr_in src = {.sin_family = AF_INET};
+        inet_pton(AF_INET, source, &src.sin_addr);
+        if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0) die("bind source");
+    }
+    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0) die("connect");
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->buf = malloc(READ_BUFFER);
+    c->len = 0;
+    char request[2048];
+    int n = snprintf(request, sizeof request,
+                     "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n", path, host, port);
+    send_all(c->fd, request, (size_t)n);
+    read_until(c, "\r\n\r\n");
+    drop_http_head(c);
+    read_until(c, "\"welcome\"");
+    c->len = 0; /* nothing else is sent before we ask */
+}
+
+static void subscribe(conn_t *c, const char *channel) {
+    char msg[512], out[600];
+    int n = snprintf(msg, sizeof msg, "{\"type\":\"subscribe\",\"channel\":\"%s\"}", channel);
+    send_all(c->fd, out, frame(out, msg, (size_t)n));
+    read_until(c, "\"subscribed\"");
+    c->len = 0;
+}
+
+static void record(conn_t *c, const char *payload, size_t n, int64_t now) {
+    const char *p = memmem(payload, n, "\"seq\":", 6);
+    if (!p) return; /* not one of ours */
+    int64_t seq = strtoll(p + 6, NULL, 10);
+    const char *t = memmem(payload, n, "\"ts\":", 5);
+    int64_t ts = t ? strtoll(t + 5, NULL, 10) : now;
+    if (seq > c->next_seq) lost += (uint64_t)(seq - c->next_seq);
+    if (seq < c->next_seq) reordered++;
+    else c->next_seq = seq + 1;
+    c->received++;
+    delivered++;
+    uint64_t us = (uint64_t)((now - ts) / 1000);
+    if (us < LATENCY_BUCKETS) latency_us[us]++;
+    else latency_over++;
+    latency_count++;
+}
+
+/* Parse every whole frame in the buffer; keep a partial one for the next read. */
+static void parse(conn_t *c, int64_t now) {
+    size_t pos = 0;
+    while (c->len - pos >= 2) {
+        unsigned char *h = (unsigned char *)c->buf + pos;
+        uint64_t n = h[1] & 0x7f;
+        size_t hl = 2;
+        if (n == 126) {
+            if (c->len - pos < 4) break;
+            n = ((uint64_t)h[2] << 8) | h[3];
+            hl = 4;
+        } else if (n == 127) {
+            if (c->len - pos < 10) break;
+            n = 0;
+            for (int i = 0; i < 8; i++) n = (n << 8) | h[2 + i];
+            hl = 10;
+        }
+        if (c->len - pos < hl + n) break;
+        if ((h[0] & 0x0f) == 0x1) record(c, (char *)h + hl, (size_t)n, now);
+        pos += hl + n;
+    }
+    memmove(c->buf, c->buf + pos, c->len - pos);
+    c->len -= pos;
+}
+
+static double percentile(double q) {
+    uint64_t target = (uint64_t)(q * (double)(latency_count ? latency_count - 1 : 0)), seen = 0;
+    for (uint64_t i = 0; i < LATENCY_BUCKETS; i++) {
+        seen += latency_us[i];
+        if (seen > target) return (double)i / 1000.0;
+    }
+    return (double)LATENCY_BUCKETS / 1000.0;
+}
+
+int main(int argc, char **argv) {
+    const char *host = "127.0.0.1", *path = "/", *channel = "bench", *sources = NULL;
+    int port = 8080, subs = 1000, size = 100;
+    double rate = 1000, duration = 5, drain = 3;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--host")) host = argv[i + 1];
+        else if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--path")) path = argv[i + 1];
+        else if (!strcmp(argv[i], "--channel")) channel = argv[i + 1];
+        else if (!strcmp(argv[i], "--subs")) subs = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--size")) size = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--rate")) rate = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--duration")) duration = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--drain")) drain = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--sources")) sources = argv[i + 1];
+        else { fprintf(stderr, "loadgen: unknown option %s\n", argv[i]); return 2; }
+    }
+    latency_us = calloc(LATENCY_BUCKETS, sizeof(uint64_t));
+
+    /* Spread subscribers over source addresses: one (source, destination) pair has
+       about 28,000 ephemeral ports. */
+    char *source_list[64];
+    int nsources = 0;
+    if (sources) {
+        char *copy = strdup(sources);
+        for (char *s = strtok(copy, ","); s && nsources < 64; s = strtok(NULL, ","))
+            source_list[nsources++] = s;
+    }
+
+    conn_t *conns = calloc((size_t)subs + 1, sizeof(conn_t));
+    int64_t t0 = now_ns();
+    for (int i = 0; i < subs; i++) {
+        open_conn(&conns[i], nsources ? source_list[i % nsources] : NULL, host, port, path);
+        subscribe(&conns[i], channel);
+    }
+    double connect_s = (double)(now_ns() - t0) / 1e9;
+    conn_t *pub = &conns[subs];
+    open_conn(pub, NULL, host, port, path);
+
+    int ep = epoll_create1(0);
+    for (int i = 0; i < subs; i++) {
+        fcntl(conns[i].fd, F_SETFL, O_NONBLOCK);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &conns[i]};
+        epoll_ctl(ep, EPOLL_CTL_ADD, conns[i].fd, &ev);
+    }
+    fcntl(pub->fd, F_SETFL, O_NONBLOCK);
+
+    /* The message template: data of `size` bytes, seq and ts filled in per message. */
+    char *msg = malloc((size_t)size + 256), *out = malloc(64 * ((size_t)size + 300));
+    struct epoll_event events[512];
+    int64_t start = now_ns(), end = start + (int64_t)(duration * 1e9);
+    int64_t stop = end + (int64_t)(drain * 1e9), sent = 0, last_rx = start;
+    int64_t expected_total;
+    while (1) {
+        int64_t now = now_ns();
+        if (now < end) {
+            int64_t due = (int64_t)((double)(now - start) * rate / 1e9) + 1;
+            while (sent < due) { /* batch what is due into one write */
+                size_t o = 0;
+                for (int k = 0; k < 64 && sent < due; k++, sent++) {
+                    int n = snprintf(msg, 256, "{\"type\":\"publish\",\"channel\":\"%s\",\"data\":"
+                                     "{\"seq\":%lld,\"ts\":%lld,\"pad\":\"", channel,
+                                     (long long)sent, (long long)now_ns());
+                    int data_start = (int)(strstr(msg, "\"data\":") - msg) + 7;
+                    int pad = size - (n - data_start) - 2;
+                    if (pad < 0) pad = 0;
+                    memset(msg + n, 'x', (size_t)pad);
+                    memcpy(msg + n + pad, "\"}}", 3);
+                    o += frame(out + o, msg, (size_t)(n + pad + 3));
+                }
+                send_all(pub->fd, out, o);
+            }
+            /* the publisher's own socket gets nothing back (no id, not subscribed) */
+        } else if (delivered >= (uint64_t)sent * (uint64_t)subs || now > stop) {
+            break;
+        }
+        int64_t next = start + (int64_t)((double)(sent) * 1e9 / rate);
+        int timeout_ms = now < end ? (int)((next - now_ns()) / 1000000) : 10;
+        if (timeout_ms < 0) timeout_ms = 0;
+        int ready = epoll_wait(ep, events, 512, timeout_ms);
+        int64_t rx = now_ns();
+        for (int e = 0; e < ready; e++) {
+            conn_t *c = events[e].data.ptr;
+            while (1) {
+                ssize_t r = recv(c->fd, c->buf + c->len, READ_BUFFER - c->len, 0);
+                if (r > 0) {
+                    c->len += (size_t)r;
+                    parse(c, rx);
+                    last_rx = rx;
+                    continue;
+                }
+                if (r == 0) { fprintf(stderr, "loadgen: server closed a subscriber\n"); exit(1); }
+                if (errno == EAGAIN) break;
+                die("recv");
+            }
+        }
+    }
+    expected_total = sent * subs;
+    for (int i = 0; i < subs; i++) lost += (uint64_t)(sent - conns[i].next_seq);
+    double active_s = (double)(last_rx - start) / 1e9;
+    printf("{\"subs\":%d,\"size\":%d,\"rate\":%.0f,\"offered_per_s\":%.0f,\"sent\":%lld,"
+           "\"expected\":%lld,\"delivered\":%llu,\"lost\":%llu,\"reordered\":%llu,"
+           "\"delivered_per_s\":%.0f,\"connect_s\":%.3f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,"
+           "\"p999_ms\":%.3f,\"max_ms\":%.3f,\"over_10s\":%llu}\n",
+           subs, size, rate, rate * subs, (long long)sent, (long long)expected_total,
+           (unsigned long long)delivered, (unsigned long long)lost,
+           (unsigned long long)reordered, (double)delivered / (active_s > 0 ? active_s : 1),
+           connect_s, percentile(0.5), percentile(0.99), percentile(0.999), percentile(1.0),
+           (unsigned long long)latency_over);
+    return 0;
+}

@@ -1,0 +1,93 @@
+"""The command line: options, environment, refusals, tokens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import jwt
+import pytest
+from conftest import SECRET, free_port
+from wire import RawClient
+
+
+def fastfan(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FASTFAN_")}
+    return subprocess.run([sys.executable, "-m", "fastfan", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**clean, **(env or {})})
+
+
+def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usage:")
+    for word in words:
+        assert word in result.stderr
+
+
+def test_run_without_secret_or_insecure_refuses_and_says_how() -> None:
+    result = fastfan("run", "--port", str(free_port()))
+    assert_usage_error(result, "--jwt-secret", "--insecure")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--port", "http"], ["--port", "http"]),
+    (["--port", "70000"], ["--port"]),
+    (["--workers", "0"], ["--workers"]),
+    (["--workers", "many"], ["--workers"]),
+    (["--slow-consumer", "explode"], ["--slow-consumer", "explode"]),
+    (["--max-buffer", "-1"], ["--max-buffer"]),
+    (["--ping-interval", "0"], ["--ping-interval"]),
+    (["--log-format", "xml"], ["--log-format"]),
+    (["--echo-path", "echo"], ["--echo-path"]),
+    (["--redis", "localhost:6379"], ["--redis"]),
+    (["--frobnicate"], ["--frobnicate"]),
+])
+def test_bad_options_are_one_clear_line_and_exit_2(args: list[str], words: list[str]) -> None:
+    assert_usage_error(fastfan("run", "--insecure", *args), *words)
+
+
+def test_bad_environment_values_name_the_variable() -> None:
+    result = fastfan("run", "--insecure", env={"FASTFAN_MAX_BUFFER": "lots"})
+    assert_usage_error(result, "FASTFAN_MAX_BUFFER")
+
+
+def test_no_command_is_a_usage_error() -> None:
+    assert_usage_error(fastfan())
+
+
+def test_environment_configures_and_flags_win(start_server: Any) -> None:
+    port = free_port()
+    server = start_server("--max-message-size", "100", secret=None,
+                          env={"FASTFAN_INSECURE": "true", "FASTFAN_MAX_MESSAGE_SIZE": "5000",
+                               "FASTFAN_PORT": str(port)})
+    client = RawClient(server.host, server.port, "/")  # --port given by the fixture wins
+    assert client.recv_json()["data"]["user"] == "anonymous"
+    client.send_frame(0x1, b'{"type":"ping","pad":"' + b"x" * 200 + b'"}')
+    assert client.recv_close()[0] == 1009  # the flag's 100, not the environment's 5000
+
+
+def test_token_command_mints_a_token_the_server_accepts() -> None:
+    result = fastfan("token", "--sub", "alice", "--subscribe", "chat.*", "--subscribe", "news",
+                     "--publish", "chat.*", "--ttl", "60", env={"FASTFAN_JWT_SECRET": SECRET})
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert claims["subscribe"] == ["chat.*", "news"]
+    assert claims["publish"] == ["chat.*"]
+    assert 55 <= claims["exp"] - claims["iat"] <= 60
+
+
+def test_token_command_needs_a_secret() -> None:
+    assert_usage_error(fastfan("token", "--sub", "alice"), "--jwt-secret")
+
+
+def test_python_dash_m_and_the_script_are_the_same_program() -> None:
+    script = os.path.join(os.path.dirname(sys.executable), "fastfan")
+    result = subprocess.run([script, "run", "--help"], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0
+    for option in ("--max-subscriptions", "--publish-rate", "--echo-path", "--shutdown-grace"):
+        assert option in result.stdout

@@ -1,0 +1,82 @@
+"""Real clients of every kind a user brings: picows, Node's `ws` (the seed's), Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from conftest import Server, messages_of, token
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from websockets.sync.client import connect
+
+JS = Path(__file__).parent / "js"
+
+
+def test_picows_client(server: Server) -> None:
+    class Listener(WSListener):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+            if frame.msg_type == WSMsgType.TEXT:
+                self.messages.put_nowait(json.loads(frame.get_payload_as_bytes()))
+
+    async def run() -> list[dict[str, Any]]:
+        transport, listener = await ws_connect(
+            Listener, server.url(), extra_headers={"Authorization": f"Bearer {token('pico')}"})
+        received = [await listener.messages.get()]
+        transport.send(WSMsgType.TEXT, b'{"type":"subscribe","channel":"pico"}')
+        received.append(await listener.messages.get())
+        for i in range(100):
+            transport.send(WSMsgType.TEXT, b'{"type":"publish","channel":"pico","data":%d}' % i)
+        received += [await listener.messages.get() for _ in range(100)]
+        transport.send_close()
+        await transport.wait_disconnected()
+        return received
+
+    received = asyncio.run(asyncio.wait_for(run(), 10))
+    assert received[0]["type"] == "welcome" and received[0]["data"]["user"] == "pico"
+    assert received[1] == {"type": "subscribed", "channel": "pico"}
+    assert [m["data"] for m in received[2:]] == list(range(100))
+
+
+def test_node_ws_client_written_for_the_seed(server: Server) -> None:
+    result = subprocess.run(
+        ["node", str(JS / "seed_client.js"), server.url(), token("node"), "seed.chat", "50"],
+        capture_output=True, text=True, timeout=30, check=True)
+    report = json.loads(result.stdout)
+    seen = report["seen"]
+    assert seen["welcome"]["data"]["user"] == "node"
+    assert seen["subscribed"] == {"type": "subscribed", "channel": "seed.chat"}
+    assert seen["messages"] == [{"i": i, "text": "héllo"} for i in range(50)]
+    assert seen["published"] == 50
+    assert report["closeCode"] == 1000
+
+
+def test_headless_chromium_connects_with_a_query_token(server: Server) -> None:
+    page = (JS / "browser_client.html").as_uri()
+    query = f"?server={server.url()}&token={token('browser', publish=['browser.*'])}"
+    with connect(server.url(token=token("observer"))) as observer, \
+            tempfile.TemporaryDirectory() as profile:
+        messages_of(observer, 1)
+        observer.send(json.dumps({"type": "subscribe", "channel": "browser.report"}))
+        assert messages_of(observer, 1)[0]["type"] == "subscribed"
+        browser = subprocess.Popen(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={profile}", page + query],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            report = messages_of(observer, 1, timeout=60)[0]
+        finally:
+            browser.kill()
+            browser.wait()
+    data = report["data"]
+    assert data["welcome"]["data"]["user"] == "browser"
+    assert data["message"]["data"] == {"from": "browser", "n": 42}
+    assert data["message"]["from"] == data["welcome"]["data"]["clientId"]
+    assert "Chrome" in data["userAgent"]

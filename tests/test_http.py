@@ -1,0 +1,102 @@
+"""Plain HTTP on the WebSocket port, and the process's life: health, metrics, shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any
+
+from conftest import Server, token
+from wire import TEXT, RawClient
+
+
+def test_health_and_ready(server: Server) -> None:
+    assert server.get("/health")[0] == 200
+    assert server.get("/ready")[0] == 200
+
+
+def test_unknown_paths_are_404(server: Server) -> None:
+    assert server.get("/nope")[0] == 404
+    assert server.get("/echo")[0] == 404  # only with --echo-path
+
+
+def test_metrics_count_what_happened(server: Server) -> None:
+    subscriber = RawClient(server.host, server.port, f"/?token={token()}")
+    publisher = RawClient(server.host, server.port, f"/ws?token={token()}")
+    subscriber.recv_json(), publisher.recv_json()
+    subscriber.send_json({"type": "subscribe", "channel": "m"})
+    subscriber.recv_json()
+    for i in range(5):
+        publisher.send_json({"type": "publish", "channel": "m", "data": i})
+    assert [subscriber.recv_json()["data"] for _ in range(5)] == list(range(5))
+    figures = server.metrics()
+    assert figures["fastfan_connections"] == 2
+    assert figures["fastfan_connections_total"] == 2
+    assert figures["fastfan_channels"] == 1
+    assert figures["fastfan_subscriptions"] == 1
+    assert figures["fastfan_messages_received_total"] == 6
+    assert figures["fastfan_deliveries_total"] == 5
+    assert figures["fastfan_bytes_sent_total"] > 5 * 60
+    status, headers, _ = server.get("/metrics")
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    subscriber.close()
+    publisher.close()
+    deadline = time.monotonic() + 5
+    while server.metrics()["fastfan_connections"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    figures = server.metrics()
+    assert (figures["fastfan_connections"], figures["fastfan_channels"]) == (0, 0)
+
+
+def test_plain_get_on_the_websocket_path_is_refused_cleanly(server: Server) -> None:
+    status, _, body = server.get("/", {"Authorization": f"Bearer {token()}"})
+    assert status == 400
+    assert b"Traceback" not in body
+
+
+def test_sigterm_closes_every_client_with_1001_and_exits_0(server: Server) -> None:
+    clients = [RawClient(server.host, server.port, f"/?token={token()}") for _ in range(5)]
+    for client in clients:
+        client.recv_json()
+    server.process.send_signal(signal.SIGTERM)
+    for client in clients:
+        assert client.recv_close() == (1001, "Server shutting down")
+        client.send_frame(0x8, b"\x03\xe9")  # answer the CLOSE, as a browser would
+    assert server.process.wait(10) == 0
+
+
+def test_sigterm_exits_within_the_grace_when_clients_do_not_answer(start_server: Any) -> None:
+    server = start_server("--shutdown-grace", "1")
+    silent = RawClient(server.host, server.port, f"/?token={token()}")
+    silent.recv_json()
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert silent.recv_close()[0] == 1001
+    assert server.process.wait(10) == 0
+    assert time.monotonic() - started < 3
+
+
+def test_client_that_never_answers_pings_is_closed_1001(start_server: Any) -> None:
+    server = start_server("--ping-interval", "0.3", "--ping-timeout", "1")
+    client = RawClient(server.host, server.port, f"/?token={token()}")
+    client.recv_json()
+    fin, opcode, _ = client.recv_frame()
+    assert opcode == 0x9  # the heartbeat ping, which this client ignores
+    assert client.recv_close() == (1001, "heartbeat timeout")
+
+
+def test_client_that_answers_pings_stays(start_server: Any) -> None:
+    server = start_server("--ping-interval", "0.3", "--ping-timeout", "1")
+    client = RawClient(server.host, server.port, f"/?token={token()}")
+    client.recv_json()
+    deadline = time.monotonic() + 2.5
+    pings = 0
+    while time.monotonic() < deadline:
+        fin, opcode, payload = client.recv_frame()
+        assert opcode == 0x9, (opcode, payload)
+        pings += 1
+        client.send_frame(0xA, payload)
+    assert pings >= 3
+    client.send_frame(TEXT, json.dumps({"type": "ping"}).encode())
+    assert client.recv_json() == {"type": "pong"}
