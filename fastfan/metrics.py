@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+import struct
 from collections.abc import Mapping
 
 # (name, type, help, key in the figures); the names are public: keep them exactly.
@@ -29,6 +31,7 @@ _SERIES = [
 _DROP_REASONS = [
     ("slow_consumer", "dropped_slow_total"),
     ("conflated", "dropped_conflated_total"),
+    ("bus_backlog", "dropped_bus_total"),
     ("rate_limited", "publish_refused_total"),
 ]
 
@@ -48,3 +51,54 @@ def render(figures: Mapping[str, float]) -> bytes:
     lines += [f'fastfan_dropped_total{{reason="{reason}"}} {_number(figures.get(key, 0))}'
               for reason, key in _DROP_REASONS]
     return ("\n".join(lines) + "\n").encode()
+
+
+# The figures every worker shares, in a fixed order: one row of float64 per worker in a
+# shared anonymous mmap made by the master before it forks, plus one row of its own.
+FIGURES = (
+    "connections", "connections_total", "channels", "subscriptions",
+    "messages_received_total", "deliveries_total", "bytes_sent_total", "dropped_slow_total",
+    "dropped_conflated_total", "dropped_bus_total", "slow_consumers_disconnected_total",
+    "publish_refused_total", "auth_failures_total", "worker_restarts_total", "redis_up",
+)
+_ROW = struct.Struct(f"{len(FIGURES)}d")
+
+
+class SharedFigures:
+    """Each worker writes its row; whoever answers /metrics adds every row up.
+
+    The last row is the master's: worker restarts, and the totals of workers that died,
+    so that counters do not go backwards when a worker is replaced.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.rows = workers + 1
+        self._memory = mmap.mmap(-1, _ROW.size * self.rows)
+
+    @property
+    def master_row(self) -> int:
+        return self.rows - 1
+
+    def write(self, row: int, figures: Mapping[str, float]) -> None:
+        _ROW.pack_into(self._memory, row * _ROW.size, *(figures.get(k, 0) for k in FIGURES))
+
+    def read(self, row: int) -> dict[str, float]:
+        return dict(zip(FIGURES, _ROW.unpack_from(self._memory, row * _ROW.size), strict=True))
+
+    def total(self) -> dict[str, float]:
+        rows = [self.read(row) for row in range(self.rows)]
+        return {key: sum(row[key] for row in rows) for key in FIGURES}
+
+    def retire(self, row: int) -> None:
+        """A worker died: keep its counters in the master's row, forget its gauges."""
+        dead, master = self.read(row), self.read(self.master_row)
+        for key in FIGURES:
+            if key.endswith("_total"):
+                master[key] += dead[key]
+        self.write(self.master_row, master)
+        self.write(row, {})
+
+    def count_restart(self) -> None:
+        master = self.read(self.master_row)
+        master["worker_restarts_total"] += 1
+        self.write(self.master_row, master)

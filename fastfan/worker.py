@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-import socket
+from dataclasses import dataclass
 
 import uvloop
 from picows import ws_create_server
@@ -13,9 +14,11 @@ from picows import ws_create_server
 from . import metrics
 from ._core import Hub
 from .bus.local import LocalBus
+from .bus.mesh import MeshBus
 from .config import Config
 from .handshake import ListenerFactory
 from .logs import PicowsLog
+from .metrics import SharedFigures
 
 log = logging.getLogger("fastfan.worker")
 
@@ -29,9 +32,19 @@ READ_BUFFER_INIT_SIZE = 2048
 HANDSHAKE_TIMEOUT = 5.0
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a worker stands among its siblings, as the master forked it."""
+
+    slot: int
+    master_pid: int
+    figures: SharedFigures
+
+
 class Worker:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, placement: Placement) -> None:
         self.config = config
+        self.placement = placement
         self.loop = asyncio.get_running_loop()
         self.hub = Hub(
             self.loop,
@@ -41,7 +54,12 @@ class Worker:
             publish_rate=float(config.publish_rate),
             slow_consumer=config.slow_consumer,
         )
-        self.bus = LocalBus(self.hub)
+        self.bus: LocalBus | MeshBus
+        if config.workers == 1:
+            self.bus = LocalBus(self.hub)
+        else:
+            self.bus = MeshBus(self.hub, placement.slot, config.workers,
+                               namespace=str(placement.master_pid))
         self.hub.bus = self.bus
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,
@@ -51,20 +69,26 @@ class Worker:
     def is_ready(self) -> bool:
         return self.accepting and self.bus.up
 
-    def figures(self) -> dict[str, float]:
+    def publish_figures(self) -> None:
+        """Write this worker's row of the figures every worker shares."""
         figures: dict[str, float] = dict(self.hub.stats())
         figures["auth_failures_total"] = self.factory.auth_failures_total
-        return figures
+        figures["dropped_bus_total"] = getattr(self.bus, "dropped_total", 0)
+        self.placement.figures.write(self.placement.slot, figures)
 
     def render_metrics(self) -> bytes:
-        return metrics.render(self.figures())
+        self.publish_figures()
+        return metrics.render(self.placement.figures.total())
 
-    async def serve(self, sock: socket.socket | None = None) -> None:
+    async def serve(self) -> None:
         config = self.config
-        where = {"sock": sock} if sock is not None else {"host": config.host, "port": config.port}
+        if isinstance(self.bus, MeshBus):
+            await self.bus.start()
         server = await ws_create_server(
             self.factory,
-            **where,
+            config.host,
+            config.port,
+            reuse_port=True,  # every worker binds the port; the kernel spreads connections
             backlog=LISTEN_BACKLOG,
             logger_name=PicowsLog(),
             use_aiofastnet=False,
@@ -76,8 +100,7 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._stop.set)
         self.accepting = True
-        port = server.sockets[0].getsockname()[1]
-        log.info("worker listening on %s:%d", config.host, port)
+        log.info("worker %d listening on %s:%d", self.placement.slot, config.host, config.port)
         sweeper = self.loop.create_task(self._sweep_forever())
         await self._stop.wait()
         sweeper.cancel()
@@ -89,6 +112,10 @@ class Worker:
         while True:
             await asyncio.sleep(period)
             self.hub.sweep(config.ping_interval, config.ping_timeout)
+            self.publish_figures()
+            if os.getppid() != self.placement.master_pid:
+                log.error("the master is gone; shutting down")
+                self._stop.set()
 
     async def _shut_down(self, server: asyncio.AbstractServer) -> None:
         """Stop accepting, close every client with 1001, wait for them within the grace."""
@@ -100,11 +127,13 @@ class Worker:
             await asyncio.sleep(0.02)
         if self.hub.connections:
             log.warning("shutdown grace over with %d connections open", self.hub.connections)
-        log.info("worker stopped")
+        if isinstance(self.bus, MeshBus):
+            await self.bus.stop()
+        log.info("worker %d stopped", self.placement.slot)
 
 
-def run_worker(config: Config, sock: socket.socket | None = None) -> None:
+def run_worker(config: Config, placement: Placement) -> None:
     async def main() -> None:
-        await Worker(config).serve(sock)
+        await Worker(config, placement).serve()
 
     uvloop.run(main())

@@ -1,0 +1,164 @@
+"""Several workers: one port, cross-worker delivery, restarts, shutdown, orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Server, children, process_holding, token, wait_for
+from wire import RawClient
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def subscriber(server: Server, channel: str) -> RawClient:
+    client = RawClient(server.host, server.port, f"/?token={token()}")
+    client.recv_json()
+    client.send_json({"type": "subscribe", "channel": channel})
+    assert client.recv_json()["type"] == "subscribed"
+    return client
+
+
+def spread(server: Server, channel: str, per_worker: int) -> dict[int, list[RawClient]]:
+    """Subscribers until every worker holds `per_worker` of them; keyed by worker pid."""
+    workers = children(server.process.pid)
+    placed: dict[int, list[RawClient]] = {pid: [] for pid in workers}
+    for _ in range(60 * len(workers)):
+        if all(len(clients) >= per_worker for clients in placed.values()):
+            break
+        client = subscriber(server, channel)
+        pid = process_holding(client.sock.getsockname()[1], workers)
+        assert pid is not None
+        placed[pid].append(client)
+    assert all(len(clients) >= per_worker for clients in placed.values()), placed
+    time.sleep(0.3)  # let every worker hear of the others' new channel
+    return placed
+
+
+def received(client: RawClient, count: int) -> list[Any]:
+    return [client.recv_json()["data"] for _ in range(count)]
+
+
+def test_connections_spread_and_messages_cross_workers(start_server: Any) -> None:
+    server = start_server("--workers", "3")
+    assert len(children(server.process.pid)) == 3
+    placed = spread(server, "cross", per_worker=2)
+    publisher = RawClient(server.host, server.port, f"/?token={token()}")
+    publisher.recv_json()
+    for i in range(300):
+        publisher.send_json({"type": "publish", "channel": "cross", "data": i})
+    for clients in placed.values():
+        for client in clients:
+            assert received(client, 300) == list(range(300))
+    # Each worker shares its figures at least once a second; any worker answers for all.
+    connections = sum(map(len, placed.values())) + 1
+    wait_for(lambda: (m := server.metrics())["fastfan_connections"] == connections
+             and m["fastfan_deliveries_total"] == 300 * (connections - 1))
+
+
+def test_kill_9_of_a_worker_leaves_the_others_serving(start_server: Any) -> None:
+    server = start_server("--workers", "3")
+    placed = spread(server, "live", per_worker=2)
+    publisher = RawClient(server.host, server.port, f"/?token={token()}")
+    publisher.recv_json()
+    publisher_pid = process_holding(publisher.sock.getsockname()[1], list(placed))
+    victim = next(pid for pid in placed if pid != publisher_pid)
+    for i in range(200):
+        publisher.send_json({"type": "publish", "channel": "live", "data": i})
+        if i == 100:
+            os.kill(victim, signal.SIGKILL)
+        time.sleep(0.002)
+    for pid, clients in placed.items():
+        for client in clients:
+            if pid == victim:
+                with pytest.raises((ConnectionError, OSError)):
+                    received(client, 200)
+            else:
+                assert received(client, 200) == list(range(200))
+
+    replacement = wait_for(lambda: next(
+        (p for p in children(server.process.pid) if p not in placed), None))
+    assert len(children(server.process.pid)) == 3
+    assert wait_for(lambda: server.metrics()["fastfan_worker_restarts_total"] == 1)
+    # The replacement joins the bus: its new subscribers hear the old publisher.
+    for _ in range(100):
+        newcomer = subscriber(server, "live")
+        if process_holding(newcomer.sock.getsockname()[1], [replacement]):
+            break
+        newcomer.close()
+    else:
+        pytest.fail("no connection landed on the restarted worker")
+    time.sleep(0.3)
+    publisher.send_json({"type": "publish", "channel": "live", "data": "after"})
+    assert newcomer.recv_json()["data"] == "after"
+
+
+def test_a_worker_that_keeps_dying_is_restarted_with_growing_backoff(start_server: Any) -> None:
+    server = start_server("--workers", "1")
+    gaps = []
+    for _ in range(5):
+        (worker,) = children(server.process.pid)
+        killed = time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: [p for p in children(server.process.pid) if p != worker], 15, 0.01)
+        gaps.append(time.monotonic() - killed)
+    assert gaps[0] < 0.5
+    assert gaps[-1] >= 0.6 > gaps[1]  # 0.8 s after the fifth quick death, 0.1 s after the second
+    assert "restarting in 0.8 s" in server.log()
+    server.wait_healthy()
+
+
+def test_sigterm_closes_clients_on_every_worker_and_the_master_exits_last(
+        start_server: Any) -> None:
+    server = start_server("--workers", "2")
+    workers = children(server.process.pid)
+    placed = spread(server, "bye", per_worker=2)
+    server.process.send_signal(signal.SIGTERM)
+    for clients in placed.values():
+        for client in clients:
+            assert client.recv_close() == (1001, "Server shutting down")
+    assert server.process.wait(15) == 0
+    assert all(not Path(f"/proc/{pid}").exists() or "Z" in _state(pid) for pid in workers)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_workers_exit_when_the_master_is_killed(start_server: Any) -> None:
+    server = start_server("--workers", "2")
+    workers = children(server.process.pid)
+    client = subscriber(server, "orphan")
+    server.process.kill()
+    server.process.wait()
+    assert client.recv_close() == (1001, "Server shutting down")
+    client.send_frame(0x8, b"\x03\xe9")
+    wait_for(lambda: all(_state(pid) in ("gone", "Z") for pid in workers), timeout=5)
+
+
+def test_many_connections_over_several_workers(start_server: Any) -> None:
+    """A bounded run: 4,000 subscribers from the C load generator, two workers, no loss."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from fanout import build_loadgen
+
+    server = start_server("--workers", "2", "--publish-rate", "100000", "--insecure")
+    result = subprocess.run(
+        [str(build_loadgen()), "--port", str(server.port), "--path", f"/?token={token()}",
+         "--subs", "4000", "--rate", "50", "--duration", "2", "--channel", "crowd",
+         "--sources", "127.0.0.2,127.0.0.3"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["sent"] >= 90
+    assert report["lost"] == 0 and report["reordered"] == 0
+    assert report["delivered"] == report["sent"] * 4000
