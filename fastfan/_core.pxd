@@ -116,6 +116,7 @@ cdef class Session(WSListener):
     cdef bint _take_token(self)
     cdef int _send_error(self, int code, str message, bytes request_id) except -1
     cdef int _send_bytes(self, bytes payload) except -1
+    cdef bint queue(self, const char* frame, Py_ssize_t size, Py_ssize_t limit) except -1
     cdef int send_text(self, const char* payload, Py_ssize_t size) except -1
     cdef int _queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1
     cdef int write_out(self) except -1

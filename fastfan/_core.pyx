@@ -292,17 +292,10 @@ cdef class Hub:
 
     cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1:
         cdef Py_ssize_t i
-        cdef Session session
         cdef Py_ssize_t limit = self.max_buffer
         for i in range(channel.count):
-            session = <Session>channel.subscribers[i]
-            if (session.overflowing or session.closing
-                    or session.out.size + session.backlog + size > limit):
-                self._overflow(session, channel, frame, size)
-                continue
-            session.out.append(frame, size)
-            if not session.scheduled:
-                self._schedule(session)
+            if (<Session>channel.subscribers[i]).queue(frame, size, limit):
+                self._overflow(<Session>channel.subscribers[i], channel, frame, size)
         self.deliveries_total += channel.count
         return channel.count
 
@@ -672,6 +665,16 @@ cdef class Session(WSListener):
 
     cdef int _send_bytes(self, bytes payload) except -1:
         return self.send_text(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+    cdef inline bint queue(self, const char* frame, Py_ssize_t size, Py_ssize_t limit) except -1:
+        """Append a framed message for this subscriber; 1 when the slow-consumer policy must
+        decide instead (past --max-buffer, already overflowing, or closing)."""
+        if self.overflowing or self.closing or self.out.size + self.backlog + size > limit:
+            return 1
+        self.out.append(frame, size)
+        if not self.scheduled:
+            self.hub._schedule(self)
+        return 0
 
     cdef int send_text(self, const char* payload, Py_ssize_t size) except -1:
         return self._queue_frame(WSMsgType.TEXT, payload, size)

@@ -18,7 +18,7 @@ class AuthError(Exception):
 class ChannelPatterns:
     """A token's `subscribe` or `publish` claim: `*` matches any run of characters."""
 
-    __slots__ = ("allows_all", "_regex")
+    __slots__ = ("_regex", "allows_all")
 
     def __init__(self, patterns: Iterable[str]) -> None:
         patterns = list(patterns)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TypeAlias
 from urllib.parse import parse_qs
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -19,7 +20,7 @@ from .config import Config
 
 log = logging.getLogger("fastfan.handshake")
 
-Route = Session | WSUpgradeResponseWithListener | None
+Route: TypeAlias = Session | WSUpgradeResponseWithListener | None
 
 _TEXT = {"Content-Type": "text/plain; charset=utf-8"}
 _PROMETHEUS = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}

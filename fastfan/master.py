@@ -7,6 +7,7 @@ after `os.fork`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -134,11 +135,11 @@ class Master:
         while any(slot.pid for slot in self.slots):
             received = signal.sigtimedwait(SIGNALS, max(0.0, deadline - time.monotonic()))
             self._reap_quietly()
-            if received is None or received.si_signo != signal.SIGCHLD:
-                if any(slot.pid for slot in self.slots):
-                    log.warning("killing workers that did not stop")
-                    self._signal_workers(signal.SIGKILL)
-                    deadline = time.monotonic() + EXIT_MARGIN
+            forced = received is None or received.si_signo != signal.SIGCHLD
+            if forced and any(slot.pid for slot in self.slots):
+                log.warning("killing workers that did not stop")
+                self._signal_workers(signal.SIGKILL)
+                deadline = time.monotonic() + EXIT_MARGIN
         log.info("stopped")
         return 0
 
@@ -157,10 +158,8 @@ class Master:
     def _signal_workers(self, signo: int) -> None:
         for slot in self.slots:
             if slot.pid:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.pid, signo)
-                except ProcessLookupError:
-                    pass
 
 
 def serve(config: Config) -> int:

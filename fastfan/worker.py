@@ -90,7 +90,7 @@ class Worker:
             config.port,
             reuse_port=True,  # every worker binds the port; the kernel spreads connections
             backlog=LISTEN_BACKLOG,
-            logger_name=PicowsLog(),
+            logger_name=PicowsLog(),  # type: ignore[arg-type]  # logger-like, see PicowsLog
             use_aiofastnet=False,
             enable_auto_pong=False,  # Session answers pings itself (RSV checks, ordering)
             max_frame_size=config.max_message_size,

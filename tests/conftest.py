@@ -43,7 +43,7 @@ class Server:
                    "--port", str(self.port), *args]
         if secret is not None:
             command += ["--jwt-secret", secret]
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - open for the process's life
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **(env or {})})
         self.wait_healthy()

@@ -10,11 +10,11 @@ from typing import Any
 import jwt
 import pytest
 from conftest import SECRET, Server, token
-from wire import HandshakeRefused, RawClient
+from wire import HandshakeRefusedError, RawClient
 
 
 def refusal(server: Server, path: str = "/", headers: dict[str, str] | None = None) -> Any:
-    with pytest.raises(HandshakeRefused) as refused:
+    with pytest.raises(HandshakeRefusedError) as refused:
         RawClient(server.host, server.port, path, headers)
     return refused.value
 

@@ -38,7 +38,7 @@ def test_metrics_count_what_happened(server: Server) -> None:
     assert figures["fastfan_messages_received_total"] == 6
     assert figures["fastfan_deliveries_total"] == 5
     assert figures["fastfan_bytes_sent_total"] > 5 * 60
-    status, headers, _ = server.get("/metrics")
+    _, headers, _ = server.get("/metrics")
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     subscriber.close()
     publisher.close()
@@ -81,7 +81,7 @@ def test_client_that_never_answers_pings_is_closed_1001(start_server: Any) -> No
     server = start_server("--ping-interval", "0.3", "--ping-timeout", "1")
     client = RawClient(server.host, server.port, f"/?token={token()}")
     client.recv_json()
-    fin, opcode, _ = client.recv_frame()
+    _, opcode, _ = client.recv_frame()
     assert opcode == 0x9  # the heartbeat ping, which this client ignores
     assert client.recv_close() == (1001, "heartbeat timeout")
 
@@ -93,7 +93,7 @@ def test_client_that_answers_pings_stays(start_server: Any) -> None:
     deadline = time.monotonic() + 2.5
     pings = 0
     while time.monotonic() < deadline:
-        fin, opcode, payload = client.recv_frame()
+        _, opcode, payload = client.recv_frame()
         assert opcode == 0x9, (opcode, payload)
         pings += 1
         client.send_frame(0xA, payload)

@@ -202,9 +202,9 @@ def test_echo_path_echoes_text_and_binary(start_server: Any) -> None:
 
 
 def test_echo_path_needs_a_token(start_server: Any) -> None:
-    from wire import HandshakeRefused
+    from wire import HandshakeRefusedError
 
     server = start_server("--echo-path", "/echo")
-    with pytest.raises(HandshakeRefused) as refused:
+    with pytest.raises(HandshakeRefusedError) as refused:
         RawClient(server.host, server.port, "/echo")
     assert refused.value.status == 401

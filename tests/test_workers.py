@@ -107,7 +107,8 @@ def test_a_worker_that_keeps_dying_is_restarted_with_growing_backoff(start_serve
         (worker,) = children(server.process.pid)
         killed = time.monotonic()
         os.kill(worker, signal.SIGKILL)
-        wait_for(lambda: [p for p in children(server.process.pid) if p != worker], 15, 0.01)
+        wait_for(lambda dead=worker: [p for p in children(server.process.pid) if p != dead],
+                 15, 0.01)
         gaps.append(time.monotonic() - killed)
     assert gaps[0] < 0.5
     assert gaps[-1] >= 0.6 > gaps[1]  # 0.8 s after the fifth quick death, 0.1 s after the second

@@ -12,7 +12,7 @@ from typing import Any
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 
 
-class HandshakeRefused(Exception):
+class HandshakeRefusedError(Exception):
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
         super().__init__(f"HTTP {status}: {body!r}")
         self.status, self.headers, self.body = status, headers, body
@@ -41,7 +41,7 @@ class RawClient:
             body = self.buffer[:length] if length else self.buffer
             while length and len(body) < length:
                 body += self.sock.recv(65536)
-            raise HandshakeRefused(status, self.headers, body)
+            raise HandshakeRefusedError(status, self.headers, body)
 
     def _read_until(self, marker: bytes) -> bytes:
         while marker not in self.buffer:

@@ -1,0 +1,24 @@
+"""The code stays as STYLE.md asks: ruff and mypy clean."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_ruff() -> None:
+    result = run("ruff", "check", "fastfan", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy() -> None:
+    result = run("mypy", "fastfan")
+    assert result.returncode == 0, result.stdout + result.stderr
