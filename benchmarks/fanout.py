@@ -48,17 +48,37 @@ def pinned(cpu: int) -> Any:
     return lambda: os.sched_setaffinity(0, {cpu})
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def start_fastfan(port: int, extra: list[str]) -> subprocess.Popen[bytes]:
+def server_pids(master: int) -> list[int]:
+    """The master and its workers."""
+    pids = [master]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == master:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def cpu_seconds(master: int) -> float:
+    """utime + stime of the master and its workers, from /proc."""
+    ticks = 0
+    for pid in server_pids(master):
+        fields = _stat(pid)
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def start_fastfan(port: int, extra: list[str], pin: bool = True) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "fastfan", "run", "--insecure", "--host", "127.0.0.1",
                "--port", str(port), "--publish-rate", "100000000", "--log-level", "warning",
                *extra]
-    server = subprocess.Popen(command, preexec_fn=pinned(SERVER_CPU))
+    server = subprocess.Popen(command, preexec_fn=pinned(SERVER_CPU) if pin else None)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:

@@ -11,6 +11,10 @@
  * It prints one JSON object. Written in C with epoll so that it receives far more than
  * any server here can deliver: benchmarks/fanout.py --self-test shows by how much.
  *
+ * With --rate 0 it only subscribes and counts (the publisher is another loadgen); with
+ * --sync 1 it prints {"ready":...} once subscribed and waits for a line on stdin, so that
+ * a runner can measure idle memory and start many loadgen processes together.
+ *
  * Build: cc -O2 -o loadgen loadgen.c
  */
 #define _GNU_SOURCE
@@ -198,6 +202,7 @@ int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *path = "/", *channel = "bench", *sources = NULL;
     int port = 8080, subs = 1000, size = 100;
     double rate = 1000, duration = 5, drain = 3;
+    int sync_start = 0; /* 1: say "ready" on stdout once subscribed, wait for a line on stdin */
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--host")) host = argv[i + 1];
         else if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
@@ -209,6 +214,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--duration")) duration = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--drain")) drain = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--sources")) sources = argv[i + 1];
+        else if (!strcmp(argv[i], "--sync")) sync_start = atoi(argv[i + 1]);
         else { fprintf(stderr, "loadgen: unknown option %s\n", argv[i]); return 2; }
     }
     latency_us = calloc(LATENCY_BUCKETS, sizeof(uint64_t));
@@ -231,7 +237,13 @@ int main(int argc, char **argv) {
     }
     double connect_s = (double)(now_ns() - t0) / 1e9;
     conn_t *pub = &conns[subs];
-    open_conn(pub, NULL, host, port, path);
+    if (rate > 0) open_conn(pub, NULL, host, port, path);
+    if (sync_start) {
+        char line[16];
+        printf("{\"ready\":true,\"connect_s\":%.3f}\n", connect_s);
+        fflush(stdout);
+        if (!fgets(line, sizeof line, stdin)) return 1;
+    }
 
     int ep = epoll_create1(0);
     for (int i = 0; i < subs; i++) {
@@ -239,7 +251,7 @@ int main(int argc, char **argv) {
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &conns[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, conns[i].fd, &ev);
     }
-    fcntl(pub->fd, F_SETFL, O_NONBLOCK);
+    if (rate > 0) fcntl(pub->fd, F_SETFL, O_NONBLOCK);
 
     /* The message template: data of `size` bytes, seq and ts filled in per message. */
     char *msg = malloc((size_t)size + 256), *out = malloc(64 * ((size_t)size + 300));
@@ -249,7 +261,7 @@ int main(int argc, char **argv) {
     int64_t expected_total;
     while (1) {
         int64_t now = now_ns();
-        if (now < end) {
+        if (now < end && rate > 0) {
             int64_t due = (int64_t)((double)(now - start) * rate / 1e9) + 1;
             while (sent < due) { /* batch what is due into one write */
                 size_t o = 0;
@@ -267,11 +279,12 @@ int main(int argc, char **argv) {
                 send_all(pub->fd, out, o);
             }
             /* the publisher's own socket gets nothing back (no id, not subscribed) */
-        } else if (delivered >= (uint64_t)sent * (uint64_t)subs || now > stop) {
-            break;
+        } else if (rate > 0 ? delivered >= (uint64_t)sent * (uint64_t)subs || now > stop
+                            : now > end && now - last_rx > (int64_t)(drain * 1e9)) {
+            break; /* all arrived, or (subscribers only) quiet for the drain time */
         }
-        int64_t next = start + (int64_t)((double)(sent) * 1e9 / rate);
-        int timeout_ms = now < end ? (int)((next - now_ns()) / 1000000) : 10;
+        int64_t next = start + (int64_t)((double)(sent) * 1e9 / (rate > 0 ? rate : 1));
+        int timeout_ms = now < end && rate > 0 ? (int)((next - now_ns()) / 1000000) : 10;
         if (timeout_ms < 0) timeout_ms = 0;
         int ready = epoll_wait(ep, events, 512, timeout_ms);
         int64_t rx = now_ns();
@@ -292,7 +305,8 @@ int main(int argc, char **argv) {
         }
     }
     expected_total = sent * subs;
-    for (int i = 0; i < subs; i++) lost += (uint64_t)(sent - conns[i].next_seq);
+    if (rate > 0) /* what never arrived after each subscriber's last message */
+        for (int i = 0; i < subs; i++) lost += (uint64_t)(sent - conns[i].next_seq);
     double active_s = (double)(last_rx - start) / 1e9;
     printf("{\"subs\":%d,\"size\":%d,\"rate\":%.0f,\"offered_per_s\":%.0f,\"sent\":%lld,"
            "\"expected\":%lld,\"delivered\":%llu,\"lost\":%llu,\"reordered\":%llu,"

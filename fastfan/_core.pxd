@@ -13,6 +13,7 @@ cdef class OutputBuffer:
         Py_ssize_t capacity
 
     cdef int append(self, const char* ptr, Py_ssize_t n) except -1
+    cdef void clear(self) noexcept
     cdef void release(self) noexcept
 
 

@@ -22,7 +22,8 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
-from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType,
+                            WSTransport)
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import secrets
@@ -87,9 +88,12 @@ CLOSE_RATE_LIMITED = 4029
 cdef double CLOSE_TIMEOUT = 5.0
 # A client refused for publishing too fast for this long, without pause, is closed (4029).
 cdef double RATE_LIMIT_PATIENCE = 1.0
-# Output buffers larger than this are freed once written, so that a burst does not leave
-# an idle connection holding memory; smaller ones are kept for the next turn.
-cdef Py_ssize_t KEEP_BUFFER_BYTES = 16384
+# A buffer up to this size is kept from one loop turn to the next while a connection is
+# busy (no malloc per turn); the heartbeat sweep frees it once the connection is idle.
+cdef Py_ssize_t KEEP_BUFFER_BYTES = 65536
+# picows gives every transport a 1 KiB buffer for framing what picows itself sends; we
+# send only small control frames through it (it grows when needed), so start it small.
+cdef Py_ssize_t PICOWS_WRITE_BUFFER = 64
 # The largest WebSocket frame header a server writes (no mask).
 cdef Py_ssize_t MAX_HEADER = 10
 cdef Py_ssize_t MAX_CHANNEL_LENGTH = 255
@@ -172,13 +176,18 @@ cdef class OutputBuffer:
         self.size = needed
         return 0
 
-    cdef void release(self) noexcept:
-        """Empty the buffer; give its memory back if it grew large."""
+    cdef void clear(self) noexcept:
+        """Empty the buffer, keeping its memory for the next loop turn (unless it is big)."""
         self.size = 0
         if self.capacity > KEEP_BUFFER_BYTES:
-            free(self.data)
-            self.data = NULL
-            self.capacity = 0
+            self.release()
+
+    cdef void release(self) noexcept:
+        """Empty the buffer and give its memory back."""
+        self.size = 0
+        self.capacity = 0
+        free(self.data)
+        self.data = NULL
 
 
 @cython.final
@@ -371,6 +380,8 @@ cdef class Hub:
             if session.expires_at and wall >= session.expires_at:
                 session.close(CLOSE_TOKEN_EXPIRED, "token expired")
                 continue
+            if session.out.size == 0:
+                session.out.release()  # idle since the last sweep: hold no buffer
             silent = now - session.last_seen
             if silent >= ping_timeout:
                 session.close(WSCloseCode.GOING_AWAY, "heartbeat timeout")
@@ -445,6 +456,11 @@ cdef class Session(WSListener):
     cpdef on_ws_connected(self, WSTransport transport):
         cdef Hub hub = self.hub
         self.transport = transport
+        # Memory per idle connection: the parsed upgrade request and response (header
+        # dicts) are not needed once connected, and picows's framing buffer can start small.
+        transport.request = None
+        transport.response = None
+        transport._write_buffer = MemoryBuffer(PICOWS_WRITE_BUFFER)
         tcp = transport.underlying_transport
         # Any byte left unsent makes the transport pause us, and resume us once it has
         # written everything: so while not paused, our own send() cannot jump the queue.
@@ -717,7 +733,7 @@ cdef class Session(WSListener):
                 sent = 0
             if sent < out.size:
                 self._leave_with_transport(out.data + sent, out.size - sent)
-            out.release()
+            out.clear()
         if self.overflowing and not self.paused:
             self._drained()
         return 0
