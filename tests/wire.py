@@ -20,8 +20,13 @@ class HandshakeRefusedError(Exception):
 
 class RawClient:
     def __init__(self, host: str, port: int, path: str = "/",
-                 headers: dict[str, str] | None = None, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+                 headers: dict[str, str] | None = None, timeout: float = 5.0,
+                 receive_buffer: int | None = None) -> None:
+        self.sock = socket.socket()
+        if receive_buffer is not None:  # a small window: the server's output backs up sooner
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
         self.buffer = b""
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket",

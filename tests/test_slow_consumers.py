@@ -1,0 +1,130 @@
+"""A subscriber that stops reading: the policies, bounded memory, and nobody else delayed."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from conftest import Server, children, token, wait_for
+from wire import RawClient
+
+MESSAGES = 5000
+DATA = "x" * 4000  # 5000 x 4 KB = 20 MB per subscriber: far past the kernel's buffers
+MAX_BUFFER = 1 << 20
+# The worker's RSS may grow by a few --max-buffer (the stalled queue, the transport's part,
+# allocator slack). Without the bound it grows by ~17 MB here: 20 MB sent, minus what the
+# kernel's socket buffers hold.
+GROWTH_LIMIT_KIB = 4 * MAX_BUFFER // 1024
+
+
+class Reader(threading.Thread):
+    """A subscriber that reads as fast as it can, in its own thread."""
+
+    def __init__(self, server: Server, channels: list[str], expected: int) -> None:
+        super().__init__(daemon=True)
+        self.client = subscribe(server, channels)
+        self.expected = expected
+        self.received: list[tuple[str, int]] = []
+        self.start()
+
+    def run(self) -> None:
+        while len(self.received) < self.expected:
+            message = self.client.recv_json()
+            self.received.append((message["channel"], message["data"]["n"]))
+
+
+def subscribe(server: Server, channels: list[str], **kwargs: Any) -> RawClient:
+    client = RawClient(server.host, server.port, f"/?token={token()}", timeout=30, **kwargs)
+    client.recv_json()
+    for channel in channels:
+        client.send_json({"type": "subscribe", "channel": channel})
+        assert client.recv_json()["type"] == "subscribed"
+    return client
+
+
+def stalled(server: Server, channels: list[str]) -> RawClient:
+    """Subscribes, then reads nothing; its receive window is as small as the kernel allows."""
+    return subscribe(server, channels, receive_buffer=4096)
+
+
+def publish(server: Server, channels: list[str], count: int) -> None:
+    publisher = RawClient(server.host, server.port, f"/?token={token()}", timeout=30)
+    publisher.recv_json()
+    for n in range(count):
+        for channel in channels:
+            publisher.send_json({"type": "publish", "channel": channel,
+                                 "data": {"n": n, "pad": DATA}})
+    publisher.send_json({"type": "ping"})
+    assert publisher.recv_json() == {"type": "pong"}  # the server has handled them all
+
+
+def rss_kib(server: Server) -> int:
+    """The worker's resident memory."""
+    (worker,) = children(server.process.pid)
+    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def start(start_server: Any, policy: str) -> Server:
+    return start_server("--slow-consumer", policy, "--max-buffer", str(MAX_BUFFER),
+                        "--publish-rate", "1000000", "--max-message-size", "10000")
+
+
+def test_disconnect_closes_the_stalled_client_with_4008(start_server: Any) -> None:
+    server = start(start_server, "disconnect")
+    slow = stalled(server, ["feed"])
+    fast = [Reader(server, ["feed"], MESSAGES) for _ in range(3)]
+    before = rss_kib(server)
+    publish(server, ["feed"], MESSAGES)
+    for reader in fast:
+        reader.join(60)
+        assert [n for _, n in reader.received] == list(range(MESSAGES))
+    assert slow.recv_close() == (4008, "slow consumer")
+    assert rss_kib(server) - before < GROWTH_LIMIT_KIB
+    figures = wait_for(lambda: (m := server.metrics())["fastfan_slow_consumers_disconnected_total"]
+                       == 1 and m)
+    assert figures["fastfan_connections"] == 4  # the fast three and the publisher
+
+
+def test_drop_discards_until_the_client_drains_and_counts(start_server: Any) -> None:
+    server = start(start_server, "drop")
+    slow = stalled(server, ["feed"])
+    fast = Reader(server, ["feed"], MESSAGES)
+    before = rss_kib(server)
+    publish(server, ["feed"], MESSAGES)
+    fast.join(60)
+    assert [n for _, n in fast.received] == list(range(MESSAGES))
+    grown = rss_kib(server) - before
+    dropped = server.metrics()['fastfan_dropped_total{reason="slow_consumer"}']
+    assert dropped > 0
+    # Now it reads: what it gets is in order, with the dropped ones missing.
+    got = []
+    while len(got) < MESSAGES - dropped:
+        got.append(slow.recv_json()["data"]["n"])
+    assert got == sorted(got) and got[0] == 0
+    assert len(got) + dropped == MESSAGES
+    assert grown < GROWTH_LIMIT_KIB
+    slow.send_json({"type": "ping"})
+    assert slow.recv_json() == {"type": "pong"}  # still connected, still served
+
+
+def test_conflate_delivers_the_newest_of_each_channel_once_drained(start_server: Any) -> None:
+    server = start(start_server, "conflate")
+    slow = stalled(server, ["a", "b"])
+    fast = Reader(server, ["a", "b"], 2 * MESSAGES)
+    publish(server, ["a", "b"], MESSAGES)
+    fast.join(60)
+    assert len(fast.received) == 2 * MESSAGES
+    conflated = server.metrics()['fastfan_dropped_total{reason="conflated"}']
+    assert conflated > 0
+    last: dict[str, int] = {}
+    while last != {"a": MESSAGES - 1, "b": MESSAGES - 1}:
+        message = slow.recv_json()
+        channel, n = message["channel"], message["data"]["n"]
+        assert n > last.get(channel, -1)  # per channel, never older than what came before
+        last[channel] = n
+    slow.send_json({"type": "ping"})
+    assert slow.recv_json() == {"type": "pong"}  # nothing after the newest of each
