@@ -17,6 +17,27 @@ cdef class OutputBuffer:
     cdef void release(self) noexcept
 
 
+cdef class Histogram:
+    cdef:
+        double              bounds[15]
+        unsigned long long  counts[16]
+        readonly double     total
+        readonly unsigned long long count
+
+    cdef void observe(self, double value) noexcept
+
+
+cdef class Samples:
+    cdef:
+        list                values
+        unsigned long long  count
+        double              total
+        double              minimum
+        double              maximum
+
+    cdef void record(self, double value) noexcept
+
+
 cdef class Channel:
     # One channel's local subscribers, a contiguous array of strong references: fan-out
     # walks it in C, and add/remove are O(1) (the session remembers its slot).
@@ -51,6 +72,13 @@ cdef class Hub:
         char*               frame
         Py_ssize_t          frame_capacity
 
+        # when each fan-out of this loop turn began, for the latency histogram
+        double*             fanout_started
+        Py_ssize_t          fanout_count
+        Py_ssize_t          fanout_capacity
+        readonly Histogram  publish_latency # fan-out begun -> written, per message
+        readonly Samples    handling        # time to handle one client message
+
         bytes               client_id_prefix
         unsigned long long  next_client_number
 
@@ -65,6 +93,7 @@ cdef class Hub:
         readonly unsigned long long publish_refused_total
 
     cpdef Py_ssize_t fanout(self, str channel, object payload) except -1
+    cdef int _note_fanout(self, double started) except -1
     cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
     cdef int _overflow(self, Session session, Channel channel, const char* frame,
                        Py_ssize_t size) except -1
@@ -110,6 +139,7 @@ cdef class Session(WSListener):
     cdef int _on_continuation(self, WSFrame frame) except -1
     cdef int _on_close_frame(self, WSFrame frame) except -1
     cdef int _on_message(self, int kind, const char* payload, Py_ssize_t size) except -1
+    cdef int _handle(self, const char* payload, Py_ssize_t size) except -1
     cdef int _check_channel(self, object channel, bytes request_id) except -1
     cdef int _subscribe(self, object channel, bytes request_id) except -1
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1

@@ -105,6 +105,14 @@ for _c in range(128):
 
 cdef bytes MESSAGE_PREFIX = b'{"type":"message","channel":"'
 
+# Upper bounds (seconds) of fastfan_publish_latency_seconds's buckets; +Inf is implied.
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                  0.25, 0.5, 1.0, 2.5, 5.0)
+cdef enum:
+    N_BOUNDS = 15  # len(LATENCY_BOUNDS); Histogram's arrays in _core.pxd have this size
+    # How many message handling times the per-minute stats keep for their percentiles.
+    MAX_SAMPLES = 65536
+
 
 cdef inline int64_t now_ms() noexcept nogil:
     cdef timespec ts
@@ -191,6 +199,64 @@ cdef class OutputBuffer:
 
 
 @cython.final
+cdef class Histogram:
+    """Counts per bucket of LATENCY_BOUNDS (the last is +Inf), their sum and count."""
+
+    def __cinit__(self):
+        cdef int i
+        for i in range(N_BOUNDS):
+            self.bounds[i] = LATENCY_BOUNDS[i]
+
+    cdef void observe(self, double value) noexcept:
+        cdef int i = 0
+        while i < N_BOUNDS and value > self.bounds[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+    def buckets(self):
+        """Counts per bucket, not cumulative: N_BOUNDS + 1 of them."""
+        return [self.counts[i] for i in range(N_BOUNDS + 1)]
+
+
+@cython.final
+cdef class Samples:
+    """Durations for the seed's per-minute stats line: count, min, max, avg, p95, p99."""
+
+    def __cinit__(self):
+        self.values = []
+
+    cdef void record(self, double value) noexcept:
+        if self.count == 0 or value < self.minimum:
+            self.minimum = value
+        if value > self.maximum:
+            self.maximum = value
+        self.count += 1
+        self.total += value
+        if len(self.values) < MAX_SAMPLES:
+            try:
+                self.values.append(value)
+            except MemoryError:
+                pass
+
+    def take(self):
+        """The figures since the last take, in milliseconds; then start again."""
+        ordered = sorted(self.values)
+        figures = {"count": self.count, "min_ms": 0.0, "max_ms": 0.0, "avg_ms": 0.0,
+                   "p95_ms": 0.0, "p99_ms": 0.0}
+        if self.count:
+            figures.update(min_ms=self.minimum * 1e3, max_ms=self.maximum * 1e3,
+                           avg_ms=self.total / self.count * 1e3,
+                           p95_ms=ordered[int(0.95 * (len(ordered) - 1))] * 1e3,
+                           p99_ms=ordered[int(0.99 * (len(ordered) - 1))] * 1e3)
+        self.values = []
+        self.count = 0
+        self.total = self.minimum = self.maximum = 0
+        return figures
+
+
+@cython.final
 cdef class Channel:
     def __cinit__(self, str name):
         self.name = name
@@ -250,9 +316,12 @@ cdef class Hub:
         self.publish_rate = publish_rate
         self.slow_consumer = _POLICY_BY_NAME[slow_consumer]
         self.client_id_prefix = secrets.token_hex(6).encode() + b"-"
+        self.publish_latency = Histogram()
+        self.handling = Samples()
 
     def __dealloc__(self):
         free(self.frame)
+        free(self.fanout_started)
 
     @property
     def connections(self):
@@ -284,6 +353,7 @@ cdef class Hub:
         cdef char* grown
         if target is None or target.count == 0:
             return 0
+        self._note_fanout(monotonic())
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
             size = view.len + MAX_HEADER
@@ -298,6 +368,20 @@ cdef class Hub:
         finally:
             PyBuffer_Release(&view)
         return self._deliver(target, self.frame, header + view.len)
+
+    cdef int _note_fanout(self, double started) except -1:
+        """Remember when a fan-out began; the flush that writes it measures the latency."""
+        cdef double* grown
+        if self.fanout_count == self.fanout_capacity:
+            grown = <double*>realloc(self.fanout_started,
+                                     max(64, 2 * self.fanout_capacity) * sizeof(double))
+            if grown == NULL:
+                raise MemoryError()
+            self.fanout_started = grown
+            self.fanout_capacity = max(64, 2 * self.fanout_capacity)
+        self.fanout_started[self.fanout_count] = started
+        self.fanout_count += 1
+        return 0
 
     cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1:
         cdef Py_ssize_t i
@@ -344,9 +428,15 @@ cdef class Hub:
         cdef list pending = self.pending
         self.pending = []
         self.flush_scheduled = False
+        cdef Py_ssize_t i
+        cdef double written
         for session in pending:
             session.scheduled = False
             session.write_out()
+        written = monotonic()
+        for i in range(self.fanout_count):
+            self.publish_latency.observe(written - self.fanout_started[i])
+        self.fanout_count = 0
 
     def stats(self):
         """This worker's figures, for /metrics."""
@@ -580,11 +670,20 @@ cdef class Session(WSListener):
 
     cdef int _on_message(self, int kind, const char* payload, Py_ssize_t size) except -1:
         cdef Hub hub = self.hub
-        cdef bytes request_id = b""
+        cdef double started
         if self.echo:
             self._queue_frame(kind, payload, size)
             return 0
+        started = monotonic()
         hub.messages_received_total += 1
+        try:
+            self._handle(payload, size)
+        finally:
+            hub.handling.record(monotonic() - started)
+        return 0
+
+    cdef int _handle(self, const char* payload, Py_ssize_t size) except -1:
+        cdef bytes request_id = b""
         try:
             request = decode_request(PyBytes_FromStringAndSize(payload, size))
         except msgspec.ValidationError as exc:

@@ -33,6 +33,8 @@ class Config:
     ping_interval: float = 30.0
     ping_timeout: float = 60.0
     shutdown_grace: float = 10.0
+    stats_interval: float = 60.0
+    max_connections: int | None = None  # per worker; None: what the open-files limit allows
     log_level: str = "info"
     log_format: str = "text"
     echo_path: str | None = None
@@ -46,7 +48,9 @@ class Config:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")
-        for name in ("ping_interval", "ping_timeout", "shutdown_grace"):
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError("--max-connections must be a positive integer")
+        for name in ("ping_interval", "ping_timeout", "shutdown_grace", "stats_interval"):
             if getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive number of seconds")

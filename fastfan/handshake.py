@@ -37,14 +37,16 @@ def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -
 
 class ListenerFactory:
     def __init__(self, config: Config, hub: Hub, *, is_ready: Callable[[], bool],
-                 metrics: Callable[[], bytes]) -> None:
+                 metrics: Callable[[], bytes], max_connections: int) -> None:
         self._config = config
         self._hub = hub
+        self._max_connections = max_connections
         self._is_ready = is_ready
         self._metrics = metrics
         self._socket_paths = {b"/", b"/ws"}
         self._echo_path = config.echo_path.encode() if config.echo_path else None
         self.auth_failures_total = 0
+        self.refused_full_total = 0
 
     def __call__(self, request: WSUpgradeRequest) -> Route:
         try:
@@ -68,6 +70,10 @@ class ListenerFactory:
         echo = path == self._echo_path
         if path not in self._socket_paths and not echo:
             return None
+        if self._hub.connections >= self._max_connections:
+            self.refused_full_total += 1
+            return _response(503, b"503 Service Unavailable: connection limit reached, "
+                                  b"try another node or later\n", {"Retry-After": "1"})
         try:
             identity = self._authenticate(request, query)
         except AuthError as exc:

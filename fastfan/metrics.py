@@ -6,6 +6,8 @@ import mmap
 import struct
 from collections.abc import Mapping
 
+from ._core import LATENCY_BOUNDS
+
 # (name, type, help, key in the figures); the names are public: keep them exactly.
 _SERIES = [
     ("fastfan_connections", "gauge", "Open WebSocket connections.", "connections"),
@@ -22,6 +24,8 @@ _SERIES = [
      "Connections closed with 4008 for not reading.", "slow_consumers_disconnected_total"),
     ("fastfan_auth_failures_total", "counter", "Upgrades refused with 401.",
      "auth_failures_total"),
+    ("fastfan_connections_refused_total", "counter",
+     "Upgrades refused with 503 at --max-connections.", "connections_refused_total"),
     ("fastfan_worker_restarts_total", "counter", "Workers the master replaced.",
      "worker_restarts_total"),
     ("fastfan_redis_up", "gauge", "1 when the Redis bus is connected.", "redis_up"),
@@ -50,7 +54,27 @@ def render(figures: Mapping[str, float]) -> bytes:
               "# TYPE fastfan_dropped_total counter"]
     lines += [f'fastfan_dropped_total{{reason="{reason}"}} {_number(figures.get(key, 0))}'
               for reason, key in _DROP_REASONS]
+    lines += _histogram("fastfan_publish_latency_seconds",
+                        "Seconds from a message's fan-out to its last local write.", figures)
     return ("\n".join(lines) + "\n").encode()
+
+
+def _histogram(name: str, help_text: str, figures: Mapping[str, float]) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    cumulative = 0.0
+    for index, bound in enumerate([*map(repr, LATENCY_BOUNDS), "+Inf"]):
+        cumulative += figures.get(f"latency_bucket_{index}", 0)
+        lines.append(f'{name}_bucket{{le="{bound}"}} {_number(cumulative)}')
+    lines.append(f"{name}_sum {_number(figures.get('latency_sum', 0))}")
+    lines.append(f"{name}_count {_number(figures.get('latency_count', 0))}")
+    return lines
+
+
+def latency_figures(buckets: list[int], total: float, count: int) -> dict[str, float]:
+    """A Histogram's state as shared figures."""
+    figures = {f"latency_bucket_{i}": float(n) for i, n in enumerate(buckets)}
+    figures.update(latency_sum=total, latency_count=float(count))
+    return figures
 
 
 # The figures every worker shares, in a fixed order: one row of float64 per worker in a
@@ -59,8 +83,13 @@ FIGURES = (
     "connections", "connections_total", "channels", "subscriptions",
     "messages_received_total", "deliveries_total", "bytes_sent_total", "dropped_slow_total",
     "dropped_conflated_total", "dropped_bus_total", "slow_consumers_disconnected_total",
-    "publish_refused_total", "auth_failures_total", "worker_restarts_total", "redis_up",
+    "publish_refused_total", "auth_failures_total", "connections_refused_total",
+    "worker_restarts_total", "redis_up",
+    *(f"latency_bucket_{i}" for i in range(len(LATENCY_BOUNDS) + 1)),
+    "latency_sum", "latency_count",
 )
+# Figures that add up over a worker's life and survive it (the others are gauges).
+CUMULATIVE = tuple(k for k in FIGURES if k.endswith("_total") or k.startswith("latency_"))
 _ROW = struct.Struct(f"{len(FIGURES)}d")
 
 
@@ -92,9 +121,8 @@ class SharedFigures:
     def retire(self, row: int) -> None:
         """A worker died: keep its counters in the master's row, forget its gauges."""
         dead, master = self.read(row), self.read(self.master_row)
-        for key in FIGURES:
-            if key.endswith("_total"):
-                master[key] += dead[key]
+        for key in CUMULATIVE:
+            master[key] += dead[key]
         self.write(self.master_row, master)
         self.write(row, {})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 from dataclasses import dataclass
 
@@ -30,6 +31,16 @@ LISTEN_BACKLOG = 65535
 READ_BUFFER_INIT_SIZE = 2048
 # A client that opens a TCP connection but sends no upgrade request in time is dropped.
 HANDSHAKE_TIMEOUT = 5.0
+# File descriptors a worker keeps for itself (listening socket, bus, logs, /proc reads).
+FILES_RESERVED = 256
+
+
+
+def max_connections(config: Config) -> int:
+    """Past the open-files limit accept() fails anyway: refuse clearly a little before it."""
+    if config.max_connections is not None:
+        return config.max_connections
+    return max(1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FILES_RESERVED)
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,8 @@ class Worker:
         self.hub.bus = self.bus
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,
-                                       metrics=self.render_metrics)
+                                       metrics=self.render_metrics,
+                                       max_connections=max_connections(config))
         self._stop = asyncio.Event()
 
     def is_ready(self) -> bool:
@@ -73,7 +85,10 @@ class Worker:
         """Write this worker's row of the figures every worker shares."""
         figures: dict[str, float] = dict(self.hub.stats())
         figures["auth_failures_total"] = self.factory.auth_failures_total
+        figures["connections_refused_total"] = self.factory.refused_full_total
         figures["dropped_bus_total"] = getattr(self.bus, "dropped_total", 0)
+        latency = self.hub.publish_latency
+        figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
         self.placement.figures.write(self.placement.slot, figures)
 
     def render_metrics(self) -> bytes:
@@ -101,9 +116,11 @@ class Worker:
             self.loop.add_signal_handler(signum, self._stop.set)
         self.accepting = True
         log.info("worker %d listening on %s:%d", self.placement.slot, config.host, config.port)
-        sweeper = self.loop.create_task(self._sweep_forever())
+        tasks = [self.loop.create_task(self._sweep_forever()),
+                 self.loop.create_task(self._log_stats_forever())]
         await self._stop.wait()
-        sweeper.cancel()
+        for task in tasks:
+            task.cancel()
         await self._shut_down(server)
 
     async def _sweep_forever(self) -> None:
@@ -116,6 +133,16 @@ class Worker:
             if os.getppid() != self.placement.master_pid:
                 log.error("the master is gone; shutting down")
                 self._stop.set()
+
+    async def _log_stats_forever(self) -> None:
+        """The seed's per-minute line: how long handling one client message took."""
+        while True:
+            await asyncio.sleep(self.config.stats_interval)
+            figures = self.hub.handling.take()
+            log.info("stats: %d messages, handling min %.3f ms, max %.3f ms, avg %.3f ms, "
+                     "p95 %.3f ms, p99 %.3f ms", figures["count"], figures["min_ms"],
+                     figures["max_ms"], figures["avg_ms"], figures["p95_ms"], figures["p99_ms"],
+                     extra={"fields": {"stats": figures, "worker": self.placement.slot}})
 
     async def _shut_down(self, server: asyncio.AbstractServer) -> None:
         """Stop accepting, close every client with 1001, wait for them within the grace."""
