@@ -105,6 +105,12 @@ for _c in range(128):
 
 cdef bytes MESSAGE_PREFIX = b'{"type":"message","channel":"'
 
+# What bus.publish answers (fastfan.bus: REFUSED, DONE, PENDING).
+cdef enum:
+    BUS_REFUSED = 0
+    BUS_DONE = 1
+    BUS_PENDING = 2
+
 # Upper bounds (seconds) of fastfan_publish_latency_seconds's buckets; +Inf is implied.
 LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                   0.25, 0.5, 1.0, 2.5, 5.0)
@@ -752,11 +758,20 @@ cdef class Session(WSListener):
             return self._send_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
                                     request_id)
         payload = hub.encode_message(channel, request.data, self.client_id)
-        if not hub.bus.publish(channel, payload):
+        outcome = hub.bus.publish(channel, payload, self if request_id else None, request_id)
+        if outcome == BUS_REFUSED:
             return self._send_error(503, "message bus unavailable, try again", request_id)
-        if request_id:
+        if outcome == BUS_DONE and request_id:
             return self._send_bytes(_reply(b"published", channel, request_id))
-        return 0
+        return 0  # BUS_PENDING: the bus calls acknowledge() once it knows
+
+    def acknowledge(self, str channel, bytes request_id, bint ok):
+        """The bus's late answer to a publish that asked for one (an `id`)."""
+        if ok:
+            self._send_bytes(_reply(b"published", channel, request_id))
+        else:
+            self._send_error(503, "message bus unavailable; the message was not published",
+                             request_id)
 
     cdef bint _take_token(self):
         """Token bucket: `publish_rate` per second, bursts of twice that."""

@@ -35,7 +35,8 @@ _SERIES = [
 _DROP_REASONS = [
     ("slow_consumer", "dropped_slow_total"),
     ("conflated", "dropped_conflated_total"),
-    ("bus_backlog", "dropped_bus_total"),
+    ("bus", "dropped_bus_total"),
+    ("invalid_payload", "dropped_invalid_total"),
     ("rate_limited", "publish_refused_total"),
 ]
 
@@ -82,7 +83,8 @@ def latency_figures(buckets: list[int], total: float, count: int) -> dict[str, f
 FIGURES = (
     "connections", "connections_total", "channels", "subscriptions",
     "messages_received_total", "deliveries_total", "bytes_sent_total", "dropped_slow_total",
-    "dropped_conflated_total", "dropped_bus_total", "slow_consumers_disconnected_total",
+    "dropped_conflated_total", "dropped_bus_total", "dropped_invalid_total",
+    "slow_consumers_disconnected_total",
     "publish_refused_total", "auth_failures_total", "connections_refused_total",
     "worker_restarts_total", "redis_up",
     *(f"latency_bucket_{i}" for i in range(len(LATENCY_BOUNDS) + 1)),
@@ -116,7 +118,10 @@ class SharedFigures:
 
     def total(self) -> dict[str, float]:
         rows = [self.read(row) for row in range(self.rows)]
-        return {key: sum(row[key] for row in rows) for key in FIGURES}
+        figures = {key: sum(row[key] for row in rows) for key in FIGURES}
+        # Redis is up for the server when it is up for every worker.
+        figures["redis_up"] = min(row["redis_up"] for row in rows[:-1])
+        return figures
 
     def retire(self, row: int) -> None:
         """A worker died: keep its counters in the master's row, forget its gauges."""

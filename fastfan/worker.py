@@ -14,8 +14,10 @@ from picows import ws_create_server
 
 from . import metrics
 from ._core import Hub
+from .bus import Bus
 from .bus.local import LocalBus
 from .bus.mesh import MeshBus
+from .bus.redis import RedisBus
 from .config import Config
 from .handshake import ListenerFactory
 from .logs import PicowsLog
@@ -65,8 +67,10 @@ class Worker:
             publish_rate=float(config.publish_rate),
             slow_consumer=config.slow_consumer,
         )
-        self.bus: LocalBus | MeshBus
-        if config.workers == 1:
+        self.bus: Bus
+        if config.redis is not None:
+            self.bus = RedisBus(self.hub, config.redis, config.redis_prefix)
+        elif config.workers == 1:
             self.bus = LocalBus(self.hub)
         else:
             self.bus = MeshBus(self.hub, placement.slot, config.workers,
@@ -86,7 +90,10 @@ class Worker:
         figures: dict[str, float] = dict(self.hub.stats())
         figures["auth_failures_total"] = self.factory.auth_failures_total
         figures["connections_refused_total"] = self.factory.refused_full_total
-        figures["dropped_bus_total"] = getattr(self.bus, "dropped_total", 0)
+        figures["dropped_bus_total"] = self.bus.dropped_total
+        if isinstance(self.bus, RedisBus):
+            figures["redis_up"] = float(self.bus.up)
+            figures["dropped_invalid_total"] = self.bus.invalid_total
         latency = self.hub.publish_latency
         figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
         self.placement.figures.write(self.placement.slot, figures)
@@ -97,8 +104,7 @@ class Worker:
 
     async def serve(self) -> None:
         config = self.config
-        if isinstance(self.bus, MeshBus):
-            await self.bus.start()
+        await self.bus.start()
         server = await ws_create_server(
             self.factory,
             config.host,
@@ -154,8 +160,7 @@ class Worker:
             await asyncio.sleep(0.02)
         if self.hub.connections:
             log.warning("shutdown grace over with %d connections open", self.hub.connections)
-        if isinstance(self.bus, MeshBus):
-            await self.bus.stop()
+        await self.bus.stop()
         log.info("worker %d stopped", self.placement.slot)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -61,7 +63,7 @@ def test_headless_chromium_connects_with_a_query_token(server: Server) -> None:
     page = (JS / "browser_client.html").as_uri()
     query = f"?server={server.url()}&token={token('browser', publish=['browser.*'])}"
     with connect(server.url(token=token("observer"))) as observer, \
-            tempfile.TemporaryDirectory() as profile:
+            tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         messages_of(observer, 1)
         observer.send(json.dumps({"type": "subscribe", "channel": "browser.report"}))
         assert messages_of(observer, 1)[0]["type"] == "subscribed"
@@ -69,11 +71,11 @@ def test_headless_chromium_connects_with_a_query_token(server: Server) -> None:
             ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", f"--user-data-dir={profile}", page + query],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             report = messages_of(observer, 1, timeout=60)[0]
         finally:
-            browser.kill()
+            os.killpg(browser.pid, signal.SIGKILL)  # chromium and every helper it started
             browser.wait()
     data = report["data"]
     assert data["welcome"]["data"]["user"] == "browser"

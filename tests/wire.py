@@ -12,6 +12,20 @@ from typing import Any
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 
 
+def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0) -> bytes:
+    """A masked client frame."""
+    header = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    n = len(payload)
+    if n < 126:
+        header += bytes([0x80 | n])
+    elif n < 65536:
+        header += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        header += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    mask = os.urandom(4)
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
 class HandshakeRefusedError(Exception):
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
         super().__init__(f"HTTP {status}: {body!r}")
@@ -68,20 +82,14 @@ class RawClient:
 
     def send_frame(self, opcode: int, payload: bytes = b"", *, fin: bool = True,
                    rsv: int = 0) -> None:
-        header = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-        n = len(payload)
-        if n < 126:
-            header += bytes([0x80 | n])
-        elif n < 65536:
-            header += bytes([0x80 | 126]) + struct.pack("!H", n)
-        else:
-            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(header + mask + masked)
+        self.sock.sendall(frame(opcode, payload, fin=fin, rsv=rsv))
 
     def send_json(self, message: Any) -> None:
         self.send_frame(TEXT, json.dumps(message).encode())
+
+    def send_json_burst(self, messages: list[Any]) -> None:
+        """Many messages in one write, so they reach the server together."""
+        self.sock.sendall(b"".join(frame(TEXT, json.dumps(m).encode()) for m in messages))
 
     def recv_frame(self) -> tuple[bool, int, bytes]:
         first, second = self._read_exactly(2)

@@ -1,6 +1,27 @@
 """Message buses: how a publish on one worker reaches the Hubs of every worker.
 
-A bus has `publish(channel, payload) -> bool` (False: the bus is down, answer 503),
+A bus has `publish(channel, payload, session, request_id)`, which answers REFUSED (the
+bus is down: the client gets 503), DONE (handed on: a `published` reply may go at once),
+or PENDING (the bus calls `session.acknowledge(channel, request_id, ok)` once it knows;
+only when a session is given, i.e. the client asked for an acknowledgement),
 `subscribe(channel)` and `unsubscribe(channel)` (a Hub calls them when a channel gains its
-first or loses its last local subscriber), and `up` for /ready.
+first or loses its last local subscriber), `up` for /ready, `dropped_total` for what it
+could not pass on, and `start()` / `stop()`.
 """
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+REFUSED, DONE, PENDING = 0, 1, 2
+
+
+class Bus(Protocol):
+    up: bool
+    dropped_total: int
+
+    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int: ...
+    def subscribe(self, channel: str) -> None: ...
+    def unsubscribe(self, channel: str) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .._core import Hub
+from . import DONE
 
 
 class LocalBus:
     up = True
+    dropped_total = 0
 
     def __init__(self, hub: Hub) -> None:
         self._fanout = hub.fanout
 
-    def publish(self, channel: str, payload: bytes) -> bool:
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def stop(self) -> None:
+        """Nothing to disconnect from."""
+
+    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
         self._fanout(channel, payload)
-        return True
+        return DONE
 
     def subscribe(self, channel: str) -> None:
         """Every message already passes through this process: nothing to ask for."""

@@ -23,6 +23,7 @@ import struct
 from typing import Any
 
 from .._core import Hub
+from . import DONE
 
 log = logging.getLogger("fastfan.bus")
 
@@ -163,7 +164,7 @@ class MeshBus:
             await peer.lost
             del self.outgoing[slot]
 
-    def publish(self, channel: str, payload: bytes) -> bool:
+    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
         self.hub.fanout(channel, payload)
         data = None
         for slot, peer in self.outgoing.items():
@@ -172,7 +173,7 @@ class MeshBus:
                     data = record(PUBLISH, channel.encode(), payload)
                 if not peer.send(data):
                     self.dropped_total += 1
-        return True
+        return DONE
 
     def _tell_peers(self, kind: int, channel: str) -> None:
         data = record(kind, channel.encode())
