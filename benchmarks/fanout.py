@@ -116,9 +116,10 @@ HEADER = (f"{'offered/s':>10} {'delivered/s':>12} {'lost':>8} {'p50 ms':>8} {'p9
 
 
 def format_row(r: dict[str, Any]) -> str:
+    cpu = r.get("cpu_us_per_delivery")
     return (f"{r['offered_per_s']:>10.0f} {r['delivered_per_s']:>12.0f} {r['lost']:>8} "
             f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['p999_ms']:>9.2f} "
-            f"{r['max_ms']:>8.2f} {r['cpu_us_per_delivery']:>12.3f}")
+            f"{r['max_ms']:>8.2f} {'-' if cpu is None else f'{cpu:.3f}':>12}")
 
 
 def main() -> int:

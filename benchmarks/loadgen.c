@@ -287,11 +287,11 @@ int main(int argc, char **argv) {
         int timeout_ms = now < end && rate > 0 ? (int)((next - now_ns()) / 1000000) : 10;
         if (timeout_ms < 0) timeout_ms = 0;
         int ready = epoll_wait(ep, events, 512, timeout_ms);
-        int64_t rx = now_ns();
         for (int e = 0; e < ready; e++) {
             conn_t *c = events[e].data.ptr;
             while (1) {
                 ssize_t r = recv(c->fd, c->buf + c->len, READ_BUFFER - c->len, 0);
+                int64_t rx = now_ns(); /* per read: what a read returns was sent before it */
                 if (r > 0) {
                     c->len += (size_t)r;
                     parse(c, rx);

@@ -183,7 +183,8 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--logfile", str(self.log_path)],
+             "--appendonly", "no", "--logfile", str(self.log_path),
+             "--enable-debug-command", "local"],  # DEBUG SLEEP plays a slow Redis
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, timeout=10)
 

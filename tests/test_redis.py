@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from typing import Any
 
@@ -157,3 +158,20 @@ def test_redis_unreachable_at_start(start_server: Any, tmp_path: Any) -> None:
         assert listener.recv_json()["data"] == [1]
     finally:
         redis.kill()
+
+
+def test_a_slow_redis_never_stalls_the_websocket_side(
+        start_server: Any, redis_server: RedisServer) -> None:
+    node = start_server("--redis", redis_server.url)
+    wait_for(lambda: node.get("/ready")[0] == 200)
+    client = subscriber(node, "calm")
+    asleep = threading.Thread(target=redis_server.command, args=("DEBUG", "SLEEP", "2"))
+    asleep.start()
+    time.sleep(0.2)
+    client.send_json({"type": "publish", "channel": "calm", "data": 1, "id": "waits"})
+    client.send_json({"type": "ping"})
+    assert client.recv_json() == {"type": "pong"}  # answered while Redis sleeps
+    assert asleep.is_alive()
+    asleep.join()
+    replies = [client.recv_json() for _ in range(2)]  # then the publish completes
+    assert {r["type"] for r in replies} == {"published", "message"}

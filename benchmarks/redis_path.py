@@ -1,0 +1,110 @@
+"""The Redis path against the embedded bus: same subscribers, same open-loop publisher.
+
+    python benchmarks/redis_path.py --subs 1000 --rates 50000,200000,500000
+
+redis:    two fastfan nodes sharing one redis-server; half the subscribers on each node,
+          the publisher on the first: every message crosses Redis.
+embedded: one fastfan with --workers 2 and no Redis; subscribers spread over both workers
+          by the kernel, every message crosses the embedded bus to the other worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fanout import HEADER, build_loadgen, format_row, free_port, start_fastfan
+
+
+def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", workdir],
+                             stdout=subprocess.DEVNULL)
+    time.sleep(0.3)
+    return redis
+
+
+def run(loadgen: Path, ports: list[int], subs: int, offered: float, duration: float,
+        channel: str) -> dict[str, Any]:
+    """Subscribers split over `ports`, one publisher on the first; one summary row."""
+    share = subs // len(ports)
+    subscribers = [
+        subprocess.Popen([str(loadgen), "--port", str(port), "--subs", str(share), "--rate", "0",
+                          "--sync", "1", "--channel", channel, "--duration", str(duration),
+                          "--drain", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+        for port in ports]
+    for process in subscribers:
+        assert process.stdout is not None
+        json.loads(process.stdout.readline())
+    time.sleep(0.5)  # let every node's SUBSCRIBE reach Redis
+    for process in subscribers:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    rate = offered / (share * len(ports))
+    publisher = subprocess.run(
+        [str(loadgen), "--port", str(ports[0]), "--subs", "0", "--rate", str(rate),
+         "--duration", str(duration), "--channel", channel, "--drain", "0"],
+        capture_output=True, text=True, check=True)
+    sent = json.loads(publisher.stdout)["sent"]
+    reports = [json.loads(p.communicate(timeout=duration + 60)[0]) for p in subscribers]
+    delivered = sum(r["delivered"] for r in reports)
+    return {
+        "offered_per_s": offered, "sent": sent,
+        "delivered_per_s": sum(r["delivered_per_s"] for r in reports),
+        "lost": sent * share * len(ports) - delivered,
+        "p50_ms": max(r["p50_ms"] for r in reports), "p99_ms": max(r["p99_ms"] for r in reports),
+        "p999_ms": max(r["p999_ms"] for r in reports), "max_ms": max(r["max_ms"] for r in reports),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subs", type=int, default=1000)
+    parser.add_argument("--rates", default="50000,200000,500000")
+    parser.add_argument("--duration", type=float, default=4.0)
+    args = parser.parse_args()
+    loadgen = build_loadgen()
+    rates = [float(r) for r in args.rates.split(",")]
+    common = ["--publish-rate", "100000000"]
+
+    with tempfile.TemporaryDirectory() as workdir:
+        redis_port = free_port()
+        redis = start_redis(redis_port, workdir)
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        nodes = [free_port(), free_port()]
+        servers = [start_fastfan(port, [*common, "--redis", url], pin=False) for port in nodes]
+        try:
+            print(f"redis: two nodes, {args.subs} subscribers split over them\n{HEADER}")
+            for n, offered in enumerate(rates):
+                print(format_row(run(loadgen, nodes, args.subs, offered, args.duration,
+                                     f"r{n}")), flush=True)
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait(30)
+            redis.terminate()
+            redis.wait(10)
+
+    port = free_port()
+    server = start_fastfan(port, [*common, "--workers", "2"], pin=False)
+    try:
+        print(f"\nembedded: one node, --workers 2, {args.subs} subscribers\n{HEADER}")
+        for n, offered in enumerate(rates):
+            print(format_row(run(loadgen, [port, port], args.subs, offered, args.duration,
+                                 f"e{n}")), flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
