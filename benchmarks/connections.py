@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from fanout import build_loadgen, free_port, server_pids, start_fastfan
+from lib import build_loadgen, free_port, server_pids, start_fastfan
 
 
 def rss_bytes(pid: int) -> int:

@@ -40,7 +40,7 @@ typedef struct {
     int fd;
     char *buf;
     size_t len;
-    int64_t next_seq;       /* the seq this subscriber expects next */
+    int64_t next_seq;       /* the seq this subscriber expects next (per its channel) */
     uint64_t received;
 } conn_t;
 
@@ -202,6 +202,7 @@ static double percentile(double q) {
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *path = "/", *channel = "bench", *sources = NULL;
     int port = 8080, subs = 1000, size = 100;
+    int nchannels = 1; /* subscriber i takes channel i % nchannels; publishes go round-robin */
     double rate = 1000, duration = 5, drain = 3;
     int sync_start = 0; /* 1: say "ready" on stdout once subscribed, wait for a line on stdin */
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -216,6 +217,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--drain")) drain = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--sources")) sources = argv[i + 1];
         else if (!strcmp(argv[i], "--sync")) sync_start = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--channels")) nchannels = atoi(argv[i + 1]);
         else { fprintf(stderr, "loadgen: unknown option %s\n", argv[i]); return 2; }
     }
     latency_us = calloc(LATENCY_BUCKETS, sizeof(uint64_t));
@@ -232,9 +234,11 @@ int main(int argc, char **argv) {
 
     conn_t *conns = calloc((size_t)subs + 1, sizeof(conn_t));
     int64_t t0 = now_ns();
+    char name[512];
     for (int i = 0; i < subs; i++) {
         open_conn(&conns[i], nsources ? source_list[i % nsources] : NULL, host, port, path);
-        subscribe(&conns[i], channel);
+        snprintf(name, sizeof name, nchannels > 1 ? "%s.%d" : "%s", channel, i % nchannels);
+        subscribe(&conns[i], name);
     }
     double connect_s = (double)(now_ns() - t0) / 1e9;
     conn_t *pub = &conns[subs];
@@ -255,7 +259,7 @@ int main(int argc, char **argv) {
     if (rate > 0) fcntl(pub->fd, F_SETFL, O_NONBLOCK);
 
     /* The message template: data of `size` bytes, seq and ts filled in per message. */
-    char *msg = malloc((size_t)size + 256), *out = malloc(64 * ((size_t)size + 300));
+    char *msg = malloc((size_t)size + 768), *out = malloc(64 * ((size_t)size + 800));
     struct epoll_event events[512];
     int64_t start = now_ns(), end = start + (int64_t)(duration * 1e9);
     int64_t stop = end + (int64_t)(drain * 1e9), sent = 0, last_rx = start;
@@ -267,9 +271,15 @@ int main(int argc, char **argv) {
             while (sent < due) { /* batch what is due into one write */
                 size_t o = 0;
                 for (int k = 0; k < 64 && sent < due; k++, sent++) {
-                    int n = snprintf(msg, 256, "{\"type\":\"publish\",\"channel\":\"%s\",\"data\":"
-                                     "{\"seq\":%lld,\"ts\":%lld,\"pad\":\"", channel,
-                                     (long long)sent, (long long)now_ns());
+                    /* message `sent` goes to channel sent % nchannels, as its number
+                       sent / nchannels there: each channel's subscribers see 0, 1, 2... */
+                    if (nchannels > 1)
+                        snprintf(name, sizeof name, "%s.%lld", channel,
+                                 (long long)(sent % nchannels));
+                    int n = snprintf(msg, 768, "{\"type\":\"publish\",\"channel\":\"%s\",\"data\":"
+                                     "{\"seq\":%lld,\"ts\":%lld,\"pad\":\"",
+                                     nchannels > 1 ? name : channel,
+                                     (long long)(sent / nchannels), (long long)now_ns());
                     int data_start = (int)(strstr(msg, "\"data\":") - msg) + 7;
                     int pad = size - (n - data_start) - 2;
                     if (pad < 0) pad = 0;
@@ -280,7 +290,7 @@ int main(int argc, char **argv) {
                 send_all(pub->fd, out, o);
             }
             /* the publisher's own socket gets nothing back (no id, not subscribed) */
-        } else if (rate > 0 ? delivered >= (uint64_t)sent * (uint64_t)subs || now > stop
+        } else if (rate > 0 ? delivered >= (uint64_t)(sent * subs / nchannels) || now > stop
                             : now > end && now - last_rx > (int64_t)(drain * 1e9)) {
             break; /* all arrived, or (subscribers only) quiet for the drain time */
         }
@@ -314,15 +324,19 @@ int main(int argc, char **argv) {
         }
         busy_ns += now_ns() - woke;
     }
-    expected_total = sent * subs;
-    if (rate > 0) /* what never arrived after each subscriber's last message */
-        for (int i = 0; i < subs; i++) lost += (uint64_t)(sent - conns[i].next_seq);
+    /* each channel got sent / nchannels messages, the first sent % nchannels one more */
+    expected_total = 0;
+    for (int i = 0; i < subs; i++) {
+        int64_t mine = sent / nchannels + (i % nchannels < sent % nchannels ? 1 : 0);
+        expected_total += mine;
+        if (rate > 0) lost += (uint64_t)(mine - conns[i].next_seq); /* never arrived */
+    }
     double active_s = (double)(last_rx - start) / 1e9;
     printf("{\"subs\":%d,\"size\":%d,\"rate\":%.0f,\"offered_per_s\":%.0f,\"sent\":%lld,"
            "\"expected\":%lld,\"delivered\":%llu,\"lost\":%llu,\"reordered\":%llu,"
            "\"delivered_per_s\":%.0f,\"connect_s\":%.3f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,"
            "\"p999_ms\":%.3f,\"max_ms\":%.3f,\"over_10s\":%llu,\"busy\":%.3f}\n",
-           subs, size, rate, rate * subs, (long long)sent, (long long)expected_total,
+           subs, size, rate, rate * subs / nchannels, (long long)sent, (long long)expected_total,
            (unsigned long long)delivered, (unsigned long long)lost,
            (unsigned long long)reordered, (double)delivered / (active_s > 0 ? active_s : 1),
            connect_s, percentile(0.5), percentile(0.99), percentile(0.999), percentile(1.0),

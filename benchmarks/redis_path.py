@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fanout import HEADER, build_loadgen, format_row, free_port, start_fastfan
+from lib import HEADER, build_loadgen, format_row, free_port, start_fastfan
 
 
 def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:

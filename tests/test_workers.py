@@ -150,7 +150,7 @@ def test_workers_exit_when_the_master_is_killed(start_server: Any) -> None:
 def test_many_connections_over_several_workers(start_server: Any) -> None:
     """A bounded run: 4,000 subscribers from the C load generator, two workers, no loss."""
     sys.path.insert(0, str(BENCHMARKS))
-    from fanout import build_loadgen
+    from lib import build_loadgen
 
     server = start_server("--workers", "2", "--publish-rate", "100000", "--insecure")
     result = subprocess.run(

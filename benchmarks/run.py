@@ -1,0 +1,245 @@
+"""The benchmark suite: fastfan, its peers and the C yardstick, side by side in one run.
+
+    ./dev bench                     # every scenario, every server (about 10 minutes)
+    ./dev bench --quick             # CI: a load every server sustains; fails on a crash or loss
+    ./dev bench --servers fastfan,yardstick --scenarios fanout --duration 10
+
+Every server runs pinned to CPU 0 and the load generator (benchmarks/loadgen.c) to CPU 1,
+one server at a time, at the same offered rates. Scenarios:
+
+  fanout    1000 subscribers on one channel, 100-byte data, 50k to 3M deliveries/s
+  channels  1000 channels of 10 subscribers (10,000 connections: a process holds at most
+            ~20,000 sockets here, so not the 10,000 x 10 of a multi-process run)
+  large     1000 subscribers, 16 KiB data
+  idle      10,000 subscribed idle connections: server RSS per connection
+
+A server that delivers less than half of what is offered, or loses more than 1%, is
+saturated: its higher rates in that scenario are skipped. Results: a table on stdout,
+benchmarks/results/suite-*.json, and PNG plots (delivered and p99 against offered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lib import (
+    HEADER,
+    LOADGEN_CPU,
+    PEERS,
+    RESULTS,
+    SERVER_CPU,
+    build,
+    build_loadgen,
+    cpu_seconds,
+    fastfan_command,
+    format_row,
+    free_port,
+    pinned,
+    rss_bytes,
+    run_loadgen,
+    wait_listening,
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    subs: int
+    size: int
+    channels: int
+    rates: tuple[float, ...]
+
+
+SCENARIOS = {
+    "fanout": Scenario("fanout", 1000, 100, 1,
+                       (50e3, 100e3, 200e3, 500e3, 1e6, 2e6, 3e6)),
+    "channels": Scenario("channels", 10_000, 100, 1000, (50e3, 200e3, 500e3, 1e6)),
+    "large": Scenario("large", 1000, 16384, 1, (10e3, 50e3, 100e3, 200e3)),
+}
+QUICK = Scenario("quick", 200, 100, 1, (10e3,))
+IDLE_CONNECTIONS = 10_000
+
+
+def server_commands(port: int) -> dict[str, list[str]]:
+    return {
+        "yardstick": [str(build("yardstick")), str(port)],
+        "fastfan": fastfan_command(port, []),
+        "uws": ["node", str(PEERS / "uws.js"), str(port)],
+        "seed": ["node", str(PEERS / "seed.js"), str(port)],
+        "websockets": [sys.executable, str(PEERS / "websockets_peer.py"), str(port)],
+    }
+
+
+def install_peers() -> None:
+    if not (PEERS / "node_modules" / "ws").exists():
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=PEERS,
+                       check=True)
+
+
+class Running:
+    """One server process, pinned to the server CPU, its output in a log file."""
+
+    def __init__(self, name: str, log_dir: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the process's life
+        self.process = subprocess.Popen(server_commands(self.port)[name], stdout=self.log,
+                                        stderr=subprocess.STDOUT, preexec_fn=pinned(SERVER_CPU))
+        wait_listening(self.port, self.process)
+        time.sleep(0.3)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def measure(server: Running, scenario: Scenario, offered: float,
+            duration: float) -> dict[str, Any]:
+    before = cpu_seconds(server.process.pid)
+    row = run_loadgen(server.port, subs=scenario.subs, size=scenario.size,
+                      channels=scenario.channels,
+                      rate=offered * scenario.channels / scenario.subs, duration=duration)
+    used = cpu_seconds(server.process.pid) - before
+    row["cpu_us_per_delivery"] = round(1e6 * used / max(row["delivered"], 1), 3)
+    row["server"], row["scenario"], row["crashed"] = server.name, scenario.name, not server.alive()
+    return row
+
+
+def saturated(row: dict[str, Any]) -> bool:
+    return (row["delivered_per_s"] < 0.5 * row["offered_per_s"]
+            or row["lost"] > 0.01 * max(row["expected"], 1) or row["crashed"])
+
+
+def run_scenario(scenario: Scenario, servers: list[str], duration: float,
+                 log_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    print(f"\n{scenario.name}: {scenario.subs} subscribers, {scenario.channels} channel(s), "
+          f"{scenario.size}-byte data, {duration:g} s per rate")
+    print(f"{'server':>10} {HEADER}")
+    for name in servers:
+        server = Running(name, log_dir)
+        try:
+            for offered in scenario.rates:
+                try:
+                    row = measure(server, scenario, offered, duration)
+                except RuntimeError as failure:  # the load generator lost the server
+                    row = {"server": name, "scenario": scenario.name, "offered_per_s": offered,
+                           "error": str(failure), "crashed": not server.alive()}
+                    rows.append(row)
+                    print(f"{name:>10} {offered:>10.0f}  failed: {failure}", flush=True)
+                    break
+                rows.append(row)
+                print(f"{name:>10} {format_row(row)}", flush=True)
+                if saturated(row):
+                    break
+        finally:
+            server.stop()
+    return rows
+
+
+def idle_memory(servers: list[str], log_dir: Path) -> list[dict[str, Any]]:
+    print(f"\nidle: RSS per subscribed idle connection, {IDLE_CONNECTIONS} connections")
+    rows = []
+    for name in servers:
+        server = Running(name, log_dir)
+        try:
+            before = rss_bytes(server.process.pid)
+            clients = subprocess.Popen(
+                [str(build_loadgen()), "--port", str(server.port), "--subs",
+                 str(IDLE_CONNECTIONS), "--rate", "0", "--sync", "1", "--channel", "idle",
+                 "--duration", "0", "--drain", "0"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                preexec_fn=pinned(LOADGEN_CPU))
+            assert clients.stdout is not None and clients.stdin is not None
+            json.loads(clients.stdout.readline())
+            time.sleep(1)
+            loaded = rss_bytes(server.process.pid)
+            clients.stdin.write("go\n")
+            clients.stdin.flush()
+            clients.wait(60)
+        finally:
+            server.stop()
+        row = {"server": name, "scenario": "idle", "connections": IDLE_CONNECTIONS,
+               "rss_per_connection_kib": round((loaded - before) / IDLE_CONNECTIONS / 1024, 2)}
+        rows.append(row)
+        print(f"{name:>10} {row['rss_per_connection_kib']:>8.2f} KiB", flush=True)
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], scenario: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (delivered, p99) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["server"] for r in rows if r["scenario"] == scenario):
+        mine = [r for r in rows if r["scenario"] == scenario and r["server"] == name
+                and "delivered_per_s" in r]
+        offered = [r["offered_per_s"] for r in mine]
+        delivered.plot(offered, [r["delivered_per_s"] for r in mine], "o-", label=name)
+        p99.plot(offered, [r["p99_ms"] for r in mine], "o-", label=name)
+    for axis, label in ((delivered, "delivered / s"), (p99, "p99 latency, ms")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("offered deliveries / s")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{scenario}: server on one core, load generator on the other")
+    figure.tight_layout()
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default="yardstick,fastfan,uws,seed,websockets")
+    parser.add_argument("--scenarios", default="fanout,channels,large,idle")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per rate")
+    parser.add_argument("--quick", action="store_true",
+                        help="one light load per server; exit 1 on a crash or any loss")
+    args = parser.parse_args()
+    servers = args.servers.split(",")
+    install_peers()
+    build_loadgen()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_dir = RESULTS / f"suite-{stamp}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    if args.quick:
+        rows = run_scenario(QUICK, servers, 2.0, log_dir)
+        failed = [r for r in rows if r.get("crashed") or r.get("lost", 1) or "error" in r]
+        (log_dir / "quick.json").write_text(json.dumps(rows, indent=2))
+        print(f"\n{len(rows)} runs, {len(failed)} with a crash or loss")
+        return 1 if failed or len(rows) != len(servers) else 0
+
+    rows = []
+    for name in args.scenarios.split(","):
+        if name == "idle":
+            rows += idle_memory(servers, log_dir)
+            continue
+        rows += run_scenario(SCENARIOS[name], servers, args.duration, log_dir)
+        plot(rows, name, log_dir / f"{name}.png")
+    (log_dir / "suite.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nJSON and plots in {log_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
