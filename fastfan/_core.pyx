@@ -696,6 +696,8 @@ cdef class Session(WSListener):
             return self._send_error(400, f"invalid message: {exc}", b"")
         except msgspec.DecodeError as exc:
             return self._send_error(400, f"invalid JSON: {exc}", b"")
+        except RecursionError:
+            return self._send_error(400, "invalid JSON: nested too deeply", b"")
         if request.id:
             request_id = bytes(request.id)
         kind_name = request.type

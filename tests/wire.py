@@ -35,8 +35,10 @@ class HandshakeRefusedError(Exception):
 class RawClient:
     def __init__(self, host: str, port: int, path: str = "/",
                  headers: dict[str, str] | None = None, timeout: float = 5.0,
-                 receive_buffer: int | None = None) -> None:
+                 receive_buffer: int | None = None, source: str | None = None) -> None:
         self.sock = socket.socket()
+        if source is not None:  # another 127.0.0.x: a fresh set of ephemeral ports
+            self.sock.bind((source, 0))
         if receive_buffer is not None:  # a small window: the server's output backs up sooner
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.sock.settimeout(timeout)

@@ -179,7 +179,7 @@ class RedisBus:
     def on_message(self, channel: bytes, payload: bytes) -> None:
         try:
             _is_json_object(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             self.invalid_total += 1
             return
         self.hub.fanout(channel[len(self.prefix):].decode("ascii"), payload)

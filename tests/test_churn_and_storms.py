@@ -1,0 +1,68 @@
+"""Connections that come and go leave nothing behind; idle sockets block nobody."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import Server, children, token, wait_for
+from wire import RawClient
+
+
+def worker_rss_kib(server: Server) -> int:
+    (worker,) = children(server.process.pid)
+    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def cycle(server: Server, channel: str) -> None:
+    """Connect, subscribe, receive a message, disconnect."""
+    client = RawClient(server.host, server.port, f"/?token={token()}")
+    client.recv_json()
+    client.send_json({"type": "subscribe", "channel": channel})
+    client.recv_json()
+    client.send_json({"type": "publish", "channel": channel, "data": "x" * 500})
+    assert client.recv_json()["type"] == "message"
+    client.close()
+
+
+def test_churn_leaves_no_memory_or_channels_behind(start_server: Any) -> None:
+    """A short version of benchmarks/churn.py: RSS after 3,000 cycles ~ RSS after 500."""
+    server = start_server("--publish-rate", "1000000")
+    for n in range(500):
+        cycle(server, f"churn-{n}")  # a channel per cycle: each must leave the table
+    wait_for(lambda: server.metrics()["fastfan_connections"] == 0)
+    warm = worker_rss_kib(server)
+    for n in range(500, 3000):
+        cycle(server, f"churn-{n}")
+    figures = wait_for(lambda: (m := server.metrics())["fastfan_connections"] == 0 and m)
+    grown = worker_rss_kib(server) - warm
+    assert figures["fastfan_channels"] == 0
+    assert figures["fastfan_subscriptions"] == 0
+    assert figures["fastfan_connections_total"] == 3000
+    assert grown < 2048, f"RSS grew {grown} KiB over 2,500 cycles"
+
+
+def test_half_open_connections_and_slow_handshakes_block_no_one(server: Server) -> None:
+    silent = [socket.create_connection((server.host, server.port)) for _ in range(200)]
+    trickling = []
+    for _ in range(50):  # a handshake that never finishes
+        sock = socket.create_connection((server.host, server.port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+        trickling.append(sock)
+    started = time.monotonic()
+    client = RawClient(server.host, server.port, f"/?token={token()}")
+    assert client.recv_json()["type"] == "welcome"
+    client.send_json({"type": "ping"})
+    assert client.recv_json() == {"type": "pong"}
+    assert time.monotonic() - started < 2  # served at once, not after the stragglers
+    for sock in silent + trickling:  # dropped after the handshake timeout (5 s)
+        sock.settimeout(10)
+        assert sock.recv(100) == b""
+        sock.close()
+    client.send_json({"type": "ping"})
+    assert client.recv_json() == {"type": "pong"}  # the real client is still there
