@@ -90,7 +90,8 @@ class Master:
             log.exception("worker %d failed", index)
             return 1
 
-    def _reap(self) -> None:
+    def _reap(self, *, restart: bool = True) -> None:
+        """Collect dead workers; while running, schedule their replacements."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -100,7 +101,10 @@ class Master:
                 return
             for index, slot in enumerate(self.slots):
                 if slot.pid == pid:
-                    self._died(index, pid, status)
+                    if restart:
+                        self._died(index, pid, status)
+                    else:
+                        slot.pid = 0
 
     def _died(self, index: int, pid: int, status: int) -> None:
         slot = self.slots[index]
@@ -134,7 +138,7 @@ class Master:
         deadline = time.monotonic() + self.config.shutdown_grace + EXIT_MARGIN
         while any(slot.pid for slot in self.slots):
             received = signal.sigtimedwait(SIGNALS, max(0.0, deadline - time.monotonic()))
-            self._reap_quietly()
+            self._reap(restart=False)
             forced = received is None or received.si_signo != signal.SIGCHLD
             if forced and any(slot.pid for slot in self.slots):
                 log.warning("killing workers that did not stop")
@@ -142,18 +146,6 @@ class Master:
                 deadline = time.monotonic() + EXIT_MARGIN
         log.info("stopped")
         return 0
-
-    def _reap_quietly(self) -> None:
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            for slot in self.slots:
-                if slot.pid == pid:
-                    slot.pid = 0
 
     def _signal_workers(self, signo: int) -> None:
         for slot in self.slots:

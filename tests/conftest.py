@@ -217,3 +217,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis.log")
     yield server
     server.kill()
+
+
+def worker_rss_kib(server: Server) -> int:
+    """Resident memory of a one-worker server's worker."""
+    (worker,) = children(server.process.pid)
+    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")

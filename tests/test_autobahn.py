@@ -11,8 +11,10 @@ from kosoku import FailureError, run_fuzzingclient
 
 PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
 CLEAN_CLOSE = {"OK", "INFORMATIONAL"}
-# picows parses one frame ahead of the one it hands us, and answers a second CLOSE in the
-# same read with 1002 before our listener has seen (and answered) the first one.
+# picows parses one frame ahead of the one it hands us: when two CLOSE frames arrive in
+# one read, it answers the second with 1002 before our listener has seen (and echoed) the
+# first. Whether they share a read is timing: this case passes or fails by chance, and
+# only that failure, with that verdict, is tolerated.
 PICOWS_LOOKAHEAD = "7.1.2"
 
 
@@ -31,7 +33,8 @@ def run_cases(url: str, cases: list[str] | None = None,
 def failures(results: list[Any]) -> list[str]:
     return [f"{r.case_id} {r.behavior.value}/{r.behavior_close.value}: {r.description[:80]}"
             for r in results
-            if r.behavior.value not in PASSING or r.behavior_close.value not in CLEAN_CLOSE]
+            if (r.behavior.value not in PASSING or r.behavior_close.value not in CLEAN_CLOSE)
+            and not (r.case_id == PICOWS_LOOKAHEAD and r.behavior_close.value == "WRONG CODE")]
 
 
 @pytest.fixture
@@ -43,11 +46,6 @@ def echo_url(start_server: Any) -> str:
 
 
 def test_autobahn_cases_pass(echo_url: str) -> None:
-    results = run_cases(echo_url, exclude=["12.*", "13.*", PICOWS_LOOKAHEAD])
+    results = run_cases(echo_url, exclude=["12.*", "13.*"])
     assert len(results) > 290
     assert failures(results) == []
-
-
-@pytest.mark.xfail(strict=True, reason="picows answers a second CLOSE itself (look-ahead)")
-def test_autobahn_two_close_frames(echo_url: str) -> None:
-    assert failures(run_cases(echo_url, cases=[PICOWS_LOOKAHEAD])) == []

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
-from conftest import Server, children, token, wait_for
+from conftest import Server, token, wait_for, worker_rss_kib
 from wire import RawClient
-
-
-def worker_rss_kib(server: Server) -> int:
-    (worker,) = children(server.process.pid)
-    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def cycle(server: Server, channel: str) -> None:

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from wire import BINARY, TEXT, RawClient
 
 CHANNEL_CHARS = string.ascii_letters + string.digits + "_-.:@/"
+finite = st.floats(allow_nan=False, allow_infinity=False)  # what JSON can carry
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none() | st.booleans() | st.integers() | finite | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                  max_size=4),
     max_leaves=20)
@@ -25,7 +26,7 @@ good_channels = st.text(CHANNEL_CHARS, min_size=1, max_size=255)
 bad_channels = st.one_of(
     st.just(""), st.text(min_size=256, max_size=300, alphabet=CHANNEL_CHARS),
     st.text(min_size=1, max_size=20).filter(lambda c: any(ch not in CHANNEL_CHARS for ch in c)))
-wrong_types = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(),
+wrong_types = st.one_of(st.integers(), finite, st.booleans(),
                         st.lists(st.integers(), max_size=3), st.dictionaries(st.text(), st.none()))
 
 

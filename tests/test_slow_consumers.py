@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
-from conftest import Server, children, token, wait_for
+from conftest import Server, token, wait_for, worker_rss_kib
 from wire import RawClient
 
 MESSAGES = 5000
@@ -59,15 +58,6 @@ def publish(server: Server, channels: list[str], count: int) -> None:
     assert publisher.recv_json() == {"type": "pong"}  # the server has handled them all
 
 
-def rss_kib(server: Server) -> int:
-    """The worker's resident memory."""
-    (worker,) = children(server.process.pid)
-    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def start(start_server: Any, policy: str) -> Server:
     return start_server("--slow-consumer", policy, "--max-buffer", str(MAX_BUFFER),
                         "--publish-rate", "1000000", "--max-message-size", "10000")
@@ -77,13 +67,13 @@ def test_disconnect_closes_the_stalled_client_with_4008(start_server: Any) -> No
     server = start(start_server, "disconnect")
     slow = stalled(server, ["feed"])
     fast = [Reader(server, ["feed"], MESSAGES) for _ in range(3)]
-    before = rss_kib(server)
+    before = worker_rss_kib(server)
     publish(server, ["feed"], MESSAGES)
     for reader in fast:
         reader.join(60)
         assert [n for _, n in reader.received] == list(range(MESSAGES))
     assert slow.recv_close() == (4008, "slow consumer")
-    assert rss_kib(server) - before < GROWTH_LIMIT_KIB
+    assert worker_rss_kib(server) - before < GROWTH_LIMIT_KIB
     figures = wait_for(lambda: (m := server.metrics())["fastfan_slow_consumers_disconnected_total"]
                        == 1 and m)
     assert figures["fastfan_connections"] == 4  # the fast three and the publisher
@@ -93,11 +83,11 @@ def test_drop_discards_until_the_client_drains_and_counts(start_server: Any) -> 
     server = start(start_server, "drop")
     slow = stalled(server, ["feed"])
     fast = Reader(server, ["feed"], MESSAGES)
-    before = rss_kib(server)
+    before = worker_rss_kib(server)
     publish(server, ["feed"], MESSAGES)
     fast.join(60)
     assert [n for _, n in fast.received] == list(range(MESSAGES))
-    grown = rss_kib(server) - before
+    grown = worker_rss_kib(server) - before
     dropped = server.metrics()['fastfan_dropped_total{reason="slow_consumer"}']
     assert dropped > 0
     # Now it reads: what it gets is in order, with the dropped ones missing.
