@@ -67,10 +67,13 @@ QUICK = Scenario("quick", 200, 100, 1, (10e3,))
 IDLE_CONNECTIONS = 10_000
 
 
+FASTFAN_ARGS: list[str] = []  # --fastfan-args, e.g. "--workers 2"
+
+
 def server_commands(port: int) -> dict[str, list[str]]:
     return {
         "yardstick": [str(build("yardstick")), str(port)],
-        "fastfan": fastfan_command(port, []),
+        "fastfan": fastfan_command(port, FASTFAN_ARGS),
         "uws": ["node", str(PEERS / "uws.js"), str(port)],
         "seed": ["node", str(PEERS / "seed.js"), str(port)],
         "websockets": [sys.executable, str(PEERS / "websockets_peer.py"), str(port)],
@@ -212,10 +215,13 @@ def main() -> int:
     parser.add_argument("--servers", default="yardstick,fastfan,uws,seed,websockets")
     parser.add_argument("--scenarios", default="fanout,channels,large,idle")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per rate")
+    parser.add_argument("--fastfan-args", default="",
+                        help='extra `fastfan run` options, e.g. "--workers 2"')
     parser.add_argument("--quick", action="store_true",
                         help="one light load per server; exit 1 on a crash or any loss")
     args = parser.parse_args()
     servers = args.servers.split(",")
+    FASTFAN_ARGS.extend(args.fastfan_args.split())
     install_peers()
     build_loadgen()
     stamp = time.strftime("%Y%m%d-%H%M%S")
