@@ -110,5 +110,7 @@ def _token_from(request: WSUpgradeRequest, query: bytes) -> str | None:
 def _accept_any_connection_header(request: WSUpgradeRequest) -> None:
     """picows wants `Connection: Upgrade` exactly; Firefox sends `keep-alive, Upgrade`."""
     value = request.headers.get("Connection", "")
+    if value == "Upgrade":
+        return  # the common case, already as picows wants it
     if any(token.strip().lower() == "upgrade" for token in value.split(",")):
         request.headers["Connection"] = "Upgrade"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from conftest import Server, token, wait_for, worker_rss_kib
@@ -57,3 +61,25 @@ def test_half_open_connections_and_slow_handshakes_block_no_one(server: Server) 
         sock.close()
     client.send_json({"type": "ping"})
     assert client.recv_json() == {"type": "pong"}  # the real client is still there
+
+
+def test_a_reconnect_storm_is_served(start_server: Any) -> None:
+    """2,000 clients from 10 processes at once (benchmarks/storm.py does 10,000)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from lib import build_loadgen
+
+    server = start_server("--workers", "2")
+    storm = [subprocess.Popen(
+        [str(build_loadgen()), "--port", str(server.port), "--path", f"/?token={token()}",
+         "--subs", "200", "--rate", "0", "--sync", "1", "--channel", "storm",
+         "--duration", "0", "--drain", "0", "--sources", f"127.0.0.{2 + k}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for k in range(10)]
+    for process in storm:
+        assert process.stdout is not None
+        assert json.loads(process.stdout.readline())["ready"]  # all 200 welcomed, subscribed
+    assert wait_for(lambda: server.metrics()["fastfan_connections"] == 2000)
+    for process in storm:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.wait(60) == 0
