@@ -1,0 +1,132 @@
+"""Nothing lost silently: under each fault, count the messages acknowledged with
+`published` that a subscriber who stayed connected did not receive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from conftest import RedisServer, Server, children, process_holding, token, wait_for
+from wire import RawClient
+
+
+def connect(server: Server, **kwargs: Any) -> RawClient:
+    client = RawClient(server.host, server.port, f"/?token={token()}", timeout=10, **kwargs)
+    client.recv_json()
+    return client
+
+
+def subscribe(client: RawClient, channel: str) -> RawClient:
+    client.send_json({"type": "subscribe", "channel": channel})
+    assert client.recv_json()["type"] == "subscribed"
+    return client
+
+
+def publish_each(publisher: RawClient, channel: str, numbers: range, between: Any = None,
+                 pad: str | None = None) -> tuple[list[int], list[int]]:
+    """Publish with ids one at a time; (acknowledged, refused with 503)."""
+    acked, refused = [], []
+    for n in numbers:
+        if between is not None:
+            between(n)
+        data = n if pad is None else [n, pad]
+        publisher.send_json({"type": "publish", "channel": channel, "data": data, "id": n})
+        reply = publisher.recv_json()
+        assert reply["id"] == n
+        if reply["type"] == "published":
+            acked.append(n)
+        else:
+            assert (reply["type"], reply["code"]) == ("error", 503)
+            refused.append(n)
+    return acked, refused
+
+
+def received(client: RawClient, until: int) -> list[int]:
+    """Data of the messages a subscriber got, up to and including `until`."""
+    got: list[int] = []
+    while not got or got[-1] != until:
+        message = client.recv_json()
+        if message["type"] == "message":
+            got.append(message["data"])
+    return got
+
+
+def test_a_worker_killed_elsewhere_loses_nothing_acknowledged(start_server: Any) -> None:
+    server = start_server("--workers", "3")
+    workers = children(server.process.pid)
+    publisher = connect(server)
+    home = process_holding(publisher.sock.getsockname()[1], workers)
+    victim = next(pid for pid in workers if pid != home)
+    stayers = []
+    for _ in range(60):  # subscribers on the two workers that will live
+        client = connect(server)
+        if process_holding(client.sock.getsockname()[1], workers) != victim:
+            stayers.append(subscribe(client, "kept"))
+        if len(stayers) == 6:
+            break
+    time.sleep(0.3)
+
+    def kill_midway(n: int) -> None:
+        if n == 150:
+            os.kill(victim, signal.SIGKILL)
+
+    acked, refused = publish_each(publisher, "kept", range(300), kill_midway)
+    assert refused == [] and len(acked) == 300
+    for client in stayers:
+        assert set(acked) - set(received(client, 299)) == set()
+
+
+def test_a_slow_consumer_cut_off_costs_the_others_nothing(start_server: Any) -> None:
+    server = start_server("--max-buffer", str(64 << 10), "--publish-rate", "100000")
+    stalled = subscribe(connect(server, receive_buffer=4096), "wide")
+    others = [subscribe(connect(server), "wide") for _ in range(3)]
+    readers = [Reader(client, 1500) for client in others]  # they read as fast as they can
+    publisher = connect(server)
+    # 12 MB: far past the stalled client's window and --max-buffer
+    acked, refused = publish_each(publisher, "wide", range(1500), pad="x" * 8000)
+    assert refused == []
+    for reader in readers:
+        reader.join(60)
+        assert set(acked) - set(reader.got) == set()
+    assert stalled.recv_close() == (4008, "slow consumer")
+
+
+class Reader(threading.Thread):
+    def __init__(self, client: RawClient, count: int) -> None:
+        super().__init__(daemon=True)
+        self.client, self.count, self.got = client, count, []
+        self.start()
+
+    def run(self) -> None:
+        while len(self.got) < self.count:
+            self.got.append(self.client.recv_json()["data"][0])
+
+
+def test_a_redis_restart_refuses_what_it_cannot_carry_and_delivers_the_rest(
+        start_server: Any, redis_server: RedisServer) -> None:
+    nodes = [start_server("--redis", redis_server.url) for _ in range(2)]
+    wait_for(lambda: all(node.get("/ready")[0] == 200 for node in nodes))
+    subscribers = [subscribe(connect(node), "steady") for node in nodes]
+    wait_for(lambda: b":2" in redis_server.command("PUBSUB", "NUMSUB", "fastfan:steady"))
+    publisher = connect(nodes[0])
+
+    def outage(n: int) -> None:
+        if n == 100:
+            redis_server.kill()
+        if n == 200:
+            redis_server.start()
+        if n >= 200:
+            time.sleep(0.01)  # give the reconnect (<= 2 s of backoff) time to happen
+
+    acked, refused = publish_each(publisher, "steady", range(500), outage)
+    assert acked[:100] == list(range(100))  # all before the outage went through
+    assert refused  # during it, publishes were refused, not swallowed
+    assert acked[-1] == 499  # and after it they go through again
+    for client in subscribers:
+        got = received(client, 499)
+        assert set(acked) - set(got) == set()  # every acknowledged message arrived
+        assert set(got) & set(refused) == set()  # no refused one did
+        assert got == sorted(got)
