@@ -34,7 +34,7 @@ typedef struct conn {
     char *in;
     size_t in_len;
     char *out;
-    size_t out_len, out_cap;
+    size_t out_off, out_len, out_cap; /* unsent bytes are out[out_off, out_len) */
     int dirty;     /* in the flush list of this loop turn */
     int want_out;  /* registered for EPOLLOUT: the kernel took only part of a write */
     struct channel *chans[8]; /* what it subscribed to (benchmarks use one or two) */
@@ -68,6 +68,11 @@ static channel_t *channel_of(const char *name, size_t n, int create) {
 }
 
 static void out_append(conn_t *c, const char *p, size_t n) {
+    if (c->out_off && c->out_len + n > c->out_cap) { /* compact only when out of room */
+        memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+        c->out_len -= c->out_off;
+        c->out_off = 0;
+    }
     if (c->out_len + n > c->out_cap) {
         c->out_cap = (c->out_len + n) * 2;
         c->out = realloc(c->out, c->out_cap);
@@ -258,11 +263,10 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < ndirty; i++) {
             conn_t *c = dirty[i];
             c->dirty = 0;
-            if (!c->out_len) continue;
-            ssize_t w = send(c->fd, c->out, c->out_len, MSG_NOSIGNAL);
-            if (w < 0) w = 0;
-            memmove(c->out, c->out + w, c->out_len - (size_t)w);
-            c->out_len -= (size_t)w;
+            if (c->out_len == c->out_off) continue;
+            ssize_t w = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
+            if (w > 0) c->out_off += (size_t)w;
+            if (c->out_off == c->out_len) c->out_off = c->out_len = 0;
             if (c->want_out != (c->out_len > 0)) { /* only when that changes */
                 c->want_out = c->out_len > 0;
                 struct epoll_event cev = {.events = EPOLLIN | (c->want_out ? EPOLLOUT : 0),
