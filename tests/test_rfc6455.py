@@ -42,49 +42,35 @@ def test_an_empty_close_is_answered_with_1000(server: Server) -> None:
     assert client.recv_close()[0] == 1000
 
 
-@pytest.mark.parametrize("rsv", [1, 2, 4, 7])
-def test_reserved_bits_close_1002(server: Server, rsv: int) -> None:
+# Frame sequences that break RFC 6455 or the protocol: (frames as (opcode, payload, fin,
+# rsv)), and the close code each must get.
+BAD_SEQUENCES = {
+    **{f"rsv {rsv}": ([(TEXT, b'{"type":"ping"}', True, rsv)], 1002) for rsv in (1, 2, 4, 7)},
+    "rsv on a ping": ([(PING, b"x", True, 4)], 1002),
+    "continuation without a message": ([(CONTINUATION, b"abc", True, 0)], 1002),
+    "new message inside a fragmented one": (
+        [(TEXT, b'{"type":', False, 0), (TEXT, b'"ping"}', True, 0)], 1002),
+    **{f"reserved opcode {op:#x}": ([(op, b"", True, 0)], 1002) for op in (0x3, 0x7, 0xB, 0xF)},
+    "fragmented control frame": ([(PING, b"a", False, 0)], 1002),
+    "control frame over 125 bytes": ([(PING, b"a" * 126, True, 0)], 1002),
+    **{f"invalid UTF-8 {payload!r}": ([(TEXT, payload, True, 0)], 1007) for payload in (
+        b"\xff", b'{"type":"ping","x":"\xc3"}', b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
+        b"\xc0\xaf")},
+    # \xcf is cut short by the closing quote of the last fragment
+    "invalid UTF-8 across fragments": ([(TEXT, b'"\xce', False, 0),
+                                        (CONTINUATION, b"\xba\xe1\xbd\xb9\xcf", False, 0),
+                                        (CONTINUATION, b'"', True, 0)], 1007),
+    "binary frame": ([(BINARY, b'{"type":"ping"}', True, 0)], 1003),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SEQUENCES))
+def test_bad_frame_sequences_close_with_the_contracts_code(server: Server, name: str) -> None:
+    frames, code = BAD_SEQUENCES[name]
     client = connect(server)
-    client.send_frame(TEXT, b'{"type":"ping"}', rsv=rsv)
-    assert_closed_with(client, 1002)
-
-
-def test_reserved_bits_on_a_ping_close_1002(server: Server) -> None:
-    client = connect(server)
-    client.send_frame(PING, b"x", rsv=4)
-    assert_closed_with(client, 1002)
-
-
-def test_continuation_without_a_message_closes_1002(server: Server) -> None:
-    client = connect(server)
-    client.send_frame(CONTINUATION, b"abc")
-    assert_closed_with(client, 1002)
-
-
-def test_new_message_inside_a_fragmented_one_closes_1002(server: Server) -> None:
-    client = connect(server)
-    client.send_frame(TEXT, b'{"type":', fin=False)
-    client.send_frame(TEXT, b'"ping"}')
-    assert_closed_with(client, 1002)
-
-
-@pytest.mark.parametrize("opcode", [0x3, 0x7, 0xB, 0xF])
-def test_reserved_opcodes_close_1002(server: Server, opcode: int) -> None:
-    client = connect(server)
-    client.send_frame(opcode, b"")
-    assert_closed_with(client, 1002)
-
-
-def test_fragmented_control_frame_closes_1002(server: Server) -> None:
-    client = connect(server)
-    client.send_frame(PING, b"a", fin=False)
-    assert_closed_with(client, 1002)
-
-
-def test_control_frame_over_125_bytes_closes_1002(server: Server) -> None:
-    client = connect(server)
-    client.send_frame(PING, b"a" * 126)
-    assert_closed_with(client, 1002)
+    for opcode, payload, fin, rsv in frames:
+        client.send_frame(opcode, payload, fin=fin, rsv=rsv)
+    assert_closed_with(client, code)
 
 
 def test_ping_is_answered_with_its_payload(server: Server) -> None:
@@ -142,29 +128,6 @@ def test_a_huge_frame_is_refused_from_its_header(start_server: Any) -> None:
     client = connect(server)
     client.sock.sendall(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 30) + b"mask")
     assert_closed_with(client, 1009)
-
-
-@pytest.mark.parametrize("payload", [
-    b"\xff", b'{"type":"ping","x":"\xc3"}', b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf",
-])
-def test_invalid_utf8_closes_1007(server: Server, payload: bytes) -> None:
-    client = connect(server)
-    client.send_frame(TEXT, payload)
-    assert_closed_with(client, 1007)
-
-
-def test_invalid_utf8_across_fragments_closes_1007(server: Server) -> None:
-    client = connect(server)
-    client.send_frame(TEXT, b'"\xce', fin=False)
-    client.send_frame(CONTINUATION, b'\xba\xe1\xbd\xb9\xcf', fin=False)
-    client.send_frame(CONTINUATION, b'"')  # \xcf is cut short by the closing quote
-    assert_closed_with(client, 1007)
-
-
-def test_binary_frames_close_1003(server: Server) -> None:
-    client = connect(server)
-    client.send_frame(BINARY, b'{"type":"ping"}')
-    assert_closed_with(client, 1003)
 
 
 def test_bad_frames_do_not_disturb_other_clients(server: Server) -> None:
