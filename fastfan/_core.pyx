@@ -378,13 +378,14 @@ cdef class Hub:
     cdef int _note_fanout(self, double started) except -1:
         """Remember when a fan-out began; the flush that writes it measures the latency."""
         cdef double* grown
+        cdef Py_ssize_t capacity
         if self.fanout_count == self.fanout_capacity:
-            grown = <double*>realloc(self.fanout_started,
-                                     max(64, 2 * self.fanout_capacity) * sizeof(double))
+            capacity = max(64, 2 * self.fanout_capacity)
+            grown = <double*>realloc(self.fanout_started, capacity * sizeof(double))
             if grown == NULL:
                 raise MemoryError()
             self.fanout_started = grown
-            self.fanout_capacity = max(64, 2 * self.fanout_capacity)
+            self.fanout_capacity = capacity
         self.fanout_started[self.fanout_count] = started
         self.fanout_count += 1
         return 0
@@ -477,7 +478,8 @@ cdef class Hub:
                 session.close(CLOSE_TOKEN_EXPIRED, "token expired")
                 continue
             if session.out.size == 0:
-                session.out.release()  # idle since the last sweep: hold no buffer
+                session.out.release()  # empty now: an idle connection holds no buffer
+                                       # (a busy one pays one malloc per sweep)
             silent = now - session.last_seen
             if silent >= ping_timeout:
                 session.close(WSCloseCode.GOING_AWAY, "heartbeat timeout")
