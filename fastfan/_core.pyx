@@ -837,6 +837,13 @@ cdef class Session(WSListener):
         cdef Hub hub = self.hub
         if self.paused or self.closing or self.fd < 0:
             return 0
+        if self.transport.is_close_frame_sent:
+            # picows sent CLOSE itself, for a protocol error it found parsing one frame
+            # ahead of us. Nothing may follow a CLOSE (RFC 6455 5.5.1), not even the replies
+            # to the good frames before the bad one.
+            self.closing = True
+            out.release()
+            return 0
         if out.size:
             while True:
                 sent = send(self.fd, out.data, out.size, MSG_NOSIGNAL)
@@ -880,7 +887,8 @@ cdef class Session(WSListener):
 
     cdef int _write_all(self) except -1:
         """Before a CLOSE: everything queued goes out, paused or not (bounded by --max-buffer)."""
-        if self.out.size and self.transport is not None:
+        if self.out.size and self.transport is not None and \
+                not self.transport.is_close_frame_sent:
             self.hub.bytes_sent_total += self.out.size
             self.transport.underlying_transport.write(
                 PyBytes_FromStringAndSize(self.out.data, self.out.size))

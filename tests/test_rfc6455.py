@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from conftest import Server, token
-from wire import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient
+from wire import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient, frame
 
 
 def connect(server: Server, path: str = "/", headers: dict[str, str] | None = None) -> RawClient:
@@ -130,14 +130,29 @@ def test_a_huge_frame_is_refused_from_its_header(start_server: Any) -> None:
     assert_closed_with(client, 1009)
 
 
+def test_nothing_follows_the_close_for_a_bad_frame_read_with_a_good_one(
+        start_server: Any) -> None:
+    """picows parses one frame ahead and sends CLOSE for the bad one before we answer the
+    good one: the answer must not go out after the CLOSE (found by the fuzzer)."""
+    server = start_server("--max-message-size", "1000")
+    client = connect(server)
+    huge = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 40) + b"mask"
+    client.sock.sendall(frame(TEXT, b'{"type":"ping"}') + huge)  # one write, one read
+    opcode = PONG
+    while opcode != CLOSE:  # a pong before the CLOSE is allowed, none after it
+        _, opcode, payload = client.recv_frame()
+        assert opcode in (TEXT, CLOSE)
+    assert struct.unpack("!H", payload[:2])[0] == 1009
+    assert client.at_eof()
+
 def test_bad_frames_do_not_disturb_other_clients(server: Server) -> None:
     healthy = connect(server)
     subscribe, publish = subscribe_and_publish_text("calm", "still here")
     healthy.send_frame(TEXT, subscribe)
     assert healthy.recv_json()["type"] == "subscribed"
-    for frame in ((BINARY, b"x", 0), (TEXT, b"\xff", 0), (TEXT, b"{}", 3)):
+    for opcode, payload, rsv in ((BINARY, b"x", 0), (TEXT, b"\xff", 0), (TEXT, b"{}", 3)):
         bad = connect(server)
-        bad.send_frame(frame[0], frame[1], rsv=frame[2])
+        bad.send_frame(opcode, payload, rsv=rsv)
         bad.recv_close()
         bad.close()
     healthy.send_frame(TEXT, publish)

@@ -15,7 +15,7 @@ def run(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    result = run("ruff", "check", "fastfan", "tests", "benchmarks")
+    result = run("ruff", "check", "fastfan", "tests", "benchmarks", "fuzz")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -1,0 +1,98 @@
+"""Write the hand-made seeds of fuzz/corpus/: one file per kind of input a client can send.
+
+    python fuzz/seeds.py      # (re)writes fuzz/corpus/seed-*; the fuzzer adds the rest
+
+Frames use the all-zero masking key, so the payloads read as they are and a mutation of
+the JSON stays JSON-like.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
+
+
+def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
+          masked: bool = True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    mask = 0x80 if masked else 0
+    size = len(payload)
+    if size < 126:
+        head += bytes([mask | size])
+    elif size < 65536:
+        head += bytes([mask | 126]) + struct.pack("!H", size)
+    else:
+        head += bytes([mask | 127]) + struct.pack("!Q", size)
+    return head + (b"\0\0\0\0" if masked else b"") + payload
+
+
+def text(message: object) -> bytes:
+    return frame(TEXT, json.dumps(message, separators=(",", ":")).encode())
+
+
+SEEDS: dict[str, bytes] = {
+    "conversation": b"".join([
+        text({"type": "subscribe", "channel": "news"}),
+        text({"type": "publish", "channel": "news", "data": {"n": 1, "s": "é"}, "id": "a1"}),
+        text({"type": "ping"}),
+        text({"type": "unsubscribe", "channel": "news"}),
+        frame(CLOSE, struct.pack("!H", 1000) + b"bye"),
+    ]),
+    "fragmented-with-ping": b"".join([
+        frame(TEXT, b'{"type":"publish",', fin=False),
+        frame(PING, b"in between"),
+        frame(CONTINUATION, b'"channel":"c","data":', fin=False),
+        frame(CONTINUATION, b"[1,2,3]}"),
+    ]),
+    "utf8-split-across-fragments": frame(TEXT, b'{"type":"publish","channel":"\xc3', fin=False)
+    + frame(CONTINUATION, b'\xa9","data":1}'),
+    "invalid-utf8": frame(TEXT, b'{"type":"ping","x":"\xff\xfe"}'),
+    "binary": frame(BINARY, b'{"type":"ping"}'),
+    "wrong-types": b"".join(text(m) for m in [
+        {"type": "publish", "channel": 5, "data": 1},
+        {"type": 7},
+        {"type": "subscribe", "channel": ["a"]},
+        {"type": "publish", "channel": "c", "data": 1, "id": {"x": 1}},
+        {"type": "subscribe", "channel": ""},
+        {"type": "subscribe", "channel": "a b\u0000"},
+        [1, 2],
+        "ping",
+    ]),
+    "malformed-json": b"".join(frame(TEXT, p) for p in [
+        b"{", b'{"type":"ping",}', b"nul", b'{"type":"ping"}{"type":"ping"}',
+        b"[" * 2000, b'{"type":"publish","channel":"c","data":1e999999}',
+        b'{"type":"publish","channel":"c","data":123456789012345678901234567890}',
+    ]),
+    "publish-flood": b"".join(
+        text({"type": "publish", "channel": "f", "data": n, "id": n}) for n in range(14)),
+    "subscription-limit": b"".join(
+        text({"type": "subscribe", "channel": f"c{n}"}) for n in range(10)),
+    "too-big": frame(TEXT, b'{"type":"publish","channel":"c","data":"' + b"x" * 5000 + b'"}'),
+    "long-length-fields": frame(TEXT, json.dumps({"type": "ping", "pad": "p" * 200}).encode())
+    + bytes([0x81, 0xFF]) + struct.pack("!Q", 1 << 40) + b"\0\0\0\0",
+    "rsv-bits": frame(TEXT, b'{"type":"ping"}', rsv=4),
+    "unmasked": frame(TEXT, b'{"type":"ping"}', masked=False),
+    "reserved-opcode": frame(0x3, b"") + frame(0xB, b""),
+    "control-too-long": frame(PING, b"p" * 126),
+    "fragmented-control": frame(PING, b"p", fin=False),
+    "continuation-without-start": frame(CONTINUATION, b'{"type":"ping"}'),
+    "close-codes": frame(CLOSE, struct.pack("!H", 1005)) + frame(CLOSE, b"\x03"),
+    "close-invalid-reason": frame(CLOSE, struct.pack("!H", 1000) + b"\xff"),
+    "pong-unsolicited": frame(PONG, b"hello") + text({"type": "ping"}),
+    "truncated": frame(TEXT, b'{"type":"ping"}')[:5],
+}
+
+
+def main() -> None:
+    CORPUS.mkdir(exist_ok=True)
+    for name, data in SEEDS.items():
+        (CORPUS / f"seed-{name}").write_bytes(data)
+    print(f"{len(SEEDS)} seeds in {CORPUS}")
+
+
+if __name__ == "__main__":
+    main()
