@@ -12,6 +12,9 @@
  * any server here can deliver; "busy" is the share of its time spent publishing, reading
  * and parsing (the rest it waits in epoll): below 0.5, it could take twice the load.
  *
+ * With --channels N --per-conn K, subscriber i takes K of the N channels (see channel_of):
+ * as many subscribers as channels gives every channel K subscribers.
+ *
  * With --rate 0 it only subscribes and counts (the publisher is another loadgen); with
  * --sync 1 it prints {"ready":...} once subscribed and waits for a line on stdin, so that
  * a runner can measure idle memory and start many loadgen processes together.
@@ -38,11 +41,19 @@
 
 typedef struct {
     int fd;
+    int index;              /* subscriber i */
     char *buf;
     size_t len;
-    int64_t next_seq;       /* the seq this subscriber expects next (per its channel) */
+    int64_t *next_seq;      /* per channel it subscribed to: the seq it expects next */
     uint64_t received;
 } conn_t;
+
+/* Subscriber i takes per_conn channels, (i + j * stride) % nchannels for j < per_conn,
+   stride = nchannels / per_conn: with as many subscribers as channels, every channel has
+   per_conn subscribers. Publishes go round-robin over the channels. */
+static int nchannels = 1, per_conn = 1, stride = 1;
+
+static int channel_of(int subscriber, int j) { return (subscriber + j * stride) % nchannels; }
 
 static uint64_t *latency_us;
 static uint64_t latency_count, latency_over;
@@ -140,23 +151,49 @@ static void open_conn(conn_t *c, const char *source, const char *host, int port,
     c->len = 0; /* nothing else is sent before we ask */
 }
 
+static size_t count_of(const char *buf, size_t len, const char *needle) {
+    size_t count = 0, n = strlen(needle);
+    for (const char *p = buf; (p = memmem(p, len - (size_t)(p - buf), needle, n)); p += n)
+        count++;
+    return count;
+}
+
+/* Subscribe to every channel of this subscriber in one write; wait for every answer. */
 static void subscribe(conn_t *c, const char *channel) {
-    char msg[512], out[600];
-    int n = snprintf(msg, sizeof msg, "{\"type\":\"subscribe\",\"channel\":\"%s\"}", channel);
-    send_all(c->fd, out, frame(out, msg, (size_t)n));
-    read_until(c, "\"subscribed\"");
+    char msg[512], *out = malloc((size_t)per_conn * 600);
+    size_t o = 0;
+    for (int j = 0; j < per_conn; j++) {
+        int n = nchannels > 1
+            ? snprintf(msg, sizeof msg, "{\"type\":\"subscribe\",\"channel\":\"%s.%d\"}",
+                       channel, channel_of(c->index, j))
+            : snprintf(msg, sizeof msg, "{\"type\":\"subscribe\",\"channel\":\"%s\"}", channel);
+        o += frame(out + o, msg, (size_t)n);
+    }
+    send_all(c->fd, out, o);
+    free(out);
+    while (count_of(c->buf, c->len, "\"subscribed\"") < (size_t)per_conn) {
+        ssize_t r = recv(c->fd, c->buf + c->len, READ_BUFFER - c->len, 0);
+        if (r <= 0) die("subscribe recv");
+        c->len += (size_t)r;
+    }
     c->len = 0;
 }
 
 static void record(conn_t *c, const char *payload, size_t n, int64_t now) {
     const char *p = memmem(payload, n, "\"seq\":", 6);
     if (!p) return; /* not one of ours */
-    int64_t seq = strtoll(p + 6, NULL, 10);
+    char *end;
+    int64_t seq = strtoll(p + 6, &end, 10);
+    int j = 0;
+    if (per_conn > 1) { /* which of its channels: data is {"seq":N,"ch":K,...} */
+        int ch = (int)strtol(end + 6, &end, 10);
+        j = ((ch - c->index) % nchannels + nchannels) % nchannels / stride;
+    }
     const char *t = memmem(payload, n, "\"ts\":", 5);
     int64_t ts = t ? strtoll(t + 5, NULL, 10) : now;
-    if (seq > c->next_seq) lost += (uint64_t)(seq - c->next_seq);
-    if (seq < c->next_seq) reordered++;
-    else c->next_seq = seq + 1;
+    if (seq > c->next_seq[j]) lost += (uint64_t)(seq - c->next_seq[j]);
+    if (seq < c->next_seq[j]) reordered++;
+    else c->next_seq[j] = seq + 1;
     c->received++;
     delivered++;
     uint64_t us = (uint64_t)((now - ts) / 1000);
@@ -202,7 +239,6 @@ static double percentile(double q) {
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *path = "/", *channel = "bench", *sources = NULL;
     int port = 8080, subs = 1000, size = 100;
-    int nchannels = 1; /* subscriber i takes channel i % nchannels; publishes go round-robin */
     double rate = 1000, duration = 5, drain = 3;
     int sync_start = 0; /* 1: say "ready" on stdout once subscribed, wait for a line on stdin */
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -218,8 +254,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--sources")) sources = argv[i + 1];
         else if (!strcmp(argv[i], "--sync")) sync_start = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--channels")) nchannels = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--per-conn")) per_conn = atoi(argv[i + 1]);
         else { fprintf(stderr, "loadgen: unknown option %s\n", argv[i]); return 2; }
     }
+    if (per_conn < 1 || nchannels % per_conn) {
+        fprintf(stderr, "loadgen: --channels must be a multiple of --per-conn\n");
+        return 2;
+    }
+    stride = nchannels / per_conn;
     latency_us = calloc(LATENCY_BUCKETS, sizeof(uint64_t));
 
     /* Spread subscribers over source addresses: one (source, destination) pair has
@@ -236,9 +278,10 @@ int main(int argc, char **argv) {
     int64_t t0 = now_ns();
     char name[512];
     for (int i = 0; i < subs; i++) {
+        conns[i].index = i;
+        conns[i].next_seq = calloc((size_t)per_conn, sizeof(int64_t));
         open_conn(&conns[i], nsources ? source_list[i % nsources] : NULL, host, port, path);
-        snprintf(name, sizeof name, nchannels > 1 ? "%s.%d" : "%s", channel, i % nchannels);
-        subscribe(&conns[i], name);
+        subscribe(&conns[i], channel);
     }
     double connect_s = (double)(now_ns() - t0) / 1e9;
     conn_t *pub = &conns[subs];
@@ -277,9 +320,10 @@ int main(int argc, char **argv) {
                         snprintf(name, sizeof name, "%s.%lld", channel,
                                  (long long)(sent % nchannels));
                     int n = snprintf(msg, 768, "{\"type\":\"publish\",\"channel\":\"%s\",\"data\":"
-                                     "{\"seq\":%lld,\"ts\":%lld,\"pad\":\"",
+                                     "{\"seq\":%lld,\"ch\":%d,\"ts\":%lld,\"pad\":\"",
                                      nchannels > 1 ? name : channel,
-                                     (long long)(sent / nchannels), (long long)now_ns());
+                                     (long long)(sent / nchannels), (int)(sent % nchannels),
+                                     (long long)now_ns());
                     int data_start = (int)(strstr(msg, "\"data\":") - msg) + 7;
                     int pad = size - (n - data_start) - 2;
                     if (pad < 0) pad = 0;
@@ -290,7 +334,8 @@ int main(int argc, char **argv) {
                 send_all(pub->fd, out, o);
             }
             /* the publisher's own socket gets nothing back (no id, not subscribed) */
-        } else if (rate > 0 ? delivered >= (uint64_t)(sent * subs / nchannels) || now > stop
+        } else if (rate > 0 ? delivered >= (uint64_t)(sent * subs * per_conn / nchannels) ||
+                                  now > stop
                             : now > end && now - last_rx > (int64_t)(drain * 1e9)) {
             break; /* all arrived, or (subscribers only) quiet for the drain time */
         }
@@ -327,16 +372,19 @@ int main(int argc, char **argv) {
     /* each channel got sent / nchannels messages, the first sent % nchannels one more */
     expected_total = 0;
     for (int i = 0; i < subs; i++) {
-        int64_t mine = sent / nchannels + (i % nchannels < sent % nchannels ? 1 : 0);
-        expected_total += mine;
-        if (rate > 0) lost += (uint64_t)(mine - conns[i].next_seq); /* never arrived */
+        for (int j = 0; j < per_conn; j++) {
+            int64_t mine = sent / nchannels + (channel_of(i, j) < sent % nchannels ? 1 : 0);
+            expected_total += mine;
+            if (rate > 0) lost += (uint64_t)(mine - conns[i].next_seq[j]); /* never arrived */
+        }
     }
     double active_s = (double)(last_rx - start) / 1e9;
     printf("{\"subs\":%d,\"size\":%d,\"rate\":%.0f,\"offered_per_s\":%.0f,\"sent\":%lld,"
            "\"expected\":%lld,\"delivered\":%llu,\"lost\":%llu,\"reordered\":%llu,"
            "\"delivered_per_s\":%.0f,\"connect_s\":%.3f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,"
            "\"p999_ms\":%.3f,\"max_ms\":%.3f,\"over_10s\":%llu,\"busy\":%.3f}\n",
-           subs, size, rate, rate * subs / nchannels, (long long)sent, (long long)expected_total,
+           subs, size, rate, rate * subs * per_conn / nchannels, (long long)sent,
+           (long long)expected_total,
            (unsigned long long)delivered, (unsigned long long)lost,
            (unsigned long long)reordered, (double)delivered / (active_s > 0 ? active_s : 1),
            connect_s, percentile(0.5), percentile(0.99), percentile(0.999), percentile(1.0),

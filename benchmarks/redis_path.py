@@ -1,11 +1,15 @@
 """The Redis path against the embedded bus: same subscribers, same open-loop publisher.
 
     python benchmarks/redis_path.py --subs 1000 --rates 50000,200000,500000
+    (also the suite's `redis` scenario: ./dev bench --scenarios redis)
 
-redis:    two fastfan nodes sharing one redis-server; half the subscribers on each node,
-          the publisher on the first: every message crosses Redis.
+redis:    two nodes sharing one redis-server, half the subscribers on each node, the
+          publisher on the first: every message crosses Redis. fastfan (--redis), and the
+          seed's design (Node ws + ioredis, as the article writes it).
 embedded: one fastfan with --workers 2 and no Redis; subscribers spread over both workers
           by the kernel, every message crosses the embedded bus to the other worker.
+
+Nothing is pinned here: two nodes, Redis and the load generators share both cores.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lib import HEADER, build_loadgen, format_row, free_port, start_fastfan
+from lib import HEADER, PEERS, build_loadgen, format_row, free_port, start_fastfan, wait_listening
 
 
 def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
@@ -65,44 +69,73 @@ def run(loadgen: Path, ports: list[int], subs: int, offered: float, duration: fl
     }
 
 
+def start_node(server: str, port: int, redis_port: int) -> subprocess.Popen[bytes]:
+    """One node of `server` on `port`, publishing and subscribing through Redis."""
+    if server == "fastfan":
+        return start_fastfan(port, ["--publish-rate", "100000000", "--redis",
+                                    f"redis://127.0.0.1:{redis_port}/0"], pin=False)
+    node = subprocess.Popen(["node", str(PEERS / "seed.js"), str(port), str(redis_port)])
+    wait_listening(port, node)
+    return node
+
+
+def through_redis(server: str, loadgen: Path, subs: int, rates: list[float],
+                  duration: float) -> list[dict[str, Any]]:
+    """Two nodes of `server` sharing one redis-server; half the subscribers on each."""
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        redis_port = free_port()
+        redis = start_redis(redis_port, workdir)
+        nodes = [free_port(), free_port()]
+        processes = [start_node(server, port, redis_port) for port in nodes]
+        try:
+            print(f"\n{server} through Redis: two nodes, {subs} subscribers split over them"
+                  f"\n{HEADER}")
+            for n, offered in enumerate(rates):
+                row = run(loadgen, nodes, subs, offered, duration, f"r{n}")
+                rows.append({"server": f"{server}+redis", "scenario": "redis", **row})
+                print(format_row(row), flush=True)
+                if row["delivered_per_s"] < offered / 2:
+                    break  # saturated: higher rates say nothing more
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(30)
+            redis.terminate()
+            redis.wait(10)
+    return rows
+
+
+def embedded(loadgen: Path, subs: int, rates: list[float],
+             duration: float) -> list[dict[str, Any]]:
+    """One fastfan with --workers 2 and no Redis: the embedded bus between the workers."""
+    rows = []
+    port = free_port()
+    server = start_fastfan(port, ["--publish-rate", "100000000", "--workers", "2"], pin=False)
+    try:
+        print(f"\nfastfan embedded: one node, --workers 2, {subs} subscribers\n{HEADER}")
+        for n, offered in enumerate(rates):
+            row = run(loadgen, [port, port], subs, offered, duration, f"e{n}")
+            rows.append({"server": "fastfan-2w", "scenario": "redis", **row})
+            print(format_row(row), flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subs", type=int, default=1000)
     parser.add_argument("--rates", default="50000,200000,500000")
     parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--servers", default="fastfan,seed")
     args = parser.parse_args()
     loadgen = build_loadgen()
     rates = [float(r) for r in args.rates.split(",")]
-    common = ["--publish-rate", "100000000"]
-
-    with tempfile.TemporaryDirectory() as workdir:
-        redis_port = free_port()
-        redis = start_redis(redis_port, workdir)
-        url = f"redis://127.0.0.1:{redis_port}/0"
-        nodes = [free_port(), free_port()]
-        servers = [start_fastfan(port, [*common, "--redis", url], pin=False) for port in nodes]
-        try:
-            print(f"redis: two nodes, {args.subs} subscribers split over them\n{HEADER}")
-            for n, offered in enumerate(rates):
-                print(format_row(run(loadgen, nodes, args.subs, offered, args.duration,
-                                     f"r{n}")), flush=True)
-        finally:
-            for server in servers:
-                server.terminate()
-                server.wait(30)
-            redis.terminate()
-            redis.wait(10)
-
-    port = free_port()
-    server = start_fastfan(port, [*common, "--workers", "2"], pin=False)
-    try:
-        print(f"\nembedded: one node, --workers 2, {args.subs} subscribers\n{HEADER}")
-        for n, offered in enumerate(rates):
-            print(format_row(run(loadgen, [port, port], args.subs, offered, args.duration,
-                                 f"e{n}")), flush=True)
-    finally:
-        server.terminate()
-        server.wait(30)
+    for server in args.servers.split(","):
+        through_redis(server, loadgen, args.subs, rates, args.duration)
+    embedded(loadgen, args.subs, rates, args.duration)
     return 0
 
 

@@ -8,10 +8,16 @@ Every server runs pinned to CPU 0 and the load generator (benchmarks/loadgen.c) 
 one server at a time, at the same offered rates. Scenarios:
 
   fanout    1000 subscribers on one channel, 100-byte data, 50k to 3M deliveries/s
-  channels  1000 channels of 10 subscribers (10,000 connections: a process holds at most
-            ~20,000 sockets here, so not the 10,000 x 10 of a multi-process run)
+  channels  10,000 channels of 10 subscribers: 10,000 connections subscribed to 10 channels
+            each (a process holds at most ~20,000 sockets here: not 100,000 connections)
   large     1000 subscribers, 16 KiB data
+  headroom  the load generator against benchmarks/firehose.c (a sender with no cost per
+            message): what it can receive, against the fastest server's delivered/s
   idle      10,000 subscribed idle connections: server RSS per connection
+  workers   the fan-out sweep, fastfan with one worker against two on the same core (half
+            the subscribers on the publisher's worker, half across the embedded bus)
+  redis     two nodes through one redis-server: fastfan --redis, the seed's ws + ioredis,
+            and fastfan --workers 2 on the embedded bus (not pinned: see redis_path.py)
 
 A server that delivers less than half of what is offered, or loses more than 1%, is
 saturated: its higher rates in that scenario are skipped. Results: a table on stdout,
@@ -25,7 +31,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +61,16 @@ class Scenario:
     size: int
     channels: int
     rates: tuple[float, ...]
+    per_conn: int = 1  # channels each subscriber connection takes
 
 
 SCENARIOS = {
     "fanout": Scenario("fanout", 1000, 100, 1,
                        (50e3, 100e3, 200e3, 500e3, 1e6, 2e6, 3e6)),
-    "channels": Scenario("channels", 10_000, 100, 1000, (50e3, 200e3, 500e3, 1e6)),
+    # 10,000 channels of 10 subscribers: 10,000 connections of 10 subscriptions each (a
+    # process holds at most ~20,000 sockets here, so not 100,000 connections of one).
+    "channels": Scenario("channels", 10_000, 100, 10_000, (50e3, 200e3, 500e3, 1e6),
+                         per_conn=10),
     "large": Scenario("large", 1000, 16384, 1, (10e3, 50e3, 100e3, 200e3)),
 }
 QUICK = Scenario("quick", 200, 100, 1, (10e3,))
@@ -74,6 +84,8 @@ def server_commands(port: int) -> dict[str, list[str]]:
     return {
         "yardstick": [str(build("yardstick")), str(port)],
         "fastfan": fastfan_command(port, FASTFAN_ARGS),
+        # two workers on the one server core: what crossing the embedded bus costs
+        "fastfan-2w": fastfan_command(port, [*FASTFAN_ARGS, "--workers", "2"]),
         "uws": ["node", str(PEERS / "uws.js"), str(port)],
         "seed": ["node", str(PEERS / "seed.js"), str(port)],
         "websockets": [sys.executable, str(PEERS / "websockets_peer.py"), str(port)],
@@ -81,7 +93,7 @@ def server_commands(port: int) -> dict[str, list[str]]:
 
 
 def install_peers() -> None:
-    if not (PEERS / "node_modules" / "ws").exists():
+    if not all((PEERS / "node_modules" / dep).exists() for dep in ("ws", "ioredis")):
         subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=PEERS,
                        check=True)
 
@@ -115,8 +127,9 @@ def measure(server: Running, scenario: Scenario, offered: float,
             duration: float) -> dict[str, Any]:
     before = cpu_seconds(server.process.pid)
     row = run_loadgen(server.port, subs=scenario.subs, size=scenario.size,
-                      channels=scenario.channels,
-                      rate=offered * scenario.channels / scenario.subs, duration=duration)
+                      channels=scenario.channels, extra=["--per-conn", str(scenario.per_conn)],
+                      rate=offered * scenario.channels / scenario.subs / scenario.per_conn,
+                      duration=duration)
     used = cpu_seconds(server.process.pid) - before
     row["cpu_us_per_delivery"] = round(1e6 * used / max(row["delivered"], 1), 3)
     row["server"], row["scenario"], row["crashed"] = server.name, scenario.name, not server.alive()
@@ -184,6 +197,40 @@ def idle_memory(servers: list[str], log_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def loadgen_headroom(duration: float, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the load generator itself can receive: from benchmarks/firehose.c, which sends
+    pre-framed batches (one send per 64 messages, nothing per message), on the server's CPU."""
+    print("\nheadroom: the load generator receiving from the firehose, 1000 subscribers")
+    port = free_port()
+    firehose = subprocess.Popen([str(build("firehose")), str(port), "1000", str(duration)],
+                                stdout=subprocess.PIPE, text=True,
+                                preexec_fn=pinned(SERVER_CPU))
+    time.sleep(0.2)
+    received = run_loadgen(port, subs=1000, rate=0, duration=duration,
+                           extra=["--channel", "bench", "--drain", "1"])
+    sent = json.loads(firehose.communicate(timeout=60)[0])
+    fastest = max((r["delivered_per_s"] for r in rows if "delivered_per_s" in r), default=0)
+    row = {"server": "firehose", "scenario": "headroom", **received,
+           "firehose_sent_per_s": sent["sent_per_s"], "fastest_server_per_s": fastest,
+           "headroom": round(received["delivered_per_s"] / fastest, 2) if fastest else None}
+    print(f"loadgen received {received['delivered_per_s'] / 1e6:.2f}M/s (busy "
+          f"{received['busy']:.2f}, lost {received['lost']}, reordered {received['reordered']})"
+          + (f": {row['headroom']}x the fastest server's {fastest / 1e6:.2f}M/s in this run"
+             if fastest else ""), flush=True)
+    return [row]
+
+
+def redis_scenario(duration: float) -> list[dict[str, Any]]:
+    """benchmarks/redis_path.py: fastfan and the seed through Redis, the embedded bus."""
+    from redis_path import embedded, through_redis
+
+    rates = [50e3, 200e3, 500e3, 1e6]
+    rows = []
+    for server in ("fastfan", "seed"):
+        rows += through_redis(server, build_loadgen(), 1000, rates, duration)
+    return rows + embedded(build_loadgen(), 1000, rates, duration)
+
+
 def plot(rows: list[dict[str, Any]], scenario: str, out: Path) -> None:
     import matplotlib
 
@@ -213,7 +260,8 @@ def plot(rows: list[dict[str, Any]], scenario: str, out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default="yardstick,fastfan,uws,seed,websockets")
-    parser.add_argument("--scenarios", default="fanout,channels,large,idle")
+    parser.add_argument("--scenarios",
+                        default="fanout,headroom,channels,large,idle,workers,redis")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per rate")
     parser.add_argument("--fastfan-args", default="",
                         help='extra `fastfan run` options, e.g. "--workers 2"')
@@ -239,6 +287,18 @@ def main() -> int:
     for name in args.scenarios.split(","):
         if name == "idle":
             rows += idle_memory(servers, log_dir)
+            continue
+        if name == "headroom":
+            rows += loadgen_headroom(args.duration, rows)
+            continue
+        if name == "workers":  # the fan-out sweep, one worker against two on one core
+            rows += run_scenario(replace(SCENARIOS["fanout"], name="workers"),
+                                 ["fastfan", "fastfan-2w"], args.duration, log_dir)
+            plot(rows, name, log_dir / f"{name}.png")
+            continue
+        if name == "redis":
+            rows += redis_scenario(args.duration)
+            plot(rows, name, log_dir / f"{name}.png")
             continue
         rows += run_scenario(SCENARIOS[name], servers, args.duration, log_dir)
         plot(rows, name, log_dir / f"{name}.png")
