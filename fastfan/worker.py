@@ -28,10 +28,10 @@ log = logging.getLogger("fastfan.worker")
 # The kernel caps the accept queue at net.core.somaxconn (4096 here). picows's default of
 # 100 turns a burst of thousands of connects into SYN retries that take over a minute.
 LISTEN_BACKLOG = 65535
-# picows's read buffer starts here and grows with the largest frame. Client messages are small;
-# 384 bytes keep an idle connection small (picows 2.3.1 raises it to 2048 unless patched:
-# patches/README.md).
-READ_BUFFER_INIT_SIZE = 384
+# picows's read buffer starts here and grows with the largest frame. Client messages are small:
+# 512 bytes (256 of them kept free for picows's SIMD parser) keep an idle connection small.
+# That is the floor of our patched picows; picows 2.3.1 raises it to 2048 (patches/README.md).
+READ_BUFFER_INIT_SIZE = 512
 # A client that opens a TCP connection but sends no upgrade request in time is dropped.
 HANDSHAKE_TIMEOUT = 5.0
 # File descriptors a worker keeps for itself (listening socket, bus, logs, /proc reads).
