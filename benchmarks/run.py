@@ -224,11 +224,11 @@ def redis_scenario(duration: float) -> list[dict[str, Any]]:
     """benchmarks/redis_path.py: fastfan and the seed through Redis, the embedded bus."""
     from redis_path import embedded, through_redis
 
-    rates = [50e3, 200e3, 500e3, 1e6]
+    loadgen, rates = build_loadgen(), [50e3, 200e3, 500e3, 1e6]
     rows = []
     for server in ("fastfan", "seed"):
-        rows += through_redis(server, build_loadgen(), 1000, rates, duration)
-    return rows + embedded(build_loadgen(), 1000, rates, duration)
+        rows += through_redis(server, loadgen, 1000, rates, duration)
+    return rows + embedded(loadgen, 1000, rates, duration)
 
 
 def plot(rows: list[dict[str, Any]], scenario: str, out: Path) -> None:
