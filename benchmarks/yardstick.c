@@ -250,13 +250,11 @@ int main(int argc, char **argv) {
             }
             if (events[e].events & EPOLLOUT) out_append(c, "", 0); /* write in this turn */
             if (events[e].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-                ssize_t r;
-                int gone = 0;
-                while ((r = recv(c->fd, c->in + c->in_len, IN_SIZE - c->in_len, 0)) > 0) {
-                    c->in_len += (size_t)r;
-                    if (on_input(c) < 0) { gone = 1; break; }
-                }
-                if (gone || r == 0 || (r < 0 && errno != EAGAIN)) drop(c);
+                /* One read per connection per turn, as an event loop does: reading until
+                   EAGAIN would let a publisher that never pauses starve the writes below. */
+                ssize_t r = recv(c->fd, c->in + c->in_len, IN_SIZE - c->in_len, 0);
+                if (r > 0) c->in_len += (size_t)r;
+                if ((r > 0 && on_input(c) < 0) || r == 0 || (r < 0 && errno != EAGAIN)) drop(c);
             }
         }
         /* end of the loop turn: one write per connection with output */
