@@ -10,7 +10,8 @@
  * top; this pays one send per BATCH messages and nothing per message, so what loadgen
  * reports here is its own ceiling, not the sender's.
  *
- * Build: cc -O2 -o firehose firehose.c      Run: ./firehose PORT SUBS DURATION [BATCH]
+ * Build: cc -O2 -o firehose firehose.c      Run: ./firehose PORT SUBS DURATION [BATCH [SIZE]]
+ * (SIZE: bytes of `data`, 100 by default as in the suite's fan-out scenario)
  */
 #define _GNU_SOURCE
 #include <netinet/in.h>
@@ -22,8 +23,6 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-
-#define DATA_SIZE 100 /* bytes of `data`, as in the suite's fan-out scenario */
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -46,10 +45,13 @@ static size_t frame(char *out, const char *payload, size_t n) {
     out[h++] = (char)0x81;
     if (n < 126) {
         out[h++] = (char)n;
-    } else {
+    } else if (n < 65536) {
         out[h++] = 126;
         out[h++] = (char)(n >> 8);
         out[h++] = (char)(n & 0xff);
+    } else {
+        out[h++] = 127;
+        for (int i = 7; i >= 0; i--) out[h++] = (char)((n >> (8 * i)) & 0xff);
     }
     memcpy(out + h, payload, n);
     return h + n;
@@ -66,12 +68,12 @@ static void read_until(int fd, char *buf, size_t cap, const char *needle) {
 
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: firehose PORT SUBS DURATION [BATCH]\n");
+        fprintf(stderr, "usage: firehose PORT SUBS DURATION [BATCH [SIZE]]\n");
         return 2;
     }
     int port = atoi(argv[1]), subs = atoi(argv[2]);
     double duration = atof(argv[3]);
-    int batch = argc > 4 ? atoi(argv[4]) : 64;
+    int batch = argc > 4 ? atoi(argv[4]) : 64, size = argc > 5 ? atoi(argv[5]) : 100;
 
     int listener = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -97,18 +99,20 @@ int main(int argc, char **argv) {
         send_all(fds[i], out, frame(out, subscribed, strlen(subscribed)));
     }
 
-    char *batch_bytes = malloc((size_t)batch * 256), msg[256], pad[DATA_SIZE + 1];
+    size_t room_per_message = (size_t)size + 256;
+    char *batch_bytes = malloc((size_t)batch * room_per_message), *msg = malloc(room_per_message);
+    char *pad = malloc((size_t)size + 1);
     int64_t seq = 0, rounds = 0, start = now_ns(), end = start + (int64_t)(duration * 1e9);
     while (now_ns() < end) {
         size_t len = 0;
         int64_t ts = now_ns();
         for (int k = 0; k < batch; k++, seq++) {
-            int n = snprintf(msg, sizeof msg, "{\"seq\":%lld,\"ts\":%lld,\"pad\":\"",
+            int n = snprintf(msg, room_per_message, "{\"seq\":%lld,\"ts\":%lld,\"pad\":\"",
                              (long long)seq, (long long)ts);
-            int room = DATA_SIZE - n - 2;
+            int room = size - n - 2;
             memset(pad, 'x', (size_t)(room > 0 ? room : 0));
             pad[room > 0 ? room : 0] = 0;
-            n = snprintf(msg, sizeof msg,
+            n = snprintf(msg, room_per_message,
                          "{\"type\":\"message\",\"channel\":\"bench\",\"data\":"
                          "{\"seq\":%lld,\"ts\":%lld,\"pad\":\"%s\"},\"from\":\"f\","
                          "\"timestamp\":0}", (long long)seq, (long long)ts, pad);

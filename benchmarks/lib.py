@@ -33,6 +33,11 @@ def build_loadgen() -> Path:
     return build("loadgen")
 
 
+def protocol_args(server: str) -> list[str]:
+    """The load generator's options for SERVER's framing: Socket.IO has its own."""
+    return ["--protocol", "socketio"] if server.startswith("socketio") else []
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,6 +15,10 @@
  * With --channels N --per-conn K, subscriber i takes K of the N channels (see channel_of):
  * as many subscribers as channels gives every channel K subscribers.
  *
+ * With --protocol socketio it speaks the seed protocol inside Socket.IO's framing (see
+ * peers/socketio.js): Engine.IO's open packet, the namespace CONNECT "40", each message as
+ * an event named by its type, 42["publish",{...}], and a pong "3" for each ping "2".
+ *
  * With --rate 0 it only subscribes and counts (the publisher is another loadgen); with
  * --sync 1 it prints {"ready":...} once subscribed and waits for a line on stdin, so that
  * a runner can measure idle memory and start many loadgen processes together.
@@ -55,6 +59,9 @@ static int nchannels = 1, per_conn = 1, stride = 1;
 
 static int channel_of(int subscriber, int j) { return (subscriber + j * stride) % nchannels; }
 
+static int socketio = 0; /* --protocol socketio */
+static char *event_scratch;
+
 static uint64_t *latency_us;
 static uint64_t latency_count, latency_over;
 static uint64_t lost, reordered, delivered;
@@ -88,6 +95,15 @@ static size_t frame(char *out, const char *payload, size_t n) {
     h += 4;
     memcpy(out + h, payload, n);
     return h + n;
+}
+
+/* One seed message as a frame: as it is, or as the Socket.IO event named TYPE. */
+static size_t frame_message(char *out, const char *type, const char *json, size_t n) {
+    if (!socketio) return frame(out, json, n);
+    int h = sprintf(event_scratch, "42[\"%s\",", type);
+    memcpy(event_scratch + h, json, n);
+    event_scratch[(size_t)h + n] = ']';
+    return frame(out, event_scratch, (size_t)h + n + 1);
 }
 
 static void send_all(int fd, const char *p, size_t n) {
@@ -147,6 +163,11 @@ static void open_conn(conn_t *c, const char *source, const char *host, int port,
     send_all(c->fd, request, (size_t)n);
     read_until(c, "\r\n\r\n");
     drop_http_head(c);
+    if (socketio) { /* Engine.IO's open packet, then join the main namespace */
+        char connect[8];
+        read_until(c, "\"sid\"");
+        send_all(c->fd, connect, frame(connect, "40", 2));
+    }
     read_until(c, "\"welcome\"");
     c->len = 0; /* nothing else is sent before we ask */
 }
@@ -167,11 +188,11 @@ static void subscribe(conn_t *c, const char *channel) {
             ? snprintf(msg, sizeof msg, "{\"type\":\"subscribe\",\"channel\":\"%s.%d\"}",
                        channel, channel_of(c->index, j))
             : snprintf(msg, sizeof msg, "{\"type\":\"subscribe\",\"channel\":\"%s\"}", channel);
-        o += frame(out + o, msg, (size_t)n);
+        o += frame_message(out + o, "subscribe", msg, (size_t)n);
     }
     send_all(c->fd, out, o);
     free(out);
-    while (count_of(c->buf, c->len, "\"subscribed\"") < (size_t)per_conn) {
+    while (count_of(c->buf, c->len, "\"type\":\"subscribed\"") < (size_t)per_conn) {
         ssize_t r = recv(c->fd, c->buf + c->len, READ_BUFFER - c->len, 0);
         if (r <= 0) die("subscribe recv");
         c->len += (size_t)r;
@@ -220,7 +241,14 @@ static void parse(conn_t *c, int64_t now) {
             hl = 10;
         }
         if (c->len - pos < hl + n) break;
-        if ((h[0] & 0x0f) == 0x1) record(c, (char *)h + hl, (size_t)n, now);
+        if ((h[0] & 0x0f) == 0x1) {
+            if (socketio && n == 1 && h[hl] == '2') { /* Engine.IO ping: answer or be dropped */
+                char pong[8];
+                send_all(c->fd, pong, frame(pong, "3", 1));
+            } else {
+                record(c, (char *)h + hl, (size_t)n, now);
+            }
+        }
         pos += hl + n;
     }
     memmove(c->buf, c->buf + pos, c->len - pos);
@@ -237,7 +265,7 @@ static double percentile(double q) {
 }
 
 int main(int argc, char **argv) {
-    const char *host = "127.0.0.1", *path = "/", *channel = "bench", *sources = NULL;
+    const char *host = "127.0.0.1", *path = NULL, *channel = "bench", *sources = NULL;
     int port = 8080, subs = 1000, size = 100;
     double rate = 1000, duration = 5, drain = 3;
     int sync_start = 0; /* 1: say "ready" on stdout once subscribed, wait for a line on stdin */
@@ -255,6 +283,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--sync")) sync_start = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--channels")) nchannels = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--per-conn")) per_conn = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--protocol") && !strcmp(argv[i + 1], "seed")) socketio = 0;
+        else if (!strcmp(argv[i], "--protocol") && !strcmp(argv[i + 1], "socketio")) socketio = 1;
         else { fprintf(stderr, "loadgen: unknown option %s\n", argv[i]); return 2; }
     }
     if (per_conn < 1 || nchannels % per_conn) {
@@ -262,6 +292,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     stride = nchannels / per_conn;
+    if (!path) path = socketio ? "/socket.io/?EIO=4&transport=websocket" : "/";
+    event_scratch = malloc((size_t)size + 1024);
     latency_us = calloc(LATENCY_BUCKETS, sizeof(uint64_t));
 
     /* Spread subscribers over source addresses: one (source, destination) pair has
@@ -299,7 +331,12 @@ int main(int argc, char **argv) {
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &conns[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, conns[i].fd, &ev);
     }
-    if (rate > 0) fcntl(pub->fd, F_SETFL, O_NONBLOCK);
+    if (rate > 0) { /* read too: nothing comes but Socket.IO's pings, which want a pong */
+        pub->next_seq = calloc(1, sizeof(int64_t));
+        fcntl(pub->fd, F_SETFL, O_NONBLOCK);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = pub};
+        epoll_ctl(ep, EPOLL_CTL_ADD, pub->fd, &ev);
+    }
 
     /* The message template: data of `size` bytes, seq and ts filled in per message. */
     char *msg = malloc((size_t)size + 768), *out = malloc(64 * ((size_t)size + 800));
@@ -329,11 +366,10 @@ int main(int argc, char **argv) {
                     if (pad < 0) pad = 0;
                     memset(msg + n, 'x', (size_t)pad);
                     memcpy(msg + n + pad, "\"}}", 3);
-                    o += frame(out + o, msg, (size_t)(n + pad + 3));
+                    o += frame_message(out + o, "publish", msg, (size_t)(n + pad + 3));
                 }
                 send_all(pub->fd, out, o);
             }
-            /* the publisher's own socket gets nothing back (no id, not subscribed) */
         } else if (rate > 0 ? delivered >= (uint64_t)(sent * subs * per_conn / nchannels) ||
                                   now > stop
                             : now > end && now - last_rx > (int64_t)(drain * 1e9)) {

@@ -4,8 +4,9 @@
     (also the suite's `redis` scenario: ./dev bench --scenarios redis)
 
 redis:    two nodes sharing one redis-server, half the subscribers on each node, the
-          publisher on the first: every message crosses Redis. fastfan (--redis), and the
-          seed's design (Node ws + ioredis, as the article writes it).
+          publisher on the first: every message crosses Redis. fastfan (--redis), the
+          seed's design (Node ws + ioredis, as the article writes it), and Socket.IO with
+          its Redis adapter (peers/socketio.js).
 embedded: one fastfan with --workers 2 and no Redis; subscribers spread over both workers
           by the kernel, every message crosses the embedded bus to the other worker.
 
@@ -23,7 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lib import HEADER, PEERS, build_loadgen, format_row, free_port, start_fastfan, wait_listening
+from lib import (
+    HEADER,
+    PEERS,
+    build_loadgen,
+    format_row,
+    free_port,
+    protocol_args,
+    start_fastfan,
+    wait_listening,
+)
 
 
 def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
@@ -35,14 +45,14 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
 
 
 def run(loadgen: Path, ports: list[int], subs: int, offered: float, duration: float,
-        channel: str) -> dict[str, Any]:
+        channel: str, protocol: list[str]) -> dict[str, Any]:
     """Subscribers split over `ports`, one publisher on the first; one summary row."""
     share = subs // len(ports)
     subscribers = [
         subprocess.Popen([str(loadgen), "--port", str(port), "--subs", str(share), "--rate", "0",
                           "--sync", "1", "--channel", channel, "--duration", str(duration),
-                          "--drain", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+                          "--drain", "2", *protocol], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
         for port in ports]
     for process in subscribers:
         assert process.stdout is not None
@@ -55,7 +65,7 @@ def run(loadgen: Path, ports: list[int], subs: int, offered: float, duration: fl
     rate = offered / (share * len(ports))
     publisher = subprocess.run(
         [str(loadgen), "--port", str(ports[0]), "--subs", "0", "--rate", str(rate),
-         "--duration", str(duration), "--channel", channel, "--drain", "0"],
+         "--duration", str(duration), "--channel", channel, "--drain", "0", *protocol],
         capture_output=True, text=True, check=True)
     sent = json.loads(publisher.stdout)["sent"]
     reports = [json.loads(p.communicate(timeout=duration + 60)[0]) for p in subscribers]
@@ -74,7 +84,8 @@ def start_node(server: str, port: int, redis_port: int) -> subprocess.Popen[byte
     if server == "fastfan":
         return start_fastfan(port, ["--publish-rate", "100000000", "--redis",
                                     f"redis://127.0.0.1:{redis_port}/0"], pin=False)
-    node = subprocess.Popen(["node", str(PEERS / "seed.js"), str(port), str(redis_port)])
+    script = {"seed": "seed.js", "socketio": "socketio.js"}[server]
+    node = subprocess.Popen(["node", str(PEERS / script), str(port), str(redis_port)])
     wait_listening(port, node)
     return node
 
@@ -92,7 +103,8 @@ def through_redis(server: str, loadgen: Path, subs: int, rates: list[float],
             print(f"\n{server} through Redis: two nodes, {subs} subscribers split over them"
                   f"\n{HEADER}")
             for n, offered in enumerate(rates):
-                row = run(loadgen, nodes, subs, offered, duration, f"r{n}")
+                row = run(loadgen, nodes, subs, offered, duration, f"r{n}",
+                          protocol_args(server))
                 rows.append({"server": f"{server}+redis", "scenario": "redis", **row})
                 print(format_row(row), flush=True)
                 if row["delivered_per_s"] < offered / 2:
@@ -115,7 +127,7 @@ def embedded(loadgen: Path, subs: int, rates: list[float],
     try:
         print(f"\nfastfan embedded: one node, --workers 2, {subs} subscribers\n{HEADER}")
         for n, offered in enumerate(rates):
-            row = run(loadgen, [port, port], subs, offered, duration, f"e{n}")
+            row = run(loadgen, [port, port], subs, offered, duration, f"e{n}", [])
             rows.append({"server": "fastfan-2w", "scenario": "redis", **row})
             print(format_row(row), flush=True)
     finally:
@@ -129,7 +141,7 @@ def main() -> int:
     parser.add_argument("--subs", type=int, default=1000)
     parser.add_argument("--rates", default="50000,200000,500000")
     parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--servers", default="fastfan,seed")
+    parser.add_argument("--servers", default="fastfan,seed,socketio")
     args = parser.parse_args()
     loadgen = build_loadgen()
     rates = [float(r) for r in args.rates.split(",")]

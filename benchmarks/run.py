@@ -12,12 +12,18 @@ one server at a time, at the same offered rates. Scenarios:
             each (a process holds at most ~20,000 sockets here: not 100,000 connections)
   large     1000 subscribers, 16 KiB data
   headroom  the load generator against benchmarks/firehose.c (a sender with no cost per
-            message): what it can receive, against the fastest server's delivered/s
+            message): what it can receive with 100-byte and 16 KiB data, against the fastest
+            server's delivered/s in the fanout and large scenarios
   idle      10,000 subscribed idle connections: server RSS per connection
   workers   the fan-out sweep, fastfan with one worker against two on the same core (half
             the subscribers on the publisher's worker, half across the embedded bus)
   redis     two nodes through one redis-server: fastfan --redis, the seed's ws + ioredis,
-            and fastfan --workers 2 on the embedded bus (not pinned: see redis_path.py)
+            Socket.IO with its Redis adapter, and fastfan --workers 2 on the embedded bus
+            (not pinned: see redis_path.py)
+
+Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
+article's Node ws design), websockets (Python's websockets with its broadcast), socketio
+(Socket.IO; the seed protocol as Socket.IO events, the load generator's --protocol socketio).
 
 A server that delivers less than half of what is offered, or loses more than 1%, is
 saturated: its higher rates in that scenario are skipped. Results: a table on stdout,
@@ -48,6 +54,7 @@ from lib import (
     format_row,
     free_port,
     pinned,
+    protocol_args,
     rss_bytes,
     run_loadgen,
     wait_listening,
@@ -89,11 +96,13 @@ def server_commands(port: int) -> dict[str, list[str]]:
         "uws": ["node", str(PEERS / "uws.js"), str(port)],
         "seed": ["node", str(PEERS / "seed.js"), str(port)],
         "websockets": [sys.executable, str(PEERS / "websockets_peer.py"), str(port)],
+        "socketio": ["node", str(PEERS / "socketio.js"), str(port)],
     }
 
 
 def install_peers() -> None:
-    if not all((PEERS / "node_modules" / dep).exists() for dep in ("ws", "ioredis")):
+    wanted = json.loads((PEERS / "package.json").read_text())["dependencies"]
+    if not all((PEERS / "node_modules" / dep).exists() for dep in wanted):
         subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=PEERS,
                        check=True)
 
@@ -127,7 +136,8 @@ def measure(server: Running, scenario: Scenario, offered: float,
             duration: float) -> dict[str, Any]:
     before = cpu_seconds(server.process.pid)
     row = run_loadgen(server.port, subs=scenario.subs, size=scenario.size,
-                      channels=scenario.channels, extra=["--per-conn", str(scenario.per_conn)],
+                      channels=scenario.channels,
+                      extra=["--per-conn", str(scenario.per_conn), *protocol_args(server.name)],
                       rate=offered * scenario.channels / scenario.subs / scenario.per_conn,
                       duration=duration)
     used = cpu_seconds(server.process.pid) - before
@@ -178,7 +188,7 @@ def idle_memory(servers: list[str], log_dir: Path) -> list[dict[str, Any]]:
             clients = subprocess.Popen(
                 [str(build_loadgen()), "--port", str(server.port), "--subs",
                  str(IDLE_CONNECTIONS), "--rate", "0", "--sync", "1", "--channel", "idle",
-                 "--duration", "0", "--drain", "0"],
+                 "--duration", "0", "--drain", "0", *protocol_args(name)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 preexec_fn=pinned(LOADGEN_CPU))
             assert clients.stdout is not None and clients.stdin is not None
@@ -199,34 +209,42 @@ def idle_memory(servers: list[str], log_dir: Path) -> list[dict[str, Any]]:
 
 def loadgen_headroom(duration: float, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What the load generator itself can receive: from benchmarks/firehose.c, which sends
-    pre-framed batches (one send per 64 messages, nothing per message), on the server's CPU."""
+    pre-framed batches (one send per 64 messages, nothing per message), on the server's CPU;
+    with the fan-out scenario's 100-byte data and the large scenario's 16 KiB."""
     print("\nheadroom: the load generator receiving from the firehose, 1000 subscribers")
-    port = free_port()
-    firehose = subprocess.Popen([str(build("firehose")), str(port), "1000", str(duration)],
-                                stdout=subprocess.PIPE, text=True,
-                                preexec_fn=pinned(SERVER_CPU))
-    time.sleep(0.2)
-    received = run_loadgen(port, subs=1000, rate=0, duration=duration,
-                           extra=["--channel", "bench", "--drain", "1"])
-    sent = json.loads(firehose.communicate(timeout=60)[0])
-    fastest = max((r["delivered_per_s"] for r in rows if "delivered_per_s" in r), default=0)
-    row = {"server": "firehose", "scenario": "headroom", **received,
-           "firehose_sent_per_s": sent["sent_per_s"], "fastest_server_per_s": fastest,
-           "headroom": round(received["delivered_per_s"] / fastest, 2) if fastest else None}
-    print(f"loadgen received {received['delivered_per_s'] / 1e6:.2f}M/s (busy "
-          f"{received['busy']:.2f}, lost {received['lost']}, reordered {received['reordered']})"
-          + (f": {row['headroom']}x the fastest server's {fastest / 1e6:.2f}M/s in this run"
-             if fastest else ""), flush=True)
-    return [row]
+    measured = []
+    for scenario in (SCENARIOS["fanout"], SCENARIOS["large"]):
+        port = free_port()
+        firehose = subprocess.Popen([str(build("firehose")), str(port), "1000", str(duration),
+                                     "64", str(scenario.size)],
+                                    stdout=subprocess.PIPE, text=True,
+                                    preexec_fn=pinned(SERVER_CPU))
+        time.sleep(0.2)
+        received = run_loadgen(port, subs=1000, rate=0, duration=duration,
+                               extra=["--channel", "bench", "--drain", "1"])
+        sent = json.loads(firehose.communicate(timeout=60)[0])
+        fastest = max((r["delivered_per_s"] for r in rows
+                       if r["scenario"] == scenario.name and "delivered_per_s" in r), default=0)
+        row = {"server": "firehose", "scenario": "headroom", **received, "size": scenario.size,
+               "firehose_sent_per_s": sent["sent_per_s"], "fastest_server_per_s": fastest,
+               "headroom": round(received["delivered_per_s"] / fastest, 2) if fastest else None}
+        print(f"{scenario.size:>6}-byte data: loadgen received "
+              f"{received['delivered_per_s'] / 1e6:.3f}M/s (busy {received['busy']:.2f}, lost "
+              f"{received['lost']}, reordered {received['reordered']})"
+              + (f": {row['headroom']}x the fastest server's {fastest / 1e6:.3f}M/s in the "
+                 f"{scenario.name} scenario of this run" if fastest else ""), flush=True)
+        measured.append(row)
+    return measured
 
 
 def redis_scenario(duration: float) -> list[dict[str, Any]]:
-    """benchmarks/redis_path.py: fastfan and the seed through Redis, the embedded bus."""
+    """benchmarks/redis_path.py: fastfan, the seed and Socket.IO through Redis, and
+    fastfan's embedded bus."""
     from redis_path import embedded, through_redis
 
     loadgen, rates = build_loadgen(), [50e3, 200e3, 500e3, 1e6]
     rows = []
-    for server in ("fastfan", "seed"):
+    for server in ("fastfan", "seed", "socketio"):
         rows += through_redis(server, loadgen, 1000, rates, duration)
     return rows + embedded(loadgen, 1000, rates, duration)
 
@@ -259,9 +277,9 @@ def plot(rows: list[dict[str, Any]], scenario: str, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", default="yardstick,fastfan,uws,seed,websockets")
+    parser.add_argument("--servers", default="yardstick,fastfan,uws,seed,websockets,socketio")
     parser.add_argument("--scenarios",
-                        default="fanout,headroom,channels,large,idle,workers,redis")
+                        default="fanout,channels,large,headroom,idle,workers,redis")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per rate")
     parser.add_argument("--fastfan-args", default="",
                         help='extra `fastfan run` options, e.g. "--workers 2"')

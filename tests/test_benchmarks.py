@@ -17,6 +17,6 @@ def test_quick_suite_runs_every_server_without_loss() -> None:
     result = subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--quick"],
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for server in ("yardstick", "fastfan", "uws", "seed", "websockets"):
+    for server in ("yardstick", "fastfan", "uws", "seed", "websockets", "socketio"):
         assert f"\n{server:>10} " in result.stdout
-    assert "5 runs, 0 with a crash or loss" in result.stdout
+    assert "6 runs, 0 with a crash or loss" in result.stdout
