@@ -95,6 +95,7 @@ cdef class Hub:
     cpdef Py_ssize_t fanout(self, str channel, object payload) except -1
     cdef int _note_fanout(self, double started) except -1
     cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
+    cdef int _deliver_shared(self, Channel channel, bytes frame) except -1
     cdef int _overflow(self, Session session, Channel channel, const char* frame,
                        Py_ssize_t size) except -1
     cdef int _schedule(self, Session session) except -1
@@ -114,6 +115,8 @@ cdef class Session(WSListener):
         int                 fd
 
         OutputBuffer        out
+        list                shared          # large frames queued by reference, ahead of `out`
+        Py_ssize_t          shared_size     # their bytes (the list is None when empty)
         bint                scheduled       # in hub.pending
         bint                paused          # the transport holds unsent bytes
         bint                closing         # our CLOSE is sent; only the peer's CLOSE matters now
@@ -148,9 +151,12 @@ cdef class Session(WSListener):
     cdef int _send_error(self, int code, str message, bytes request_id) except -1
     cdef int _send_bytes(self, bytes payload) except -1
     cdef bint queue(self, const char* frame, Py_ssize_t size, Py_ssize_t limit) except -1
+    cdef bint queue_shared(self, bytes frame, Py_ssize_t limit) except -1
+    cdef int _discard_output(self) except -1
     cdef int send_text(self, const char* payload, Py_ssize_t size) except -1
     cdef int _queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1
     cdef int write_out(self) except -1
+    cdef int _write_shared(self) except -1
     cdef int _leave_with_transport(self, const char* rest, Py_ssize_t size) except -1
     cdef int _drained(self) except -1
     cdef int _write_all(self) except -1
