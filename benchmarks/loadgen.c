@@ -192,7 +192,9 @@ static void subscribe(conn_t *c, const char *channel) {
     }
     send_all(c->fd, out, o);
     free(out);
-    while (count_of(c->buf, c->len, "\"type\":\"subscribed\"") < (size_t)per_conn) {
+    /* one "subscribed" per reply; Socket.IO's event name says it a second time */
+    const char *reply = socketio ? "42[\"subscribed\"" : "\"subscribed\"";
+    while (count_of(c->buf, c->len, reply) < (size_t)per_conn) {
         ssize_t r = recv(c->fd, c->buf + c->len, READ_BUFFER - c->len, 0);
         if (r <= 0) die("subscribe recv");
         c->len += (size_t)r;
