@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #define IN_SIZE (1 << 20)
+#define READ_SIZE (64 * 1024)
 #define TABLE_SIZE (1 << 16) /* channel hash table slots */
 
 typedef struct conn {
@@ -250,11 +251,20 @@ int main(int argc, char **argv) {
             }
             if (events[e].events & EPOLLOUT) out_append(c, "", 0); /* write in this turn */
             if (events[e].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-                /* One read per connection per turn, as an event loop does: reading until
-                   EAGAIN would let a publisher that never pauses starve the writes below. */
-                ssize_t r = recv(c->fd, c->in + c->in_len, IN_SIZE - c->in_len, 0);
-                if (r > 0) c->in_len += (size_t)r;
-                if ((r > 0 && on_input(c) < 0) || r == 0 || (r < 0 && errno != EAGAIN)) drop(c);
+                /* Read as libuv does, at most 32 reads of 64 KiB per connection per turn:
+                   reading until EAGAIN let a publisher that never pauses starve the writes
+                   below (16 KiB data at 100k deliveries/s: none delivered), and one read
+                   per turn let the publisher's socket fill (10,000 channels: half). */
+                ssize_t r = 0;
+                for (int reads = 0; reads < 32; reads++) {
+                    size_t room = IN_SIZE - c->in_len < READ_SIZE ? IN_SIZE - c->in_len : READ_SIZE;
+                    r = recv(c->fd, c->in + c->in_len, room, 0);
+                    if (r <= 0) break;
+                    c->in_len += (size_t)r;
+                    if (on_input(c) < 0) { r = 0; break; }
+                    if ((size_t)r < room) { r = 1; break; } /* emptied: no EAGAIN to ask for */
+                }
+                if (r == 0 || (r < 0 && errno != EAGAIN)) drop(c);
             }
         }
         /* end of the loop turn: one write per connection with output */
