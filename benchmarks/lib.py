@@ -127,11 +127,12 @@ def run_loadgen(port: int, *, subs: int, rate: float, size: int = 100, duration:
 
 
 HEADER = (f"{'offered/s':>10} {'delivered/s':>12} {'lost':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'p99.9 ms':>9} {'max ms':>8} {'CPU us/deliv':>12}")
+          f"{'p99.9 ms':>9} {'max ms':>8} {'CPU us/deliv':>12} {'RSS MiB':>8}")
 
 
 def format_row(r: dict[str, Any]) -> str:
-    cpu = r.get("cpu_us_per_delivery")
+    cpu, rss = r.get("cpu_us_per_delivery"), r.get("rss_mib")
     return (f"{r['offered_per_s']:>10.0f} {r['delivered_per_s']:>12.0f} {r['lost']:>8} "
             f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['p999_ms']:>9.2f} "
-            f"{r['max_ms']:>8.2f} {'-' if cpu is None else f'{cpu:.3f}':>12}")
+            f"{r['max_ms']:>8.2f} {'-' if cpu is None else f'{cpu:.3f}':>12} "
+            f"{'-' if rss is None else f'{rss:.1f}':>8}")

@@ -106,14 +106,25 @@ static size_t frame_message(char *out, const char *type, const char *json, size_
     return frame(out, event_scratch, (size_t)h + n + 1);
 }
 
+
 static void send_all(int fd, const char *p, size_t n) {
+    int64_t stuck_since = 0;
     while (n) {
         ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR) continue;
-            if (errno == EAGAIN) { usleep(50); continue; }
+            if (errno == EAGAIN) { /* the server is not reading: wait, but not for ever */
+                if (!stuck_since) stuck_since = now_ns();
+                if (now_ns() - stuck_since > 10000000000LL) {
+                    fprintf(stderr, "loadgen: the server read nothing for 10 s\n");
+                    exit(1);
+                }
+                usleep(50);
+                continue;
+            }
             die("send");
         }
+        stuck_since = 0;
         p += w;
         n -= (size_t)w;
     }

@@ -144,6 +144,8 @@ def measure(server: Running, scenario: Scenario, offered: float,
     used = cpu_seconds(server.process.pid) - before
     row["cpu_us_per_delivery"] = round(1e6 * used / max(row["delivered"], 1), 3)
     row["server"], row["scenario"], row["crashed"] = server.name, scenario.name, not server.alive()
+    if not row["crashed"]:  # the server and its workers, right after the run
+        row["rss_mib"] = round(rss_bytes(server.process.pid) / 2**20, 1)
     return row
 
 
