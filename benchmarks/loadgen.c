@@ -106,7 +106,6 @@ static size_t frame_message(char *out, const char *type, const char *json, size_
     return frame(out, event_scratch, (size_t)h + n + 1);
 }
 
-
 static void send_all(int fd, const char *p, size_t n) {
     int64_t stuck_since = 0;
     while (n) {

@@ -1,6 +1,6 @@
 """The benchmark suite: fastfan, its peers and the C yardstick, side by side in one run.
 
-    ./dev bench                     # every scenario, every server (about 10 minutes)
+    ./dev bench --duration 3        # every scenario, every server (about 18 minutes)
     ./dev bench --quick             # CI: a load every server sustains; fails on a crash or loss
     ./dev bench --servers fastfan,yardstick --scenarios fanout --duration 10
     ./dev bench --servers yardstick,fastfan,uws --scenarios fanout --repeat 3   # the targets
