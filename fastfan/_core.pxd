@@ -156,8 +156,7 @@ cdef class Session(WSListener):
     cdef int send_text(self, const char* payload, Py_ssize_t size) except -1
     cdef int _queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1
     cdef int write_out(self) except -1
-    cdef int _write_shared(self) except -1
-    cdef int _leave_with_transport(self, const char* rest, Py_ssize_t size) except -1
+    cdef bint _send_queued(self) except -1
     cdef int _drained(self) except -1
     cdef int _write_all(self) except -1
     cdef int _send_close(self, int code, str reason) except -1

@@ -8,7 +8,7 @@ The path of a published message through this file:
     hub.bus.publish          the bus (embedded or Redis) hands it to every worker's Hub
     Hub.fanout               framed once, appended to each subscriber's OutputBuffer in C
                              (a large frame: queued by reference, copied for nobody)
-    Hub._flush               at the end of the loop turn, one send() per connection
+    Hub._flush               at the end of the loop turn, one sendmsg() per connection
 
 Nothing on that path calls Python per delivery: the per-subscriber loop (`_deliver`) is
 plain C over a contiguous array, and each connection costs one syscall per loop turn
@@ -34,7 +34,6 @@ import msgspec
 from .protocol import decode_request, encode_json
 
 cdef extern from "<sys/socket.h>" nogil:
-    ssize_t send(int fd, const void* buf, size_t n, int flags)
     int MSG_NOSIGNAL
     struct iovec:
         void*  iov_base
@@ -465,7 +464,7 @@ cdef class Hub:
         return 0
 
     def _flush(self):
-        """End of the loop turn: write each connection's queued frames in one send()."""
+        """End of the loop turn: write each connection's queued frames in one sendmsg()."""
         cdef Session session
         cdef list pending = self.pending
         self.pending = []
@@ -596,7 +595,7 @@ cdef class Session(WSListener):
         transport._write_buffer = MemoryBuffer(PICOWS_WRITE_BUFFER)
         tcp = transport.underlying_transport
         # Any byte left unsent makes the transport pause us, and resume us once it has
-        # written everything: so while not paused, our own send() cannot jump the queue.
+        # written everything: so while not paused, our own sendmsg() cannot jump the queue.
         tcp.set_write_buffer_limits(0, 0)
         self.paused = tcp.get_write_buffer_size() > 0
         self.fd = tcp.get_extra_info("socket").fileno()
@@ -892,10 +891,7 @@ cdef class Session(WSListener):
         return 0
 
     cdef int write_out(self) except -1:
-        """Hand the queued frames to the kernel: one send(); the rest goes to the transport."""
-        cdef ssize_t sent
-        cdef OutputBuffer out = self.out
-        cdef Hub hub = self.hub
+        """Hand the queued frames to the kernel: one send; the rest goes to the transport."""
         if self.paused or self.closing or self.fd < 0:
             return 0
         if self.transport.is_close_frame_sent:
@@ -905,43 +901,33 @@ cdef class Session(WSListener):
             self.closing = True
             self._discard_output()
             return 0
-        if self.shared is not None:
-            self._write_shared()
-        elif out.size:
-            while True:
-                sent = send(self.fd, out.data, out.size, MSG_NOSIGNAL)
-                if sent >= 0 or errno != EINTR:
-                    break
-            if sent < 0 and errno != EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
-                out.release()  # the peer is gone; the transport reports it and we clean up
-                self.transport.disconnect(False)
-                return 0
-            hub.bytes_sent_total += out.size
-            if sent < 0:
-                sent = 0
-            if sent < out.size:
-                self._leave_with_transport(out.data + sent, out.size - sent)
-            out.clear()
+        if (self.shared is not None or self.out.size) and self._send_queued():
+            return 0  # the peer is gone
         if self.overflowing and not self.paused:
             self._drained()
         return 0
 
-    cdef int _write_shared(self) except -1:
-        """write_out() when large frames are queued: them, then `out`, in one sendmsg()."""
+    cdef bint _send_queued(self) except -1:
+        """One sendmsg() of the large frames queued by reference, then `out`. What the kernel
+        does not take goes to the transport (the frames still by reference), which pauses
+        us until it is written. 1 when the peer is gone."""
         cdef iovec iov[SHARED_IOV_MAX]
         cdef msghdr message
         cdef list shared = self.shared
         cdef OutputBuffer out = self.out
         cdef Py_ssize_t count = 0, total = self.shared_size + out.size, size
+        cdef bint out_included = True
         cdef ssize_t sent
         cdef bytes segment
-        for segment in shared:
-            if count == SHARED_IOV_MAX - 1:
-                break
-            iov[count].iov_base = PyBytes_AS_STRING(segment)
-            iov[count].iov_len = PyBytes_GET_SIZE(segment)
-            count += 1
-        if count == len(shared) and out.size:
+        if shared is not None:
+            for segment in shared:
+                if count == SHARED_IOV_MAX - 1:
+                    out_included = False
+                    break
+                iov[count].iov_base = PyBytes_AS_STRING(segment)
+                iov[count].iov_len = PyBytes_GET_SIZE(segment)
+                count += 1
+        if out_included and out.size:
             iov[count].iov_base = out.data
             iov[count].iov_len = out.size
             count += 1
@@ -952,24 +938,25 @@ cdef class Session(WSListener):
             sent = sendmsg(self.fd, &message, MSG_NOSIGNAL)
             if sent >= 0 or errno != EINTR:
                 break
-        if sent < 0 and errno != EAGAIN:
-            self._discard_output()  # the peer is gone; the transport reports it
+        if sent < 0 and errno != EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
+            self._discard_output()  # the transport reports the loss and we clean up
             self.transport.disconnect(False)
-            return 0
+            return 1
         self.hub.bytes_sent_total += total
         if sent < 0:
             sent = 0
         self.shared = None
         self.shared_size = 0
-        if sent < total:  # the rest, still by reference, to the transport
+        if sent < total:
             rest = []
-            for segment in shared:
-                size = PyBytes_GET_SIZE(segment)
-                if sent >= size:
-                    sent -= size
-                    continue
-                rest.append(memoryview(segment)[sent:] if sent else segment)
-                sent = 0
+            if shared is not None:
+                for segment in shared:
+                    size = PyBytes_GET_SIZE(segment)
+                    if sent >= size:
+                        sent -= size
+                        continue
+                    rest.append(memoryview(segment)[sent:] if sent else segment)
+                    sent = 0
             if out.size > sent:  # `out` was not in this sendmsg() or only part of it
                 rest.append(PyBytes_FromStringAndSize(out.data + sent, out.size - sent))
             tcp = self.transport.underlying_transport
@@ -977,15 +964,6 @@ cdef class Session(WSListener):
             self.backlog = tcp.get_write_buffer_size()
             self.paused = self.backlog > 0
         out.clear()
-        return 0
-
-    cdef int _leave_with_transport(self, const char* rest, Py_ssize_t size) except -1:
-        """The kernel is full: the transport keeps the rest and tells us when it is written."""
-        tcp = self.transport.underlying_transport
-        tcp.write(PyBytes_FromStringAndSize(rest, size))
-        self.backlog = size
-        if tcp.get_write_buffer_size():
-            self.paused = True
         return 0
 
     cdef int _drained(self) except -1:
