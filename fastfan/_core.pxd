@@ -150,6 +150,8 @@ cdef class Session(WSListener):
     cdef bint _take_token(self)
     cdef int _send_error(self, int code, str message, bytes request_id) except -1
     cdef int _send_bytes(self, bytes payload) except -1
+    cdef Py_ssize_t _queued(self) noexcept
+    cdef bint _refuses(self, Py_ssize_t size, Py_ssize_t limit) noexcept
     cdef bint queue(self, const char* frame, Py_ssize_t size, Py_ssize_t limit) except -1
     cdef bint queue_shared(self, bytes frame, Py_ssize_t limit) except -1
     cdef int _discard_output(self) except -1

@@ -835,11 +835,18 @@ cdef class Session(WSListener):
     cdef int _send_bytes(self, bytes payload) except -1:
         return self.send_text(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
 
+    cdef inline Py_ssize_t _queued(self) noexcept:
+        """Bytes queued for this connection: copied, by reference, and left with the transport."""
+        return self.out.size + self.shared_size + self.backlog
+
+    cdef inline bint _refuses(self, Py_ssize_t size, Py_ssize_t limit) noexcept:
+        """Whether a message of `size` must go to the slow-consumer policy instead."""
+        return self.overflowing or self.closing or self._queued() + size > limit
+
     cdef inline bint queue(self, const char* frame, Py_ssize_t size, Py_ssize_t limit) except -1:
         """Append a framed message for this subscriber; 1 when the slow-consumer policy must
         decide instead (past --max-buffer, already overflowing, or closing)."""
-        if self.overflowing or self.closing or \
-                self.out.size + self.shared_size + self.backlog + size > limit:
+        if self._refuses(size, limit):
             return 1
         self.out.append(frame, size)
         if not self.scheduled:
@@ -849,8 +856,7 @@ cdef class Session(WSListener):
     cdef inline bint queue_shared(self, bytes frame, Py_ssize_t limit) except -1:
         """queue() for a large frame: a reference to it, after whatever is queued already."""
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
-        if self.overflowing or self.closing or \
-                self.out.size + self.shared_size + self.backlog + size > limit:
+        if self._refuses(size, limit):
             return 1
         if self.shared is None:
             self.shared = []
@@ -878,7 +884,7 @@ cdef class Session(WSListener):
         cdef char header[10]
         if self.closing:
             return 0
-        if self.out.size + self.shared_size + self.backlog + size > self.hub.max_buffer:
+        if self._queued() + size > self.hub.max_buffer:
             # The client sends requests but does not read the answers.
             self.hub.slow_consumers_disconnected_total += 1
             self._discard_output()
