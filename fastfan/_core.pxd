@@ -1,20 +1,41 @@
-# The compiled core's cdef classes, so that other Cython code (benchmarks, a future
-# transport) can cimport them and call them at C speed.
+# The compiled core's names, declared once: other Cython code can cimport the classes and
+# call them at C speed, and the cpdef enums are Python enums too (`from fastfan._core import
+# CloseCode`), so Python and Cython never keep a copy of a code of their own.
 
-from libc.stdint cimport uint32_t, int64_t
+cimport cython
+from libc.stdint cimport uint32_t
 from picows.picows cimport WSListener, WSTransport, WSFrame
 
 
-cdef class OutputBuffer:
-    # Bytes framed for one connection and not yet handed to the kernel.
-    cdef:
-        char*      data
-        Py_ssize_t size
-        Py_ssize_t capacity
+cpdef enum CloseCode:
+    # The contract's close codes that picows's WSCloseCode does not name.
+    SERVER_API = 4000          # disconnected through the server API
+    TOKEN_EXPIRED = 4001
+    SLOW_CONSUMER = 4008
+    RATE_LIMITED = 4029
 
-    cdef int append(self, const char* ptr, Py_ssize_t n) except -1
-    cdef void clear(self) noexcept
-    cdef void release(self) noexcept
+
+cpdef enum BusResult:
+    # What bus.publish answers.
+    REFUSED = 0                # the bus is down: the client gets 503
+    DONE = 1                   # handed on: a `published` reply may go at once
+    PENDING = 2                # the bus calls session.acknowledge() once it knows
+
+
+cpdef enum SlowConsumerPolicy:
+    # --slow-consumer; config.SLOW_CONSUMER_POLICIES is these names, lower case.
+    DISCONNECT = 0
+    DROP = 1
+    CONFLATE = 2
+
+
+cdef struct ByteBuffer:
+    # Bytes for one connection: what is framed and not yet handed to the kernel, or a
+    # fragmented message being reassembled. A struct inside the session, not an object of
+    # its own: one object touched per delivery.
+    char*      data
+    Py_ssize_t size
+    Py_ssize_t capacity
 
 
 cdef class Histogram:
@@ -38,96 +59,70 @@ cdef class Samples:
     cdef void record(self, double value) noexcept
 
 
-cdef class Channel:
-    # One channel's local subscribers, a contiguous array of strong references: fan-out
-    # walks it in C, and add/remove are O(1) (the session remembers its slot).
-    cdef:
-        readonly str name
-        void**      subscribers
-        Py_ssize_t  count
-        Py_ssize_t  capacity
-
-    cdef Py_ssize_t add(self, Session session) except -1
-    cdef Session remove_at(self, Py_ssize_t slot)
+cdef class Hub
+cdef class Channel
 
 
-cdef class Hub:
-    cdef:
-        readonly dict       channels        # name -> Channel with local subscribers
-        readonly set        sessions        # every open Session of this worker
-        list                pending         # sessions with output to write this loop turn
-        bint                flush_scheduled
-        object              loop
-        public object       bus             # .publish(channel, payload) -> bool, .subscribe, .unsubscribe
-        object              ready_callback
-
-        # limits and policy, copied from Config once
-        readonly Py_ssize_t max_message_size
-        readonly Py_ssize_t max_subscriptions
-        readonly Py_ssize_t max_buffer
-        readonly double     publish_rate
-        readonly int        slow_consumer   # SLOW_DISCONNECT, SLOW_DROP, SLOW_CONFLATE
-
-        # a scratch buffer where each message is framed once, then copied to every subscriber
-        char*               frame
-        Py_ssize_t          frame_capacity
-
-        # when each fan-out of this loop turn began, for the latency histogram
-        double*             fanout_started
-        Py_ssize_t          fanout_count
-        Py_ssize_t          fanout_capacity
-        readonly Histogram  publish_latency # fan-out begun -> written, per message
-        readonly Samples    handling        # time to handle one client message
-
-        bytes               client_id_prefix
-        unsigned long long  next_client_number
-
-        # counters for /metrics; "_total" figures only grow
-        readonly unsigned long long connections_total
-        readonly unsigned long long messages_received_total
-        readonly unsigned long long deliveries_total
-        readonly unsigned long long bytes_sent_total
-        readonly unsigned long long dropped_slow_total
-        readonly unsigned long long dropped_conflated_total
-        readonly unsigned long long slow_consumers_disconnected_total
-        readonly unsigned long long publish_refused_total
-
-    cpdef Py_ssize_t fanout(self, str channel, object payload) except -1
-    cdef int _note_fanout(self, double started) except -1
-    cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
-    cdef int _deliver_shared(self, Channel channel, bytes frame) except -1
-    cdef int _overflow(self, Session session, Channel channel, const char* frame,
-                       Py_ssize_t size) except -1
-    cdef int _schedule(self, Session session) except -1
-    cdef int _subscribe(self, Session session, str name) except -1
-    cdef int _unsubscribe(self, Session session, str name) except -1
-    cdef bytes _new_client_id(self)
-
-
-cdef class Session(WSListener):
+cdef class Outbox(WSListener):
+    # What goes out to one connection: the queue, the slow-consumer decision, the writes,
+    # the closing handshake. Session adds what comes in.
     cdef:
         Hub                 hub
         WSTransport         transport
-        readonly object     identity        # auth.Identity
-        readonly bytes      client_id
-        bytes               user_json
-        bint                echo            # --echo-path: echo frames, no pub/sub protocol
         int                 fd
 
-        OutputBuffer        out
-        list                shared          # large frames queued by reference, ahead of `out`
+        ByteBuffer          out             # small frames, copied in
+        list                shared          # large frames by reference, ahead of `out`
         Py_ssize_t          shared_size     # their bytes (the list is None when empty)
+        Py_ssize_t          backlog         # bytes last left with the transport (paused)
+        dict                conflated       # `conflate`: channel -> newest undelivered frame
+        Py_ssize_t          conflated_size  # their bytes
         bint                scheduled       # in hub.pending
         bint                paused          # the transport holds unsent bytes
         bint                closing         # our CLOSE is sent; only the peer's CLOSE matters now
         bint                overflowing     # past --max-buffer: the policy applies until drained
-        Py_ssize_t          backlog         # bytes last left with the transport (paused)
-        dict                conflated       # `conflate`: channel -> newest undelivered frame
+
+    @cython.final
+    cdef Py_ssize_t queued(self) noexcept
+    @cython.final
+    cdef bint exceeds(self, Py_ssize_t size) noexcept
+    @cython.final
+    cdef bint refuses(self, Py_ssize_t size) noexcept
+    @cython.final
+    cdef int deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
+    @cython.final
+    cdef int deliver_shared(self, Channel channel, bytes frame) except -1
+    @cython.final
+    cdef int _append_shared(self, bytes frame) except -1
+    cdef int _overflow(self, Channel channel, const char* frame, Py_ssize_t size,
+                       bytes shared) except -1
+    cdef int _conflate(self, str channel, bytes frame) except -1
+    cdef int queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1
+    cdef int send_text(self, const char* payload, Py_ssize_t size) except -1
+    cdef int send_bytes(self, bytes payload) except -1
+    cdef int discard_output(self) except -1
+    cdef int write_out(self) except -1
+    cdef bint _send_queued(self) except -1
+    cdef int _drained(self) except -1
+    cdef int _write_all(self) except -1
+    cdef int _send_close(self, int code, str reason) except -1
+    cpdef close(self, int code, str reason)
+
+
+cdef class Session(Outbox):
+    # One WebSocket connection as the client sees it: frames in, RFC 6455 rules,
+    # reassembly, requests, permissions and limits.
+    cdef:
+        readonly object     identity        # auth.Identity
+        readonly bytes      client_id
+        bint                echo            # --echo-path: echo frames, no pub/sub protocol
         readonly dict       subscriptions   # channel name -> slot in Channel.subscribers
+        Py_ssize_t          subscription_bytes  # the names' length, against the bound
 
         # a fragmented message being reassembled
         int                 fragment_type   # 0 when none is open, else WSMsgType
-        OutputBuffer        fragments
+        ByteBuffer          fragments
+        double              fragment_started  # monotonic seconds of its first frame
         uint32_t            utf8_state
 
         # publish rate limit: a token bucket, and when its refusals began
@@ -149,17 +144,74 @@ cdef class Session(WSListener):
     cdef int _publish(self, object request, bytes request_id) except -1
     cdef bint _take_token(self)
     cdef int _send_error(self, int code, str message, bytes request_id) except -1
-    cdef int _send_bytes(self, bytes payload) except -1
-    cdef Py_ssize_t _queued(self) noexcept
-    cdef bint _refuses(self, Py_ssize_t size, Py_ssize_t limit) noexcept
-    cdef bint queue(self, const char* frame, Py_ssize_t size, Py_ssize_t limit) except -1
-    cdef bint queue_shared(self, bytes frame, Py_ssize_t limit) except -1
-    cdef int _discard_output(self) except -1
-    cdef int send_text(self, const char* payload, Py_ssize_t size) except -1
-    cdef int _queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1
-    cdef int write_out(self) except -1
-    cdef bint _send_queued(self) except -1
-    cdef int _drained(self) except -1
-    cdef int _write_all(self) except -1
-    cdef int _send_close(self, int code, str reason) except -1
-    cpdef close(self, int code, str reason)
+    cdef int _forget_fragments(self) except -1
+    cdef int check_deadlines(self, double now, double wall, double ping_interval,
+                             double ping_timeout) except -1
+
+
+cdef class Channel:
+    # One channel's local subscribers, a contiguous array of strong references: fan-out
+    # walks it in C, and add/remove are O(1) (the session remembers its slot).
+    cdef:
+        readonly str name
+        void**      subscribers
+        Py_ssize_t  count
+        Py_ssize_t  capacity
+
+    cdef Py_ssize_t add(self, Outbox subscriber) except -1
+    cdef Outbox remove_at(self, Py_ssize_t slot)
+
+
+cdef class Hub:
+    cdef:
+        readonly dict       channels        # name -> Channel with local subscribers
+        readonly set        sessions        # every open Session of this worker
+        readonly dict       users           # user -> how many sessions of theirs are open
+        list                pending         # outboxes with output to write this loop turn
+        bint                flush_scheduled
+        object              loop
+        public object       bus             # .publish(channel, payload) -> BusResult, ...
+        object              ready_callback
+
+        # limits and policy, copied from Config once
+        readonly Py_ssize_t max_message_size
+        readonly Py_ssize_t max_subscriptions
+        readonly Py_ssize_t max_subscription_bytes
+        readonly Py_ssize_t max_buffer
+        readonly double     publish_rate
+        readonly SlowConsumerPolicy slow_consumer
+
+        # a scratch buffer where each message is framed once, then copied to every subscriber
+        char*               frame
+        Py_ssize_t          frame_capacity
+
+        # when each fan-out of this loop turn began, for the latency histogram
+        double*             fanout_started
+        Py_ssize_t          fanout_count
+        Py_ssize_t          fanout_capacity
+        readonly Histogram  publish_latency # fan-out begun -> written, per message
+        readonly Samples    handling        # time to handle one client message
+
+        bytes               client_id_prefix
+        unsigned long long  next_client_number
+
+        # counters for /metrics (fastfan.metrics.METRICS names them); "_total" only grow
+        readonly unsigned long long connections_total
+        readonly unsigned long long messages_received_total
+        readonly unsigned long long deliveries_total
+        readonly unsigned long long bytes_sent_total
+        readonly unsigned long long dropped_slow_total
+        readonly unsigned long long dropped_conflated_total
+        readonly unsigned long long slow_consumers_disconnected_total
+        readonly unsigned long long publish_refused_total
+
+    cpdef Py_ssize_t fanout(self, str channel, object payload) except -1
+    cdef int _note_fanout(self, double started) except -1
+    cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
+    cdef int _deliver_shared(self, Channel channel, bytes frame) except -1
+    cdef int schedule(self, Outbox outbox) except -1
+    cdef int subscribe(self, Session session, str name) except -1
+    cdef int unsubscribe(self, Session session, str name) except -1
+    cdef int attach(self, Session session) except -1
+    cdef int detach(self, Session session) except -1
+    cdef bytes _new_client_id(self)

@@ -32,6 +32,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -68,6 +78,8 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--jwt-secret", str, None, "HS256 secret for client tokens"),
     ("--max-message-size", _positive_int, None, "largest client message in bytes (65536)"),
     ("--max-subscriptions", _positive_int, None, "channels one connection may hold (1024)"),
+    ("--max-subscription-bytes", _positive_int, None,
+     "bytes of channel names one connection may hold (65536)"),
     ("--publish-rate", _positive_int, None, "publishes per second per connection (1000)"),
     ("--max-buffer", _positive_int, None, "bytes queued for one connection (1048576)"),
     ("--slow-consumer", str, SLOW_CONSUMER_POLICIES, "policy past --max-buffer (disconnect)"),
@@ -76,6 +88,8 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--shutdown-grace", _seconds, None, "seconds to drain on SIGTERM (10)"),
     ("--max-connections", _positive_int, None,
      "connections per worker before upgrades get 503 (default: the open-files limit less 256)"),
+    ("--max-connections-per-user", _non_negative_int, None,
+     "connections of one token's user per worker before upgrades get 429 (0: no limit)"),
     ("--stats-interval", _seconds, None, "seconds between the message-handling stats lines (60)"),
     ("--log-level", str, LOG_LEVELS, "debug, info, warning or error (info)"),
     ("--log-format", str, LOG_FORMATS, "text or json (text)"),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
 
-SlowConsumerPolicy = Literal["disconnect", "drop", "conflate"]
-SLOW_CONSUMER_POLICIES: tuple[SlowConsumerPolicy, ...] = ("disconnect", "drop", "conflate")
+from ._core import SlowConsumerPolicy
+
+# The --slow-consumer names: the core's policies, lower case.
+SLOW_CONSUMER_POLICIES = tuple(policy.name.lower() for policy in SlowConsumerPolicy)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -27,14 +28,16 @@ class Config:
     insecure: bool = False
     max_message_size: int = 65536
     max_subscriptions: int = 1024
+    max_subscription_bytes: int = 65536
     publish_rate: int = 1000
     max_buffer: int = 1048576
-    slow_consumer: SlowConsumerPolicy = "disconnect"
+    slow_consumer: str = "disconnect"
     ping_interval: float = 30.0
     ping_timeout: float = 60.0
     shutdown_grace: float = 10.0
     stats_interval: float = 60.0
     max_connections: int | None = None  # per worker; None: what the open-files limit allows
+    max_connections_per_user: int = 0  # per worker and token user; 0: no limit
     log_level: str = "info"
     log_format: str = "text"
     echo_path: str | None = None
@@ -44,12 +47,15 @@ class Config:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be 1 or more (or 'auto'), got {self.workers}")
-        for name in ("max_message_size", "max_subscriptions", "publish_rate", "max_buffer"):
+        for name in ("max_message_size", "max_subscriptions", "max_subscription_bytes",
+                     "publish_rate", "max_buffer"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ConfigError("--max-connections must be a positive integer")
+        if self.max_connections_per_user < 0:
+            raise ConfigError("--max-connections-per-user must be 0 (no limit) or more")
         for name in ("ping_interval", "ping_timeout", "shutdown_grace", "stats_interval"):
             if getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
@@ -77,6 +83,11 @@ class Config:
                 "no --jwt-secret (or FASTFAN_JWT_SECRET) given: set one to require client "
                 "tokens, or pass --insecure to accept any client (local development only)"
             )
+
+
+    @property
+    def slow_consumer_policy(self) -> SlowConsumerPolicy:
+        return SlowConsumerPolicy[self.slow_consumer.upper()]
 
 
 def cpu_count() -> int:

@@ -80,6 +80,13 @@ class ListenerFactory:
             self.auth_failures_total += 1
             return _response(401, f"401 Unauthorized: {exc}\n".encode(),
                              {"WWW-Authenticate": "Bearer"})
+        per_user = self._config.max_connections_per_user
+        if per_user and identity is not ANONYMOUS and \
+                self._hub.connections_of(identity.user) >= per_user:
+            self.refused_full_total += 1
+            return _response(429, f"429 Too Many Requests: {identity.user} has {per_user} "
+                                  f"connections open, the most --max-connections-per-user "
+                                  f"allows\n".encode(), {"Retry-After": "1"})
         _accept_any_connection_header(request)
         return Session(self._hub, identity, echo)
 

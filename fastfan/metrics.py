@@ -5,40 +5,62 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ._core import LATENCY_BOUNDS
 
-# (name, type, help, key in the figures); the names are public: keep them exactly.
-_SERIES = [
-    ("fastfan_connections", "gauge", "Open WebSocket connections.", "connections"),
-    ("fastfan_connections_total", "counter", "WebSocket connections accepted.",
-     "connections_total"),
-    ("fastfan_channels", "gauge", "Channels with at least one local subscriber.", "channels"),
-    ("fastfan_subscriptions", "gauge", "Subscriptions held by connections.", "subscriptions"),
-    ("fastfan_messages_received_total", "counter", "Client messages received.",
-     "messages_received_total"),
-    ("fastfan_deliveries_total", "counter", "Messages queued to subscribers.",
-     "deliveries_total"),
-    ("fastfan_bytes_sent_total", "counter", "Bytes written to connections.", "bytes_sent_total"),
-    ("fastfan_slow_consumers_disconnected_total", "counter",
-     "Connections closed with 4008 for not reading.", "slow_consumers_disconnected_total"),
-    ("fastfan_auth_failures_total", "counter", "Upgrades refused with 401.",
-     "auth_failures_total"),
-    ("fastfan_connections_refused_total", "counter",
-     "Upgrades refused with 503 at --max-connections.", "connections_refused_total"),
-    ("fastfan_worker_restarts_total", "counter", "Workers the master replaced.",
-     "worker_restarts_total"),
-    ("fastfan_redis_up", "gauge", "1 when the Redis bus is connected.", "redis_up"),
-]
 
-# fastfan_dropped_total{reason}: messages a subscriber did not get, by why.
-_DROP_REASONS = [
-    ("slow_consumer", "dropped_slow_total"),
-    ("conflated", "dropped_conflated_total"),
-    ("bus", "dropped_bus_total"),
-    ("invalid_payload", "dropped_invalid_total"),
-    ("rate_limited", "publish_refused_total"),
-]
+@dataclass(frozen=True)
+class Metric:
+    """One series of /metrics and the figure each worker keeps for it.
+
+    `key` names the figure in Hub.stats() and the worker's row of shared figures; a
+    series with `labels` is one labelled member of `name`'s family.
+    """
+
+    name: str
+    kind: str  # "counter" or "gauge"
+    help: str
+    key: str
+    labels: str = ""
+
+
+# Every series but the latency histogram, declared once: the names are public, keep them
+# exactly. The shared figures, the /metrics text and the tests all read this table.
+METRICS = (
+    Metric("fastfan_connections", "gauge", "Open WebSocket connections.", "connections"),
+    Metric("fastfan_connections_total", "counter", "WebSocket connections accepted.",
+           "connections_total"),
+    Metric("fastfan_channels", "gauge", "Channels with at least one local subscriber.",
+           "channels"),
+    Metric("fastfan_subscriptions", "gauge", "Subscriptions held by connections.",
+           "subscriptions"),
+    Metric("fastfan_messages_received_total", "counter", "Client messages received.",
+           "messages_received_total"),
+    Metric("fastfan_deliveries_total", "counter", "Messages queued to subscribers.",
+           "deliveries_total"),
+    Metric("fastfan_bytes_sent_total", "counter", "Bytes written to connections.",
+           "bytes_sent_total"),
+    Metric("fastfan_slow_consumers_disconnected_total", "counter",
+           "Connections closed with 4008 for not reading.", "slow_consumers_disconnected_total"),
+    Metric("fastfan_auth_failures_total", "counter", "Upgrades refused with 401.",
+           "auth_failures_total"),
+    Metric("fastfan_connections_refused_total", "counter",
+           "Upgrades refused with 503 at --max-connections or 429 at "
+           "--max-connections-per-user.", "connections_refused_total"),
+    Metric("fastfan_worker_restarts_total", "counter", "Workers the master replaced.",
+           "worker_restarts_total"),
+    Metric("fastfan_redis_up", "gauge", "1 when the Redis bus is connected.", "redis_up"),
+    *(Metric("fastfan_dropped_total", "counter", "Messages not delivered, by reason.", key,
+             f'reason="{reason}"')
+      for reason, key in (("slow_consumer", "dropped_slow_total"),
+                          ("conflated", "dropped_conflated_total"),
+                          ("bus", "dropped_bus_total"),
+                          ("invalid_payload", "dropped_invalid_total"),
+                          ("rate_limited", "publish_refused_total"))),
+)
+# Gauges that are the whole server's when every worker has them, not their sum.
+LEAST_OF_WORKERS = ("redis_up",)
 
 
 def _number(value: float) -> str:
@@ -48,13 +70,13 @@ def _number(value: float) -> str:
 
 def render(figures: Mapping[str, float]) -> bytes:
     lines: list[str] = []
-    for name, kind, help_text, key in _SERIES:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
-                  f"{name} {_number(figures.get(key, 0))}"]
-    lines += ["# HELP fastfan_dropped_total Messages not delivered, by reason.",
-              "# TYPE fastfan_dropped_total counter"]
-    lines += [f'fastfan_dropped_total{{reason="{reason}"}} {_number(figures.get(key, 0))}'
-              for reason, key in _DROP_REASONS]
+    described: set[str] = set()
+    for metric in METRICS:
+        if metric.name not in described:
+            described.add(metric.name)
+            lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
+        labels = f"{{{metric.labels}}}" if metric.labels else ""
+        lines.append(f"{metric.name}{labels} {_number(figures.get(metric.key, 0))}")
     lines += _histogram("fastfan_publish_latency_seconds",
                         "Seconds from a message's fan-out to its last local write.", figures)
     return ("\n".join(lines) + "\n").encode()
@@ -81,12 +103,7 @@ def latency_figures(buckets: list[int], total: float, count: int) -> dict[str, f
 # The figures every worker shares, in a fixed order: one row of float64 per worker in a
 # shared anonymous mmap made by the master before it forks, plus one row of its own.
 FIGURES = (
-    "connections", "connections_total", "channels", "subscriptions",
-    "messages_received_total", "deliveries_total", "bytes_sent_total", "dropped_slow_total",
-    "dropped_conflated_total", "dropped_bus_total", "dropped_invalid_total",
-    "slow_consumers_disconnected_total",
-    "publish_refused_total", "auth_failures_total", "connections_refused_total",
-    "worker_restarts_total", "redis_up",
+    *(metric.key for metric in METRICS),
     *(f"latency_bucket_{i}" for i in range(len(LATENCY_BOUNDS) + 1)),
     "latency_sum", "latency_count",
 )
@@ -119,8 +136,8 @@ class SharedFigures:
     def total(self) -> dict[str, float]:
         rows = [self.read(row) for row in range(self.rows)]
         figures = {key: sum(row[key] for row in rows) for key in FIGURES}
-        # Redis is up for the server when it is up for every worker.
-        figures["redis_up"] = min(row["redis_up"] for row in rows[:-1])
+        for key in LEAST_OF_WORKERS:  # e.g. Redis is up for the server when it is for all
+            figures[key] = min(row[key] for row in rows[:-1])
         return figures
 
     def retire(self, row: int) -> None:

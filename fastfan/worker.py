@@ -64,9 +64,10 @@ class Worker:
             self.loop,
             max_message_size=config.max_message_size,
             max_subscriptions=config.max_subscriptions,
+            max_subscription_bytes=config.max_subscription_bytes,
             max_buffer=config.max_buffer,
             publish_rate=float(config.publish_rate),
-            slow_consumer=config.slow_consumer,
+            slow_consumer=config.slow_consumer_policy,
         )
         self.bus: Bus
         if config.redis is not None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-REFUSED, DONE, PENDING = 0, 1, 2
+from .._core import BusResult
+
+REFUSED, DONE, PENDING = BusResult.REFUSED, BusResult.DONE, BusResult.PENDING
 
 
 class Bus(Protocol):

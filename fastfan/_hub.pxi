@@ -1,0 +1,266 @@
+# Channel and Hub: the channel table, fan-out, the flush and the sweep. Included by
+# _core.pyx.
+
+
+@cython.final
+cdef class Channel:
+    def __cinit__(self, str name):
+        self.name = name
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.count):
+            Py_DECREF(<object>self.subscribers[i])
+        free(self.subscribers)
+
+    def __len__(self):
+        return self.count
+
+    cdef Py_ssize_t add(self, Outbox subscriber) except -1:
+        cdef Py_ssize_t capacity
+        cdef void** grown
+        if self.count == self.capacity:
+            capacity = max(8, 2 * self.capacity)
+            grown = <void**>realloc(self.subscribers, capacity * sizeof(void*))
+            if grown == NULL:
+                raise MemoryError()
+            self.subscribers = grown
+            self.capacity = capacity
+        Py_INCREF(subscriber)
+        self.subscribers[self.count] = <void*>subscriber
+        self.count += 1
+        return self.count - 1
+
+    cdef Outbox remove_at(self, Py_ssize_t slot):
+        """Remove the subscriber in `slot` by moving the last one into it.
+
+        Returns the subscriber that moved (its slot is now `slot`), or None.
+        """
+        cdef Outbox removed = <Outbox>self.subscribers[slot]
+        cdef Outbox moved = None
+        self.count -= 1
+        if slot != self.count:
+            self.subscribers[slot] = self.subscribers[self.count]
+            moved = <Outbox>self.subscribers[slot]
+        Py_DECREF(removed)
+        return moved
+
+
+@cython.final
+cdef class Hub:
+    """One worker's channels and connections; the bus calls `fanout` for every message."""
+
+    def __cinit__(self, loop, *, Py_ssize_t max_message_size, Py_ssize_t max_subscriptions,
+                  Py_ssize_t max_subscription_bytes, Py_ssize_t max_buffer,
+                  double publish_rate, SlowConsumerPolicy slow_consumer):
+        self.loop = loop
+        self.channels = {}
+        self.sessions = set()
+        self.users = {}
+        self.pending = []
+        self.max_message_size = max_message_size
+        self.max_subscriptions = max_subscriptions
+        self.max_subscription_bytes = max_subscription_bytes
+        self.max_buffer = max_buffer
+        self.publish_rate = publish_rate
+        self.slow_consumer = slow_consumer
+        self.client_id_prefix = secrets.token_hex(6).encode() + b"-"
+        self.publish_latency = Histogram()
+        self.handling = Samples()
+
+    def __dealloc__(self):
+        free(self.frame)
+        free(self.fanout_started)
+
+    @property
+    def connections(self):
+        return len(self.sessions)
+
+    @property
+    def subscriptions(self):
+        cdef Channel channel
+        return sum([channel.count for channel in self.channels.values()])
+
+    def connections_of(self, str user):
+        """Open connections of `user` on this worker."""
+        return self.users.get(user, 0)
+
+    cdef bytes _new_client_id(self):
+        self.next_client_number += 1
+        return self.client_id_prefix + (b"%x" % self.next_client_number)
+
+    def encode_message(self, str channel, data, bytes sender):
+        """The `message` object subscribers receive: `data` is copied byte for byte."""
+        return b"".join((MESSAGE_PREFIX, channel.encode("ascii"), b'","data":', data,
+                         b',"from":"', sender, b'","timestamp":', b"%d}" % now_ms()))
+
+    # Fan-out ---------------------------------------------------------------------------
+
+    cpdef Py_ssize_t fanout(self, str channel, object payload) except -1:
+        """Deliver an encoded `message` to this worker's subscribers of `channel`.
+
+        The payload is framed once into a scratch buffer; each subscriber gets a memcpy.
+        Returns the number of subscribers it was queued for.
+        """
+        cdef Channel target = self.channels.get(channel)
+        cdef Py_buffer view
+        cdef Py_ssize_t header, size
+        cdef char* grown
+        cdef bytes shared
+        cdef char shared_header[10]  # MAX_HEADER
+        if target is None or target.count == 0:
+            return 0
+        self._note_fanout(monotonic())
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            if view.len >= SHARED_FRAME_BYTES:
+                header = write_header(shared_header, WSMsgType.TEXT, view.len)
+                shared = PyBytes_FromStringAndSize(NULL, header + view.len)
+                memcpy(PyBytes_AS_STRING(shared), shared_header, header)
+                memcpy(PyBytes_AS_STRING(shared) + header, view.buf, view.len)
+                return self._deliver_shared(target, shared)
+            size = view.len + MAX_HEADER
+            if size > self.frame_capacity:
+                grown = <char*>realloc(self.frame, size)
+                if grown == NULL:
+                    raise MemoryError()
+                self.frame = grown
+                self.frame_capacity = size
+            header = write_header(self.frame, WSMsgType.TEXT, view.len)
+            memcpy(self.frame + header, view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return self._deliver(target, self.frame, header + view.len)
+
+    cdef int _note_fanout(self, double started) except -1:
+        """Remember when a fan-out began; the flush that writes it measures the latency."""
+        cdef double* grown
+        cdef Py_ssize_t capacity
+        if self.fanout_count == self.fanout_capacity:
+            capacity = max(64, 2 * self.fanout_capacity)
+            grown = <double*>realloc(self.fanout_started, capacity * sizeof(double))
+            if grown == NULL:
+                raise MemoryError()
+            self.fanout_started = grown
+            self.fanout_capacity = capacity
+        self.fanout_started[self.fanout_count] = started
+        self.fanout_count += 1
+        return 0
+
+    cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1:
+        cdef Py_ssize_t i, count = channel.count
+        self.deliveries_total += count  # Outbox._overflow takes back what it refuses
+        for i in range(count):
+            (<Outbox>channel.subscribers[i]).deliver(channel, frame, size)
+        return count
+
+    cdef int _deliver_shared(self, Channel channel, bytes frame) except -1:
+        cdef Py_ssize_t i, count = channel.count
+        self.deliveries_total += count
+        for i in range(count):
+            (<Outbox>channel.subscribers[i]).deliver_shared(channel, frame)
+        return count
+
+    cdef int schedule(self, Outbox outbox) except -1:
+        """Write `outbox` at the end of this loop turn."""
+        outbox.scheduled = True
+        self.pending.append(outbox)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return 0
+
+    def _flush(self):
+        """End of the loop turn: write each connection's queued frames in one sendmsg()."""
+        cdef Outbox outbox
+        cdef list pending = self.pending
+        cdef Py_ssize_t i
+        cdef double written
+        self.pending = []
+        self.flush_scheduled = False
+        for outbox in pending:
+            outbox.scheduled = False
+            outbox.write_out()
+        written = monotonic()
+        for i in range(self.fanout_count):
+            self.publish_latency.observe(written - self.fanout_started[i])
+        self.fanout_count = 0
+
+    # Figures, heartbeat, shutdown ----------------------------------------------------------
+
+    def stats(self):
+        """This worker's figures, by the keys of fastfan.metrics.METRICS."""
+        return {
+            "connections": len(self.sessions),
+            "connections_total": self.connections_total,
+            "channels": len(self.channels),
+            "subscriptions": self.subscriptions,
+            "messages_received_total": self.messages_received_total,
+            "deliveries_total": self.deliveries_total,
+            "bytes_sent_total": self.bytes_sent_total,
+            "dropped_slow_total": self.dropped_slow_total,
+            "dropped_conflated_total": self.dropped_conflated_total,
+            "slow_consumers_disconnected_total": self.slow_consumers_disconnected_total,
+            "publish_refused_total": self.publish_refused_total,
+        }
+
+    def sweep(self, double ping_interval, double ping_timeout):
+        """The periodic heartbeat, one pass over every connection (no timer per connection):
+        see Session.check_deadlines."""
+        cdef Session session
+        cdef double now = monotonic()
+        cdef double wall = now_ms() / 1000.0
+        for session in list(self.sessions):
+            session.check_deadlines(now, wall, ping_interval, ping_timeout)
+
+    def close_all(self, int code, str reason):
+        """Send every connection a CLOSE (shutdown); they disconnect as peers answer."""
+        cdef Session session
+        for session in list(self.sessions):
+            session.close(code, reason)
+
+    # Connections and the channel table -----------------------------------------------------
+
+    cdef int attach(self, Session session) except -1:
+        cdef str user
+        self.sessions.add(session)
+        self.connections_total += 1
+        user = session.identity.user
+        self.users[user] = self.users.get(user, 0) + 1
+        return 0
+
+    cdef int detach(self, Session session) except -1:
+        cdef str name, user
+        if session not in self.sessions:
+            return 0
+        self.sessions.discard(session)
+        user = session.identity.user
+        if self.users[user] == 1:
+            del self.users[user]
+        else:
+            self.users[user] -= 1
+        for name in list(session.subscriptions):
+            self.unsubscribe(session, name)
+        return 0
+
+    cdef int subscribe(self, Session session, str name) except -1:
+        cdef Channel channel = self.channels.get(name)
+        if channel is None:
+            channel = Channel(name)
+            self.channels[name] = channel
+            self.bus.subscribe(name)
+        session.subscriptions[name] = channel.add(session)
+        session.subscription_bytes += len(name)
+        return 0
+
+    cdef int unsubscribe(self, Session session, str name) except -1:
+        cdef Channel channel = self.channels[name]
+        cdef Py_ssize_t slot = session.subscriptions.pop(name)
+        cdef Session moved = <Session>channel.remove_at(slot)
+        session.subscription_bytes -= len(name)
+        if moved is not None:
+            moved.subscriptions[name] = slot
+        if channel.count == 0:
+            del self.channels[name]
+            self.bus.unsubscribe(name)
+        return 0

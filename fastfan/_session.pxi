@@ -1,0 +1,314 @@
+# Session: what comes in from one connection. Included by _core.pyx.
+#
+# picows hands each frame to on_ws_frame; the RFC 6455 rules picows leaves to us (RSV
+# bits, control frames, fragments, UTF-8) are applied here, a whole message goes to
+# _handle as JSON, and each request type has its method. Replies go out through the
+# Outbox this class extends.
+
+
+# Replies the server sends often enough to build once.
+cdef bytes PONG = b'{"type":"pong"}'
+
+
+cdef bytes _reply(bytes kind, str channel, bytes request_id):
+    """`{"type":kind,"channel":channel[,"id":id]}`; channel names need no escaping."""
+    cdef bytes body = b'{"type":"' + kind + b'","channel":"' + channel.encode("ascii") + b'"'
+    if request_id:
+        body += b',"id":' + request_id
+    return body + b"}"
+
+
+cdef bytes _error(int code, str message, bytes request_id):
+    cdef bytes body = b'{"type":"error","code":%d,"message":%s' % (code, encode_json(message))
+    if request_id:
+        body += b',"id":' + request_id
+    return body + b"}"
+
+
+@cython.final
+cdef class Session(Outbox):
+    """One WebSocket connection: frames in, RFC 6455 rules and limits, requests."""
+
+    def __cinit__(self, Hub hub, identity, bint echo=False):
+        self.hub = hub
+        self.identity = identity
+        self.echo = echo
+        self.subscriptions = {}
+        self.tokens = 2 * hub.publish_rate
+        self.fd = -1
+        self.expires_at = identity.expires_at or 0
+
+    def __dealloc__(self):
+        buffer_release(&self.fragments)
+
+    # picows callbacks -----------------------------------------------------------------
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        cdef Hub hub = self.hub
+        self.transport = transport
+        # Memory per idle connection: the parsed upgrade request and response (header
+        # dicts) are not needed once connected, and picows's framing buffer can start small.
+        transport.request = None
+        transport.response = None
+        transport._write_buffer = MemoryBuffer(PICOWS_WRITE_BUFFER)
+        tcp = transport.underlying_transport
+        # Any byte left unsent makes the transport pause us, and resume us once it has
+        # written everything: so while not paused, our own sendmsg() cannot jump the queue.
+        tcp.set_write_buffer_limits(0, 0)
+        self.paused = tcp.get_write_buffer_size() > 0
+        self.fd = tcp.get_extra_info("socket").fileno()
+        self.client_id = hub._new_client_id()
+        self.last_seen = monotonic()
+        self.refill_at = self.last_seen
+        hub.attach(self)
+        if not self.echo:
+            welcome = b'{"type":"welcome","data":{"clientId":"%s","user":%s,"timestamp":%d}}' % (
+                self.client_id, encode_json(self.identity.user), now_ms())
+            self.send_bytes(welcome)
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        self.hub.detach(self)
+        self.discard_output()
+        self._forget_fragments()
+        self.conflated = None
+        self.conflated_size = 0
+        self.closing = True
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef WSMsgType kind = frame.msg_type
+        self.last_seen = monotonic()
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            if not self.closing:
+                self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
+            return
+        if kind == WSMsgType.CLOSE:
+            self._on_close_frame(frame)
+            return
+        if self.closing:
+            return
+        if kind == WSMsgType.PING:
+            # Answered here, not by picows, so that the RSV check above applies and the
+            # pong keeps its place behind the frames already queued.
+            self.queue_frame(WSMsgType.PONG, frame.payload_ptr, frame.payload_size)
+            return
+        if kind == WSMsgType.PONG:
+            return  # only proves the peer alive (last_seen)
+        if kind == WSMsgType.CONTINUATION:
+            self._on_continuation(frame)
+            return
+        if self.fragment_type:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "new message before the last one ended")
+            return
+        if kind == WSMsgType.BINARY and not self.echo:
+            self.close(WSCloseCode.UNSUPPORTED_DATA, "binary frames are not accepted")
+            return
+        if kind == WSMsgType.TEXT:
+            self.utf8_state = utf8_validate(UTF8_ACCEPT, <uint8_t*>frame.payload_ptr,
+                                            frame.payload_size)
+            if self.utf8_state == UTF8_REJECT:
+                self.close(WSCloseCode.INVALID_TEXT, "text is not valid UTF-8")
+                return
+        if frame.fin:
+            if kind == WSMsgType.TEXT and self.utf8_state != UTF8_ACCEPT:
+                self.close(WSCloseCode.INVALID_TEXT, "text is not valid UTF-8")
+                return
+            self._on_message(kind, frame.payload_ptr, frame.payload_size)
+            return
+        self.fragment_type = kind
+        self.fragment_started = self.last_seen
+        buffer_append(&self.fragments, frame.payload_ptr, frame.payload_size)
+
+    cdef int _on_continuation(self, WSFrame frame) except -1:
+        cdef int kind
+        if not self.fragment_type:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message")
+            return 0
+        if self.fragments.size + frame.payload_size > self.hub.max_message_size:
+            self.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
+            return 0
+        if self.fragment_type == WSMsgType.TEXT:
+            self.utf8_state = utf8_validate(self.utf8_state, <uint8_t*>frame.payload_ptr,
+                                            frame.payload_size)
+            if self.utf8_state == UTF8_REJECT or (frame.fin and self.utf8_state != UTF8_ACCEPT):
+                self.close(WSCloseCode.INVALID_TEXT, "text is not valid UTF-8")
+                return 0
+        buffer_append(&self.fragments, frame.payload_ptr, frame.payload_size)
+        if frame.fin:
+            kind = self.fragment_type
+            self.fragment_type = 0
+            try:
+                self._on_message(kind, self.fragments.data, self.fragments.size)
+            finally:
+                self._forget_fragments()
+        return 0
+
+    cdef int _forget_fragments(self) except -1:
+        """Drop a message being reassembled, and its memory."""
+        self.fragment_type = 0
+        buffer_release(&self.fragments)
+        return 0
+
+    cdef int _on_close_frame(self, WSFrame frame) except -1:
+        """Answer the peer's CLOSE with its own code, then hang up."""
+        cdef int code = frame.get_close_code() if frame.payload_size >= 2 else WSCloseCode.OK
+        if not self.closing:
+            if is_valid_close_code(code):
+                self._send_close(code, "")
+            else:
+                self._send_close(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
+        self.transport.disconnect()
+        return 0
+
+    cdef int check_deadlines(self, double now, double wall, double ping_interval,
+                             double ping_timeout) except -1:
+        """The heartbeat sweep's look at this connection: token expiry, a fragmented
+        message left unfinished, silence (ping once, then close)."""
+        cdef double silent
+        if self.closing:
+            return 0
+        if self.expires_at and wall >= self.expires_at:
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+            return 0
+        if self.fragment_type and now - self.fragment_started >= FRAGMENT_TIMEOUT:
+            self._forget_fragments()
+            self.close(WSCloseCode.POLICY_VIOLATION, "message not completed in time")
+            return 0
+        if self.out.size == 0:
+            buffer_release(&self.out)  # empty now: an idle connection holds no buffer
+                                       # (a busy one pays one malloc per sweep)
+        silent = now - self.last_seen
+        if silent >= ping_timeout:
+            self.close(WSCloseCode.GOING_AWAY, "heartbeat timeout")
+        elif silent >= ping_interval and self.pinged_at < self.last_seen:
+            self.pinged_at = now
+            self.queue_frame(WSMsgType.PING, NULL, 0)
+        return 0
+
+    # Messages --------------------------------------------------------------------------
+
+    cdef int _on_message(self, int kind, const char* payload, Py_ssize_t size) except -1:
+        cdef Hub hub = self.hub
+        cdef double started
+        if self.echo:
+            self.queue_frame(kind, payload, size)
+            return 0
+        started = monotonic()
+        hub.messages_received_total += 1
+        try:
+            self._handle(payload, size)
+        finally:
+            hub.handling.record(monotonic() - started)
+        return 0
+
+    cdef int _handle(self, const char* payload, Py_ssize_t size) except -1:
+        cdef bytes request_id = b""
+        try:
+            request = decode_request(PyBytes_FromStringAndSize(payload, size))
+        except msgspec.ValidationError as exc:
+            return self._send_error(400, f"invalid message: {exc}", b"")
+        except msgspec.DecodeError as exc:
+            return self._send_error(400, f"invalid JSON: {exc}", b"")
+        except RecursionError:
+            return self._send_error(400, "invalid JSON: nested too deeply", b"")
+        if request.id:
+            request_id = bytes(request.id)
+        kind_name = request.type
+        if kind_name == "publish":
+            return self._publish(request, request_id)
+        if kind_name == "ping":
+            if request_id:
+                return self.send_bytes(b'{"type":"pong","id":' + request_id + b"}")
+            return self.send_bytes(PONG)
+        if kind_name == "subscribe":
+            return self._subscribe(request.channel, request_id)
+        if kind_name == "unsubscribe":
+            return self._unsubscribe(request.channel, request_id)
+        return self._send_error(400, f"unknown message type {kind_name!r}", request_id)
+
+    cdef int _check_channel(self, channel, bytes request_id) except -1:
+        """1 when `channel` is a valid name; else an error is sent and 0 returned."""
+        if channel is None:
+            self._send_error(400, "missing 'channel'", request_id)
+            return 0
+        if not is_valid_channel(channel):
+            self._send_error(400, "invalid channel name: 1-255 characters from "
+                             "A-Z a-z 0-9 _ - . : @ /", request_id)
+            return 0
+        return 1
+
+    cdef int _subscribe(self, channel, bytes request_id) except -1:
+        cdef Hub hub = self.hub
+        if not self._check_channel(channel, request_id):
+            return 0
+        if not self.identity.subscribe.allows(channel):
+            return self._send_error(403, f"not permitted to subscribe to {channel}", request_id)
+        if channel not in self.subscriptions:
+            if len(self.subscriptions) >= hub.max_subscriptions:
+                return self._send_error(
+                    429, f"subscription limit reached ({hub.max_subscriptions})", request_id)
+            if self.subscription_bytes + len(channel) > hub.max_subscription_bytes:
+                return self._send_error(
+                    429, f"subscription limit reached: channel names add up to more than "
+                    f"{hub.max_subscription_bytes} bytes", request_id)
+            hub.subscribe(self, channel)
+        return self.send_bytes(_reply(b"subscribed", channel, request_id))
+
+    cdef int _unsubscribe(self, channel, bytes request_id) except -1:
+        if not self._check_channel(channel, request_id):
+            return 0
+        if channel in self.subscriptions:
+            self.hub.unsubscribe(self, channel)
+        return self.send_bytes(_reply(b"unsubscribed", channel, request_id))
+
+    cdef int _publish(self, request, bytes request_id) except -1:
+        cdef Hub hub = self.hub
+        channel = request.channel
+        if not self._check_channel(channel, request_id):
+            return 0
+        if not request.data:
+            return self._send_error(400, "publish needs 'data'", request_id)
+        if not self.identity.publish.allows(channel):
+            return self._send_error(403, f"not permitted to publish to {channel}", request_id)
+        if not self._take_token():
+            hub.publish_refused_total += 1
+            if self.refused_since and monotonic() - self.refused_since > RATE_LIMIT_PATIENCE:
+                self.close(CloseCode.RATE_LIMITED, "publish rate limit exceeded")
+                return 0
+            return self._send_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
+                                    request_id)
+        payload = hub.encode_message(channel, request.data, self.client_id)
+        outcome = hub.bus.publish(channel, payload, self if request_id else None, request_id)
+        if outcome == BusResult.REFUSED:
+            return self._send_error(503, "message bus unavailable, try again", request_id)
+        if outcome == BusResult.DONE and request_id:
+            return self.send_bytes(_reply(b"published", channel, request_id))
+        return 0  # PENDING: the bus calls acknowledge() once it knows
+
+    def acknowledge(self, str channel, bytes request_id, bint ok):
+        """The bus's late answer to a publish that asked for one (an `id`)."""
+        if ok:
+            self.send_bytes(_reply(b"published", channel, request_id))
+        else:
+            self._send_error(503, "message bus unavailable; the message was not published",
+                             request_id)
+
+    cdef bint _take_token(self):
+        """Token bucket: `publish_rate` per second, bursts of twice that."""
+        cdef double now = monotonic()
+        cdef double burst = 2 * self.hub.publish_rate
+        self.tokens = min(burst, self.tokens + (now - self.refill_at) * self.hub.publish_rate)
+        self.refill_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            if self.tokens >= burst - 1:
+                self.refused_since = 0  # the client slowed down: forgive past refusals
+            return True
+        if not self.refused_since:
+            self.refused_since = now
+        return False
+
+    cdef int _send_error(self, int code, str message, bytes request_id) except -1:
+        return self.send_bytes(_error(code, message, request_id))
+
+    def __repr__(self):
+        return f"<Session {self.client_id!r} user={self.identity.user!r}>"
