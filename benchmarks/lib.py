@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: building the C tools, starting servers, measuring."""
+"""What the benchmark scenarios share: building the C tools, starting servers, clients,
+measuring. (tests/ imports `build_loadgen` from here too.)"""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 BUILD = HERE / "build"
 RESULTS = HERE / "results"
 PEERS = HERE / "peers"
+TESTS = HERE.parent / "tests"  # wire.py: a WebSocket client on a bare socket
 SERVER_CPU, LOADGEN_CPU = 0, 1
 
 
@@ -93,10 +95,13 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float =
     raise RuntimeError(f"nothing listens on {port}")
 
 
+FASTFAN_ARGS: list[str] = []  # run.py's --fastfan-args, e.g. "--workers 2": last, so they win
+
+
 def fastfan_command(port: int, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "fastfan", "run", "--insecure", "--host", "127.0.0.1",
             "--port", str(port), "--publish-rate", "100000000", "--log-level", "warning",
-            "--max-buffer", str(64 << 20), *extra]
+            "--max-buffer", str(64 << 20), *extra, *FASTFAN_ARGS]
 
 
 def start_fastfan(port: int, extra: list[str], pin: bool = True) -> subprocess.Popen[bytes]:
@@ -114,16 +119,84 @@ def start_fastfan(port: int, extra: list[str], pin: bool = True) -> subprocess.P
 
 
 def run_loadgen(port: int, *, subs: int, rate: float, size: int = 100, duration: float = 5,
-                channels: int = 1, extra: list[str] | None = None) -> dict[str, Any]:
-    """One open-loop run pinned to the load generator's CPU; its JSON summary."""
+                channels: int = 1, channel: str | None = None, pin: bool = True,
+                extra: list[str] | None = None) -> dict[str, Any]:
+    """One open-loop run (pinned to the load generator's CPU unless `pin` is False): `subs`
+    subscribers, and publishers at `rate` messages/s each; its JSON summary. `subs=0`
+    with `--drain 0` is a publisher alone."""
     command = [str(build_loadgen()), "--port", str(port), "--subs", str(subs), "--rate",
                str(rate), "--size", str(size), "--duration", str(duration), "--channels",
-               str(channels), "--channel", f"bench{time.time_ns()}", *(extra or [])]
+               str(channels), "--channel", channel or f"bench{time.time_ns()}", *(extra or [])]
     result = subprocess.run(command, capture_output=True, text=True,
-                            preexec_fn=pinned(LOADGEN_CPU), timeout=duration + 300, check=False)
+                            preexec_fn=pinned(LOADGEN_CPU) if pin else None,
+                            timeout=duration + 300, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"loadgen failed: {result.stderr.strip()}")
     return dict(json.loads(result.stdout))
+
+
+class Subscribers:
+    """Load generator processes that connect and subscribe, then wait (`--sync 1`): one
+    per port in `ports` (a port may repeat), `subs` connections each, from `sources[k]`
+    when given. `ready()` returns once all are subscribed, `go()` lets them receive for
+    `duration` s, `reports()` collects their summaries; leaving the `with` kills them."""
+
+    def __init__(self, ports: list[int], *, subs: int, channel: str, duration: float = 0,
+                 drain: float = 0, sources: list[str] | None = None,
+                 extra: list[str] | None = None, pin: bool = False) -> None:
+        self.processes = [
+            subprocess.Popen(
+                [str(build_loadgen()), "--port", str(port), "--subs", str(subs), "--rate", "0",
+                 "--sync", "1", "--channel", channel, "--duration", str(duration), "--drain",
+                 str(drain), *(["--sources", sources[k]] if sources else []), *(extra or [])],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                preexec_fn=pinned(LOADGEN_CPU) if pin else None)
+            for k, port in enumerate(ports)]
+
+    def __enter__(self) -> Subscribers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def ready(self) -> None:
+        for process in self.processes:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if not line or not json.loads(line).get("ready"):
+                raise RuntimeError(f"subscribers not ready: {line.strip() or 'exited'}")
+
+    def go(self) -> None:
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+
+    def reports(self, timeout: float = 120) -> list[dict[str, Any]]:
+        return [dict(json.loads(p.communicate(timeout=timeout)[0])) for p in self.processes]
+
+
+def metrics(port: int) -> dict[str, float]:
+    """GET /metrics as {series (labels included): value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def subscriber(port: int, channel: str, **options: Any) -> Any:
+    """A subscribed tests/wire.py RawClient (options: timeout, source, receive_buffer)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from wire import RawClient
+
+    client = RawClient("127.0.0.1", port, "/", **options)
+    client.recv_json()  # welcome
+    client.send_json({"type": "subscribe", "channel": channel})
+    client.recv_json()  # subscribed
+    return client
 
 
 HEADER = (f"{'offered/s':>10} {'delivered/s':>12} {'lost':>8} {'p50 ms':>8} {'p99 ms':>8} "

@@ -1,12 +1,14 @@
-"""The benchmark suite: fastfan, its peers and the C yardstick, side by side in one run.
+"""The benchmark suite: fastfan, its peers and the C yardstick, side by side in one run;
+and the studies (benchmarks/studies.py) beside it. docs/benchmarks.md has the figures.
 
-    ./dev bench --duration 3        # every scenario, every server (about 18 minutes)
+    ./dev bench --duration 3        # every suite scenario, every server (about 18 minutes)
     ./dev bench --quick             # CI: a load every server sustains; fails on a crash or loss
     ./dev bench --servers fastfan,yardstick --scenarios fanout --duration 10
     ./dev bench --servers yardstick,fastfan,uws --scenarios fanout --repeat 3   # the targets
+    ./dev bench --scenarios churn --cycles 20000                                # a study
 
 Every server runs pinned to CPU 0 and the load generator (benchmarks/loadgen.c) to CPU 1,
-one server at a time, at the same offered rates. Scenarios:
+one server at a time, at the same offered rates. The suite's scenarios (the default):
 
   fanout    1000 subscribers on one channel, 100-byte data, 50k to 3M deliveries/s
   channels  10,000 channels of 10 subscribers: 10,000 connections subscribed to 10 channels
@@ -20,7 +22,10 @@ one server at a time, at the same offered rates. Scenarios:
             the subscribers on the publisher's worker, half across the embedded bus)
   redis     two nodes through one redis-server: fastfan --redis, the seed's ws + ioredis,
             Socket.IO with its Redis adapter, and fastfan --workers 2 on the embedded bus
-            (not pinned: see redis_path.py)
+            (not pinned)
+
+Studies, run only when named (fastfan alone; options under "studies" in --help):
+connections, churn, storm, slow-consumer, soak, accept-spread.
 
 Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
 article's Node ws design), websockets (Python's websockets with its broadcast), socketio
@@ -28,7 +33,7 @@ article's Node ws design), websockets (Python's websockets with its broadcast), 
 
 A server that delivers less than half of what is offered, or loses more than 1%, is
 saturated: its higher rates in that scenario are skipped. Results: a table on stdout,
-benchmarks/results/suite-*.json, and PNG plots (delivered and p99 against offered).
+benchmarks/results/suite-*/suite.json, and PNG plots (delivered and p99 against offered).
 """
 
 from __future__ import annotations
@@ -38,16 +43,19 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import lib
+import studies
 from lib import (
     HEADER,
-    LOADGEN_CPU,
     PEERS,
     RESULTS,
     SERVER_CPU,
+    Subscribers,
     build,
     build_loadgen,
     cpu_seconds,
@@ -85,15 +93,13 @@ QUICK = Scenario("quick", 200, 100, 1, (10e3,))
 IDLE_CONNECTIONS = 10_000
 
 
-FASTFAN_ARGS: list[str] = []  # --fastfan-args, e.g. "--workers 2"
-
 
 def server_commands(port: int) -> dict[str, list[str]]:
     return {
         "yardstick": [str(build("yardstick")), str(port)],
-        "fastfan": fastfan_command(port, FASTFAN_ARGS),
+        "fastfan": fastfan_command(port, []),
         # two workers on the one server core: what crossing the embedded bus costs
-        "fastfan-2w": fastfan_command(port, [*FASTFAN_ARGS, "--workers", "2"]),
+        "fastfan-2w": fastfan_command(port, ["--workers", "2"]),
         "uws": ["node", str(PEERS / "uws.js"), str(port)],
         "seed": ["node", str(PEERS / "seed.js"), str(port)],
         "websockets": [sys.executable, str(PEERS / "websockets_peer.py"), str(port)],
@@ -203,19 +209,13 @@ def idle_memory(servers: list[str], log_dir: Path) -> list[dict[str, Any]]:
         server = Running(name, log_dir)
         try:
             before = rss_bytes(server.process.pid)
-            clients = subprocess.Popen(
-                [str(build_loadgen()), "--port", str(server.port), "--subs",
-                 str(IDLE_CONNECTIONS), "--rate", "0", "--sync", "1", "--channel", "idle",
-                 "--duration", "0", "--drain", "0", *protocol_args(name)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                preexec_fn=pinned(LOADGEN_CPU))
-            assert clients.stdout is not None and clients.stdin is not None
-            json.loads(clients.stdout.readline())
-            time.sleep(1)
-            loaded = rss_bytes(server.process.pid)
-            clients.stdin.write("go\n")
-            clients.stdin.flush()
-            clients.wait(60)
+            with Subscribers([server.port], subs=IDLE_CONNECTIONS, channel="idle",
+                             extra=protocol_args(name), pin=True) as clients:
+                clients.ready()
+                time.sleep(1)
+                loaded = rss_bytes(server.process.pid)
+                clients.go()
+                clients.reports(timeout=60)
         finally:
             server.stop()
         row = {"server": name, "scenario": "idle", "connections": IDLE_CONNECTIONS,
@@ -238,8 +238,8 @@ def loadgen_headroom(duration: float, rows: list[dict[str, Any]]) -> list[dict[s
                                     stdout=subprocess.PIPE, text=True,
                                     preexec_fn=pinned(SERVER_CPU))
         time.sleep(0.2)
-        received = run_loadgen(port, subs=1000, rate=0, duration=duration,
-                               extra=["--channel", "bench", "--drain", "1"])
+        received = run_loadgen(port, subs=1000, rate=0, duration=duration, channel="bench",
+                               extra=["--drain", "1"])
         sent = json.loads(firehose.communicate(timeout=60)[0])
         fastest = max((r["delivered_per_s"] for r in rows
                        if r["scenario"] == scenario.name and "delivered_per_s" in r), default=0)
@@ -253,18 +253,6 @@ def loadgen_headroom(duration: float, rows: list[dict[str, Any]]) -> list[dict[s
                  f"{scenario.name} scenario of this run" if fastest else ""), flush=True)
         measured.append(row)
     return measured
-
-
-def redis_scenario(duration: float) -> list[dict[str, Any]]:
-    """benchmarks/redis_path.py: fastfan, the seed and Socket.IO through Redis, and
-    fastfan's embedded bus."""
-    from redis_path import embedded, through_redis
-
-    loadgen, rates = build_loadgen(), [50e3, 200e3, 500e3, 1e6]
-    rows = []
-    for server in ("fastfan", "seed", "socketio"):
-        rows += through_redis(server, loadgen, 1000, rates, duration)
-    return rows + embedded(loadgen, 1000, rates, duration)
 
 
 def plot(rows: list[dict[str, Any]], scenario: str, out: Path) -> None:
@@ -293,12 +281,30 @@ def plot(rows: list[dict[str, Any]], scenario: str, out: Path) -> None:
     plt.close(figure)
 
 
-def main() -> int:
+SUITE = ("fanout", "channels", "large", "headroom", "idle", "workers", "redis")
+REDIS_RATES = (50e3, 200e3, 500e3, 1e6)
+SUITE_DURATION = 5.0  # seconds per rate when --duration is not given
+# Study -> (its function in studies.py, the options of this command line it takes)
+STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] = {
+    "connections": (studies.connections, ("connections", "workers", "processes", "duration")),
+    "churn": (studies.churn, ("cycles", "processes")),
+    "storm": (studies.storm, ("connections", "processes", "workers")),
+    "slow-consumer": (studies.slow_consumer, ("policy", "duration")),
+    "soak": (studies.soak, ("minutes",)),
+    "accept-spread": (studies.accept_spread, ("workers", "connections")),
+}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default="yardstick,fastfan,uws,seed,websockets,socketio")
-    parser.add_argument("--scenarios",
-                        default="fanout,channels,large,headroom,idle,workers,redis")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per rate")
+    parser.add_argument("--scenarios", default=",".join(SUITE),
+                        help=f"any of {', '.join([*SUITE, *STUDIES])} (default: the suite)")
+    parser.add_argument("--duration", type=float,
+                        help=f"seconds per rate (default {SUITE_DURATION:g}); in connections, "
+                             "seconds of publishing (3); in slow-consumer, seconds per run (8)")
+    parser.add_argument("--rates", help="offered deliveries/s, comma-separated, instead of the "
+                                        "scenario's own (fanout, channels, large, workers, redis)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per rate in fanout, channels, large and workers; the table "
                              "shows the run of median p99")
@@ -306,10 +312,36 @@ def main() -> int:
                         help='extra `fastfan run` options, e.g. "--workers 2"')
     parser.add_argument("--quick", action="store_true",
                         help="one light load per server; exit 1 on a crash or any loss")
+    study = parser.add_argument_group("studies (each has its own defaults)")
+    study.add_argument("--connections", type=int,
+                       help="connections (10000), storm (10000), accept-spread (6000)")
+    study.add_argument("--workers", type=int,
+                       help="fastfan's --workers in connections and storm (1); forked "
+                            "acceptors in accept-spread (6)")
+    study.add_argument("--processes", type=int,
+                       help="client processes in connections (1), storm (20), churn (4)")
+    study.add_argument("--cycles", type=int, help="churn: connect-subscribe-leave cycles "
+                                                  "(100000)")
+    study.add_argument("--policy", choices=("disconnect", "drop", "conflate"),
+                       help="slow-consumer: fastfan's --slow-consumer (disconnect)")
+    study.add_argument("--minutes", type=float, help="soak: how long (10)")
     args = parser.parse_args()
+    unknown = set(args.scenarios.split(",")) - {*SUITE, *STUDIES}
+    if unknown:
+        parser.error(f"no scenario {', '.join(sorted(unknown))}: "
+                     f"choose from {', '.join([*SUITE, *STUDIES])}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     servers = args.servers.split(",")
-    FASTFAN_ARGS.extend(args.fastfan_args.split())
-    install_peers()
+    scenarios = args.scenarios.split(",")
+    duration = args.duration if args.duration is not None else SUITE_DURATION
+    rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else None
+    lib.FASTFAN_ARGS.extend(args.fastfan_args.split())
+    if args.quick or any(name in SUITE for name in scenarios):
+        install_peers()
     build_loadgen()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = RESULTS / f"suite-{stamp}"
@@ -323,24 +355,29 @@ def main() -> int:
         return 1 if failed or len(rows) != len(servers) else 0
 
     rows = []
-    for name in args.scenarios.split(","):
+    for name in scenarios:
+        if name in STUDIES:
+            function, options = STUDIES[name]
+            given = {o: getattr(args, o) for o in options if getattr(args, o) is not None}
+            rows += function(**given)
+            continue
         if name == "idle":
             rows += idle_memory(servers, log_dir)
             continue
         if name == "headroom":
-            rows += loadgen_headroom(args.duration, rows)
-            continue
-        if name == "workers":  # the fan-out sweep, one worker against two on one core
-            rows += run_scenario(replace(SCENARIOS["fanout"], name="workers"),
-                                 ["fastfan", "fastfan-2w"], args.duration, log_dir,
-                                 args.repeat)
-            plot(rows, name, log_dir / f"{name}.png")
+            rows += loadgen_headroom(duration, rows)
             continue
         if name == "redis":
-            rows += redis_scenario(args.duration)
+            rows += studies.redis(servers, list(rates or REDIS_RATES), duration)
             plot(rows, name, log_dir / f"{name}.png")
             continue
-        rows += run_scenario(SCENARIOS[name], servers, args.duration, log_dir, args.repeat)
+        if name == "workers":  # the fan-out sweep, one worker against two on one core
+            scenario = replace(SCENARIOS["fanout"], name="workers")
+            names = ["fastfan", "fastfan-2w"]
+        else:
+            scenario, names = SCENARIOS[name], servers
+        rows += run_scenario(replace(scenario, rates=rates or scenario.rates), names, duration,
+                             log_dir, args.repeat)
         plot(rows, name, log_dir / f"{name}.png")
     (log_dir / "suite.json").write_text(json.dumps(rows, indent=2))
     print(f"\nJSON and plots in {log_dir}")

@@ -1,0 +1,444 @@
+"""Studies: questions one rate sweep does not answer, each a scenario of run.py.
+
+    ./dev bench --scenarios connections --connections 100000 --workers 6 --processes 6
+    ./dev bench --scenarios churn                       # 100,000 connect-subscribe-leave cycles
+    ./dev bench --scenarios storm --connections 10000 --processes 20
+    ./dev bench --scenarios slow-consumer --policy drop
+    ./dev bench --scenarios soak --minutes 10
+    ./dev bench --scenarios accept-spread --workers 6 --connections 6000
+    ./dev bench --scenarios redis --rates 50000,200000,500000 --duration 4
+
+Each function takes its options as keywords (run.py passes those given on its command
+line; the defaults are here), prints what it measured, and returns it as rows for the
+run's JSON. docs/benchmarks.md has the figures of their last runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+from lib import (
+    HEADER,
+    PEERS,
+    Subscribers,
+    format_row,
+    free_port,
+    metrics,
+    protocol_args,
+    rss_bytes,
+    run_loadgen,
+    start_fastfan,
+    subscriber,
+    wait_listening,
+)
+
+# Heartbeats far apart: idle clients that never answer a ping stay connected.
+NO_HEARTBEAT = ["--ping-interval", "600", "--ping-timeout", "1200"]
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    server.wait(60)
+
+
+def connections(connections: int = 10_000, workers: int = 1, processes: int = 1,
+                duration: float = 3.0) -> list[dict[str, Any]]:
+    """Many connections: connect rate, server RSS per idle connection, delivery to all.
+
+    Subscribers come from several load generator processes (a process holds at most
+    ~20,000 sockets here), each from its own 127.0.0.x (one source address reaches one
+    port with ~28,000). Once all are subscribed and idle, the server's RSS (master and
+    workers) is compared with its RSS before they came; then one publisher sends 10
+    messages/s for `duration` s to all of them.
+    """
+    port = free_port()
+    server = start_fastfan(port, ["--workers", str(workers), *NO_HEARTBEAT], pin=False)
+    share = connections // processes
+    total = share * processes
+    try:
+        time.sleep(1)
+        baseline = rss_bytes(server.pid)
+        started = time.monotonic()
+        with Subscribers([port] * processes, subs=share, channel="all", duration=duration,
+                         drain=3, sources=[f"127.0.0.{2 + k}" for k in range(processes)]) as subs:
+            subs.ready()
+            connect_s = time.monotonic() - started
+            time.sleep(1)
+            loaded = rss_bytes(server.pid)
+            subs.go()
+            sent = run_loadgen(port, subs=0, rate=10, duration=duration, channel="all",
+                               pin=False, extra=["--drain", "0"])["sent"]
+            reports = subs.reports()
+    finally:
+        stop(server)
+    delivered = sum(r["delivered"] for r in reports)
+    row = {
+        "scenario": "connections", "connections": total, "workers": workers,
+        "processes": processes, "connect_s": round(connect_s, 2),
+        "connects_per_s": round(total / connect_s),
+        "rss_before_mb": round(baseline / 2**20, 1), "rss_loaded_mb": round(loaded / 2**20, 1),
+        "rss_per_connection_kib": round((loaded - baseline) / total / 1024, 2),
+        "sent": sent, "expected": sent * total, "delivered": delivered,
+        "lost": sent * total - delivered,
+        "p99_ms_worst_process": max(r["p99_ms"] for r in reports),
+    }
+    print(f"\nconnections: {row}", flush=True)
+    return [row]
+
+
+def _churn_cycles(port: int, first: int, count: int) -> None:
+    """Connect, subscribe to a channel of its own, publish, receive it, leave; `count` times."""
+    for n in range(first, first + count):
+        client = subscriber(port, f"churn-{n}", timeout=10, source=f"127.0.0.{2 + n % 8}")
+        client.send_json({"type": "publish", "channel": f"churn-{n}", "data": n})
+        client.recv_json()
+        client.close()
+
+
+def _in_processes(port: int, start: int, total: int, processes: int) -> None:
+    share = total // processes
+    clients = [multiprocessing.Process(target=_churn_cycles, args=(port, start + k * share, share))
+               for k in range(processes)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+        if client.exitcode:
+            raise RuntimeError(f"a client process failed ({client.exitcode})")
+
+
+def churn(cycles: int = 100_000, processes: int = 4) -> list[dict[str, Any]]:
+    """Connect, subscribe, receive, disconnect, `cycles` times: does memory come back?
+
+    The server's RSS after the first 10,000 cycles (or half, for fewer) and after all of
+    them, and its channel, subscription and connection counts at the end (all should be
+    0). Each cycle uses a channel of its own, so a channel table that forgot to drop
+    entries would show. Sources rotate over 127.0.0.2-9: closed connections wait in
+    TIME_WAIT for 60 s.
+    """
+    port = free_port()
+    server = start_fastfan(port, NO_HEARTBEAT, pin=False)
+    first = min(10_000, cycles // 2)
+    try:
+        started = time.monotonic()
+        _in_processes(port, 0, first, processes)
+        time.sleep(2)  # one heartbeat sweep: idle buffers released
+        after_first = rss_bytes(server.pid)
+        _in_processes(port, first, cycles - first, processes)
+        time.sleep(2)
+        after_all = rss_bytes(server.pid)
+        figures = metrics(port)
+        elapsed = time.monotonic() - started
+    finally:
+        stop(server)
+    row = {
+        "scenario": "churn", "cycles": cycles, "seconds": round(elapsed, 1),
+        "cycles_per_s": round(cycles / elapsed), "first_cycles": first,
+        "rss_after_first_mb": round(after_first / 2**20, 2),
+        "rss_after_all_mb": round(after_all / 2**20, 2),
+        "growth_kib": round((after_all - after_first) / 1024),
+        "connections": figures["fastfan_connections"],
+        "channels": figures["fastfan_channels"],
+        "subscriptions": figures["fastfan_subscriptions"],
+        "connections_total": figures["fastfan_connections_total"],
+    }
+    print(f"\nchurn: {row}", flush=True)
+    return [row]
+
+
+def storm(connections: int = 10_000, processes: int = 20, workers: int = 1) -> list[dict[str, Any]]:
+    """A reconnect storm: `connections` clients connecting at the same moment, as after a
+    restart, from `processes` load generators started at once. How long until every one
+    was welcomed and subscribed."""
+    port = free_port()
+    server = start_fastfan(port, ["--workers", str(workers)], pin=False)
+    share = connections // processes
+    try:
+        started = time.monotonic()
+        with Subscribers([port] * processes, subs=share, channel="storm",
+                         sources=[f"127.0.0.{2 + k % 200}" for k in range(processes)]) as subs:
+            subs.ready()
+            elapsed = time.monotonic() - started
+            subs.go()
+            subs.reports(timeout=60)
+    finally:
+        stop(server)
+    total = share * processes
+    row = {"scenario": "storm", "clients": total, "processes": processes, "workers": workers,
+           "all_served_s": round(elapsed, 2), "connects_per_s": round(total / elapsed)}
+    print(f"\nstorm: {row}", flush=True)
+    return [row]
+
+
+SLOW_CONSUMER_COUNTERS = ("fastfan_slow_consumers_disconnected_total",
+                          'fastfan_dropped_total{reason="slow_consumer"}',
+                          'fastfan_dropped_total{reason="conflated"}')
+
+
+def slow_consumer(policy: str = "disconnect", duration: float = 8.0) -> list[dict[str, Any]]:
+    """Does one stalled client hurt the others? 1000 fast subscribers (the load
+    generator) receive 8 KB messages at 100k deliveries/s with `--max-buffer` 1 MiB and
+    the slow-consumer `policy`; in the second run one more subscriber, with the smallest
+    receive window, never reads. The fast subscribers' rate, loss and p99, the server's
+    RSS growth, and the policy's counters, for both runs."""
+    rows = []
+    print(f"\nslow-consumer, policy {policy}:")
+    for stalled in (False, True):
+        port = free_port()
+        server = start_fastfan(port, ["--max-buffer", str(1 << 20), "--slow-consumer", policy])
+        try:
+            # held to the end of the run, never read from
+            never_reads = subscriber(port, "stall", receive_buffer=4096) if stalled else None
+            before = rss_bytes(server.pid)
+            row = run_loadgen(port, subs=1000, rate=100, size=8000, duration=duration,
+                              channel="stall")
+            grown = (rss_bytes(server.pid) - before) / 2**20
+            figures = metrics(port)
+        finally:
+            stop(server)
+        if never_reads is not None:
+            never_reads.close()
+        counters = {name: figures.get(name, 0) for name in SLOW_CONSUMER_COUNTERS}
+        rows.append({"scenario": "slow-consumer", "policy": policy, "stalled": stalled, **row,
+                     "rss_growth_mb": round(grown, 1), **counters})
+        print(f"{'one client stalled' if stalled else 'no client stalled'}: "
+              f"delivered {row['delivered_per_s']:.0f}/s, lost {row['lost']}, "
+              f"p99 {row['p99_ms']:.1f} ms, RSS +{grown:.1f} MB, {counters}", flush=True)
+    return rows
+
+
+def _join_and_leave(port: int, channel: str, stop_at: float) -> None:
+    n = 0
+    while time.monotonic() < stop_at:
+        client = subscriber(port, channel, timeout=10, source=f"127.0.0.{2 + n % 8}")
+        time.sleep(0.01)  # it may get a few messages before it leaves
+        client.close()
+        n += 1
+
+
+def soak(minutes: float = 10.0) -> list[dict[str, Any]]:
+    """Steady fan-out for minutes while other subscribers keep joining and leaving.
+
+    One server (CPU 0). Rounds of 20 s (shorter when `minutes` is small): the load
+    generator (CPU 1) connects 1000 fresh subscribers, publishes at 200k deliveries/s,
+    checks loss and order, and leaves; meanwhile a process connects, subscribes to the
+    same channel and disconnects, all the time. Loss, p99 and the server's RSS per round
+    should all stay flat.
+    """
+    total = minutes * 60
+    round_seconds = min(20.0, total / 2)
+    port = free_port()
+    server = start_fastfan(port, [])
+    stop_at = time.monotonic() + total
+    churner = multiprocessing.Process(target=_join_and_leave, args=(port, "soak", stop_at + 60))
+    churner.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        print(f"\nsoak: rounds of {round_seconds:g} s\n{'round':>5} {'lost':>6} {'p99 ms':>8} "
+              f"{'RSS MB':>8}")
+        while time.monotonic() + round_seconds < stop_at:
+            row = run_loadgen(port, subs=1000, rate=200, duration=round_seconds, channel="soak")
+            rows.append({"scenario": "soak", "round": len(rows) + 1, **row,
+                         "rss_mib": round(rss_bytes(server.pid) / 2**20, 1)})
+            print(f"{len(rows):>5} {row['lost']:>6} {row['p99_ms']:>8.2f} "
+                  f"{rows[-1]['rss_mib']:>8.1f}", flush=True)
+    finally:
+        churner.terminate()
+        stop(server)
+    p99s = [r["p99_ms"] for r in rows]
+    print(f"{len(rows)} rounds: lost {sum(r['lost'] for r in rows)}, p99 {min(p99s):.1f}.."
+          f"{max(p99s):.1f} ms, RSS {rows[0]['rss_mib']:.1f} -> {rows[-1]['rss_mib']:.1f} MB")
+    return rows
+
+
+def _count_accepts(sock: socket.socket | None, port: int, counter_fd: int) -> None:
+    """A forked worker: accept connections, count them, write the count when told to stop."""
+    import uvloop
+
+    accepted = 0
+
+    class Count(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            nonlocal accepted
+            accepted += 1
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stopped.set)
+        if sock is not None:
+            server = await loop.create_server(Count, sock=sock)
+        else:
+            server = await loop.create_server(Count, "127.0.0.1", port, reuse_port=True,
+                                              backlog=4096)
+        async with server:
+            await stopped.wait()
+        os.write(counter_fd, f"{accepted}\n".encode())
+
+    uvloop.run(main())
+
+
+def _spread(shared: bool, workers: int, connections: int) -> list[int]:
+    port = free_port()
+    sock = None
+    if shared:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(4096)
+    read_end, write_end = os.pipe()
+    pids = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            _count_accepts(sock, port, write_end)
+            os._exit(0)
+        pids.append(pid)
+    os.close(write_end)
+    time.sleep(1.0)
+    clients = []
+    for _ in range(connections):
+        clients.append(socket.create_connection(("127.0.0.1", port)))
+        if len(clients) % 200 == 0:
+            time.sleep(0.01)  # arrivals spread in time, as real clients come
+    time.sleep(1.0)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    with os.fdopen(read_end) as counts:
+        result = sorted(int(line) for line in counts)
+    for client in clients:
+        client.close()
+    return result
+
+
+def accept_spread(workers: int = 6, connections: int = 6000) -> list[dict[str, Any]]:
+    """How evenly do forked workers share incoming connections? A listening socket made
+    before the fork and shared by all (each worker's uvloop polls it), against
+    SO_REUSEPORT (each worker binds its own; the kernel hashes connections over them),
+    which fastfan uses. Connections per worker for each."""
+    rows = []
+    print(f"\naccept-spread: {connections} connections over {workers} workers")
+    for name, shared in (("shared socket", True), ("SO_REUSEPORT", False)):
+        counts = _spread(shared, workers, connections)
+        spread = (max(counts) - min(counts)) / (connections / workers)
+        rows.append({"scenario": "accept-spread", "listener": name, "per_worker": counts})
+        print(f"{name:>14}: per worker {counts}; max-min = {spread:.0%} of the mean", flush=True)
+    return rows
+
+
+# The Redis path ----------------------------------------------------------------------
+
+REDIS_SERVERS = ("fastfan", "seed", "socketio")  # the servers with a Redis form
+
+
+def _start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                "--save", "", "--appendonly", "no", "--dir", workdir],
+                               stdout=subprocess.DEVNULL)
+    time.sleep(0.3)
+    return process
+
+
+def _split_run(ports: list[int], subs: int, offered: float, duration: float, channel: str,
+               protocol: list[str]) -> dict[str, Any]:
+    """Subscribers split over `ports`, one publisher on the first; one summary row."""
+    share = subs // len(ports)
+    with Subscribers(ports, subs=share, channel=channel, duration=duration, drain=2,
+                     extra=protocol) as subscribers:
+        subscribers.ready()
+        time.sleep(0.5)  # let every node's SUBSCRIBE reach Redis
+        subscribers.go()
+        sent = run_loadgen(ports[0], subs=0, rate=offered / (share * len(ports)),
+                           duration=duration, channel=channel, pin=False,
+                           extra=["--drain", "0", *protocol])["sent"]
+        reports = subscribers.reports(timeout=duration + 60)
+    delivered = sum(r["delivered"] for r in reports)
+    return {
+        "offered_per_s": offered, "sent": sent,
+        "delivered_per_s": sum(r["delivered_per_s"] for r in reports),
+        "lost": sent * share * len(ports) - delivered,
+        **{key: max(r[key] for r in reports) for key in ("p50_ms", "p99_ms", "p999_ms", "max_ms")},
+    }
+
+
+def _start_node(server: str, port: int, redis_port: int) -> subprocess.Popen[bytes]:
+    """One node of `server` on `port`, publishing and subscribing through Redis."""
+    if server == "fastfan":
+        return start_fastfan(port, ["--redis", f"redis://127.0.0.1:{redis_port}/0"], pin=False)
+    script = {"seed": "seed.js", "socketio": "socketio.js"}[server]
+    node = subprocess.Popen(["node", str(PEERS / script), str(port), str(redis_port)])
+    wait_listening(port, node)
+    return node
+
+
+def _through_redis(server: str, subs: int, rates: list[float],
+                   duration: float) -> list[dict[str, Any]]:
+    """Two nodes of `server` sharing one redis-server; half the subscribers on each."""
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        redis_port = free_port()
+        redis_server = _start_redis(redis_port, workdir)
+        nodes = [free_port(), free_port()]
+        processes = [_start_node(server, port, redis_port) for port in nodes]
+        try:
+            print(f"\n{server} through Redis: two nodes, {subs} subscribers split over them"
+                  f"\n{HEADER}")
+            for n, offered in enumerate(rates):
+                row = _split_run(nodes, subs, offered, duration, f"r{n}", protocol_args(server))
+                rows.append({"server": f"{server}+redis", "scenario": "redis", **row})
+                print(format_row(row), flush=True)
+                if row["delivered_per_s"] < offered / 2:
+                    break  # saturated: higher rates say nothing more
+        finally:
+            for process in processes:
+                stop(process)
+            redis_server.terminate()
+            redis_server.wait(10)
+    return rows
+
+
+def _embedded(subs: int, rates: list[float], duration: float) -> list[dict[str, Any]]:
+    """One fastfan with --workers 2 and no Redis: the embedded bus between the workers."""
+    rows = []
+    port = free_port()
+    server = start_fastfan(port, ["--workers", "2"], pin=False)
+    try:
+        print(f"\nfastfan embedded: one node, --workers 2, {subs} subscribers\n{HEADER}")
+        for n, offered in enumerate(rates):
+            row = _split_run([port, port], subs, offered, duration, f"e{n}", [])
+            rows.append({"server": "fastfan-2w", "scenario": "redis", **row})
+            print(format_row(row), flush=True)
+    finally:
+        stop(server)
+    return rows
+
+
+def redis(servers: list[str], rates: list[float], duration: float,
+          subs: int = 1000) -> list[dict[str, Any]]:
+    """The Redis path against the embedded bus, same subscribers, same open-loop publisher.
+
+    Through Redis: two nodes sharing one redis-server, half the subscribers on each, the
+    publisher on the first, so every message crosses Redis: fastfan (--redis), the seed's
+    design (Node ws + ioredis, as the article has it) and Socket.IO with its Redis adapter,
+    those of them in `servers`. Embedded (when fastfan is in `servers`): one fastfan with
+    --workers 2 and no Redis; the kernel spreads subscribers over both workers, so every
+    message crosses the embedded bus to the other one. Nothing is pinned: two nodes,
+    Redis and the load generators share both cores.
+    """
+    rows = []
+    for server in (s for s in servers if s in REDIS_SERVERS):
+        rows += _through_redis(server, subs, rates, duration)
+    if "fastfan" in servers:
+        rows += _embedded(subs, rates, duration)
+    return rows
