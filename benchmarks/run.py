@@ -94,8 +94,16 @@ IDLE_CONNECTIONS = 10_000
 
 
 
+# --baseline PYTHON: "baseline" is fastfan as another checkout's interpreter runs it, e.g.
+# a worktree of the commit before a change (git worktree add ../base HEAD~1, then its
+# ./dev bench once to build it), so that before and after are measured side by side.
+BASELINE_PYTHON: list[str] = []
+
+
 def server_commands(port: int) -> dict[str, list[str]]:
+    baseline = [*BASELINE_PYTHON, *fastfan_command(port, [])[1:]] if BASELINE_PYTHON else []
     return {
+        "baseline": baseline,
         "yardstick": [str(build("yardstick")), str(port)],
         "fastfan": fastfan_command(port, []),
         # two workers on the one server core: what crossing the embedded bus costs
@@ -310,6 +318,9 @@ def parse_args() -> argparse.Namespace:
                              "shows the run of median p99")
     parser.add_argument("--fastfan-args", default="",
                         help='extra `fastfan run` options, e.g. "--workers 2"')
+    parser.add_argument("--baseline", metavar="PYTHON",
+                        help='the server "baseline": fastfan run by this interpreter (another '
+                             "checkout's .venv/bin/python), to compare before and after")
     parser.add_argument("--quick", action="store_true",
                         help="one light load per server; exit 1 on a crash or any loss")
     study = parser.add_argument_group("studies (each has its own defaults)")
@@ -340,6 +351,8 @@ def main() -> int:
     duration = args.duration if args.duration is not None else SUITE_DURATION
     rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else None
     lib.FASTFAN_ARGS.extend(args.fastfan_args.split())
+    if args.baseline:
+        BASELINE_PYTHON.append(args.baseline)
     if args.quick or any(name in SUITE for name in scenarios):
         install_peers()
     build_loadgen()
