@@ -82,6 +82,11 @@ cdef class Outbox(WSListener):
         bint                closing         # our CLOSE is sent; only the peer's CLOSE matters now
         bint                overflowing     # past --max-buffer: the policy applies until drained
 
+        # the seed's per-connection figures, for the `stats` request: data messages and
+        # their WebSocket payload bytes queued for the peer
+        readonly unsigned long long messages_sent
+        readonly unsigned long long bytes_sent
+
     @cython.final
     cdef Py_ssize_t queued(self) noexcept
     @cython.final
@@ -92,6 +97,8 @@ cdef class Outbox(WSListener):
     cdef int deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
     @cython.final
     cdef int deliver_shared(self, Channel channel, bytes frame) except -1
+    @cython.final
+    cdef void _count_sent(self, Py_ssize_t frame_size) noexcept
     @cython.final
     cdef int _append_shared(self, bytes frame) except -1
     cdef int _overflow(self, Channel channel, const char* frame, Py_ssize_t size,
@@ -117,6 +124,9 @@ cdef class Session(Outbox):
         readonly bytes      client_id
         bint                echo            # --echo-path: echo frames, no pub/sub protocol
         readonly dict       subscriptions   # channel name -> slot in Channel.subscribers
+        readonly long long  connected_at    # epoch milliseconds
+        readonly unsigned long long messages_received
+        readonly unsigned long long bytes_received
         Py_ssize_t          subscription_bytes  # the names' length, against the bound
 
         # a fragmented message being reassembled
@@ -142,6 +152,7 @@ cdef class Session(Outbox):
     cdef int _subscribe(self, object channel, bytes request_id) except -1
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1
     cdef int _publish(self, object request, bytes request_id) except -1
+    cdef int _stats(self, bytes request_id) except -1
     cdef bint _take_token(self)
     cdef int _send_error(self, int code, str message, bytes request_id) except -1
     cdef int _forget_fragments(self) except -1
@@ -172,6 +183,7 @@ cdef class Hub:
         object              loop
         public object       bus             # .publish(channel, payload) -> BusResult, ...
         object              ready_callback
+        Outbox              excluded        # during a publish with "echo":false: its publisher
 
         # limits and policy, copied from Config once
         readonly Py_ssize_t max_message_size

@@ -156,6 +156,15 @@ cdef inline Py_ssize_t write_header(char* p, uint8_t opcode, Py_ssize_t n) noexc
     return 10
 
 
+cdef inline Py_ssize_t header_size(Py_ssize_t frame_size) noexcept nogil:
+    """The header's length in a frame of `frame_size` bytes written by write_header."""
+    if frame_size - 2 < 126:
+        return 2
+    if frame_size - 4 < 65536:
+        return 4
+    return 10
+
+
 cdef inline bint is_valid_close_code(int code) noexcept:
     """Codes a peer may send (RFC 6455 7.4): the defined ones below 3000, and 3000-4999."""
     if 3000 <= code <= 4999:

@@ -149,16 +149,24 @@ cdef class Hub:
 
     cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1:
         cdef Py_ssize_t i, count = channel.count
+        cdef void* excluded = <void*>self.excluded
         self.deliveries_total += count  # Outbox._overflow takes back what it refuses
         for i in range(count):
-            (<Outbox>channel.subscribers[i]).deliver(channel, frame, size)
+            if channel.subscribers[i] != excluded:
+                (<Outbox>channel.subscribers[i]).deliver(channel, frame, size)
+            else:
+                self.deliveries_total -= 1
         return count
 
     cdef int _deliver_shared(self, Channel channel, bytes frame) except -1:
         cdef Py_ssize_t i, count = channel.count
+        cdef void* excluded = <void*>self.excluded
         self.deliveries_total += count
         for i in range(count):
-            (<Outbox>channel.subscribers[i]).deliver_shared(channel, frame)
+            if channel.subscribers[i] != excluded:
+                (<Outbox>channel.subscribers[i]).deliver_shared(channel, frame)
+            else:
+                self.deliveries_total -= 1
         return count
 
     cdef int schedule(self, Outbox outbox) except -1:

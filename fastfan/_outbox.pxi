@@ -41,6 +41,7 @@ cdef class Outbox(WSListener):
         if self.refuses(size):
             return self._overflow(channel, frame, size, None)
         buffer_append(&self.out, frame, size)
+        self._count_sent(size)
         if not self.scheduled:
             self.hub.schedule(self)
         return 0
@@ -52,9 +53,16 @@ cdef class Outbox(WSListener):
         if self.refuses(size):
             return self._overflow(channel, PyBytes_AS_STRING(frame), size, frame)
         self._append_shared(frame)
+        self._count_sent(size)
         if not self.scheduled:
             self.hub.schedule(self)
         return 0
+
+    @cython.final
+    cdef inline void _count_sent(self, Py_ssize_t frame_size) noexcept:
+        """Count one data message of `frame_size` bytes, header included, as sent."""
+        self.messages_sent += 1
+        self.bytes_sent += frame_size - header_size(frame_size)
 
     @cython.final
     cdef inline int _append_shared(self, bytes frame) except -1:
@@ -123,6 +131,9 @@ cdef class Outbox(WSListener):
             return 0
         buffer_append(&self.out, header, write_header(header, opcode, size))
         buffer_append(&self.out, payload, size)
+        if opcode == WSMsgType.TEXT or opcode == WSMsgType.BINARY:
+            self.messages_sent += 1
+            self.bytes_sent += size
         if not self.scheduled:
             self.hub.schedule(self)
         return 0
@@ -226,6 +237,7 @@ cdef class Outbox(WSListener):
                     self._append_shared(frame)
                 else:
                     buffer_append(&self.out, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+                self._count_sent(PyBytes_GET_SIZE(frame))
             self.hub.deliveries_total += len(self.conflated)
             self.conflated = None
             self.conflated_size = 0

@@ -58,6 +58,7 @@ cdef class Session(Outbox):
         self.paused = tcp.get_write_buffer_size() > 0
         self.fd = tcp.get_extra_info("socket").fileno()
         self.client_id = hub._new_client_id()
+        self.connected_at = now_ms()
         self.last_seen = monotonic()
         self.refill_at = self.last_seen
         hub.attach(self)
@@ -194,6 +195,8 @@ cdef class Session(Outbox):
             return 0
         started = monotonic()
         hub.messages_received_total += 1
+        self.messages_received += 1
+        self.bytes_received += size
         try:
             self._handle(payload, size)
         finally:
@@ -223,6 +226,8 @@ cdef class Session(Outbox):
             return self._subscribe(request.channel, request_id)
         if kind_name == "unsubscribe":
             return self._unsubscribe(request.channel, request_id)
+        if kind_name == "stats":
+            return self._stats(request_id)
         return self._send_error(400, f"unknown message type {kind_name!r}", request_id)
 
     cdef int _check_channel(self, channel, bytes request_id) except -1:
@@ -277,7 +282,13 @@ cdef class Session(Outbox):
             return self._send_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
                                     request_id)
         payload = hub.encode_message(channel, request.data, self.client_id)
-        outcome = hub.bus.publish(channel, payload, self if request_id else None, request_id)
+        if not request.echo:
+            # A bus fans out on this worker within publish(): the fan-out skips us then.
+            hub.excluded = self
+        try:
+            outcome = hub.bus.publish(channel, payload, self if request_id else None, request_id)
+        finally:
+            hub.excluded = None
         if outcome == BusResult.REFUSED:
             return self._send_error(503, "message bus unavailable, try again", request_id)
         if outcome == BusResult.DONE and request_id:
@@ -291,6 +302,18 @@ cdef class Session(Outbox):
         else:
             self._send_error(503, "message bus unavailable; the message was not published",
                              request_id)
+
+    cdef int _stats(self, bytes request_id) except -1:
+        """The seed's getStats for this connection: its figures and its channels."""
+        reply = {"type": "stats", "data": {
+            "clientId": self.client_id.decode("ascii"), "user": self.identity.user,
+            "connectedAt": self.connected_at, "messagesReceived": self.messages_received,
+            "messagesSent": self.messages_sent, "bytesReceived": self.bytes_received,
+            "bytesSent": self.bytes_sent, "channels": list(self.subscriptions)}}
+        body = encode_json(reply)
+        if request_id:
+            body = body[:-1] + b',"id":' + request_id + b"}"
+        return self.send_bytes(body)
 
     cdef bint _take_token(self):
         """Token bucket: `publish_rate` per second, bursts of twice that."""

@@ -18,6 +18,7 @@ class Request(msgspec.Struct):
     channel: str | None = None
     data: msgspec.Raw = NO_VALUE
     id: msgspec.Raw = NO_VALUE
+    echo: bool = True  # publish: false = not to the publishing connection itself
 
 
 decode_request = msgspec.json.Decoder(Request).decode
