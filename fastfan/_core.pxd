@@ -105,8 +105,7 @@ cdef class Outbox(WSListener):
                        bytes shared) except -1
     cdef int _conflate(self, str channel, bytes frame) except -1
     cdef int queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1
-    cdef int send_text(self, const char* payload, Py_ssize_t size) except -1
-    cdef int send_bytes(self, bytes payload) except -1
+    cdef int queue_bytes(self, bytes payload) except -1
     cdef int discard_output(self) except -1
     cdef int write_out(self) except -1
     cdef bint _send_queued(self) except -1
@@ -154,7 +153,7 @@ cdef class Session(Outbox):
     cdef int _publish(self, object request, bytes request_id) except -1
     cdef int _stats(self, bytes request_id) except -1
     cdef bint _take_token(self)
-    cdef int _send_error(self, int code, str message, bytes request_id) except -1
+    cdef int _queue_error(self, int code, str message, bytes request_id) except -1
     cdef int _forget_fragments(self) except -1
     cdef int check_deadlines(self, double now, double wall, double ping_interval,
                              double ping_timeout) except -1

@@ -138,11 +138,10 @@ cdef class Outbox(WSListener):
             self.hub.schedule(self)
         return 0
 
-    cdef int send_text(self, const char* payload, Py_ssize_t size) except -1:
-        return self.queue_frame(WSMsgType.TEXT, payload, size)
-
-    cdef int send_bytes(self, bytes payload) except -1:
-        return self.send_text(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+    cdef int queue_bytes(self, bytes payload) except -1:
+        """Queue a text message of ours (a reply): JSON, ASCII or UTF-8."""
+        return self.queue_frame(WSMsgType.TEXT, PyBytes_AS_STRING(payload),
+                                PyBytes_GET_SIZE(payload))
 
     cdef int discard_output(self) except -1:
         buffer_release(&self.out)

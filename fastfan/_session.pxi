@@ -65,7 +65,7 @@ cdef class Session(Outbox):
         if not self.echo:
             welcome = b'{"type":"welcome","data":{"clientId":"%s","user":%s,"timestamp":%d}}' % (
                 self.client_id, encode_json(self.identity.user), now_ms())
-            self.send_bytes(welcome)
+            self.queue_bytes(welcome)
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.hub.detach(self)
@@ -208,11 +208,11 @@ cdef class Session(Outbox):
         try:
             request = decode_request(PyBytes_FromStringAndSize(payload, size))
         except msgspec.ValidationError as exc:
-            return self._send_error(400, f"invalid message: {exc}", b"")
+            return self._queue_error(400, f"invalid message: {exc}", b"")
         except msgspec.DecodeError as exc:
-            return self._send_error(400, f"invalid JSON: {exc}", b"")
+            return self._queue_error(400, f"invalid JSON: {exc}", b"")
         except RecursionError:
-            return self._send_error(400, "invalid JSON: nested too deeply", b"")
+            return self._queue_error(400, "invalid JSON: nested too deeply", b"")
         if request.id:
             request_id = bytes(request.id)
         kind_name = request.type
@@ -220,23 +220,23 @@ cdef class Session(Outbox):
             return self._publish(request, request_id)
         if kind_name == "ping":
             if request_id:
-                return self.send_bytes(b'{"type":"pong","id":' + request_id + b"}")
-            return self.send_bytes(PONG)
+                return self.queue_bytes(b'{"type":"pong","id":' + request_id + b"}")
+            return self.queue_bytes(PONG)
         if kind_name == "subscribe":
             return self._subscribe(request.channel, request_id)
         if kind_name == "unsubscribe":
             return self._unsubscribe(request.channel, request_id)
         if kind_name == "stats":
             return self._stats(request_id)
-        return self._send_error(400, f"unknown message type {kind_name!r}", request_id)
+        return self._queue_error(400, f"unknown message type {kind_name!r}", request_id)
 
     cdef int _check_channel(self, channel, bytes request_id) except -1:
         """1 when `channel` is a valid name; else an error is sent and 0 returned."""
         if channel is None:
-            self._send_error(400, "missing 'channel'", request_id)
+            self._queue_error(400, "missing 'channel'", request_id)
             return 0
         if not is_valid_channel(channel):
-            self._send_error(400, "invalid channel name: 1-255 characters from "
+            self._queue_error(400, "invalid channel name: 1-255 characters from "
                              "A-Z a-z 0-9 _ - . : @ /", request_id)
             return 0
         return 1
@@ -246,24 +246,24 @@ cdef class Session(Outbox):
         if not self._check_channel(channel, request_id):
             return 0
         if not self.identity.subscribe.allows(channel):
-            return self._send_error(403, f"not permitted to subscribe to {channel}", request_id)
+            return self._queue_error(403, f"not permitted to subscribe to {channel}", request_id)
         if channel not in self.subscriptions:
             if len(self.subscriptions) >= hub.max_subscriptions:
-                return self._send_error(
+                return self._queue_error(
                     429, f"subscription limit reached ({hub.max_subscriptions})", request_id)
             if self.subscription_bytes + len(channel) > hub.max_subscription_bytes:
-                return self._send_error(
+                return self._queue_error(
                     429, f"subscription limit reached: channel names add up to more than "
                     f"{hub.max_subscription_bytes} bytes", request_id)
             hub.subscribe(self, channel)
-        return self.send_bytes(_reply(b"subscribed", channel, request_id))
+        return self.queue_bytes(_reply(b"subscribed", channel, request_id))
 
     cdef int _unsubscribe(self, channel, bytes request_id) except -1:
         if not self._check_channel(channel, request_id):
             return 0
         if channel in self.subscriptions:
             self.hub.unsubscribe(self, channel)
-        return self.send_bytes(_reply(b"unsubscribed", channel, request_id))
+        return self.queue_bytes(_reply(b"unsubscribed", channel, request_id))
 
     cdef int _publish(self, request, bytes request_id) except -1:
         cdef Hub hub = self.hub
@@ -271,15 +271,15 @@ cdef class Session(Outbox):
         if not self._check_channel(channel, request_id):
             return 0
         if not request.data:
-            return self._send_error(400, "publish needs 'data'", request_id)
+            return self._queue_error(400, "publish needs 'data'", request_id)
         if not self.identity.publish.allows(channel):
-            return self._send_error(403, f"not permitted to publish to {channel}", request_id)
+            return self._queue_error(403, f"not permitted to publish to {channel}", request_id)
         if not self._take_token():
             hub.publish_refused_total += 1
             if self.refused_since and monotonic() - self.refused_since > RATE_LIMIT_PATIENCE:
                 self.close(CloseCode.RATE_LIMITED, "publish rate limit exceeded")
                 return 0
-            return self._send_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
+            return self._queue_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
                                     request_id)
         payload = hub.encode_message(channel, request.data, self.client_id)
         if not request.echo:
@@ -290,17 +290,17 @@ cdef class Session(Outbox):
         finally:
             hub.excluded = None
         if outcome == BusResult.REFUSED:
-            return self._send_error(503, "message bus unavailable, try again", request_id)
+            return self._queue_error(503, "message bus unavailable, try again", request_id)
         if outcome == BusResult.DONE and request_id:
-            return self.send_bytes(_reply(b"published", channel, request_id))
+            return self.queue_bytes(_reply(b"published", channel, request_id))
         return 0  # PENDING: the bus calls acknowledge() once it knows
 
     def acknowledge(self, str channel, bytes request_id, bint ok):
         """The bus's late answer to a publish that asked for one (an `id`)."""
         if ok:
-            self.send_bytes(_reply(b"published", channel, request_id))
+            self.queue_bytes(_reply(b"published", channel, request_id))
         else:
-            self._send_error(503, "message bus unavailable; the message was not published",
+            self._queue_error(503, "message bus unavailable; the message was not published",
                              request_id)
 
     cdef int _stats(self, bytes request_id) except -1:
@@ -313,7 +313,7 @@ cdef class Session(Outbox):
         body = encode_json(reply)
         if request_id:
             body = body[:-1] + b',"id":' + request_id + b"}"
-        return self.send_bytes(body)
+        return self.queue_bytes(body)
 
     cdef bint _take_token(self):
         """Token bucket: `publish_rate` per second, bursts of twice that."""
@@ -330,8 +330,8 @@ cdef class Session(Outbox):
             self.refused_since = now
         return False
 
-    cdef int _send_error(self, int code, str message, bytes request_id) except -1:
-        return self.send_bytes(_error(code, message, request_id))
+    cdef int _queue_error(self, int code, str message, bytes request_id) except -1:
+        return self.queue_bytes(_error(code, message, request_id))
 
     def __repr__(self):
         return f"<Session {self.client_id!r} user={self.identity.user!r}>"
