@@ -61,3 +61,18 @@ def test_a_stalled_redis_costs_bounded_memory_answers_503_and_recovers(
     assert listener.recv_json()["data"] == "back"
     assert "Traceback" not in node.log()
 
+
+def test_a_backend_payload_with_invalid_utf8_is_dropped_and_counted(
+        start_server: Any, redis_server: RedisServer) -> None:
+    node = start_server("--redis", redis_server.url)
+    wait_for(lambda: node.get("/ready")[0] == 200)
+    client = subscriber(node, "news")
+    wait_for(lambda: numsub(redis_server, "news") == 1)
+    # A JSON object, but "\xc3(" is no UTF-8: a browser would fail the connection with 1007.
+    bad = b'{"type":"message","channel":"news","data":"caf\xc3(","from":"backend"}'
+    redis_server.command("PUBLISH", "fastfan:news", bad)
+    redis_server.command("PUBLISH", "fastfan:news", b'{"type":"message","data":"good"}')
+    _, _, payload = client.recv_frame()
+    assert payload == b'{"type":"message","data":"good"}'
+    invalid = 'fastfan_dropped_total{reason="invalid_payload"}'
+    assert wait_for(lambda: node.metrics()[invalid] == 1)

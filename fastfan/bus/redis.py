@@ -14,7 +14,9 @@ subscribes to all of them again. Until Redis answers, publishes get 503 and /rea
 What waits for Redis is bounded: publishes queue up to MAX_QUEUED_BYTES (then 503, and
 /ready 503 until the queue drains), and a pipeline Redis does not answer within
 PIPELINE_TIMEOUT fails its publishers (503) and drops both connections, so that only a
-Redis that answers again brings the bus back up.
+Redis that answers again brings the bus back up. A payload from Redis that is not a JSON
+object in valid UTF-8 is dropped and counted: subscribers receive it as a text frame, and a
+browser fails a connection whose text is not UTF-8 (1007).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class RedisBus:
         self._full = False           # MAX_QUEUED_BYTES reached; until half of it drains
         self._reported: bool | None = None  # the state last logged
         self.dropped_total = 0       # messages Redis could not take (lost in a failed batch)
-        self.invalid_total = 0       # payloads from Redis that were not a JSON object
+        self.invalid_total = 0       # payloads from Redis that were not a JSON object in UTF-8
         self._publisher = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
         # (redis channel, payload, session to acknowledge or None, its request id)
         self._queue: deque[tuple[bytes, bytes, Session | None, bytes]] = deque()
@@ -220,7 +222,9 @@ class RedisBus:
     def on_message(self, channel: bytes, payload: bytes) -> None:
         try:
             _is_json_object(payload)
-        except (msgspec.DecodeError, RecursionError):
+            if not payload.isascii():
+                payload.decode("utf-8")  # msgspec.Raw lets strings through unchecked
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             self.invalid_total += 1
             return
         self.hub.fanout(channel[len(self.prefix):].decode("ascii"), payload)
