@@ -12,7 +12,9 @@ import ctypes
 import logging
 import os
 import resource
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -55,17 +57,25 @@ class Master:
         self.pid = os.getpid()
         self.figures = SharedFigures(config.workers)
         self.slots = [Slot() for _ in range(config.workers)]
+        # The embedded bus's sockets, reachable by our uid only (see bus/mesh.py).
+        self.bus_directory = ""
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        for index in range(len(self.slots)):
-            self._spawn(index)
-        while True:
-            received = signal.sigtimedwait(SIGNALS, self._wait_time())
-            self._reap()
-            if received is not None and received.si_signo != signal.SIGCHLD:
-                return self._shut_down(received.si_signo)
-            self._restart_due()
+        if self.config.workers > 1 and self.config.redis is None:
+            self.bus_directory = tempfile.mkdtemp(prefix="fastfan-bus-")
+        try:
+            for index in range(len(self.slots)):
+                self._spawn(index)
+            while True:
+                received = signal.sigtimedwait(SIGNALS, self._wait_time())
+                self._reap()
+                if received is not None and received.si_signo != signal.SIGCHLD:
+                    return self._shut_down(received.si_signo)
+                self._restart_due()
+        finally:
+            if self.bus_directory:
+                shutil.rmtree(self.bus_directory, ignore_errors=True)
 
     def _spawn(self, index: int) -> None:
         pid = os.fork()
@@ -84,7 +94,8 @@ class Master:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != self.pid:
                 return 0  # the master died before prctl took effect
-            run_worker(self.config, Placement(index, self.pid, self.figures))
+            run_worker(self.config,
+                       Placement(index, self.pid, self.figures, self.bus_directory))
             return 0
         except BaseException:
             log.exception("worker %d failed", index)

@@ -53,6 +53,7 @@ class Placement:
     slot: int
     master_pid: int
     figures: SharedFigures
+    bus_directory: str = ""  # the master's private directory of the embedded bus's sockets
 
 
 class Worker:
@@ -76,7 +77,9 @@ class Worker:
             self.bus = LocalBus(self.hub)
         else:
             self.bus = MeshBus(self.hub, placement.slot, config.workers,
-                               namespace=str(placement.master_pid))
+                               directory=placement.bus_directory,
+                               master_pid=placement.master_pid,
+                               max_message_size=config.max_message_size)
         self.hub.bus = self.bus
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,

@@ -1,15 +1,28 @@
 """The embedded bus of several workers: every worker connected to every other one.
 
-Each worker listens on a Unix socket in the abstract namespace, `\\0fastfan-<master pid>-
-<slot>`, and connects out to every other slot. It sends on its outgoing connections (its
-publishes, and which channels it has subscribers for) and receives on the incoming ones.
-A publish is fanned out locally at once and sent, as the encoded `message`, only to the
-workers that said they have subscribers for its channel: a worker subscribed to nothing
-receives nothing. One stream per pair of workers keeps each publisher's order.
+Each worker listens on a Unix socket `<directory>/<slot>`, and connects out to every other
+slot. It sends on its outgoing connections (its publishes, and which channels it has
+subscribers for) and receives on the incoming ones. A publish is fanned out locally at
+once and sent, as the encoded `message`, only to the workers that said they have
+subscribers for its channel: a worker subscribed to nothing receives nothing. One stream
+per pair of workers keeps each publisher's order.
+
+Only the server's own workers may reach the bus: a record on it is delivered to clients
+with no token or rate limit checked. So the master creates the directory with
+`tempfile.mkdtemp` before forking (mode 0700, a random name: no other user can connect
+into it, nobody can bind our names first), and every accepted connection must come, by
+its SO_PEERCRED, from our uid and from a child of our master; anything else is closed
+before a byte is read. (Abstract sockets, used before, have no permissions at all.
+Socketpairs made before the fork would need the master to hand new ones to every worker
+over a control channel each time one restarts; a path the restarted worker binds again
+needs nothing.) Records from an accepted worker are still checked: one longer than the
+largest message, an unknown kind, a channel that is not ASCII or a bad HELLO drops that
+connection with one warning line, never an exception in the loop or memory the size of
+what the header claims.
 
 Cost per message: one record (6 bytes + channel + payload) appended to the outgoing buffer
 of each interested worker, written once per loop turn, and a parse plus `Hub.fanout` on
-the receiving side. A restarted worker binds the same name, the others reconnect to it
+the receiving side. A restarted worker binds the same path, the others reconnect to it
 (and it to them) and tell it their channels again; what was published to it meanwhile is
 lost for its clients, who were disconnected anyway.
 """
@@ -17,9 +30,13 @@ lost for its clients, who were disconnected anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import os
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 from .._core import Hub
@@ -30,55 +47,112 @@ log = logging.getLogger("fastfan.bus")
 HELLO, PUBLISH, SUBSCRIBE, UNSUBSCRIBE = 1, 2, 3, 4
 # length of what follows the length field, record kind, channel length
 HEADER = struct.Struct("!IBB")
+# struct ucred, what SO_PEERCRED answers: pid, uid, gid
+CREDENTIALS = struct.Struct("3i")
+# The largest PUBLISH a worker sends is a `message` whose `data` came in a client message
+# of at most --max-message-size bytes, wrapped in its envelope (type, channel of up to
+# 255 bytes, from, timestamp: under 400 bytes) behind the channel again. Anything longer
+# than --max-message-size plus this generous margin comes from no fastfan worker.
+ENVELOPE_MARGIN = 4096
 # A worker that stops reading its bus connection (stuck or dying) must not grow our
 # memory without bound: past this many unsent bytes, messages for it are dropped.
 MAX_PEER_BACKLOG = 64 << 20
 RECONNECT_DELAY_MAX = 1.0
 
 
-def address(namespace: str, slot: int) -> str:
-    return f"\0fastfan-{namespace}-{slot}"
+def address(directory: str, slot: int) -> str:
+    return os.path.join(directory, str(slot))
 
 
 def record(kind: int, channel: bytes, payload: bytes = b"") -> bytes:
     return HEADER.pack(2 + len(channel) + len(payload), kind, len(channel)) + channel + payload
 
 
+def peer_of(sock: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process at the other end of a Unix socket, by the kernel."""
+    pid, uid, _ = CREDENTIALS.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, CREDENTIALS.size))
+    return pid, uid
+
+
+def stranger(pid: int, uid: int, master_pid: int) -> str | None:
+    """Why a connecting process is not a sibling worker; None when it is one."""
+    if uid != os.geteuid():
+        return f"pid {pid} runs as uid {uid}, not ours"
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        parent = int(stat.rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return f"pid {pid} is gone"
+    if parent != master_pid:
+        return f"pid {pid} is not a worker of master {master_pid}"
+    return None
+
+
 class Incoming(asyncio.Protocol):
     """A connection from another worker: its HELLO, its channels, its publishes."""
 
-    def __init__(self, bus: MeshBus) -> None:
+    def __init__(self, bus: MeshBus, pid: int) -> None:
         self.bus = bus
+        self.pid = pid
         self.slot: int | None = None
+        self.transport: Any = None
         self.buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
         offset, end = 0, len(buffer)
-        fanout = self.bus.hub.fanout
-        while end - offset >= 4:
-            size = int.from_bytes(buffer[offset:offset + 4], "big")
+        bus = self.bus
+        fanout = bus.hub.fanout
+        while end - offset >= 6:
+            size, kind, channel_length = HEADER.unpack_from(buffer, offset)
+            if not channel_length + 2 <= size <= bus.max_record:
+                self._drop(f"a record of {size} bytes (channel {channel_length}, "
+                           f"at most {bus.max_record})")
+                return
             if end - offset - 4 < size:
                 break
-            kind, channel_length = buffer[offset + 4], buffer[offset + 5]
             start = offset + 6
-            channel = buffer[start:start + channel_length].decode("ascii")
+            try:
+                channel = buffer[start:start + channel_length].decode("ascii")
+            except UnicodeDecodeError:
+                self._drop("a channel that is not ASCII")
+                return
             offset += 4 + size
-            if kind == PUBLISH:
+            if kind == PUBLISH and self.slot is not None:
                 fanout(channel, buffer[start + channel_length:offset])
-            elif kind == SUBSCRIBE:
-                self.bus.interest_of(self.slot).add(channel)
-            elif kind == UNSUBSCRIBE:
-                self.bus.interest_of(self.slot).discard(channel)
-            elif kind == HELLO:
-                self.slot = int(channel)
-                self.bus.interest_of(self.slot).clear()
+            elif kind == SUBSCRIBE and self.slot is not None:
+                bus.interest[self.slot].add(channel)
+            elif kind == UNSUBSCRIBE and self.slot is not None:
+                bus.interest[self.slot].discard(channel)
+            elif kind == HELLO and self.slot is None:
+                slot = int(channel) if channel.isdigit() else -1
+                if slot not in bus.interest:
+                    self._drop(f"HELLO from slot {channel!r}")
+                    return
+                self.slot = slot
+                bus.incoming[slot] = self
+                bus.interest[slot].clear()
+            else:
+                self._drop(f"record kind {kind}"
+                           + (" before HELLO" if self.slot is None else ", unexpected"))
+                return
         del buffer[:offset]
 
+    def _drop(self, what: str) -> None:
+        log.warning("bus: dropped the connection of worker %s (pid %d): %s",
+                    "?" if self.slot is None else self.slot, self.pid, what)
+        self.buffer = bytearray()
+        self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.slot is not None:
-            self.bus.interest_of(self.slot).clear()
+        if self.slot is not None and self.bus.incoming.get(self.slot) is self:
+            del self.bus.incoming[self.slot]
+            self.bus.interest[self.slot].clear()
 
 
 class Outgoing(asyncio.Protocol):
@@ -120,27 +194,46 @@ class Outgoing(asyncio.Protocol):
 class MeshBus:
     up = True
 
-    def __init__(self, hub: Hub, slot: int, workers: int, namespace: str) -> None:
+    def __init__(self, hub: Hub, slot: int, workers: int, *, directory: str, master_pid: int,
+                 max_message_size: int) -> None:
         self.hub = hub
         self.slot = slot
         self.workers = workers
-        self.namespace = namespace
+        self.directory = directory
+        self.master_pid = master_pid
+        self.max_record = 2 + max_message_size + ENVELOPE_MARGIN
         self.outgoing: dict[int, Outgoing] = {}
+        self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != slot}
         self.dropped_total = 0
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
-
-    def interest_of(self, slot: int | None) -> set[str]:
-        return self.interest.get(slot, set()) if slot is not None else set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        path = address(self.directory, self.slot)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by the worker this one replaces
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(address(self.namespace, self.slot))
+        listener.bind(path)
         listener.listen(self.workers * 2)
-        self._server = await loop.create_unix_server(lambda: Incoming(self), sock=listener)
-        self._tasks = [loop.create_task(self._stay_connected(s)) for s in self.interest]
+        listener.setblocking(False)
+        self._listener = listener
+        self._tasks = [loop.create_task(self._accept_forever(listener))]
+        self._tasks += [loop.create_task(self._stay_connected(s)) for s in self.interest]
+
+    async def _accept_forever(self, listener: socket.socket) -> None:
+        """Let in our sibling workers, and nobody else."""
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            pid, uid = peer_of(sock)
+            refusal = stranger(pid, uid, self.master_pid)
+            if refusal is not None:
+                log.warning("bus: refused a connection: %s", refusal)
+                sock.close()
+                continue
+            await loop.create_unix_connection(functools.partial(Incoming, self, pid), sock=sock)
 
     async def _stay_connected(self, slot: int) -> None:
         """Connect to a worker, tell it who we are and our channels; reconnect if it goes."""
@@ -150,7 +243,7 @@ class MeshBus:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
-                await loop.sock_connect(sock, address(self.namespace, slot))
+                await loop.sock_connect(sock, address(self.directory, slot))
             except OSError:
                 sock.close()
                 await asyncio.sleep(delay)
@@ -189,5 +282,8 @@ class MeshBus:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(address(self.directory, self.slot))
+                os.rmdir(self.directory)  # the last worker out, if the master cannot

@@ -10,6 +10,13 @@ exactly as subscribers receive it, so any backend can `PUBLISH fastfan:news '{..
 A worker SUBSCRIBEs to a channel while it has local subscribers for it (bursts go out as
 one command per loop turn), and after a reconnect (backoff min(attempt x 50 ms, 2 s))
 subscribes to all of them again. Until Redis answers, publishes get 503 and /ready 503.
+
+What waits for Redis is bounded: publishes queue up to MAX_QUEUED_BYTES (then 503, and
+/ready 503 until the queue drains), and a pipeline Redis does not answer within
+PIPELINE_TIMEOUT fails its publishers (503) and drops both connections, so that only a
+Redis that answers again brings the bus back up. A payload from Redis that is not a JSON
+object in valid UTF-8 is dropped and counted: subscribers receive it as a text frame, and a
+browser fails a connection whose text is not UTF-8 (1007).
 """
 
 from __future__ import annotations
@@ -30,12 +37,25 @@ from . import PENDING, REFUSED
 
 log = logging.getLogger("fastfan.redis")
 
-# Publishes waiting for the pipeline while Redis is slow; past this, publishes get 503
-# rather than growing the worker's memory.
-MAX_QUEUED_PUBLISHES = 100_000
+# Bytes of publishes waiting for Redis, queued or in a pipeline it has not answered yet.
+# Past this, publishes get 503 and /ready 503 rather than growing the worker: bounded by
+# count alone (100,000), 5000 publishes of 60 KB to a stopped Redis held 322 MiB. A
+# healthy Redis answers a pipeline in milliseconds, so only a Redis that has stopped
+# keeping up fills 32 MiB; the pipeline's own copy of the bytes can double it, no more.
+MAX_QUEUED_BYTES = 32 << 20
+# What one queued publish holds beyond its channel and payload: the tuple, the deque
+# slot, the objects' headers. So that many small publishes count too.
+QUEUED_ENTRY_COST = 200
+# A pipeline Redis has not answered in this long means it is stalled (stopped, swapping, a
+# long script), not slow: DEBUG SLEEP 2 in the tests is slow, and is waited for.
+PIPELINE_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 
 _is_json_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+
+
+def _queued_cost(channel: bytes, payload: bytes) -> int:
+    return len(channel) + len(payload) + QUEUED_ENTRY_COST
 
 
 def _command(*parts: bytes) -> bytes:
@@ -90,13 +110,16 @@ class RedisBus:
         self.hub = hub
         self.url = url
         self.prefix = prefix.encode()
-        self.up = False
+        self.up = False              # connected and not full: publishes are taken
+        self._connected = False      # both connections answer
+        self._full = False           # MAX_QUEUED_BYTES reached; until half of it drains
         self._reported: bool | None = None  # the state last logged
         self.dropped_total = 0       # messages Redis could not take (lost in a failed batch)
-        self.invalid_total = 0       # payloads from Redis that were not a JSON object
+        self.invalid_total = 0       # payloads from Redis that were not a JSON object in UTF-8
         self._publisher = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
         # (redis channel, payload, session to acknowledge or None, its request id)
         self._queue: deque[tuple[bytes, bytes, Session | None, bytes]] = deque()
+        self._queued_bytes = 0       # of the queue and the pipeline in flight
         self._queued = asyncio.Event()
         self._subscriber: Subscriber | None = None
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
@@ -120,9 +143,18 @@ class RedisBus:
     def publish(self, channel: str, payload: bytes, session: Session | None,
                 request_id: bytes) -> int:
         """Queued for the next pipeline; a `published` reply waits for Redis's answer."""
-        if not self.up or len(self._queue) >= MAX_QUEUED_PUBLISHES:
+        if not self.up:
             return REFUSED
-        self._queue.append((self.prefix + channel.encode(), payload, session, request_id))
+        redis_channel = self.prefix + channel.encode()
+        cost = _queued_cost(redis_channel, payload)
+        if self._queued_bytes + cost > MAX_QUEUED_BYTES:
+            self._full = True
+            self._set_up()
+            log.warning("redis is not keeping up: %d MiB of publishes wait; publishes answer "
+                        "503 until half of it is through", MAX_QUEUED_BYTES >> 20)
+            return REFUSED
+        self._queued_bytes += cost
+        self._queue.append((redis_channel, payload, session, request_id))
         self._queued.set()
         return PENDING
 
@@ -137,16 +169,27 @@ class RedisBus:
             for channel, payload, _, _ in batch:
                 pipe.publish(channel, payload)
             try:
-                await pipe.execute()
+                await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
                 ok = True
+            except TimeoutError:
+                ok = False
+                batch += self._queue  # behind a stalled pipeline: fail them now, not later
+                self._queue.clear()
+                self._stalled(f"no answer to a pipeline in {PIPELINE_TIMEOUT:g} s")
             except (aioredis.RedisError, OSError) as exc:
                 ok = False
-                self.dropped_total += len(batch)
                 self._went_down(f"publish failed: {exc}")
+            if not ok:
+                self.dropped_total += len(batch)
             prefix = len(self.prefix)
-            for channel, _, session, request_id in batch:
+            for channel, payload, session, request_id in batch:
+                self._queued_bytes -= _queued_cost(channel, payload)
                 if session is not None:
                     session.acknowledge(channel[prefix:].decode("ascii"), request_id, ok)
+            if self._full and self._queued_bytes <= MAX_QUEUED_BYTES // 2:
+                self._full = False
+                self._set_up()
+                log.info("the queue of publishes for redis has room again")
 
     # Subscribing --------------------------------------------------------------------
 
@@ -179,7 +222,9 @@ class RedisBus:
     def on_message(self, channel: bytes, payload: bytes) -> None:
         try:
             _is_json_object(payload)
-        except (msgspec.DecodeError, RecursionError):
+            if not payload.isascii():
+                payload.decode("utf-8")  # msgspec.Raw lets strings through unchecked
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             self.invalid_total += 1
             return
         self.hub.fanout(channel[len(self.prefix):].decode("ascii"), payload)
@@ -190,7 +235,7 @@ class RedisBus:
             try:
                 subscriber = await self._connect()
                 await asyncio.wait_for(subscriber.ready, CONNECT_TIMEOUT)
-                await self._publisher.ping()
+                await asyncio.wait_for(self._publisher.ping(), CONNECT_TIMEOUT)
             except (TimeoutError, OSError, aioredis.RedisError) as exc:
                 if self._subscriber is not None and self._subscriber.transport is not None:
                     self._subscriber.transport.close()
@@ -200,7 +245,8 @@ class RedisBus:
                 await asyncio.sleep(reconnect_delay(attempt))
                 continue
             attempt = 0
-            self.up = True
+            self._connected = True
+            self._set_up()
             self._report(True, f"{len(self.hub.channels)} channels subscribed")
             await subscriber.lost
             self._subscriber = None
@@ -227,8 +273,20 @@ class RedisBus:
         self._subscriber = subscriber  # from here on, channel changes go to this connection
         return subscriber
 
+    def _stalled(self, reason: str) -> None:
+        """Drop both connections: only a Redis that answers again brings the bus back up.
+
+        (redis-py drops the publishing one itself when its pipeline is cancelled.)"""
+        self._went_down(reason)
+        if self._subscriber is not None and self._subscriber.transport is not None:
+            self._subscriber.transport.abort()
+
+    def _set_up(self) -> None:
+        self.up = self._connected and not self._full
+
     def _went_down(self, reason: str) -> None:
-        self.up = False
+        self._connected = False
+        self._set_up()
         self._report(False, f"{reason}; publishes answer 503 until it is back")
 
     def _report(self, up: bool, detail: str) -> None:

@@ -1,0 +1,78 @@
+"""What a stalled Redis or a careless backend can cost: bounded, and nothing to subscribers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from conftest import RedisServer, children, wait_for
+from test_redis import connect, numsub, publish, subscriber
+from wire import TEXT, frame
+
+PUBLISHES = 5000
+DATA = "x" * 60_000
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The most resident memory `pid` has had so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_stalled_redis_costs_bounded_memory_answers_503_and_recovers(
+        start_server: Any, redis_server: RedisServer) -> None:
+    node = start_server("--redis", redis_server.url, "--publish-rate", "100000")
+    wait_for(lambda: node.get("/ready")[0] == 200)
+    (worker,) = children(node.process.pid)
+    before = peak_rss_kib(worker)
+    assert redis_server.process is not None
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        publisher = connect(node)
+        replies: list[Any] = []
+        reader = threading.Thread(
+            target=lambda: replies.extend(publisher.recv_json() for _ in range(PUBLISHES)))
+        publisher.sock.settimeout(30)
+        reader.start()
+        big = frame(TEXT, json.dumps(
+            {"type": "publish", "channel": "big", "data": DATA, "id": "big"}).encode())
+        for _ in range(PUBLISHES):  # one frame sent again and again: Python masks slowly
+            publisher.sock.sendall(big)
+        assert node.get("/ready")[0] == 503  # the queue is full, then Redis is stalled
+        reader.join(30)
+        assert len(replies) == PUBLISHES
+        assert {(r["type"], r["code"]) for r in replies} == {("error", 503)}
+        grown = peak_rss_kib(worker) - before
+        assert grown < 128 << 10, f"the worker grew by {grown >> 10} MiB"  # 300 MB were sent
+        assert node.get("/ready")[0] == 503 and node.get("/health")[0] == 200
+        assert wait_for(lambda: node.metrics()["fastfan_redis_up"] == 0)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    wait_for(lambda: node.get("/ready")[0] == 200, timeout=15)
+    listener = subscriber(node, "after")
+    wait_for(lambda: numsub(redis_server, "after") == 1)
+    assert publish(publisher, "after", "back", "b")["type"] == "published"
+    assert listener.recv_json()["data"] == "back"
+    assert "Traceback" not in node.log()
+
+
+def test_a_backend_payload_with_invalid_utf8_is_dropped_and_counted(
+        start_server: Any, redis_server: RedisServer) -> None:
+    node = start_server("--redis", redis_server.url)
+    wait_for(lambda: node.get("/ready")[0] == 200)
+    client = subscriber(node, "news")
+    wait_for(lambda: numsub(redis_server, "news") == 1)
+    # A JSON object, but "\xc3(" is no UTF-8: a browser would fail the connection with 1007.
+    bad = b'{"type":"message","channel":"news","data":"caf\xc3(","from":"backend"}'
+    redis_server.command("PUBLISH", "fastfan:news", bad)
+    redis_server.command("PUBLISH", "fastfan:news", b'{"type":"message","data":"good"}')
+    _, _, payload = client.recv_frame()
+    assert payload == b'{"type":"message","data":"good"}'
+    invalid = 'fastfan_dropped_total{reason="invalid_payload"}'
+    assert wait_for(lambda: node.metrics()[invalid] == 1)
