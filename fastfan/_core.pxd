@@ -182,7 +182,7 @@ cdef class Hub:
         object              loop
         public object       bus             # .publish(channel, payload) -> BusResult, ...
         object              ready_callback
-        Outbox              excluded        # during a publish with "echo":false: its publisher
+        readonly Outbox     excluded        # during a publish with "echo":false: its publisher
 
         # limits and policy, copied from Config once
         readonly Py_ssize_t max_message_size

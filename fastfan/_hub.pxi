@@ -132,6 +132,14 @@ cdef class Hub:
             PyBuffer_Release(&view)
         return self._deliver(target, self.frame, header + view.len)
 
+    def fanout_excluding(self, str channel, payload, Outbox excluded):
+        """fanout(), skipping `excluded`: a publish with "echo":false back from Redis."""
+        self.excluded = excluded
+        try:
+            return self.fanout(channel, payload)
+        finally:
+            self.excluded = None
+
     cdef int _note_fanout(self, double started) except -1:
         """Remember when a fan-out began; the flush that writes it measures the latency."""
         cdef double* grown

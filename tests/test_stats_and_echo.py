@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import token
+from conftest import RedisServer, token, wait_for
 from wire import RawClient, frame
 
 
@@ -56,18 +56,33 @@ def test_stats_counts_deliveries(server: Any) -> None:
     assert data["bytesSent"] == len(welcome) + len(subscribed) + sum(sizes)
 
 
-def test_publish_without_echo_skips_only_the_publisher(server: Any) -> None:
-    publisher, _ = raw(server)
-    other, _ = raw(server, "bob")
-    for client in (publisher, other):
-        client.send_json({"type": "subscribe", "channel": "chat"})
-        assert client.recv_json()["type"] == "subscribed"
-    publisher.send_json({"type": "publish", "channel": "chat", "data": "quiet", "echo": False,
-                         "id": 1})
-    assert publisher.recv_json() == {"type": "published", "channel": "chat", "id": 1}
-    publisher.send_json({"type": "publish", "channel": "chat", "data": "loud"})
-    assert publisher.recv_json()["data"] == "loud"  # the default echoes, and nothing came before
-    assert [other.recv_json()["data"] for _ in range(2)] == ["quiet", "loud"]
+@pytest.mark.parametrize("bus", ["one worker", "two workers", "redis"])
+def test_publish_without_echo_skips_only_the_publisher(start_server: Any, tmp_path: Any,
+                                                       bus: str) -> None:
+    if bus == "redis":
+        redis = RedisServer(tmp_path / "redis.log")
+        args: tuple[str, ...] = ("--redis", redis.url)
+    else:
+        args = ("--workers", "2") if bus == "two workers" else ()
+    try:
+        server = start_server(*args)
+        wait_for(lambda: server.get("/ready")[0] == 200)
+        publisher, _ = raw(server)
+        others = [raw(server, "bob")[0] for _ in range(4)]  # on either worker
+        for client in (publisher, *others):
+            client.send_json({"type": "subscribe", "channel": "chat"})
+            assert client.recv_json()["type"] == "subscribed"
+        publisher.send_json({"type": "publish", "channel": "chat", "data": "quiet",
+                             "echo": False, "id": 1})
+        assert publisher.recv_json() == {"type": "published", "channel": "chat", "id": 1}
+        publisher.send_json({"type": "publish", "channel": "chat", "data": "loud"})
+        # the default echoes, and nothing came before it
+        assert publisher.recv_json()["data"] == "loud"
+        for other in others:
+            assert [other.recv_json()["data"] for _ in range(2)] == ["quiet", "loud"]
+    finally:
+        if bus == "redis":
+            redis.kill()
 
 
 @pytest.mark.parametrize("echo", ['"no"', "0", "null", "[]"])

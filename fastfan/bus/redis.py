@@ -43,6 +43,11 @@ log = logging.getLogger("fastfan.redis")
 # healthy Redis answers a pipeline in milliseconds, so only a Redis that has stopped
 # keeping up fills 32 MiB; the pipeline's own copy of the bytes can double it, no more.
 MAX_QUEUED_BYTES = 32 << 20
+# Publishes with "echo":false on their way through Redis: payload -> the publisher to skip
+# when it comes back. One that never comes back (its channel unsubscribed meanwhile)
+# would stay: past this many, or when Redis goes down, they are forgotten, and such a
+# publisher may receive its own message, never lose one.
+MAX_UNECHOED = 10_000
 # What one queued publish holds beyond its channel and payload: the tuple, the deque
 # slot, the objects' headers. So that many small publishes count too.
 QUEUED_ENTRY_COST = 200
@@ -120,6 +125,7 @@ class RedisBus:
         # (redis channel, payload, session to acknowledge or None, its request id)
         self._queue: deque[tuple[bytes, bytes, Session | None, bytes]] = deque()
         self._queued_bytes = 0       # of the queue and the pipeline in flight
+        self._unechoed: dict[bytes, Session] = {}
         self._queued = asyncio.Event()
         self._subscriber: Subscriber | None = None
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
@@ -154,6 +160,8 @@ class RedisBus:
                         "503 until half of it is through", MAX_QUEUED_BYTES >> 20)
             return REFUSED
         self._queued_bytes += cost
+        if self.hub.excluded is not None and len(self._unechoed) < MAX_UNECHOED:
+            self._unechoed[payload] = self.hub.excluded
         self._queue.append((redis_channel, payload, session, request_id))
         self._queued.set()
         return PENDING
@@ -227,7 +235,11 @@ class RedisBus:
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             self.invalid_total += 1
             return
-        self.hub.fanout(channel[len(self.prefix):].decode("ascii"), payload)
+        name = channel[len(self.prefix):].decode("ascii")
+        if self._unechoed and (publisher := self._unechoed.pop(payload, None)) is not None:
+            self.hub.fanout_excluding(name, payload, publisher)
+        else:
+            self.hub.fanout(name, payload)
 
     async def _stay_subscribed(self) -> None:
         attempt = 0
@@ -286,6 +298,7 @@ class RedisBus:
 
     def _went_down(self, reason: str) -> None:
         self._connected = False
+        self._unechoed.clear()
         self._set_up()
         self._report(False, f"{reason}; publishes answer 503 until it is back")
 
