@@ -32,7 +32,7 @@ import hiredis
 import msgspec
 import redis.asyncio as aioredis
 
-from .._core import Hub, Session
+from .._core import Hub, Outbox, Session
 from . import PENDING, REFUSED
 
 log = logging.getLogger("fastfan.redis")
@@ -125,7 +125,7 @@ class RedisBus:
         # (redis channel, payload, session to acknowledge or None, its request id)
         self._queue: deque[tuple[bytes, bytes, Session | None, bytes]] = deque()
         self._queued_bytes = 0       # of the queue and the pipeline in flight
-        self._unechoed: dict[bytes, Session] = {}
+        self._unechoed: dict[bytes, Outbox] = {}
         self._queued = asyncio.Event()
         self._subscriber: Subscriber | None = None
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
