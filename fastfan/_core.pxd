@@ -177,6 +177,8 @@ cdef class Hub:
         readonly dict       channels        # name -> Channel with local subscribers
         readonly set        sessions        # every open Session of this worker
         readonly dict       users           # user -> how many sessions of theirs are open
+        dict                unconfirmed     # channel the bus has not confirmed -> [(session,
+                                            # request id) whose `subscribed` waits for it]
         list                pending         # outboxes with output to write this loop turn
         bint                flush_scheduled
         object              loop
@@ -223,6 +225,8 @@ cdef class Hub:
     cdef int schedule(self, Outbox outbox) except -1
     cdef int subscribe(self, Session session, str name) except -1
     cdef int unsubscribe(self, Session session, str name) except -1
+    cdef bint awaits_confirmation(self, Session session, str channel,
+                                  bytes request_id) except -1
     cdef int attach(self, Session session) except -1
     cdef int detach(self, Session session) except -1
     cdef bytes _new_client_id(self)

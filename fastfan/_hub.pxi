@@ -57,6 +57,7 @@ cdef class Hub:
         self.channels = {}
         self.sessions = set()
         self.users = {}
+        self.unconfirmed = {}
         self.pending = []
         self.max_message_size = max_message_size
         self.max_subscriptions = max_subscriptions
@@ -264,16 +265,37 @@ cdef class Hub:
         if channel is None:
             channel = Channel(name)
             self.channels[name] = channel
-            self.bus.subscribe(name)
+            if self.bus.subscribe(name) and name not in self.unconfirmed:
+                self.unconfirmed[name] = []
         session.subscriptions[name] = channel.add(session)
         session.subscription_bytes += len(name)
         return 0
+
+    def confirm(self, str channel):
+        """The bus has the subscription: every message published from now on, anywhere,
+        reaches this worker. The `subscribed` replies that waited for it go out."""
+        cdef Session session
+        for session, request_id in self.unconfirmed.pop(channel, ()):
+            session.queue_bytes(_reply(b"subscribed", channel, request_id))
+
+    cdef bint awaits_confirmation(self, Session session, str channel,
+                                  bytes request_id) except -1:
+        """Whether `channel`'s subscription is not confirmed yet: then `session`'s
+        `subscribed` reply waits for Hub.confirm."""
+        cdef list waiting = self.unconfirmed.get(channel)
+        if waiting is None:
+            return False
+        waiting.append((session, request_id))
+        return True
 
     cdef int unsubscribe(self, Session session, str name) except -1:
         cdef Channel channel = self.channels[name]
         cdef Py_ssize_t slot = session.subscriptions.pop(name)
         cdef Session moved = <Session>channel.remove_at(slot)
         session.subscription_bytes -= len(name)
+        waiting = self.unconfirmed.get(name)
+        if waiting:
+            self.unconfirmed[name] = [entry for entry in waiting if entry[0] is not session]
         if moved is not None:
             moved.subscriptions[name] = slot
         if channel.count == 0:

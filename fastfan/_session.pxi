@@ -256,12 +256,17 @@ cdef class Session(Outbox):
                     429, f"subscription limit reached: channel names add up to more than "
                     f"{hub.max_subscription_bytes} bytes", request_id)
             hub.subscribe(self, channel)
+        if hub.awaits_confirmation(self, channel, request_id):
+            return 0  # `subscribed` is a promise: it goes once the bus has the subscription
         return self.queue_bytes(_reply(b"subscribed", channel, request_id))
 
     cdef int _unsubscribe(self, channel, bytes request_id) except -1:
         if not self._check_channel(channel, request_id):
             return 0
         if channel in self.subscriptions:
+            for waiting, subscribe_id in self.hub.unconfirmed.get(channel, ()):
+                if waiting is self:  # the replies in the order of the requests
+                    self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
             self.hub.unsubscribe(self, channel)
         return self.queue_bytes(_reply(b"unsubscribed", channel, request_id))
 

@@ -94,7 +94,10 @@ def unix_addresses_of(pids: list[int]) -> dict[str, int]:
     inodes = {}
     for pid in pids:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
-            link = os.readlink(fd)
+            try:
+                link = os.readlink(fd)
+            except FileNotFoundError:
+                continue  # closed since the listing
             if link.startswith("socket:["):
                 inodes[link[8:-1]] = pid
     found = {}

@@ -25,8 +25,9 @@ class LocalBus:
         self._fanout(channel, payload)
         return DONE
 
-    def subscribe(self, channel: str) -> None:
-        """Every message already passes through this process: nothing to ask for."""
+    def subscribe(self, channel: str) -> bool:
+        """Every message already passes through this process: nothing to wait for."""
+        return False
 
     def unsubscribe(self, channel: str) -> None:
         """See subscribe."""

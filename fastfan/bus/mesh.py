@@ -7,6 +7,11 @@ once and sent, as the encoded `message`, only to the workers that said they have
 subscribers for its channel: a worker subscribed to nothing receives nothing. One stream
 per pair of workers keeps each publisher's order.
 
+`subscribed` is a promise: a worker that gains its first subscriber of a channel sends
+SUBSCRIBE to every other worker, and each answers SUBSCRIBED on the same connection once
+it forwards that channel; the Hub holds the client's `subscribed` reply until every
+connected worker has answered (a worker that goes away owes nothing).
+
 Only the server's own workers may reach the bus: a record on it is delivered to clients
 with no token or rate limit checked. So the master creates the directory with
 `tempfile.mkdtemp` before forking (mode 0700, a random name: no other user can connect
@@ -44,7 +49,10 @@ from . import DONE
 
 log = logging.getLogger("fastfan.bus")
 
-HELLO, PUBLISH, SUBSCRIBE, UNSUBSCRIBE = 1, 2, 3, 4
+HELLO, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBED = 1, 2, 3, 4, 5
+# A SUBSCRIBED record (the answer to a SUBSCRIBE, back on the same connection) is no
+# longer than its header and a channel name.
+MAX_ANSWER = 2 + 255
 # length of what follows the length field, record kind, channel length
 HEADER = struct.Struct("!IBB")
 # struct ucred, what SO_PEERCRED answers: pid, uid, gid
@@ -108,6 +116,7 @@ class Incoming(asyncio.Protocol):
         offset, end = 0, len(buffer)
         bus = self.bus
         fanout = bus.hub.fanout
+        answers = []
         while end - offset >= 6:
             size, kind, channel_length = HEADER.unpack_from(buffer, offset)
             if not channel_length + 2 <= size <= bus.max_record:
@@ -127,6 +136,9 @@ class Incoming(asyncio.Protocol):
                 fanout(channel, buffer[start + channel_length:offset])
             elif kind == SUBSCRIBE and self.slot is not None:
                 bus.interest[self.slot].add(channel)
+                # From now on our publishes on `channel` go to that worker: tell it, so
+                # that its subscriber's `subscribed` promises them.
+                answers.append(record(SUBSCRIBED, channel.encode()))
             elif kind == UNSUBSCRIBE and self.slot is not None:
                 bus.interest[self.slot].discard(channel)
             elif kind == HELLO and self.slot is None:
@@ -142,6 +154,8 @@ class Incoming(asyncio.Protocol):
                            + (" before HELLO" if self.slot is None else ", unexpected"))
                 return
         del buffer[:offset]
+        if answers:
+            self.transport.write(b"".join(answers))
 
     def _drop(self, what: str) -> None:
         log.warning("bus: dropped the connection of worker %s (pid %d): %s",
@@ -165,9 +179,43 @@ class Outgoing(asyncio.Protocol):
         self.pending = bytearray()
         self.flush_scheduled = False
         self.lost = asyncio.get_running_loop().create_future()
+        self.answers = bytearray()
+        # channel -> SUBSCRIBEs sent that the worker has not answered yet
+        self.unanswered: dict[str, int] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+
+    def subscribe(self, channel: str) -> bool:
+        """Send a SUBSCRIBE and expect its answer; False when the worker is not reachable."""
+        if not self.send(record(SUBSCRIBE, channel.encode())):
+            return False
+        self.unanswered[channel] = self.unanswered.get(channel, 0) + 1
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        """The worker's answers to our SUBSCRIBEs."""
+        answers = self.answers
+        answers += data
+        offset, end = 0, len(answers)
+        while end - offset >= 6:
+            size, kind, channel_length = HEADER.unpack_from(answers, offset)
+            if kind != SUBSCRIBED or size != channel_length + 2 or size > MAX_ANSWER:
+                log.warning("bus: dropped the connection to worker %d: record kind %d, %d "
+                            "bytes, on its answering side", self.slot, kind, size)
+                self.transport.abort()
+                return
+            if end - offset - 4 < size:
+                break
+            channel = answers[offset + 6:offset + 4 + size].decode("ascii", "replace")
+            offset += 4 + size
+            count = self.unanswered.get(channel, 0)
+            if count > 1:
+                self.unanswered[channel] = count - 1
+            elif count == 1:
+                del self.unanswered[channel]
+                self.bus.answered(channel)
+        del answers[:offset]
 
     def send(self, data: bytes) -> bool:
         transport = self.transport
@@ -187,6 +235,9 @@ class Outgoing(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        unanswered, self.unanswered = self.unanswered, {}
+        for channel in unanswered:  # a worker gone has no publishes to promise
+            self.bus.answered(channel)
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -251,8 +302,9 @@ class MeshBus:
                 continue
             delay = 0.01
             _, peer = await loop.create_unix_connection(lambda: Outgoing(self, slot), sock=sock)
-            peer.send(record(HELLO, str(self.slot).encode())
-                      + b"".join(record(SUBSCRIBE, c.encode()) for c in self.hub.channels))
+            peer.send(record(HELLO, str(self.slot).encode()))
+            for channel in self.hub.channels:
+                peer.subscribe(channel)
             self.outgoing[slot] = peer
             await peer.lost
             del self.outgoing[slot]
@@ -268,16 +320,22 @@ class MeshBus:
                     self.dropped_total += 1
         return DONE
 
-    def _tell_peers(self, kind: int, channel: str) -> None:
-        data = record(kind, channel.encode())
+    def subscribe(self, channel: str) -> bool:
+        """Tell every worker; True: Hub.confirm(channel) follows once they have all answered."""
+        waiting = False
         for peer in self.outgoing.values():
-            peer.send(data)
+            waiting = peer.subscribe(channel) or waiting
+        return waiting
 
-    def subscribe(self, channel: str) -> None:
-        self._tell_peers(SUBSCRIBE, channel)
+    def answered(self, channel: str) -> None:
+        """A worker answered (or left): confirm once no worker still owes an answer."""
+        if not any(channel in peer.unanswered for peer in self.outgoing.values()):
+            self.hub.confirm(channel)
 
     def unsubscribe(self, channel: str) -> None:
-        self._tell_peers(UNSUBSCRIBE, channel)
+        data = record(UNSUBSCRIBE, channel.encode())
+        for peer in self.outgoing.values():
+            peer.send(data)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -94,6 +94,8 @@ class Subscriber(asyncio.Protocol):
         while (reply := self.reader.gets()) is not False:
             if isinstance(reply, list) and reply[0] == b"message":
                 self.bus.on_message(reply[1], reply[2])
+            elif isinstance(reply, list) and reply[0] == b"subscribe":
+                self.bus.on_subscribed(reply[1])
             elif reply == b"PONG" or (isinstance(reply, list) and reply[0] == b"pong"):
                 # PING's answer: a list once subscribed to something, else a status
                 if not self.ready.done():
@@ -126,6 +128,8 @@ class RedisBus:
         self._queue: deque[tuple[bytes, bytes, Session | None, bytes]] = deque()
         self._queued_bytes = 0       # of the queue and the pipeline in flight
         self._unechoed: dict[bytes, Outbox] = {}
+        # redis channel -> SUBSCRIBEs sent on this connection that Redis has not answered
+        self._unanswered: dict[bytes, int] = {}
         self._queued = asyncio.Event()
         self._subscriber: Subscriber | None = None
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
@@ -201,8 +205,11 @@ class RedisBus:
 
     # Subscribing --------------------------------------------------------------------
 
-    def subscribe(self, channel: str) -> None:
+    def subscribe(self, channel: str) -> bool:
+        """True: Hub.confirm(channel) follows once Redis answers the SUBSCRIBE (after a
+        reconnect, when it answers the SUBSCRIBE of every channel)."""
         self._change(channel, True)
+        return True
 
     def unsubscribe(self, channel: str) -> None:
         self._change(channel, False)
@@ -224,8 +231,19 @@ class RedisBus:
         removed = [c for c, on in changes.items() if not on]
         if added:
             subscriber.transport.write(_command(b"SUBSCRIBE", *added))
+            for channel in added:
+                self._unanswered[channel] = self._unanswered.get(channel, 0) + 1
         if removed:
             subscriber.transport.write(_command(b"UNSUBSCRIBE", *removed))
+
+    def on_subscribed(self, channel: bytes) -> None:
+        """Redis answered a SUBSCRIBE: from now on it sends us what is published there."""
+        count = self._unanswered.get(channel, 0)
+        if count > 1:
+            self._unanswered[channel] = count - 1
+        elif count == 1:
+            del self._unanswered[channel]
+            self.hub.confirm(channel[len(self.prefix):].decode("ascii"))
 
     def on_message(self, channel: bytes, payload: bytes) -> None:
         try:
@@ -280,6 +298,7 @@ class RedisBus:
         channels = [self.prefix + name.encode() for name in self.hub.channels]
         if channels:
             commands.append(_command(b"SUBSCRIBE", *channels))
+        self._unanswered = dict.fromkeys(channels, 1)
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))
         self._subscriber = subscriber  # from here on, channel changes go to this connection
