@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from conftest import Server, token, wait_for, worker_rss_kib
+from conftest import Server, wait_for, worker_rss_kib
 from wire import RawClient
 
 MESSAGES = 5000
@@ -33,13 +33,8 @@ class Reader(threading.Thread):
             self.received.append((message["channel"], message["data"]["n"]))
 
 
-def subscribe(server: Server, channels: list[str], **kwargs: Any) -> RawClient:
-    client = RawClient(server.host, server.port, f"/?token={token()}", timeout=30, **kwargs)
-    client.recv_json()
-    for channel in channels:
-        client.send_json({"type": "subscribe", "channel": channel})
-        assert client.recv_json()["type"] == "subscribed"
-    return client
+def subscribe(server: Server, channels: list[str], **options: Any) -> RawClient:
+    return server.connect(timeout=30, **options).subscribe(*channels)
 
 
 def stalled(server: Server, channels: list[str]) -> RawClient:
@@ -48,12 +43,10 @@ def stalled(server: Server, channels: list[str]) -> RawClient:
 
 
 def publish(server: Server, channels: list[str], count: int) -> None:
-    publisher = RawClient(server.host, server.port, f"/?token={token()}", timeout=30)
-    publisher.recv_json()
+    publisher = server.connect(timeout=30)
     for n in range(count):
         for channel in channels:
-            publisher.send_json({"type": "publish", "channel": channel,
-                                 "data": {"n": n, "pad": DATA}})
+            publisher.publish(channel, {"n": n, "pad": DATA})
     publisher.send_json({"type": "ping"})
     assert publisher.recv_json() == {"type": "pong"}  # the server has handled them all
 
@@ -128,11 +121,9 @@ def test_small_and_large_messages_keep_their_order_through_a_stalled_reader(
                           "--max-message-size", "100000")
     slow = stalled(server, ["mixed"])
     sizes = [(10, 5000, 100, 40000, 4000, 4100, 70000, 1)[n % 8] for n in range(400)]
-    publisher = RawClient(server.host, server.port, f"/?token={token()}", timeout=30)
-    publisher.recv_json()
+    publisher = server.connect(timeout=30)
     for n, size in enumerate(sizes):
-        publisher.send_json({"type": "publish", "channel": "mixed",
-                             "data": {"n": n, "pad": chr(ord("a") + n % 26) * size}})
+        publisher.publish("mixed", {"n": n, "pad": chr(ord("a") + n % 26) * size})
     publisher.send_json({"type": "ping"})
     assert publisher.recv_json() == {"type": "pong"}  # all handled, most still queued
     for n, size in enumerate(sizes):
