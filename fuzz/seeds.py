@@ -70,7 +70,7 @@ SEEDS: dict[str, bytes] = {
         text({"type": "subscribe", "channel": f"c{n}"}) for n in range(10)),
     "too-big": frame(TEXT, b'{"type":"publish","channel":"c","data":"' + b"x" * 5000 + b'"}'),
     "long-length-fields": frame(TEXT, json.dumps({"type": "ping", "pad": "p" * 200}).encode())
-    + bytes([0x81, 0xFF]) + struct.pack("!Q", 1 << 40) + b"\0\0\0\0",
+    + wire.frame_head(TEXT, 1 << 40) + wire.ZERO_KEY,
     "rsv-bits": frame(TEXT, b'{"type":"ping"}', rsv=4),
     "unmasked": frame(TEXT, b'{"type":"ping"}', masked=False),
     "reserved-opcode": frame(0x3, b"") + frame(0xB, b""),

@@ -18,6 +18,7 @@ from wire import (
     HandshakeRefusedError,
     RawClient,
     frame,
+    frame_head,
 )
 
 
@@ -125,7 +126,7 @@ def test_message_at_the_limit_is_accepted(limited: Server) -> None:
 def test_a_huge_frame_is_refused_from_its_header(limited: Server) -> None:
     """A 1 GiB length is refused on sight: nothing is buffered waiting for it."""
     client = limited.connect()
-    client.sock.sendall(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 30) + b"mask")
+    client.sock.sendall(frame_head(TEXT, 1 << 30) + b"mask")
     assert_closed_with(client, 1009)
 
 
@@ -134,7 +135,7 @@ def test_nothing_follows_the_close_for_a_bad_frame_read_with_a_good_one(
     """picows parses one frame ahead and sends CLOSE for the bad one before we answer the
     good one: the answer must not go out after the CLOSE (found by the fuzzer)."""
     client = limited.connect()
-    huge = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 40) + b"mask"
+    huge = frame_head(TEXT, 1 << 40) + b"mask"
     client.sock.sendall(frame(TEXT, b'{"type":"ping"}') + huge)  # one write, one read
     opcode = PONG
     while opcode != CLOSE:  # a pong before the CLOSE is allowed, none after it

@@ -6,11 +6,22 @@ from __future__ import annotations
 import os
 
 import pytest
-from websockets.exceptions import ProtocolError
+from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame as WebsocketsFrame
 from websockets.frames import Opcode
 from websockets.streams import StreamReader
-from wire import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, ZERO_KEY, frame, parse_frame
+from wire import (
+    BINARY,
+    CLOSE,
+    CONTINUATION,
+    PING,
+    PONG,
+    TEXT,
+    ZERO_KEY,
+    frame,
+    frame_head,
+    parse_frame,
+)
 
 # Payload sizes either side of each length encoding: 7 bits, 16 bits, 64 bits.
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
@@ -95,3 +106,13 @@ def test_parse_frame_waits_for_every_byte_of_a_frame(size: int) -> None:
     cuts = {*range(min(len(whole), 20)), len(whole) - 1}
     assert [cut for cut in sorted(cuts) if parse_frame(whole[:cut]) is not None] == []
     assert parse_frame(whole) is not None
+
+
+@pytest.mark.parametrize("size", [1 << 16, 1 << 30, 1 << 40])
+def test_a_frame_head_alone_announces_its_whole_length(size: int) -> None:
+    head = frame_head(TEXT, size) + ZERO_KEY
+    assert parse_frame(head + b"x" * 100) is None  # the rest never comes
+    reader = StreamReader()
+    reader.feed_data(head)
+    with pytest.raises(PayloadTooBig, match=str(size)):
+        next(WebsocketsFrame.parse(reader.read_exact, mask=True, max_size=size - 1))

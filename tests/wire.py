@@ -22,19 +22,23 @@ def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
           masked: bool = True, key: bytes | None = None) -> bytes:
     """A client frame, masked with `key` (a random one when None); `masked=False` makes the
     unmasked frame a client must not send."""
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    mask_bit = 0x80 if masked else 0
-    size = len(payload)
-    if size < 126:
-        head += bytes([mask_bit | size])
-    elif size < 65536:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", size)
-    else:
-        head += bytes([mask_bit | 127]) + struct.pack("!Q", size)
+    head = frame_head(opcode, len(payload), fin=fin, rsv=rsv, masked=masked)
     if not masked:
         return head + payload
     key = os.urandom(4) if key is None else key
     return head + key + apply_mask(payload, key)
+
+
+def frame_head(opcode: int, size: int, *, fin: bool = True, rsv: int = 0,
+               masked: bool = True) -> bytes:
+    """A frame's header up to its masking key: alone, it announces a payload never sent."""
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        return head + bytes([mask_bit | size])
+    if size < 65536:
+        return head + bytes([mask_bit | 126]) + struct.pack("!H", size)
+    return head + bytes([mask_bit | 127]) + struct.pack("!Q", size)
 
 
 def apply_mask(payload: bytes, key: bytes) -> bytes:
