@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import struct
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from fastfan.metrics import SharedFigures
 from fastfan.worker import Placement, Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from wire import CLOSE, PING, PONG, TEXT, parse_frame
+from wire import CLOSE, PING, PONG, TEXT, free_port, parse_frame
 
 UPGRADE = (b"GET / HTTP/1.1\r\nHost: fuzz\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -53,12 +52,6 @@ class ErrorRecords(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Target:

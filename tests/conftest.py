@@ -23,18 +23,12 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as websocket_connect
-from wire import RawClient, resp
+from wire import RawClient, free_port, resp
 
 from fastfan.auth import mint_token
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def token(sub: str = "alice", *, secret: str = SECRET, **claims: Any) -> str:

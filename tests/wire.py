@@ -1,5 +1,5 @@
 """Bytes on the wire, made and read by hand: WebSocket frames, a client on a bare socket for
-frames no polite library will send, and Redis's RESP.
+frames no polite library will send, Redis's RESP, and a free port to listen on.
 
 The standard library only: fuzz/ builds its seeds and reads the server's frames with this
 module too, in a venv that has none of the tests' dependencies.
@@ -83,6 +83,13 @@ def resp(*parts: str | bytes) -> bytes:
     """A command in RESP, as Redis reads it: an array of bulk strings."""
     encoded = [p.encode() if isinstance(p, str) else p for p in parts]
     return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server about to start."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 class HandshakeRefusedError(Exception):
