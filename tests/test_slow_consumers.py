@@ -15,6 +15,10 @@ MAX_BUFFER = 1 << 20
 # allocator slack). Without the bound it grows by ~17 MB here: 20 MB sent, minus what the
 # kernel's socket buffers hold.
 GROWTH_LIMIT_KIB = 4 * MAX_BUFFER // 1024
+# A fast reader is one that keeps up: the publisher lets it fall at most about two windows
+# behind (2 x 25 x 4 KB per channel, far under --max-buffer). Unpaced, these tests would
+# measure whether Python threads on a busy machine outread the publisher, not the server.
+WINDOW = 25
 
 
 class Reader(threading.Thread):
@@ -42,11 +46,16 @@ def stalled(server: Server, channels: list[str]) -> RawClient:
     return subscribe(server, channels, receive_buffer=4096)
 
 
-def publish(server: Server, channels: list[str], count: int) -> None:
+def publish(server: Server, channels: list[str], count: int,
+            readers: list[Reader] | None = None) -> None:
     publisher = server.connect(timeout=30)
     for n in range(count):
         for channel in channels:
             publisher.publish(channel, {"n": n, "pad": DATA})
+        if readers and n % WINDOW == 0:
+            least = (n - WINDOW) * len(channels)
+            wait_for(lambda least=least: all(len(r.received) >= least for r in readers),
+                     30, 0.001)
     publisher.send_json({"type": "ping"})
     assert publisher.recv_json() == {"type": "pong"}  # the server has handled them all
 
@@ -67,7 +76,7 @@ def test_disconnect_closes_the_stalled_client_with_4008(start_server: Any) -> No
     slow = stalled(server, ["feed"])
     fast = [Reader(server, ["feed"], MESSAGES) for _ in range(3)]
     before = worker_rss_kib(server)
-    publish(server, ["feed"], MESSAGES)
+    publish(server, ["feed"], MESSAGES, fast)
     for reader in fast:
         reader.join(60)
         assert [n for _, n in reader.received] == list(range(MESSAGES))
@@ -83,7 +92,7 @@ def test_drop_discards_until_the_client_drains_and_counts(start_server: Any) -> 
     slow = stalled(server, ["feed"])
     fast = Reader(server, ["feed"], MESSAGES)
     before = worker_rss_kib(server)
-    publish(server, ["feed"], MESSAGES)
+    publish(server, ["feed"], MESSAGES, [fast])
     fast.join(60)
     assert [n for _, n in fast.received] == list(range(MESSAGES))
     grown = worker_rss_kib(server) - before
@@ -104,7 +113,7 @@ def test_conflate_delivers_the_newest_of_each_channel_once_drained(start_server:
     server = start(start_server, "conflate")
     slow = stalled(server, ["a", "b"])
     fast = Reader(server, ["a", "b"], 2 * MESSAGES)
-    publish(server, ["a", "b"], MESSAGES)
+    publish(server, ["a", "b"], MESSAGES, [fast])
     fast.join(60)
     assert len(fast.received) == 2 * MESSAGES
     conflated = server.metrics()['fastfan_dropped_total{reason="conflated"}']
