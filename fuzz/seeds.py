@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
+from typing import Any
 
-CORPUS = Path(__file__).resolve().parent / "corpus"
-TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
+HERE = Path(__file__).resolve().parent
+CORPUS = HERE / "corpus"
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' frame builder, wire.py
+
+import wire  # noqa: E402
+from wire import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT  # noqa: E402
 
 
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-          masked: bool = True) -> bytes:
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    mask = 0x80 if masked else 0
-    size = len(payload)
-    if size < 126:
-        head += bytes([mask | size])
-    elif size < 65536:
-        head += bytes([mask | 126]) + struct.pack("!H", size)
-    else:
-        head += bytes([mask | 127]) + struct.pack("!Q", size)
-    return head + (b"\0\0\0\0" if masked else b"") + payload
+def frame(opcode: int, payload: bytes = b"", **options: Any) -> bytes:
+    """A client frame with the all-zero masking key: its payload reads as it is."""
+    return wire.frame(opcode, payload, key=wire.ZERO_KEY, **options)
 
 
 def text(message: object) -> bytes:
@@ -73,7 +70,7 @@ SEEDS: dict[str, bytes] = {
         text({"type": "subscribe", "channel": f"c{n}"}) for n in range(10)),
     "too-big": frame(TEXT, b'{"type":"publish","channel":"c","data":"' + b"x" * 5000 + b'"}'),
     "long-length-fields": frame(TEXT, json.dumps({"type": "ping", "pad": "p" * 200}).encode())
-    + bytes([0x81, 0xFF]) + struct.pack("!Q", 1 << 40) + b"\0\0\0\0",
+    + wire.frame_head(TEXT, 1 << 40) + wire.ZERO_KEY,
     "rsv-bits": frame(TEXT, b'{"type":"ping"}', rsv=4),
     "unmasked": frame(TEXT, b'{"type":"ping"}', masked=False),
     "reserved-opcode": frame(0x3, b"") + frame(0xB, b""),

@@ -16,14 +16,18 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import struct
+import sys
+from pathlib import Path
 
 import uvloop
 
 from fastfan.config import Config
 from fastfan.metrics import SharedFigures
 from fastfan.worker import Placement, Worker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from wire import CLOSE, PING, PONG, TEXT, free_port, parse_frame
 
 UPGRADE = (b"GET / HTTP/1.1\r\nHost: fuzz\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -32,7 +36,6 @@ UPGRADE = (b"GET / HTTP/1.1\r\nHost: fuzz\r\nUpgrade: websocket\r\nConnection: U
 CLOSE_CODES = {1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)}
 REPLY_TYPES = {"welcome", "subscribed", "unsubscribed", "published", "pong", "message", "error"}
 ERROR_CODES = {400, 403, 429, 503}  # 500 is "internal": a bug, not an answer
-TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 REPLY_TIMEOUT = 3.0
 
 
@@ -49,12 +52,6 @@ class ErrorRecords(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Target:
@@ -167,29 +164,18 @@ def server_frames(output: bytes, whole: bool = True) -> list[tuple[int, bytes]]:
     frames = []
     at = 0
     while at < len(output):
-        if len(output) - at < 2:
+        if len(output) - at >= 2:  # its first two bytes judge a frame, even one cut short
+            if output[at + 1] & 0x80:
+                raise ContractError("the server masked a frame")
+            if output[at] & 0x70:
+                raise ContractError("the server set RSV bits")
+        got = parse_frame(output, at)
+        if got is None:
             if not whole:
                 break
-            raise ContractError(f"a truncated frame header at byte {at}")
-        first, second = output[at], output[at + 1]
-        if second & 0x80:
-            raise ContractError("the server masked a frame")
-        if first & 0x70:
-            raise ContractError("the server set RSV bits")
-        size, at = second & 0x7F, at + 2
-        extended = {126: 2, 127: 8}.get(size, 0)
-        if at + extended > len(output) and not whole:
-            break
-        if size == 126:
-            (size,), at = struct.unpack_from("!H", output, at), at + 2
-        elif size == 127:
-            (size,), at = struct.unpack_from("!Q", output, at), at + 8
-        if at + size > len(output):
-            if not whole:
-                break
-            raise ContractError(f"a truncated frame payload at byte {at}")
-        frames.append((first & 0x0F, output[at:at + size]))
-        at += size
+            raise ContractError(f"a truncated frame at byte {at}")
+        frames.append((got.opcode, got.payload))
+        at += got.size
     return frames
 
 

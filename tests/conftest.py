@@ -1,4 +1,9 @@
-"""Fixtures that start real fastfan processes and always stop them."""
+"""Fixtures that start real fastfan and redis-server processes and always stop them, and the
+tools the tests share: tokens, a client that has its welcome, the processes' own figures.
+
+A test file imports these by name (`from conftest import Server, token`); frames and RESP
+made by hand are in wire.py.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +16,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as websocket_connect
+from wire import RawClient, free_port, resp
 
 from fastfan.auth import mint_token
 
 SECRET = "test-secret-0123456789abcdef0123456789"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def token(sub: str = "alice", *, secret: str = SECRET, **claims: Any) -> str:
@@ -61,9 +65,33 @@ class Server:
             time.sleep(0.05)
         raise TimeoutError(f"server not healthy in {timeout}s:\n{self.log()}")
 
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Until /ready answers 200: with --redis, once every worker has reached Redis."""
+        wait_for(lambda: self.get("/ready")[0] == 200, timeout)
+
     def url(self, path: str = "/", token: str | None = None) -> str:
         query = f"?token={token}" if token else ""
         return f"ws://{self.host}:{self.port}{path}{query}"
+
+    def connect(self, sub: str = "alice", *, path: str = "/", timeout: float = 5.0,
+                **options: Any) -> RawClient:
+        """A RawClient with a token for `sub` in the query string, its welcome read.
+
+        `options` go to RawClient: headers, receive_buffer, source.
+        """
+        client = RawClient(self.host, self.port, f"{path}?token={token(sub)}", timeout=timeout,
+                           **options)
+        assert client.recv_json()["type"] == "welcome"
+        return client
+
+    @contextmanager
+    def websocket(self, sub: str = "alice", **claims: Any) -> Iterator[ClientConnection]:
+        """A `websockets` client with a token for `sub` (and `claims`) in the Authorization
+        header, its welcome read."""
+        headers = {"Authorization": f"Bearer {token(sub, **claims)}"}
+        with websocket_connect(self.url(), additional_headers=headers, open_timeout=5) as ws:
+            assert messages_of(ws)[0]["type"] == "welcome"
+            yield ws
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str],
                                                                              bytes]:
@@ -120,9 +148,18 @@ def server(start_server: Any) -> Server:
     return start_server()
 
 
-def messages_of(client: Any, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+def messages_of(client: Any, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
     """The next `count` JSON messages a websockets sync client receives."""
     return [json.loads(client.recv(timeout=timeout)) for _ in range(count)]
+
+
+def process_state(pid: int) -> tuple[str, int]:
+    """(state, parent pid) from /proc: state "Z" for a zombie, "gone" (parent 0) for none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return "gone", 0
+    return fields[0], int(fields[1])
 
 
 def children(pid: int) -> list[int]:
@@ -130,12 +167,8 @@ def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
+            state, parent = process_state(int(entry.name))
+            if parent == pid and state not in ("Z", "gone"):
                 found.append(int(entry.name))
     return sorted(found)
 
@@ -171,10 +204,11 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
 
 
 class RedisServer:
-    """A real redis-server on a free port; `kill()` and `start()` again on the same port."""
+    """A real redis-server on `port` (a free one by default); `kill()` and `start()` again
+    on the same port."""
 
-    def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, log_path: Path, port: int | None = None) -> None:
+        self.port = free_port() if port is None else port
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
@@ -191,19 +225,21 @@ class RedisServer:
     def ping(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
+                sock.sendall(resp("PING"))
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
 
     def command(self, *args: str | bytes) -> bytes:
         """One command in RESP; the raw reply."""
-        parts = [a.encode() if isinstance(a, str) else a for a in args]
-        request = b"*%d\r\n" % len(parts) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(request)
+            sock.sendall(resp(*args))
             return sock.recv(65536)
+
+    def subscribers(self, channel: str) -> int:
+        """How many connections Redis has subscribed to a fastfan channel (default prefix)."""
+        reply = self.command("PUBSUB", "NUMSUB", f"fastfan:{channel}")
+        return int(reply.rsplit(b":", 1)[1].strip())
 
     def kill(self) -> None:
         if self.process is not None:
@@ -226,3 +262,12 @@ def worker_rss_kib(server: Server) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def loadgen() -> Path:
+    """The C load generator of benchmarks/, built if it is not already."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    from lib import build_loadgen
+
+    return build_loadgen()

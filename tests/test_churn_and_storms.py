@@ -5,22 +5,16 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from conftest import Server, token, wait_for, worker_rss_kib
-from wire import RawClient
+from conftest import Server, loadgen, token, wait_for, worker_rss_kib
 
 
 def cycle(server: Server, channel: str) -> None:
     """Connect, subscribe, receive a message, disconnect."""
-    client = RawClient(server.host, server.port, f"/?token={token()}")
-    client.recv_json()
-    client.send_json({"type": "subscribe", "channel": channel})
-    client.recv_json()
-    client.send_json({"type": "publish", "channel": channel, "data": "x" * 500})
+    client = server.connect().subscribe(channel)
+    client.publish(channel, "x" * 500)
     assert client.recv_json()["type"] == "message"
     client.close()
 
@@ -50,8 +44,7 @@ def test_half_open_connections_and_slow_handshakes_block_no_one(server: Server) 
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
         trickling.append(sock)
     started = time.monotonic()
-    client = RawClient(server.host, server.port, f"/?token={token()}")
-    assert client.recv_json()["type"] == "welcome"
+    client = server.connect()
     client.send_json({"type": "ping"})
     assert client.recv_json() == {"type": "pong"}
     assert time.monotonic() - started < 2  # served at once, not after the stragglers
@@ -65,12 +58,9 @@ def test_half_open_connections_and_slow_handshakes_block_no_one(server: Server) 
 
 def test_a_reconnect_storm_is_served(start_server: Any) -> None:
     """2,000 clients from 10 processes at once (benchmarks/storm.py does 10,000)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from lib import build_loadgen
-
     server = start_server("--workers", "2")
     storm = [subprocess.Popen(
-        [str(build_loadgen()), "--port", str(server.port), "--path", f"/?token={token()}",
+        [str(loadgen()), "--port", str(server.port), "--path", f"/?token={token()}",
          "--subs", "200", "--rate", "0", "--sync", "1", "--channel", "storm",
          "--duration", "0", "--drain", "0", "--sources", f"127.0.0.{2 + k}"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for k in range(10)]

@@ -13,7 +13,6 @@ from typing import Any
 
 from conftest import Server, messages_of, token
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
-from websockets.sync.client import connect
 
 JS = Path(__file__).parent / "js"
 
@@ -62,9 +61,8 @@ def test_node_ws_client_written_for_the_seed(server: Server) -> None:
 def test_headless_chromium_connects_with_a_query_token(server: Server) -> None:
     page = (JS / "browser_client.html").as_uri()
     query = f"?server={server.url()}&token={token('browser', publish=['browser.*'])}"
-    with connect(server.url(token=token("observer"))) as observer, \
+    with server.websocket("observer") as observer, \
             tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        messages_of(observer, 1)
         observer.send(json.dumps({"type": "subscribe", "channel": "browser.report"}))
         assert messages_of(observer, 1)[0]["type"] == "subscribed"
         browser = subprocess.Popen(

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Server, token
+from conftest import Server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from wire import BINARY, TEXT, RawClient
+from wire import BINARY, CLOSE, TEXT
 
 CHANNEL_CHARS = string.ascii_letters + string.digits + "_-.:@/"
 finite = st.floats(allow_nan=False, allow_infinity=False)  # what JSON can carry
@@ -72,19 +72,11 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server.stop()
 
 
-def connect(server: Server) -> RawClient:
-    client = RawClient(server.host, server.port, f"/?token={token()}")
-    client.recv_json()
-    return client
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(cases, min_size=1, max_size=30))
 def test_each_message_gets_its_answer_and_valid_ones_still_arrive(
         fuzz_server: Server, batch: list[tuple[str, str]]) -> None:
-    subscriber, sender = connect(fuzz_server), connect(fuzz_server)
-    subscriber.send_json({"type": "subscribe", "channel": "fuzz"})
-    assert subscriber.recv_json()["type"] == "subscribed"
+    subscriber, sender = fuzz_server.connect().subscribe("fuzz"), fuzz_server.connect()
     published = []
     for text, expected in batch:
         sender.send_frame(TEXT, text.encode())
@@ -110,11 +102,11 @@ def test_each_message_gets_its_answer_and_valid_ones_still_arrive(
 @given(st.binary(max_size=200), st.sampled_from([TEXT, BINARY]))
 def test_arbitrary_frame_payloads_get_an_answer_or_a_close(
         fuzz_server: Server, payload: bytes, opcode: int) -> None:
-    client = connect(fuzz_server)
+    client = fuzz_server.connect()
     client.send_frame(opcode, payload)
     client.send_json({"type": "ping", "id": "after"})
     _, kind, body = client.recv_frame()
-    if kind == 0x8:  # closed: binary (1003) or invalid UTF-8 (1007), nothing else
+    if kind == CLOSE:  # closed: binary (1003) or invalid UTF-8 (1007), nothing else
         code = int.from_bytes(body[:2], "big")
         assert (code == 1003) if opcode == BINARY else (code == 1007)
     else:

@@ -7,8 +7,8 @@ import signal
 import time
 from typing import Any
 
-from conftest import Server, token
-from wire import TEXT, RawClient
+from conftest import Server, token, wait_for
+from wire import CLOSE, PING, PONG, TEXT
 
 
 def test_health_and_ready(server: Server) -> None:
@@ -22,13 +22,9 @@ def test_unknown_paths_are_404(server: Server) -> None:
 
 
 def test_metrics_count_what_happened(server: Server) -> None:
-    subscriber = RawClient(server.host, server.port, f"/?token={token()}")
-    publisher = RawClient(server.host, server.port, f"/ws?token={token()}")
-    subscriber.recv_json(), publisher.recv_json()
-    subscriber.send_json({"type": "subscribe", "channel": "m"})
-    subscriber.recv_json()
+    subscriber, publisher = server.connect().subscribe("m"), server.connect(path="/ws")
     for i in range(5):
-        publisher.send_json({"type": "publish", "channel": "m", "data": i})
+        publisher.publish("m", i)
     assert [subscriber.recv_json()["data"] for _ in range(5)] == list(range(5))
     figures = server.metrics()
     assert figures["fastfan_connections"] == 2
@@ -42,10 +38,7 @@ def test_metrics_count_what_happened(server: Server) -> None:
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     subscriber.close()
     publisher.close()
-    deadline = time.monotonic() + 5
-    while server.metrics()["fastfan_connections"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    figures = server.metrics()
+    figures = wait_for(lambda: (m := server.metrics())["fastfan_connections"] == 0 and m, 5)
     assert (figures["fastfan_connections"], figures["fastfan_channels"]) == (0, 0)
 
 
@@ -56,20 +49,17 @@ def test_plain_get_on_the_websocket_path_is_refused_cleanly(server: Server) -> N
 
 
 def test_sigterm_closes_every_client_with_1001_and_exits_0(server: Server) -> None:
-    clients = [RawClient(server.host, server.port, f"/?token={token()}") for _ in range(5)]
-    for client in clients:
-        client.recv_json()
+    clients = [server.connect() for _ in range(5)]
     server.process.send_signal(signal.SIGTERM)
     for client in clients:
         assert client.recv_close() == (1001, "Server shutting down")
-        client.send_frame(0x8, b"\x03\xe9")  # answer the CLOSE, as a browser would
+        client.send_frame(CLOSE, b"\x03\xe9")  # answer the CLOSE, as a browser would
     assert server.process.wait(10) == 0
 
 
 def test_sigterm_exits_within_the_grace_when_clients_do_not_answer(start_server: Any) -> None:
     server = start_server("--shutdown-grace", "1")
-    silent = RawClient(server.host, server.port, f"/?token={token()}")
-    silent.recv_json()
+    silent = server.connect()
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     assert silent.recv_close()[0] == 1001
@@ -79,24 +69,22 @@ def test_sigterm_exits_within_the_grace_when_clients_do_not_answer(start_server:
 
 def test_client_that_never_answers_pings_is_closed_1001(start_server: Any) -> None:
     server = start_server("--ping-interval", "0.3", "--ping-timeout", "1")
-    client = RawClient(server.host, server.port, f"/?token={token()}")
-    client.recv_json()
+    client = server.connect()
     _, opcode, _ = client.recv_frame()
-    assert opcode == 0x9  # the heartbeat ping, which this client ignores
+    assert opcode == PING  # the heartbeat ping, which this client ignores
     assert client.recv_close() == (1001, "heartbeat timeout")
 
 
 def test_client_that_answers_pings_stays(start_server: Any) -> None:
     server = start_server("--ping-interval", "0.3", "--ping-timeout", "1")
-    client = RawClient(server.host, server.port, f"/?token={token()}")
-    client.recv_json()
+    client = server.connect()
     deadline = time.monotonic() + 2.5
     pings = 0
     while time.monotonic() < deadline:
         _, opcode, payload = client.recv_frame()
-        assert opcode == 0x9, (opcode, payload)
+        assert opcode == PING, (opcode, payload)
         pings += 1
-        client.send_frame(0xA, payload)
+        client.send_frame(PONG, payload)
     assert pings >= 3
     client.send_frame(TEXT, json.dumps({"type": "ping"}).encode())
     assert client.recv_json() == {"type": "pong"}

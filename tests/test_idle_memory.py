@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from conftest import token, wait_for, worker_rss_kib
+from conftest import Server, wait_for, worker_rss_kib
 from wire import RawClient
 
 # What Chromium sends with its upgrade request, give or take: about 900 bytes, which grows
@@ -23,22 +23,17 @@ BROWSER_HEADERS = {
 }
 
 
-def subscribed(port: int, source: str) -> RawClient:
-    client = RawClient("127.0.0.1", port, f"/?token={token()}", headers=BROWSER_HEADERS,
-                       source=source)
-    client.recv_json()
-    client.send_json({"type": "subscribe", "channel": "idle"})
-    assert client.recv_json()["type"] == "subscribed"
-    return client
+def subscribed(server: Server, source: str) -> RawClient:
+    return server.connect(headers=BROWSER_HEADERS, source=source).subscribe("idle")
 
 
 def test_an_idle_subscribed_connection_costs_about_4_kib(start_server: Any) -> None:
     server = start_server("--ping-interval", "600", "--ping-timeout", "1200")
-    warm = [subscribed(server.port, "127.0.0.2") for _ in range(300)]  # allocator arenas
+    warm = [subscribed(server, "127.0.0.2") for _ in range(300)]  # allocator arenas
     time.sleep(1.5)  # a heartbeat sweep releases the output buffers of the idle
     before = worker_rss_kib(server)
     count = 3000
-    clients = [subscribed(server.port, "127.0.0.2") for _ in range(count)]
+    clients = [subscribed(server, "127.0.0.2") for _ in range(count)]
     wait_for(lambda: server.metrics()["fastfan_subscriptions"] == count + len(warm))
     time.sleep(1.5)
     per_connection = (worker_rss_kib(server) - before) / count
@@ -47,7 +42,7 @@ def test_an_idle_subscribed_connection_costs_about_4_kib(start_server: Any) -> N
     assert per_connection < 4.5
     # And the smaller buffers still take any message: one larger than the initial buffer.
     big = "x" * 60_000
-    clients[0].send_json({"type": "publish", "channel": "idle", "data": big})
+    clients[0].publish("idle", big)
     for client in (clients[0], clients[-1], warm[0]):
         message = client.recv_json()
         assert message["type"] == "message" and message["data"] == big

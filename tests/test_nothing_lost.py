@@ -9,20 +9,12 @@ import threading
 import time
 from typing import Any
 
-from conftest import RedisServer, Server, children, process_holding, token, wait_for
+from conftest import RedisServer, Server, children, process_holding, wait_for
 from wire import RawClient
 
 
-def connect(server: Server, **kwargs: Any) -> RawClient:
-    client = RawClient(server.host, server.port, f"/?token={token()}", timeout=10, **kwargs)
-    client.recv_json()
-    return client
-
-
-def subscribe(client: RawClient, channel: str) -> RawClient:
-    client.send_json({"type": "subscribe", "channel": channel})
-    assert client.recv_json()["type"] == "subscribed"
-    return client
+def connect(server: Server, **options: Any) -> RawClient:
+    return server.connect(timeout=10, **options)
 
 
 def publish_each(publisher: RawClient, channel: str, numbers: range, between: Any = None,
@@ -33,7 +25,7 @@ def publish_each(publisher: RawClient, channel: str, numbers: range, between: An
         if between is not None:
             between(n)
         data = n if pad is None else [n, pad]
-        publisher.send_json({"type": "publish", "channel": channel, "data": data, "id": n})
+        publisher.publish(channel, data, id=n)
         reply = publisher.recv_json()
         assert reply["id"] == n
         if reply["type"] == "published":
@@ -64,7 +56,7 @@ def test_a_worker_killed_elsewhere_loses_nothing_acknowledged(start_server: Any)
     for _ in range(60):  # subscribers on the two workers that will live
         client = connect(server)
         if process_holding(client.sock.getsockname()[1], workers) != victim:
-            stayers.append(subscribe(client, "kept"))
+            stayers.append(client.subscribe("kept"))
         if len(stayers) == 6:
             break
     time.sleep(0.3)
@@ -81,8 +73,8 @@ def test_a_worker_killed_elsewhere_loses_nothing_acknowledged(start_server: Any)
 
 def test_a_slow_consumer_cut_off_costs_the_others_nothing(start_server: Any) -> None:
     server = start_server("--max-buffer", str(64 << 10), "--publish-rate", "100000")
-    stalled = subscribe(connect(server, receive_buffer=4096), "wide")
-    others = [subscribe(connect(server), "wide") for _ in range(3)]
+    stalled = connect(server, receive_buffer=4096).subscribe("wide")
+    others = [connect(server).subscribe("wide") for _ in range(3)]
     readers = [Reader(client, 1500) for client in others]  # they read as fast as they can
     publisher = connect(server)
     # 12 MB: far past the stalled client's window and --max-buffer
@@ -108,9 +100,10 @@ class Reader(threading.Thread):
 def test_a_redis_restart_refuses_what_it_cannot_carry_and_delivers_the_rest(
         start_server: Any, redis_server: RedisServer) -> None:
     nodes = [start_server("--redis", redis_server.url) for _ in range(2)]
-    wait_for(lambda: all(node.get("/ready")[0] == 200 for node in nodes))
-    subscribers = [subscribe(connect(node), "steady") for node in nodes]
-    wait_for(lambda: b":2" in redis_server.command("PUBSUB", "NUMSUB", "fastfan:steady"))
+    for node in nodes:
+        node.wait_ready()
+    subscribers = [connect(node).subscribe("steady") for node in nodes]
+    wait_for(lambda: redis_server.subscribers("steady") == 2)
     publisher = connect(nodes[0])
 
     def outage(n: int) -> None:
@@ -120,7 +113,7 @@ def test_a_redis_restart_refuses_what_it_cannot_carry_and_delivers_the_rest(
             # "After the reconnect" means after both nodes subscribed again: Redis pub/sub
             # delivers a PUBLISH only to the subscriptions it has at that moment.
             redis_server.start()
-            wait_for(lambda: b":2" in redis_server.command("PUBSUB", "NUMSUB", "fastfan:steady"))
+            wait_for(lambda: redis_server.subscribers("steady") == 2)
 
     acked, refused = publish_each(publisher, "steady", range(500), outage)
     assert acked[:100] == list(range(100))  # all before the outage went through

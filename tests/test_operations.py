@@ -24,18 +24,10 @@ def families(server: Server) -> list[Any]:
     return list(text_string_to_metric_families(body.decode()))
 
 
-def connect(server: Server) -> RawClient:
-    client = RawClient(server.host, server.port, f"/?token={token()}")
-    assert client.recv_json()["type"] == "welcome"
-    return client
-
-
 def test_metrics_parse_as_prometheus_text_with_every_contract_figure(server: Server) -> None:
-    subscriber, publisher = connect(server), connect(server)
-    subscriber.send_json({"type": "subscribe", "channel": "p"})
-    subscriber.recv_json()
+    subscriber, publisher = server.connect().subscribe("p"), server.connect()
     for i in range(10):
-        publisher.send_json({"type": "publish", "channel": "p", "data": i})
+        publisher.publish("p", i)
     assert [subscriber.recv_json()["data"] for _ in range(10)] == list(range(10))
     found = families(server)
     # The parser names counters without their _total suffix (so the gauge
@@ -55,7 +47,7 @@ def test_metrics_parse_as_prometheus_text_with_every_contract_figure(server: Ser
 
 def test_connection_cap_answers_503(start_server: Any) -> None:
     server = start_server("--max-connections", "2")
-    first, second = connect(server), connect(server)
+    first, second = server.connect(), server.connect()
     try:
         RawClient(server.host, server.port, f"/?token={token()}")
     except HandshakeRefusedError as refused:
@@ -65,13 +57,13 @@ def test_connection_cap_answers_503(start_server: Any) -> None:
         raise AssertionError("a third connection was accepted")
     first.close()
     wait_for(lambda: server.metrics()["fastfan_connections"] == 1)
-    connect(server).close()  # room again
+    server.connect().close()  # room again
     second.close()
     assert server.metrics()["fastfan_connections_refused_total"] == 1
 
 
 def test_the_1025th_subscription_is_refused_by_default(server: Server) -> None:
-    client = connect(server)
+    client = server.connect()
     for n in range(1024):
         client.send_json({"type": "subscribe", "channel": f"c{n}"})
     replies = [client.recv_json() for _ in range(1024)]
@@ -84,7 +76,7 @@ def test_the_1025th_subscription_is_refused_by_default(server: Server) -> None:
 
 def test_json_logs_and_the_per_minute_stats_line(start_server: Any) -> None:
     server = start_server("--log-format", "json", "--stats-interval", "0.5", "--workers", "2")
-    clients = [connect(server) for _ in range(20)]
+    clients = [server.connect() for _ in range(20)]
     for client in clients:
         client.send_json({"type": "ping"})
         assert client.recv_json() == {"type": "pong"}

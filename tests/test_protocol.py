@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
 from conftest import Server, messages_of, token
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
-
-
-@contextmanager
-def client(server: Server, sub: str = "alice", **claims: Any) -> Iterator[ClientConnection]:
-    headers = {"Authorization": f"Bearer {token(sub, **claims)}"}
-    with connect(server.url(), additional_headers=headers, open_timeout=5) as ws:
-        welcome = json.loads(ws.recv(timeout=5))
-        assert welcome["type"] == "welcome"
-        yield ws
 
 
 def request(ws: ClientConnection, message: dict[str, Any] | str) -> dict[str, Any]:
@@ -42,7 +32,7 @@ def test_welcome_names_the_user_and_a_unique_client_id(server: Server) -> None:
 
 
 def test_subscribe_publish_receive_unsubscribe(server: Server) -> None:
-    with client(server, "sub") as subscriber, client(server, "pub") as publisher:
+    with server.websocket("sub") as subscriber, server.websocket("pub") as publisher:
         assert request(subscriber, {"type": "subscribe", "channel": "chat.room-1"}) == {
             "type": "subscribed", "channel": "chat.room-1"}
         publisher.send(json.dumps({"type": "publish", "channel": "chat.room-1", "data": "hi"}))
@@ -59,7 +49,7 @@ def test_subscribe_publish_receive_unsubscribe(server: Server) -> None:
 
 
 def test_from_is_the_publishers_client_id(server: Server) -> None:
-    with client(server) as subscriber, connect(server.url(token=token("pub"))) as publisher:
+    with server.websocket() as subscriber, connect(server.url(token=token("pub"))) as publisher:
         publisher_id = json.loads(publisher.recv(timeout=5))["data"]["clientId"]
         request(subscriber, {"type": "subscribe", "channel": "c"})
         publisher.send(json.dumps({"type": "publish", "channel": "c", "data": 1}))
@@ -68,7 +58,7 @@ def test_from_is_the_publishers_client_id(server: Server) -> None:
 
 def test_data_is_forwarded_byte_for_byte(server: Server) -> None:
     raw = '{"b" :  [1.50, 2e3,  "\\u00e9\\ud83d\\ude00", null, {"z":1,"a":2}] ,"a":-0.0}'
-    with client(server) as ws:
+    with server.websocket() as ws:
         request(ws, {"type": "subscribe", "channel": "raw"})
         ws.send('{"type":"publish","channel":"raw","data":' + raw + "}")
         text = ws.recv(timeout=5)
@@ -76,7 +66,7 @@ def test_data_is_forwarded_byte_for_byte(server: Server) -> None:
 
 
 def test_ids_are_echoed_exactly(server: Server) -> None:
-    with client(server) as ws:
+    with server.websocket() as ws:
         assert request(ws, '{"type":"subscribe","channel":"a","id":7}')["id"] == 7
         ws.send('{"type":"publish","channel":"a","data":1,"id":{"k":[1,"x"]}}')
         replies = messages_of(ws, 2)
@@ -90,13 +80,13 @@ def test_ids_are_echoed_exactly(server: Server) -> None:
 
 
 def test_publish_without_id_gets_no_reply(server: Server) -> None:
-    with client(server) as ws:
+    with server.websocket() as ws:
         ws.send(json.dumps({"type": "publish", "channel": "quiet", "data": 1}))
         assert request(ws, {"type": "ping"}) == {"type": "pong"}
 
 
 def test_publisher_subscribed_receives_its_own_messages(server: Server) -> None:
-    with client(server) as ws:
+    with server.websocket() as ws:
         request(ws, {"type": "subscribe", "channel": "echo"})
         ws.send(json.dumps({"type": "publish", "channel": "echo", "data": {"n": 1}}))
         assert messages_of(ws, 1)[0]["data"] == {"n": 1}
@@ -104,8 +94,8 @@ def test_publisher_subscribed_receives_its_own_messages(server: Server) -> None:
 
 def test_messages_from_one_publisher_arrive_in_order(server: Server) -> None:
     count = 2000
-    with client(server, "s1") as first, client(server, "s2") as second, \
-            client(server, "p") as publisher:
+    with server.websocket("s1") as first, server.websocket("s2") as second, \
+            server.websocket("p") as publisher:
         for ws in (first, second):
             request(ws, {"type": "subscribe", "channel": "seq"})
         for i in range(count):
@@ -116,10 +106,10 @@ def test_messages_from_one_publisher_arrive_in_order(server: Server) -> None:
 
 def test_many_subscribers_each_get_every_message(server: Server) -> None:
     with ExitStack() as stack:
-        subscribers = [stack.enter_context(client(server, f"s{i}")) for i in range(50)]
+        subscribers = [stack.enter_context(server.websocket(f"s{i}")) for i in range(50)]
         for ws in subscribers:
             request(ws, {"type": "subscribe", "channel": "wide"})
-        publisher = stack.enter_context(client(server, "p"))
+        publisher = stack.enter_context(server.websocket("p"))
         for i in range(20):
             publisher.send(json.dumps({"type": "publish", "channel": "wide", "data": i}))
         for ws in subscribers:
@@ -147,7 +137,7 @@ def test_many_subscribers_each_get_every_message(server: Server) -> None:
 ])
 def test_bad_requests_get_400_and_the_connection_lives_on(server: Server, text: str,
                                                           fragment: str) -> None:
-    with client(server) as ws:
+    with server.websocket() as ws:
         error = request(ws, text)
         assert error["type"] == "error"
         assert error["code"] == 400
@@ -157,20 +147,20 @@ def test_bad_requests_get_400_and_the_connection_lives_on(server: Server, text: 
 
 def test_longest_channel_name_and_every_allowed_character(server: Server) -> None:
     name = ("AZaz09_-.:@/" * 22)[:255]
-    with client(server) as ws:
+    with server.websocket() as ws:
         assert request(ws, {"type": "subscribe", "channel": name})["type"] == "subscribed"
         ws.send(json.dumps({"type": "publish", "channel": name, "data": True}))
         assert messages_of(ws, 1)[0]["channel"] == name
 
 
 def test_unknown_fields_are_ignored(server: Server) -> None:
-    with client(server) as ws:
+    with server.websocket() as ws:
         reply = request(ws, {"type": "subscribe", "channel": "x", "extra": {"deep": [1]}})
         assert reply == {"type": "subscribed", "channel": "x"}
 
 
 def test_subscribing_twice_holds_one_subscription(server: Server) -> None:
-    with client(server) as ws:
+    with server.websocket() as ws:
         request(ws, {"type": "subscribe", "channel": "twice"})
         request(ws, {"type": "subscribe", "channel": "twice"})
         ws.send(json.dumps({"type": "publish", "channel": "twice", "data": 1}))
@@ -180,7 +170,7 @@ def test_subscribing_twice_holds_one_subscription(server: Server) -> None:
 
 def test_subscription_limit_answers_429(start_server: Any) -> None:
     server = start_server("--max-subscriptions", "3")
-    with client(server) as ws:
+    with server.websocket() as ws:
         for name in "abc":
             assert request(ws, {"type": "subscribe", "channel": name})["type"] == "subscribed"
         error = request(ws, {"type": "subscribe", "channel": "d"})
@@ -190,7 +180,7 @@ def test_subscription_limit_answers_429(start_server: Any) -> None:
 
 
 def test_permissions_from_the_token(server: Server) -> None:
-    with client(server, "limited", subscribe=["news.*", "room:42"], publish=["room:*"]) as ws:
+    with server.websocket("limited", subscribe=["news.*", "room:42"], publish=["room:*"]) as ws:
         assert request(ws, {"type": "subscribe", "channel": "news.sport"})["type"] == "subscribed"
         assert request(ws, {"type": "subscribe", "channel": "room:42"})["type"] == "subscribed"
         denied = request(ws, {"type": "subscribe", "channel": "room:43", "id": 1})
@@ -203,14 +193,14 @@ def test_permissions_from_the_token(server: Server) -> None:
 
 
 def test_empty_permission_lists_allow_nothing(server: Server) -> None:
-    with client(server, "reader", subscribe=[], publish=[]) as ws:
+    with server.websocket("reader", subscribe=[], publish=[]) as ws:
         assert request(ws, {"type": "subscribe", "channel": "a"})["code"] == 403
         assert request(ws, {"type": "publish", "channel": "a", "data": 1})["code"] == 403
 
 
 def test_publish_rate_limit_answers_429_then_closes_4029(start_server: Any) -> None:
     server = start_server("--publish-rate", "10")
-    with client(server) as ws:
+    with server.websocket() as ws:
         for i in range(20):  # the burst: twice the rate
             ws.send(json.dumps({"type": "publish", "channel": "r", "data": i}))
         error = request(ws, {"type": "publish", "channel": "r", "data": 0, "id": "over"})

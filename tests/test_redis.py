@@ -8,44 +8,33 @@ import threading
 import time
 from typing import Any
 
-from conftest import RedisServer, Server, free_port, token, wait_for
+from conftest import RedisServer, Server, free_port, wait_for
 from wire import RawClient
 
 
-def connect(server: Server) -> RawClient:
-    client = RawClient(server.host, server.port, f"/?token={token()}")
-    assert client.recv_json()["type"] == "welcome"
-    return client
-
-
-def subscriber(server: Server, channel: str) -> RawClient:
-    client = connect(server)
-    client.send_json({"type": "subscribe", "channel": channel})
-    assert client.recv_json()["type"] == "subscribed"
-    return client
-
-
-def numsub(redis: RedisServer, channel: str) -> int:
-    reply = redis.command("PUBSUB", "NUMSUB", f"fastfan:{channel}")
-    return int(reply.rsplit(b":", 1)[1].strip())
+def node_on(redis: RedisServer, start_server: Any, *args: str) -> Server:
+    """A fastfan node on `redis`, once it is ready (its workers have reached Redis)."""
+    node = start_server("--redis", redis.url, *args)
+    node.wait_ready()
+    return node
 
 
 def publish(client: RawClient, channel: str, data: Any, request_id: Any) -> dict[str, Any]:
-    client.send_json({"type": "publish", "channel": channel, "data": data, "id": request_id})
+    """A publish with an id, and its answer."""
+    client.publish(channel, data, id=request_id)
     return dict(client.recv_json())
 
 
 def test_two_nodes_deliver_to_each_others_subscribers_in_order(
         start_server: Any, redis_server: RedisServer) -> None:
-    first = start_server("--redis", redis_server.url)
-    second = start_server("--redis", redis_server.url, "--workers", "2")
-    wait_for(lambda: first.get("/ready")[0] == 200 and second.get("/ready")[0] == 200)
-    near, far = subscriber(first, "shared"), subscriber(second, "shared")
-    wait_for(lambda: numsub(redis_server, "shared") == 2)
+    first = node_on(redis_server, start_server)
+    second = node_on(redis_server, start_server, "--workers", "2")
+    near, far = first.connect().subscribe("shared"), second.connect().subscribe("shared")
+    wait_for(lambda: redis_server.subscribers("shared") == 2)
     for node in (first, second):
-        publisher = connect(node)
+        publisher = node.connect()
         for i in range(500):
-            publisher.send_json({"type": "publish", "channel": "shared", "data": i})
+            publisher.publish("shared", i)
         for client in (near, far):
             assert [client.recv_json()["data"] for _ in range(500)] == list(range(500))
         publisher.close()
@@ -53,21 +42,20 @@ def test_two_nodes_deliver_to_each_others_subscribers_in_order(
 
 def test_one_redis_subscription_per_channel_dropped_with_the_last(
         start_server: Any, redis_server: RedisServer) -> None:
-    node = start_server("--redis", redis_server.url)
-    wait_for(lambda: node.get("/ready")[0] == 200)
-    a, b = subscriber(node, "room"), subscriber(node, "room")
-    wait_for(lambda: numsub(redis_server, "room") == 1)
+    node = node_on(redis_server, start_server)
+    a, b = node.connect().subscribe("room"), node.connect().subscribe("room")
+    wait_for(lambda: redis_server.subscribers("room") == 1)
     for client in (a, b):
         client.send_json({"type": "unsubscribe", "channel": "room"})
         assert client.recv_json()["type"] == "unsubscribed"
-    wait_for(lambda: numsub(redis_server, "room") == 0)
+    wait_for(lambda: redis_server.subscribers("room") == 0)
     # A burst of subscribes goes out as one SUBSCRIBE command.
     before = _subscribe_calls(redis_server)
-    burst = connect(node)
+    burst = node.connect()
     burst.send_json_burst([{"type": "subscribe", "channel": f"burst{n}"} for n in range(100)])
     for _ in range(100):
         burst.recv_json()
-    wait_for(lambda: numsub(redis_server, "burst99") == 1)
+    wait_for(lambda: redis_server.subscribers("burst99") == 1)
     assert _subscribe_calls(redis_server) - before <= 2  # one per loop turn that read some
 
 
@@ -78,10 +66,9 @@ def _subscribe_calls(redis: RedisServer) -> int:
 
 
 def test_a_backend_publishes_through_redis(start_server: Any, redis_server: RedisServer) -> None:
-    node = start_server("--redis", redis_server.url)
-    wait_for(lambda: node.get("/ready")[0] == 200)
-    client = subscriber(node, "news")
-    wait_for(lambda: numsub(redis_server, "news") == 1)
+    node = node_on(redis_server, start_server)
+    client = node.connect().subscribe("news")
+    wait_for(lambda: redis_server.subscribers("news") == 1)
     message = '{"type":"message","channel":"news","data":{"headline":"hi"},"from":"backend",' \
               '"timestamp":1700000000000}'
     assert redis_server.command("PUBLISH", "fastfan:news", message) == b":1\r\n"
@@ -91,10 +78,9 @@ def test_a_backend_publishes_through_redis(start_server: Any, redis_server: Redi
 
 def test_payloads_that_are_not_json_objects_are_dropped_and_counted(
         start_server: Any, redis_server: RedisServer) -> None:
-    node = start_server("--redis", redis_server.url)
-    wait_for(lambda: node.get("/ready")[0] == 200)
-    client = subscriber(node, "news")
-    wait_for(lambda: numsub(redis_server, "news") == 1)
+    node = node_on(redis_server, start_server)
+    client = node.connect().subscribe("news")
+    wait_for(lambda: redis_server.subscribers("news") == 1)
     for bad in (b"not json", b"[1,2]", b'"text"', b"{\"a\":", b"\xff\xfe"):
         redis_server.command("PUBLISH", "fastfan:news", bad)
     redis_server.command("PUBLISH", "fastfan:news", b'{"type":"message","data":"good"}')
@@ -106,12 +92,10 @@ def test_payloads_that_are_not_json_objects_are_dropped_and_counted(
 
 def test_redis_restart_refuses_meanwhile_then_resumes(
         start_server: Any, redis_server: RedisServer) -> None:
-    first = start_server("--redis", redis_server.url)
-    second = start_server("--redis", redis_server.url)
-    wait_for(lambda: first.get("/ready")[0] == 200 and second.get("/ready")[0] == 200)
-    near, far = subscriber(first, "live"), subscriber(second, "live")
-    wait_for(lambda: numsub(redis_server, "live") == 2)
-    publisher = connect(first)
+    first, second = node_on(redis_server, start_server), node_on(redis_server, start_server)
+    near, far = first.connect().subscribe("live"), second.connect().subscribe("live")
+    wait_for(lambda: redis_server.subscribers("live") == 2)
+    publisher = first.connect()
     assert publish(publisher, "live", "before", 1) == {
         "type": "published", "channel": "live", "id": 1}  # Redis has taken it
     for client in (near, far):
@@ -126,7 +110,7 @@ def test_redis_restart_refuses_meanwhile_then_resumes(
 
     redis_server.start()
     restarted = time.monotonic()
-    wait_for(lambda: numsub(redis_server, "live") == 2, timeout=3)
+    wait_for(lambda: redis_server.subscribers("live") == 2, timeout=3)
     reply = wait_for(lambda: (r := publish(publisher, "live", "after", 3))["type"] == "published"
                      and r, timeout=3)
     assert reply["id"] == 3
@@ -144,17 +128,15 @@ def test_redis_unreachable_at_start(start_server: Any, tmp_path: Any) -> None:
     node = start_server("--redis", f"redis://127.0.0.1:{redis_port}/0")
     assert node.get("/health")[0] == 200
     assert node.get("/ready")[0] == 503
-    client = connect(node)
-    client.send_json({"type": "publish", "channel": "x", "data": 1, "id": "early"})
+    client = node.connect()
+    client.publish("x", 1, id="early")
     assert client.recv_json()["code"] == 503
-    redis = RedisServer.__new__(RedisServer)
-    redis.port, redis.log_path, redis.process = redis_port, tmp_path / "late.log", None
-    redis.start()
+    redis = RedisServer(tmp_path / "late.log", port=redis_port)
     try:
-        wait_for(lambda: node.get("/ready")[0] == 200, timeout=5)
-        listener = subscriber(node, "x")
-        wait_for(lambda: numsub(redis, "x") == 1)
-        client.send_json({"type": "publish", "channel": "x", "data": json.loads("[1]")})
+        node.wait_ready(timeout=5)
+        listener = node.connect().subscribe("x")
+        wait_for(lambda: redis.subscribers("x") == 1)
+        client.publish("x", json.loads("[1]"))
         assert listener.recv_json()["data"] == [1]
     finally:
         redis.kill()
@@ -162,13 +144,12 @@ def test_redis_unreachable_at_start(start_server: Any, tmp_path: Any) -> None:
 
 def test_a_slow_redis_never_stalls_the_websocket_side(
         start_server: Any, redis_server: RedisServer) -> None:
-    node = start_server("--redis", redis_server.url)
-    wait_for(lambda: node.get("/ready")[0] == 200)
-    client = subscriber(node, "calm")
+    node = node_on(redis_server, start_server)
+    client = node.connect().subscribe("calm")
     asleep = threading.Thread(target=redis_server.command, args=("DEBUG", "SLEEP", "2"))
     asleep.start()
     time.sleep(0.2)
-    client.send_json({"type": "publish", "channel": "calm", "data": 1, "id": "waits"})
+    client.publish("calm", 1, id="waits")
     client.send_json({"type": "ping"})
     assert client.recv_json() == {"type": "pong"}  # answered while Redis sleeps
     assert asleep.is_alive()

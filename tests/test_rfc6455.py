@@ -8,14 +8,24 @@ from typing import Any
 
 import pytest
 from conftest import Server, token
-from wire import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient, frame
+from wire import (
+    BINARY,
+    CLOSE,
+    CONTINUATION,
+    PING,
+    PONG,
+    TEXT,
+    HandshakeRefusedError,
+    RawClient,
+    frame,
+    frame_head,
+)
 
 
-def connect(server: Server, path: str = "/", headers: dict[str, str] | None = None) -> RawClient:
-    client = RawClient(server.host, server.port, path,
-                       {"Authorization": f"Bearer {token()}", **(headers or {})})
-    assert client.recv_json()["type"] == "welcome"
-    return client
+@pytest.fixture
+def limited(start_server: Any) -> Server:
+    """A server whose --max-message-size is 1000 bytes."""
+    return start_server("--max-message-size", "1000")
 
 
 def assert_closed_with(client: RawClient, code: int) -> None:
@@ -23,21 +33,16 @@ def assert_closed_with(client: RawClient, code: int) -> None:
     client.close()
 
 
-def subscribe_and_publish_text(channel: str, data: str) -> tuple[bytes, bytes]:
-    return (json.dumps({"type": "subscribe", "channel": channel}).encode(),
-            json.dumps({"type": "publish", "channel": channel, "data": data}).encode())
-
-
 @pytest.mark.parametrize("code", [1000, 1001, 3000, 4999])
 def test_a_clients_close_is_answered_with_its_own_code(server: Server, code: int) -> None:
-    client = connect(server)
+    client = server.connect()
     client.send_frame(CLOSE, struct.pack("!H", code) + b"bye")
     assert client.recv_close()[0] == code
     assert client.at_eof()
 
 
 def test_an_empty_close_is_answered_with_1000(server: Server) -> None:
-    client = connect(server)
+    client = server.connect()
     client.send_frame(CLOSE)
     assert client.recv_close()[0] == 1000
 
@@ -67,24 +72,23 @@ BAD_SEQUENCES = {
 @pytest.mark.parametrize("name", list(BAD_SEQUENCES))
 def test_bad_frame_sequences_close_with_the_contracts_code(server: Server, name: str) -> None:
     frames, code = BAD_SEQUENCES[name]
-    client = connect(server)
+    client = server.connect()
     for opcode, payload, fin, rsv in frames:
         client.send_frame(opcode, payload, fin=fin, rsv=rsv)
     assert_closed_with(client, code)
 
 
 def test_ping_is_answered_with_its_payload(server: Server) -> None:
-    client = connect(server)
+    client = server.connect()
     client.send_frame(PING, b"are you there")
     assert client.recv_frame() == (True, PONG, b"are you there")
     client.close()
 
 
 def test_fragmented_message_is_reassembled(server: Server) -> None:
-    client = connect(server)
-    subscribe, publish = subscribe_and_publish_text("frag", "é" * 300)
-    client.send_frame(TEXT, subscribe)
-    assert client.recv_json()["type"] == "subscribed"
+    client = server.connect()
+    client.subscribe("frag")
+    publish = json.dumps({"type": "publish", "channel": "frag", "data": "é" * 300}).encode()
     pieces = [publish[i:i + 7] for i in range(0, len(publish), 7)]  # splits UTF-8 sequences
     client.send_frame(TEXT, pieces[0], fin=False)
     client.send_frame(PING, b"between fragments")  # control frames may interleave
@@ -96,24 +100,21 @@ def test_fragmented_message_is_reassembled(server: Server) -> None:
     client.close()
 
 
-def test_message_over_the_limit_closes_1009(start_server: Any) -> None:
-    server = start_server("--max-message-size", "1000")
-    client = connect(server)
+def test_message_over_the_limit_closes_1009(limited: Server) -> None:
+    client = limited.connect()
     client.send_frame(TEXT, b'{"type":"ping","pad":"' + b"x" * 1000 + b'"}')
     assert_closed_with(client, 1009)
 
 
-def test_fragments_adding_up_past_the_limit_close_1009(start_server: Any) -> None:
-    server = start_server("--max-message-size", "1000")
-    client = connect(server)
+def test_fragments_adding_up_past_the_limit_close_1009(limited: Server) -> None:
+    client = limited.connect()
     client.send_frame(TEXT, b"[" + b" " * 599, fin=False)
     client.send_frame(CONTINUATION, b" " * 600)
     assert_closed_with(client, 1009)
 
 
-def test_message_at_the_limit_is_accepted(start_server: Any) -> None:
-    server = start_server("--max-message-size", "1000")
-    client = connect(server)
+def test_message_at_the_limit_is_accepted(limited: Server) -> None:
+    client = limited.connect()
     message = b'{"type":"ping","pad":"'
     message += b"x" * (1000 - len(message) - 2) + b'"}'
     assert len(message) == 1000
@@ -122,21 +123,19 @@ def test_message_at_the_limit_is_accepted(start_server: Any) -> None:
     client.close()
 
 
-def test_a_huge_frame_is_refused_from_its_header(start_server: Any) -> None:
+def test_a_huge_frame_is_refused_from_its_header(limited: Server) -> None:
     """A 1 GiB length is refused on sight: nothing is buffered waiting for it."""
-    server = start_server("--max-message-size", "1000")
-    client = connect(server)
-    client.sock.sendall(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 30) + b"mask")
+    client = limited.connect()
+    client.sock.sendall(frame_head(TEXT, 1 << 30) + b"mask")
     assert_closed_with(client, 1009)
 
 
 def test_nothing_follows_the_close_for_a_bad_frame_read_with_a_good_one(
-        start_server: Any) -> None:
+        limited: Server) -> None:
     """picows parses one frame ahead and sends CLOSE for the bad one before we answer the
     good one: the answer must not go out after the CLOSE (found by the fuzzer)."""
-    server = start_server("--max-message-size", "1000")
-    client = connect(server)
-    huge = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 40) + b"mask"
+    client = limited.connect()
+    huge = frame_head(TEXT, 1 << 40) + b"mask"
     client.sock.sendall(frame(TEXT, b'{"type":"ping"}') + huge)  # one write, one read
     opcode = PONG
     while opcode != CLOSE:  # a pong before the CLOSE is allowed, none after it
@@ -146,22 +145,20 @@ def test_nothing_follows_the_close_for_a_bad_frame_read_with_a_good_one(
     assert client.at_eof()
 
 def test_bad_frames_do_not_disturb_other_clients(server: Server) -> None:
-    healthy = connect(server)
-    subscribe, publish = subscribe_and_publish_text("calm", "still here")
-    healthy.send_frame(TEXT, subscribe)
-    assert healthy.recv_json()["type"] == "subscribed"
+    healthy = server.connect()
+    healthy.subscribe("calm")
     for opcode, payload, rsv in ((BINARY, b"x", 0), (TEXT, b"\xff", 0), (TEXT, b"{}", 3)):
-        bad = connect(server)
+        bad = server.connect()
         bad.send_frame(opcode, payload, rsv=rsv)
         bad.recv_close()
         bad.close()
-    healthy.send_frame(TEXT, publish)
+    healthy.publish("calm", "still here")
     assert healthy.recv_json()["data"] == "still here"
     healthy.close()
 
 
 def test_firefox_connection_header_is_accepted(server: Server) -> None:
-    client = connect(server, headers={"Connection": "keep-alive, Upgrade"})
+    client = server.connect(headers={"Connection": "keep-alive, Upgrade"})
     client.send_frame(TEXT, b'{"type":"ping"}')
     assert client.recv_json() == {"type": "pong"}
     client.close()
@@ -180,8 +177,6 @@ def test_echo_path_echoes_text_and_binary(start_server: Any) -> None:
 
 
 def test_echo_path_needs_a_token(start_server: Any) -> None:
-    from wire import HandshakeRefusedError
-
     server = start_server("--echo-path", "/echo")
     with pytest.raises(HandshakeRefusedError) as refused:
         RawClient(server.host, server.port, "/echo")

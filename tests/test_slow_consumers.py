@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from conftest import Server, token, wait_for, worker_rss_kib
+from conftest import Server, wait_for, worker_rss_kib
 from wire import RawClient
 
 MESSAGES = 5000
@@ -15,6 +15,10 @@ MAX_BUFFER = 1 << 20
 # allocator slack). Without the bound it grows by ~17 MB here: 20 MB sent, minus what the
 # kernel's socket buffers hold.
 GROWTH_LIMIT_KIB = 4 * MAX_BUFFER // 1024
+# A fast reader is one that keeps up: the publisher lets it fall at most about two windows
+# behind (2 x 25 x 4 KB per channel, far under --max-buffer). Unpaced, these tests would
+# measure whether Python threads on a busy machine outread the publisher, not the server.
+WINDOW = 25
 
 
 class Reader(threading.Thread):
@@ -33,13 +37,8 @@ class Reader(threading.Thread):
             self.received.append((message["channel"], message["data"]["n"]))
 
 
-def subscribe(server: Server, channels: list[str], **kwargs: Any) -> RawClient:
-    client = RawClient(server.host, server.port, f"/?token={token()}", timeout=30, **kwargs)
-    client.recv_json()
-    for channel in channels:
-        client.send_json({"type": "subscribe", "channel": channel})
-        assert client.recv_json()["type"] == "subscribed"
-    return client
+def subscribe(server: Server, channels: list[str], **options: Any) -> RawClient:
+    return server.connect(timeout=30, **options).subscribe(*channels)
 
 
 def stalled(server: Server, channels: list[str]) -> RawClient:
@@ -47,20 +46,29 @@ def stalled(server: Server, channels: list[str]) -> RawClient:
     return subscribe(server, channels, receive_buffer=4096)
 
 
-def publish(server: Server, channels: list[str], count: int) -> None:
-    publisher = RawClient(server.host, server.port, f"/?token={token()}", timeout=30)
-    publisher.recv_json()
+def publish(server: Server, channels: list[str], count: int,
+            readers: list[Reader] | None = None) -> None:
+    publisher = server.connect(timeout=30)
     for n in range(count):
         for channel in channels:
-            publisher.send_json({"type": "publish", "channel": channel,
-                                 "data": {"n": n, "pad": DATA}})
+            publisher.publish(channel, {"n": n, "pad": DATA})
+        if readers and n % WINDOW == 0:
+            least = (n - WINDOW) * len(channels)
+            wait_for(lambda least=least: all(len(r.received) >= least for r in readers),
+                     30, 0.001)
     publisher.send_json({"type": "ping"})
     assert publisher.recv_json() == {"type": "pong"}  # the server has handled them all
 
 
+# These clients answer no heartbeat, and a reader that only reads would find a PING among its
+# messages once a busy machine stretches a test past --ping-interval (30 s): not this file's
+# subject, so the heartbeat is put out of reach.
+NO_HEARTBEAT = ("--ping-interval", "600", "--ping-timeout", "1200")
+
+
 def start(start_server: Any, policy: str) -> Server:
     return start_server("--slow-consumer", policy, "--max-buffer", str(MAX_BUFFER),
-                        "--publish-rate", "1000000", "--max-message-size", "10000")
+                        "--publish-rate", "1000000", "--max-message-size", "10000", *NO_HEARTBEAT)
 
 
 def test_disconnect_closes_the_stalled_client_with_4008(start_server: Any) -> None:
@@ -68,7 +76,7 @@ def test_disconnect_closes_the_stalled_client_with_4008(start_server: Any) -> No
     slow = stalled(server, ["feed"])
     fast = [Reader(server, ["feed"], MESSAGES) for _ in range(3)]
     before = worker_rss_kib(server)
-    publish(server, ["feed"], MESSAGES)
+    publish(server, ["feed"], MESSAGES, fast)
     for reader in fast:
         reader.join(60)
         assert [n for _, n in reader.received] == list(range(MESSAGES))
@@ -84,7 +92,7 @@ def test_drop_discards_until_the_client_drains_and_counts(start_server: Any) -> 
     slow = stalled(server, ["feed"])
     fast = Reader(server, ["feed"], MESSAGES)
     before = worker_rss_kib(server)
-    publish(server, ["feed"], MESSAGES)
+    publish(server, ["feed"], MESSAGES, [fast])
     fast.join(60)
     assert [n for _, n in fast.received] == list(range(MESSAGES))
     grown = worker_rss_kib(server) - before
@@ -105,7 +113,7 @@ def test_conflate_delivers_the_newest_of_each_channel_once_drained(start_server:
     server = start(start_server, "conflate")
     slow = stalled(server, ["a", "b"])
     fast = Reader(server, ["a", "b"], 2 * MESSAGES)
-    publish(server, ["a", "b"], MESSAGES)
+    publish(server, ["a", "b"], MESSAGES, [fast])
     fast.join(60)
     assert len(fast.received) == 2 * MESSAGES
     conflated = server.metrics()['fastfan_dropped_total{reason="conflated"}']
@@ -125,14 +133,12 @@ def test_small_and_large_messages_keep_their_order_through_a_stalled_reader(
     """Large frames are queued by reference and small ones copied: a reader that stalls
     (partial writes, the rest left with the transport) still gets every byte in order."""
     server = start_server("--max-buffer", str(64 << 20), "--publish-rate", "1000000",
-                          "--max-message-size", "100000")
+                          "--max-message-size", "100000", *NO_HEARTBEAT)
     slow = stalled(server, ["mixed"])
     sizes = [(10, 5000, 100, 40000, 4000, 4100, 70000, 1)[n % 8] for n in range(400)]
-    publisher = RawClient(server.host, server.port, f"/?token={token()}", timeout=30)
-    publisher.recv_json()
+    publisher = server.connect(timeout=30)
     for n, size in enumerate(sizes):
-        publisher.send_json({"type": "publish", "channel": "mixed",
-                             "data": {"n": n, "pad": chr(ord("a") + n % 26) * size}})
+        publisher.publish("mixed", {"n": n, "pad": chr(ord("a") + n % 26) * size})
     publisher.send_json({"type": "ping"})
     assert publisher.recv_json() == {"type": "pong"}  # all handled, most still queued
     for n, size in enumerate(sizes):

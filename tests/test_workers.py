@@ -6,24 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, children, process_holding, token, wait_for
-from wire import RawClient
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def subscriber(server: Server, channel: str) -> RawClient:
-    client = RawClient(server.host, server.port, f"/?token={token()}")
-    client.recv_json()
-    client.send_json({"type": "subscribe", "channel": channel})
-    assert client.recv_json()["type"] == "subscribed"
-    return client
+from conftest import Server, children, loadgen, process_holding, process_state, token, wait_for
+from wire import CLOSE, RawClient
 
 
 def spread(server: Server, channel: str, per_worker: int) -> dict[int, list[RawClient]]:
@@ -33,7 +21,7 @@ def spread(server: Server, channel: str, per_worker: int) -> dict[int, list[RawC
     for _ in range(60 * len(workers)):
         if all(len(clients) >= per_worker for clients in placed.values()):
             break
-        client = subscriber(server, channel)
+        client = server.connect().subscribe(channel)
         pid = process_holding(client.sock.getsockname()[1], workers)
         assert pid is not None
         placed[pid].append(client)
@@ -50,10 +38,9 @@ def test_connections_spread_and_messages_cross_workers(start_server: Any) -> Non
     server = start_server("--workers", "3")
     assert len(children(server.process.pid)) == 3
     placed = spread(server, "cross", per_worker=2)
-    publisher = RawClient(server.host, server.port, f"/?token={token()}")
-    publisher.recv_json()
+    publisher = server.connect()
     for i in range(300):
-        publisher.send_json({"type": "publish", "channel": "cross", "data": i})
+        publisher.publish("cross", i)
     for clients in placed.values():
         for client in clients:
             assert received(client, 300) == list(range(300))
@@ -66,12 +53,11 @@ def test_connections_spread_and_messages_cross_workers(start_server: Any) -> Non
 def test_kill_9_of_a_worker_leaves_the_others_serving(start_server: Any) -> None:
     server = start_server("--workers", "3")
     placed = spread(server, "live", per_worker=2)
-    publisher = RawClient(server.host, server.port, f"/?token={token()}")
-    publisher.recv_json()
+    publisher = server.connect()
     publisher_pid = process_holding(publisher.sock.getsockname()[1], list(placed))
     victim = next(pid for pid in placed if pid != publisher_pid)
     for i in range(200):
-        publisher.send_json({"type": "publish", "channel": "live", "data": i})
+        publisher.publish("live", i)
         if i == 100:
             os.kill(victim, signal.SIGKILL)
         time.sleep(0.002)
@@ -89,14 +75,14 @@ def test_kill_9_of_a_worker_leaves_the_others_serving(start_server: Any) -> None
     assert wait_for(lambda: server.metrics()["fastfan_worker_restarts_total"] == 1)
     # The replacement joins the bus: its new subscribers hear the old publisher.
     for _ in range(100):
-        newcomer = subscriber(server, "live")
+        newcomer = server.connect().subscribe("live")
         if process_holding(newcomer.sock.getsockname()[1], [replacement]):
             break
         newcomer.close()
     else:
         pytest.fail("no connection landed on the restarted worker")
     time.sleep(0.3)
-    publisher.send_json({"type": "publish", "channel": "live", "data": "after"})
+    publisher.publish("live", "after")
     assert newcomer.recv_json()["data"] == "after"
 
 
@@ -126,35 +112,25 @@ def test_sigterm_closes_clients_on_every_worker_and_the_master_exits_last(
         for client in clients:
             assert client.recv_close() == (1001, "Server shutting down")
     assert server.process.wait(15) == 0
-    assert all(not Path(f"/proc/{pid}").exists() or "Z" in _state(pid) for pid in workers)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
+    assert all(process_state(pid)[0] in ("gone", "Z") for pid in workers)
 
 
 def test_workers_exit_when_the_master_is_killed(start_server: Any) -> None:
     server = start_server("--workers", "2")
     workers = children(server.process.pid)
-    client = subscriber(server, "orphan")
+    client = server.connect().subscribe("orphan")
     server.process.kill()
     server.process.wait()
     assert client.recv_close() == (1001, "Server shutting down")
-    client.send_frame(0x8, b"\x03\xe9")
-    wait_for(lambda: all(_state(pid) in ("gone", "Z") for pid in workers), timeout=5)
+    client.send_frame(CLOSE, b"\x03\xe9")
+    wait_for(lambda: all(process_state(pid)[0] in ("gone", "Z") for pid in workers), timeout=5)
 
 
 def test_many_connections_over_several_workers(start_server: Any) -> None:
     """A bounded run: 4,000 subscribers from the C load generator, two workers, no loss."""
-    sys.path.insert(0, str(BENCHMARKS))
-    from lib import build_loadgen
-
     server = start_server("--workers", "2", "--publish-rate", "100000", "--insecure")
     result = subprocess.run(
-        [str(build_loadgen()), "--port", str(server.port), "--path", f"/?token={token()}",
+        [str(loadgen()), "--port", str(server.port), "--path", f"/?token={token()}",
          "--subs", "4000", "--rate", "50", "--duration", "2", "--channel", "crowd",
          "--sources", "127.0.0.2,127.0.0.3"],
         capture_output=True, text=True, timeout=120)

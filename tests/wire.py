@@ -1,4 +1,9 @@
-"""A WebSocket client on a bare socket, for frames no polite library will send."""
+"""Bytes on the wire, made and read by hand: WebSocket frames, a client on a bare socket for
+frames no polite library will send, Redis's RESP, and a free port to listen on.
+
+The standard library only: fuzz/ builds its seeds and reads the server's frames with this
+module too, in a venv that has none of the tests' dependencies.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,84 @@ import json
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
+ZERO_KEY = bytes(4)  # the masking key that leaves a payload as it is: readable fuzz inputs
 
 
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0) -> bytes:
-    """A masked client frame."""
-    header = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    n = len(payload)
-    if n < 126:
-        header += bytes([0x80 | n])
-    elif n < 65536:
-        header += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        header += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    mask = os.urandom(4)
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
+          masked: bool = True, key: bytes | None = None) -> bytes:
+    """A client frame, masked with `key` (a random one when None); `masked=False` makes the
+    unmasked frame a client must not send."""
+    head = frame_head(opcode, len(payload), fin=fin, rsv=rsv, masked=masked)
+    if not masked:
+        return head + payload
+    key = os.urandom(4) if key is None else key
+    return head + key + apply_mask(payload, key)
+
+
+def frame_head(opcode: int, size: int, *, fin: bool = True, rsv: int = 0,
+               masked: bool = True) -> bytes:
+    """A frame's header up to its masking key: alone, it announces a payload never sent."""
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        return head + bytes([mask_bit | size])
+    if size < 65536:
+        return head + bytes([mask_bit | 126]) + struct.pack("!H", size)
+    return head + bytes([mask_bit | 127]) + struct.pack("!Q", size)
+
+
+def apply_mask(payload: bytes, key: bytes) -> bytes:
+    """XOR with the 4-byte key repeated (RFC 6455 5.3): masks and unmasks alike."""
+    size = len(payload)
+    repeated = (key * (size // 4 + 1))[:size]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
+
+
+class Frame(NamedTuple):
+    fin: bool
+    rsv: int
+    opcode: int
+    masked: bool
+    payload: bytes  # unmasked
+    size: int  # bytes on the wire, header included
+
+
+def parse_frame(data: bytes | bytearray, at: int = 0) -> Frame | None:
+    """The frame that starts at `data[at]`, or None while some of its bytes have not come."""
+    if len(data) - at < 2:
+        return None
+    first, second = data[at], data[at + 1]
+    length, head = second & 0x7F, 2
+    if length >= 126:
+        form = "!H" if length == 126 else "!Q"
+        head += struct.calcsize(form)
+        if len(data) - at < head:
+            return None
+        (length,) = struct.unpack_from(form, data, at + 2)
+    masked = bool(second & 0x80)
+    head += 4 if masked else 0
+    if len(data) - at < head + length:
+        return None
+    key = bytes(data[at + head - 4:at + head]) if masked else b""
+    payload = bytes(data[at + head:at + head + length])
+    return Frame(bool(first & 0x80), (first >> 4) & 0x7, first & 0x0F, masked,
+                 apply_mask(payload, key) if masked else payload, head + length)
+
+
+def resp(*parts: str | bytes) -> bytes:
+    """A command in RESP, as Redis reads it: an array of bulk strings."""
+    encoded = [p.encode() if isinstance(p, str) else p for p in parts]
+    return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server about to start."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 class HandshakeRefusedError(Exception):
@@ -64,23 +130,17 @@ class RawClient:
                 body += self.sock.recv(65536)
             raise HandshakeRefusedError(status, self.headers, body)
 
+    def _receive(self, closed: str) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(closed)
+        self.buffer += chunk
+
     def _read_until(self, marker: bytes) -> bytes:
         while marker not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed during handshake")
-            self.buffer += chunk
+            self._receive("closed during handshake")
         head, self.buffer = self.buffer.split(marker, 1)
         return head
-
-    def _read_exactly(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("connection closed")
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
 
     def send_frame(self, opcode: int, payload: bytes = b"", *, fin: bool = True,
                    rsv: int = 0) -> None:
@@ -93,14 +153,22 @@ class RawClient:
         """Many messages in one write, so they reach the server together."""
         self.sock.sendall(b"".join(frame(TEXT, json.dumps(m).encode()) for m in messages))
 
+    def subscribe(self, *channels: str) -> RawClient:
+        """Subscribes to each channel in turn, each answered with `subscribed`."""
+        for channel in channels:
+            self.send_json({"type": "subscribe", "channel": channel})
+            assert self.recv_json() == {"type": "subscribed", "channel": channel}
+        return self
+
+    def publish(self, channel: str, data: Any, **fields: Any) -> None:
+        """Sends a publish (with `id=...` among `fields` to be answered); reads nothing."""
+        self.send_json({"type": "publish", "channel": channel, "data": data, **fields})
+
     def recv_frame(self) -> tuple[bool, int, bytes]:
-        first, second = self._read_exactly(2)
-        n = second & 0x7F
-        if n == 126:
-            (n,) = struct.unpack("!H", self._read_exactly(2))
-        elif n == 127:
-            (n,) = struct.unpack("!Q", self._read_exactly(8))
-        return bool(first & 0x80), first & 0x0F, self._read_exactly(n)
+        while (got := parse_frame(self.buffer)) is None:
+            self._receive("connection closed")
+        self.buffer = self.buffer[got.size:]
+        return got.fin, got.opcode, got.payload
 
     def recv_json(self) -> Any:
         fin, opcode, payload = self.recv_frame()
