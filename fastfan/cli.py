@@ -62,6 +62,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _on_off(text: str) -> bool:
+    if text in ("on", "off"):
+        return text == "on"
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 def _path(text: str) -> str:
     if not text.startswith("/"):
         raise argparse.ArgumentTypeError(f"expected a path starting with '/', got {text!r}")
@@ -94,6 +100,10 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--log-level", str, LOG_LEVELS, "debug, info, warning or error (info)"),
     ("--log-format", str, LOG_FORMATS, "text or json (text)"),
     ("--echo-path", _path, None, "a path that echoes every message, for conformance suites"),
+    ("--api-port", _port, None, "port of the server API for backends (with --api-key)"),
+    ("--api-key", str, None, "the server API's key (clients send 'Authorization: apikey KEY')"),
+    ("--api-key-file", str, None, "a file holding the API key (instead of --api-key)"),
+    ("--metrics-public", _on_off, None, "GET /metrics on --port too: on or off (on)"),
 ]
 
 _TRUE = ("1", "true", "yes", "on")
