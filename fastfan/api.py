@@ -323,6 +323,8 @@ class ApiConnection(asyncio.Protocol):
         self._queue: deque[Request | Response] = deque()
         self._serving: asyncio.Task[None] | None = None
         self._reading = True
+        self._writable = asyncio.Event()  # clear while the client does not read our answers
+        self._writable.set()
         self._closing = False  # no more requests are read; close once answered
         self._idle: asyncio.TimerHandle | None = None
 
@@ -354,6 +356,14 @@ class ApiConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             refusal = self._refusal or ApiError(400, f"bad HTTP request: {exc}")
             self._answer_and_close(error_response(refusal.status, str(refusal)))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+        self._flow()
 
     def close(self) -> None:
         if self._transport is not None:
@@ -407,14 +417,15 @@ class ApiConnection(asyncio.Protocol):
 
     def _enqueue(self, item: Request | Response) -> None:
         self._queue.append(item)
-        if len(self._queue) >= MAX_PIPELINED and self._reading and self._transport is not None:
-            self._reading = False
-            self._transport.pause_reading()
+        self._flow()
         if self._serving is None:
             self._serving = self._loop.create_task(self._serve_queue())
 
     async def _serve_queue(self) -> None:
         while self._queue and self._transport is not None:
+            await self._writable.wait()
+            if self._transport is None:
+                break
             item = self._queue.popleft()
             if isinstance(item, Response):
                 self._transport.write(item.encode(keep_alive=False))
@@ -429,18 +440,25 @@ class ApiConnection(asyncio.Protocol):
                 self._transport.close()
                 break
         self._serving = None
-        if not self._reading and self._transport is not None:
-            self._reading = True
-            self._transport.resume_reading()
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read while the client reads our answers and has few requests waiting for one."""
+        wanted = self._writable.is_set() and len(self._queue) < MAX_PIPELINED
+        if wanted != self._reading and self._transport is not None:
+            self._reading = wanted
+            if wanted:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
 
     def _linger(self) -> None:
         """Half-close: the answer goes out, what still comes in is dropped, then close."""
         self._closing = True
         if self._transport.can_write_eof():
             self._transport.write_eof()
-        if not self._reading:
-            self._reading = True
-            self._transport.resume_reading()
+        self._queue.clear()
+        self._flow()
         self._loop.call_later(LINGER, self.close)
 
     def _reset_idle(self) -> None:

@@ -309,6 +309,22 @@ def test_pipelined_requests_are_answered_in_order(start_server: Any) -> None:
             received += chunk
     statuses = [int(part[:3]) for part in received.split(b"HTTP/1.1 ")[1:]]
     assert statuses == [200, 200, 200, 405]
+    # Far more than are answered at once, the answers far more than a socket buffer holds:
+    # the server stops reading while we do not read, and carries on when we do.
+    many, status_line = 2000, b"HTTP/1.1 200 OK\r\n"
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * many)
+        time.sleep(0.5)
+        answered, tail = 0, b""
+        while answered < many:
+            chunk = tail + sock.recv(1 << 20)
+            assert len(chunk) > len(tail), answered
+            answered += chunk.count(status_line)
+            tail = chunk[-len(status_line) + 1:]
+    assert answered == many
 
 
 def test_metrics_on_the_api_port_and_off_the_public_one(
