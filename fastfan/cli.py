@@ -62,6 +62,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _on_off(text: str) -> bool:
+    if text in ("on", "off"):
+        return text == "on"
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 def _path(text: str) -> str:
     if not text.startswith("/"):
         raise argparse.ArgumentTypeError(f"expected a path starting with '/', got {text!r}")
@@ -94,6 +100,10 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--log-level", str, LOG_LEVELS, "debug, info, warning or error (info)"),
     ("--log-format", str, LOG_FORMATS, "text or json (text)"),
     ("--echo-path", _path, None, "a path that echoes every message, for conformance suites"),
+    ("--api-port", _port, None, "port of the server API for backends (with --api-key)"),
+    ("--api-key", str, None, "the server API's key (clients send 'Authorization: apikey KEY')"),
+    ("--api-key-file", str, None, "a file holding the API key (instead of --api-key)"),
+    ("--metrics-public", _on_off, None, "GET /metrics on --port too: on or off (on)"),
 ]
 
 _TRUE = ("1", "true", "yes", "on")
@@ -156,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="channel pattern the user may publish to (repeatable; default *)")
     token.add_argument("--ttl", type=_positive_int, default=3600,
                        help="seconds until the token expires (default 3600)")
+    publish = commands.add_parser("publish", help="publish a message through the server API")
+    publish.add_argument("--api", required=True, metavar="URL",
+                         help="the server API, e.g. http://127.0.0.1:9090")
+    publish.add_argument("--api-key", default=os.environ.get(_env_name("--api-key")),
+                         help="the server's API key (or FASTFAN_API_KEY)")
+    publish.add_argument("channel", help="the channel to publish to")
+    publish.add_argument("data", metavar="JSON", help="the message's data, any JSON value")
     return parser
 
 
@@ -169,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "token":
         return _token(parser, args)
+    if args.command == "publish":
+        return _publish(parser, args)
     try:
         config = config_from_args(args)
         config.require_auth_choice()
@@ -186,6 +205,28 @@ def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("token needs --jwt-secret (or FASTFAN_JWT_SECRET), the server's secret")
     print(mint_token(args.jwt_secret, args.sub, subscribe=args.subscribe,
                      publish=args.publish, ttl=args.ttl))
+    return 0
+
+
+def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import json
+
+    from .api import ApiCallError, call
+
+    if not args.api_key:
+        parser.error("publish needs --api-key (or FASTFAN_API_KEY), the server's API key")
+    try:
+        json.loads(args.data)
+    except ValueError as exc:
+        parser.error(f"JSON is not valid JSON: {exc}")
+    body = b'{"channel":' + json.dumps(args.channel).encode() + b',"data":' \
+        + args.data.encode() + b"}"
+    try:
+        result = call(args.api, args.api_key, "publish", body)
+    except ApiCallError as exc:
+        print(f"fastfan publish: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
     return 0
 
 

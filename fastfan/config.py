@@ -41,6 +41,10 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     echo_path: str | None = None
+    api_port: int | None = None
+    api_key: str | None = None
+    api_key_file: str | None = None  # read once, here: its content becomes api_key
+    metrics_public: bool = True  # GET /metrics on --port too, not only on --api-port
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -75,6 +79,29 @@ class Config:
             raise ConfigError(f"--echo-path {self.echo_path} is already a fastfan path")
         if self.redis is not None and not self.redis.startswith(("redis://", "rediss://")):
             raise ConfigError(f"--redis must be a redis:// or rediss:// URL, got {self.redis!r}")
+        self._check_api()
+
+    def _check_api(self) -> None:
+        """--api-port and a key (--api-key or --api-key-file) come together, or not at all."""
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ConfigError("give --api-key or --api-key-file, not both")
+        if self.api_key_file is not None:
+            try:
+                with open(self.api_key_file) as file:
+                    key = file.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read --api-key-file: {exc}") from None
+            object.__setattr__(self, "api_key", key)  # frozen: set once, while validating
+        if (self.api_port is None) != (self.api_key is None):
+            raise ConfigError("--api-port and --api-key (or --api-key-file) go together: "
+                              "give both to open the server API, or neither")
+        if self.api_key is not None and not self.api_key:
+            raise ConfigError("the API key is empty: give a secret, e.g. from "
+                              "`python -c 'import secrets; print(secrets.token_urlsafe())'`")
+        if self.api_port is not None and not 1 <= self.api_port <= 65535:
+            raise ConfigError(f"--api-port must be 1-65535, got {self.api_port}")
+        if self.api_port is not None and self.api_port == self.port:
+            raise ConfigError(f"--api-port must differ from --port ({self.port})")
 
     def require_auth_choice(self) -> None:
         """`run` needs a way to check tokens, or an explicit decision to skip them."""

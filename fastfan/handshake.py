@@ -64,7 +64,7 @@ class ListenerFactory:
             if self._is_ready():
                 return _response(200, b"ready\n")
             return _response(503, b"503 Service Unavailable: not ready\n")
-        if path == b"/metrics":
+        if path == b"/metrics" and self._config.metrics_public:
             response = WSUpgradeResponse.create_ok_response(self._metrics(), _PROMETHEUS)
             return WSUpgradeResponseWithListener(response, None)
         echo = path == self._echo_path

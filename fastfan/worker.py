@@ -14,6 +14,7 @@ from picows import ws_create_server
 
 from . import metrics
 from ._core import Hub
+from .api import Api
 from .bus import Bus
 from .bus.local import LocalBus
 from .bus.mesh import MeshBus
@@ -85,6 +86,9 @@ class Worker:
         self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,
                                        metrics=self.render_metrics,
                                        max_connections=max_connections(config))
+        self.api = None if config.api_port is None else Api(
+            config, self.hub, metrics=self.render_metrics, figures=self.total_figures,
+            master_pid=placement.master_pid)
         self._stop = asyncio.Event()
 
     def is_ready(self) -> bool:
@@ -103,9 +107,13 @@ class Worker:
         figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
         self.placement.figures.write(self.placement.slot, figures)
 
-    def render_metrics(self) -> bytes:
+    def total_figures(self) -> dict[str, float]:
+        """The whole server's figures, this worker's freshly written."""
         self.publish_figures()
-        return metrics.render(self.placement.figures.total())
+        return self.placement.figures.total()
+
+    def render_metrics(self) -> bytes:
+        return metrics.render(self.total_figures())
 
     async def serve(self) -> None:
         config = self.config
@@ -123,6 +131,8 @@ class Worker:
             read_buffer_init_size=READ_BUFFER_INIT_SIZE,
             websocket_handshake_timeout=HANDSHAKE_TIMEOUT,
         )
+        if self.api is not None:
+            await self.api.start(LISTEN_BACKLOG)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._stop.set)
         self.accepting = True
@@ -159,6 +169,8 @@ class Worker:
         """Stop accepting, close every client with 1001, wait for them within the grace."""
         self.accepting = False
         server.close()
+        if self.api is not None:
+            self.api.close()
         self.hub.close_all(1001, "Server shutting down")
         deadline = self.loop.time() + self.config.shutdown_grace
         while self.hub.connections and self.loop.time() < deadline:

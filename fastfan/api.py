@@ -1,0 +1,501 @@
+"""The server API: an HTTP/1.1 port for backends and operators (--api-port, --api-key).
+
+Every worker listens on the API port (SO_REUSEPORT, like the public port) and answers
+`POST /api/METHOD` with a JSON body and `Authorization: apikey K`, plus `GET /metrics` and
+`GET /health` without a key. A publish goes through the worker's Hub and bus exactly as a
+WebSocket client's does, with `from` set to "api".
+
+What this increment does not do yet: `channels` lists the channels of the worker that
+answers (not the whole deployment), `info` reports this node only (the figures every
+worker of it shares), and presence, history, disconnect and unsubscribe answer 501.
+
+HTTP is parsed by httptools (llhttp); requests on one connection are answered in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, NoReturn, TypeVar
+
+import httptools
+import msgspec
+
+from ._core import BusResult, Hub, is_valid_channel
+from .auth import ChannelPatterns
+from .config import Config
+from .protocol import NO_VALUE
+
+log = logging.getLogger("fastfan.api")
+
+# Room in a request body beyond --max-message-size: the JSON around `data` and, for
+# broadcast, the list of channels. Larger bodies get 413 and the connection closes.
+BODY_ENVELOPE = 64 * 1024
+# Request line and headers together; a backend sends a handful of short ones.
+MAX_HEAD_BYTES = 16 * 1024
+# Requests a client may send ahead of our answers before we stop reading from it.
+MAX_PIPELINED = 32
+# A keep-alive connection that sends nothing for this long is closed.
+IDLE_TIMEOUT = 60.0
+# After an error answer that ends a connection, how long we go on reading (and dropping)
+# what the client still sends: closing with unread data would reset the connection, and
+# the client could lose the answer.
+LINGER = 2.0
+# How long a publish waits for a bus that confirms later (Redis) before answering 503.
+CONFIRM_TIMEOUT = 5.0
+# The `from` of every message published through the API.
+SENDER = b"api"
+# Methods of the contract that a later increment implements.
+NOT_IMPLEMENTED = ("presence", "presence_stats", "history", "disconnect", "unsubscribe")
+
+_JSON = b"application/json"
+_TEXT = b"text/plain; charset=utf-8"
+_PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class ApiError(Exception):
+    """Answered as `{"error":{"code":status,"message":str(self)}}` with that HTTP status."""
+
+    def __init__(self, status: int, message: str,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+
+
+@dataclass
+class Request:
+    method: bytes = b""
+    url: bytes = b""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytearray = field(default_factory=bytearray)
+    keep_alive: bool = True
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: bytes = _JSON
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def encode(self, keep_alive: bool) -> bytes:
+        reason = HTTPStatus(self.status).phrase.encode()
+        lines = [b"HTTP/1.1 %d %s" % (self.status, reason),
+                 b"Content-Type: " + self.content_type,
+                 b"Content-Length: %d" % len(self.body),
+                 b"Connection: keep-alive" if keep_alive else b"Connection: close",
+                 *(name + b": " + value for name, value in self.headers)]
+        return b"\r\n".join(lines) + b"\r\n\r\n" + self.body
+
+
+def error_response(status: int, message: str,
+                   headers: tuple[tuple[bytes, bytes], ...] = ()) -> Response:
+    body = msgspec.json.encode({"error": {"code": status, "message": message}})
+    return Response(status, body, headers=headers)
+
+
+# Request bodies, as msgspec decodes them; `data` stays the exact bytes the caller sent.
+class PublishBody(msgspec.Struct):
+    channel: str
+    data: msgspec.Raw = NO_VALUE
+
+
+class BroadcastBody(msgspec.Struct):
+    channels: list[str]
+    data: msgspec.Raw = NO_VALUE
+
+
+class ChannelsBody(msgspec.Struct):
+    pattern: str | None = None
+
+
+class _Confirmation:
+    """Stands in for a Session: a bus that confirms later (Redis) calls acknowledge()."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.done: asyncio.Future[bool] = loop.create_future()
+
+    def acknowledge(self, channel: str, request_id: bytes, ok: bool) -> None:
+        if not self.done.done():
+            self.done.set_result(ok)
+
+
+Method = Callable[[bytes], Awaitable[Any]]
+
+
+class Api:
+    """One worker's server API: the routes, the methods and the key."""
+
+    def __init__(self, config: Config, hub: Hub, *, metrics: Callable[[], bytes],
+                 figures: Callable[[], Mapping[str, float]], master_pid: int) -> None:
+        assert config.api_key is not None
+        self._config = config
+        self._hub = hub
+        self._metrics = metrics
+        self._figures = figures
+        self._key = config.api_key.encode()
+        self._started = process_start_time(master_pid)
+        self.max_body = config.max_message_size + BODY_ENVELOPE
+        self.connections: set[ApiConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._methods: dict[str, Method] = {
+            "publish": self._publish, "broadcast": self._broadcast,
+            "channels": self._channels, "info": self._info,
+        }
+
+    async def start(self, backlog: int) -> None:
+        config = self._config
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: ApiConnection(self), config.host, config.api_port,
+            reuse_port=True,  # every worker binds the API port too; the kernel spreads calls
+            backlog=backlog)
+        log.info("server API on %s:%s", config.host, config.api_port)
+
+    def close(self) -> None:
+        """Stop accepting and close every connection (answers already written go out)."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.close()
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except ApiError as exc:
+            return error_response(exc.status, str(exc), exc.headers)
+        except Exception:
+            log.exception("API request %s %s failed", request.method.decode(),
+                          request.url.decode("latin-1"))
+            return error_response(500, "internal error; the server's log says more")
+
+    async def _route(self, request: Request) -> Response:
+        path = request.url.partition(b"?")[0]
+        if path in (b"/metrics", b"/health"):
+            if request.method != b"GET":
+                raise _not_allowed(b"GET")
+            if path == b"/health":
+                return Response(200, b"ok\n", _TEXT)
+            return Response(200, self._metrics(), _PROMETHEUS)
+        if not path.startswith(b"/api/"):
+            raise ApiError(404, f"no such path {path.decode('latin-1')!r}: "
+                                "the API is POST /api/METHOD")
+        if request.method != b"POST":
+            raise _not_allowed(b"POST")
+        self._check_key(request.headers.get(b"authorization"))
+        name = path[5:].decode("latin-1")
+        method = self._methods.get(name)
+        if method is None:
+            if name in NOT_IMPLEMENTED:
+                raise ApiError(501, f"method {name!r} is not implemented yet")
+            raise ApiError(404, f"unknown method {name!r}; methods: "
+                                f"{', '.join(self._methods)}")
+        result = await method(bytes(request.body))
+        return Response(200, msgspec.json.encode({"result": result}))
+
+    def _check_key(self, header: bytes | None) -> None:
+        scheme, _, key = (header or b"").strip().partition(b" ")
+        if scheme.lower() != b"apikey" or not hmac.compare_digest(key.strip(), self._key):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: apikey <key>'")
+
+    # Methods ---------------------------------------------------------------------------
+
+    async def _publish(self, body: bytes) -> dict[str, Any]:
+        request = _decode(body, PublishBody)
+        _check_channel(request.channel)
+        await self._send([request.channel], _data_of(request.data))
+        return {}
+
+    async def _broadcast(self, body: bytes) -> dict[str, Any]:
+        request = _decode(body, BroadcastBody)
+        if not request.channels:
+            raise ApiError(400, "broadcast needs at least one channel in 'channels'")
+        for channel in request.channels:
+            _check_channel(channel)
+        await self._send(request.channels, _data_of(request.data))
+        return {}
+
+    async def _channels(self, body: bytes) -> dict[str, Any]:
+        """This worker's channels with their subscribers (not yet the whole deployment's)."""
+        request = _decode(body, ChannelsBody)
+        patterns = ChannelPatterns([request.pattern or "*"])
+        return {"channels": {name: {"subscribers": len(channel)}
+                             for name, channel in self._hub.channels.items()
+                             if len(channel) and patterns.allows(name)}}
+
+    async def _info(self, body: bytes) -> dict[str, Any]:
+        """This node, from the figures every one of its workers shares."""
+        figures = self._figures()
+        return {"nodes": [{
+            "name": socket.gethostname(),
+            "workers": self._config.workers,
+            "connections": int(figures.get("connections", 0)),
+            "subscriptions": int(figures.get("subscriptions", 0)),
+            "uptime": int(time.time() - self._started),
+        }]}
+
+    async def _send(self, channels: list[str], data: msgspec.Raw) -> None:
+        """Each channel gets the message through the bus, as a WebSocket publish does."""
+        hub = self._hub
+        loop = asyncio.get_running_loop()
+        pending = []
+        for sent, channel in enumerate(channels):
+            confirmation = _Confirmation(loop)
+            payload = hub.encode_message(channel, data, SENDER)
+            outcome = hub.bus.publish(channel, payload, confirmation, b"")
+            if outcome == BusResult.REFUSED:
+                raise ApiError(503, "message bus unavailable, try again" + (
+                    f" ({sent} of {len(channels)} channels were published)" if sent else ""))
+            if outcome == BusResult.PENDING:
+                pending.append(confirmation.done)
+        if not pending:
+            return
+        try:
+            confirmed = await asyncio.wait_for(asyncio.gather(*pending), CONFIRM_TIMEOUT)
+        except TimeoutError:
+            raise ApiError(503, "message bus did not confirm in time; the message may or "
+                                "may not have been published") from None
+        if not all(confirmed):
+            raise ApiError(503, "message bus unavailable; the message was not published")
+
+
+def _not_allowed(allowed: bytes) -> ApiError:
+    return ApiError(405, f"method not allowed here; use {allowed.decode()}",
+                    ((b"Allow", allowed),))
+
+
+_Body = TypeVar("_Body")
+
+
+def _decode(body: bytes, kind: type[_Body]) -> _Body:
+    try:
+        return msgspec.json.decode(body or b"{}", type=kind)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"bad body: {exc}") from None
+
+
+def _check_channel(channel: str) -> None:
+    if not is_valid_channel(channel):
+        raise ApiError(400, f"invalid channel name {channel[:300]!r}: 1-255 characters "
+                            "from A-Z a-z 0-9 _ - . : @ /")
+
+
+def _data_of(data: msgspec.Raw) -> msgspec.Raw:
+    if not data:
+        raise ApiError(400, "missing 'data'")
+    return data
+
+
+def process_start_time(pid: int) -> float:
+    """When process `pid` started, in epoch seconds (from /proc; now if it cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as uptime:
+            booted = time.time() - float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return booted + ticks / os.sysconf("SC_CLK_TCK")
+
+
+class ApiConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection: parse with httptools, answer in order, keep alive."""
+
+    def __init__(self, api: Api) -> None:
+        self._api = api
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: Any = None  # uvloop's transports are not asyncio.Transport
+        self._request = Request()
+        self._head_bytes = 0
+        self._refusal: ApiError | None = None  # a limit a callback hit; httptools wraps it
+        self._queue: deque[Request | Response] = deque()
+        self._serving: asyncio.Task[None] | None = None
+        self._reading = True
+        self._writable = asyncio.Event()  # clear while the client does not read our answers
+        self._writable.set()
+        self._closing = False  # no more requests are read; close once answered
+        self._idle: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._api.connections.add(self)
+        self._reset_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._api.connections.discard(self)
+        self._transport = None
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._serving is not None:
+            self._serving.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._reset_idle()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._queue and self._queue[-1] is self._request:
+                self._queue.pop()  # answered by the refusal instead
+            self._answer_and_close(error_response(400, "no upgrades on the API port"))
+        except httptools.HttpParserError as exc:
+            refusal = self._refusal or ApiError(400, f"bad HTTP request: {exc}")
+            self._answer_and_close(error_response(refusal.status, str(refusal)))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+        self._flow()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._request = Request()
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._request.url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+        self._request.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        request = self._request
+        request.method = self._parser.get_method()
+        request.keep_alive = self._parser.should_keep_alive()
+        length = request.headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self._api.max_body:
+            self._refuse(_too_large(self._api.max_body))
+
+    def on_body(self, body: bytes) -> None:
+        self._request.body += body
+        if len(self._request.body) > self._api.max_body:
+            self._refuse(_too_large(self._api.max_body))
+
+    def on_message_complete(self) -> None:
+        self._enqueue(self._request)
+
+    # Answering, in order ----------------------------------------------------------------
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(ApiError(431, f"request line and headers over {MAX_HEAD_BYTES} bytes"))
+
+    def _refuse(self, refusal: ApiError) -> NoReturn:
+        """Stop parsing: httptools raises its own error, and we answer with this one."""
+        self._refusal = refusal
+        raise refusal
+
+    def _answer_and_close(self, response: Response) -> None:
+        self._closing = True
+        self._enqueue(response)
+
+    def _enqueue(self, item: Request | Response) -> None:
+        self._queue.append(item)
+        self._flow()
+        if self._serving is None:
+            self._serving = self._loop.create_task(self._serve_queue())
+
+    async def _serve_queue(self) -> None:
+        while self._queue and self._transport is not None:
+            await self._writable.wait()
+            if self._transport is None:
+                break
+            item = self._queue.popleft()
+            if isinstance(item, Response):
+                self._transport.write(item.encode(keep_alive=False))
+                self._linger()
+                break
+            response = await self._api.handle(item)
+            if self._transport is None:
+                break
+            self._transport.write(response.encode(item.keep_alive))
+            if not item.keep_alive:
+                self._closing = True
+                self._transport.close()
+                break
+        self._serving = None
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read while the client reads our answers and has few requests waiting for one."""
+        wanted = self._writable.is_set() and len(self._queue) < MAX_PIPELINED
+        if wanted != self._reading and self._transport is not None:
+            self._reading = wanted
+            if wanted:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
+    def _linger(self) -> None:
+        """Half-close: the answer goes out, what still comes in is dropped, then close."""
+        self._closing = True
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
+        self._queue.clear()
+        self._flow()
+        self._loop.call_later(LINGER, self.close)
+
+    def _reset_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self._loop.call_later(IDLE_TIMEOUT, self.close)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body over {limit} bytes (--max-message-size plus "
+                         f"{BODY_ENVELOPE} for the envelope)")
+
+
+# A client for the shell (`fastfan publish`) and for scripts -------------------------------
+
+class ApiCallError(Exception):
+    """The call failed; str() is one line: the HTTP status and the server's message."""
+
+
+def call(api_url: str, key: str, method: str, body: bytes, timeout: float = 10.0) -> Any:
+    """POST /api/METHOD and return the `result`."""
+    request = urllib.request.Request(
+        api_url.rstrip("/") + "/api/" + method, data=body, method="POST",
+        headers={"Authorization": f"apikey {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())["result"]
+    except urllib.error.HTTPError as exc:
+        message = _error_message(exc.read()) or exc.reason
+        raise ApiCallError(f"{exc.code} {message}") from None
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ApiCallError(f"no answer from {api_url}: {reason}") from None
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return ""
