@@ -101,7 +101,8 @@ BASELINE_PYTHON: list[str] = []
 
 
 def server_commands(port: int) -> dict[str, list[str]]:
-    baseline = [*BASELINE_PYTHON, *fastfan_command(port, [])[1:]] if BASELINE_PYTHON else []
+    # -P: its own fastfan, not this checkout's from the working directory
+    baseline = [*BASELINE_PYTHON, "-P", *fastfan_command(port, [])[1:]] if BASELINE_PYTHON else []
     return {
         "baseline": baseline,
         "yardstick": [str(build("yardstick")), str(port)],
