@@ -78,7 +78,8 @@ class ListenerFactory:
             identity = self._authenticate(request, query)
         except AuthError as exc:
             self.auth_failures_total += 1
-            return _response(401, f"401 Unauthorized: {exc}\n".encode(),
+            reason = " ".join(str(exc).split())  # one line, whatever a library put in it
+            return _response(401, f"401 Unauthorized: {reason}\n".encode(errors="replace"),
                              {"WWW-Authenticate": "Bearer"})
         _accept_any_connection_header(request)
         return Session(self._hub, identity, echo)

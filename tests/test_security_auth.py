@@ -1,0 +1,132 @@
+"""What a stranger can do with a token: a 401 for every bad one, counted, with no traceback,
+and no stalled worker."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import SECRET, Server, token
+from wire import RawClient
+
+FRESH = int(time.time()) + 3600
+
+
+def base64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def signed(payload: bytes, secret: str = SECRET) -> str:
+    """An HS256 token over these exact payload bytes (JSON PyJWT itself would not write)."""
+    signing_input = base64url(b'{"alg":"HS256","typ":"JWT"}') + "." + base64url(payload)
+    mac = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64url(mac)}"
+
+
+def claims(**values: Any) -> str:
+    return signed(json.dumps({"sub": "alice", "exp": FRESH, **values}).encode())
+
+
+def raw_exchange(server: Server, head: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send a request head as given, byte for byte; the status line, headers and body."""
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(head)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    response_head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = response_head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    return status_line, headers, body
+
+
+def upgrade_head(server: Server, path: str = "/", extra: bytes = b"") -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            ).encode() + extra + b"\r\n"
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server(tmp_path_factory.mktemp("security") / "server.log")
+    yield server
+    server.stop()
+
+
+def bearer(value: bytes) -> bytes:
+    return b"Authorization: Bearer " + value + b"\r\n"
+
+
+# name: (path, extra header bytes, a word of the reason)
+BAD = {
+    "non-ASCII byte in the header": ("/", bearer(b"\xff"), "malformed"),
+    "non-ASCII byte in a real token": ("/", bearer(token().encode() + b"\xfe"), "malformed"),
+    "exp a string": ("/", bearer(claims(exp=str(FRESH)).encode()), "'exp'"),
+    "exp 1e400": ("/", bearer(signed(b'{"sub":"alice","exp":1e400}').encode()), "'exp'"),
+    "exp a huge integer": ("/", bearer(signed(b'{"sub":"a","exp":' + b"9" * 400 + b"}")
+                                       .encode()), "'exp'"),
+    "exp NaN": ("/", bearer(signed(b'{"sub":"alice","exp":NaN}').encode()), "'exp'"),
+    "exp true": ("/", bearer(claims(exp=True).encode()), "'exp'"),
+    "nbf a string": ("/", bearer(claims(nbf="0").encode()), "'nbf'"),
+    "nbf in the future": ("/", bearer(claims(nbf=FRESH).encode()), "nbf"),
+    "iat a list": ("/", bearer(claims(iat=[1]).encode()), "'iat'"),
+    "iat in the future": ("/", bearer(claims(iat=FRESH).encode()), "iat"),
+    "sub a number": ("/", bearer(claims(sub=42).encode()), "'sub'"),
+    "sub empty": ("/", bearer(claims(sub="").encode()), "'sub'"),
+    "subscribe a string": ("/", bearer(claims(subscribe="*").encode()), "'subscribe'"),
+    "publish a list of numbers": ("/", bearer(claims(publish=[1]).encode()), "'publish'"),
+    "9 KiB token": ("/", bearer(b"a" * 9216), "8192"),
+    "bad percent-encoding: %ff": ("/?token=%ff%fe", b"", "malformed"),
+    "bad percent-encoding: %zz": ("/?token=%zz", b"", "malformed"),
+    "bad percent-encoding: lone %": ("/ws?token=abc%", b"", "malformed"),
+    "raw non-ASCII in the query": ("/?token=\xff", b"", "malformed"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_every_bad_token_is_a_counted_401_without_a_traceback(shared_server: Server,
+                                                              name: str) -> None:
+    path, extra, reason = BAD[name]
+    failures = shared_server.metrics()["fastfan_auth_failures_total"]
+    log_size = len(shared_server.log())
+    head = upgrade_head(shared_server, "PATH", extra).replace(b"PATH", path.encode("latin-1"))
+    status_line, headers, body = raw_exchange(shared_server, head)
+    assert status_line.startswith("HTTP/1.1 401 "), (status_line, body)
+    assert headers["www-authenticate"] == "Bearer"
+    text = body.decode()
+    assert text.startswith("401 Unauthorized: ") and reason in text, text
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert shared_server.metrics()["fastfan_auth_failures_total"] == failures + 1
+    assert "Traceback" not in shared_server.log()[log_size:]
+
+
+def test_a_good_token_still_passes_after_the_stricter_checks(shared_server: Server) -> None:
+    good = claims(nbf=FRESH - 7200, iat=FRESH - 3600.5, subscribe=["chat.*"], publish=[])
+    client = RawClient(shared_server.host, shared_server.port, "/",
+                       {"Authorization": f"Bearer {good}"})
+    assert client.recv_json()["data"]["user"] == "alice"
+    client.close()
+
+
+def test_an_adversarial_pattern_does_not_stall_the_worker(shared_server: Server) -> None:
+    """`*.*.*.*.x` against 254 dots took 1.5 s per subscribe as a backtracking regex."""
+    evil = claims(subscribe=["*.*.*.*.x"], publish=["*.*.*.*.x"])
+    client = RawClient(shared_server.host, shared_server.port, "/",
+                       {"Authorization": f"Bearer {evil}"}, timeout=30)
+    client.recv_json()
+    started = time.monotonic()
+    for _ in range(3):
+        client.send_json({"type": "subscribe", "channel": "." * 254})
+    for _ in range(3):
+        assert client.recv_json()["code"] == 403
+    assert shared_server.get("/health")[0] == 200
+    assert time.monotonic() - started < 1.5  # milliseconds now; 4.5 s with the regex
+    client.close()
