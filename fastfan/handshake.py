@@ -87,11 +87,9 @@ class ListenerFactory:
     def _authenticate(self, request: WSUpgradeRequest, query: bytes) -> Identity:
         secret = self._config.jwt_secret
         if secret is None:
-            return ANONYMOUS  # --insecure without a secret: nobody is checked
+            return ANONYMOUS  # --insecure (never with a secret): nobody is checked
         token = _token_from(request, query)
         if token is None:
-            if self._config.insecure:
-                return ANONYMOUS
             raise AuthError("missing token: send 'Authorization: Bearer <token>' or ?token=")
         return verify_token(secret, token)
 

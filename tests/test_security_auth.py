@@ -1,5 +1,6 @@
 """What a stranger can do with a token: a 401 for every bad one, counted, with no traceback,
-and no stalled worker."""
+no stalled worker; and a server that refuses to start with a weak or contradictory auth
+set-up."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -130,3 +135,81 @@ def test_an_adversarial_pattern_does_not_stall_the_worker(shared_server: Server)
     assert shared_server.get("/health")[0] == 200
     assert time.monotonic() - started < 1.5  # milliseconds now; 4.5 s with the regex
     client.close()
+
+
+# The command line.
+
+def fastfan(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FASTFAN_")}
+    return subprocess.run([sys.executable, "-m", "fastfan", *args], capture_output=True,
+                          text=True, timeout=10, env={**clean, **(env or {})})
+
+
+def assert_one_line_refusal(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usage:")
+    reason = result.stderr.rstrip("\n").split("\n")[-1]
+    for word in words:
+        assert word in reason, reason
+
+
+@pytest.mark.parametrize("args, env", [
+    (["--insecure", "--jwt-secret", SECRET], {}),
+    (["--jwt-secret", SECRET], {"FASTFAN_INSECURE": "true"}),
+    (["--insecure"], {"FASTFAN_JWT_SECRET": SECRET}),
+])
+def test_insecure_with_a_secret_refuses_to_start(args: list[str], env: dict[str, str]) -> None:
+    assert_one_line_refusal(fastfan("run", "--port", "0", *args, env=env),
+                            "--insecure", "drop --insecure")
+
+
+@pytest.mark.parametrize("command", [["run", "--port", "0"], ["token", "--sub", "alice"]])
+def test_a_secret_under_32_bytes_is_refused(command: list[str]) -> None:
+    short = "s" * 31
+    assert_one_line_refusal(fastfan(*command, "--jwt-secret", short), "31 bytes", "32",
+                            "RFC 7518")
+    assert_one_line_refusal(fastfan(*command, env={"FASTFAN_JWT_SECRET": short}), "32")
+    assert len(SECRET.encode()) >= 32  # what the other tests' servers run with
+
+
+def test_secret_from_a_file(start_server: Any, tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    by_flag = start_server("--jwt-secret-file", str(secret_file), secret=None)
+    by_env = start_server(secret=None, env={"FASTFAN_JWT_SECRET_FILE": str(secret_file)})
+    for server in (by_flag, by_env):
+        client = RawClient(server.host, server.port, f"/?token={token('filed')}")
+        assert client.recv_json()["data"]["user"] == "filed"
+        client.close()
+        assert server.get("/", {"Authorization": "Bearer x"})[0] == 401
+        assert f"--jwt-secret {SECRET}" not in Path(f"/proc/{server.process.pid}/cmdline") \
+            .read_text().replace("\0", " ")
+    minted = fastfan("token", "--sub", "bob", "--jwt-secret-file", str(secret_file))
+    assert minted.returncode == 0, minted.stderr
+    client = RawClient(by_flag.host, by_flag.port, f"/?token={minted.stdout.strip()}")
+    assert client.recv_json()["data"]["user"] == "bob"
+    client.close()
+
+
+def test_secret_file_problems_are_one_line(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope")
+    assert_one_line_refusal(fastfan("run", "--jwt-secret-file", missing), missing,
+                            "No such file")
+    assert_one_line_refusal(fastfan("run", env={"FASTFAN_JWT_SECRET_FILE": missing}),
+                            "FASTFAN_JWT_SECRET_FILE", missing)
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff" * 40)
+    assert_one_line_refusal(fastfan("run", "--jwt-secret-file", str(binary)), "UTF-8")
+    both = tmp_path / "secret"
+    both.write_text(SECRET)
+    assert_one_line_refusal(fastfan("run", "--jwt-secret-file", str(both),
+                                    env={"FASTFAN_JWT_SECRET": SECRET}), "not both")
+
+
+def test_run_help_says_to_keep_the_secret_out_of_ps() -> None:
+    result = fastfan("run", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--jwt-secret-file" in text
+    assert "prefer FASTFAN_JWT_SECRET or --jwt-secret-file" in text
