@@ -152,7 +152,7 @@ def test_many_connections_over_several_workers(start_server: Any) -> None:
     sys.path.insert(0, str(BENCHMARKS))
     from lib import build_loadgen
 
-    server = start_server("--workers", "2", "--publish-rate", "100000", "--insecure")
+    server = start_server("--workers", "2", "--publish-rate", "100000")
     result = subprocess.run(
         [str(build_loadgen()), "--port", str(server.port), "--path", f"/?token={token()}",
          "--subs", "4000", "--rate", "50", "--duration", "2", "--channel", "crowd",
