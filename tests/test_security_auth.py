@@ -1,6 +1,6 @@
-"""What a stranger can do with a token: a 401 for every bad one, counted, with no traceback,
-no stalled worker; and a server that refuses to start with a weak or contradictory auth
-set-up."""
+"""What a stranger can do before and around the token check: a 401 for every bad token, no
+traceback, no stalled worker, no token in the log; and a server that refuses to start with
+a weak or contradictory auth set-up."""
 
 from __future__ import annotations
 
@@ -135,6 +135,21 @@ def test_an_adversarial_pattern_does_not_stall_the_worker(shared_server: Server)
     assert shared_server.get("/health")[0] == 200
     assert time.monotonic() - started < 1.5  # milliseconds now; 4.5 s with the regex
     client.close()
+
+
+def test_debug_logging_never_writes_a_token(start_server: Any) -> None:
+    server = start_server("--log-level", "debug")
+    in_header, in_query = token("header-user"), token("query-user")
+    for headers, path in (({"Authorization": f"Bearer {in_header}"}, "/"),
+                          (None, f"/ws?x=1&token={in_query}")):
+        client = RawClient(server.host, server.port, path, headers)
+        assert client.recv_json()["type"] == "welcome"
+        client.close()
+    log = server.log()
+    assert "New data" in log  # picows did log the requests at debug level...
+    assert "[redacted]" in log
+    for secret_part in (in_header, in_query, in_header.split(".")[2], in_query.split(".")[2]):
+        assert secret_part not in log  # ...without the tokens
 
 
 # The command line.
