@@ -1,6 +1,6 @@
 """What a stranger can do before and around the token check: a 401 for every bad token, no
-traceback, no stalled worker, no token in the log; and a server that refuses to start with
-a weak or contradictory auth set-up."""
+traceback, no stalled worker, no token in the log, a 431 for an oversized head, and a
+server that refuses to start with a weak or contradictory auth set-up."""
 
 from __future__ import annotations
 
@@ -135,6 +135,15 @@ def test_an_adversarial_pattern_does_not_stall_the_worker(shared_server: Server)
     assert shared_server.get("/health")[0] == 200
     assert time.monotonic() - started < 1.5  # milliseconds now; 4.5 s with the regex
     client.close()
+
+
+def test_a_header_block_over_16_kib_gets_431(shared_server: Server) -> None:
+    head = upgrade_head(shared_server, "/", b"".join(
+        b"X-Padding-%d: %s\r\n" % (i, b"p" * 1000) for i in range(20)))
+    assert len(head) > 20_000
+    status_line, _, body = raw_exchange(shared_server, head)
+    assert status_line.startswith("HTTP/1.1 431 "), status_line
+    assert body.startswith(b"431 Request Header Fields Too Large")
 
 
 def test_debug_logging_never_writes_a_token(start_server: Any) -> None:
