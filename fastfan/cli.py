@@ -13,7 +13,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any, NoReturn
 
-from .config import LOG_FORMATS, LOG_LEVELS, SLOW_CONSUMER_POLICIES, Config, ConfigError, cpu_count
+from .config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    SLOW_CONSUMER_POLICIES,
+    Config,
+    ConfigError,
+    check_jwt_secret,
+    cpu_count,
+)
 
 
 def _workers(text: str) -> int:
@@ -74,14 +82,20 @@ def _path(text: str) -> str:
     return text
 
 
-# (flag, parse, choices, help). The Config field is the flag without dashes.
+_SECRET_HELP = ("HS256 secret for client tokens, at least 32 bytes; a flag is visible to "
+                "every user in `ps`: prefer FASTFAN_JWT_SECRET or --jwt-secret-file")
+_SECRET_FILE_HELP = "file holding the HS256 secret (trailing newline ignored)"
+
+# (flag, parse, choices, help). The Config field is the flag without dashes; the
+# --jwt-secret-file's secret goes to jwt_secret (see _jwt_secret).
 _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] = [
     ("--host", str, None, "listen address (default 0.0.0.0)"),
     ("--port", _port, None, "port for WebSocket, health and metrics (default 8080)"),
     ("--workers", _workers, None, "worker processes, or 'auto' for one per CPU (default 1)"),
     ("--redis", str, None, "Redis URL; unset = the embedded bus"),
     ("--redis-prefix", str, None, "prefix of Redis channel names (default fastfan:)"),
-    ("--jwt-secret", str, None, "HS256 secret for client tokens"),
+    ("--jwt-secret", str, None, _SECRET_HELP),
+    ("--jwt-secret-file", str, None, _SECRET_FILE_HELP),
     ("--max-message-size", _positive_int, None, "largest client message in bytes (65536)"),
     ("--max-subscriptions", _positive_int, None, "channels one connection may hold (1024)"),
     ("--max-subscription-bytes", _positive_int, None,
@@ -154,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(flag, type=parse, choices=choices, help=help_text,
                          default=_env_default(run, flag, parse, choices))
     run.add_argument("--insecure", action="store_true", default=_env_flag(run, "--insecure"),
-                     help="accept connections without a token (local development only)")
+                     help="accept connections without a token (local development only; "
+                          "not with a secret)")
 
     token = commands.add_parser("token", help="print a signed client token")
     token.add_argument("--jwt-secret", default=os.environ.get(_env_name("--jwt-secret")),
-                       help="HS256 secret (or FASTFAN_JWT_SECRET)")
+                       help=_SECRET_HELP)
+    token.add_argument("--jwt-secret-file", help=_SECRET_FILE_HELP,
+                       default=os.environ.get(_env_name("--jwt-secret-file")))
     token.add_argument("--sub", required=True, help="the user the token is for")
     token.add_argument("--subscribe", action="append", metavar="PATTERN",
                        help="channel pattern the user may subscribe to (repeatable; default *)")
@@ -176,8 +193,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _jwt_secret(args: argparse.Namespace) -> str | None:
+    """The secret from --jwt-secret or --jwt-secret-file (flag or environment), not both."""
+    secret: str | None = args.jwt_secret
+    if args.jwt_secret_file is None:
+        return secret
+    if secret is not None:
+        raise ConfigError("give the secret once: --jwt-secret or --jwt-secret-file "
+                          "(FASTFAN_JWT_SECRET or FASTFAN_JWT_SECRET_FILE), not both")
+    return _read_secret_file(args.jwt_secret_file)
+
+
+def _read_secret_file(path: str) -> str:
+    """The secret a file holds, without the trailing newline an editor or `echo` leaves."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file {path} (--jwt-secret-file or "
+                          f"FASTFAN_JWT_SECRET_FILE): {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the secret file {path} is not UTF-8 text: write a printable "
+                          "secret, e.g. `openssl rand -base64 32 > FILE`") from None
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     values = {f.name: getattr(args, f.name) for f in fields(Config)}
+    values["jwt_secret"] = _jwt_secret(args)
     return Config(**{name: value for name, value in values.items() if value is not None})
 
 
@@ -201,9 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .auth import mint_token
 
-    if not args.jwt_secret:
-        parser.error("token needs --jwt-secret (or FASTFAN_JWT_SECRET), the server's secret")
-    print(mint_token(args.jwt_secret, args.sub, subscribe=args.subscribe,
+    try:
+        secret = _jwt_secret(args)
+        if secret is None:
+            raise ConfigError("token needs the server's secret: FASTFAN_JWT_SECRET, "
+                              "--jwt-secret-file or --jwt-secret")
+        check_jwt_secret(secret)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    print(mint_token(secret, args.sub, subscribe=args.subscribe,
                      publish=args.publish, ttl=args.ttl))
     return 0
 

@@ -11,6 +11,8 @@ from ._core import SlowConsumerPolicy
 SLOW_CONSUMER_POLICIES = tuple(policy.name.lower() for policy in SlowConsumerPolicy)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# RFC 7518 3.2: an HS256 key must be at least as long as the hash output, 256 bits.
+MIN_JWT_SECRET_BYTES = 32
 
 
 class ConfigError(ValueError):
@@ -79,6 +81,13 @@ class Config:
             raise ConfigError(f"--echo-path {self.echo_path} is already a fastfan path")
         if self.redis is not None and not self.redis.startswith(("redis://", "rediss://")):
             raise ConfigError(f"--redis must be a redis:// or rediss:// URL, got {self.redis!r}")
+        if self.jwt_secret is not None:
+            check_jwt_secret(self.jwt_secret)
+            if self.insecure:
+                raise ConfigError(
+                    "--insecure with --jwt-secret would let clients without a token in with "
+                    "every permission: drop --insecure to require tokens (or drop the secret "
+                    "for local development)")
         self._check_api()
 
     def _check_api(self) -> None:
@@ -111,10 +120,18 @@ class Config:
                 "tokens, or pass --insecure to accept any client (local development only)"
             )
 
-
     @property
     def slow_consumer_policy(self) -> SlowConsumerPolicy:
         return SlowConsumerPolicy[self.slow_consumer.upper()]
+
+
+def check_jwt_secret(secret: str) -> None:
+    """A short HS256 secret can be found by brute force; refuse it before it signs anything."""
+    size = len(secret.encode())
+    if size < MIN_JWT_SECRET_BYTES:
+        raise ConfigError(
+            f"the JWT secret is {size} bytes; HS256 needs at least {MIN_JWT_SECRET_BYTES} "
+            f"(RFC 7518 3.2): make one with `openssl rand -base64 32`")
 
 
 def cpu_count() -> int:

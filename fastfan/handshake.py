@@ -78,7 +78,8 @@ class ListenerFactory:
             identity = self._authenticate(request, query)
         except AuthError as exc:
             self.auth_failures_total += 1
-            return _response(401, f"401 Unauthorized: {exc}\n".encode(),
+            reason = " ".join(str(exc).split())  # one line, whatever a library put in it
+            return _response(401, f"401 Unauthorized: {reason}\n".encode(errors="replace"),
                              {"WWW-Authenticate": "Bearer"})
         per_user = self._config.max_connections_per_user
         if per_user and identity is not ANONYMOUS and \
@@ -93,11 +94,9 @@ class ListenerFactory:
     def _authenticate(self, request: WSUpgradeRequest, query: bytes) -> Identity:
         secret = self._config.jwt_secret
         if secret is None:
-            return ANONYMOUS  # --insecure without a secret: nobody is checked
+            return ANONYMOUS  # --insecure (never with a secret): nobody is checked
         token = _token_from(request, query)
         if token is None:
-            if self._config.insecure:
-                return ANONYMOUS
             raise AuthError("missing token: send 'Authorization: Bearer <token>' or ?token=")
         return verify_token(secret, token)
 

@@ -1,12 +1,34 @@
-"""Logging set-up: text or one JSON object per line; picows's per-connection chatter muted."""
+"""Logging set-up: text or one JSON object per line; picows's per-connection chatter muted;
+tokens never written."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any
+
+# A credential in a log line: an Authorization header's value, or a `token=` query value.
+# picows logs the whole upgrade request at debug level as a bytes repr, where a line ends
+# in the four characters `\r\n`: a value ends there, or at a real line end.
+_CREDENTIAL = re.compile(r"(?i)(authorization:[ \t]*)(?:(?!\\[rn])[^\r\n])*"
+                         r"|([?&]token=)(?:(?!\\[rn])[^\r\n &#'\"])*")
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """`text` with every credential's value replaced by REDACTED."""
+    return _CREDENTIAL.sub(lambda found: (found[1] or found[2]) + REDACTED, text)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -16,21 +38,17 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, separators=(",", ":"))
 
 
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

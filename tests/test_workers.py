@@ -128,7 +128,7 @@ def test_workers_exit_when_the_master_is_killed(start_server: Any) -> None:
 
 def test_many_connections_over_several_workers(start_server: Any) -> None:
     """A bounded run: 4,000 subscribers from the C load generator, two workers, no loss."""
-    server = start_server("--workers", "2", "--publish-rate", "100000", "--insecure")
+    server = start_server("--workers", "2", "--publish-rate", "100000")
     result = subprocess.run(
         [str(loadgen()), "--port", str(server.port), "--path", f"/?token={token()}",
          "--subs", "4000", "--rate", "50", "--duration", "2", "--channel", "crowd",
