@@ -1,4 +1,4 @@
-"""Arguments and environment → Config; the `run` and `token` commands.
+"""Arguments and environment → Config; the `run`, `token` and `publish` commands.
 
 Every `run` option also reads FASTFAN_<OPTION> (upper case, dashes as underscores); a flag
 given on the command line wins over the environment.
