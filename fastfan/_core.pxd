@@ -119,7 +119,7 @@ cdef class Session(Outbox):
     # One WebSocket connection as the client sees it: frames in, RFC 6455 rules,
     # reassembly, requests, permissions and limits.
     cdef:
-        readonly object     identity        # auth.Identity
+        readonly object     identity        # auth.Identity, replaced by a `refresh`
         readonly bytes      client_id
         bint                echo            # --echo-path: echo frames, no pub/sub protocol
         readonly dict       subscriptions   # channel name -> slot in Channel.subscribers
@@ -152,6 +152,7 @@ cdef class Session(Outbox):
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1
     cdef int _publish(self, object request, bytes request_id) except -1
     cdef int _stats(self, bytes request_id) except -1
+    cdef int _refresh(self, object token, bytes request_id) except -1
     cdef bint _take_token(self)
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1
     cdef int _forget_fragments(self) except -1
@@ -183,6 +184,8 @@ cdef class Hub:
         bint                flush_scheduled
         object              loop
         public object       bus             # .publish(channel, payload) -> BusResult, ...
+        public object       verify_token    # token -> auth.Identity, or AuthError; None:
+                                            # --insecure, no token is checked
         object              ready_callback
         readonly Outbox     excluded        # during a publish with "echo":false: its publisher
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import enum
+from collections.abc import Callable
 from typing import Any
 
 from picows import WSListener, WSTransport
@@ -73,6 +74,7 @@ class Session(Outbox):
 
 class Hub:
     bus: Any
+    verify_token: Callable[[str], Any] | None
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_message_size: int,
                  max_subscriptions: int, max_subscription_bytes: int, max_buffer: int,
                  publish_rate: float, slow_consumer: SlowConsumerPolicy) -> None: ...

@@ -36,6 +36,7 @@ import secrets
 
 import msgspec
 
+from .auth import AuthError
 from .protocol import decode_request, encode_json
 
 cdef extern from "<sys/socket.h>" nogil:

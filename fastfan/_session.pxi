@@ -228,6 +228,8 @@ cdef class Session(Outbox):
             return self._unsubscribe(request.channel, request_id)
         if kind_name == "stats":
             return self._stats(request_id)
+        if kind_name == "refresh":
+            return self._refresh(request.token, request_id)
         return self._queue_error(400, f"unknown message type {kind_name!r}", request_id)
 
     cdef int _check_channel(self, channel, bytes request_id) except -1:
@@ -319,6 +321,35 @@ cdef class Session(Outbox):
         if request_id:
             body = body[:-1] + b',"id":' + request_id + b"}"
         return self.queue_bytes(body)
+
+    cdef int _refresh(self, token, bytes request_id) except -1:
+        """A new token for the same user, before the old one expires: its permissions
+        replace the old ones, and subscriptions they no longer allow end."""
+        cdef Hub hub = self.hub
+        if not token:
+            return self._queue_error(400, "refresh needs 'token'", request_id)
+        if hub.verify_token is None:
+            return self._queue_error(401, "this server checks no tokens (--insecure)",
+                                     request_id)
+        try:
+            identity = hub.verify_token(token)
+        except AuthError as exc:
+            return self._queue_error(401, f"refresh refused: {exc}", request_id)
+        if identity.user != self.identity.user:
+            return self._queue_error(401, "refresh refused: the token is for another user",
+                                     request_id)
+        self.identity = identity
+        self.expires_at = identity.expires_at or 0
+        for channel in list(self.subscriptions):
+            if not identity.subscribe.allows(channel):
+                hub.unsubscribe(self, channel)
+                self.queue_bytes(b'{"type":"unsubscribed","channel":"%s","reason":"permission"}'
+                                 % channel.encode("ascii"))
+        expires = b"%d" % (identity.expires_at * 1000) if identity.expires_at else b"null"
+        body = b'{"type":"refreshed","expires":' + expires
+        if request_id:
+            body += b',"id":' + request_id
+        return self.queue_bytes(body + b"}")
 
     cdef bint _take_token(self):
         """Token bucket: `publish_rate` per second, bursts of twice that."""

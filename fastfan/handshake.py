@@ -7,6 +7,7 @@ upgrade headers. It returns a Session (101), a response without listener (health
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TypeAlias
@@ -46,6 +47,12 @@ class ListenerFactory:
         self._socket_paths = {b"/", b"/ws"}
         self._echo_path = config.echo_path.encode() if config.echo_path else None
         self.auth_failures_total = 0
+        # token -> Identity, or AuthError; None under --insecure. Sessions use it too, for
+        # `refresh`.
+        self.verify_token: Callable[[str], Identity] | None = (
+            None if config.jwt_secret is None else functools.partial(verify_token,
+                                                                     config.jwt_secret))
+        hub.verify_token = self.verify_token
         self.refused_full_total = 0
 
     def __call__(self, request: WSUpgradeRequest) -> Route:
@@ -92,13 +99,12 @@ class ListenerFactory:
         return Session(self._hub, identity, echo)
 
     def _authenticate(self, request: WSUpgradeRequest, query: bytes) -> Identity:
-        secret = self._config.jwt_secret
-        if secret is None:
+        if self.verify_token is None:
             return ANONYMOUS  # --insecure (never with a secret): nobody is checked
         token = _token_from(request, query)
         if token is None:
             raise AuthError("missing token: send 'Authorization: Bearer <token>' or ?token=")
-        return verify_token(secret, token)
+        return self.verify_token(token)
 
 
 def _token_from(request: WSUpgradeRequest, query: bytes) -> str | None:

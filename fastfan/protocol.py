@@ -19,6 +19,7 @@ class Request(msgspec.Struct):
     data: msgspec.Raw = NO_VALUE
     id: msgspec.Raw = NO_VALUE
     echo: bool = True  # publish: false = not to the publishing connection itself
+    token: str | None = None  # refresh: the new token
 
 
 decode_request = msgspec.json.Decoder(Request).decode
