@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import RedisServer, children, wait_for
-from test_redis import connect, numsub, publish, subscriber
+from test_redis import publish
 from wire import TEXT, frame
 
 PUBLISHES = 5000
@@ -34,7 +34,7 @@ def test_a_stalled_redis_costs_bounded_memory_answers_503_and_recovers(
     assert redis_server.process is not None
     os.kill(redis_server.process.pid, signal.SIGSTOP)
     try:
-        publisher = connect(node)
+        publisher = node.connect()
         replies: list[Any] = []
         reader = threading.Thread(
             target=lambda: replies.extend(publisher.recv_json() for _ in range(PUBLISHES)))
@@ -55,8 +55,8 @@ def test_a_stalled_redis_costs_bounded_memory_answers_503_and_recovers(
     finally:
         os.kill(redis_server.process.pid, signal.SIGCONT)
     wait_for(lambda: node.get("/ready")[0] == 200, timeout=15)
-    listener = subscriber(node, "after")
-    wait_for(lambda: numsub(redis_server, "after") == 1)
+    listener = node.connect().subscribe("after")
+    wait_for(lambda: redis_server.subscribers("after") == 1)
     assert publish(publisher, "after", "back", "b")["type"] == "published"
     assert listener.recv_json()["data"] == "back"
     assert "Traceback" not in node.log()
@@ -66,8 +66,8 @@ def test_a_backend_payload_with_invalid_utf8_is_dropped_and_counted(
         start_server: Any, redis_server: RedisServer) -> None:
     node = start_server("--redis", redis_server.url)
     wait_for(lambda: node.get("/ready")[0] == 200)
-    client = subscriber(node, "news")
-    wait_for(lambda: numsub(redis_server, "news") == 1)
+    client = node.connect().subscribe("news")
+    wait_for(lambda: redis_server.subscribers("news") == 1)
     # A JSON object, but "\xc3(" is no UTF-8: a browser would fail the connection with 1007.
     bad = b'{"type":"message","channel":"news","data":"caf\xc3(","from":"backend"}'
     redis_server.command("PUBLISH", "fastfan:news", bad)
