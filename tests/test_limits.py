@@ -149,3 +149,25 @@ def test_utf8_validator_agrees_with_python(text: bytes) -> None:
        | st.text(max_size=32).map(lambda t: t.encode("utf-8", "surrogatepass")))
 def test_utf8_validator_agrees_with_python_on_any_bytes(text: bytes) -> None:
     assert utf8_is_valid(text) is decodes(text)
+
+
+def test_unsubscribing_in_any_order_keeps_every_other_subscriber(server: Any) -> None:
+    """A channel's subscribers are an array; leaving moves the last one into the hole.
+    Whatever the order of leaving, exactly the ones still subscribed receive."""
+    clients = [raw(server) for _ in range(7)]
+    for client in clients:
+        client.subscribe("slots")
+    publisher = raw(server)
+    staying = list(range(7))
+    for leaving in (0, 6, 3, 1):  # the first, the last, the middle, the new first
+        clients[leaving].send_json({"type": "unsubscribe", "channel": "slots"})
+        assert clients[leaving].recv_json()["type"] == "unsubscribed"
+        staying.remove(leaving)
+        publisher.publish("slots", leaving, id=leaving)
+        assert publisher.recv_json()["type"] == "published"
+        for n in staying:
+            assert clients[n].recv_json()["data"] == leaving
+    for n in (0, 6, 3, 1):
+        clients[n].send_json({"type": "ping"})
+        assert clients[n].recv_json() == {"type": "pong"}  # nothing was queued for them
+    assert server.metrics()["fastfan_subscriptions"] == 3
