@@ -153,6 +153,7 @@ cdef class Session(Outbox):
     cdef int _publish(self, object request, bytes request_id) except -1
     cdef int _stats(self, bytes request_id) except -1
     cdef int _refresh(self, object token, bytes request_id) except -1
+    cdef int _presence(self, object channel, bytes request_id, bint stats_only) except -1
     cdef bint _take_token(self)
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1
     cdef int _forget_fragments(self) except -1
@@ -196,6 +197,8 @@ cdef class Hub:
         readonly Py_ssize_t max_buffer
         readonly double     publish_rate
         readonly SlowConsumerPolicy slow_consumer
+        readonly object     presence_channels  # auth.ChannelPatterns: channels with presence
+        readonly Py_ssize_t presence_limit
 
         # a scratch buffer where each message is framed once, then copied to every subscriber
         char*               frame

@@ -32,6 +32,7 @@ from picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMs
                             WSTransport)
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
+import functools
 import secrets
 
 import msgspec

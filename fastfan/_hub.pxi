@@ -52,7 +52,8 @@ cdef class Hub:
 
     def __cinit__(self, loop, *, Py_ssize_t max_message_size, Py_ssize_t max_subscriptions,
                   Py_ssize_t max_subscription_bytes, Py_ssize_t max_buffer,
-                  double publish_rate, SlowConsumerPolicy slow_consumer):
+                  double publish_rate, SlowConsumerPolicy slow_consumer,
+                  presence_channels, Py_ssize_t presence_limit):
         self.loop = loop
         self.channels = {}
         self.sessions = set()
@@ -65,6 +66,8 @@ cdef class Hub:
         self.max_buffer = max_buffer
         self.publish_rate = publish_rate
         self.slow_consumer = slow_consumer
+        self.presence_channels = presence_channels
+        self.presence_limit = presence_limit
         self.client_id_prefix = secrets.token_hex(6).encode() + b"-"
         self.publish_latency = Histogram()
         self.handling = Samples()
@@ -85,6 +88,19 @@ cdef class Hub:
     def connections_of(self, str user):
         """Open connections of `user` on this worker."""
         return self.users.get(user, 0)
+
+    def presence_of(self, str channel):
+        """This worker's subscribers of `channel`: [clientId, user] each (the seed's
+        getGroupMembers), read from the subscriber array: nothing is kept for it."""
+        cdef Channel target = self.channels.get(channel)
+        cdef Session session
+        cdef Py_ssize_t i
+        cdef list entries = []
+        if target is not None:
+            for i in range(target.count):
+                session = <Session>target.subscribers[i]
+                entries.append([session.client_id.decode("ascii"), session.identity.user])
+        return entries
 
     cdef bytes _new_client_id(self):
         self.next_client_number += 1

@@ -18,6 +18,13 @@ cdef bytes _reply(bytes kind, str channel, bytes request_id):
     return body + b"}"
 
 
+cdef bytes _with_id(bytes body, bytes request_id):
+    """A reply object encoded as `body`, with the request's `id` added when it had one."""
+    if not request_id:
+        return body
+    return body[:-1] + b',"id":' + request_id + b"}"
+
+
 cdef bytes _error(int code, str message, bytes request_id):
     cdef bytes body = b'{"type":"error","code":%d,"message":%s' % (code, encode_json(message))
     if request_id:
@@ -230,6 +237,10 @@ cdef class Session(Outbox):
             return self._stats(request_id)
         if kind_name == "refresh":
             return self._refresh(request.token, request_id)
+        if kind_name == "presence":
+            return self._presence(request.channel, request_id, False)
+        if kind_name == "presence_stats":
+            return self._presence(request.channel, request_id, True)
         return self._queue_error(400, f"unknown message type {kind_name!r}", request_id)
 
     cdef int _check_channel(self, channel, bytes request_id) except -1:
@@ -317,10 +328,7 @@ cdef class Session(Outbox):
             "connectedAt": self.connected_at, "messagesReceived": self.messages_received,
             "messagesSent": self.messages_sent, "bytesReceived": self.bytes_received,
             "bytesSent": self.bytes_sent, "channels": list(self.subscriptions)}}
-        body = encode_json(reply)
-        if request_id:
-            body = body[:-1] + b',"id":' + request_id + b"}"
-        return self.queue_bytes(body)
+        return self.queue_bytes(_with_id(encode_json(reply), request_id))
 
     cdef int _refresh(self, token, bytes request_id) except -1:
         """A new token for the same user, before the old one expires: its permissions
@@ -346,10 +354,50 @@ cdef class Session(Outbox):
                 self.queue_bytes(b'{"type":"unsubscribed","channel":"%s","reason":"permission"}'
                                  % channel.encode("ascii"))
         expires = b"%d" % (identity.expires_at * 1000) if identity.expires_at else b"null"
-        body = b'{"type":"refreshed","expires":' + expires
-        if request_id:
-            body += b',"id":' + request_id
-        return self.queue_bytes(body + b"}")
+        return self.queue_bytes(_with_id(b'{"type":"refreshed","expires":%s}' % expires,
+                                         request_id))
+
+    cdef int _presence(self, channel, bytes request_id, bint stats_only) except -1:
+        """Who is subscribed to `channel` on every worker (the seed's group members)."""
+        cdef Hub hub = self.hub
+        if not self._check_channel(channel, request_id):
+            return 0
+        if not self.identity.subscribe.allows(channel):
+            return self._queue_error(403, f"not permitted to see who is in {channel}",
+                                     request_id)
+        if not hub.presence_channels.allows(channel):
+            return self._queue_error(400, f"no presence is kept for {channel} "
+                                     "(--presence-channels)", request_id)
+        answer = functools.partial(self.answer_presence, channel, request_id, stats_only,
+                                   hub.presence_of(channel))
+        gather = getattr(hub.bus, "gather_presence", None)
+        if gather is None:
+            answer([])
+        else:
+            gather(channel, answer)  # the other workers' subscribers, then answer()
+        return 0
+
+    def answer_presence(self, str channel, bytes request_id, bint stats_only, list local,
+                        remote):
+        """The presence reply, once every worker's part is in (`remote`: None if a worker
+        could not answer)."""
+        cdef Hub hub = self.hub
+        if self.closing:
+            return
+        if remote is None:
+            self._queue_error(503, "presence unavailable: a worker did not answer, try again",
+                              request_id)
+            return
+        entries = local + remote
+        data = {"count": len(entries), "users": len({entry[1] for entry in entries})}
+        if not stats_only:
+            data["clients"] = [{"clientId": entry[0], "user": entry[1]}
+                               for entry in entries[:hub.presence_limit]]
+            if len(entries) > hub.presence_limit:
+                data["truncated"] = True
+        reply = {"type": "presence_stats" if stats_only else "presence", "channel": channel,
+                 "data": data}
+        self.queue_bytes(_with_id(encode_json(reply), request_id))
 
     cdef bint _take_token(self):
         """Token bucket: `publish_rate` per second, bursts of twice that."""

@@ -31,6 +31,9 @@ class Config:
     max_message_size: int = 65536
     max_subscriptions: int = 1024
     max_subscription_bytes: int = 65536
+    presence_channels: str = "*"  # comma-separated patterns
+    presence_limit: int = 1000
+    presence_ttl: float = 60.0
     publish_rate: int = 1000
     max_buffer: int = 1048576
     slow_consumer: str = "disconnect"
@@ -54,7 +57,7 @@ class Config:
         if self.workers < 1:
             raise ConfigError(f"--workers must be 1 or more (or 'auto'), got {self.workers}")
         for name in ("max_message_size", "max_subscriptions", "max_subscription_bytes",
-                     "publish_rate", "max_buffer"):
+                     "presence_limit", "publish_rate", "max_buffer"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")
@@ -62,7 +65,8 @@ class Config:
             raise ConfigError("--max-connections must be a positive integer")
         if self.max_connections_per_user < 0:
             raise ConfigError("--max-connections-per-user must be 0 (no limit) or more")
-        for name in ("ping_interval", "ping_timeout", "shutdown_grace", "stats_interval"):
+        for name in ("ping_interval", "ping_timeout", "shutdown_grace", "stats_interval",
+                     "presence_ttl"):
             if getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive number of seconds")

@@ -15,6 +15,7 @@ from picows import ws_create_server
 from . import metrics
 from ._core import Hub
 from .api import Api
+from .auth import ChannelPatterns
 from .bus import Bus
 from .bus.local import LocalBus
 from .bus.mesh import MeshBus
@@ -70,6 +71,8 @@ class Worker:
             max_buffer=config.max_buffer,
             publish_rate=float(config.publish_rate),
             slow_consumer=config.slow_consumer_policy,
+            presence_channels=ChannelPatterns(config.presence_channels.split(",")),
+            presence_limit=config.presence_limit,
         )
         self.bus: Bus
         if config.redis is not None:

@@ -41,18 +41,28 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from .._core import Hub
 from . import DONE
 
 log = logging.getLogger("fastfan.bus")
 
-HELLO, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBED = 1, 2, 3, 4, 5
+HELLO, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBED, PRESENCE, PRESENCE_ANSWER = range(1, 8)
 # A SUBSCRIBED record (the answer to a SUBSCRIBE, back on the same connection) is no
 # longer than its header and a channel name.
 MAX_ANSWER = 2 + 255
+# A PRESENCE_ANSWER lists a worker's subscribers of one channel ([clientId, user] each,
+# a user's name being at most a token's size): bounded all the same.
+MAX_PRESENCE_ANSWER = 64 << 20
+# A worker that has not answered a presence query in this long fails it (503, try again).
+PRESENCE_TIMEOUT = 2.0
+QUERY = struct.Struct("!I")
 # length of what follows the length field, record kind, channel length
 HEADER = struct.Struct("!IBB")
 # struct ucred, what SO_PEERCRED answers: pid, uid, gid
@@ -66,6 +76,19 @@ ENVELOPE_MARGIN = 4096
 # memory without bound: past this many unsent bytes, messages for it are dropped.
 MAX_PEER_BACKLOG = 64 << 20
 RECONNECT_DELAY_MAX = 1.0
+
+
+_encode = msgspec.json.encode
+_decode_entries = msgspec.json.Decoder(list[list[str]]).decode
+
+
+@dataclass
+class Gathering:
+    """A presence query: whom it waits for, what came back, and whom to answer."""
+
+    answer: Callable[[list[list[str]] | None], None]
+    waiting: set[int]
+    entries: list[list[str]] = field(default_factory=list)
 
 
 def address(directory: str, slot: int) -> str:
@@ -139,6 +162,10 @@ class Incoming(asyncio.Protocol):
                 # From now on our publishes on `channel` go to that worker: tell it, so
                 # that its subscriber's `subscribed` promises them.
                 answers.append(record(SUBSCRIBED, channel.encode()))
+            elif kind == PRESENCE and self.slot is not None:
+                query = bytes(buffer[start + channel_length:offset])
+                answers.append(record(PRESENCE_ANSWER, channel.encode(),
+                                      query + _encode(bus.hub.presence_of(channel))))
             elif kind == UNSUBSCRIBE and self.slot is not None:
                 bus.interest[self.slot].discard(channel)
             elif kind == HELLO and self.slot is None:
@@ -194,21 +221,35 @@ class Outgoing(asyncio.Protocol):
         return True
 
     def data_received(self, data: bytes) -> None:
-        """The worker's answers to our SUBSCRIBEs."""
+        """The worker's answers to our SUBSCRIBEs and presence queries."""
         answers = self.answers
         answers += data
         offset, end = 0, len(answers)
         while end - offset >= 6:
             size, kind, channel_length = HEADER.unpack_from(answers, offset)
-            if kind != SUBSCRIBED or size != channel_length + 2 or size > MAX_ANSWER:
+            if not ((kind == SUBSCRIBED and size == channel_length + 2 <= MAX_ANSWER)
+                    or (kind == PRESENCE_ANSWER
+                        and channel_length + 2 + QUERY.size <= size <= MAX_PRESENCE_ANSWER)):
                 log.warning("bus: dropped the connection to worker %d: record kind %d, %d "
                             "bytes, on its answering side", self.slot, kind, size)
                 self.transport.abort()
                 return
             if end - offset - 4 < size:
                 break
-            channel = answers[offset + 6:offset + 4 + size].decode("ascii", "replace")
+            start = offset + 6 + channel_length
+            channel = answers[offset + 6:start].decode("ascii", "replace")
             offset += 4 + size
+            if kind == PRESENCE_ANSWER:
+                (query,) = QUERY.unpack_from(answers, start)
+                try:
+                    entries = _decode_entries(answers[start + QUERY.size:offset])
+                except msgspec.DecodeError:
+                    log.warning("bus: dropped the connection to worker %d: a presence answer "
+                                "that is not a list of [clientId, user]", self.slot)
+                    self.transport.abort()
+                    return
+                self.bus.presence_answered(self.slot, query, entries)
+                continue
             count = self.unanswered.get(channel, 0)
             if count > 1:
                 self.unanswered[channel] = count - 1
@@ -238,6 +279,7 @@ class Outgoing(asyncio.Protocol):
         unanswered, self.unanswered = self.unanswered, {}
         for channel in unanswered:  # a worker gone has no publishes to promise
             self.bus.answered(channel)
+        self.bus.presence_answered_by_all(self.slot)  # nor subscribers
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -257,6 +299,8 @@ class MeshBus:
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != slot}
         self.dropped_total = 0
+        self._queries: dict[int, Gathering] = {}  # presence queries waiting for answers
+        self._next_query = 0
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -331,6 +375,42 @@ class MeshBus:
         """A worker answered (or left): confirm once no worker still owes an answer."""
         if not any(channel in peer.unanswered for peer in self.outgoing.values()):
             self.hub.confirm(channel)
+
+    def gather_presence(self, channel: str,
+                        answer: Callable[[list[list[str]] | None], None]) -> None:
+        """Ask every other worker for its subscribers of `channel`; `answer(entries)` with
+        all of theirs together, or `answer(None)` if one did not answer in time."""
+        self._next_query += 1
+        query = self._next_query
+        data = record(PRESENCE, channel.encode(), QUERY.pack(query))
+        asked = {slot for slot, peer in self.outgoing.items() if peer.send(data)}
+        self._queries[query] = Gathering(answer, asked)
+        asyncio.get_running_loop().call_later(PRESENCE_TIMEOUT, self._give_up, query)
+        self._finish_if_answered(query)
+
+    def presence_answered(self, slot: int, query: int, entries: list[list[str]]) -> None:
+        gathering = self._queries.get(query)
+        if gathering is not None and slot in gathering.waiting:
+            gathering.waiting.discard(slot)
+            gathering.entries += entries
+            self._finish_if_answered(query)
+
+    def presence_answered_by_all(self, slot: int) -> None:
+        """A worker went away: its subscribers went with it, it owes no answer."""
+        for query, gathering in list(self._queries.items()):
+            gathering.waiting.discard(slot)
+            self._finish_if_answered(query)
+
+    def _finish_if_answered(self, query: int) -> None:
+        gathering = self._queries[query]
+        if not gathering.waiting:
+            del self._queries[query]
+            gathering.answer(gathering.entries)
+
+    def _give_up(self, query: int) -> None:
+        gathering = self._queries.pop(query, None)
+        if gathering is not None:
+            gathering.answer(None)
 
     def unsubscribe(self, channel: str) -> None:
         data = record(UNSUBSCRIBE, channel.encode())

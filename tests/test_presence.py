@@ -1,0 +1,89 @@
+"""Presence: who is subscribed to a channel, on every worker (the seed's group members)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from conftest import Server, children, process_holding, token, wait_for
+from wire import RawClient
+
+
+def member(server: Server, user: str, channel: str = "room") -> tuple[RawClient, str]:
+    client = RawClient(server.host, server.port, f"/?token={token(user)}")
+    client_id = client.recv_json()["data"]["clientId"]
+    client.subscribe(channel)
+    return client, client_id
+
+
+def presence(client: RawClient, channel: str = "room", kind: str = "presence",
+             **fields: Any) -> dict[str, Any]:
+    client.send_json({"type": kind, "channel": channel, **fields})
+    reply = client.recv_json()
+    assert reply["type"] == kind, reply
+    return dict(reply)
+
+
+def test_presence_lists_every_subscriber_and_counts_users(server: Server) -> None:
+    members = [member(server, user) for user in ("alice", "alice", "bob")]
+    outsider = server.connect("carol")
+    reply = presence(outsider, id="p")
+    assert reply["channel"] == "room" and reply["id"] == "p"
+    assert reply["data"]["count"] == 3 and reply["data"]["users"] == 2
+    assert sorted((c["clientId"], c["user"]) for c in reply["data"]["clients"]) == sorted(
+        (client_id, user) for (_, client_id), user in zip(members, ("alice", "alice", "bob"),
+                                                         strict=True))
+    assert "truncated" not in reply["data"]
+    stats = presence(outsider, kind="presence_stats")
+    assert stats["data"] == {"count": 3, "users": 2}
+    members[0][0].close()
+    wait_for(lambda: presence(outsider)["data"]["count"] == 2, timeout=1)
+    assert presence(outsider, "empty")["data"] == {"count": 0, "users": 0, "clients": []}
+
+
+def test_presence_needs_subscribe_permission_and_a_presence_channel(start_server: Any) -> None:
+    server = start_server("--presence-channels", "room,lobby.*")
+    client = RawClient(server.host, server.port, f"/?token={token('dan', subscribe=['room'])}")
+    client.recv_json()
+    for kind in ("presence", "presence_stats"):
+        client.send_json({"type": kind, "channel": "lobby.1", "id": 1})
+        assert client.recv_json()["code"] == 403
+    client.send_json({"type": "presence", "channel": "bad channel!", "id": 2})
+    assert client.recv_json()["code"] == 400
+    allowed = server.connect("erin")
+    allowed.send_json({"type": "presence", "channel": "other", "id": 3})
+    reply = allowed.recv_json()
+    assert reply["code"] == 400 and "--presence-channels" in reply["message"]
+    assert presence(allowed, "lobby.1")["data"]["count"] == 0
+
+
+def test_presence_lists_at_most_the_limit(start_server: Any) -> None:
+    server = start_server("--presence-limit", "2")
+    members = [member(server, user) for user in ("a", "b", "c")]
+    data = presence(server.connect())["data"]
+    assert (data["count"], data["users"], len(data["clients"]), data["truncated"]) == (
+        3, 3, 2, True)
+    assert {c["clientId"] for c in data["clients"]} < {client_id for _, client_id in members}
+
+
+def test_presence_across_workers_and_a_killed_worker(start_server: Any) -> None:
+    server = start_server("--workers", "2")
+    workers = children(server.process.pid)
+    held: dict[int, list[RawClient]] = {pid: [] for pid in workers}
+    for n in range(40):
+        client, _ = member(server, f"user{n}")
+        pid = process_holding(client.sock.getsockname()[1], workers)
+        assert pid is not None
+        held[pid].append(client)
+    assert all(held.values()), "both workers should hold members"
+    for clients in held.values():  # asked on either worker, the answer is the whole room
+        data = presence(clients[0], kind="presence_stats")["data"]
+        assert data == {"count": 40, "users": 40}
+    victim, survivor = workers
+    os.kill(victim, signal.SIGKILL)
+    expected = len(held[survivor])
+    wait_for(lambda: presence(held[survivor][0])["data"]["count"] == expected, timeout=1)
+    survivors = {client.sock.getsockname()[1] for client in held[survivor]}
+    assert len(survivors) == expected
+
