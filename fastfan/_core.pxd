@@ -198,6 +198,8 @@ cdef class Hub:
         readonly double     publish_rate
         readonly SlowConsumerPolicy slow_consumer
         readonly object     presence_channels  # auth.ChannelPatterns: channels with presence
+        public object       presence_sink   # .joined(channel, clientId, user), .left(...):
+                                            # a bus that keeps presence elsewhere, or None
         readonly Py_ssize_t presence_limit
 
         # a scratch buffer where each message is framed once, then copied to every subscriber

@@ -285,6 +285,8 @@ cdef class Hub:
                 self.unconfirmed[name] = []
         session.subscriptions[name] = channel.add(session)
         session.subscription_bytes += len(name)
+        if self.presence_sink is not None and self.presence_channels.allows(name):
+            self.presence_sink.joined(name, session.client_id, session.identity.user)
         return 0
 
     def confirm(self, str channel):
@@ -309,6 +311,8 @@ cdef class Hub:
         cdef Py_ssize_t slot = session.subscriptions.pop(name)
         cdef Session moved = <Session>channel.remove_at(slot)
         session.subscription_bytes -= len(name)
+        if self.presence_sink is not None and self.presence_channels.allows(name):
+            self.presence_sink.left(name, session.client_id)
         waiting = self.unconfirmed.get(name)
         if waiting:
             self.unconfirmed[name] = [entry for entry in waiting if entry[0] is not session]

@@ -368,27 +368,25 @@ cdef class Session(Outbox):
         if not hub.presence_channels.allows(channel):
             return self._queue_error(400, f"no presence is kept for {channel} "
                                      "(--presence-channels)", request_id)
-        answer = functools.partial(self.answer_presence, channel, request_id, stats_only,
-                                   hub.presence_of(channel))
+        answer = functools.partial(self.answer_presence, channel, request_id, stats_only)
+        local = hub.presence_of(channel)
         gather = getattr(hub.bus, "gather_presence", None)
         if gather is None:
-            answer([])
+            answer(local)
         else:
-            gather(channel, answer)  # the other workers' subscribers, then answer()
+            gather(channel, local, answer)  # with the other workers' and nodes' subscribers
         return 0
 
-    def answer_presence(self, str channel, bytes request_id, bint stats_only, list local,
-                        remote):
-        """The presence reply, once every worker's part is in (`remote`: None if a worker
-        could not answer)."""
+    def answer_presence(self, str channel, bytes request_id, bint stats_only, entries):
+        """The presence reply, once every worker's and node's part is in (`entries`:
+        [clientId, user] each, or None if one could not answer)."""
         cdef Hub hub = self.hub
         if self.closing:
             return
-        if remote is None:
-            self._queue_error(503, "presence unavailable: a worker did not answer, try again",
-                              request_id)
+        if entries is None:
+            self._queue_error(503, "presence unavailable: a worker or Redis did not answer, "
+                              "try again", request_id)
             return
-        entries = local + remote
         data = {"count": len(entries), "users": len({entry[1] for entry in entries})}
         if not stats_only:
             data["clients"] = [{"clientId": entry[0], "user": entry[1]}

@@ -76,7 +76,10 @@ class Worker:
         )
         self.bus: Bus
         if config.redis is not None:
-            self.bus = RedisBus(self.hub, config.redis, config.redis_prefix)
+            redis_bus = RedisBus(self.hub, config.redis, config.redis_prefix,
+                                 presence_ttl=config.presence_ttl)
+            self.hub.presence_sink = redis_bus.presence  # presence shared by every node
+            self.bus = redis_bus
         elif config.workers == 1:
             self.bus = LocalBus(self.hub)
         else:

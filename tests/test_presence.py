@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
-from conftest import Server, children, process_holding, token, wait_for
+from conftest import RedisServer, Server, children, process_holding, token, wait_for
 from wire import RawClient
 
 
@@ -87,3 +88,27 @@ def test_presence_across_workers_and_a_killed_worker(start_server: Any) -> None:
     survivors = {client.sock.getsockname()[1] for client in held[survivor]}
     assert len(survivors) == expected
 
+
+
+def test_presence_across_nodes_through_redis(start_server: Any, redis_server: RedisServer,
+                                             tmp_path: Any) -> None:
+    near = start_server("--redis", redis_server.url, "--presence-ttl", "3")
+    far = start_server("--redis", redis_server.url, "--presence-ttl", "3", "--workers", "2")
+    near.wait_ready()
+    far.wait_ready()
+    here = [member(near, "ann"), member(near, "bo")]
+    there = [member(far, "cy") for _ in range(3)]
+    asker = far.connect()
+    expected = {client_id for _, client_id in here + there}
+    wait_for(lambda: {c["clientId"] for c in presence(asker)["data"]["clients"]} == expected,
+             timeout=1)
+    assert presence(asker, kind="presence_stats")["data"] == {"count": 5, "users": 3}
+    here[0][0].close()
+    wait_for(lambda: presence(asker)["data"]["count"] == 4, timeout=1)
+    for pid in [near.process.pid, *children(near.process.pid)]:  # a node dies without a word
+        os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    assert presence(asker)["data"]["count"] == 4  # its client is not forgotten at once...
+    wait_for(lambda: presence(asker)["data"]["count"] == 3, timeout=8)
+    assert time.monotonic() - started < 3 + 2  # ...but within --presence-ttl (and a refresh)
+    assert redis_server.command("EXISTS", "fastfan:presence:{room}") == b":1\r\n"

@@ -376,15 +376,15 @@ class MeshBus:
         if not any(channel in peer.unanswered for peer in self.outgoing.values()):
             self.hub.confirm(channel)
 
-    def gather_presence(self, channel: str,
+    def gather_presence(self, channel: str, local: list[list[str]],
                         answer: Callable[[list[list[str]] | None], None]) -> None:
         """Ask every other worker for its subscribers of `channel`; `answer(entries)` with
-        all of theirs together, or `answer(None)` if one did not answer in time."""
+        ours and all of theirs, or `answer(None)` if one did not answer in time."""
         self._next_query += 1
         query = self._next_query
         data = record(PRESENCE, channel.encode(), QUERY.pack(query))
         asked = {slot for slot, peer in self.outgoing.items() if peer.send(data)}
-        self._queries[query] = Gathering(answer, asked)
+        self._queries[query] = Gathering(answer, asked, list(local))
         asyncio.get_running_loop().call_later(PRESENCE_TIMEOUT, self._give_up, query)
         self._finish_if_answered(query)
 

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 
 from .._core import Hub, Outbox, Session
 from . import PENDING, REFUSED
+from .redis_presence import RedisPresence
 
 log = logging.getLogger("fastfan.redis")
 
@@ -113,7 +114,7 @@ class Subscriber(asyncio.Protocol):
 
 
 class RedisBus:
-    def __init__(self, hub: Hub, url: str, prefix: str) -> None:
+    def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0) -> None:
         self.hub = hub
         self.url = url
         self.prefix = prefix.encode()
@@ -135,11 +136,15 @@ class RedisBus:
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
         self._changes_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
+        self.presence = RedisPresence(self._publisher, hub, prefix, presence_ttl)
+        self.gather_presence = self.presence.gather
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._stay_subscribed()),
-                       loop.create_task(self._publish_forever())]
+                       loop.create_task(self._publish_forever()),
+                       loop.create_task(self.presence.write_forever()),
+                       loop.create_task(self.presence.refresh_forever())]
 
     async def stop(self) -> None:
         for task in self._tasks:

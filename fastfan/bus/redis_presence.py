@@ -1,0 +1,130 @@
+"""Presence in Redis, for nodes that share channels through it.
+
+Per channel, a hash of clientId -> user and a sorted set of clientId by expiry time, both
+under one hash tag (`{prefix}presence:{channel}`, `...:expiry:{channel}`), so a cluster
+keeps them on one node. A worker writes what its subscribers do (joined, left) in one
+pipeline per loop turn, never a round trip per subscribe, and every TTL/3 seconds pushes the
+expiry of all its present subscribers forward: a node that dies without a word drops out
+of presence within --presence-ttl. A query runs one script that first removes the expired
+entries, then reads the hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from .._core import Hub
+
+log = logging.getLogger("fastfan.redis")
+
+# KEYS: the hash, the expiry set; ARGV: now (seconds). Expired clientIds leave both.
+READ_PRESENCE = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, client in ipairs(expired) do redis.call('HDEL', KEYS[1], client) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+return redis.call('HGETALL', KEYS[1])
+"""
+# How many entries one refresh pipeline carries.
+REFRESH_BATCH = 5000
+
+Entries = list[list[str]]
+
+
+class RedisPresence:
+    def __init__(self, client: aioredis.Redis, hub: Hub, prefix: str, ttl: float) -> None:
+        self.client = client
+        self.hub = hub
+        self.prefix = prefix
+        self.ttl = ttl
+        # (joined?, channel, clientId, user) in the order they happened, until written
+        self._changes: list[tuple[bool, str, str, str]] = []
+        self._written = asyncio.Event()
+        self._read = client.register_script(READ_PRESENCE)
+
+    def keys(self, channel: str) -> tuple[str, str]:
+        return (f"{self.prefix}presence:{{{channel}}}",
+                f"{self.prefix}presence:expiry:{{{channel}}}")
+
+    def joined(self, channel: str, client_id: bytes, user: str) -> None:
+        self._changes.append((True, channel, client_id.decode("ascii"), user))
+        self._written.set()
+
+    def left(self, channel: str, client_id: bytes) -> None:
+        self._changes.append((False, channel, client_id.decode("ascii"), ""))
+        self._written.set()
+
+    async def write_forever(self) -> None:
+        """What this loop turn's subscribers did, as one pipeline; the order is kept."""
+        while True:
+            await self._written.wait()
+            self._written.clear()
+            changes, self._changes = self._changes, []
+            pipe = self.client.pipeline(transaction=False)
+            expires = time.time() + self.ttl
+            for joined, channel, client_id, user in changes:
+                entries, expiry = self.keys(channel)
+                if joined:
+                    pipe.hset(entries, client_id, user)
+                    pipe.zadd(expiry, {client_id: expires})
+                    pipe.expire(entries, int(self.ttl) + 1)
+                    pipe.expire(expiry, int(self.ttl) + 1)
+                else:
+                    pipe.hdel(entries, client_id)
+                    pipe.zrem(expiry, client_id)
+            try:
+                await pipe.execute()
+            except (aioredis.RedisError, OSError) as exc:
+                # Lost with Redis: the refresh writes every present subscriber again.
+                log.warning("presence: %d changes not written: %s", len(changes), exc)
+
+    async def refresh_forever(self) -> None:
+        """Push the expiry of every present subscriber of this worker forward."""
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            pipe = self.client.pipeline(transaction=False)
+            pending = 0
+            expires = time.time() + self.ttl
+            for channel, entries in self.local_presence():
+                entry_key, expiry_key = self.keys(channel)
+                for client_id, user in entries:
+                    pipe.hset(entry_key, client_id, user)
+                    pipe.zadd(expiry_key, {client_id: expires})
+                    pending += 1
+                pipe.expire(entry_key, int(self.ttl) + 1)
+                pipe.expire(expiry_key, int(self.ttl) + 1)
+                if pending >= REFRESH_BATCH:
+                    await self._execute(pipe)
+                    pipe, pending = self.client.pipeline(transaction=False), 0
+            await self._execute(pipe)
+
+    def local_presence(self) -> list[tuple[str, Entries]]:
+        allows = self.hub.presence_channels.allows
+        return [(name, self.hub.presence_of(name)) for name in self.hub.channels if allows(name)]
+
+    async def _execute(self, pipe: Any) -> None:
+        try:
+            await pipe.execute()
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("presence: refresh failed: %s", exc)
+
+    def gather(self, channel: str, local: Entries,
+               answer: Callable[[Entries | None], None]) -> None:
+        asyncio.get_running_loop().create_task(self._gather(channel, local, answer))
+
+    async def _gather(self, channel: str, local: Entries,
+                      answer: Callable[[Entries | None], None]) -> None:
+        try:
+            flat = await self._read(keys=list(self.keys(channel)), args=[time.time()])
+        except (aioredis.RedisError, OSError):
+            answer(None)
+            return
+        everyone = {client_id: user for client_id, user in local}
+        for index in range(0, len(flat), 2):
+            everyone.setdefault(flat[index].decode(), flat[index + 1].decode())
+        answer([[client_id, user] for client_id, user in everyone.items()])
