@@ -148,7 +148,8 @@ cdef class Session(Outbox):
     cdef int _on_message(self, int kind, const char* payload, Py_ssize_t size) except -1
     cdef int _handle(self, const char* payload, Py_ssize_t size) except -1
     cdef int _check_channel(self, object channel, bytes request_id) except -1
-    cdef int _subscribe(self, object channel, bytes request_id) except -1
+    cdef int _subscribe(self, object channel, bytes request_id, bint join_leave) except -1
+    cdef int _leave(self, str channel) except -1
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1
     cdef int _publish(self, object request, bytes request_id) except -1
     cdef int _stats(self, bytes request_id) except -1
@@ -235,6 +236,7 @@ cdef class Hub:
     cdef int unsubscribe(self, Session session, str name) except -1
     cdef bint awaits_confirmation(self, Session session, str channel,
                                   bytes request_id) except -1
+    cdef int _announce(self, bytes kind, str channel, Session session) except -1
     cdef int attach(self, Session session) except -1
     cdef int detach(self, Session session) except -1
     cdef bytes _new_client_id(self)

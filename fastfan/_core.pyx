@@ -117,6 +117,11 @@ cdef bint[128] CHANNEL_CHAR
 for _c in range(128):
     CHANNEL_CHAR[_c] = (chr(_c).isascii() and chr(_c).isalnum()) or chr(_c) in "_-.:@/"
 
+# A subscriber that asked for a channel's join and leave holds a second subscription, to
+# WATCH_PREFIX + channel, a name no client can use: the events travel every bus as
+# messages of that channel, with the fan-out, ordering and Redis subscriptions of any other.
+cdef str WATCH_PREFIX = "#"
+
 cdef bytes MESSAGE_PREFIX = b'{"type":"message","channel":"'
 
 # Upper bounds (seconds) of fastfan_publish_latency_seconds's buckets; +Inf is implied.

@@ -285,8 +285,22 @@ cdef class Hub:
                 self.unconfirmed[name] = []
         session.subscriptions[name] = channel.add(session)
         session.subscription_bytes += len(name)
-        if self.presence_sink is not None and self.presence_channels.allows(name):
-            self.presence_sink.joined(name, session.client_id, session.identity.user)
+        if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
+            if self.presence_sink is not None:
+                self.presence_sink.joined(name, session.client_id, session.identity.user)
+            self._announce(b"join", name, session)
+        return 0
+
+    cdef int _announce(self, bytes kind, str channel, Session session) except -1:
+        """`join` or `leave` of `session` to the clients that watch `channel`, on every
+        worker and node: a message of the watch channel, skipping `session` itself."""
+        payload = b'{"type":"%s","channel":"%s","data":{"clientId":"%s","user":%s}}' % (
+            kind, channel.encode("ascii"), session.client_id, encode_json(session.identity.user))
+        self.excluded = session
+        try:
+            self.bus.publish(WATCH_PREFIX + channel, payload, None, b"")
+        finally:
+            self.excluded = None
         return 0
 
     def confirm(self, str channel):
@@ -311,8 +325,10 @@ cdef class Hub:
         cdef Py_ssize_t slot = session.subscriptions.pop(name)
         cdef Session moved = <Session>channel.remove_at(slot)
         session.subscription_bytes -= len(name)
-        if self.presence_sink is not None and self.presence_channels.allows(name):
-            self.presence_sink.left(name, session.client_id)
+        if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
+            if self.presence_sink is not None:
+                self.presence_sink.left(name, session.client_id)
+            self._announce(b"leave", name, session)
         waiting = self.unconfirmed.get(name)
         if waiting:
             self.unconfirmed[name] = [entry for entry in waiting if entry[0] is not session]

@@ -230,7 +230,7 @@ cdef class Session(Outbox):
                 return self.queue_bytes(b'{"type":"pong","id":' + request_id + b"}")
             return self.queue_bytes(PONG)
         if kind_name == "subscribe":
-            return self._subscribe(request.channel, request_id)
+            return self._subscribe(request.channel, request_id, request.join_leave)
         if kind_name == "unsubscribe":
             return self._unsubscribe(request.channel, request_id)
         if kind_name == "stats":
@@ -254,7 +254,7 @@ cdef class Session(Outbox):
             return 0
         return 1
 
-    cdef int _subscribe(self, channel, bytes request_id) except -1:
+    cdef int _subscribe(self, channel, bytes request_id, bint join_leave) except -1:
         cdef Hub hub = self.hub
         if not self._check_channel(channel, request_id):
             return 0
@@ -269,6 +269,8 @@ cdef class Session(Outbox):
                     429, f"subscription limit reached: channel names add up to more than "
                     f"{hub.max_subscription_bytes} bytes", request_id)
             hub.subscribe(self, channel)
+        if join_leave and WATCH_PREFIX + channel not in self.subscriptions:
+            hub.subscribe(self, WATCH_PREFIX + channel)
         if hub.awaits_confirmation(self, channel, request_id):
             return 0  # `subscribed` is a promise: it goes once the bus has the subscription
         return self.queue_bytes(_reply(b"subscribed", channel, request_id))
@@ -280,8 +282,15 @@ cdef class Session(Outbox):
             for waiting, subscribe_id in self.hub.unconfirmed.get(channel, ()):
                 if waiting is self:  # the replies in the order of the requests
                     self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
-            self.hub.unsubscribe(self, channel)
+            self._leave(channel)
         return self.queue_bytes(_reply(b"unsubscribed", channel, request_id))
+
+    cdef int _leave(self, str channel) except -1:
+        """Unsubscribe from `channel`, and from its join and leave if they were asked for."""
+        self.hub.unsubscribe(self, channel)
+        if WATCH_PREFIX + channel in self.subscriptions:
+            self.hub.unsubscribe(self, WATCH_PREFIX + channel)
+        return 0
 
     cdef int _publish(self, request, bytes request_id) except -1:
         cdef Hub hub = self.hub
@@ -327,7 +336,8 @@ cdef class Session(Outbox):
             "clientId": self.client_id.decode("ascii"), "user": self.identity.user,
             "connectedAt": self.connected_at, "messagesReceived": self.messages_received,
             "messagesSent": self.messages_sent, "bytesReceived": self.bytes_received,
-            "bytesSent": self.bytes_sent, "channels": list(self.subscriptions)}}
+            "bytesSent": self.bytes_sent,
+            "channels": [c for c in self.subscriptions if not c.startswith(WATCH_PREFIX)]}}
         return self.queue_bytes(_with_id(encode_json(reply), request_id))
 
     cdef int _refresh(self, token, bytes request_id) except -1:
@@ -349,8 +359,8 @@ cdef class Session(Outbox):
         self.identity = identity
         self.expires_at = identity.expires_at or 0
         for channel in list(self.subscriptions):
-            if not identity.subscribe.allows(channel):
-                hub.unsubscribe(self, channel)
+            if not channel.startswith(WATCH_PREFIX) and not identity.subscribe.allows(channel):
+                self._leave(channel)
                 self.queue_bytes(b'{"type":"unsubscribed","channel":"%s","reason":"permission"}'
                                  % channel.encode("ascii"))
         expires = b"%d" % (identity.expires_at * 1000) if identity.expires_at else b"null"

@@ -232,7 +232,8 @@ class Api:
         patterns = ChannelPatterns([request.pattern or "*"])
         return {"channels": {name: {"subscribers": len(channel)}
                              for name, channel in self._hub.channels.items()
-                             if len(channel) and patterns.allows(name)}}
+                             if len(channel) and is_valid_channel(name)  # not join/leave's
+                             and patterns.allows(name)}}
 
     async def _info(self, body: bytes) -> dict[str, Any]:
         """This node, from the figures every one of its workers shares."""

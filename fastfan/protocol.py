@@ -20,6 +20,8 @@ class Request(msgspec.Struct):
     id: msgspec.Raw = NO_VALUE
     echo: bool = True  # publish: false = not to the publishing connection itself
     token: str | None = None  # refresh: the new token
+    # subscribe: also receive join and leave of the channel's other clients
+    join_leave: bool = msgspec.field(name="joinLeave", default=False)
 
 
 decode_request = msgspec.json.Decoder(Request).decode

@@ -1,0 +1,85 @@
+"""join and leave, for the subscribers that ask for them, on every worker and node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import RedisServer, Server, token, wait_for
+from wire import RawClient
+
+
+def watcher(server: Server, channel: str = "room") -> RawClient:
+    client = server.connect("watcher")
+    client.send_json({"type": "subscribe", "channel": channel, "joinLeave": True})
+    assert client.recv_json() == {"type": "subscribed", "channel": channel}
+    return client
+
+
+def joining(server: Server, user: str, channel: str = "room") -> tuple[RawClient, str]:
+    client = RawClient(server.host, server.port, f"/?token={token(user)}")
+    client_id = client.recv_json()["data"]["clientId"]
+    client.subscribe(channel)
+    return client, client_id
+
+
+@pytest.mark.parametrize("bus", ["one worker", "two workers", "redis"])
+def test_watchers_see_others_join_and_leave_in_order(start_server: Any, tmp_path: Any,
+                                                     bus: str) -> None:
+    redis = RedisServer(tmp_path / "redis.log") if bus == "redis" else None
+    try:
+        if redis is not None:
+            servers = [start_server("--redis", redis.url), start_server("--redis", redis.url)]
+        else:
+            servers = [start_server(*(("--workers", "2") if bus == "two workers" else ()))] * 2
+        for server in servers:
+            server.wait_ready()
+        watchers = [watcher(servers[0]) for _ in range(3)]
+        plain = servers[0].connect("plain").subscribe("room")  # did not ask: gets none
+        guest, guest_id = joining(servers[1], "guest")
+        guest.send_json({"type": "unsubscribe", "channel": "room"})
+        assert guest.recv_json()["type"] == "unsubscribed"
+        again, again_id = joining(servers[1], "again")
+        again.close()  # a disconnect is a leave too
+        expected = [("join", guest_id, "guest"), ("leave", guest_id, "guest"),
+                    ("join", again_id, "again"), ("leave", again_id, "again")]
+        for client in watchers:
+            events: list[dict[str, Any]] = []
+            while len(events) < 4:  # the other watchers' and `plain`'s joins come first
+                event = client.recv_json()
+                if event["data"]["user"] not in ("watcher", "plain"):
+                    events.append(event)
+            assert [(e["type"], e["data"]["clientId"], e["data"]["user"]) for e in events] \
+                == expected
+            assert {e["channel"] for e in events} == {"room"}
+        plain.send_json({"type": "ping"})
+        assert plain.recv_json() == {"type": "pong"}  # no join or leave came before it
+    finally:
+        if redis is not None:
+            redis.kill()
+
+
+def test_a_watcher_gets_no_event_of_its_own_and_stops_with_unsubscribe(server: Server) -> None:
+    first = watcher(server)
+    second = watcher(server)
+    event = first.recv_json()  # the second watcher's join, not the first's own
+    assert event["type"] == "join" and event["data"]["user"] == "watcher"
+    second.send_json({"type": "unsubscribe", "channel": "room"})
+    assert second.recv_json()["type"] == "unsubscribed"
+    assert first.recv_json()["type"] == "leave"
+    late = joining(server, "late")
+    second.send_json({"type": "ping"})
+    assert second.recv_json() == {"type": "pong"}  # unsubscribed: no more events either
+    assert first.recv_json()["type"] == "join"
+    first.send_json({"type": "stats"})
+    assert first.recv_json()["data"]["channels"] == ["room"]  # the watch is not a channel
+    late[0].close()
+    assert first.recv_json()["type"] == "leave"
+
+
+def test_join_leave_must_be_a_boolean(server: Server) -> None:
+    client = server.connect()
+    client.send_json({"type": "subscribe", "channel": "room", "joinLeave": "yes", "id": 1})
+    reply = client.recv_json()
+    assert reply["code"] == 400 and "joinLeave" in reply["message"]
+    wait_for(lambda: server.metrics()["fastfan_subscriptions"] == 0)
