@@ -136,17 +136,17 @@ class SharedFigures:
                        time.time())
 
     def read(self, row: int) -> dict[str, float]:
-        return dict(zip(FIGURES, _ROW.unpack_from(self._memory, row * _ROW.size)[:-1],
-                        strict=True))
+        return self._unpack(row)[0]
 
     def each(self) -> list[dict[str, float]]:
         """Every row with when it was written (WRITTEN_AT): one per worker, in slot order,
         then the master's."""
-        rows = []
-        for row in range(self.rows):
-            *values, written_at = _ROW.unpack_from(self._memory, row * _ROW.size)
-            rows.append({**dict(zip(FIGURES, values, strict=True)), WRITTEN_AT: written_at})
-        return rows
+        return [{**figures, WRITTEN_AT: written_at}
+                for figures, written_at in map(self._unpack, range(self.rows))]
+
+    def _unpack(self, row: int) -> tuple[dict[str, float], float]:
+        *values, written_at = _ROW.unpack_from(self._memory, row * _ROW.size)
+        return dict(zip(FIGURES, values, strict=True)), written_at
 
     def total(self) -> dict[str, float]:
         return add_up(self.each())

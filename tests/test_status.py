@@ -27,7 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 from wire import free_port
 
 from fastfan import status
-from fastfan.metrics import FIGURES
+from fastfan.metrics import FIGURES, WRITTEN_AT, SharedFigures
 
 LOOPBACK = ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"]
 ELSEWHERE = ["10.0.0.5", "192.168.1.20", "8.8.8.8", "::ffff:10.0.0.1", "2001:db8::1",
@@ -91,6 +91,16 @@ def test_the_key_comes_in_the_header_or_the_query() -> None:
     assert status.presented_key({}, b"key=") == b""
     assert status.presented_key({}, b"x=1") is None
     assert status.presented_key({}, b"") is None
+
+
+def test_each_row_says_when_it_was_written() -> None:
+    shared = SharedFigures(2)
+    before = time.time()
+    shared.write(1, {"deliveries_total": 5})
+    rows = shared.each()
+    assert len(rows) == 3 and rows[1]["deliveries_total"] == 5
+    assert before <= rows[1][WRITTEN_AT] <= time.time() and rows[0][WRITTEN_AT] == 0
+    assert WRITTEN_AT not in shared.read(1) and WRITTEN_AT not in shared.total()
 
 
 def test_busiest_channels_most_first_ties_by_name() -> None:
