@@ -2,8 +2,9 @@
 
 Every worker listens on the API port (SO_REUSEPORT, like the public port) and answers
 `POST /api/METHOD` with a JSON body and `Authorization: apikey K`, plus `GET /metrics` and
-`GET /health` without a key. A publish goes through the worker's Hub and bus exactly as a
-WebSocket client's does, with `from` set to "api".
+`GET /health` without a key, and `GET /status` (a live page for a person) with its
+`GET /status.json` under the key rule of fastfan.status. A publish goes through the worker's
+Hub and bus exactly as a WebSocket client's does, with `from` set to "api".
 
 What this increment does not do yet: `channels` lists the channels of the worker that
 answers (not the whole deployment), `info` reports this node only (the figures every
@@ -24,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, NoReturn, TypeVar
@@ -32,9 +33,11 @@ from typing import Any, NoReturn, TypeVar
 import httptools
 import msgspec
 
+from . import status
 from ._core import BusResult, Hub, is_valid_channel
 from .auth import ChannelPatterns
 from .config import Config
+from .metrics import add_up
 from .protocol import NO_VALUE
 
 log = logging.getLogger("fastfan.api")
@@ -62,6 +65,7 @@ NOT_IMPLEMENTED = ("presence", "presence_stats", "history", "disconnect", "unsub
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
 _PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
+_HTML = b"text/html; charset=utf-8"
 
 
 class ApiError(Exception):
@@ -81,6 +85,7 @@ class Request:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     body: bytearray = field(default_factory=bytearray)
     keep_alive: bool = True
+    peer: str | None = None  # the client's IP address
 
 
 @dataclass(frozen=True)
@@ -139,12 +144,14 @@ class Api:
     """One worker's server API: the routes, the methods and the key."""
 
     def __init__(self, config: Config, hub: Hub, *, metrics: Callable[[], bytes],
-                 figures: Callable[[], Mapping[str, float]], master_pid: int) -> None:
+                 figure_rows: Callable[[], list[dict[str, float]]], master_pid: int,
+                 worker: int) -> None:
         assert config.api_key is not None
         self._config = config
         self._hub = hub
         self._metrics = metrics
-        self._figures = figures
+        self._figure_rows = figure_rows  # SharedFigures.each(), this worker's row fresh
+        self._worker = worker
         self._key = config.api_key.encode()
         self._started = process_start_time(master_pid)
         self.max_body = config.max_message_size + BODY_ENVELOPE
@@ -176,12 +183,23 @@ class Api:
         except ApiError as exc:
             return error_response(exc.status, str(exc), exc.headers)
         except Exception:
-            log.exception("API request %s %s failed", request.method.decode(),
-                          request.url.decode("latin-1"))
+            log.exception("API request %s %s failed", request.method.decode(),  # no query:
+                          request.url.partition(b"?")[0].decode("latin-1"))  # it may hold a key
             return error_response(500, "internal error; the server's log says more")
 
     async def _route(self, request: Request) -> Response:
-        path = request.url.partition(b"?")[0]
+        path, _, query = request.url.partition(b"?")
+        if path in (b"/status", b"/status.json"):
+            if request.method != b"GET":
+                raise _not_allowed(b"GET")
+            presented = status.presented_key(request.headers, query)
+            if not status.may_view(request.peer, presented, self._key):
+                raise ApiError(401, "missing or wrong API key: open /status?key=<key> or send "
+                                    "'Authorization: apikey <key>' (none needed from localhost)")
+            if path == b"/status":
+                return Response(200, status.PAGE, _HTML, status.PAGE_HEADERS)
+            return Response(200, msgspec.json.encode(self._status()), _JSON,
+                            ((b"Cache-Control", b"no-store"),))
         if path in (b"/metrics", b"/health"):
             if request.method != b"GET":
                 raise _not_allowed(b"GET")
@@ -237,7 +255,7 @@ class Api:
 
     async def _info(self, body: bytes) -> dict[str, Any]:
         """This node, from the figures every one of its workers shares."""
-        figures = self._figures()
+        figures = add_up(self._figure_rows())
         return {"nodes": [{
             "name": socket.gethostname(),
             "workers": self._config.workers,
@@ -245,6 +263,15 @@ class Api:
             "subscriptions": int(figures.get("subscriptions", 0)),
             "uptime": int(time.time() - self._started),
         }]}
+
+    def _status(self) -> dict[str, Any]:
+        """/status.json: every worker's figures, and this worker's busiest channels."""
+        now = time.time()
+        return status.document(
+            self._figure_rows(), now=now, node=socket.gethostname(),
+            uptime=now - self._started, worker=self._worker,
+            redis=self._config.redis is not None,
+            channels={name: len(channel) for name, channel in self._hub.channels.items()})
 
     async def _send(self, channels: list[str], data: msgspec.Raw) -> None:
         """Each channel gets the message through the bus, as a WebSocket publish does."""
@@ -318,6 +345,7 @@ class ApiConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._transport: Any = None  # uvloop's transports are not asyncio.Transport
+        self._peer: str | None = None  # the client's IP address
         self._request = Request()
         self._head_bytes = 0
         self._refusal: ApiError | None = None  # a limit a callback hit; httptools wraps it
@@ -333,6 +361,8 @@ class ApiConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else None
         self._api.connections.add(self)
         self._reset_idle()
 
@@ -373,7 +403,7 @@ class ApiConnection(asyncio.Protocol):
     # httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._request = Request()
+        self._request = Request(peer=self._peer)
         self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -109,7 +110,10 @@ FIGURES = (
 )
 # Figures that add up over a worker's life and survive it (the others are gauges).
 CUMULATIVE = tuple(k for k in FIGURES if k.endswith("_total") or k.startswith("latency_"))
-_ROW = struct.Struct(f"{len(FIGURES)}d")
+# Beside the figures, each row keeps when it was last written (time.time()): a rate is the
+# difference of a row's counters over the difference of this, whenever one reads the rows.
+WRITTEN_AT = "written_at"
+_ROW = struct.Struct(f"{len(FIGURES) + 1}d")
 
 
 class SharedFigures:
@@ -128,17 +132,24 @@ class SharedFigures:
         return self.rows - 1
 
     def write(self, row: int, figures: Mapping[str, float]) -> None:
-        _ROW.pack_into(self._memory, row * _ROW.size, *(figures.get(k, 0) for k in FIGURES))
+        _ROW.pack_into(self._memory, row * _ROW.size, *(figures.get(k, 0) for k in FIGURES),
+                       time.time())
 
     def read(self, row: int) -> dict[str, float]:
-        return dict(zip(FIGURES, _ROW.unpack_from(self._memory, row * _ROW.size), strict=True))
+        return self._unpack(row)[0]
+
+    def each(self) -> list[dict[str, float]]:
+        """Every row with when it was written (WRITTEN_AT): one per worker, in slot order,
+        then the master's."""
+        return [{**figures, WRITTEN_AT: written_at}
+                for figures, written_at in map(self._unpack, range(self.rows))]
+
+    def _unpack(self, row: int) -> tuple[dict[str, float], float]:
+        *values, written_at = _ROW.unpack_from(self._memory, row * _ROW.size)
+        return dict(zip(FIGURES, values, strict=True)), written_at
 
     def total(self) -> dict[str, float]:
-        rows = [self.read(row) for row in range(self.rows)]
-        figures = {key: sum(row[key] for row in rows) for key in FIGURES}
-        for key in LEAST_OF_WORKERS:  # e.g. Redis is up for the server when it is for all
-            figures[key] = min(row[key] for row in rows[:-1])
-        return figures
+        return add_up(self.each())
 
     def retire(self, row: int) -> None:
         """A worker died: keep its counters in the master's row, forget its gauges."""
@@ -152,3 +163,11 @@ class SharedFigures:
         master = self.read(self.master_row)
         master["worker_restarts_total"] += 1
         self.write(self.master_row, master)
+
+
+def add_up(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The whole server's figures from every row of SharedFigures (the master's last)."""
+    figures = {key: sum(row[key] for row in rows) for key in FIGURES}
+    for key in LEAST_OF_WORKERS:  # e.g. Redis is up for the server when it is for all
+        figures[key] = min(row[key] for row in rows[:-1])
+    return figures

@@ -93,8 +93,8 @@ class Worker:
                                        metrics=self.render_metrics,
                                        max_connections=max_connections(config))
         self.api = None if config.api_port is None else Api(
-            config, self.hub, metrics=self.render_metrics, figures=self.total_figures,
-            master_pid=placement.master_pid)
+            config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
+            master_pid=placement.master_pid, worker=placement.slot)
         self._stop = asyncio.Event()
 
     def is_ready(self) -> bool:
@@ -113,10 +113,14 @@ class Worker:
         figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
         self.placement.figures.write(self.placement.slot, figures)
 
+    def figure_rows(self) -> list[dict[str, float]]:
+        """Every worker's row of the shared figures and the master's, this worker's fresh."""
+        self.publish_figures()
+        return self.placement.figures.each()
+
     def total_figures(self) -> dict[str, float]:
         """The whole server's figures, this worker's freshly written."""
-        self.publish_figures()
-        return self.placement.figures.total()
+        return metrics.add_up(self.figure_rows())
 
     def render_metrics(self) -> bytes:
         return metrics.render(self.total_figures())
