@@ -89,6 +89,13 @@ cdef class Hub:
         """Open connections of `user` on this worker."""
         return self.users.get(user, 0)
 
+    def subscriber_counts(self):
+        """The clients' channels of this worker and their subscribers (the seed's groups);
+        not the join/leave channels."""
+        cdef Channel channel
+        return {name: channel.count for name, channel in self.channels.items()
+                if not name.startswith(WATCH_PREFIX)}
+
     def presence_of(self, str channel):
         """This worker's subscribers of `channel`: [clientId, user] each (the seed's
         getGroupMembers), read from the subscriber array: nothing is kept for it."""

@@ -248,10 +248,9 @@ class Api:
         """This worker's channels with their subscribers (not yet the whole deployment's)."""
         request = _decode(body, ChannelsBody)
         patterns = ChannelPatterns([request.pattern or "*"])
-        return {"channels": {name: {"subscribers": len(channel)}
-                             for name, channel in self._hub.channels.items()
-                             if len(channel) and is_valid_channel(name)  # not join/leave's
-                             and patterns.allows(name)}}
+        return {"channels": {name: {"subscribers": count}
+                             for name, count in self._hub.subscriber_counts().items()
+                             if count and patterns.allows(name)}}
 
     async def _info(self, body: bytes) -> dict[str, Any]:
         """This node, from the figures every one of its workers shares."""
@@ -271,7 +270,7 @@ class Api:
             self._figure_rows(), now=now, node=socket.gethostname(),
             uptime=now - self._started, worker=self._worker,
             redis=self._config.redis is not None,
-            channels={name: len(channel) for name, channel in self._hub.channels.items()})
+            channels=self._hub.subscriber_counts())
 
     async def _send(self, channels: list[str], data: msgspec.Raw) -> None:
         """Each channel gets the message through the bus, as a WebSocket publish does."""

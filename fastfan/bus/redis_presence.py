@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from .._core import Hub, is_valid_channel
+from .._core import Hub
 
 log = logging.getLogger("fastfan.redis")
 
@@ -105,8 +105,8 @@ class RedisPresence:
 
     def local_presence(self) -> list[tuple[str, Entries]]:
         allows = self.hub.presence_channels.allows
-        return [(name, self.hub.presence_of(name)) for name in self.hub.channels
-                if is_valid_channel(name) and allows(name)]  # not the join/leave channels
+        return [(name, self.hub.presence_of(name)) for name in self.hub.subscriber_counts()
+                if allows(name)]
 
     async def _execute(self, pipe: Any) -> None:
         try:
