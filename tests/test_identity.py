@@ -265,7 +265,7 @@ def test_a_jwks_down_at_start_is_fetched_when_it_comes_back(
      "give one token key"),
     (["--insecure", "--jwks-url", "https://id.example/jwks"], "--insecure with --jwks-url"),
     (["--insecure", "--jwt-audience", "fanout"], "need a token key"),
-    (["--jwks-url", "file:///etc/passwd"], "https:// URL"),
+    (["--jwks-url", "file:///etc/passwd"], "must be an https:// (or http://) URL"),
     (["--jwt-public-key", "/nonexistent.pem"], "cannot read /nonexistent.pem"),
     (["--jwt-public-key", "PRIVATE"], "not a PEM public key"),
     (["--jwt-public-key", "P384"], "not an RSA, EC P-256 or Ed25519 public key"),
