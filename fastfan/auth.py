@@ -1,19 +1,43 @@
-"""Client tokens: verify and mint HS256 JWTs, and the channel patterns they grant."""
+"""Client tokens: verify JWTs (HS256, or an identity provider's public keys), mint HS256
+ones, and the channel patterns they grant."""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import threading
 import time
+import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger("fastfan.auth")
 
 # A token is a few hundred bytes; a header of kilobytes is an attack or a mistake, and
 # refusing it before any base64 or JSON decoding bounds the work a stranger can cause.
 MAX_TOKEN_LENGTH = 8192
 # NumericDates beyond this (year ~31.7 million) are nonsense; it keeps float() exact and finite.
 MAX_NUMERIC_DATE = 1e15
+# The algorithms of the public keys we take, each fixed by its key's type.
+PUBLIC_KEY_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+# RFC 7518 3.3: an RSA key for RS256 is 2048 bits or more; shorter ones can be factored.
+MIN_RSA_BITS = 2048
+# The contract: an unknown `kid` fetches the JWKS again at most once per 10 s.
+JWKS_REFETCH_INTERVAL = 10.0
+# A key set this old is fetched again on the next token, so dropped keys stop passing.
+JWKS_MAX_AGE = 600.0
+# A JWKS is a few kilobytes from a provider that answers in milliseconds.
+JWKS_TIMEOUT = 5.0
+MAX_JWKS_BYTES = 1 << 20
 
 
 class AuthError(Exception):
@@ -95,50 +119,245 @@ def _patterns_claim(claims: dict[str, Any], name: str) -> ChannelPatterns:
     return ChannelPatterns(value)
 
 
-def verify_token(secret: str, token: str) -> Identity:
-    """The identity a token grants, or AuthError with the reason it is refused.
+class SigningKey(NamedTuple):
+    """A key and the one algorithm a token signed with it must name."""
 
-    The claims are checked here rather than by PyJWT, which takes `"exp": "123"` for a
-    number and fails on `"exp": 1e400` with an OverflowError instead of a refusal.
+    key: Any
+    algorithm: str
+
+
+def public_key_algorithm(key: Any) -> str:
+    """The algorithm a public key signs with: the key decides, never the token's header."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ValueError(f"the RSA key has {key.key_size} bits; RS256 needs at least "
+                             f"{MIN_RSA_BITS} (RFC 7518 3.3)")
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return "ES256"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    raise ValueError("the key is not an RSA, EC P-256 or Ed25519 public key "
+                     "(RS256, ES256 or EdDSA)")
+
+
+class SecretKey:
+    """--jwt-secret: HS256."""
+
+    def __init__(self, secret: str) -> None:
+        self._key = SigningKey(secret, "HS256")
+
+    def key_for(self, header: dict[str, Any]) -> SigningKey:
+        return self._key
+
+
+class PublicKey:
+    """--jwt-public-key: one PEM public key; its type fixes the algorithm."""
+
+    def __init__(self, pem: bytes) -> None:
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except ValueError:
+            raise ValueError("not a PEM public key (-----BEGIN PUBLIC KEY-----): export one "
+                             "with `openssl pkey -in private.pem -pubout`") from None
+        except Exception as exc:  # cryptography's UnsupportedAlgorithm and kin
+            raise ValueError(f"not a usable public key: {exc}") from None
+        self._key = SigningKey(key, public_key_algorithm(key))
+
+    @classmethod
+    def from_file(cls, path: str) -> PublicKey:
+        """The key in a PEM file; ValueError with a one-line reason when it cannot be used."""
+        try:
+            with open(path, "rb") as file:
+                pem = file.read(1 << 20)
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            return cls(pem)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    @property
+    def algorithm(self) -> str:
+        return self._key.algorithm
+
+    def key_for(self, header: dict[str, Any]) -> SigningKey:
+        return self._key
+
+
+class JwksKeys:
+    """--jwks-url: an identity provider's public keys, chosen by the token header's `kid`.
+
+    Fetched once when built, synchronously, with a timeout of JWKS_TIMEOUT seconds: a worker
+    builds it before it accepts connections. After that, never on the event loop: a token
+    whose `kid` the set lacks gets 401 "unknown key, try again" and starts a fetch in a
+    background thread, at most one per JWKS_REFETCH_INTERVAL per worker, whatever the flood;
+    the new set replaces the old when it arrives. A set older than JWKS_MAX_AGE is fetched
+    again the same way, so keys the provider drops stop passing. A fetch that fails (the
+    provider down, a bad answer) is logged and keeps the keys already known, so tokens with
+    known keys still pass. A start with no keys refuses every token until a fetch succeeds.
     """
-    if len(token) > MAX_TOKEN_LENGTH:
-        raise AuthError(f"token is longer than {MAX_TOKEN_LENGTH} bytes")
-    if not token.isascii():
-        raise AuthError("token is malformed: a JWT is ASCII (base64url and dots)")
-    try:
-        # PyJWT checks the signature and the algorithm; the claims are checked below.
-        claims = jwt.decode(token, secret, algorithms=["HS256"], options={
-            "verify_exp": False, "verify_nbf": False, "verify_iat": False,
-            "verify_sub": False, "verify_jti": False})
-    except jwt.InvalidAlgorithmError:
-        raise AuthError("token algorithm must be HS256") from None
-    except jwt.InvalidSignatureError:
-        raise AuthError("token signature is invalid") from None
-    except jwt.InvalidTokenError as exc:
-        raise AuthError(f"token is malformed: {exc}") from None
-    except Exception:  # whatever PyJWT trips on, the token is to blame
-        raise AuthError("token is malformed") from None
-    if "sub" not in claims:
-        raise AuthError("token has no 'sub' claim")
-    user = claims["sub"]
-    if not isinstance(user, str) or not user:
-        raise AuthError("claim 'sub' must be a non-empty string")
-    now = time.time()
-    expires_at = _time_claim(claims, "exp")
-    if expires_at is not None and expires_at <= now:
-        raise AuthError("token expired")
-    not_before = _time_claim(claims, "nbf")
-    if not_before is not None and not_before > now:
-        raise AuthError("token not valid yet (nbf is in the future)")
-    issued_at = _time_claim(claims, "iat")
-    if issued_at is not None and issued_at > now:
-        raise AuthError("token not valid yet (iat is in the future)")
-    return Identity(
-        user=user,
-        subscribe=_patterns_claim(claims, "subscribe"),
-        publish=_patterns_claim(claims, "publish"),
-        expires_at=expires_at,
-    )
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._keys: dict[str, SigningKey] = {}
+        self._fetched_at = -math.inf  # monotonic; when the set in _keys arrived
+        self._next_fetch_at = 0.0  # monotonic; no background fetch starts before it
+        self._lock = threading.Lock()
+        self.fetch()
+
+    def key_for(self, header: dict[str, Any]) -> SigningKey:
+        if header.get("alg") not in PUBLIC_KEY_ALGORITHMS:
+            raise AuthError("token algorithm must be " + ", ".join(PUBLIC_KEY_ALGORITHMS))
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise AuthError("token header has no 'kid': this server's keys come from a JWKS")
+        key = self._keys.get(kid)
+        if key is None or time.monotonic() - self._fetched_at > JWKS_MAX_AGE:
+            self._fetch_in_background()
+        if key is None:
+            raise AuthError("unknown key, try again: the token's 'kid' is not in the JWKS "
+                            "(fetching it again)")
+        return key
+
+    def _fetch_in_background(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_fetch_at:
+                return
+            self._next_fetch_at = now + JWKS_REFETCH_INTERVAL
+        threading.Thread(target=self.fetch, name="fastfan-jwks", daemon=True).start()
+
+    def fetch(self) -> None:
+        """Replace the set with the provider's; on failure log why and keep the old one."""
+        try:
+            keys = fetch_jwks(self.url)
+        except Exception as exc:  # the network, HTTP, JSON: whatever it is, keep serving
+            log.warning("JWKS %s not fetched (%s); keeping the %d keys known", self.url,
+                        " ".join(str(exc).split()) or type(exc).__name__, len(self._keys))
+            return
+        self._keys, self._fetched_at = keys, time.monotonic()  # one swap: readers see either
+        log.info("JWKS %s: %d signing keys", self.url, len(keys))
+
+
+def fetch_jwks(url: str) -> dict[str, SigningKey]:
+    """The signing keys of a JWKS by `kid`; keys of other kinds or uses are left out."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json",
+                                                   "User-Agent": "fastfan"})
+    with urllib.request.urlopen(request, timeout=JWKS_TIMEOUT) as response:
+        body = response.read(MAX_JWKS_BYTES + 1)
+    if len(body) > MAX_JWKS_BYTES:
+        raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+    document = json.loads(body)
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("not a JWKS: expected a JSON object with a 'keys' list")
+    keys = {}
+    for jwk in document["keys"]:
+        if not isinstance(jwk, dict) or not isinstance(jwk.get("kid"), str) \
+                or jwk.get("use", "sig") != "sig":
+            continue
+        try:
+            key = jwt.PyJWK(jwk).key
+            algorithm = public_key_algorithm(key)
+        except Exception:  # a private, symmetric or unsupported key: not ours to use
+            log.debug("JWKS %s: key %r left out", url, jwk["kid"])
+            continue
+        if jwk.get("alg", algorithm) == algorithm:
+            keys[jwk["kid"]] = SigningKey(key, algorithm)
+    return keys
+
+
+class TokenVerifier:
+    """Checks a token's signature with one kind of key, then its claims, the same for all.
+
+    `verify(token)` is the one callable the handshake and the in-band `refresh` share. The
+    claims are checked here rather than by PyJWT, which takes `"exp": "123"` for a number and
+    fails on `"exp": 1e400` with an OverflowError instead of a refusal.
+    """
+
+    def __init__(self, keys: SecretKey | PublicKey | JwksKeys, *, audience: str | None = None,
+                 issuer: str | None = None) -> None:
+        self.keys = keys
+        self.audience = audience
+        self.issuer = issuer
+
+    def verify(self, token: str) -> Identity:
+        """The identity a token grants, or AuthError with the reason it is refused."""
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise AuthError(f"token is longer than {MAX_TOKEN_LENGTH} bytes")
+        if not token.isascii():
+            raise AuthError("token is malformed: a JWT is ASCII (base64url and dots)")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"token is malformed: {exc}") from None
+        except Exception:  # whatever PyJWT trips on, the token is to blame
+            raise AuthError("token is malformed") from None
+        key = self.keys.key_for(header)
+        try:
+            # PyJWT checks the signature, and the algorithm against the one the key fixes
+            # (never `none`, never HS256 with a public key's text as the secret).
+            claims = jwt.decode(token, key.key, algorithms=[key.algorithm], options={
+                "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                "verify_sub": False, "verify_jti": False, "verify_aud": False,
+                "verify_iss": False})
+        except jwt.InvalidAlgorithmError:
+            raise AuthError(f"token algorithm must be {key.algorithm}") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("token signature is invalid") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"token is malformed: {exc}") from None
+        except Exception:
+            raise AuthError("token is malformed") from None
+        return self._identity(claims)
+
+    def _identity(self, claims: dict[str, Any]) -> Identity:
+        if "sub" not in claims:
+            raise AuthError("token has no 'sub' claim")
+        user = claims["sub"]
+        if not isinstance(user, str) or not user:
+            raise AuthError("claim 'sub' must be a non-empty string")
+        now = time.time()
+        expires_at = _time_claim(claims, "exp")
+        if expires_at is not None and expires_at <= now:
+            raise AuthError("token expired")
+        not_before = _time_claim(claims, "nbf")
+        if not_before is not None and not_before > now:
+            raise AuthError("token not valid yet (nbf is in the future)")
+        issued_at = _time_claim(claims, "iat")
+        if issued_at is not None and issued_at > now:
+            raise AuthError("token not valid yet (iat is in the future)")
+        self._check_audience(claims.get("aud"))
+        self._check_issuer(claims.get("iss"))
+        return Identity(
+            user=user,
+            subscribe=_patterns_claim(claims, "subscribe"),
+            publish=_patterns_claim(claims, "publish"),
+            expires_at=expires_at,
+        )
+
+    def _check_audience(self, audience: Any) -> None:
+        """RFC 7519 4.1.3: a token for named audiences passes only where one of them is us."""
+        if self.audience is None:
+            if audience is not None:
+                raise AuthError("token has an 'aud' claim and this server expects none "
+                                "(it is started without --jwt-audience)")
+            return
+        if audience is None:
+            raise AuthError("token has no 'aud' claim; this server requires one")
+        audiences = [audience] if isinstance(audience, str) else audience
+        if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+            raise AuthError("claim 'aud' must be a string or a list of strings")
+        if self.audience not in audiences:
+            raise AuthError("token is for another audience ('aud' does not name this server)")
+
+    def _check_issuer(self, issuer: Any) -> None:
+        if self.issuer is None:
+            return
+        if issuer is None:
+            raise AuthError("token has no 'iss' claim; this server requires one")
+        if issuer != self.issuer:
+            raise AuthError("token is from another issuer ('iss' is not the one trusted here)")
 
 
 def _time_claim(claims: dict[str, Any], name: str) -> float | None:
@@ -162,3 +381,17 @@ def mint_token(secret: str, user: str, *, subscribe: Sequence[str] | None = None
     if publish is not None:
         claims["publish"] = list(publish)
     return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def token_verifier(config: Config) -> TokenVerifier | None:
+    """The verifier of the one token key the options give; None under --insecure."""
+    keys: SecretKey | PublicKey | JwksKeys
+    if config.jwt_secret is not None:
+        keys = SecretKey(config.jwt_secret)
+    elif config.jwt_public_key is not None:
+        keys = PublicKey.from_file(config.jwt_public_key)
+    elif config.jwks_url is not None:
+        keys = JwksKeys(config.jwks_url)
+    else:
+        return None
+    return TokenVerifier(keys, audience=config.jwt_audience, issuer=config.jwt_issuer)

@@ -96,6 +96,11 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--redis-prefix", str, None, "prefix of Redis channel names (default fastfan:)"),
     ("--jwt-secret", str, None, _SECRET_HELP),
     ("--jwt-secret-file", str, None, _SECRET_FILE_HELP),
+    ("--jwt-public-key", str, None,
+     "PEM file of an identity provider's public key: RS256, ES256 or EdDSA by its type"),
+    ("--jwks-url", str, None, "an identity provider's JWKS URL: keys by the token's kid"),
+    ("--jwt-audience", str, None, "the 'aud' every token must name (default: no 'aud')"),
+    ("--jwt-issuer", str, None, "the 'iss' every token must carry (default: not checked)"),
     ("--max-message-size", _positive_int, None, "largest client message in bytes (65536)"),
     ("--max-subscriptions", _positive_int, None, "channels one connection may hold (1024)"),
     ("--presence-channels", str, None,
@@ -174,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                          default=_env_default(run, flag, parse, choices))
     run.add_argument("--insecure", action="store_true", default=_env_flag(run, "--insecure"),
                      help="accept connections without a token (local development only; "
-                          "not with a secret)")
+                          "not with a token key)")
 
     token = commands.add_parser("token", help="print a signed client token")
     token.add_argument("--jwt-secret", default=os.environ.get(_env_name("--jwt-secret")),

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ._core import SlowConsumerPolicy
+from .auth import PublicKey
 
 # The --slow-consumer names: the core's policies, lower case.
 SLOW_CONSUMER_POLICIES = tuple(policy.name.lower() for policy in SlowConsumerPolicy)
@@ -27,6 +28,10 @@ class Config:
     redis: str | None = None
     redis_prefix: str = "fastfan:"
     jwt_secret: str | None = None
+    jwt_public_key: str | None = None  # a PEM file's path
+    jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
     insecure: bool = False
     max_message_size: int = 65536
     max_subscriptions: int = 1024
@@ -85,14 +90,39 @@ class Config:
             raise ConfigError(f"--echo-path {self.echo_path} is already a fastfan path")
         if self.redis is not None and not self.redis.startswith(("redis://", "rediss://")):
             raise ConfigError(f"--redis must be a redis:// or rediss:// URL, got {self.redis!r}")
+        self._check_token_key()
+        self._check_api()
+
+    def _check_token_key(self) -> None:
+        """One way to check tokens (a secret, a public key or a JWKS), or --insecure alone."""
+        keys = [flag for flag, value in (("--jwt-secret", self.jwt_secret),
+                                         ("--jwt-public-key", self.jwt_public_key),
+                                         ("--jwks-url", self.jwks_url)) if value is not None]
+        if len(keys) > 1:
+            raise ConfigError(f"give one token key, not {' and '.join(keys)}: --jwt-secret "
+                              "(or --jwt-secret-file), --jwt-public-key or --jwks-url")
+        if keys and self.insecure:
+            raise ConfigError(
+                f"--insecure with {keys[0]} would let clients without a token in with "
+                "every permission: drop --insecure to require tokens (or drop the key "
+                "for local development)")
+        if not keys and (self.jwt_audience is not None or self.jwt_issuer is not None):
+            raise ConfigError("--jwt-audience and --jwt-issuer need a token key: "
+                              "--jwt-secret, --jwt-public-key or --jwks-url")
         if self.jwt_secret is not None:
             check_jwt_secret(self.jwt_secret)
-            if self.insecure:
-                raise ConfigError(
-                    "--insecure with --jwt-secret would let clients without a token in with "
-                    "every permission: drop --insecure to require tokens (or drop the secret "
-                    "for local development)")
-        self._check_api()
+        if self.jwt_public_key is not None:
+            try:
+                PublicKey.from_file(self.jwt_public_key)
+            except ValueError as exc:
+                raise ConfigError(f"--jwt-public-key {exc}") from None
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ConfigError(f"--jwks-url must be an https:// (or http://) URL, got "
+                              f"{self.jwks_url!r}")
+        for flag, value in (("--jwt-audience", self.jwt_audience),
+                            ("--jwt-issuer", self.jwt_issuer)):
+            if value is not None and not value:
+                raise ConfigError(f"{flag} is empty: give the value tokens must carry")
 
     def _check_api(self) -> None:
         """--api-port and a key (--api-key or --api-key-file) come together, or not at all."""
@@ -118,10 +148,12 @@ class Config:
 
     def require_auth_choice(self) -> None:
         """`run` needs a way to check tokens, or an explicit decision to skip them."""
-        if self.jwt_secret is None and not self.insecure:
+        if self.jwt_secret is None and self.jwt_public_key is None and self.jwks_url is None \
+                and not self.insecure:
             raise ConfigError(
-                "no --jwt-secret (or FASTFAN_JWT_SECRET) given: set one to require client "
-                "tokens, or pass --insecure to accept any client (local development only)"
+                "no token key given: set --jwt-secret (or FASTFAN_JWT_SECRET), "
+                "--jwt-public-key or --jwks-url to require client tokens, or pass "
+                "--insecure to accept any client (local development only)"
             )
 
     @property

@@ -7,7 +7,6 @@ upgrade headers. It returns a Session (101), a response without listener (health
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from typing import TypeAlias
@@ -16,7 +15,7 @@ from urllib.parse import parse_qs
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from ._core import Hub, Session
-from .auth import ANONYMOUS, AuthError, Identity, verify_token
+from .auth import ANONYMOUS, AuthError, Identity, token_verifier
 from .config import Config
 
 log = logging.getLogger("fastfan.handshake")
@@ -48,10 +47,10 @@ class ListenerFactory:
         self._echo_path = config.echo_path.encode() if config.echo_path else None
         self.auth_failures_total = 0
         # token -> Identity, or AuthError; None under --insecure. Sessions use it too, for
-        # `refresh`.
+        # `refresh`. With --jwks-url, building it fetches the keys, before we accept.
+        verifier = token_verifier(config)
         self.verify_token: Callable[[str], Identity] | None = (
-            None if config.jwt_secret is None else functools.partial(verify_token,
-                                                                     config.jwt_secret))
+            None if verifier is None else verifier.verify)
         hub.verify_token = self.verify_token
         self.refused_full_total = 0
 

@@ -168,7 +168,7 @@ class Master:
 def serve(config: Config) -> int:
     configure(config.log_level, config.log_format)
     limit = raise_open_files_limit()
-    if config.jwt_secret is None:
+    if config.insecure:
         log.warning("--insecure: accepting every client without a token; never in production")
     log.info("fastfan on %s:%d, %d worker(s), bus %s, open files limit %d", config.host,
              config.port, config.workers, "embedded" if config.redis is None else "redis", limit)
