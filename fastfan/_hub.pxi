@@ -97,8 +97,9 @@ cdef class Hub:
                 if not name.startswith(WATCH_PREFIX)}
 
     def presence_of(self, str channel):
-        """This worker's subscribers of `channel`: [clientId, user] each (the seed's
-        getGroupMembers), read from the subscriber array: nothing is kept for it."""
+        """This worker's subscribers of `channel`: [clientId, user, info] each (the seed's
+        getGroupMembers; info the token's `info` claim as JSON text, or ""), read from the
+        subscriber array: nothing is kept for it."""
         cdef Channel target = self.channels.get(channel)
         cdef Session session
         cdef Py_ssize_t i
@@ -106,7 +107,8 @@ cdef class Hub:
         if target is not None:
             for i in range(target.count):
                 session = <Session>target.subscribers[i]
-                entries.append([session.client_id.decode("ascii"), session.identity.user])
+                entries.append([session.client_id.decode("ascii"), session.identity.user,
+                                session.identity.info])
         return entries
 
     cdef bytes _new_client_id(self):
@@ -294,15 +296,17 @@ cdef class Hub:
         session.subscription_bytes += len(name)
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
             if self.presence_sink is not None:
-                self.presence_sink.joined(name, session.client_id, session.identity.user)
+                self.presence_sink.joined(name, session.client_id, session.identity.user,
+                                          session.identity.info)
             self._announce(b"join", name, session)
         return 0
 
     cdef int _announce(self, bytes kind, str channel, Session session) except -1:
         """`join` or `leave` of `session` to the clients that watch `channel`, on every
         worker and node: a message of the watch channel, skipping `session` itself."""
-        payload = b'{"type":"%s","channel":"%s","data":{"clientId":"%s","user":%s}}' % (
-            kind, channel.encode("ascii"), session.client_id, encode_json(session.identity.user))
+        payload = b'{"type":"%s","channel":"%s","data":{"clientId":"%s","user":%s%s}}' % (
+            kind, channel.encode("ascii"), session.client_id, encode_json(session.identity.user),
+            b',"info":' + session.identity.info.encode() if session.identity.info else b"")
         self.excluded = session
         try:
             self.bus.publish(WATCH_PREFIX + channel, payload, None, b"")

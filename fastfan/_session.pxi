@@ -18,6 +18,14 @@ cdef bytes _reply(bytes kind, str channel, bytes request_id):
     return body + b"}"
 
 
+cdef dict _presence_client(list entry):
+    """[clientId, user, info] as a presence answer lists it; no `info` without one."""
+    client = {"clientId": entry[0], "user": entry[1]}
+    if entry[2]:
+        client["info"] = msgspec.Raw(entry[2].encode())
+    return client
+
+
 cdef bytes _with_id(bytes body, bytes request_id):
     """A reply object encoded as `body`, with the request's `id` added when it had one."""
     if not request_id:
@@ -399,8 +407,7 @@ cdef class Session(Outbox):
             return
         data = {"count": len(entries), "users": len({entry[1] for entry in entries})}
         if not stats_only:
-            data["clients"] = [{"clientId": entry[0], "user": entry[1]}
-                               for entry in entries[:hub.presence_limit]]
+            data["clients"] = [_presence_client(entry) for entry in entries[:hub.presence_limit]]
             if len(entries) > hub.presence_limit:
                 data["truncated"] = True
         reply = {"type": "presence_stats" if stats_only else "presence", "channel": channel,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jwt
+import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -27,6 +28,9 @@ log = logging.getLogger("fastfan.auth")
 MAX_TOKEN_LENGTH = 8192
 # NumericDates beyond this (year ~31.7 million) are nonsense; it keeps float() exact and finite.
 MAX_NUMERIC_DATE = 1e15
+# The contract: `info` is what others see of a connection in presence and join/leave, sent
+# with every such answer and event: a few fields, not a profile.
+MAX_INFO_BYTES = 1024
 # The algorithms of the public keys we take, each fixed by its key's type.
 PUBLIC_KEY_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 # RFC 7518 3.3: an RSA key for RS256 is 2048 bits or more; shorter ones can be factored.
@@ -99,15 +103,28 @@ ALLOW_ALL = ChannelPatterns(["*"])
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a connection is and what it may do; `expires_at` is epoch seconds or None."""
+    """Who a connection is and what it may do; `expires_at` is epoch seconds or None;
+    `info` the token's `info` claim as JSON text ("" without one): what others see of the
+    connection in presence and join/leave."""
 
     user: str
     subscribe: ChannelPatterns
     publish: ChannelPatterns
     expires_at: float | None
+    info: str = ""
 
 
 ANONYMOUS = Identity("anonymous", ALLOW_ALL, ALLOW_ALL, None)
+
+
+def _info_claim(claims: dict[str, Any]) -> str:
+    """The `info` claim, any JSON value of at most MAX_INFO_BYTES, as JSON text."""
+    if "info" not in claims:
+        return ""
+    text = msgspec.json.encode(claims["info"])
+    if len(text) > MAX_INFO_BYTES:
+        raise AuthError(f"claim 'info' is {len(text)} bytes of JSON; at most {MAX_INFO_BYTES}")
+    return text.decode()
 
 
 def _patterns_claim(claims: dict[str, Any], name: str) -> ChannelPatterns:
@@ -334,6 +351,7 @@ class TokenVerifier:
             subscribe=_patterns_claim(claims, "subscribe"),
             publish=_patterns_claim(claims, "publish"),
             expires_at=expires_at,
+            info=_info_claim(claims),
         )
 
     def _check_audience(self, audience: Any) -> None:
@@ -372,8 +390,12 @@ def _time_claim(claims: dict[str, Any], name: str) -> float | None:
 
 
 def mint_token(secret: str, user: str, *, subscribe: Sequence[str] | None = None,
-               publish: Sequence[str] | None = None, ttl: float | None = 3600) -> str:
+               publish: Sequence[str] | None = None, ttl: float | None = 3600,
+               info: Any = None) -> str:
+    """An HS256 token; `info` (any JSON value but null) becomes the `info` claim."""
     claims: dict[str, Any] = {"sub": user, "iat": int(time.time())}
+    if info is not None:
+        claims["info"] = info
     if ttl is not None:
         claims["exp"] = int(time.time() + ttl)
     if subscribe is not None:

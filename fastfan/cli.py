@@ -7,6 +7,7 @@ given on the command line wins over the environment.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -48,6 +49,13 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
     return value
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected JSON, got {text!r}") from None
 
 
 def _port(text: str) -> int:
@@ -193,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="channel pattern the user may publish to (repeatable; default *)")
     token.add_argument("--ttl", type=_positive_int, default=3600,
                        help="seconds until the token expires (default 3600)")
+    token.add_argument("--info", type=_json_value, metavar="JSON",
+                       help="what others see of the user in presence and join/leave, "
+                            "e.g. '{\"name\":\"Alice\"}' (at most 1 KiB)")
     publish = commands.add_parser("publish", help="publish a message through the server API")
     publish.add_argument("--api", required=True, metavar="URL",
                          help="the server API, e.g. http://127.0.0.1:9090")
@@ -262,7 +273,7 @@ def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     print(mint_token(secret, args.sub, subscribe=args.subscribe,
-                     publish=args.publish, ttl=args.ttl))
+                     publish=args.publish, ttl=args.ttl, info=args.info))
     return 0
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
-from conftest import RedisServer, Server, children, process_holding, token, wait_for
-from wire import RawClient
+import jwt
+import pytest
+from conftest import SECRET, RedisServer, Server, children, process_holding, token, wait_for
+from wire import HandshakeRefusedError, RawClient
 
 
 def member(server: Server, user: str, channel: str = "room") -> tuple[RawClient, str]:
@@ -112,3 +116,48 @@ def test_presence_across_nodes_through_redis(start_server: Any, redis_server: Re
     wait_for(lambda: presence(asker)["data"]["count"] == 3, timeout=8)
     assert time.monotonic() - started < 3 + 2  # ...but within --presence-ttl (and a refresh)
     assert redis_server.command("EXISTS", "fastfan:presence:{room}") == b":1\r\n"
+
+
+def test_the_info_claim_is_what_others_see(start_server: Any, tmp_path: Any) -> None:
+    redis = RedisServer(tmp_path / "redis.log")
+    try:
+        server = start_server("--redis", redis.url)
+        server.wait_ready()
+        info = {"name": "Ann", "avatar": "/a.png", "tags": [1, 2.5, None]}
+        ann = RawClient(server.host, server.port, f"/?token={token('ann', info=info)}")
+        ann_id = ann.recv_json()["data"]["clientId"]
+        watching = server.connect("watcher")
+        watching.send_json({"type": "subscribe", "channel": "room", "joinLeave": True})
+        assert watching.recv_json()["type"] == "subscribed"
+        ann.subscribe("room")
+        _bo, bo_id = member(server, "bo")
+        joins = [watching.recv_json() for _ in range(2)]
+        assert joins[0]["data"] == {"clientId": ann_id, "user": "ann", "info": info}
+        assert joins[1]["data"] == {"clientId": bo_id, "user": "bo"}  # no info, no key
+        clients = {c["clientId"]: c for c in presence(watching)["data"]["clients"]}
+        assert clients[ann_id] == {"clientId": ann_id, "user": "ann", "info": info}
+        assert "info" not in clients[bo_id]
+        assert redis.command("HEXISTS", "fastfan:presence:{room}", ann_id) == b":1\r\n"
+    finally:
+        redis.kill()
+
+
+def test_an_info_claim_over_1_kib_is_refused(server: Server) -> None:
+    with pytest.raises(HandshakeRefusedError) as refused:
+        RawClient(server.host, server.port, f"/?token={token('big', info='x' * 1100)}")
+    assert refused.value.status == 401
+    assert b"claim 'info'" in refused.value.body
+
+
+def test_fastfan_token_mints_the_info_claim() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fastfan", "token", "--sub", "ann", "--info", '{"name":"Ann"}'],
+        env={**os.environ, "FASTFAN_JWT_SECRET": SECRET}, capture_output=True, text=True,
+        check=True, timeout=30)
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["info"] == {"name": "Ann"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "fastfan", "token", "--sub", "ann", "--info", "{not json"],
+        env={**os.environ, "FASTFAN_JWT_SECRET": SECRET}, capture_output=True, text=True,
+        timeout=30)
+    assert refused.returncode == 2 and "expected JSON" in refused.stderr

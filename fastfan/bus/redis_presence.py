@@ -1,12 +1,12 @@
 """Presence in Redis, for nodes that share channels through it.
 
-Per channel, a hash of clientId -> user and a sorted set of clientId by expiry time, both
-under one hash tag (`{prefix}presence:{channel}`, `...:expiry:{channel}`), so a cluster
-keeps them on one node. A worker writes what its subscribers do (joined, left) in one
-pipeline per loop turn, never a round trip per subscribe, and every TTL/3 seconds pushes the
-expiry of all its present subscribers forward: a node that dies without a word drops out
-of presence within --presence-ttl. A query runs one script that first removes the expired
-entries, then reads the hash.
+Per channel, a hash of clientId -> [user, info] (JSON) and a sorted set of clientId by
+expiry time, both under one hash tag (`{prefix}presence:{channel}`,
+`{prefix}presence:expiry:{channel}`), so a cluster keeps them on one node. A worker writes
+what its subscribers do (joined, left) in one pipeline per loop turn, never a round trip
+per subscribe, and every TTL/3 seconds pushes the expiry of all its present subscribers
+forward: a node that dies without a word drops out of presence within --presence-ttl. A
+query runs one script that first removes the expired entries, then reads the hash.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from .._core import Hub
@@ -34,6 +35,8 @@ return redis.call('HGETALL', KEYS[1])
 REFRESH_BATCH = 5000
 
 Entries = list[list[str]]
+_encode = msgspec.json.encode
+_decode_member = msgspec.json.Decoder(tuple[str, str]).decode
 
 
 class RedisPresence:
@@ -42,8 +45,8 @@ class RedisPresence:
         self.hub = hub
         self.prefix = prefix
         self.ttl = ttl
-        # (joined?, channel, clientId, user) in the order they happened, until written
-        self._changes: list[tuple[bool, str, str, str]] = []
+        # (joined?, channel, clientId, [user, info] as JSON) in order, until written
+        self._changes: list[tuple[bool, str, str, bytes]] = []
         self._written = asyncio.Event()
         self._read = client.register_script(READ_PRESENCE)
 
@@ -51,12 +54,12 @@ class RedisPresence:
         return (f"{self.prefix}presence:{{{channel}}}",
                 f"{self.prefix}presence:expiry:{{{channel}}}")
 
-    def joined(self, channel: str, client_id: bytes, user: str) -> None:
-        self._changes.append((True, channel, client_id.decode("ascii"), user))
+    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        self._changes.append((True, channel, client_id.decode("ascii"), _encode([user, info])))
         self._written.set()
 
     def left(self, channel: str, client_id: bytes) -> None:
-        self._changes.append((False, channel, client_id.decode("ascii"), ""))
+        self._changes.append((False, channel, client_id.decode("ascii"), b""))
         self._written.set()
 
     async def write_forever(self) -> None:
@@ -67,10 +70,10 @@ class RedisPresence:
             changes, self._changes = self._changes, []
             pipe = self.client.pipeline(transaction=False)
             expires = time.time() + self.ttl
-            for joined, channel, client_id, user in changes:
+            for joined, channel, client_id, member in changes:
                 entries, expiry = self.keys(channel)
                 if joined:
-                    pipe.hset(entries, client_id, user)
+                    pipe.hset(entries, client_id, member)
                     pipe.zadd(expiry, {client_id: expires})
                     pipe.expire(entries, int(self.ttl) + 1)
                     pipe.expire(expiry, int(self.ttl) + 1)
@@ -92,8 +95,8 @@ class RedisPresence:
             expires = time.time() + self.ttl
             for channel, entries in self.local_presence():
                 entry_key, expiry_key = self.keys(channel)
-                for client_id, user in entries:
-                    pipe.hset(entry_key, client_id, user)
+                for client_id, user, info in entries:
+                    pipe.hset(entry_key, client_id, _encode([user, info]))
                     pipe.zadd(expiry_key, {client_id: expires})
                     pending += 1
                 pipe.expire(entry_key, int(self.ttl) + 1)
@@ -125,7 +128,13 @@ class RedisPresence:
         except (aioredis.RedisError, OSError):
             answer(None)
             return
-        everyone = {client_id: user for client_id, user in local}
+        everyone = {client_id: [client_id, user, info] for client_id, user, info in local}
         for index in range(0, len(flat), 2):
-            everyone.setdefault(flat[index].decode(), flat[index + 1].decode())
-        answer([[client_id, user] for client_id, user in everyone.items()])
+            client_id = flat[index].decode()
+            if client_id not in everyone:
+                try:
+                    user, info = _decode_member(flat[index + 1])
+                except msgspec.DecodeError:
+                    continue  # not written by fastfan
+                everyone[client_id] = [client_id, user, info]
+        answer(list(everyone.values()))
