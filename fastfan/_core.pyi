@@ -24,6 +24,7 @@ class SlowConsumerPolicy(enum.IntEnum):
     CONFLATE = 2
 
 LATENCY_BOUNDS: tuple[float, ...]
+WATCH_PREFIX: str
 
 def is_valid_channel(channel: str) -> bool: ...
 def utf8_is_valid(text: bytes) -> bool: ...

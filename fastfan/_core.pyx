@@ -120,7 +120,7 @@ for _c in range(128):
 # A subscriber that asked for a channel's join and leave holds a second subscription, to
 # WATCH_PREFIX + channel, a name no client can use: the events travel every bus as
 # messages of that channel, with the fan-out, ordering and Redis subscriptions of any other.
-cdef str WATCH_PREFIX = "#"
+WATCH_PREFIX = "#"
 
 cdef bytes MESSAGE_PREFIX = b'{"type":"message","channel":"'
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, token, wait_for
+from conftest import RedisServer, Server, children, process_holding, token, wait_for
 from wire import RawClient
 
 
@@ -83,3 +85,40 @@ def test_join_leave_must_be_a_boolean(server: Server) -> None:
     reply = client.recv_json()
     assert reply["code"] == 400 and "joinLeave" in reply["message"]
     wait_for(lambda: server.metrics()["fastfan_subscriptions"] == 0)
+
+
+def test_a_killed_worker_s_clients_leave(start_server: Any) -> None:
+    server = start_server("--workers", "2")
+    workers = children(server.process.pid)
+    clients = []
+    for n in range(30):  # joiners on both workers, in the order they joined
+        client, client_id = joining(server, f"u{n}")
+        clients.append((client, client_id, process_holding(client.sock.getsockname()[1],
+                                                            workers)))
+    watch = None
+    candidates = []  # kept open: a watcher's own leave would be one more event
+    for _ in range(100):  # a watcher on one worker, then kill the other
+        candidates.append(watcher(server))
+        if process_holding(candidates[-1].sock.getsockname()[1], workers) == workers[0]:
+            watch = candidates[-1]
+            break
+    assert watch is not None
+    victims = {client_id for _, client_id, pid in clients if pid == workers[1]}
+    assert victims
+    late = [joining(server, f"late{n}") for n in range(6)]  # joins the watcher sees
+    late_on_victim = {client_id for client, client_id in late
+                      if process_holding(client.sock.getsockname()[1], workers) == workers[1]}
+    assert late_on_victim, "some late joiners should be on the victim worker"
+    late_ids = {client_id for _, client_id in late}
+    joined: set[str] = set()
+    while not late_ids <= joined:
+        event = watch.recv_json()
+        assert event["type"] == "join"
+        joined.add(event["data"]["clientId"])
+    os.kill(workers[1], signal.SIGKILL)
+    leaves = set()
+    while not late_on_victim <= leaves:  # every join it saw from there is left, and only
+        event = watch.recv_json()        # leaves come
+        assert event["type"] == "leave", event
+        leaves.add(event["data"]["clientId"])
+    assert leaves <= joined

@@ -48,7 +48,7 @@ from typing import Any
 
 import msgspec
 
-from .._core import Hub
+from .._core import WATCH_PREFIX, Hub
 from . import DONE
 
 log = logging.getLogger("fastfan.bus")
@@ -78,6 +78,20 @@ MAX_PEER_BACKLOG = 64 << 20
 RECONNECT_DELAY_MAX = 1.0
 
 
+class JoinOrLeave(msgspec.Struct):
+    class Data(msgspec.Struct):
+        clientId: str  # noqa: N815 - the wire's name
+
+    type: str
+    data: Data
+
+
+def _join_or_leave(event: bytes) -> tuple[str, str]:
+    decoded = _decode_join_or_leave(event)
+    return decoded.type, decoded.data.clientId
+
+
+_decode_join_or_leave = msgspec.json.Decoder(JoinOrLeave).decode
 _encode = msgspec.json.encode
 _decode_entries = msgspec.json.Decoder(list[list[str]]).decode
 
@@ -129,6 +143,9 @@ class Incoming(asyncio.Protocol):
         self.slot: int | None = None
         self.transport: Any = None
         self.buffer = bytearray()
+        # The joins this worker's watchers saw from that worker's clients, not yet left:
+        # (channel, clientId) -> the leave to send them if that worker dies.
+        self.joined: dict[tuple[str, str], bytes] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -156,7 +173,10 @@ class Incoming(asyncio.Protocol):
                 return
             offset += 4 + size
             if kind == PUBLISH and self.slot is not None:
-                fanout(channel, buffer[start + channel_length:offset])
+                payload = buffer[start + channel_length:offset]
+                if channel.startswith(WATCH_PREFIX):
+                    self._note_join_or_leave(channel, bytes(payload))
+                fanout(channel, payload)
             elif kind == SUBSCRIBE and self.slot is not None:
                 bus.interest[self.slot].add(channel)
                 # From now on our publishes on `channel` go to that worker: tell it, so
@@ -190,10 +210,25 @@ class Incoming(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport.abort()
 
+    def _note_join_or_leave(self, channel: str, event: bytes) -> None:
+        try:
+            kind, client_id = _join_or_leave(event)
+        except msgspec.DecodeError:
+            return
+        if kind == "join":
+            self.joined[channel, client_id] = event.replace(b'"type":"join"', b'"type":"leave"',
+                                                            1)
+        else:
+            self.joined.pop((channel, client_id), None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.slot is not None and self.bus.incoming.get(self.slot) is self:
             del self.bus.incoming[self.slot]
             self.bus.interest[self.slot].clear()
+        # That worker died (or stops): its clients left, though it cannot say so.
+        joined, self.joined = self.joined, {}
+        for (channel, _), leave in joined.items():
+            self.bus.hub.fanout(channel, leave)
 
 
 class Outgoing(asyncio.Protocol):
