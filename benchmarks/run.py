@@ -301,6 +301,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "slow-consumer": (studies.slow_consumer, ("policy", "duration")),
     "soak": (studies.soak, ("minutes",)),
     "accept-spread": (studies.accept_spread, ("workers", "connections")),
+    "presence": (studies.presence, ("connections", "processes")),
 }
 
 
