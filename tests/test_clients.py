@@ -58,6 +58,35 @@ def test_node_ws_client_written_for_the_seed(server: Server) -> None:
     assert report["closeCode"] == 1000
 
 
+def test_node_ws_client_sees_join_leave_presence_and_stats(start_server: Any) -> None:
+    """The seed's connection manager from a Node `ws` client, across two workers."""
+    server = start_server("--workers", "2")
+    watcher = subprocess.Popen(
+        ["node", str(JS / "presence_client.js"), server.url(), token("node"), "lobby", "4"],
+        stdout=subprocess.PIPE, text=True)
+    assert watcher.stdout is not None
+    assert json.loads(watcher.stdout.readline()) == {"ready": True}
+    peers = [server.connect(f"peer{n}").subscribe("lobby") for n in range(4)]
+    try:
+        # the watcher asks for presence after the fourth join
+        assert json.loads(watcher.stdout.readline()) == {"presence": 5}  # it and the four
+        for peer in peers:
+            peer.close()
+        report = json.loads(watcher.stdout.readline())
+    finally:
+        watcher.wait(20)
+    seen = report["seen"]
+    joins = [user for kind, user in seen["events"] if kind == "join"]
+    leaves = [user for kind, user in seen["events"] if kind == "leave"]
+    assert sorted(joins) == sorted(leaves) == [f"peer{n}" for n in range(4)]
+    assert seen["presence"]["id"] == "p"
+    assert {c["user"] for c in seen["presence"]["data"]["clients"]} == {
+        "node", "peer0", "peer1", "peer2", "peer3"}  # whichever worker holds each
+    assert seen["stats"]["data"]["channels"] == ["lobby"]
+    assert seen["stats"]["data"]["user"] == "node"
+    assert report["closeCode"] == 1000
+
+
 def test_headless_chromium_connects_with_a_query_token(server: Server) -> None:
     page = (JS / "browser_client.html").as_uri()
     query = f"?server={server.url()}&token={token('browser', publish=['browser.*'])}"
