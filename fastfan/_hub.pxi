@@ -80,11 +80,6 @@ cdef class Hub:
     def connections(self):
         return len(self.sessions)
 
-    @property
-    def subscriptions(self):
-        cdef Channel channel
-        return sum([channel.count for channel in self.channels.values()])
-
     def connections_of(self, str user):
         """Open connections of `user` on this worker."""
         return self.users.get(user, 0)
@@ -232,11 +227,12 @@ cdef class Hub:
 
     def stats(self):
         """This worker's figures, by the keys of fastfan.metrics.METRICS."""
+        counts = self.subscriber_counts()  # the join/leave channels are not the clients'
         return {
             "connections": len(self.sessions),
             "connections_total": self.connections_total,
-            "channels": len(self.channels),
-            "subscriptions": self.subscriptions,
+            "channels": len(counts),
+            "subscriptions": sum(counts.values()),
             "messages_received_total": self.messages_received_total,
             "deliveries_total": self.deliveries_total,
             "bytes_sent_total": self.bytes_sent_total,

@@ -122,3 +122,10 @@ def test_a_killed_worker_s_clients_leave(start_server: Any) -> None:
         assert event["type"] == "leave", event
         leaves.add(event["data"]["clientId"])
     assert leaves <= joined
+
+
+def test_the_join_leave_channel_is_not_counted_as_a_channel(server: Server) -> None:
+    watching = watcher(server)
+    figures = server.metrics()
+    assert (figures["fastfan_channels"], figures["fastfan_subscriptions"]) == (1, 1)
+    watching.close()
