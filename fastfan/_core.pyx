@@ -190,6 +190,14 @@ cpdef bint is_valid_channel(str channel):
     return True
 
 
+def join_leave_event(bytes kind, str channel, bytes client_id, str user, str info):
+    """`{"type":kind,"channel":C,"data":{"clientId","user"[,"info"]}}`: a join or leave,
+    `info` the token's claim as JSON text ("" without one)."""
+    return b'{"type":"%s","channel":"%s","data":{"clientId":"%s","user":%s%s}}' % (
+        kind, channel.encode("ascii"), client_id, encode_json(user),
+        b',"info":' + info.encode() if info else b"")
+
+
 def utf8_is_valid(bytes text):
     """Whether `text` is valid UTF-8, by the validator every text frame goes through."""
     return utf8_validate(UTF8_ACCEPT, <const uint8_t*>PyBytes_AS_STRING(text),

@@ -300,9 +300,8 @@ cdef class Hub:
     cdef int _announce(self, bytes kind, str channel, Session session) except -1:
         """`join` or `leave` of `session` to the clients that watch `channel`, on every
         worker and node: a message of the watch channel, skipping `session` itself."""
-        payload = b'{"type":"%s","channel":"%s","data":{"clientId":"%s","user":%s%s}}' % (
-            kind, channel.encode("ascii"), session.client_id, encode_json(session.identity.user),
-            b',"info":' + session.identity.info.encode() if session.identity.info else b"")
+        payload = join_leave_event(kind, channel, session.client_id, session.identity.user,
+                                   session.identity.info)
         self.excluded = session
         try:
             self.bus.publish(WATCH_PREFIX + channel, payload, None, b"")

@@ -32,7 +32,7 @@ import hiredis
 import msgspec
 import redis.asyncio as aioredis
 
-from .._core import Hub, Outbox, Session
+from .._core import WATCH_PREFIX, Hub, Outbox, Session
 from . import PENDING, REFUSED
 from .redis_presence import RedisPresence
 
@@ -136,7 +136,8 @@ class RedisBus:
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
         self._changes_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
-        self.presence = RedisPresence(self._publisher, hub, prefix, presence_ttl)
+        self.presence = RedisPresence(self._publisher, hub, prefix, presence_ttl,
+                                      announce=self._announce)
         self.gather_presence = self.presence.gather
 
     async def start(self) -> None:
@@ -207,6 +208,10 @@ class RedisBus:
                 self._full = False
                 self._set_up()
                 log.info("the queue of publishes for redis has room again")
+
+    def _announce(self, channel: str, event: bytes) -> None:
+        """A join or leave for the watchers of `channel`, on every node."""
+        self.publish(WATCH_PREFIX + channel, event, None, b"")
 
     # Subscribing --------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ query runs one script that first removes the expired entries, then reads the has
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,16 +21,27 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from .._core import Hub
+from .._core import Hub, join_leave_event
 
 log = logging.getLogger("fastfan.redis")
 
-# KEYS: the hash, the expiry set; ARGV: now (seconds). Expired clientIds leave both.
-READ_PRESENCE = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-for _, client in ipairs(expired) do redis.call('HDEL', KEYS[1], client) end
+# KEYS: the hash, the expiry set; ARGV: now (seconds), and "1" to read what is left.
+# Expired clientIds leave both; the answer is {expired clientId, [user, info]... } and,
+# when asked, {every clientId, [user, info]...}. Atomic: each expired entry is returned to
+# one caller only, who announces its leave.
+EXPIRE_PRESENCE = """
+local expired = {}
+for _, client in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])) do
+  local member = redis.call('HGET', KEYS[1], client)
+  if member then
+    redis.call('HDEL', KEYS[1], client)
+    table.insert(expired, client)
+    table.insert(expired, member)
+  end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-return redis.call('HGETALL', KEYS[1])
+if ARGV[2] == '1' then return {expired, redis.call('HGETALL', KEYS[1])} end
+return {expired, {}}
 """
 # How many entries one refresh pipeline carries.
 REFRESH_BATCH = 5000
@@ -40,7 +52,8 @@ _decode_member = msgspec.json.Decoder(tuple[str, str]).decode
 
 
 class RedisPresence:
-    def __init__(self, client: aioredis.Redis, hub: Hub, prefix: str, ttl: float) -> None:
+    def __init__(self, client: aioredis.Redis, hub: Hub, prefix: str, ttl: float, *,
+                 announce: Callable[[str, bytes], None]) -> None:
         self.client = client
         self.hub = hub
         self.prefix = prefix
@@ -48,7 +61,8 @@ class RedisPresence:
         # (joined?, channel, clientId, [user, info] as JSON) in order, until written
         self._changes: list[tuple[bool, str, str, bytes]] = []
         self._written = asyncio.Event()
-        self._read = client.register_script(READ_PRESENCE)
+        self._expire = client.register_script(EXPIRE_PRESENCE)
+        self.announce = announce  # (channel, join/leave event) to every node
 
     def keys(self, channel: str) -> tuple[str, str]:
         return (f"{self.prefix}presence:{{{channel}}}",
@@ -105,6 +119,23 @@ class RedisPresence:
                     await self._execute(pipe)
                     pipe, pending = self.client.pipeline(transaction=False), 0
             await self._execute(pipe)
+            for channel, _ in self.local_presence():  # others' clients gone without a word
+                with contextlib.suppress(aioredis.RedisError, OSError):
+                    await self._expired_and_present(channel, read=False)
+
+    async def _expired_and_present(self, channel: str, *, read: bool) -> list[bytes]:
+        """Drop the channel's expired entries and announce their leave; with `read`, the
+        flat [clientId, member, ...] of those present."""
+        expired, present = await self._expire(keys=list(self.keys(channel)),
+                                              args=[time.time(), "1" if read else "0"])
+        for index in range(0, len(expired), 2):
+            try:
+                user, info = _decode_member(expired[index + 1])
+            except msgspec.DecodeError:
+                continue  # not written by fastfan
+            self.announce(channel, join_leave_event(b"leave", channel, expired[index], user,
+                                                    info))
+        return list(present)
 
     def local_presence(self) -> list[tuple[str, Entries]]:
         allows = self.hub.presence_channels.allows
@@ -124,7 +155,7 @@ class RedisPresence:
     async def _gather(self, channel: str, local: Entries,
                       answer: Callable[[Entries | None], None]) -> None:
         try:
-            flat = await self._read(keys=list(self.keys(channel)), args=[time.time()])
+            flat = await self._expired_and_present(channel, read=True)
         except (aioredis.RedisError, OSError):
             answer(None)
             return
