@@ -304,13 +304,15 @@ class Client(_Events):
         for task in (self._supervisor, self._refresher):
             if task is not None:
                 task.cancel()
-        transport = self._transport
-        if transport is not None:
+        transport, listener = self._transport, self._listener
+        if transport is not None and listener is not None:
+            listener.close_code = WSCloseCode.OK.value  # ours, not the server's answer
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
             await transport.wait_disconnected()
         for subscription in list(self._subscriptions.values()):
             self._forget(subscription)
+        self._connected.set()  # requests waiting for a connection: there will be none
 
     async def subscribe(self, channel: str, *, recover: bool = False,
                         join_leave: bool = False) -> Subscription:
@@ -377,6 +379,8 @@ class Client(_Events):
                              f"{self.max_message_size}-byte limit (max_message_size)")
         async with asyncio.timeout(self.request_timeout):
             await self._connected.wait()
+            if self._transport is None:
+                raise ConnectionError("the client is closed")
             future = self._send(request_id, payload)
             try:
                 return await future

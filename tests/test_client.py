@@ -73,6 +73,19 @@ def test_message_callbacks_and_unsubscribe_ending_the_iteration(server: Server) 
     run(test())
 
 
+def test_close_ends_the_subscriptions_and_later_requests(server: Server) -> None:
+    async def test() -> None:
+        client, closes = client_of(server), list[int]()
+        await client.connect()
+        client.on("disconnected", closes.append)
+        sub = await client.subscribe("chat.lobby")
+        await client.close()
+        assert [message async for message in sub] == [] and closes == [1000]
+        with pytest.raises(ConnectionError, match="closed"):
+            await client.stats()
+    run(test())
+
+
 def test_an_error_reply_raises_server_error_and_the_connection_goes_on(server: Server) -> None:
     async def test() -> None:
         async with client_of(server, publish=["news.*"]) as client:
