@@ -129,3 +129,21 @@ def test_the_join_leave_channel_is_not_counted_as_a_channel(server: Server) -> N
     figures = server.metrics()
     assert (figures["fastfan_channels"], figures["fastfan_subscriptions"]) == (1, 1)
     watching.close()
+
+
+def test_a_dead_node_s_clients_leave_within_the_presence_ttl(
+        start_server: Any, redis_server: RedisServer) -> None:
+    near = start_server("--redis", redis_server.url, "--presence-ttl", "3")
+    far = start_server("--redis", redis_server.url, "--presence-ttl", "3")
+    near.wait_ready()
+    far.wait_ready()
+    watch = far.connect("watcher", timeout=10)
+    watch.send_json({"type": "subscribe", "channel": "room", "joinLeave": True})
+    assert watch.recv_json()["type"] == "subscribed"
+    _gone, gone_id = joining(near, "gone")
+    assert watch.recv_json()["data"]["clientId"] == gone_id  # its join
+    for pid in [near.process.pid, *children(near.process.pid)]:  # no word from that node
+        os.kill(pid, signal.SIGKILL)
+    leave = watch.recv_json()  # within --presence-ttl and a refresh (the client waits 10 s)
+    assert leave == {"type": "leave", "channel": "room",
+                     "data": {"clientId": gone_id, "user": "gone"}}
