@@ -97,14 +97,28 @@ def test_an_error_reply_raises_server_error_and_the_connection_goes_on(server: S
     run(test())
 
 
-def test_presence_and_history_are_sent_and_refused_by_todays_server(server: Server) -> None:
+def test_presence_join_and_leave_and_history_refused_by_todays_server(server: Server) -> None:
     async def test() -> None:
-        async with client_of(server) as client:
-            for request in (client.presence("chat.lobby"), client.history("chat.lobby", limit=10)):
-                with pytest.raises(ServerError) as refused:
-                    await request
-                assert refused.value.code == 400
-                assert "unknown message type" in refused.value.message
+        async with client_of(server) as client, client_of(server, "bob") as other:
+            joined: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            sub = await client.subscribe("chat.lobby", join_leave=True)
+            sub.on("join", joined.put_nowait)
+            sub.on("leave", joined.put_nowait)
+            other_sub = await other.subscribe("chat.lobby")
+            async with asyncio.timeout(5):
+                event = await joined.get()
+            assert event["type"] == "join" and event["data"]["user"] == "bob"
+            reply = await client.presence("chat.lobby")
+            assert {c["user"] for c in reply["data"]["clients"]} == {"alice", "bob"}
+            assert (await client.presence_stats("chat.lobby"))["data"] == {"count": 2,
+                                                                           "users": 2}
+            await other_sub.unsubscribe()
+            async with asyncio.timeout(5):
+                assert (await joined.get())["type"] == "leave"
+            with pytest.raises(ServerError) as refused:
+                await client.history("chat.lobby", limit=10)
+            assert refused.value.code == 400
+            assert "unknown message type" in refused.value.message
     run(test())
 
 
