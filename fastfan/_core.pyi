@@ -84,7 +84,8 @@ class Hub:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_message_size: int,
                  max_subscriptions: int, max_subscription_bytes: int, max_buffer: int,
                  publish_rate: float, slow_consumer: SlowConsumerPolicy,
-                 presence_channels: Any, presence_limit: int) -> None: ...
+                 presence_channels: Any, presence_limit: int,
+                 client_id_prefix: str = "") -> None: ...
     @property
     def channels(self) -> dict[str, Channel]: ...
     @property

@@ -53,7 +53,7 @@ cdef class Hub:
     def __cinit__(self, loop, *, Py_ssize_t max_message_size, Py_ssize_t max_subscriptions,
                   Py_ssize_t max_subscription_bytes, Py_ssize_t max_buffer,
                   double publish_rate, SlowConsumerPolicy slow_consumer,
-                  presence_channels, Py_ssize_t presence_limit):
+                  presence_channels, Py_ssize_t presence_limit, str client_id_prefix=""):
         self.loop = loop
         self.channels = {}
         self.sessions = set()
@@ -68,7 +68,7 @@ cdef class Hub:
         self.slow_consumer = slow_consumer
         self.presence_channels = presence_channels
         self.presence_limit = presence_limit
-        self.client_id_prefix = secrets.token_hex(6).encode() + b"-"
+        self.client_id_prefix = (client_id_prefix or secrets.token_hex(6)).encode() + b"-"
         self.publish_latency = Histogram()
         self.handling = Samples()
 

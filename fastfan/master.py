@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import resource
+import secrets
 import shutil
 import signal
 import tempfile
@@ -49,6 +50,9 @@ class Slot:
     started: float = 0.0
     quick_deaths: int = 0
     restart_at: float | None = None
+    # The worker's clientIds begin with this; its replacement is told the one before, to
+    # clear what its clients left behind elsewhere (presence in Redis).
+    client_id_prefix: str = ""
 
 
 class Master:
@@ -78,14 +82,16 @@ class Master:
                 shutil.rmtree(self.bus_directory, ignore_errors=True)
 
     def _spawn(self, index: int) -> None:
+        slot = self.slots[index]
+        previous, slot.client_id_prefix = slot.client_id_prefix, secrets.token_hex(6)
         pid = os.fork()
         if pid == 0:
-            os._exit(self._child(index))
+            os._exit(self._child(index, previous))
         self.slots[index].pid = pid
         self.slots[index].started = time.monotonic()
         self.slots[index].restart_at = None
 
-    def _child(self, index: int) -> int:
+    def _child(self, index: int, previous_prefix: str) -> int:
         """The worker's life, in the forked child; returns its exit status."""
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
@@ -94,8 +100,10 @@ class Master:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != self.pid:
                 return 0  # the master died before prctl took effect
-            run_worker(self.config,
-                       Placement(index, self.pid, self.figures, self.bus_directory))
+            run_worker(self.config, Placement(
+                index, self.pid, self.figures, self.bus_directory,
+                client_id_prefix=self.slots[index].client_id_prefix,
+                previous_client_id_prefix=previous_prefix))
             return 0
         except BaseException:
             log.exception("worker %d failed", index)

@@ -56,6 +56,8 @@ class Placement:
     master_pid: int
     figures: SharedFigures
     bus_directory: str = ""  # the master's private directory of the embedded bus's sockets
+    client_id_prefix: str = ""  # this worker's clientIds begin with it (random if empty)
+    previous_client_id_prefix: str = ""  # the worker's this one replaces, if it died
 
 
 class Worker:
@@ -73,11 +75,13 @@ class Worker:
             slow_consumer=config.slow_consumer_policy,
             presence_channels=ChannelPatterns(config.presence_channels.split(",")),
             presence_limit=config.presence_limit,
+            client_id_prefix=placement.client_id_prefix,
         )
         self.bus: Bus
         if config.redis is not None:
             redis_bus = RedisBus(self.hub, config.redis, config.redis_prefix,
-                                 presence_ttl=config.presence_ttl)
+                                 presence_ttl=config.presence_ttl,
+                                 predecessor=placement.previous_client_id_prefix)
             self.hub.presence_sink = redis_bus.presence  # presence shared by every node
             self.bus = redis_bus
         elif config.workers == 1:

@@ -147,3 +147,24 @@ def test_a_dead_node_s_clients_leave_within_the_presence_ttl(
     leave = watch.recv_json()  # within --presence-ttl and a refresh (the client waits 10 s)
     assert leave == {"type": "leave", "channel": "room",
                      "data": {"clientId": gone_id, "user": "gone"}}
+
+
+def test_a_killed_worker_s_clients_leave_through_redis_at_once(
+        start_server: Any, redis_server: RedisServer) -> None:
+    """The master knows: the replacement worker clears its predecessor's clients from
+    presence and announces their leave, long before --presence-ttl (60 s here)."""
+    near = start_server("--redis", redis_server.url)
+    far = start_server("--redis", redis_server.url)
+    near.wait_ready()
+    far.wait_ready()
+    watch = far.connect("watcher", timeout=10)
+    watch.send_json({"type": "subscribe", "channel": "room", "joinLeave": True})
+    assert watch.recv_json()["type"] == "subscribed"
+    _gone, gone_id = joining(near, "gone")
+    assert watch.recv_json()["data"]["clientId"] == gone_id
+    (worker,) = children(near.process.pid)
+    os.kill(worker, signal.SIGKILL)
+    assert watch.recv_json() == {"type": "leave", "channel": "room",
+                                 "data": {"clientId": gone_id, "user": "gone"}}
+    watch.send_json({"type": "presence_stats", "channel": "room"})
+    assert watch.recv_json()["data"] == {"count": 1, "users": 1}  # the watcher alone

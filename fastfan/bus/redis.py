@@ -114,7 +114,8 @@ class Subscriber(asyncio.Protocol):
 
 
 class RedisBus:
-    def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0) -> None:
+    def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
+                 predecessor: str = "") -> None:
         self.hub = hub
         self.url = url
         self.prefix = prefix.encode()
@@ -137,7 +138,7 @@ class RedisBus:
         self._changes_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         self.presence = RedisPresence(self._publisher, hub, prefix, presence_ttl,
-                                      announce=self._announce)
+                                      announce=self._announce, predecessor=predecessor)
         self.gather_presence = self.presence.gather
 
     async def start(self) -> None:
@@ -287,6 +288,9 @@ class RedisBus:
             attempt = 0
             self._connected = True
             self._set_up()
+            if self.presence.predecessor:  # once up, as its leaves are publishes
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self.presence.forget_predecessor()))
             self._report(True, f"{len(self.hub.channels)} channels subscribed")
             await subscriber.lost
             self._subscriber = None

@@ -53,7 +53,7 @@ _decode_member = msgspec.json.Decoder(tuple[str, str]).decode
 
 class RedisPresence:
     def __init__(self, client: aioredis.Redis, hub: Hub, prefix: str, ttl: float, *,
-                 announce: Callable[[str, bytes], None]) -> None:
+                 announce: Callable[[str, bytes], None], predecessor: str = "") -> None:
         self.client = client
         self.hub = hub
         self.prefix = prefix
@@ -63,6 +63,8 @@ class RedisPresence:
         self._written = asyncio.Event()
         self._expire = client.register_script(EXPIRE_PRESENCE)
         self.announce = announce  # (channel, join/leave event) to every node
+        # the clientId prefix of the worker this one replaces: its clients are gone
+        self.predecessor = predecessor
 
     def keys(self, channel: str) -> tuple[str, str]:
         return (f"{self.prefix}presence:{{{channel}}}",
@@ -99,6 +101,28 @@ class RedisPresence:
             except (aioredis.RedisError, OSError) as exc:
                 # Lost with Redis: the refresh writes every present subscriber again.
                 log.warning("presence: %d changes not written: %s", len(changes), exc)
+
+    async def forget_predecessor(self) -> None:
+        """The worker this one replaces died: its clients leave presence now, not within
+        the TTL, and their leave is announced (once: only the HDEL that removed an entry)."""
+        if not self.predecessor:
+            return
+        self.predecessor, predecessor = "", self.predecessor
+        pattern = f"{self.prefix}presence:{{*}}"
+        clients = f"{predecessor}-*"
+        try:
+            async for key in self.client.scan_iter(match=pattern, count=1000):
+                channel = key.decode()[len(self.prefix) + len("presence:{"):-1]
+                entries, expiry = self.keys(channel)
+                async for client_id, member in self.client.hscan_iter(entries, match=clients):
+                    if await self.client.hdel(entries, client_id):
+                        await self.client.zrem(expiry, client_id)
+                        user, info = _decode_member(member)
+                        self.announce(channel, join_leave_event(b"leave", channel, client_id,
+                                                                user, info))
+        except (aioredis.RedisError, OSError, msgspec.DecodeError) as exc:
+            log.warning("presence: the clients of the worker replaced are left to expire: %s",
+                        exc)
 
     async def refresh_forever(self) -> None:
         """Push the expiry of every present subscriber of this worker forward."""
