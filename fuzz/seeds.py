@@ -39,6 +39,15 @@ SEEDS: dict[str, bytes] = {
         text({"type": "unsubscribe", "channel": "news"}),
         frame(CLOSE, struct.pack("!H", 1000) + b"bye"),
     ]),
+    "connection-manager": b"".join([
+        text({"type": "subscribe", "channel": "room", "joinLeave": True, "id": 1}),
+        text({"type": "presence", "channel": "room", "id": 2}),
+        text({"type": "presence_stats", "channel": "room"}),
+        text({"type": "publish", "channel": "room", "data": [1], "echo": False}),
+        text({"type": "stats", "id": {"n": 3}}),
+        text({"type": "refresh", "token": "not.a.token", "id": 4}),
+        text({"type": "subscribe", "channel": "x", "joinLeave": "yes"}),
+    ]),
     "fragmented-with-ping": b"".join([
         frame(TEXT, b'{"type":"publish",', fin=False),
         frame(PING, b"in between"),

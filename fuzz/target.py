@@ -34,8 +34,9 @@ UPGRADE = (b"GET / HTTP/1.1\r\nHost: fuzz\r\nUpgrade: websocket\r\nConnection: U
 # A CLOSE's code is the contract's own (1001, 1002, 1003, 1007, 1009, 4001, 4008, 4029) or
 # the client's, echoed: any code RFC 6455 (7.4) and the IANA registry let travel on the wire.
 CLOSE_CODES = {1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)}
-REPLY_TYPES = {"welcome", "subscribed", "unsubscribed", "published", "pong", "message", "error"}
-ERROR_CODES = {400, 403, 429, 503}  # 500 is "internal": a bug, not an answer
+REPLY_TYPES = {"welcome", "subscribed", "unsubscribed", "published", "pong", "message", "error",
+               "stats", "presence", "presence_stats", "refreshed", "join", "leave"}
+ERROR_CODES = {400, 401, 403, 429, 503}  # 500 is "internal": a bug, not an answer
 REPLY_TIMEOUT = 3.0
 
 
