@@ -38,7 +38,6 @@ export const CHANNEL_NAME = /^[A-Za-z0-9_\-.:@/]{1,255}$/
 export const MAX_MESSAGE_SIZE = 65536
 // Longest a setTimeout may wait: past it, browsers fire at once.
 const MAX_TIMER = 2 ** 31 - 1
-const PONG_TIMEOUT = 10000
 const encoder = new TextEncoder()
 
 /** The server answered a request with `{"type":"error","code":N,"message":TEXT}`. */
@@ -434,7 +433,9 @@ export class Client extends Events {
         '(maxMessageSize, as the server\'s --max-message-size)'))
     }
     return new Promise((resolve, reject) => {
+      let expired = false
       const timer = setTimeout(() => {
+        expired = true // and so never sent, if it still waits for a connection
         this._pending.delete(id)
         reject(failure('TimeoutError', `no reply to ${request.type} within ${this.requestTimeout} ms`))
       }, this.requestTimeout)
@@ -445,6 +446,7 @@ export class Client extends Events {
         reject: (error) => { clearTimeout(timer); reject(error) }
       }
       const send = () => {
+        if (expired) return
         if (this._closing) settle.reject(failure('ConnectionError', 'the client is closed'))
         else this._send(id, payload, settle)
       }
@@ -639,7 +641,8 @@ export class Client extends Events {
 
   /**
    * Browsers cannot send WebSocket pings: after `interval` ms with nothing received, a
-   * `ping` request; no answer within 10 s, and the connection is given up for a new one.
+   * `ping` request; no answer within requestTimeout, and the connection is given up for a
+   * new one.
    * @param {number} interval
    */
   _startPinging (interval) {
@@ -650,14 +653,12 @@ export class Client extends Events {
         heard = this._heard
         return
       }
-      const ping = this._request({ type: 'ping' })
-      const timer = setTimeout(() => {
-        if (this._socket === socket && socket !== null) {
+      this._request({ type: 'ping' }).catch((error) => {
+        if (error.name === 'TimeoutError' && this._socket === socket && socket !== null) {
           this._lost(socket, 1006)
           socket.close()
         }
-      }, PONG_TIMEOUT)
-      ping.then(() => clearTimeout(timer), () => clearTimeout(timer))
+      })
     }, interval)
   }
 }

@@ -1,6 +1,6 @@
 """GET /fastfan.js, the browser client: served by fastfan, imported by a page in headless
 Chromium from another origin, and driven against real `fastfan run` processes; its
-bookkeeping (ids, recovery, refusals, backoff) under Node with a stand-in WebSocket."""
+bookkeeping (ids, recovery, timeouts, pings, backoff) under Node with a stand-in WebSocket."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from test_client import kill_and_restart
 SCRIPT = Path(__file__).parent.parent / "fastfan" / "fastfan.js"
 NODE = "node"
 node_only = pytest.mark.skipif(shutil.which(NODE) is None, reason="node is not on PATH")
+TSC = Path(__file__).parent / "js" / "node_modules" / ".bin" / "tsc"
 
 chromium_only = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not on PATH (./dev test installs it)")
@@ -47,6 +48,16 @@ def test_the_module_parses_and_exports_the_surface(tmp_path: Path) -> None:
     assert json.loads(result.stdout) == ["CHANNEL_NAME", "Client", "MAX_MESSAGE_SIZE",
                                          "ServerError", "Subscription", "backoffDelay",
                                          "tokenExpiry"]
+
+
+@pytest.mark.skipif(not TSC.exists(),
+                    reason="TypeScript is not in tests/js (./dev test installs it)")
+def test_the_jsdoc_types_hold_under_typescript_strict() -> None:
+    result = subprocess.run(
+        [str(TSC), "--allowJs", "--checkJs", "--noEmit", "--strict", "--target", "es2022",
+         "--module", "es2022", "--lib", "es2022,dom", str(SCRIPT)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # In headless Chromium ---------------------------------------------------------------------
@@ -238,7 +249,8 @@ class Fake {
   close () {}
   receive (message) { this.onmessage({ data: JSON.stringify(message) }) }
 }
-const tick = () => new Promise((resolve) => setTimeout(resolve, 20))
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+const tick = () => sleep(20)
 const report = {}
 const client = new Client('ws://fastfan.test/ws?a=1', { token: 'T', WebSocket: Fake,
                                                        reconnectBase: 1, pingInterval: null })
@@ -275,6 +287,24 @@ report.replies = await Promise.allSettled(replies).then((all) => all.map(
 report.backoff = [0, 1, 5, 6, 7].map((n) => backoffDelay(n, 500, 30000, () => 1))
 client.close()
 report.closed = await client.stats().catch((error) => [error.name, error.message])
+
+const waiting = new Client('ws://fastfan.test/', { WebSocket: Fake, requestTimeout: 20 })
+await tick()
+report.timedOut = await waiting.stats().catch((error) => error.name)
+sockets.at(-1).receive({ type: 'welcome', data: { clientId: 'w' } })
+report.sentLate = sockets.at(-1).sent  // a request that timed out waiting is never sent
+waiting.close()
+
+const silent = new Client('ws://fastfan.test/', { WebSocket: Fake, pingInterval: 30,
+                                                  requestTimeout: 60, reconnectBase: 1 })
+const drops = []
+silent.on('disconnected', (code) => drops.push(code))
+await tick()
+const quiet = sockets.at(-1)
+quiet.receive({ type: 'welcome', data: { clientId: 'q' } })
+await sleep(200)
+report.ping = { sent: quiet.sent[0], drops, replaced: sockets.at(-1) !== quiet }
+silent.close()
 console.log(JSON.stringify(report))
 """
 
@@ -299,3 +329,7 @@ def test_ids_recovery_bookkeeping_and_backoff(tmp_path: Path) -> None:
                                  {"type": "published", "channel": "h", "id": 5}]
     assert report["backoff"] == [500, 1000, 16000, 30000, 30000]
     assert report["closed"] == ["ConnectionError", "the client is closed"]
+    assert report["timedOut"] == "TimeoutError" and report["sentLate"] == []
+    # a connection that stays silent is pinged, then given up and replaced
+    assert report["ping"] == {"sent": {"type": "ping", "id": 1}, "drops": [1006],
+                              "replaced": True}
