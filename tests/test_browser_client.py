@@ -148,6 +148,20 @@ def test_connect_subscribe_publish_presence_stats_and_errors(
     assert stats["type"] == "stats" and stats["data"]["user"] == "ana"
     assert stats["data"]["channels"] == ["chat.lobby"]
 
+    forbidden = run(page, """
+        const sub = client.subscribe('news.today')
+        const ended = new Promise((resolve) => sub.on('unsubscribed', resolve))
+        const code = await sub.ready.then(() => 'subscribed', (error) => error.code)
+        return [code, (await ended).reason]""")
+    assert forbidden == [403, "error"]
+    history = run(page, "return await client.history('chat.lobby', { limit: 10 })"
+                        ".catch((error) => [error.code, error.reply.message])")
+    assert history == [400, "unknown message type 'history'"]  # not in fastfan yet
+    run(page, "await sub.unsubscribe()")
+    assert run(page, "return (await client.stats()).data.channels") == []
+    run(page, "client.close()")
+    assert events(page, "disconnected") == [1000]
+
 
 @chromium_only
 def test_what_the_server_would_refuse_is_refused_before_sending(
@@ -188,6 +202,8 @@ def test_reconnects_resubscribes_and_receives_after_a_restart(
     kill_and_restart(server)
     wait_for(lambda: len(events(page, "subscribed")) == 2, timeout=15)
     assert events(page, "disconnected") == [1006]
+    assert all(error.startswith("ConnectionError: connection attempt")
+               for error in events(page, "error"))  # while the server was away
     second = events(page, "connected")[1]
     assert second["data"]["clientId"] != first["data"]["clientId"]
     with server.websocket("bob") as bob:
