@@ -182,7 +182,6 @@ export class Subscription extends Events {
     this.epoch = null
     this.confirmed = false // the server has answered `subscribed` at least once
     this.ended = false
-    this._onMessage = /** @type {Handler[]} */ (this._handlers.get('message'))
     /** @type {(reply: Message) => void} */
     this._resolve = () => {}
     /** @type {(error: Error) => void} */
@@ -204,13 +203,7 @@ export class Subscription extends Events {
       this.offset = message.offset
       this.epoch = message.epoch ?? null
     }
-    for (const callback of this._onMessage) {
-      try {
-        callback(message)
-      } catch (error) {
-        console.error('fastfan: a "message" callback threw', error)
-      }
-    }
+    this._emit('message', message)
   }
 
   /** @returns {Message} */
@@ -250,7 +243,7 @@ export class Subscription extends Events {
    */
   async unsubscribe () {
     if (this.ended) return
-    this.client._forget(this, failure('ConnectionError', 'unsubscribed before the server answered'))
+    this.client._forget(this, new Error('unsubscribed before the server answered'))
     if (this.client.connected) {
       try {
         await this.client._request({ type: 'unsubscribe', channel: this.channel })
