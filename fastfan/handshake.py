@@ -1,4 +1,5 @@
-"""The picows listener factory: plain GETs (/health, /ready, /metrics), auth → Session.
+"""The picows listener factory: plain GETs (/health, /ready, /metrics, /fastfan.js), auth →
+Session.
 
 picows calls the factory once per HTTP request, synchronously, before it validates the
 upgrade headers. It returns a Session (101), a response without listener (health, metrics,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from importlib import resources
 from typing import TypeAlias
 from urllib.parse import parse_qs
 
@@ -24,6 +26,11 @@ Route: TypeAlias = Session | WSUpgradeResponseWithListener | None
 
 _TEXT = {"Content-Type": "text/plain; charset=utf-8"}
 _PROMETHEUS = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+# The browser client, read once. A public static script: any page may import it, from any
+# origin (a module is fetched with CORS).
+_BROWSER_CLIENT = resources.files(__package__).joinpath("fastfan.js").read_bytes()
+_JAVASCRIPT = {"Content-Type": "text/javascript; charset=utf-8",
+               "Access-Control-Allow-Origin": "*"}
 
 
 def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Route:
@@ -72,6 +79,9 @@ class ListenerFactory:
             return _response(503, b"503 Service Unavailable: not ready\n")
         if path == b"/metrics" and self._config.metrics_public:
             response = WSUpgradeResponse.create_ok_response(self._metrics(), _PROMETHEUS)
+            return WSUpgradeResponseWithListener(response, None)
+        if path == b"/fastfan.js":
+            response = WSUpgradeResponse.create_ok_response(_BROWSER_CLIENT, _JAVASCRIPT)
             return WSUpgradeResponseWithListener(response, None)
         echo = path == self._echo_path
         if path not in self._socket_paths and not echo:

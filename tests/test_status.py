@@ -5,15 +5,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from html.parser import HTMLParser
@@ -21,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import CHROMIUM, Browser
 from conftest import RedisServer, Server, messages_of, token, wait_for
 from test_api import KEY, request, start_api
 from websockets.sync.client import ClientConnection, connect
-from wire import free_port
 
 from fastfan import status
 from fastfan.metrics import FIGURES, WRITTEN_AT, SharedFigures
@@ -187,61 +181,6 @@ def test_redis_state(start_server: Any, redis_server: RedisServer) -> None:
 
 
 # The page in a browser --------------------------------------------------------------------
-
-CHROMIUM = shutil.which("chromium")
-
-
-class Browser:
-    """Headless Chromium on a throwaway profile showing `url`, driven through its DevTools
-    protocol: the page runs in real time (it needs seconds to have rates to show)."""
-
-    def __init__(self, devtools: ClientConnection) -> None:
-        self._devtools = devtools
-        self._calls = 0
-
-    def call(self, method: str, **params: Any) -> Any:
-        self._calls += 1
-        self._devtools.send(json.dumps({"id": self._calls, "method": method, "params": params}))
-        while True:
-            answer = json.loads(self._devtools.recv(timeout=30))
-            if answer.get("id") == self._calls:
-                assert "error" not in answer, answer
-                return answer["result"]
-
-    def evaluate(self, expression: str) -> Any:
-        return self.call("Runtime.evaluate", expression=expression,
-                         returnByValue=True)["result"].get("value")
-
-    @classmethod
-    @contextmanager
-    def showing(cls, url: str) -> Iterator[Browser]:
-        assert CHROMIUM is not None
-        port = free_port()
-        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-            process = subprocess.Popen(
-                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--window-size=1280,900", f"--remote-debugging-port={port}",
-                 f"--user-data-dir={profile}", url],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            try:
-                page = wait_for(lambda: _page_target(port), timeout=30)
-                with connect(page, max_size=None, open_timeout=10) as devtools:
-                    yield cls(devtools)
-            finally:
-                os.killpg(process.pid, signal.SIGKILL)  # chromium and every helper it started
-                process.wait()
-
-
-def _page_target(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as answer:
-            targets = json.loads(answer.read())
-    except OSError:
-        return None
-    pages = [t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page"]
-    return pages[0] if pages else None
-
 
 class Texts(HTMLParser):
     """The text of every element with an id, the rows of each tbody with an id, and the

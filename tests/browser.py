@@ -1,0 +1,77 @@
+"""Headless Chromium on a throwaway profile, driven through its DevTools protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from conftest import wait_for
+from websockets.sync.client import ClientConnection, connect
+from wire import free_port
+
+CHROMIUM = shutil.which("chromium")
+
+
+class Browser:
+    """Chromium showing `url`: the page runs in real time (a status page needs seconds to
+    have rates to show, a client seconds to reconnect)."""
+
+    def __init__(self, devtools: ClientConnection) -> None:
+        self._devtools = devtools
+        self._calls = 0
+
+    def call(self, method: str, timeout: float = 30, **params: Any) -> Any:
+        self._calls += 1
+        self._devtools.send(json.dumps({"id": self._calls, "method": method, "params": params}))
+        while True:
+            answer = json.loads(self._devtools.recv(timeout=timeout))
+            if answer.get("id") == self._calls:
+                assert "error" not in answer, answer
+                return answer["result"]
+
+    def evaluate(self, expression: str, timeout: float = 30) -> Any:
+        """The value of a JS expression; a promise is awaited, and a throw is an
+        AssertionError carrying the page's message."""
+        result = self.call("Runtime.evaluate", timeout=timeout, expression=expression,
+                           returnByValue=True, awaitPromise=True)
+        thrown = result.get("exceptionDetails")
+        assert thrown is None, thrown.get("exception", {}).get("description", thrown)
+        return result["result"].get("value")
+
+    @classmethod
+    @contextmanager
+    def showing(cls, url: str) -> Iterator[Browser]:
+        assert CHROMIUM is not None
+        port = free_port()
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+            process = subprocess.Popen(
+                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--window-size=1280,900", f"--remote-debugging-port={port}",
+                 f"--user-data-dir={profile}", url],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                page = wait_for(lambda: _page_target(port), timeout=30)
+                with connect(page, max_size=None, open_timeout=10) as devtools:
+                    yield cls(devtools)
+            finally:
+                os.killpg(process.pid, signal.SIGKILL)  # chromium and every helper it started
+                process.wait()
+
+
+def _page_target(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as answer:
+            targets = json.loads(answer.read())
+    except OSError:
+        return None
+    pages = [t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page"]
+    return pages[0] if pages else None
