@@ -39,7 +39,7 @@ import msgspec
 
 from . import status
 from ._core import BusResult, Hub, is_valid_channel
-from .auth import ChannelPatterns
+from .auth import MAX_TOKEN_LENGTH, ChannelPatterns
 from .bus import encode_command
 from .config import Config
 from .metrics import add_up
@@ -410,6 +410,8 @@ def _check_channel(channel: str) -> None:
 def _check_user(user: str) -> None:
     if not user:
         raise ApiError(400, "'user' must be a non-empty string")
+    if len(user.encode()) > MAX_TOKEN_LENGTH:  # a token's `sub` is shorter than the token
+        raise ApiError(400, f"'user' is longer than a token ({MAX_TOKEN_LENGTH} bytes)")
 
 
 def _data_of(data: msgspec.Raw) -> msgspec.Raw:

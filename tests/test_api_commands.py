@@ -111,6 +111,20 @@ def test_disconnect_closes_the_users_connections_on_every_worker(start_server: A
         assert alive(client)
 
 
+def test_disconnect_of_a_user_with_a_long_name_crosses_the_bus(start_server: Any) -> None:
+    # A name near a token's length makes a bus record longer than the largest message.
+    server, port = start_api(start_server, "--workers", "2", "--max-message-size", "1000")
+    long_name = "u" * 5500
+    placed = spread(server, long_name)
+    other = spread(server, "bob")
+    assert call(port, "disconnect", {"user": long_name}) == (200, {"result": {}})
+    for client in every(placed):
+        closed_by_api(client)
+    for client in every(other):
+        assert alive(client)
+    assert "dropped the connection" not in server.log()
+
+
 def test_disconnect_through_redis_reaches_every_node(
         start_server: Any, redis_server: RedisServer) -> None:
     near, port = start_api(start_server, "--redis", redis_server.url)
@@ -254,6 +268,7 @@ BAD_BODIES = [
     ("disconnect", b'{"user": 7}', ["user"]),
     ("disconnect", b"[1]", ["object"]),
     ("disconnect", b"{nope", ["malformed"]),
+    ("disconnect", json.dumps({"user": "u" * 9000}).encode(), ["longer than a token"]),
     ("unsubscribe", b'{"user": "alice"}', ["channel"]),
     ("unsubscribe", b'{"channel": "room"}', ["user"]),
     ("unsubscribe", b'{"user": "", "channel": "room"}', ["user"]),

@@ -81,6 +81,9 @@ ENVELOPE_MARGIN = 4096
 # memory without bound: past this many unsent bytes, messages for it are dropped.
 MAX_PEER_BACKLOG = 64 << 20
 RECONNECT_DELAY_MAX = 1.0
+# The largest COMMAND: its JSON around a user's name (the API refuses one longer than a
+# token, auth.MAX_TOKEN_LENGTH) and a channel's: whatever --max-message-size is.
+MAX_COMMAND = 16 * 1024
 
 
 class JoinOrLeave(msgspec.Struct):
@@ -336,7 +339,7 @@ class MeshBus:
         self.workers = workers
         self.directory = directory
         self.master_pid = master_pid
-        self.max_record = 2 + max_message_size + ENVELOPE_MARGIN
+        self.max_record = 2 + max(max_message_size + ENVELOPE_MARGIN, MAX_COMMAND)
         self.outgoing: dict[int, Outgoing] = {}
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != slot}
