@@ -302,6 +302,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "soak": (studies.soak, ("minutes",)),
     "accept-spread": (studies.accept_spread, ("workers", "connections")),
     "presence": (studies.presence, ("connections", "processes")),
+    "api": (studies.api, ("subscribers", "duration")),
 }
 
 
@@ -312,7 +313,8 @@ def parse_args() -> argparse.Namespace:
                         help=f"any of {', '.join([*SUITE, *STUDIES])} (default: the suite)")
     parser.add_argument("--duration", type=float,
                         help=f"seconds per rate (default {SUITE_DURATION:g}); in connections, "
-                             "seconds of publishing (3); in slow-consumer, seconds per run (8)")
+                             "seconds of publishing (3); in slow-consumer, seconds per run (8); in "
+                             "api, seconds per run (3)")
     parser.add_argument("--rates", help="offered deliveries/s, comma-separated, instead of the "
                                         "scenario's own (fanout, channels, large, workers, redis)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -338,6 +340,8 @@ def parse_args() -> argparse.Namespace:
     study.add_argument("--policy", choices=("disconnect", "drop", "conflate"),
                        help="slow-consumer: fastfan's --slow-consumer (disconnect)")
     study.add_argument("--minutes", type=float, help="soak: how long (10)")
+    study.add_argument("--subscribers", type=int,
+                       help="api: subscribers of the channel published into (1000)")
     args = parser.parse_args()
     unknown = set(args.scenarios.split(",")) - {*SUITE, *STUDIES}
     if unknown:

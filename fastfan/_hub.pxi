@@ -344,3 +344,51 @@ cdef class Hub:
             del self.channels[name]
             self.bus.unsubscribe(name)
         return 0
+
+    # The server API's commands (a bus brings each to every worker) ---------------------
+
+    def disconnect_user(self, str user):
+        """Close every connection of `user` on this worker with 4000 (the API's
+        `disconnect`). Returns how many were open."""
+        cdef Session session
+        cdef list closing
+        if user not in self.users:
+            return 0
+        closing = [session for session in self.sessions if session.identity.user == user]
+        for session in closing:
+            session.close(CloseCode.SERVER_API, "disconnected by the server")
+        return len(closing)
+
+    def unsubscribe_user(self, str user, str channel):
+        """End `user`'s subscriptions to `channel` on this worker (and their join/leave
+        watch), each connection told `unsubscribed` with reason "server" (the API's
+        `unsubscribe`). Returns how many ended."""
+        cdef Channel target = self.channels.get(channel)
+        cdef Session session
+        cdef Py_ssize_t i
+        cdef list ended = []
+        if target is None or user not in self.users:
+            return 0
+        for i in range(target.count):
+            session = <Session>target.subscribers[i]
+            if session.identity.user == user:
+                ended.append(session)
+        for session in ended:
+            for waiting, subscribe_id in self.unconfirmed.get(channel, ()):
+                if waiting is session:  # its `subscribed` first, as an unsubscribe does
+                    session.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
+            session._leave(channel)
+            session.queue_bytes(b'{"type":"unsubscribed","channel":"%s","reason":"server"}'
+                                % channel.encode("ascii"))
+        return len(ended)
+
+    def presence_data(self, entries, bint stats_only):
+        """The `data` of a presence (or presence_stats) answer from every worker's and
+        node's entries ([clientId, user, info] each): for the WebSocket and the API."""
+        data = {"count": len(entries), "users": len({entry[1] for entry in entries})}
+        if not stats_only:
+            data["clients"] = [_presence_client(entry)
+                               for entry in entries[:self.presence_limit]]
+            if len(entries) > self.presence_limit:
+                data["truncated"] = True
+        return data

@@ -405,13 +405,8 @@ cdef class Session(Outbox):
             self._queue_error(503, "presence unavailable: a worker or Redis did not answer, "
                               "try again", request_id)
             return
-        data = {"count": len(entries), "users": len({entry[1] for entry in entries})}
-        if not stats_only:
-            data["clients"] = [_presence_client(entry) for entry in entries[:hub.presence_limit]]
-            if len(entries) > hub.presence_limit:
-                data["truncated"] = True
         reply = {"type": "presence_stats" if stats_only else "presence", "channel": channel,
-                 "data": data}
+                 "data": hub.presence_data(entries, stats_only)}
         self.queue_bytes(_with_id(encode_json(reply), request_id))
 
     cdef bint _take_token(self):

@@ -6,9 +6,13 @@ Every worker listens on the API port (SO_REUSEPORT, like the public port) and an
 `GET /status.json` under the key rule of fastfan.status. A publish goes through the worker's
 Hub and bus exactly as a WebSocket client's does, with `from` set to "api".
 
+`disconnect` and `unsubscribe` are commands on the bus (fastfan.bus.encode_command): every
+worker of every node applies them to its own clients. `presence` and `presence_stats`
+gather as the WebSocket requests do (the bus's gather_presence).
+
 What this increment does not do yet: `channels` lists the channels of the worker that
 answers (not the whole deployment), `info` reports this node only (the figures every
-worker of it shares), and presence, history, disconnect and unsubscribe answer 501.
+worker of it shares), and history answers 501.
 
 HTTP is parsed by httptools (llhttp); requests on one connection are answered in order.
 """
@@ -35,7 +39,8 @@ import msgspec
 
 from . import status
 from ._core import BusResult, Hub, is_valid_channel
-from .auth import ChannelPatterns
+from .auth import MAX_TOKEN_LENGTH, ChannelPatterns
+from .bus import encode_command
 from .config import Config
 from .metrics import add_up
 from .protocol import NO_VALUE
@@ -57,10 +62,12 @@ IDLE_TIMEOUT = 60.0
 LINGER = 2.0
 # How long a publish waits for a bus that confirms later (Redis) before answering 503.
 CONFIRM_TIMEOUT = 5.0
+# How long presence waits for every worker's and node's part before answering 503.
+PRESENCE_TIMEOUT = 5.0
 # The `from` of every message published through the API.
 SENDER = b"api"
 # Methods of the contract that a later increment implements.
-NOT_IMPLEMENTED = ("presence", "presence_stats", "history", "disconnect", "unsubscribe")
+NOT_IMPLEMENTED = ("history",)
 
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
@@ -126,6 +133,19 @@ class ChannelsBody(msgspec.Struct):
     pattern: str | None = None
 
 
+class ChannelBody(msgspec.Struct):
+    channel: str
+
+
+class UserBody(msgspec.Struct):
+    user: str
+
+
+class UserChannelBody(msgspec.Struct):
+    user: str
+    channel: str
+
+
 class _Confirmation:
     """Stands in for a Session: a bus that confirms later (Redis) calls acknowledge()."""
 
@@ -160,6 +180,8 @@ class Api:
         self._methods: dict[str, Method] = {
             "publish": self._publish, "broadcast": self._broadcast,
             "channels": self._channels, "info": self._info,
+            "presence": self._presence, "presence_stats": self._presence_stats,
+            "disconnect": self._disconnect, "unsubscribe": self._unsubscribe,
         }
 
     async def start(self, backlog: int) -> None:
@@ -263,6 +285,69 @@ class Api:
             "uptime": int(time.time() - self._started),
         }]}
 
+    async def _presence(self, body: bytes) -> dict[str, Any]:
+        return await self._gather_presence(body, stats_only=False)
+
+    async def _presence_stats(self, body: bytes) -> dict[str, Any]:
+        return await self._gather_presence(body, stats_only=True)
+
+    async def _gather_presence(self, body: bytes, *, stats_only: bool) -> dict[str, Any]:
+        """Every worker's and node's subscribers of the channel, as the WebSocket's
+        `presence` gathers them (Session._presence), and the same `data`."""
+        channel = _decode(body, ChannelBody).channel
+        _check_channel(channel)
+        hub = self._hub
+        if not hub.presence_channels.allows(channel):
+            raise ApiError(400, f"no presence is kept for {channel} (--presence-channels)")
+        gathered: asyncio.Future[list[list[str]] | None] = (
+            asyncio.get_running_loop().create_future())
+
+        def answer(entries: list[list[str]] | None) -> None:
+            if not gathered.done():
+                gathered.set_result(entries)
+
+        local = hub.presence_of(channel)
+        gather = getattr(hub.bus, "gather_presence", None)
+        if gather is None:
+            answer(local)
+        else:
+            gather(channel, local, answer)
+        try:
+            entries = await asyncio.wait_for(gathered, PRESENCE_TIMEOUT)
+        except TimeoutError:
+            entries = None
+        if entries is None:
+            raise ApiError(503, "presence unavailable: a worker or Redis did not answer, "
+                                "try again")
+        return hub.presence_data(entries, stats_only)
+
+    async def _disconnect(self, body: bytes) -> dict[str, Any]:
+        """Every connection of the user, on every worker and node, closes with 4000."""
+        user = _decode(body, UserBody).user
+        _check_user(user)
+        await self._command(encode_command("disconnect", user))
+        return {}
+
+    async def _unsubscribe(self, body: bytes) -> dict[str, Any]:
+        """The user's subscriptions to the channel end, everywhere, with `unsubscribed`
+        reason "server"."""
+        request = _decode(body, UserChannelBody)
+        _check_user(request.user)
+        _check_channel(request.channel)
+        await self._command(encode_command("unsubscribe", request.user, request.channel))
+        return {}
+
+    async def _command(self, payload: bytes) -> None:
+        """Hand a command to the bus; answered once the bus has it (Redis: took the
+        PUBLISH)."""
+        confirmation = _Confirmation(asyncio.get_running_loop())
+        outcome = self._hub.bus.command(payload, confirmation)
+        if outcome == BusResult.REFUSED:
+            raise ApiError(503, "message bus unavailable, try again (the command may have "
+                                "reached some workers; it can be repeated)")
+        if outcome == BusResult.PENDING:
+            await _confirmed([confirmation.done], "the command")
+
     def _status(self) -> dict[str, Any]:
         """/status.json: every worker's figures, and this worker's busiest channels."""
         now = time.time()
@@ -286,15 +371,19 @@ class Api:
                     f" ({sent} of {len(channels)} channels were published)" if sent else ""))
             if outcome == BusResult.PENDING:
                 pending.append(confirmation.done)
-        if not pending:
-            return
-        try:
-            confirmed = await asyncio.wait_for(asyncio.gather(*pending), CONFIRM_TIMEOUT)
-        except TimeoutError:
-            raise ApiError(503, "message bus did not confirm in time; the message may or "
-                                "may not have been published") from None
-        if not all(confirmed):
-            raise ApiError(503, "message bus unavailable; the message was not published")
+        if pending:
+            await _confirmed(pending, "the message")
+
+
+async def _confirmed(pending: list[asyncio.Future[bool]], what: str) -> None:
+    """Wait for a bus that confirms later (Redis); 503 if it does not, or says no."""
+    try:
+        confirmed = await asyncio.wait_for(asyncio.gather(*pending), CONFIRM_TIMEOUT)
+    except TimeoutError:
+        raise ApiError(503, f"message bus did not confirm in time; {what} may or may not "
+                            "have been published") from None
+    if not all(confirmed):
+        raise ApiError(503, f"message bus unavailable; {what} was not published")
 
 
 def _not_allowed(allowed: bytes) -> ApiError:
@@ -316,6 +405,13 @@ def _check_channel(channel: str) -> None:
     if not is_valid_channel(channel):
         raise ApiError(400, f"invalid channel name {channel[:300]!r}: 1-255 characters "
                             "from A-Z a-z 0-9 _ - . : @ /")
+
+
+def _check_user(user: str) -> None:
+    if not user:
+        raise ApiError(400, "'user' must be a non-empty string")
+    if len(user.encode()) > MAX_TOKEN_LENGTH:  # a token's `sub` is shorter than the token
+        raise ApiError(400, f"'user' is longer than a token ({MAX_TOKEN_LENGTH} bytes)")
 
 
 def _data_of(data: msgspec.Raw) -> msgspec.Raw:

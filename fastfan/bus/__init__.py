@@ -9,15 +9,59 @@ first or loses its last local subscriber; `subscribe` answers True when the bus 
 `hub.confirm(channel)` once every message published anywhere afterwards reaches this
 worker: until then the clients' `subscribed` replies wait), `up` for /ready,
 `dropped_total` for what it could not pass on, and `start()` / `stop()`.
+
+`command(payload, session)` carries a server API command (`disconnect`, `unsubscribe`,
+encoded by `encode_command`) to every worker of every node, this one included, each of
+which applies it to its own Hub with `apply_command`; it answers as `publish` does (PENDING:
+`session.acknowledge(COMMANDS, b"", ok)` follows).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
-from .._core import BusResult
+import msgspec
+
+from .._core import BusResult, Hub, is_valid_channel
 
 REFUSED, DONE, PENDING = BusResult.REFUSED, BusResult.DONE, BusResult.PENDING
+
+# Where commands travel between nodes (Redis: --redis-prefix + this): "!" is in no client
+# channel's name, nor in a join/leave channel's ("#" + a channel's name).
+COMMANDS = "!commands"
+
+log = logging.getLogger("fastfan.bus")
+
+
+class Command(msgspec.Struct, forbid_unknown_fields=False):
+    command: str
+    user: str
+    channel: str = ""
+
+
+_decode_command = msgspec.json.Decoder(Command).decode
+
+
+def encode_command(command: str, user: str, channel: str = "") -> bytes:
+    return msgspec.json.encode(Command(command, user, channel))
+
+
+def apply_command(hub: Hub, payload: bytes) -> None:
+    """A command from the bus, applied to this worker's clients; one warning if it is not
+    one of ours."""
+    try:
+        command = _decode_command(payload)
+    except msgspec.DecodeError as exc:
+        log.warning("bus: dropped a command that is not one: %s", exc)
+        return
+    if command.command == "disconnect" and command.user:
+        hub.disconnect_user(command.user)
+    elif (command.command == "unsubscribe" and command.user
+          and is_valid_channel(command.channel)):
+        hub.unsubscribe_user(command.user, command.channel)
+    else:
+        log.warning("bus: dropped an unknown command %r", command.command[:100])
 
 
 class Bus(Protocol):
@@ -27,5 +71,6 @@ class Bus(Protocol):
     def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int: ...
     def subscribe(self, channel: str) -> bool: ...
     def unsubscribe(self, channel: str) -> None: ...
+    def command(self, payload: bytes, session: Any) -> int: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...

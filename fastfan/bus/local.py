@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._core import Hub
-from . import DONE
+from . import DONE, apply_command
 
 
 class LocalBus:
@@ -13,6 +13,7 @@ class LocalBus:
     dropped_total = 0
 
     def __init__(self, hub: Hub) -> None:
+        self._hub = hub
         self._fanout = hub.fanout
 
     async def start(self) -> None:
@@ -31,3 +32,8 @@ class LocalBus:
 
     def unsubscribe(self, channel: str) -> None:
         """See subscribe."""
+
+    def command(self, payload: bytes, session: Any) -> int:
+        """This worker's clients are all there are."""
+        apply_command(self._hub, payload)
+        return DONE

@@ -7,6 +7,9 @@ once and sent, as the encoded `message`, only to the workers that said they have
 subscribers for its channel: a worker subscribed to nothing receives nothing. One stream
 per pair of workers keeps each publisher's order.
 
+A server API command (COMMAND: `disconnect`, `unsubscribe`) goes to every connected
+worker whatever its channels, and each applies it to its own clients.
+
 `subscribed` is a promise: a worker that gains its first subscriber of a channel sends
 SUBSCRIBE to every other worker, and each answers SUBSCRIBED on the same connection once
 it forwards that channel; the Hub holds the client's `subscribed` reply until every
@@ -49,11 +52,13 @@ from typing import Any
 import msgspec
 
 from .._core import WATCH_PREFIX, Hub
-from . import DONE
+from . import DONE, REFUSED, apply_command
 
 log = logging.getLogger("fastfan.bus")
 
 HELLO, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBED, PRESENCE, PRESENCE_ANSWER = range(1, 8)
+# A server API command (bus.encode_command's JSON, no channel), sent to every worker.
+COMMAND = 8
 # A SUBSCRIBED record (the answer to a SUBSCRIBE, back on the same connection) is no
 # longer than its header and a channel name.
 MAX_ANSWER = 2 + 255
@@ -76,6 +81,9 @@ ENVELOPE_MARGIN = 4096
 # memory without bound: past this many unsent bytes, messages for it are dropped.
 MAX_PEER_BACKLOG = 64 << 20
 RECONNECT_DELAY_MAX = 1.0
+# The largest COMMAND: its JSON around a user's name (the API refuses one longer than a
+# token, auth.MAX_TOKEN_LENGTH) and a channel's: whatever --max-message-size is.
+MAX_COMMAND = 16 * 1024
 
 
 class JoinOrLeave(msgspec.Struct):
@@ -186,6 +194,8 @@ class Incoming(asyncio.Protocol):
                 query = bytes(buffer[start + channel_length:offset])
                 answers.append(record(PRESENCE_ANSWER, channel.encode(),
                                       query + _encode(bus.hub.presence_of(channel))))
+            elif kind == COMMAND and self.slot is not None:
+                apply_command(bus.hub, bytes(buffer[start + channel_length:offset]))
             elif kind == UNSUBSCRIBE and self.slot is not None:
                 bus.interest[self.slot].discard(channel)
             elif kind == HELLO and self.slot is None:
@@ -329,7 +339,7 @@ class MeshBus:
         self.workers = workers
         self.directory = directory
         self.master_pid = master_pid
-        self.max_record = 2 + max_message_size + ENVELOPE_MARGIN
+        self.max_record = 2 + max(max_message_size + ENVELOPE_MARGIN, MAX_COMMAND)
         self.outgoing: dict[int, Outgoing] = {}
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != slot}
@@ -397,6 +407,19 @@ class MeshBus:
                     data = record(PUBLISH, channel.encode(), payload)
                 if not peer.send(data):
                     self.dropped_total += 1
+        return DONE
+
+    def command(self, payload: bytes, session: Any) -> int:
+        """A server API command, for this worker's clients and every other worker's (sent
+        after, on the same stream as, our publishes: a publish made after it comes after
+        it everywhere). REFUSED when a connected worker cannot take it (stuck): applied
+        where it could be, and a command may be applied twice."""
+        apply_command(self.hub, payload)
+        data = record(COMMAND, b"", payload)
+        sent = [peer.send(data) for peer in self.outgoing.values()]
+        if not all(sent):
+            self.dropped_total += sent.count(False)
+            return REFUSED
         return DONE
 
     def subscribe(self, channel: str) -> bool:

@@ -7,6 +7,10 @@ parses; each pushed message goes straight to `Hub.fanout`.
 
 The Redis channel is `--redis-prefix` + channel, and the payload is the `message` object
 exactly as subscribers receive it, so any backend can `PUBLISH fastfan:news '{...}'`.
+Server API commands (`disconnect`, `unsubscribe`) travel on `--redis-prefix` + COMMANDS
+("!commands"), which every worker's subscribing connection subscribes to from the start;
+whoever can PUBLISH to this Redis can disconnect clients, as it can already send them
+anything.
 A worker SUBSCRIBEs to a channel while it has local subscribers for it (bursts go out as
 one command per loop turn), and after a reconnect (backoff min(attempt x 50 ms, 2 s))
 subscribes to all of them again. Until Redis answers, publishes get 503 and /ready 503.
@@ -33,7 +37,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from .._core import WATCH_PREFIX, Hub, Outbox, Session
-from . import PENDING, REFUSED
+from . import COMMANDS, PENDING, REFUSED, apply_command
 from .redis_presence import RedisPresence
 
 log = logging.getLogger("fastfan.redis")
@@ -119,6 +123,7 @@ class RedisBus:
         self.hub = hub
         self.url = url
         self.prefix = prefix.encode()
+        self._commands = self.prefix + COMMANDS.encode()
         self.up = False              # connected and not full: publishes are taken
         self._connected = False      # both connections answer
         self._full = False           # MAX_QUEUED_BYTES reached; until half of it drains
@@ -210,6 +215,11 @@ class RedisBus:
                 self._set_up()
                 log.info("the queue of publishes for redis has room again")
 
+    def command(self, payload: bytes, session: Any) -> int:
+        """A server API command for every worker of every node, ours too: it comes back
+        to each through its subscription to COMMANDS."""
+        return self.publish(COMMANDS, payload, session, b"")
+
     def _announce(self, channel: str, event: bytes) -> None:
         """A join or leave for the watchers of `channel`, on every node."""
         self.publish(WATCH_PREFIX + channel, event, None, b"")
@@ -264,6 +274,9 @@ class RedisBus:
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             self.invalid_total += 1
             return
+        if channel == self._commands:
+            apply_command(self.hub, payload)
+            return
         name = channel[len(self.prefix):].decode("ascii")
         if self._unechoed and (publisher := self._unechoed.pop(payload, None)) is not None:
             self.hub.fanout_excluding(name, payload, publisher)
@@ -310,9 +323,8 @@ class RedisBus:
                 credentials.insert(0, unquote(parts.username).encode())
             commands.append(_command(b"AUTH", *credentials))
         channels = [self.prefix + name.encode() for name in self.hub.channels]
-        if channels:
-            commands.append(_command(b"SUBSCRIBE", *channels))
         self._unanswered = dict.fromkeys(channels, 1)
+        commands.append(_command(b"SUBSCRIBE", self._commands, *channels))
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))
         self._subscriber = subscriber  # from here on, channel changes go to this connection
