@@ -11,8 +11,8 @@ from conftest import RedisServer, Server, children, process_holding, token, wait
 from wire import RawClient
 
 
-def watcher(server: Server, channel: str = "room") -> RawClient:
-    client = server.connect("watcher")
+def watcher(server: Server, channel: str = "room", timeout: float = 5.0) -> RawClient:
+    client = server.connect("watcher", timeout=timeout)
     client.send_json({"type": "subscribe", "channel": channel, "joinLeave": True})
     assert client.recv_json() == {"type": "subscribed", "channel": channel}
     return client
@@ -131,17 +131,23 @@ def test_the_join_leave_channel_is_not_counted_as_a_channel(server: Server) -> N
     watching.close()
 
 
-def test_a_dead_node_s_clients_leave_within_the_presence_ttl(
-        start_server: Any, redis_server: RedisServer) -> None:
-    near = start_server("--redis", redis_server.url, "--presence-ttl", "3")
-    far = start_server("--redis", redis_server.url, "--presence-ttl", "3")
+def node_watched_from_another(start_server: Any, redis: RedisServer, *args: str
+                              ) -> tuple[Server, RawClient, RawClient, str]:
+    """Two nodes on `redis`: a watcher of "room" on one (waiting up to 10 s for an event),
+    and a client of the other, "gone", whose join the watcher has seen."""
+    near, far = (start_server("--redis", redis.url, *args) for _ in range(2))
     near.wait_ready()
     far.wait_ready()
-    watch = far.connect("watcher", timeout=10)
-    watch.send_json({"type": "subscribe", "channel": "room", "joinLeave": True})
-    assert watch.recv_json()["type"] == "subscribed"
-    _gone, gone_id = joining(near, "gone")
+    watch = watcher(far, timeout=10)
+    gone, gone_id = joining(near, "gone")
     assert watch.recv_json()["data"]["clientId"] == gone_id  # its join
+    return near, watch, gone, gone_id
+
+
+def test_a_dead_node_s_clients_leave_within_the_presence_ttl(
+        start_server: Any, redis_server: RedisServer) -> None:
+    near, watch, _gone, gone_id = node_watched_from_another(
+        start_server, redis_server, "--presence-ttl", "3")
     for pid in [near.process.pid, *children(near.process.pid)]:  # no word from that node
         os.kill(pid, signal.SIGKILL)
     leave = watch.recv_json()  # within --presence-ttl and a refresh (the client waits 10 s)
@@ -153,15 +159,7 @@ def test_a_killed_worker_s_clients_leave_through_redis_at_once(
         start_server: Any, redis_server: RedisServer) -> None:
     """The master knows: the replacement worker clears its predecessor's clients from
     presence and announces their leave, long before --presence-ttl (60 s here)."""
-    near = start_server("--redis", redis_server.url)
-    far = start_server("--redis", redis_server.url)
-    near.wait_ready()
-    far.wait_ready()
-    watch = far.connect("watcher", timeout=10)
-    watch.send_json({"type": "subscribe", "channel": "room", "joinLeave": True})
-    assert watch.recv_json()["type"] == "subscribed"
-    _gone, gone_id = joining(near, "gone")
-    assert watch.recv_json()["data"]["clientId"] == gone_id
+    near, watch, _gone, gone_id = node_watched_from_another(start_server, redis_server)
     (worker,) = children(near.process.pid)
     os.kill(worker, signal.SIGKILL)
     assert watch.recv_json() == {"type": "leave", "channel": "room",
