@@ -38,6 +38,13 @@ cdef struct ByteBuffer:
     Py_ssize_t capacity
 
 
+cdef struct Reassembly:
+    # A fragmented message being put together, allocated only while one is open: an idle
+    # connection holds a NULL pointer, not the buffer.
+    ByteBuffer buffer
+    double     started             # monotonic seconds of its first frame
+
+
 cdef class Histogram:
     cdef:
         double              bounds[15]
@@ -76,7 +83,6 @@ cdef class Outbox(WSListener):
         Py_ssize_t          shared_size     # their bytes (the list is None when empty)
         Py_ssize_t          backlog         # bytes last left with the transport (paused)
         dict                conflated       # `conflate`: channel -> newest undelivered frame
-        Py_ssize_t          conflated_size  # their bytes
         bint                scheduled       # in hub.pending
         bint                paused          # the transport holds unsent bytes
         bint                closing         # our CLOSE is sent; only the peer's CLOSE matters now
@@ -130,8 +136,7 @@ cdef class Session(Outbox):
 
         # a fragmented message being reassembled
         int                 fragment_type   # 0 when none is open, else WSMsgType
-        ByteBuffer          fragments
-        double              fragment_started  # monotonic seconds of its first frame
+        Reassembly*         fragments       # NULL when none is open
         uint32_t            utf8_state
 
         # publish rate limit: a token bucket, and when its refusals began

@@ -101,20 +101,19 @@ cdef class Outbox(WSListener):
         """Keep `frame` as the channel's newest undelivered message. What is kept counts
         against --max-buffer too: past it, the oldest kept frames are dropped."""
         cdef Hub hub = self.hub
-        cdef bytes replaced
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        cdef bytes kept
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame), kept_size = 0
         if self.conflated is None:
             self.conflated = {}
-        replaced = self.conflated.pop(channel, None)
-        if replaced is not None:
-            self.conflated_size -= PyBytes_GET_SIZE(replaced)
+        if self.conflated.pop(channel, None) is not None:
             hub.dropped_conflated_total += 1
-        while self.conflated and self.conflated_size + size > hub.max_buffer:
+        for kept in self.conflated.values():
+            kept_size += PyBytes_GET_SIZE(kept)
+        while self.conflated and kept_size + size > hub.max_buffer:
             oldest = next(iter(self.conflated))
-            self.conflated_size -= PyBytes_GET_SIZE(self.conflated.pop(oldest))
+            kept_size -= PyBytes_GET_SIZE(self.conflated.pop(oldest))
             hub.dropped_conflated_total += 1
         self.conflated[channel] = frame  # at the end: dicts keep insertion order
-        self.conflated_size += size
         return 0
 
     cdef int queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1:
@@ -239,7 +238,6 @@ cdef class Outbox(WSListener):
                 self._count_sent(PyBytes_GET_SIZE(frame))
             self.hub.deliveries_total += len(self.conflated)
             self.conflated = None
-            self.conflated_size = 0
             if not self.scheduled:
                 self.hub.schedule(self)
         return 0

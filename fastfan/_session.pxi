@@ -54,7 +54,7 @@ cdef class Session(Outbox):
         self.expires_at = identity.expires_at or 0
 
     def __dealloc__(self):
-        buffer_release(&self.fragments)
+        self._forget_fragments()
 
     # picows callbacks -----------------------------------------------------------------
 
@@ -87,7 +87,6 @@ cdef class Session(Outbox):
         self.discard_output()
         self._forget_fragments()
         self.conflated = None
-        self.conflated_size = 0
         self.closing = True
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
@@ -130,16 +129,19 @@ cdef class Session(Outbox):
                 return
             self._on_message(kind, frame.payload_ptr, frame.payload_size)
             return
+        self.fragments = <Reassembly*>calloc(1, sizeof(Reassembly))
+        if self.fragments == NULL:
+            raise MemoryError()
         self.fragment_type = kind
-        self.fragment_started = self.last_seen
-        buffer_append(&self.fragments, frame.payload_ptr, frame.payload_size)
+        self.fragments.started = self.last_seen
+        buffer_append(&self.fragments.buffer, frame.payload_ptr, frame.payload_size)
 
     cdef int _on_continuation(self, WSFrame frame) except -1:
         cdef int kind
         if not self.fragment_type:
             self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message")
             return 0
-        if self.fragments.size + frame.payload_size > self.hub.max_message_size:
+        if self.fragments.buffer.size + frame.payload_size > self.hub.max_message_size:
             self.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
             return 0
         if self.fragment_type == WSMsgType.TEXT:
@@ -148,12 +150,12 @@ cdef class Session(Outbox):
             if self.utf8_state == UTF8_REJECT or (frame.fin and self.utf8_state != UTF8_ACCEPT):
                 self.close(WSCloseCode.INVALID_TEXT, "text is not valid UTF-8")
                 return 0
-        buffer_append(&self.fragments, frame.payload_ptr, frame.payload_size)
+        buffer_append(&self.fragments.buffer, frame.payload_ptr, frame.payload_size)
         if frame.fin:
             kind = self.fragment_type
             self.fragment_type = 0
             try:
-                self._on_message(kind, self.fragments.data, self.fragments.size)
+                self._on_message(kind, self.fragments.buffer.data, self.fragments.buffer.size)
             finally:
                 self._forget_fragments()
         return 0
@@ -161,7 +163,10 @@ cdef class Session(Outbox):
     cdef int _forget_fragments(self) except -1:
         """Drop a message being reassembled, and its memory."""
         self.fragment_type = 0
-        buffer_release(&self.fragments)
+        if self.fragments != NULL:
+            buffer_release(&self.fragments.buffer)
+            free(self.fragments)
+            self.fragments = NULL
         return 0
 
     cdef int _on_close_frame(self, WSFrame frame) except -1:
@@ -185,7 +190,7 @@ cdef class Session(Outbox):
         if self.expires_at and wall >= self.expires_at:
             self.close(CloseCode.TOKEN_EXPIRED, "token expired")
             return 0
-        if self.fragment_type and now - self.fragment_started >= FRAGMENT_TIMEOUT:
+        if self.fragment_type and now - self.fragments.started >= FRAGMENT_TIMEOUT:
             self._forget_fragments()
             self.close(WSCloseCode.POLICY_VIOLATION, "message not completed in time")
             return 0
