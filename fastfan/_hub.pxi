@@ -374,12 +374,8 @@ cdef class Hub:
             if session.identity.user == user:
                 ended.append(session)
         for session in ended:
-            for waiting, subscribe_id in self.unconfirmed.get(channel, ()):
-                if waiting is session:  # its `subscribed` first, as an unsubscribe does
-                    session.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
             session._leave(channel)
-            session.queue_bytes(b'{"type":"unsubscribed","channel":"%s","reason":"server"}'
-                                % channel.encode("ascii"))
+            session.queue_bytes(_ended(channel, b"server"))
         return len(ended)
 
     def presence_data(self, entries, bint stats_only):

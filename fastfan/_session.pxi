@@ -26,6 +26,12 @@ cdef dict _presence_client(list entry):
     return client
 
 
+cdef bytes _ended(str channel, bytes reason):
+    """The unasked `unsubscribed`: the server ended a subscription, and says why."""
+    return b'{"type":"unsubscribed","channel":"%s","reason":"%s"}' % (channel.encode("ascii"),
+                                                                      reason)
+
+
 cdef bytes _with_id(bytes body, bytes request_id):
     """A reply object encoded as `body`, with the request's `id` added when it had one."""
     if not request_id:
@@ -292,14 +298,16 @@ cdef class Session(Outbox):
         if not self._check_channel(channel, request_id):
             return 0
         if channel in self.subscriptions:
-            for waiting, subscribe_id in self.hub.unconfirmed.get(channel, ()):
-                if waiting is self:  # the replies in the order of the requests
-                    self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
             self._leave(channel)
         return self.queue_bytes(_reply(b"unsubscribed", channel, request_id))
 
     cdef int _leave(self, str channel) except -1:
-        """Unsubscribe from `channel`, and from its join and leave if they were asked for."""
+        """Unsubscribe from `channel`, and from its join and leave if they were asked for.
+        A `subscribed` still held for the bus goes first: the replies keep the order of the
+        requests, whoever ends the subscription."""
+        for waiting, subscribe_id in self.hub.unconfirmed.get(channel, ()):
+            if waiting is self:
+                self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
         self.hub.unsubscribe(self, channel)
         if WATCH_PREFIX + channel in self.subscriptions:
             self.hub.unsubscribe(self, WATCH_PREFIX + channel)
@@ -374,8 +382,7 @@ cdef class Session(Outbox):
         for channel in list(self.subscriptions):
             if not channel.startswith(WATCH_PREFIX) and not identity.subscribe.allows(channel):
                 self._leave(channel)
-                self.queue_bytes(b'{"type":"unsubscribed","channel":"%s","reason":"permission"}'
-                                 % channel.encode("ascii"))
+                self.queue_bytes(_ended(channel, b"permission"))
         expires = b"%d" % (identity.expires_at * 1000) if identity.expires_at else b"null"
         return self.queue_bytes(_with_id(b'{"type":"refreshed","expires":%s}' % expires,
                                          request_id))
@@ -402,7 +409,7 @@ cdef class Session(Outbox):
 
     def answer_presence(self, str channel, bytes request_id, bint stats_only, entries):
         """The presence reply, once every worker's and node's part is in (`entries`:
-        [clientId, user] each, or None if one could not answer)."""
+        [clientId, user, info] each, or None if one could not answer)."""
         cdef Hub hub = self.hub
         if self.closing:
             return
