@@ -88,10 +88,21 @@ class Config:
             raise ConfigError(f"--echo-path must start with '/', got {self.echo_path!r}")
         if self.echo_path in ("/", "/ws", "/health", "/ready", "/metrics"):
             raise ConfigError(f"--echo-path {self.echo_path} is already a fastfan path")
-        if self.redis is not None and not self.redis.startswith(("redis://", "rediss://")):
-            raise ConfigError(f"--redis must be a redis:// or rediss:// URL, got {self.redis!r}")
+        if self.redis is not None:
+            self._check_redis(self.redis)
         self._check_token_key()
         self._check_api()
+
+    @staticmethod
+    def _check_redis(value: str) -> None:
+        """One redis:// or rediss:// URL, or several comma-separated (shards)."""
+        urls = [url.strip() for url in value.split(",")]
+        for url in urls:
+            if not url.startswith(("redis://", "rediss://")):
+                raise ConfigError(f"--redis must be a redis:// or rediss:// URL, or several "
+                                  f"separated by commas, got {url!r}")
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"--redis names a shard twice: {value!r}")
 
     def _check_token_key(self) -> None:
         """One way to check tokens (a secret, a public key or a JWKS), or --insecure alone."""

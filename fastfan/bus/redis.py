@@ -29,6 +29,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -119,9 +120,17 @@ class Subscriber(asyncio.Protocol):
 
 class RedisBus:
     def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
-                 predecessor: str = "") -> None:
+                 predecessor: str = "", *, name: str = "redis",
+                 owns: Callable[[str], bool] | None = None, settle: float = 0.0) -> None:
         self.hub = hub
         self.url = url
+        self.name = name             # in log lines: which Redis, when there are several
+        self.owns = owns             # with several Redis: whether a channel is on this one
+        # After a reconnect, publishes wait this long (503) for the other nodes to subscribe
+        # again: Redis answers a PUBLISH that no node is subscribed to yet all the same.
+        self.settle = settle
+        self._settling: asyncio.TimerHandle | None = None
+        self._ever_connected = False
         self.prefix = prefix.encode()
         self._commands = self.prefix + COMMANDS.encode()
         self.up = False              # connected and not full: publishes are taken
@@ -143,7 +152,8 @@ class RedisBus:
         self._changes_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         self.presence = RedisPresence(self._publisher, hub, prefix, presence_ttl,
-                                      announce=self._announce, predecessor=predecessor)
+                                      announce=self._announce, predecessor=predecessor,
+                                      owns=owns)
         self.gather_presence = self.presence.gather
 
     async def start(self) -> None:
@@ -300,6 +310,10 @@ class RedisBus:
                 continue
             attempt = 0
             self._connected = True
+            if self._ever_connected and self.settle:
+                self._settling = asyncio.get_running_loop().call_later(self.settle,
+                                                                       self._settled)
+            self._ever_connected = True
             self._set_up()
             if self.presence.predecessor:  # once up, as its leaves are publishes
                 self._tasks.append(asyncio.get_running_loop().create_task(
@@ -322,7 +336,9 @@ class RedisBus:
             if parts.username:
                 credentials.insert(0, unquote(parts.username).encode())
             commands.append(_command(b"AUTH", *credentials))
-        channels = [self.prefix + name.encode() for name in self.hub.channels]
+        owns = self.owns
+        channels = [self.prefix + name.encode() for name in self.hub.channels
+                    if owns is None or owns(name)]
         self._unanswered = dict.fromkeys(channels, 1)
         commands.append(_command(b"SUBSCRIBE", self._commands, *channels))
         commands.append(_command(b"PING"))  # answered only once the above are done
@@ -339,10 +355,17 @@ class RedisBus:
             self._subscriber.transport.abort()
 
     def _set_up(self) -> None:
-        self.up = self._connected and not self._full
+        self.up = self._connected and not self._full and self._settling is None
+
+    def _settled(self) -> None:
+        self._settling = None
+        self._set_up()
 
     def _went_down(self, reason: str) -> None:
         self._connected = False
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
         self._unechoed.clear()
         self._set_up()
         self._report(False, f"{reason}; publishes answer 503 until it is back")
@@ -352,6 +375,6 @@ class RedisBus:
         if self._reported != up:
             self._reported = up
             if up:
-                log.info("redis up: %s", detail)
+                log.info("%s up: %s", self.name, detail)
             else:
-                log.warning("redis down: %s", detail)
+                log.warning("%s down: %s", self.name, detail)
