@@ -95,12 +95,16 @@ class Config:
 
     @staticmethod
     def _check_redis(value: str) -> None:
-        """One redis:// or rediss:// URL, or several comma-separated (shards)."""
+        """One redis:// or rediss:// URL, or several comma-separated (shards), or a
+        redis+cluster:// URL."""
+        if value.startswith("redis+cluster://"):
+            return
         urls = [url.strip() for url in value.split(",")]
         for url in urls:
             if not url.startswith(("redis://", "rediss://")):
-                raise ConfigError(f"--redis must be a redis:// or rediss:// URL, or several "
-                                  f"separated by commas, got {url!r}")
+                raise ConfigError(f"--redis must be a redis:// or rediss:// URL, several "
+                                  f"separated by commas, or redis+cluster://host:port[,...], "
+                                  f"got {url!r}")
         if len(set(urls)) != len(urls):
             raise ConfigError(f"--redis names a shard twice: {value!r}")
 

@@ -17,6 +17,8 @@ from ._core import Hub
 from .api import Api
 from .auth import ChannelPatterns
 from .bus import Bus
+from .bus.cluster import SCHEME as CLUSTER_SCHEME
+from .bus.cluster import ClusterBus
 from .bus.local import LocalBus
 from .bus.mesh import MeshBus
 from .bus.redis import RedisBus
@@ -79,7 +81,13 @@ class Worker:
             client_id_prefix=placement.client_id_prefix,
         )
         self.bus: Bus
-        if config.redis is not None and len(redis_urls(config.redis)) > 1:
+        if config.redis is not None and config.redis.startswith(CLUSTER_SCHEME):
+            cluster = ClusterBus(self.hub, config.redis, config.redis_prefix,
+                                 presence_ttl=config.presence_ttl,
+                                 predecessor=placement.previous_client_id_prefix)
+            self.hub.presence_sink = cluster.presence
+            self.bus = cluster
+        elif config.redis is not None and len(redis_urls(config.redis)) > 1:
             sharded = ShardedBus(self.hub, redis_urls(config.redis), config.redis_prefix,
                                  presence_ttl=config.presence_ttl,
                                  predecessor=placement.previous_client_id_prefix)

@@ -207,10 +207,11 @@ class RedisServer:
     """A real redis-server on `port` (a free one by default); `kill()` and `start()` again
     on the same port."""
 
-    def __init__(self, log_path: Path, port: int | None = None) -> None:
+    def __init__(self, log_path: Path, port: int | None = None, *options: str) -> None:
         self.port = free_port() if port is None else port
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log_path = log_path
+        self.options = options  # more redis-server options, e.g. --cluster-enabled yes
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -218,7 +219,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--logfile", str(self.log_path),
-             "--enable-debug-command", "local"],  # DEBUG SLEEP plays a slow Redis
+             "--enable-debug-command", "local",  # DEBUG SLEEP plays a slow Redis
+             *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, timeout=10)
 

@@ -98,14 +98,19 @@ class Subscriber(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
-            if isinstance(reply, list) and reply[0] == b"message":
+            if isinstance(reply, list) and (reply[0] == b"message"
+                                            or reply[0] == b"smessage"):  # Redis Cluster's
                 self.bus.on_message(reply[1], reply[2])
-            elif isinstance(reply, list) and reply[0] == b"subscribe":
+            elif isinstance(reply, list) and reply[0] in (b"subscribe", b"ssubscribe"):
                 self.bus.on_subscribed(reply[1])
+            elif isinstance(reply, list) and reply[0] == b"sunsubscribe":
+                self.bus.on_sunsubscribed(reply[1])
             elif reply == b"PONG" or (isinstance(reply, list) and reply[0] == b"pong"):
                 # PING's answer: a list once subscribed to something, else a status
                 if not self.ready.done():
                     self.ready.set_result(None)
+            elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED"):
+                self.bus.moved(b"")  # an SSUBSCRIBE to a node that no longer has the slot
             elif isinstance(reply, hiredis.ReplyError):
                 if not self.ready.done():
                     self.ready.set_exception(ConnectionError(f"redis refused us: {reply}"))
@@ -121,7 +126,10 @@ class Subscriber(asyncio.Protocol):
 class RedisBus:
     def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", *, name: str = "redis",
-                 owns: Callable[[str], bool] | None = None, settle: float = 0.0) -> None:
+                 owns: Callable[[str], bool] | None = None, settle: float = 0.0,
+                 settle_first: bool = False, sharded: bool = False,
+                 moved: Callable[[bytes], None] | None = None,
+                 presence_client: Any = None) -> None:
         self.hub = hub
         self.url = url
         self.name = name             # in log lines: which Redis, when there are several
@@ -130,7 +138,12 @@ class RedisBus:
         # again: Redis answers a PUBLISH that no node is subscribed to yet all the same.
         self.settle = settle
         self._settling: asyncio.TimerHandle | None = None
-        self._ever_connected = False
+        self._ever_connected = settle_first  # a node of a cluster taking over channels
+        # Redis Cluster's sharded pub/sub (SSUBSCRIBE, SPUBLISH), on one node of it: a
+        # channel whose slot is not (or no longer) there is told to `moved`.
+        self.sharded = sharded
+        self.moved = moved or (lambda channel: None)
+        self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent, not answered
         self.prefix = prefix.encode()
         self._commands = self.prefix + COMMANDS.encode()
         self.up = False              # connected and not full: publishes are taken
@@ -151,7 +164,8 @@ class RedisBus:
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
         self._changes_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
-        self.presence = RedisPresence(self._publisher, hub, prefix, presence_ttl,
+        self.presence = RedisPresence(presence_client or self._publisher, hub, prefix,
+                                      presence_ttl,
                                       announce=self._announce, predecessor=predecessor,
                                       owns=owns)
         self.gather_presence = self.presence.gather
@@ -201,10 +215,18 @@ class RedisBus:
             self._queue.clear()
             pipe = self._publisher.pipeline(transaction=False)
             for channel, payload, _, _ in batch:
-                pipe.publish(channel, payload)
+                if self.sharded:
+                    pipe.execute_command("SPUBLISH", channel, payload)
+                else:
+                    pipe.publish(channel, payload)
             try:
                 await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
                 ok = True
+            except aioredis.ResponseError as exc:
+                if not (self.sharded and str(exc).startswith("MOVED")):
+                    raise
+                ok = False  # a slot moved: 503, and the cluster's map is read again
+                self.moved(b"")
             except TimeoutError:
                 ok = False
                 batch += self._queue  # behind a stalled pipeline: fail them now, not later
@@ -261,11 +283,31 @@ class RedisBus:
         added = [c for c, on in changes.items() if on]
         removed = [c for c, on in changes.items() if not on]
         if added:
-            subscriber.transport.write(_command(b"SUBSCRIBE", *added))
+            subscriber.transport.write(self._subscribe_command(added))
             for channel in added:
                 self._unanswered[channel] = self._unanswered.get(channel, 0) + 1
-        if removed:
+        if removed and self.sharded:  # one slot per command
+            subscriber.transport.write(b"".join(_command(b"SUNSUBSCRIBE", c) for c in removed))
+            for channel in removed:
+                self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
+        elif removed:
             subscriber.transport.write(_command(b"UNSUBSCRIBE", *removed))
+
+    def _subscribe_command(self, channels: list[bytes]) -> bytes:
+        """One SUBSCRIBE; on a cluster one SSUBSCRIBE per channel, each maybe its own slot."""
+        if self.sharded:
+            return b"".join(_command(b"SSUBSCRIBE", channel) for channel in channels)
+        return _command(b"SUBSCRIBE", *channels)
+
+    def on_sunsubscribed(self, channel: bytes) -> None:
+        """A SUNSUBSCRIBE answered, or the node telling us that the slot has left it."""
+        count = self._unsubscribing.get(channel, 0)
+        if count > 1:
+            self._unsubscribing[channel] = count - 1
+        elif count == 1:
+            del self._unsubscribing[channel]
+        else:
+            self.moved(channel)
 
     def on_subscribed(self, channel: bytes) -> None:
         """Redis answered a SUBSCRIBE: from now on it sends us what is published there."""
@@ -340,7 +382,10 @@ class RedisBus:
         channels = [self.prefix + name.encode() for name in self.hub.channels
                     if owns is None or owns(name)]
         self._unanswered = dict.fromkeys(channels, 1)
-        commands.append(_command(b"SUBSCRIBE", self._commands, *channels))
+        self._unsubscribing = {}
+        if not self.sharded or owns is None or owns(COMMANDS):  # a cluster: on its slot's node
+            channels.insert(0, self._commands)
+        commands.append(self._subscribe_command(channels))
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))
         self._subscriber = subscriber  # from here on, channel changes go to this connection

@@ -1,0 +1,196 @@
+"""Redis Cluster 7+ with sharded pub/sub: `--redis redis+cluster://host:port[,host:port...]`.
+
+Channel C is on the master owning slot key_slot(prefix + C) (Redis Cluster's own slot,
+see sharded.py): the worker SSUBSCRIBEs to it there and SPUBLISHes it there, so a
+backend publishes with one `SPUBLISH prefix+C` through any cluster client. Per master,
+a RedisBus in its `sharded` mode holds a publishing and a subscribing connection, as a
+shard of ShardedBus does; the slot map comes from redis-py's cluster client (CLUSTER
+SLOTS), which also carries presence, whose keys are hash-tagged by channel.
+
+The map is read again every MAP_PERIOD, at once when a node answers MOVED or pushes a
+`sunsubscribe` (the slot has gone elsewhere: resharding, or a failover), and every
+MAP_PERIOD_DOWN while a master is unreachable, until its replica has taken over. Then
+the channels whose master changed move: SUNSUBSCRIBE on the old one (when it still
+answers), SSUBSCRIBE on the new one, whose publishes wait SETTLE (503) so that every node
+has moved too. A publish is answered `published` only by the master this worker is
+subscribed to, never retried elsewhere: acknowledged means delivered to the nodes
+subscribed there, or 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+from .._core import Hub
+from . import COMMANDS, REFUSED
+from .redis import CONNECT_TIMEOUT, RedisBus
+from .redis_presence import Entries
+from .sharded import SETTLE, ShardedBus
+
+log = logging.getLogger("fastfan.redis")
+
+SCHEME = "redis+cluster://"
+# How often the slot map is read while every master answers, and while one does not
+# (a failover takes the cluster's node timeout and an election: seconds).
+MAP_PERIOD = 5.0
+MAP_PERIOD_DOWN = 0.25
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str]:
+    """`redis+cluster://[user:password@]host:port[,host:port...]`: the startup nodes, and
+    the `user:password@` (as given) every node's connections use."""
+    rest = url[len(SCHEME):].split("/", 1)[0]
+    credentials, _, hosts = rest.rpartition("@")
+    nodes = []
+    for host in hosts.split(","):
+        name, _, port = host.strip().rpartition(":")
+        nodes.append((name or "localhost", int(port or 6379)))
+    return nodes, credentials + "@" if credentials else ""
+
+
+class Nowhere:
+    """The owner of a channel whose slot has no known master (before the first map, or a
+    slot no master serves): its publishes answer 503; the map's next reading places it."""
+
+    name = "no master known"
+    up = False
+    dropped_total = invalid_total = 0
+
+    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
+        return REFUSED
+
+    def subscribe(self, channel: str) -> bool:
+        return True  # confirmed once a master has it
+
+    def unsubscribe(self, channel: str) -> None:
+        pass
+
+    def gather_presence(self, channel: str, local: Entries,
+                        answer: Callable[[Entries | None], None]) -> None:
+        answer(None)
+
+    @property
+    def presence(self) -> Nowhere:
+        return self
+
+    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        pass  # written by the owner's next refresh
+
+    def left(self, channel: str, client_id: bytes) -> None:
+        pass
+
+
+NOWHERE = Nowhere()
+
+
+class ClusterBus(ShardedBus):
+    def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
+                 predecessor: str = "") -> None:
+        self.hub = hub
+        self.prefix = prefix.encode()
+        self._prefix = prefix
+        self._presence_ttl = presence_ttl
+        self._predecessor = predecessor  # given to the first master's bus only
+        nodes, self._credentials = cluster_nodes(url)
+        credentials = self._credentials[:-1]
+        user, _, password = credentials.partition(":") if ":" in credentials else ("", "", "")
+        self.client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            username=unquote(user) or None, password=unquote(password) or None,
+            socket_connect_timeout=CONNECT_TIMEOUT, require_full_coverage=False)
+        self.masters: dict[str, RedisBus] = {}  # "host:port" -> its bus
+        self.owners: list[str] = []  # slot -> "host:port" of its master ("" for none)
+        self.shards = []
+        self.presence = self
+        self._stale = asyncio.Event()  # read the map now
+        self._lost: set[str] = set()  # channels a node pushed a sunsubscribe for
+        self._task: asyncio.Task[None] | None = None
+
+    def shard(self, channel: str) -> Any:
+        if not self.owners:
+            return NOWHERE
+        return self.masters.get(self.owners[key_slot(self.prefix + channel.encode())],
+                                NOWHERE)
+
+    @property
+    def up(self) -> bool:
+        return bool(self.masters) and all(bus.up for bus in self.masters.values())
+
+    def down(self) -> list[str]:
+        if not self.masters:
+            return ["redis cluster (no slot map yet)"]
+        return super().down()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._keep_mapped())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for bus in self.masters.values():
+            await bus.stop()
+        await self.client.aclose()
+
+    def moved(self, channel: bytes) -> None:
+        """A node said that a slot is no longer its own: read the map again."""
+        if channel:
+            self._lost.add(channel[len(self.prefix):].decode("ascii"))
+        self._stale.set()
+
+    async def _keep_mapped(self) -> None:
+        while True:
+            try:
+                await self.client.nodes_manager.initialize()
+                self._follow(self.client.nodes_manager.slots_cache)
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("redis cluster: cannot read the slot map: %s", exc)
+            period = MAP_PERIOD if self.up else MAP_PERIOD_DOWN
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stale.wait(), period)
+            self._stale.clear()
+
+    def _follow(self, slots: dict[int, list[ClusterNode]]) -> None:
+        """The channels whose master changed move to the new one."""
+        owners = [slots[slot][0].name if slots.get(slot) else ""
+                  for slot in range(REDIS_CLUSTER_HASH_SLOTS)]
+        if owners == self.owners and not self._lost:
+            return
+        channels = [*self.hub.channels, COMMANDS]
+        before = {channel: self.shard(channel) for channel in channels}
+        first = not self.owners
+        self.owners = owners
+        for name in set(owners) - set(self.masters) - {""}:
+            self._add(name, taking_over=not first)
+        for channel in channels:
+            now = self.shard(channel)
+            if now is not before[channel] or channel in self._lost:
+                before[channel].unsubscribe(channel)
+                now.subscribe(channel)
+        self._lost.clear()
+        for name in set(self.masters) - set(owners):
+            bus = self.masters.pop(name)
+            self.shards.remove(bus)
+            asyncio.get_running_loop().create_task(bus.stop())
+            log.info("redis cluster: %s is no longer a master", name)
+
+    def _add(self, name: str, *, taking_over: bool) -> None:
+        predecessor, self._predecessor = self._predecessor, ""
+        bus = RedisBus(self.hub, f"redis://{self._credentials}{name}/0", self._prefix,
+                       self._presence_ttl, predecessor, name=f"redis master {name}",
+                       owns=lambda channel: self.owners[key_slot(
+                           self.prefix + channel.encode())] == name,
+                       settle=SETTLE, settle_first=taking_over, sharded=True,
+                       moved=self.moved, presence_client=self.client)
+        self.masters[name] = bus
+        self.shards.append(bus)
+        asyncio.get_running_loop().create_task(bus.start())
+        log.info("redis cluster: master %s", name)

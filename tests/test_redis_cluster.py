@@ -1,0 +1,157 @@
+"""A real six-node Redis Cluster (three masters, three replicas) made by the tests, and
+fastfan on it with sharded pub/sub: channels on their slot's master, a slot moved to
+another master, a master killed and its replica taking over."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import RedisServer, Server, wait_for
+from redis.crc import key_slot
+from wire import RawClient
+
+NODE_TIMEOUT_MS = 1000  # a dead master's replica takes over within a few seconds
+
+
+def query(node: RedisServer, *args: str) -> Any:
+    """A command's parsed reply (redis-py)."""
+    with redis.Redis(port=node.port, socket_timeout=5) as client:
+        return client.execute_command(*args)
+
+
+def cluster_ports(count: int) -> list[int]:
+    """`count` ports free with their cluster bus port (+10000)."""
+    found: list[int] = []
+    port = 21000 + (time.monotonic_ns() // 1000) % 8000
+    while len(found) < count:
+        port += 1
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        found.append(port)
+    return found
+
+
+class Cluster:
+    def __init__(self, directory: Path) -> None:
+        self.nodes: list[RedisServer] = []
+        for port in cluster_ports(6):
+            home = directory / f"node-{port}"
+            home.mkdir()
+            self.nodes.append(RedisServer(
+                home / "redis.log", port, "--cluster-enabled", "yes", "--dir", str(home),
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS)))
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                        "--cluster-replicas", "1", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        wait_for(self.settled, timeout=20)
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    def settled(self) -> bool:
+        """Every live node sees the whole cluster ok, and agrees on the masters."""
+        live = [node for node in self.nodes if node.process is not None]
+        if not all(b"cluster_state:ok" in query(node, "CLUSTER", "INFO") for node in live):
+            return False
+        views = {tuple(sorted(self.masters_seen_by(node).items())) for node in live}
+        return len(views) == 1
+
+    def masters_seen_by(self, node: RedisServer) -> dict[str, int]:
+        """node id -> port of each master that serves slots, as `node` sees it."""
+        masters = {}
+        for line in query(node, "CLUSTER", "NODES").decode().splitlines():
+            fields = line.split()
+            if len(fields) > 8 and "master" in fields[2] and "fail" not in fields[2]:
+                masters[fields[0]] = int(re.split("[:@]", fields[1])[1])
+        return masters
+
+    def owner(self, channel: str) -> RedisServer:
+        """The live master that serves `channel`'s slot."""
+        slot = key_slot(f"fastfan:{channel}".encode())
+        for node in self.nodes:
+            if node.process is not None and self._serves(node, slot):
+                return node
+        raise AssertionError(f"no live master serves slot {slot}")
+
+    @staticmethod
+    def _serves(node: RedisServer, slot: int) -> bool:
+        for line in query(node, "CLUSTER", "NODES").decode().splitlines():
+            fields = line.split()
+            if "myself" in fields[2] and "master" in fields[2]:
+                for span in fields[8:]:
+                    low, _, high = span.partition("-")
+                    if low.isdigit() and int(low) <= slot <= int(high or low):
+                        return True
+        return False
+
+    def subscribers(self, channel: str) -> int:
+        return int(query(self.owner(channel), "PUBSUB", "SHARDNUMSUB", f"fastfan:{channel}")[1])
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    made = Cluster(tmp_path)
+    yield made
+    made.kill()
+
+
+def publish(client: RawClient, channel: str, data: Any, request_id: Any) -> dict[str, Any]:
+    client.publish(channel, data, id=request_id)
+    return dict(client.recv_json())
+
+
+def nodes_on(start_server: Any, cluster: Cluster, *args: str) -> list[Server]:
+    servers = [start_server("--redis", cluster.url, *args) for _ in range(2)]
+    for server in servers:
+        server.wait_ready()
+    return servers
+
+
+def on_each_master(cluster: Cluster, per_master: int, stem: str = "ch") -> list[str]:
+    """Channel names, `per_master` of them on each master."""
+    by_owner: dict[int, list[str]] = {}
+    for n in range(1000):
+        name = f"{stem}{n}"
+        held = by_owner.setdefault(cluster.owner(name).port, [])
+        if len(held) < per_master:
+            held.append(name)
+        if len(by_owner) == 3 and all(len(v) == per_master for v in by_owner.values()):
+            break
+    return [name for names in by_owner.values() for name in names]
+
+
+def test_channels_on_the_master_of_their_slot(start_server: Any, cluster: Cluster) -> None:
+    near, far = nodes_on(start_server, cluster, "--workers", "2")
+    names = on_each_master(cluster, 2)
+    listeners = [server.connect().subscribe(*names) for server in (near, far)]
+    for name in names:
+        wait_for(lambda name=name: cluster.subscribers(name) == 2)
+    publisher = near.connect()
+    for name in names:
+        assert publish(publisher, name, name, name)["type"] == "published"
+    for listener in listeners:
+        assert [listener.recv_json()["data"] for _ in names] == names
+    message = b'{"type":"message","channel":"%s","data":"backend"}' % names[0].encode()
+    assert cluster.owner(names[0]).command("SPUBLISH", f"fastfan:{names[0]}", message) == (
+        b":2\r\n")
+    for listener in listeners:
+        assert listener.recv_json()["data"] == "backend"
+    # presence, its keys hash-tagged by channel, through the cluster
+    listeners[1].send_json({"type": "presence_stats", "channel": names[0]})
+    assert listeners[1].recv_json()["data"] == {"count": 2, "users": 1}
