@@ -52,7 +52,9 @@ class Cluster:
             self.nodes.append(RedisServer(
                 home / "redis.log", port, "--cluster-enabled", "yes", "--dir", str(home),
                 "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS)))
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                # a replica takes over however long ago it last heard from its master
+                "--cluster-replica-validity-factor", "0"))
         subprocess.run(["redis-cli", "--cluster", "create",
                         *(f"127.0.0.1:{node.port}" for node in self.nodes),
                         "--cluster-replicas", "1", "--cluster-yes"],
@@ -155,3 +157,68 @@ def test_channels_on_the_master_of_their_slot(start_server: Any, cluster: Cluste
     # presence, its keys hash-tagged by channel, through the cluster
     listeners[1].send_json({"type": "presence_stats", "channel": names[0]})
     assert listeners[1].recv_json()["data"] == {"count": 2, "users": 1}
+
+
+def test_a_slot_moved_to_another_master_takes_its_subscriptions(
+        start_server: Any, cluster: Cluster) -> None:
+    near, far = nodes_on(start_server, cluster)
+    name = on_each_master(cluster, 1)[0]
+    listeners = [server.connect().subscribe(name) for server in (near, far)]
+    wait_for(lambda: cluster.subscribers(name) == 2)
+    source = cluster.owner(name)
+    target = next(node for node in cluster.nodes
+                  if node is not source and cluster.masters_seen_by(node).get(
+                      query(node, "CLUSTER", "MYID").decode()) == node.port)
+    slot, target_id = str(key_slot(f"fastfan:{name}".encode())), query(target, "CLUSTER", "MYID")
+    query(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", query(source, "CLUSTER", "MYID"))
+    query(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    for node in (target, source):  # the source pushes sunsubscribe to its subscribers
+        query(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    wait_for(lambda: query(target, "PUBSUB", "SHARDNUMSUB", f"fastfan:{name}")[1] == 2)
+    assert query(source, "PUBSUB", "SHARDNUMSUB", f"fastfan:{name}")[1] == 0
+    publisher = near.connect()
+    reply = wait_for(lambda: (r := publish(publisher, name, "moved", 1))["type"] == "published"
+                     and r, timeout=5)
+    assert reply["id"] == 1
+    for listener in listeners:
+        assert listener.recv_json()["data"] == "moved"
+
+
+def test_a_master_killed_its_replica_takes_over_nothing_acknowledged_lost(
+        start_server: Any, cluster: Cluster) -> None:
+    near, far = nodes_on(start_server, cluster, "--publish-rate", "1000000")
+    names = on_each_master(cluster, 2, "f")
+    listeners = [server.connect(receive_buffer=1 << 20).subscribe(*names)
+                 for server in (near, far)]
+    for name in names:
+        wait_for(lambda name=name: cluster.subscribers(name) == 2)
+    victim = cluster.owner(names[0])
+    gone = {name for name in names if cluster.owner(name) is victim}
+    publisher = near.connect()
+    acknowledged: set[int] = set()
+    refused: set[int] = set()
+    started, killed = time.monotonic(), False
+    sequence = 0
+    while time.monotonic() - started < 9:
+        if time.monotonic() - started > 0.3 and not killed:
+            victim.kill()
+            killed = True
+        reply = publish(publisher, names[sequence % len(names)], sequence, sequence)
+        (acknowledged if reply["type"] == "published" else refused).add(sequence)
+        sequence += 1
+    # the dead master's channels failed, then took publishes on its replica; the others
+    # never stopped
+    assert {names[n % len(names)] for n in refused} == gone
+    after = max(refused)
+    assert len({n for n in acknowledged if n > after and names[n % len(names)] in gone}) > 100
+    for listener in listeners:
+        received: set[int] = set()
+        while not acknowledged <= received:
+            try:
+                received.add(listener.recv_json()["data"])
+            except TimeoutError:
+                break
+        assert acknowledged - received == set()
+    assert near.get("/ready")[0] == 200
+    print(f"{len(acknowledged)} acknowledged and delivered to both nodes, "
+          f"{len(refused)} refused (503)")
