@@ -39,11 +39,12 @@ class Server:
     """A `fastfan run` process on a free port of 127.0.0.1."""
 
     def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None,
-                 secret: str | None = SECRET) -> None:
-        self.host = "127.0.0.1"
+                 secret: str | None = SECRET, host: str = "127.0.0.1",
+                 wrapper: tuple[str, ...] = ()) -> None:
+        self.host = host
         self.port = free_port()
         self.log_path = log_path
-        command = [sys.executable, "-m", "fastfan", "run", "--host", self.host,
+        command = [*wrapper, sys.executable, "-m", "fastfan", "run", "--host", self.host,
                    "--port", str(self.port), *args]
         if secret is not None:
             command += ["--jwt-secret", secret]

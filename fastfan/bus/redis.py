@@ -26,6 +26,7 @@ browser fails a connection whose text is not UTF-8 (1007).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections import deque
@@ -61,6 +62,10 @@ QUEUED_ENTRY_COST = 200
 # long script), not slow: DEBUG SLEEP 2 in the tests is slow, and is waited for.
 PIPELINE_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
+# The subscribing connection sends a PING this often; one unanswered for PIPELINE_TIMEOUT
+# drops it. Else a partition from Redis, with nothing to publish, went unnoticed: the
+# worker kept its subscribers, who received nothing (tests/test_multihost.py).
+HEARTBEAT = 1.0
 
 _is_json_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
@@ -91,6 +96,8 @@ class Subscriber(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.ready = loop.create_future()  # the PING after AUTH and SUBSCRIBE came back
         self.lost = loop.create_future()
+        self.loop = loop
+        self.answered = loop.time()  # when Redis last answered a PING
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -107,6 +114,7 @@ class Subscriber(asyncio.Protocol):
                 self.bus.on_sunsubscribed(reply[1])
             elif reply == b"PONG" or (isinstance(reply, list) and reply[0] == b"pong"):
                 # PING's answer: a list once subscribed to something, else a status
+                self.answered = self.loop.time()
                 if not self.ready.done():
                     self.ready.set_result(None)
             elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED"):
@@ -361,9 +369,23 @@ class RedisBus:
                 self._tasks.append(asyncio.get_running_loop().create_task(
                     self.presence.forget_predecessor()))
             self._report(True, f"{len(self.hub.channels)} channels subscribed")
-            await subscriber.lost
+            await self._watch(subscriber)
             self._subscriber = None
             self._went_down("connection to redis lost")
+
+    async def _watch(self, subscriber: Subscriber) -> None:
+        """Until the connection is lost, PING every HEARTBEAT; no answer in
+        PIPELINE_TIMEOUT drops it (and the bus goes down until Redis answers again)."""
+        while not subscriber.lost.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(subscriber.lost), HEARTBEAT)
+            if subscriber.lost.done():
+                return
+            if subscriber.loop.time() - subscriber.answered > PIPELINE_TIMEOUT:
+                self._stalled(f"no answer to a PING in {PIPELINE_TIMEOUT:g} s")
+                await subscriber.lost
+                return
+            subscriber.transport.write(_command(b"PING"))
 
     async def _connect(self) -> Subscriber:
         loop = asyncio.get_running_loop()
