@@ -16,6 +16,7 @@ import pytest
 import redis
 from conftest import RedisServer, Server, wait_for
 from redis.crc import key_slot
+from test_api_commands import alive, closed_by_api
 from wire import RawClient
 
 NODE_TIMEOUT_MS = 1000  # a dead master's replica takes over within a few seconds
@@ -157,6 +158,14 @@ def test_channels_on_the_master_of_their_slot(start_server: Any, cluster: Cluste
     # presence, its keys hash-tagged by channel, through the cluster
     listeners[1].send_json({"type": "presence_stats", "channel": names[0]})
     assert listeners[1].recv_json()["data"] == {"count": 2, "users": 1}
+    # server API commands: SPUBLISHed on their slot's master, which every worker listens on
+    bob = [server.connect("bob") for server in (near, far)]
+    command = b'{"command":"disconnect","user":"bob"}'
+    assert cluster.owner("!commands").command("SPUBLISH", "fastfan:!commands", command) == (
+        b":4\r\n")  # every worker (two) of both nodes
+    for client in bob:
+        closed_by_api(client)
+    assert alive(listeners[0])
 
 
 def test_a_slot_moved_to_another_master_takes_its_subscriptions(

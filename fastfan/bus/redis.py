@@ -18,9 +18,17 @@ subscribes to all of them again. Until Redis answers, publishes get 503 and /rea
 What waits for Redis is bounded: publishes queue up to MAX_QUEUED_BYTES (then 503, and
 /ready 503 until the queue drains), and a pipeline Redis does not answer within
 PIPELINE_TIMEOUT fails its publishers (503) and drops both connections, so that only a
-Redis that answers again brings the bus back up. A payload from Redis that is not a JSON
-object in valid UTF-8 is dropped and counted: subscribers receive it as a text frame, and a
-browser fails a connection whose text is not UTF-8 (1007).
+Redis that answers again brings the bus back up. The subscribing connection PINGs every
+HEARTBEAT, and is dropped likewise when the answer does not come.
+
+Several Redis (bus/sharded.py) and Redis Cluster (bus/cluster.py) hold a RedisBus per
+shard or master: `owns` says which channels are its own (subscribed again after a
+reconnect, their presence refreshed), `settle` keeps publishes at 503 a while after a
+reconnect, and `sharded` speaks the cluster's sharded pub/sub.
+
+A payload from Redis that is not a JSON object in valid UTF-8 is dropped and counted:
+subscribers receive it as a text frame, and a browser fails a connection whose text is not
+UTF-8 (1007).
 """
 
 from __future__ import annotations
