@@ -230,10 +230,11 @@ class RedisBus:
             batch = list(self._queue)
             self._queue.clear()
             pipe = self._publisher.pipeline(transaction=False)
-            for channel, payload, _, _ in batch:
-                if self.sharded:
+            if self.sharded:
+                for channel, payload, _, _ in batch:
                     pipe.execute_command("SPUBLISH", channel, payload)
-                else:
+            else:
+                for channel, payload, _, _ in batch:
                     pipe.publish(channel, payload)
             try:
                 await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
