@@ -98,6 +98,11 @@ class Config:
         """One redis:// or rediss:// URL, or several comma-separated (shards), or a
         redis+cluster:// URL."""
         if value.startswith("redis+cluster://"):
+            hosts = value[len("redis+cluster://"):].split("/", 1)[0].rpartition("@")[2]
+            for host in hosts.split(","):
+                if not host.rpartition(":")[2].isdigit():
+                    raise ConfigError(f"--redis redis+cluster:// takes host:port[,host:port"
+                                      f"...], got {host!r}")
             return
         urls = [url.strip() for url in value.split(",")]
         for url in urls:

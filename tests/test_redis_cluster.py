@@ -142,6 +142,9 @@ def on_each_master(cluster: Cluster, per_master: int, stem: str = "ch") -> list[
 def test_channels_on_the_master_of_their_slot(start_server: Any, cluster: Cluster) -> None:
     near, far = nodes_on(start_server, cluster, "--workers", "2")
     names = on_each_master(cluster, 2)
+    # the documented hash (the shards' too) is the cluster's own slot
+    assert [query(cluster.nodes[0], "CLUSTER", "KEYSLOT", f"fastfan:{name}")
+            for name in names] == [key_slot(f"fastfan:{name}".encode()) for name in names]
     listeners = [server.connect().subscribe(*names) for server in (near, far)]
     for name in names:
         wait_for(lambda name=name: cluster.subscribers(name) == 2)

@@ -31,6 +31,7 @@ REFUSED: list[tuple[dict[str, Any], list[str]]] = [
     ({"redis": "http://localhost"}, ["--redis"]),
     ({"redis": "redis://a:6379,b:6379"}, ["--redis", "several", "'b:6379'"]),
     ({"redis": "redis://a:6379,redis://a:6379"}, ["--redis", "twice"]),
+    ({"redis": "redis+cluster://a:7000,b"}, ["--redis", "host:port", "'b'"]),
 ]
 
 ACCEPTED: list[dict[str, Any]] = [
@@ -40,6 +41,7 @@ ACCEPTED: list[dict[str, Any]] = [
     {"echo_path": "/echo"}, {"redis": "redis://localhost:6379/0"},
     {"redis": "rediss://user:pw@example.com:6380/1"},
     {"redis": "redis://a:6379,rediss://b:6380/1"},
+    {"redis": "redis+cluster://user:pw@a:7000,b:7001"},
 ]
 
 

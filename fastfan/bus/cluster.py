@@ -114,6 +114,7 @@ class ClusterBus(ShardedBus):
         self._stale = asyncio.Event()  # read the map now
         self._lost: set[str] = set()  # channels a node pushed a sunsubscribe for
         self._task: asyncio.Task[None] | None = None
+        self._retired = [0, 0]  # dropped_total, invalid_total of masters no longer ours
 
     def shard(self, channel: str) -> Any:
         if not self.owners:
@@ -124,6 +125,14 @@ class ClusterBus(ShardedBus):
     @property
     def up(self) -> bool:
         return bool(self.masters) and all(bus.up for bus in self.masters.values())
+
+    @property
+    def dropped_total(self) -> int:
+        return self._retired[0] + sum(bus.dropped_total for bus in self.shards)
+
+    @property
+    def invalid_total(self) -> int:
+        return self._retired[1] + sum(bus.invalid_total for bus in self.shards)
 
     def down(self) -> list[str]:
         if not self.masters:
@@ -179,6 +188,8 @@ class ClusterBus(ShardedBus):
         for name in set(self.masters) - set(owners):
             bus = self.masters.pop(name)
             self.shards.remove(bus)
+            self._retired[0] += bus.dropped_total  # counters do not go backwards
+            self._retired[1] += bus.invalid_total
             asyncio.get_running_loop().create_task(bus.stop())
             log.info("redis cluster: %s is no longer a master", name)
 
