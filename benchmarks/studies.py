@@ -694,13 +694,16 @@ def shards(rates: str = "100000,200000,400000,600000", duration: float = 4.0,
                 for port in nodes:
                     _wait_ready(port)
                 print(f"\nfastfan through {topology} Redis: two nodes, {channels} channels"
-                      f"\n{HEADER}  redis us/msg  busiest redis", flush=True)
+                      f"\n{HEADER}  redis us/msg  busiest redis  node us/msg (publisher, "
+                      f"other)", flush=True)
                 for n, offered in enumerate(float(rate) for rate in rates.split(",")):
                     row = _channels_run(nodes, channels, offered, duration, f"s{n}",
-                                        redis_servers)
+                                        redis_servers, processes)
                     rows.append({"server": f"fastfan+{topology}", "scenario": "shards", **row})
                     print(f"{format_row(row)}  {row['redis_us_per_msg']:12.2f}"
-                          f"  {row['redis_busiest_core']:12.0%}", flush=True)
+                          f"  {row['redis_busiest_core']:12.0%}  "
+                          f"{row['node_us_per_msg'][0]:8.1f} {row['node_us_per_msg'][1]:6.1f}",
+                          flush=True)
             finally:
                 for process in processes:
                     stop(process)
@@ -711,16 +714,17 @@ def shards(rates: str = "100000,200000,400000,600000", duration: float = 4.0,
 
 
 def _channels_run(ports: list[int], channels: int, offered: float, duration: float,
-                  channel: str, redis_servers: list[subprocess.Popen[bytes]]
-                  ) -> dict[str, Any]:
+                  channel: str, redis_servers: list[subprocess.Popen[bytes]],
+                  nodes: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
     """`channels` subscribers on each of `ports`, one per channel; a publisher on the first
-    at offered / len(ports) messages/s; one summary row, with Redis's CPU."""
+    at offered / len(ports) messages/s; one summary row, with Redis's CPU and the nodes'."""
     spread = ["--channels", str(channels)]
     with Subscribers(ports, subs=channels, channel=channel, duration=duration, drain=2,
                      extra=spread) as subscribers:
         subscribers.ready()
         time.sleep(0.5)  # let every node's SUBSCRIBE reach Redis
         cpu = [cpu_seconds(server.pid) for server in redis_servers]
+        node_cpu = [cpu_seconds(node.pid) for node in nodes]
         started = time.monotonic()
         subscribers.go()
         sent = run_loadgen(ports[0], subs=0, rate=offered / len(ports), duration=duration,
@@ -730,6 +734,8 @@ def _channels_run(ports: list[int], channels: int, offered: float, duration: flo
         used = [cpu_seconds(server.pid) - before
                 for server, before in zip(redis_servers, cpu, strict=True)]
         reports = subscribers.reports(timeout=duration + 60)
+        node_used = [cpu_seconds(node.pid) - before
+                     for node, before in zip(nodes, node_cpu, strict=True)]
     delivered = sum(r["delivered"] for r in reports)
     return {
         "offered_per_s": offered, "sent": sent,
@@ -738,4 +744,6 @@ def _channels_run(ports: list[int], channels: int, offered: float, duration: flo
         **{key: max(r[key] for r in reports) for key in ("p50_ms", "p99_ms", "p999_ms", "max_ms")},
         "redis_us_per_msg": sum(used) / max(sent, 1) * 1e6,
         "redis_busiest_core": max(used) / elapsed,
+        "cpu_us_per_delivery": sum(node_used) / max(delivered, 1) * 1e6,
+        "node_us_per_msg": [used_ / max(sent, 1) * 1e6 for used_ in node_used],
     }
