@@ -12,9 +12,9 @@ The map is read again every MAP_PERIOD, at once when a node answers MOVED or pus
 MAP_PERIOD_DOWN while a master is unreachable, until its replica has taken over. Then
 the channels whose master changed move: SUNSUBSCRIBE on the old one (when it still
 answers), SSUBSCRIBE on the new one, whose publishes wait SETTLE (503) so that every node
-has moved too. A publish is answered `published` only by the master this worker is
-subscribed to, never retried elsewhere: acknowledged means delivered to the nodes
-subscribed there, or 503.
+has moved too (a channel moved to a master already known settles alike). A publish is
+answered `published` only by the master this worker is subscribed to, never retried
+elsewhere: acknowledged means delivered to the nodes subscribed there, or 503.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ class ClusterBus(ShardedBus):
         self._lost: set[str] = set()  # channels a node pushed a sunsubscribe for
         self._task: asyncio.Task[None] | None = None
         self._retired = [0, 0]  # dropped_total, invalid_total of masters no longer ours
+        self._moving: dict[str, float] = {}  # channel moved to another master -> settled at
 
     def shard(self, channel: str) -> Any:
         if not self.owners:
@@ -125,6 +126,19 @@ class ClusterBus(ShardedBus):
     @property
     def up(self) -> bool:
         return bool(self.masters) and all(bus.up for bus in self.masters.values())
+
+    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
+        """As ShardedBus's, but 503 for SETTLE after the channel moved to another master:
+        the other nodes follow it there meanwhile."""
+        if self._moving and self._still_moving(channel):
+            return REFUSED
+        return int(self.shard(channel).publish(channel, payload, session, request_id))
+
+    def _still_moving(self, channel: str) -> bool:
+        now = asyncio.get_running_loop().time()
+        for settled in [c for c, at in self._moving.items() if at <= now]:
+            del self._moving[settled]
+        return channel in self._moving
 
     @property
     def dropped_total(self) -> int:
@@ -179,11 +193,14 @@ class ClusterBus(ShardedBus):
         self.owners = owners
         for name in set(owners) - set(self.masters) - {""}:
             self._add(name, taking_over=not first)
+        settled = asyncio.get_running_loop().time() + SETTLE
         for channel in channels:
             now = self.shard(channel)
             if now is not before[channel] or channel in self._lost:
                 before[channel].unsubscribe(channel)
                 now.subscribe(channel)
+                if not first:
+                    self._moving[channel] = settled
         self._lost.clear()
         for name in set(self.masters) - set(owners):
             bus = self.masters.pop(name)

@@ -45,6 +45,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import AskError
 
 from .._core import WATCH_PREFIX, Hub, Outbox, Session
 from . import COMMANDS, PENDING, REFUSED, apply_command
@@ -239,11 +240,6 @@ class RedisBus:
             try:
                 await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
                 ok = True
-            except aioredis.ResponseError as exc:
-                if not (self.sharded and str(exc).startswith("MOVED")):
-                    raise
-                ok = False  # a slot moved: 503, and the cluster's map is read again
-                self.moved(b"")
             except TimeoutError:
                 ok = False
                 batch += self._queue  # behind a stalled pipeline: fail them now, not later
@@ -251,7 +247,10 @@ class RedisBus:
                 self._stalled(f"no answer to a pipeline in {PIPELINE_TIMEOUT:g} s")
             except (aioredis.RedisError, OSError) as exc:
                 ok = False
-                self._went_down(f"publish failed: {exc}")
+                if self.sharded and isinstance(exc, AskError):  # MOVED (or ASK): a slot
+                    self.moved(b"")  # went elsewhere; 503, and the map is read again
+                else:
+                    self._went_down(f"publish failed: {exc}")
             if not ok:
                 self.dropped_total += len(batch)
             prefix = len(self.prefix)
