@@ -45,6 +45,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import msgspec
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from redis.exceptions import AskError
 
 from .._core import WATCH_PREFIX, Hub, Outbox, Session
@@ -127,7 +128,7 @@ class Subscriber(asyncio.Protocol):
                 if not self.ready.done():
                     self.ready.set_result(None)
             elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED"):
-                self.bus.moved(b"")  # an SSUBSCRIBE to a node that no longer has the slot
+                self.bus.on_moved(str(reply))  # an SSUBSCRIBE to a node without the slot
             elif isinstance(reply, hiredis.ReplyError):
                 if not self.ready.done():
                     self.ready.set_exception(ConnectionError(f"redis refused us: {reply}"))
@@ -324,6 +325,17 @@ class RedisBus:
             del self._unsubscribing[channel]
         else:
             self.moved(channel)
+
+    def on_moved(self, error: str) -> None:
+        """`MOVED <slot> <host:port>` to an SSUBSCRIBE or SUNSUBSCRIBE: those of the slot's
+        channels waiting for an answer get none; the subscribes go to the slot's master."""
+        slot = int(error.split()[1])
+        for channel in [c for c in self._unsubscribing if key_slot(c) == slot]:
+            del self._unsubscribing[channel]
+        for channel in [c for c in self._unanswered if key_slot(c) == slot]:
+            del self._unanswered[channel]
+            self.moved(channel)
+        self.moved(b"")
 
     def on_subscribed(self, channel: bytes) -> None:
         """Redis answered a SUBSCRIBE: from now on it sends us what is published there."""
