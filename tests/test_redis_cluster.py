@@ -29,11 +29,12 @@ def query(node: RedisServer, *args: str) -> Any:
 
 
 def cluster_ports(count: int) -> list[int]:
-    """`count` ports free with their cluster bus port (+10000)."""
+    """`count` ports free with their cluster bus port (+10000), both below the kernel's
+    ephemeral range (32768 on): there an outgoing connection may take one meanwhile."""
     found: list[int] = []
-    port = 21000 + (time.monotonic_ns() // 1000) % 8000
+    port = 12000 + (time.monotonic_ns() // 1000) % 10000
     while len(found) < count:
-        port += 1
+        port = port + 1 if port < 22700 else 12000
         try:
             for candidate in (port, port + 10000):
                 with socket.socket() as sock:
@@ -45,9 +46,9 @@ def cluster_ports(count: int) -> list[int]:
 
 
 class Cluster:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ports: list[int] | None = None) -> None:
         self.nodes: list[RedisServer] = []
-        for port in cluster_ports(6):
+        for port in ports or cluster_ports(6):
             home = directory / f"node-{port}"
             home.mkdir()
             self.nodes.append(RedisServer(
@@ -238,3 +239,23 @@ def test_a_master_killed_its_replica_takes_over_nothing_acknowledged_lost(
     assert near.get("/ready")[0] == 200
     print(f"{len(acknowledged)} acknowledged and delivered to both nodes, "
           f"{len(refused)} refused (503)")
+
+
+def test_a_cluster_unreachable_at_start(start_server: Any, tmp_path: Path) -> None:
+    ports = cluster_ports(6)
+    node = start_server("--redis", "redis+cluster://" + ",".join(
+        f"127.0.0.1:{port}" for port in ports[:2]))
+    assert node.get("/health")[0] == 200
+    status, _, body = node.get("/ready")
+    assert (status, body) == (503, b"503 Service Unavailable: down: redis cluster (no slot "
+                                    b"map yet)\n")
+    client = node.connect()
+    assert publish(client, "early", 1, 1)["code"] == 503
+    cluster = Cluster(tmp_path, ports)
+    try:
+        node.wait_ready(timeout=10)
+        listener = node.connect().subscribe("early")
+        assert publish(client, "early", 2, 2)["type"] == "published"
+        assert listener.recv_json()["data"] == 2
+    finally:
+        cluster.kill()

@@ -4,8 +4,9 @@ Channel C is on the master owning slot key_slot(prefix + C) (Redis Cluster's own
 see sharded.py): the worker SSUBSCRIBEs to it there and SPUBLISHes it there, so a
 backend publishes with one `SPUBLISH prefix+C` through any cluster client. Per master,
 a RedisBus in its `sharded` mode holds a publishing and a subscribing connection, as a
-shard of ShardedBus does; the slot map comes from redis-py's cluster client (CLUSTER
-SLOTS), which also carries presence, whose keys are hash-tagged by channel.
+shard of ShardedBus does; the slot map is CLUSTER SLOTS from the first node that answers
+(the URL's, then any the map named), and redis-py's cluster client carries presence,
+whose keys are hash-tagged by channel.
 
 The map is read again every MAP_PERIOD, at once when a node answers MOVED or pushes a
 `sunsubscribe` (the slot has gone elsewhere: resharding, or a failover), and every
@@ -28,6 +29,8 @@ from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .._core import Hub
@@ -103,10 +106,13 @@ class ClusterBus(ShardedBus):
         nodes, self._credentials = cluster_nodes(url)
         credentials = self._credentials[:-1]
         user, _, password = credentials.partition(":") if ":" in credentials else ("", "", "")
-        self.client = RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
-            username=unquote(user) or None, password=unquote(password) or None,
-            socket_connect_timeout=CONNECT_TIMEOUT, require_full_coverage=False)
+        self._login = {"username": unquote(user) or None, "password": unquote(password) or None,
+                       "socket_connect_timeout": CONNECT_TIMEOUT}
+        self._startup = nodes  # asked for the map first, then every node the map named
+        self._known: list[tuple[str, int]] = []
+        # redis-py's cluster client, for presence (keys of every slot); made once the map
+        # is known: one made while no node answers keeps failing after they do
+        self.client: RedisCluster | None = None
         self.masters: dict[str, RedisBus] = {}  # "host:port" -> its bus
         self.owners: list[str] = []  # slot -> "host:port" of its master ("" for none)
         self.shards = []
@@ -116,6 +122,7 @@ class ClusterBus(ShardedBus):
         self._task: asyncio.Task[None] | None = None
         self._retired = [0, 0]  # dropped_total, invalid_total of masters no longer ours
         self._moving: dict[str, float] = {}  # channel moved to another master -> settled at
+        self._unmapped = False  # the last reading of the map failed (logged once)
 
     def shard(self, channel: str) -> Any:
         if not self.owners:
@@ -125,7 +132,9 @@ class ClusterBus(ShardedBus):
 
     @property
     def up(self) -> bool:
-        return bool(self.masters) and all(bus.up for bus in self.masters.values())
+        """Every slot has a master, and every master's bus is up."""
+        return (bool(self.owners) and "" not in self.owners
+                and all(bus.up for bus in self.masters.values()))
 
     def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
         """As ShardedBus's, but 503 for SETTLE after the channel moved to another master:
@@ -149,9 +158,10 @@ class ClusterBus(ShardedBus):
         return self._retired[1] + sum(bus.invalid_total for bus in self.shards)
 
     def down(self) -> list[str]:
-        if not self.masters:
+        if not self.owners:
             return ["redis cluster (no slot map yet)"]
-        return super().down()
+        uncovered = ["redis cluster (slots without a master)"] if "" in self.owners else []
+        return uncovered + super().down()
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._keep_mapped())
@@ -161,7 +171,8 @@ class ClusterBus(ShardedBus):
             self._task.cancel()
         for bus in self.masters.values():
             await bus.stop()
-        await self.client.aclose()
+        if self.client is not None:
+            await self.client.aclose()
 
     def moved(self, channel: bytes) -> None:
         """A node said that a slot is no longer its own: read the map again."""
@@ -171,35 +182,70 @@ class ClusterBus(ShardedBus):
 
     async def _keep_mapped(self) -> None:
         while True:
-            try:
-                await self.client.nodes_manager.initialize()
-                self._follow(self.client.nodes_manager.slots_cache)
-            except (aioredis.RedisError, OSError) as exc:
-                log.warning("redis cluster: cannot read the slot map: %s", exc)
+            owners = await self._read_map()
+            if owners is not None:
+                self._follow(owners)
             period = MAP_PERIOD if self.up else MAP_PERIOD_DOWN
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stale.wait(), period)
             self._stale.clear()
 
-    def _follow(self, slots: dict[int, list[ClusterNode]]) -> None:
+    async def _read_map(self) -> list[str] | None:
+        """CLUSTER SLOTS from the first node that answers: slot -> "host:port" of its
+        master ("" for a slot no master serves); None when no node answers."""
+        failure = ""
+        for host, port in dict.fromkeys([*self._startup, *self._known]):
+            node = aioredis.Redis(host=host, port=port, socket_timeout=CONNECT_TIMEOUT,
+                                  retry=Retry(NoBackoff(), 0),  # the next node, at once
+                                  **self._login)  # type: ignore[arg-type]
+            try:
+                spans = await node.execute_command(  # type: ignore[no-untyped-call]
+                    "CLUSTER", "SLOTS")
+            except (aioredis.RedisError, OSError) as exc:
+                failure = f"{host}:{port}: {exc}"
+                continue
+            finally:
+                await node.aclose()
+            if not spans:
+                failure = f"{host}:{port} serves no slot (a cluster being made?)"
+                continue
+            owners = [""] * REDIS_CLUSTER_HASH_SLOTS
+            known = []
+            for start, end, *members in spans:
+                for member in members:  # the master first, then its replicas
+                    known.append((member[0].decode() or host, int(member[1])))
+                master = f"{members[0][0].decode() or host}:{members[0][1]}"
+                owners[start:end + 1] = [master] * (end + 1 - start)
+            self._known = known
+            if self._unmapped:
+                log.info("redis cluster: slot map read from %s:%d", host, port)
+            self._unmapped = False
+            return owners
+        if not self._unmapped:
+            log.warning("redis cluster: no node answers for the slot map (%s)", failure)
+        self._unmapped = True
+        return None
+
+    def _follow(self, owners: list[str]) -> None:
         """The channels whose master changed move to the new one."""
-        owners = [slots[slot][0].name if slots.get(slot) else ""
-                  for slot in range(REDIS_CLUSTER_HASH_SLOTS)]
+        if self.client is None:
+            self.client = RedisCluster(
+                startup_nodes=[ClusterNode(*name.rsplit(":", 1)) for name in set(owners) if name],
+                require_full_coverage=False, **self._login)  # type: ignore[arg-type]
         if owners == self.owners and not self._lost:
             return
         channels = [*self.hub.channels, COMMANDS]
         before = {channel: self.shard(channel) for channel in channels}
-        first = not self.owners
         self.owners = owners
         for name in set(owners) - set(self.masters) - {""}:
-            self._add(name, taking_over=not first)
+            self._add(name)
         settled = asyncio.get_running_loop().time() + SETTLE
         for channel in channels:
             now = self.shard(channel)
             if now is not before[channel] or channel in self._lost:
                 before[channel].unsubscribe(channel)
                 now.subscribe(channel)
-                if not first:
+                if before[channel] is not NOWHERE:  # others may publish there already
                     self._moving[channel] = settled
         self._lost.clear()
         for name in set(self.masters) - set(owners):
@@ -210,13 +256,13 @@ class ClusterBus(ShardedBus):
             asyncio.get_running_loop().create_task(bus.stop())
             log.info("redis cluster: %s is no longer a master", name)
 
-    def _add(self, name: str, *, taking_over: bool) -> None:
+    def _add(self, name: str) -> None:
         predecessor, self._predecessor = self._predecessor, ""
         bus = RedisBus(self.hub, f"redis://{self._credentials}{name}/0", self._prefix,
                        self._presence_ttl, predecessor, name=f"redis master {name}",
                        owns=lambda channel: self.owners[key_slot(
                            self.prefix + channel.encode())] == name,
-                       settle=SETTLE, settle_first=taking_over, sharded=True,
+                       settle=SETTLE, sharded=True,
                        moved=self.moved, presence_client=self.client)
         self.masters[name] = bus
         self.shards.append(bus)

@@ -145,7 +145,7 @@ class RedisBus:
     def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", *, name: str = "redis",
                  owns: Callable[[str], bool] | None = None, settle: float = 0.0,
-                 settle_first: bool = False, sharded: bool = False,
+                 sharded: bool = False,
                  moved: Callable[[bytes], None] | None = None,
                  presence_client: Any = None) -> None:
         self.hub = hub
@@ -156,7 +156,7 @@ class RedisBus:
         # again: Redis answers a PUBLISH that no node is subscribed to yet all the same.
         self.settle = settle
         self._settling: asyncio.TimerHandle | None = None
-        self._ever_connected = settle_first  # a node of a cluster taking over channels
+        self._ever_connected = False
         # Redis Cluster's sharded pub/sub (SSUBSCRIBE, SPUBLISH), on one node of it: a
         # channel whose slot is not (or no longer) there is told to `moved`.
         self.sharded = sharded
