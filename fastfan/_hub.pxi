@@ -348,7 +348,8 @@ cdef class Hub:
         cdef Py_ssize_t slot = session.subscriptions.pop(name)
         cdef Session moved
         if slot == WAITING:
-            del self.waiting[(session, name)]  # its history read, when it comes, skips it
+            self.waiting.pop((session, name), None)  # its history read, when it comes,
+                                                     # skips it
             channel.waiting -= 1
         else:
             moved = <Session>channel.remove_at(slot)
@@ -426,12 +427,12 @@ cdef class Hub:
             session = recovery[0]
             if self.waiting.get((session, name)) is not recovery:
                 continue  # unsubscribed or disconnected meanwhile
+            del self.waiting[(session, name)]
             if answer is None:
-                session._leave(name)
                 session._queue_error(503, "history unavailable: its store did not answer, "
                                      "try again", recovery[1])
+                session._leave(name)
                 continue
-            del self.waiting[(session, name)]
             channel = self.channels[name]
             channel.waiting -= 1
             self._resume(session, channel, recovery[1], recovery[2], answer)

@@ -324,8 +324,9 @@ cdef class Session(Outbox):
         for waiting, subscribe_id in self.hub.unconfirmed.get(channel, ()):
             if waiting is self:
                 self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
-        if self.subscriptions.get(channel) == WAITING:  # its history read not back yet
-            self.queue_bytes(_reply(b"subscribed", channel, self.hub.waiting[(self, channel)][1]))
+        recovery = self.hub.waiting.get((self, channel))
+        if recovery is not None:  # its history read is not back yet
+            self.queue_bytes(_reply(b"subscribed", channel, recovery[1]))
         self.hub.unsubscribe(self, channel)
         if WATCH_PREFIX + channel in self.subscriptions:
             self.hub.unsubscribe(self, WATCH_PREFIX + channel)

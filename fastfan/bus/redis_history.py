@@ -142,15 +142,22 @@ class RedisHistory:
 
     async def _run_read(self, channel: str, since: int, limit: int, query: int) -> None:
         redis_channel = self.prefix + channel.encode()
-        try:
-            await asyncio.wait_for(self._read(
-                keys=self.keys(redis_channel),
-                args=[since, limit, new_epoch(), self.meta_ttl, self.ttl, self.reply_channel,
-                      query, self.publish_command]), READ_TIMEOUT)
-        except (TimeoutError, aioredis.RedisError, OSError) as exc:
-            log.warning("redis: history read of %s failed: %s", channel, exc)
-            self._fail(query)
-            return
+        for attempt in range(2):
+            try:
+                await asyncio.wait_for(self._read(
+                    keys=self.keys(redis_channel),
+                    args=[since, limit, new_epoch(), self.meta_ttl, self.ttl,
+                          self.reply_channel, query, self.publish_command]), READ_TIMEOUT)
+                break
+            except aioredis.ConnectionError:
+                if attempt == 0:
+                    continue  # a pooled connection from before Redis restarted: once more
+                self._fail(query)
+                return
+            except (TimeoutError, aioredis.RedisError, OSError) as exc:
+                log.warning("redis: history read of %s failed: %s", channel, exc)
+                self._fail(query)
+                return
         # Ran: its answer comes on the subscribing connection, unless that one is lost.
         asyncio.get_running_loop().call_later(READ_TIMEOUT, self._fail, query)
 
