@@ -495,6 +495,9 @@ cdef class Hub:
             session = <Session>target.subscribers[i]
             if session.identity.user == user:
                 ended.append(session)
+        for session, name in list(self.waiting):  # subscribing from a position
+            if name == channel and session.identity.user == user:
+                ended.append(session)
         for session in ended:
             session._leave(channel)
             session.queue_bytes(_ended(channel, b"server"))
