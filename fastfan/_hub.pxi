@@ -365,6 +365,7 @@ cdef class Hub:
             self.unconfirmed[name] = [entry for entry in waiting if entry[0] is not session]
         if channel.count == 0 and channel.waiting == 0:
             del self.channels[name]
+            self.recoveries.pop(name, None)  # nobody is left to wait for a read
             self.bus.unsubscribe(name)
         return 0
 
