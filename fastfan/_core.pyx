@@ -122,6 +122,10 @@ for _c in range(128):
 # messages of that channel, with the fan-out, ordering and Redis subscriptions of any other.
 WATCH_PREFIX = "#"
 
+# Session.subscriptions' slot for a subscription whose history read is on its way: the
+# session is not in the channel's array yet (Hub.subscribe_history).
+cdef Py_ssize_t WAITING = -1
+
 cdef bytes MESSAGE_PREFIX = b'{"type":"message","channel":"'
 
 # Upper bounds (seconds) of fastfan_publish_latency_seconds's buckets; +Inf is implied.

@@ -13,6 +13,7 @@ from conftest import RedisServer, Server, wait_for
 from redis.crc import key_slot
 from test_api import call, start_api
 from test_api_commands import alive, closed_by_api
+from test_history import drop_and_recover
 from wire import RawClient
 
 SHARDS = 3
@@ -185,3 +186,12 @@ def test_nothing_acknowledged_is_lost_while_a_shard_restarts(
     assert len(refused) > 100
     print(f"{len(acknowledged)} acknowledged and delivered to both nodes, "
           f"{len(refused)} refused (503)")
+
+
+def test_history_and_recovery_on_the_channel_s_shard(
+        start_server: Any, shards: list[RedisServer]) -> None:
+    near, far = (node(start_server, shards, "--history-size", "2000") for _ in range(2))
+    drop_and_recover(near, near.connect(), far.connect)  # a seam across nodes, on "ticks"
+    stream = "{fastfan:ticks}:history"
+    assert [s.command("EXISTS", stream) for s in shards] == [
+        b":1\r\n" if index == home("ticks") else b":0\r\n" for index in range(SHARDS)]

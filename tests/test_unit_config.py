@@ -32,6 +32,7 @@ REFUSED: list[tuple[dict[str, Any], list[str]]] = [
     ({"redis": "redis://a:6379,b:6379"}, ["--redis", "several", "'b:6379'"]),
     ({"redis": "redis://a:6379,redis://a:6379"}, ["--redis", "twice"]),
     ({"redis": "redis+cluster://a:7000,b"}, ["--redis", "host:port", "'b'"]),
+    ({"redis": "redis+cluster://a:7000", "history_size": 10}, ["--history-size", "Cluster"]),
 ]
 
 ACCEPTED: list[dict[str, Any]] = [

@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .._core import Hub
+from ..history import HistoryAnswer
 from . import COMMANDS, REFUSED
 from .redis import CONNECT_TIMEOUT, RedisBus
 from .redis_presence import Entries
@@ -91,6 +92,14 @@ class Nowhere:
     def left(self, channel: str, client_id: bytes) -> None:
         pass
 
+    def publish_history(self, channel: str, payload: bytes, session: Any,
+                        request_id: bytes) -> int:
+        return REFUSED
+
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        answer(None)
+
 
 NOWHERE = Nowhere()
 
@@ -142,6 +151,16 @@ class ClusterBus(ShardedBus):
         if self._moving and self._still_moving(channel):
             return REFUSED
         return int(self.shard(channel).publish(channel, payload, session, request_id))
+
+    def publish_history(self, channel: str, payload: bytes, session: Any,
+                        request_id: bytes) -> int:
+        """No history on a cluster yet (config refuses --history-size with it): a read's
+        answer would have to come on a shard channel of the read channel's own node."""
+        return REFUSED
+
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        answer(None)
 
     def _still_moving(self, channel: str) -> bool:
         now = asyncio.get_running_loop().time()

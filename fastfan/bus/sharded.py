@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from redis.crc import key_slot
 
 from .._core import WATCH_PREFIX, Hub, Session
+from ..history import HistoryAnswer
 from . import COMMANDS
 from .redis import RedisBus, reconnect_delay
 from .redis_presence import Entries
@@ -52,9 +53,9 @@ def where(url: str) -> str:
 
 class ShardedBus:
     def __init__(self, hub: Hub, urls: list[str], prefix: str, presence_ttl: float = 60.0,
-                 predecessor: str = "") -> None:
+                 predecessor: str = "", history_ttl: float = 300.0) -> None:
         self.prefix = prefix.encode()
-        self.shards = [RedisBus(hub, url, prefix, presence_ttl, predecessor,
+        self.shards = [RedisBus(hub, url, prefix, presence_ttl, predecessor, history_ttl,
                                 name=f"redis shard {index} ({where(url)})",
                                 owns=self._owner(index, len(urls)), settle=SETTLE)
                        for index, url in enumerate(urls)]
@@ -120,13 +121,12 @@ class ShardedBus:
                         answer: Callable[[Entries | None], None]) -> None:
         self.shard(channel).gather_presence(channel, local, answer)
 
-    # With history (publish_history, read_history on RedisBus), by channel too: typed Any
-    # so that this module does not depend on which of the two lands first.
+    # History, on the channel's shard: its stream, and the read's answer on the shard's
+    # connection that carries the channel's messages (the seam RedisHistory needs).
     def publish_history(self, channel: str, payload: bytes, session: Session | None,
                         request_id: bytes) -> int:
-        shard: Any = self.shard(channel)
-        return int(shard.publish_history(channel, payload, session, request_id))
+        return int(self.shard(channel).publish_history(channel, payload, session, request_id))
 
-    def read_history(self, channel: str, since: Any, limit: int, answer: Any) -> None:
-        shard: Any = self.shard(channel)
-        shard.read_history(channel, since, limit, answer)
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        self.shard(channel).read_history(channel, since, limit, answer)
