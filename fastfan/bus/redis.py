@@ -44,6 +44,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -257,13 +258,13 @@ class RedisBus:
             batch = list(self._queue)
             self._queue.clear()
             pipe = self._publisher.pipeline(transaction=False)
+            publish = pipe.publish if not self.sharded else partial(pipe.execute_command,
+                                                                     "SPUBLISH")
             for channel, payload, _, _, history in batch:
                 if history:
                     await self.history.add_publish(pipe, channel, payload)
-                elif self.sharded:
-                    pipe.execute_command("SPUBLISH", channel, payload)
                 else:
-                    pipe.publish(channel, payload)
+                    publish(channel, payload)
             results: list[Any] = []
             try:
                 results = await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
