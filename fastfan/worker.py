@@ -21,6 +21,7 @@ from .bus.local import LocalBus
 from .bus.mesh import MeshBus
 from .bus.redis import RedisBus
 from .config import Config
+from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
 from .logs import PicowsLog
 from .metrics import SharedFigures
@@ -77,10 +78,12 @@ class Worker:
             presence_limit=config.presence_limit,
             client_id_prefix=placement.client_id_prefix,
         )
+        self.node = Node(node_name(config.port), config.workers,
+                         process_start_time(placement.master_pid), self.total_figures)
         self.bus: Bus
         if config.redis is not None:
-            redis_bus = RedisBus(self.hub, config.redis, config.redis_prefix,
-                                 presence_ttl=config.presence_ttl,
+            redis_bus = RedisBus(self.hub, config.redis, config.redis_prefix, self.node,
+                                 placement.slot, presence_ttl=config.presence_ttl,
                                  predecessor=placement.previous_client_id_prefix)
             self.hub.presence_sink = redis_bus.presence  # presence shared by every node
             self.bus = redis_bus
@@ -98,7 +101,7 @@ class Worker:
                                        max_connections=max_connections(config))
         self.api = None if config.api_port is None else Api(
             config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
-            master_pid=placement.master_pid, worker=placement.slot)
+            node=self.node, worker=placement.slot)
         self._stop = asyncio.Event()
 
     def is_ready(self) -> bool:

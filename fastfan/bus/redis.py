@@ -37,7 +37,9 @@ import msgspec
 import redis.asyncio as aioredis
 
 from .._core import WATCH_PREFIX, Hub, Outbox, Session
+from ..directory import Node
 from . import COMMANDS, PENDING, REFUSED, apply_command
+from .redis_directory import RedisDirectory
 from .redis_presence import RedisPresence
 
 log = logging.getLogger("fastfan.redis")
@@ -118,8 +120,8 @@ class Subscriber(asyncio.Protocol):
 
 
 class RedisBus:
-    def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
-                 predecessor: str = "") -> None:
+    def __init__(self, hub: Hub, url: str, prefix: str, node: Node, slot: int,
+                 presence_ttl: float = 60.0, predecessor: str = "") -> None:
         self.hub = hub
         self.url = url
         self.prefix = prefix.encode()
@@ -145,19 +147,26 @@ class RedisBus:
         self.presence = RedisPresence(self._publisher, hub, prefix, presence_ttl,
                                       announce=self._announce, predecessor=predecessor)
         self.gather_presence = self.presence.gather
+        self.directory = RedisDirectory(  # channels and info across the nodes
+            self._publisher, hub, prefix, node, slot,
+            send=lambda channel, payload: self.publish(channel, payload, None, b""))
+        self.gather_channels = self.directory.gather_channels
+        self.nodes = self.directory.nodes
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._stay_subscribed()),
                        loop.create_task(self._publish_forever()),
                        loop.create_task(self.presence.write_forever()),
-                       loop.create_task(self.presence.refresh_forever())]
+                       loop.create_task(self.presence.refresh_forever()),
+                       loop.create_task(self.directory.announce_forever())]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.close()
+        await self.directory.withdraw()
         await self._publisher.aclose()
 
     # Publishing ---------------------------------------------------------------------
@@ -277,6 +286,9 @@ class RedisBus:
         if channel == self._commands:
             apply_command(self.hub, payload)
             return
+        if channel in self.directory.channels:
+            self.directory.received(channel, payload)
+            return
         name = channel[len(self.prefix):].decode("ascii")
         if self._unechoed and (publisher := self._unechoed.pop(payload, None)) is not None:
             self.hub.fanout_excluding(name, payload, publisher)
@@ -324,7 +336,8 @@ class RedisBus:
             commands.append(_command(b"AUTH", *credentials))
         channels = [self.prefix + name.encode() for name in self.hub.channels]
         self._unanswered = dict.fromkeys(channels, 1)
-        commands.append(_command(b"SUBSCRIBE", self._commands, *channels))
+        commands.append(_command(b"SUBSCRIBE", self._commands, *self.directory.channels,
+                                 *channels))
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))
         self._subscriber = subscriber  # from here on, channel changes go to this connection
