@@ -60,6 +60,7 @@ cdef class Hub:
         self.users = {}
         self.unconfirmed = {}
         self.pending = []
+        self.held_events = {}
         self.max_message_size = max_message_size
         self.max_subscriptions = max_subscriptions
         self.max_subscription_bytes = max_subscription_bytes
@@ -131,6 +132,8 @@ cdef class Hub:
         cdef char shared_header[10]  # MAX_HEADER
         if target is None or target.count == 0:
             return 0
+        if channel[0] == WATCH_MARK:
+            return self._hold_event(target, payload)
         self._note_fanout(monotonic())
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
@@ -197,6 +200,71 @@ cdef class Hub:
             else:
                 self.deliveries_total -= 1
         return count
+
+    cdef Py_ssize_t _hold_event(self, Channel channel, object payload) except -1:
+        """A join or leave, for the end of the loop turn (see _deliver_events)."""
+        cdef list events = self.held_events.get(channel)
+        if events is None:
+            if not self.held_events:
+                self.loop.call_soon(self._deliver_held_events)
+            events = self.held_events[channel] = []
+        events.append((bytes(payload), self.excluded))
+        return channel.count
+
+    def _deliver_held_events(self):
+        held, self.held_events = self.held_events, {}
+        for channel, events in held.items():
+            self._deliver_events(channel, events)
+
+    cdef int _deliver_events(self, Channel channel, list events) except -1:
+        """A loop turn's join and leave events of one channel, to each of its watchers.
+
+        The contract keeps one `join` or `leave` object per frame, so a burst of K events to
+        W watchers is K x W frames whatever we do; but the K frames are built once, one
+        after the other, and each watcher gets them as one piece: one delivery (a reference
+        to the bytes when they are large, a memcpy else) instead of K. A watcher that
+        is itself the subject of some of the events (its own join) gets the pieces between
+        them.
+        """
+        cdef Py_ssize_t i, start, end, header, count = channel.count
+        cdef double started = monotonic()
+        cdef char header_bytes[10]  # MAX_HEADER
+        cdef bytes frames, payload
+        cdef const char* data
+        cdef Outbox watcher
+        cdef list pieces = []
+        cdef dict skipped = {}  # the watchers some events are about -> their (start, end)
+        if count == 0:
+            return 0
+        start = 0
+        for payload, subject in events:
+            header = write_header(header_bytes, WSMsgType.TEXT, len(payload))
+            pieces.append(header_bytes[:header])
+            pieces.append(payload)
+            end = start + header + len(payload)
+            if subject is not None:
+                skipped.setdefault(subject, []).append((start, end))
+            start = end
+            self._note_fanout(started)
+        frames = b"".join(pieces)
+        data = frames
+        self.deliveries_total += count * len(events)
+        for i in range(count):
+            watcher = <Outbox>channel.subscribers[i]
+            if skipped and watcher in skipped:
+                start = 0
+                for end, after in skipped[watcher]:
+                    self.deliveries_total -= 1
+                    if end > start:
+                        watcher.deliver(channel, data + start, end - start)
+                    start = after
+                if len(frames) > start:
+                    watcher.deliver(channel, data + start, len(frames) - start)
+            elif len(frames) >= SHARED_FRAME_BYTES:
+                watcher.deliver_shared(channel, frames)
+            else:
+                watcher.deliver(channel, data, len(frames))
+        return 0
 
     cdef int schedule(self, Outbox outbox) except -1:
         """Write `outbox` at the end of this loop turn."""
