@@ -242,6 +242,8 @@ cdef class Hub:
     cdef int _deliver_shared(self, Channel channel, bytes frame) except -1
     cdef Py_ssize_t _hold_event(self, Channel channel, object payload) except -1
     cdef int _deliver_events(self, Channel channel, list events) except -1
+    cdef int _deliver_frames(self, Outbox watcher, Channel channel, bytes frames, list starts,
+                             list headers, Py_ssize_t first, Py_ssize_t end) except -1
     cdef int schedule(self, Outbox outbox) except -1
     cdef int subscribe(self, Session session, str name) except -1
     cdef int unsubscribe(self, Session session, str name) except -1

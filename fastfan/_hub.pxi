@@ -222,48 +222,62 @@ cdef class Hub:
         The contract keeps one `join` or `leave` object per frame, so a burst of K events to
         W watchers is K x W frames whatever we do; but the K frames are built once, one
         after the other, and each watcher gets them as one piece: one delivery (a reference
-        to the bytes when they are large, a memcpy else) instead of K. A watcher that
-        is itself the subject of some of the events (its own join) gets the pieces between
+        to the bytes when they are large, a memcpy else) instead of K. A watcher that is
+        itself the subject of some of the events (its own join) gets the pieces between
         them.
         """
-        cdef Py_ssize_t i, start, end, header, count = channel.count
+        cdef Py_ssize_t i, first, header, size, count = channel.count
         cdef double started = monotonic()
         cdef char header_bytes[10]  # MAX_HEADER
         cdef bytes frames, payload
-        cdef const char* data
         cdef Outbox watcher
         cdef list pieces = []
-        cdef dict skipped = {}  # the watchers some events are about -> their (start, end)
+        cdef list starts = [0]  # where each frame begins, and the end
+        cdef list headers = [0]  # the header bytes before each frame, and in all
+        cdef dict skipped = {}  # the watchers some events are about -> those events
         if count == 0:
             return 0
-        start = 0
-        for payload, subject in events:
+        for i, (payload, subject) in enumerate(events):
             header = write_header(header_bytes, WSMsgType.TEXT, len(payload))
             pieces.append(header_bytes[:header])
             pieces.append(payload)
-            end = start + header + len(payload)
+            starts.append(starts[i] + header + len(payload))
+            headers.append(headers[i] + header)
             if subject is not None:
-                skipped.setdefault(subject, []).append((start, end))
-            start = end
+                skipped.setdefault(subject, []).append(i)
             self._note_fanout(started)
         frames = b"".join(pieces)
-        data = frames
+        size = len(frames)
         self.deliveries_total += count * len(events)
         for i in range(count):
             watcher = <Outbox>channel.subscribers[i]
             if skipped and watcher in skipped:
-                start = 0
-                for end, after in skipped[watcher]:
+                first = 0
+                for own in skipped[watcher]:
                     self.deliveries_total -= 1
-                    if end > start:
-                        watcher.deliver(channel, data + start, end - start)
-                    start = after
-                if len(frames) > start:
-                    watcher.deliver(channel, data + start, len(frames) - start)
-            elif len(frames) >= SHARED_FRAME_BYTES:
-                watcher.deliver_shared(channel, frames)
+                    self._deliver_frames(watcher, channel, frames, starts, headers, first, own)
+                    first = own + 1
+                self._deliver_frames(watcher, channel, frames, starts, headers, first,
+                                     len(events))
             else:
-                watcher.deliver(channel, data, len(frames))
+                self._deliver_frames(watcher, channel, frames, starts, headers, 0, len(events))
+        return 0
+
+    cdef int _deliver_frames(self, Outbox watcher, Channel channel, bytes frames, list starts,
+                             list headers, Py_ssize_t first, Py_ssize_t end) except -1:
+        """Frames [first, end) of `frames` to `watcher` in one delivery, counted on its
+        figures as the end - first messages they are (a delivery counts one)."""
+        cdef Py_ssize_t start = starts[first], size = <Py_ssize_t>starts[end] - start
+        cdef unsigned long long sent = watcher.messages_sent
+        if size == 0:
+            return 0
+        if start == 0 and size == len(frames) and size >= SHARED_FRAME_BYTES:
+            watcher.deliver_shared(channel, frames)
+        else:
+            watcher.deliver(channel, PyBytes_AS_STRING(frames) + start, size)
+        if watcher.messages_sent != sent:  # taken, not refused
+            watcher.messages_sent += end - first - 1
+            watcher.bytes_sent += header_size(size) - (<Py_ssize_t>headers[end] - headers[first])
         return 0
 
     cdef int schedule(self, Outbox outbox) except -1:
