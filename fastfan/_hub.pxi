@@ -278,6 +278,10 @@ cdef class Hub:
         if watcher.messages_sent != sent:  # taken, not refused
             watcher.messages_sent += end - first - 1
             watcher.bytes_sent += header_size(size) - (<Py_ssize_t>headers[end] - headers[first])
+        else:  # the slow-consumer policy took back (and dropped) one delivery: all of them
+            self.deliveries_total -= end - first - 1
+            if self.slow_consumer == SlowConsumerPolicy.DROP:
+                self.dropped_slow_total += end - first - 1
         return 0
 
     cdef int schedule(self, Outbox outbox) except -1:
