@@ -8,7 +8,10 @@ subscribers for its channel: a worker subscribed to nothing receives nothing. On
 per pair of workers keeps each publisher's order.
 
 A server API command (COMMAND: `disconnect`, `unsubscribe`) goes to every connected
-worker whatever its channels, and each applies it to its own clients.
+worker whatever its channels, and each applies it to its own clients. A presence query
+(PRESENCE) and a channels query (CHANNELS, the API's `channels` and the status page) go to
+every connected worker too, which answers on the same connection (PRESENCE_ANSWER,
+CHANNELS_ANSWER); the asker waits for every one it asked, at most PRESENCE_TIMEOUT.
 
 `subscribed` is a promise: a worker that gains its first subscriber of a channel sends
 SUBSCRIBE to every other worker, and each answers SUBSCRIBED on the same connection once
@@ -69,7 +72,8 @@ LIMIT = struct.Struct("!I")
 # longer than its header and a channel name.
 MAX_ANSWER = 2 + 255
 # A PRESENCE_ANSWER lists a worker's subscribers of one channel ([clientId, user] each,
-# a user's name being at most a token's size): bounded all the same.
+# a user's name being at most a token's size): bounded all the same. A CHANNELS_ANSWER
+# too: a worker lists at most directory.MAX_LISTED channels, about 54 MB at most.
 MAX_PRESENCE_ANSWER = 64 << 20
 # A worker that has not answered a presence or channels query in this long fails it (503).
 PRESENCE_TIMEOUT = 2.0
