@@ -52,6 +52,23 @@ def test_channels_and_info_add_up_every_worker(start_server: Any) -> None:
     wait_for(lambda: "room.2" not in channels(port))
 
 
+def test_a_worker_killed_owes_no_answer(start_server: Any) -> None:
+    """A worker that dies takes its subscribers out of `channels` (it owes no answer), and
+    its replacement answers again."""
+    server, port = start_api(start_server, "--workers", "2")
+    placed = spread(server, "alice", 2, "room")
+    victim, survivor = list(placed)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: channels(port) == {"room": len(placed[survivor])}, timeout=10)
+    replaced = wait_for(lambda: (pids := children(server.process.pid)) and len(pids) == 2
+                        and victim not in pids, timeout=10)
+    assert replaced
+    newcomer = spread(server, "bob", 1, "lobby")  # on both workers, the new one too
+    expected = {"room": len(placed[survivor]), "lobby": len(every(newcomer))}
+    for _ in range(6):
+        assert channels(port) == expected
+
+
 def test_the_status_page_lists_the_busiest_channels_of_every_worker(
         start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
