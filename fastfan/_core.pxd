@@ -153,7 +153,9 @@ cdef class Session(Outbox):
     cdef int _on_message(self, int kind, const char* payload, Py_ssize_t size) except -1
     cdef int _handle(self, const char* payload, Py_ssize_t size) except -1
     cdef int _check_channel(self, object channel, bytes request_id) except -1
-    cdef int _subscribe(self, object channel, bytes request_id, bint join_leave) except -1
+    cdef int _subscribe(self, object channel, bytes request_id, bint join_leave,
+                        object recover) except -1
+    cdef int _history(self, object request, bytes request_id) except -1
     cdef int _leave(self, str channel) except -1
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1
     cdef int _publish(self, object request, bytes request_id) except -1
@@ -175,6 +177,8 @@ cdef class Channel:
         void**      subscribers
         Py_ssize_t  count
         Py_ssize_t  capacity
+        Py_ssize_t  waiting     # subscribers not in the array yet: their history read is
+                                # on its way (Hub.subscribe_history)
 
     cdef Py_ssize_t add(self, Outbox subscriber) except -1
     cdef Outbox remove_at(self, Py_ssize_t slot)
@@ -207,6 +211,11 @@ cdef class Hub:
         public object       presence_sink   # .joined(channel, clientId, user), .left(...):
                                             # a bus that keeps presence elsewhere, or None
         readonly Py_ssize_t presence_limit
+        readonly Py_ssize_t history_size    # 0: no channel keeps history
+        readonly object     history_channels  # auth.ChannelPatterns: channels with history
+        dict                recoveries      # channel -> [Recovery] waiting for its next read
+        set                 reading         # channels with a history read scheduled or out
+        dict                waiting         # (session, channel) -> its Recovery, until read
 
         # a scratch buffer where each message is framed once, then copied to every subscriber
         char*               frame
@@ -245,7 +254,13 @@ cdef class Hub:
     cdef int _deliver_frames(self, Outbox watcher, Channel channel, bytes frames, list starts,
                              list headers, Py_ssize_t first, Py_ssize_t end) except -1
     cdef int schedule(self, Outbox outbox) except -1
+    cpdef bint keeps_history(self, str channel)
     cdef int subscribe(self, Session session, str name) except -1
+    cdef Channel _open(self, str name)
+    cdef int _joined(self, Session session, str name) except -1
+    cdef int subscribe_history(self, Session session, str name, bytes request_id,
+                               object recover) except -1
+    cdef int _schedule_read(self, str name) except -1
     cdef int unsubscribe(self, Session session, str name) except -1
     cdef bint awaits_confirmation(self, Session session, str channel,
                                   bytes request_id) except -1

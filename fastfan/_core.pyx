@@ -123,6 +123,10 @@ for _c in range(128):
 WATCH_PREFIX = "#"
 cdef Py_UCS4 WATCH_MARK = WATCH_PREFIX[0]
 
+# Session.subscriptions' slot for a subscription whose history read is on its way: the
+# session is not in the channel's array yet (Hub.subscribe_history).
+cdef Py_ssize_t WAITING = -1
+
 cdef bytes MESSAGE_PREFIX = b'{"type":"message","channel":"'
 
 # Upper bounds (seconds) of fastfan_publish_latency_seconds's buckets; +Inf is implied.

@@ -53,7 +53,8 @@ cdef class Hub:
     def __cinit__(self, loop, *, Py_ssize_t max_message_size, Py_ssize_t max_subscriptions,
                   Py_ssize_t max_subscription_bytes, Py_ssize_t max_buffer,
                   double publish_rate, SlowConsumerPolicy slow_consumer,
-                  presence_channels, Py_ssize_t presence_limit, str client_id_prefix=""):
+                  presence_channels, Py_ssize_t presence_limit, str client_id_prefix="",
+                  Py_ssize_t history_size=0, history_channels=None):
         self.loop = loop
         self.channels = {}
         self.sessions = set()
@@ -69,6 +70,11 @@ cdef class Hub:
         self.slow_consumer = slow_consumer
         self.presence_channels = presence_channels
         self.presence_limit = presence_limit
+        self.history_size = history_size
+        self.history_channels = history_channels
+        self.recoveries = {}
+        self.reading = set()
+        self.waiting = {}
         self.client_id_prefix = (client_id_prefix or secrets.token_hex(6)).encode() + b"-"
         self.publish_latency = Histogram()
         self.handling = Samples()
@@ -368,13 +374,23 @@ cdef class Hub:
         return 0
 
     cdef int subscribe(self, Session session, str name) except -1:
+        cdef Channel channel = self._open(name)
+        session.subscriptions[name] = channel.add(session)
+        return self._joined(session, name)
+
+    cdef Channel _open(self, str name):
+        """The channel `name`, created (and subscribed on the bus) if it is new here."""
         cdef Channel channel = self.channels.get(name)
         if channel is None:
             channel = Channel(name)
             self.channels[name] = channel
             if self.bus.subscribe(name) and name not in self.unconfirmed:
                 self.unconfirmed[name] = []
-        session.subscriptions[name] = channel.add(session)
+        return channel
+
+    cdef int _joined(self, Session session, str name) except -1:
+        """`session` is a subscriber of `name` now (or will be once its history is read):
+        presence and join/leave hear of it."""
         session.subscription_bytes += len(name)
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
             if self.presence_sink is not None:
@@ -401,6 +417,7 @@ cdef class Hub:
         cdef Session session
         for session, request_id in self.unconfirmed.pop(channel, ()):
             session.queue_bytes(_reply(b"subscribed", channel, request_id))
+        self._schedule_read(channel)  # the history subscriptions that waited for it
 
     cdef bint awaits_confirmation(self, Session session, str channel,
                                   bytes request_id) except -1:
@@ -415,7 +432,15 @@ cdef class Hub:
     cdef int unsubscribe(self, Session session, str name) except -1:
         cdef Channel channel = self.channels[name]
         cdef Py_ssize_t slot = session.subscriptions.pop(name)
-        cdef Session moved = <Session>channel.remove_at(slot)
+        cdef Session moved
+        if slot == WAITING:
+            self.waiting.pop((session, name), None)  # its history read, when it comes,
+                                                     # skips it
+            channel.waiting -= 1
+        else:
+            moved = <Session>channel.remove_at(slot)
+            if moved is not None:
+                moved.subscriptions[name] = slot
         session.subscription_bytes -= len(name)
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
             if self.presence_sink is not None:
@@ -424,11 +449,109 @@ cdef class Hub:
         waiting = self.unconfirmed.get(name)
         if waiting:
             self.unconfirmed[name] = [entry for entry in waiting if entry[0] is not session]
-        if moved is not None:
-            moved.subscriptions[name] = slot
-        if channel.count == 0:
+        if channel.count == 0 and channel.waiting == 0:
             del self.channels[name]
+            self.recoveries.pop(name, None)  # nobody is left to wait for a read
             self.bus.unsubscribe(name)
+        return 0
+
+    # History: the subscriptions that start from a position ----------------------------
+
+    cpdef bint keeps_history(self, str channel):
+        """Whether `channel` keeps history: its messages are numbered (offset, epoch)."""
+        return (self.history_size > 0 and not channel.startswith(WATCH_PREFIX)
+                and self.history_channels.allows(channel))
+
+    cdef int subscribe_history(self, Session session, str name, bytes request_id,
+                               object recover) except -1:
+        """Subscribe `session` to a channel with history, from a position.
+
+        The session joins the channel's array only once its history is read: the read goes
+        out once the bus has the channel (so that every message after the position it
+        answers comes live), and its answer arrives in the stream of the channel's
+        messages, behind every message up to its position and ahead of every later one
+        (the buses see to that: `read_history`). So at that moment the `subscribed` reply
+        (with the position), the missed messages, then the session's place in the array
+        make a seam without a gap or a duplicate, and the fan-out loop checks nothing.
+        """
+        cdef Channel channel = self._open(name)
+        recovery = (session, request_id, recover)
+        channel.waiting += 1
+        session.subscriptions[name] = WAITING
+        self.waiting[(session, name)] = recovery
+        self.recoveries.setdefault(name, []).append(recovery)
+        self._joined(session, name)
+        if name not in self.unconfirmed:
+            self._schedule_read(name)
+        return 0
+
+    cdef int _schedule_read(self, str name) except -1:
+        """One read per channel at a time, for every recovery waiting when it goes out (a
+        reconnect storm reads once per loop turn, not once per client)."""
+        if name not in self.reading and name in self.recoveries:
+            self.reading.add(name)
+            self.loop.call_soon(self._read, name)
+        return 0
+
+    def _read(self, str name):
+        batch = self.recoveries.pop(name, None)
+        if not batch or name not in self.channels:
+            self.reading.discard(name)
+            return
+        # Those that recover need every kept message after the lowest position; the
+        # others only the position itself.
+        wanted = [recover.offset for _, _, recover in batch if recover is not None]
+        self.bus.read_history(name, min(wanted) if wanted else -1,
+                              self.history_size if wanted else 0,
+                              functools.partial(self._history_read, name, batch))
+
+    def _history_read(self, str name, list batch, answer):
+        """The channel's history, read for `batch`: each still waiting gets its seam."""
+        cdef Session session
+        cdef Channel channel
+        self.reading.discard(name)
+        for recovery in batch:
+            session = recovery[0]
+            if self.waiting.get((session, name)) is not recovery:
+                continue  # unsubscribed or disconnected meanwhile
+            del self.waiting[(session, name)]
+            if answer is None:
+                session._queue_error(503, "history unavailable: its store did not answer, "
+                                     "try again", recovery[1])
+                session._leave(name)
+                continue
+            channel = self.channels[name]
+            channel.waiting -= 1
+            self._resume(session, channel, recovery[1], recovery[2], answer)
+            session.subscriptions[name] = channel.add(session)
+        if name in self.channels and name not in self.unconfirmed:
+            self._schedule_read(name)  # those who came while this read was out
+
+    def _resume(self, Session session, Channel channel, bytes request_id, recover, answer):
+        """The `subscribed` reply at the channel's position, then, if the client asked to
+        recover and everything after its position is still kept (in the same epoch, and
+        within what --max-buffer lets it queue), the messages it missed."""
+        cdef Py_ssize_t room = self.max_buffer - session.queued()
+        cdef list missed = []
+        top, epoch, messages = answer
+        reply = _reply(b"subscribed", channel.name, request_id)[:-1] + b',"offset":%d,"epoch":"%s"' % (
+            top, epoch.encode("ascii"))
+        if recover is not None:
+            recovered = (recover.epoch == epoch and 0 <= recover.offset <= top
+                         and (recover.offset == top
+                              or (messages and messages[0][0] <= recover.offset + 1)))
+            if recovered:
+                missed = [message for offset, message in messages if offset > recover.offset]
+                recovered = sum(len(message) for message in missed) + len(reply) < room // 2
+            reply += b',"recovered":true}' if recovered else b',"recovered":false}'
+            if not recovered:
+                missed = []
+        else:
+            reply += b"}"
+        session.queue_bytes(reply)
+        for message in missed:
+            session.queue_bytes(message)
+        self.deliveries_total += len(missed)
         return 0
 
     # The server API's commands (a bus brings each to every worker) ---------------------
@@ -458,6 +581,9 @@ cdef class Hub:
         for i in range(target.count):
             session = <Session>target.subscribers[i]
             if session.identity.user == user:
+                ended.append(session)
+        for session, name in list(self.waiting):  # subscribing from a position
+            if name == channel and session.identity.user == user:
                 ended.append(session)
         for session in ended:
             session._leave(channel)

@@ -249,7 +249,8 @@ cdef class Session(Outbox):
                 return self.queue_bytes(b'{"type":"pong","id":' + request_id + b"}")
             return self.queue_bytes(PONG)
         if kind_name == "subscribe":
-            return self._subscribe(request.channel, request_id, request.join_leave)
+            return self._subscribe(request.channel, request_id, request.join_leave,
+                                   request.recover)
         if kind_name == "unsubscribe":
             return self._unsubscribe(request.channel, request_id)
         if kind_name == "stats":
@@ -260,6 +261,8 @@ cdef class Session(Outbox):
             return self._presence(request.channel, request_id, False)
         if kind_name == "presence_stats":
             return self._presence(request.channel, request_id, True)
+        if kind_name == "history":
+            return self._history(request, request_id)
         return self._queue_error(400, f"unknown message type {kind_name!r}", request_id)
 
     cdef int _check_channel(self, channel, bytes request_id) except -1:
@@ -273,12 +276,17 @@ cdef class Session(Outbox):
             return 0
         return 1
 
-    cdef int _subscribe(self, channel, bytes request_id, bint join_leave) except -1:
+    cdef int _subscribe(self, channel, bytes request_id, bint join_leave,
+                        recover) except -1:
         cdef Hub hub = self.hub
+        cdef bint history
         if not self._check_channel(channel, request_id):
             return 0
         if not self.identity.subscribe.allows(channel):
             return self._queue_error(403, f"not permitted to subscribe to {channel}", request_id)
+        if recover is not None and recover.offset < 0:
+            return self._queue_error(400, "'recover' needs an offset of 0 or more", request_id)
+        history = hub.history_size > 0 and hub.keeps_history(channel)
         if channel not in self.subscriptions:
             if len(self.subscriptions) >= hub.max_subscriptions:
                 return self._queue_error(
@@ -287,9 +295,17 @@ cdef class Session(Outbox):
                 return self._queue_error(
                     429, f"subscription limit reached: channel names add up to more than "
                     f"{hub.max_subscription_bytes} bytes", request_id)
-            hub.subscribe(self, channel)
+            if history:
+                hub.subscribe_history(self, channel, request_id, recover)
+            else:
+                hub.subscribe(self, channel)
+        elif history:
+            # Subscribed already: at a position it was told then, which stands.
+            return self._queue_error(400, f"already subscribed to {channel}", request_id)
         if join_leave and WATCH_PREFIX + channel not in self.subscriptions:
             hub.subscribe(self, WATCH_PREFIX + channel)
+        if history:
+            return 0  # `subscribed`, with the position, once the history is read
         if hub.awaits_confirmation(self, channel, request_id):
             return 0  # `subscribed` is a promise: it goes once the bus has the subscription
         return self.queue_bytes(_reply(b"subscribed", channel, request_id))
@@ -308,6 +324,9 @@ cdef class Session(Outbox):
         for waiting, subscribe_id in self.hub.unconfirmed.get(channel, ()):
             if waiting is self:
                 self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
+        recovery = self.hub.waiting.get((self, channel))
+        if recovery is not None:  # its history read is not back yet
+            self.queue_bytes(_reply(b"subscribed", channel, recovery[1]))
         self.hub.unsubscribe(self, channel)
         if WATCH_PREFIX + channel in self.subscriptions:
             self.hub.unsubscribe(self, WATCH_PREFIX + channel)
@@ -330,11 +349,15 @@ cdef class Session(Outbox):
             return self._queue_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
                                     request_id)
         payload = hub.encode_message(channel, request.data, self.client_id)
+        # On a channel with history the bus numbers the message (and acknowledges it with
+        # its position: PENDING, or REFUSED).
+        publish = (hub.bus.publish_history if hub.history_size > 0
+                   and hub.keeps_history(channel) else hub.bus.publish)
         if not request.echo:
             # A bus fans out on this worker within publish(): the fan-out skips us then.
             hub.excluded = self
         try:
-            outcome = hub.bus.publish(channel, payload, self if request_id else None, request_id)
+            outcome = publish(channel, payload, self if request_id else None, request_id)
         finally:
             hub.excluded = None
         if outcome == BusResult.REFUSED:
@@ -343,10 +366,11 @@ cdef class Session(Outbox):
             return self.queue_bytes(_reply(b"published", channel, request_id))
         return 0  # PENDING: the bus calls acknowledge() once it knows
 
-    def acknowledge(self, str channel, bytes request_id, bint ok):
-        """The bus's late answer to a publish that asked for one (an `id`)."""
+    def acknowledge(self, str channel, bytes request_id, bint ok, bytes position=b""):
+        """The bus's late answer to a publish that asked for one (an `id`); on a channel
+        with history, with the message's `position` (history.position)."""
         if ok:
-            self.queue_bytes(_reply(b"published", channel, request_id))
+            self.queue_bytes(_reply(b"published", channel, request_id)[:-1] + position + b"}")
         else:
             self._queue_error(503, "message bus unavailable; the message was not published",
                              request_id)
@@ -406,6 +430,48 @@ cdef class Session(Outbox):
         else:
             gather(channel, local, answer)  # with the other workers' and nodes' subscribers
         return 0
+
+    cdef int _history(self, request, bytes request_id) except -1:
+        """The kept messages of a channel: the last `limit`, or the first `limit` after
+        offset `since` (a client paging forward, in the epoch it names)."""
+        cdef Hub hub = self.hub
+        channel = request.channel
+        if not self._check_channel(channel, request_id):
+            return 0
+        if not self.identity.subscribe.allows(channel):
+            return self._queue_error(403, f"not permitted to read the history of {channel}",
+                                     request_id)
+        limit = 100 if request.limit is None else request.limit
+        if limit < 0 or (request.since is not None and request.since < 0):
+            return self._queue_error(400, "'limit' and 'since' must be 0 or more", request_id)
+        if not hub.keeps_history(channel):
+            return self.queue_bytes(_with_id(
+                b'{"type":"history","channel":"%s","data":{"offset":0,"epoch":"",'
+                b'"messages":[]}}' % channel.encode("ascii"), request_id))
+        hub.bus.read_history(channel, -1 if request.since is None else request.since,
+                             min(limit, hub.history_size),
+                             functools.partial(self.answer_history, channel, request_id,
+                                               request.since is not None, request.epoch))
+        return 0
+
+    def answer_history(self, str channel, bytes request_id, bint paging, epoch, answer):
+        """The history reply, once the store answered (`answer`: a HistoryAnswer, or None
+        when it could not)."""
+        if self.closing:
+            return
+        if answer is None:
+            self._queue_error(503, "history unavailable: its store did not answer, try again",
+                              request_id)
+            return
+        top, current, messages = answer
+        if paging and epoch is not None and epoch != current:
+            self._queue_error(409, f"epoch changed: {channel} is at epoch {current} now, "
+                              "its history from before is gone", request_id)
+            return
+        self.queue_bytes(_with_id(
+            b'{"type":"history","channel":"%s","data":{"offset":%d,"epoch":"%s","messages":[%s]}}'
+            % (channel.encode("ascii"), top, current.encode("ascii"),
+               b",".join([message for _, message in messages])), request_id))
 
     def answer_presence(self, str channel, bytes request_id, bint stats_only, entries):
         """The presence reply, once every worker's and node's part is in (`entries`:

@@ -13,7 +13,7 @@ gather as the WebSocket requests do (the bus's gather_presence).
 `channels` gathers every worker's channel counts over the bus (gather_channels: the
 embedded bus's CHANNELS records, Redis's directory, fastfan.bus.redis_directory) and adds
 them up; `info` describes this node from the figures its workers share and, with Redis,
-every node in the registry. History answers 501.
+every node in the registry.
 
 HTTP is parsed by httptools (llhttp); requests on one connection are answered in order.
 """
@@ -42,6 +42,7 @@ from .auth import MAX_TOKEN_LENGTH
 from .bus import encode_command
 from .config import Config
 from .directory import Node
+from .history import HistoryAnswer
 from .protocol import NO_VALUE
 
 log = logging.getLogger("fastfan.api")
@@ -70,7 +71,6 @@ STATUS_CHANNELS = 100
 # The `from` of every message published through the API.
 SENDER = b"api"
 # Methods of the contract that a later increment implements.
-NOT_IMPLEMENTED = ("history",)
 
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
@@ -144,6 +144,13 @@ class ChannelBody(msgspec.Struct):
     channel: str
 
 
+class HistoryBody(msgspec.Struct):
+    channel: str
+    limit: int = 100
+    since: int | None = None
+    epoch: str | None = None
+
+
 class UserBody(msgspec.Struct):
     user: str
 
@@ -158,8 +165,12 @@ class _Confirmation:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.done: asyncio.Future[bool] = loop.create_future()
+        self.position: dict[str, Any] = {}  # a history channel's offset and epoch
 
-    def acknowledge(self, channel: str, request_id: bytes, ok: bool) -> None:
+    def acknowledge(self, channel: str, request_id: bytes, ok: bool,
+                    position: bytes = b"") -> None:
+        if position:
+            self.position = json.loads(b"{" + position[1:] + b"}")
         if not self.done.done():
             self.done.set_result(ok)
 
@@ -189,6 +200,7 @@ class Api:
             "channels": self._channels, "info": self._info,
             "presence": self._presence, "presence_stats": self._presence_stats,
             "disconnect": self._disconnect, "unsubscribe": self._unsubscribe,
+            "history": self._history,
         }
 
     async def start(self, backlog: int) -> None:
@@ -244,8 +256,6 @@ class Api:
         name = path[5:].decode("latin-1")
         method = self._methods.get(name)
         if method is None:
-            if name in NOT_IMPLEMENTED:
-                raise ApiError(501, f"method {name!r} is not implemented yet")
             raise ApiError(404, f"unknown method {name!r}; methods: "
                                 f"{', '.join(self._methods)}")
         result = await method(bytes(request.body))
@@ -261,8 +271,8 @@ class Api:
     async def _publish(self, body: bytes) -> dict[str, Any]:
         request = _decode(body, PublishBody)
         _check_channel(request.channel)
-        await self._send([request.channel], _data_of(request.data))
-        return {}
+        (position,) = await self._send([request.channel], _data_of(request.data))
+        return position
 
     async def _broadcast(self, body: bytes) -> dict[str, Any]:
         request = _decode(body, BroadcastBody)
@@ -352,6 +362,36 @@ class Api:
                                 "try again")
         return hub.presence_data(entries, stats_only)
 
+    async def _history(self, body: bytes) -> dict[str, Any]:
+        """A channel's kept messages, as the WebSocket `history` request answers them."""
+        request = _decode(body, HistoryBody)
+        _check_channel(request.channel)
+        if request.limit < 0 or (request.since is not None and request.since < 0):
+            raise ApiError(400, "'limit' and 'since' must be 0 or more")
+        hub = self._hub
+        if not hub.keeps_history(request.channel):
+            return {"offset": 0, "epoch": "", "messages": []}
+        read: asyncio.Future[HistoryAnswer | None] = asyncio.get_running_loop().create_future()
+
+        def answer(result: HistoryAnswer | None) -> None:
+            if not read.done():
+                read.set_result(result)
+
+        hub.bus.read_history(request.channel, -1 if request.since is None else request.since,
+                             min(request.limit, hub.history_size), answer)
+        try:
+            result = await asyncio.wait_for(read, CONFIRM_TIMEOUT)
+        except TimeoutError:
+            result = None
+        if result is None:
+            raise ApiError(503, "history unavailable: its store did not answer, try again")
+        if request.since is not None and request.epoch is not None \
+                and request.epoch != result.epoch:
+            raise ApiError(409, f"epoch changed: {request.channel} is at epoch {result.epoch} "
+                                "now, its history from before is gone")
+        return {"offset": result.top, "epoch": result.epoch,
+                "messages": [msgspec.Raw(message) for _, message in result.messages]}
+
     async def _disconnect(self, body: bytes) -> dict[str, Any]:
         """Every connection of the user, on every worker and node, closes with 4000."""
         user = _decode(body, UserBody).user
@@ -395,15 +435,20 @@ class Api:
             redis=self._config.redis is not None, channels=channels,
             channels_everywhere=everywhere)
 
-    async def _send(self, channels: list[str], data: msgspec.Raw) -> None:
-        """Each channel gets the message through the bus, as a WebSocket publish does."""
+    async def _send(self, channels: list[str], data: msgspec.Raw) -> list[dict[str, Any]]:
+        """Each channel gets the message through the bus, as a WebSocket publish does.
+        Returns, for each, its offset and epoch on a channel with history, else {}."""
         hub = self._hub
         loop = asyncio.get_running_loop()
         pending = []
+        confirmations = []
         for sent, channel in enumerate(channels):
             confirmation = _Confirmation(loop)
+            confirmations.append(confirmation)
             payload = hub.encode_message(channel, data, SENDER)
-            outcome = hub.bus.publish(channel, payload, confirmation, b"")
+            publish = (hub.bus.publish_history if hub.keeps_history(channel)
+                       else hub.bus.publish)
+            outcome = publish(channel, payload, confirmation, b"")
             if outcome == BusResult.REFUSED:
                 raise ApiError(503, "message bus unavailable, try again" + (
                     f" ({sent} of {len(channels)} channels were published)" if sent else ""))
@@ -411,6 +456,7 @@ class Api:
                 pending.append(confirmation.done)
         if pending:
             await _confirmed(pending, "the message")
+        return [confirmation.position for confirmation in confirmations]
 
 
 async def _confirmed(pending: list[asyncio.Future[bool]], what: str) -> None:

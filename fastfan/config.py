@@ -39,6 +39,9 @@ class Config:
     presence_channels: str = "*"  # comma-separated patterns
     presence_limit: int = 1000
     presence_ttl: float = 60.0
+    history_size: int = 0  # messages kept per channel; 0: no history
+    history_ttl: float = 300.0
+    history_channels: str = "*"  # comma-separated patterns
     publish_rate: int = 1000
     max_buffer: int = 1048576
     slow_consumer: str = "disconnect"
@@ -68,10 +71,12 @@ class Config:
                 raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ConfigError("--max-connections must be a positive integer")
+        if self.history_size < 0:
+            raise ConfigError("--history-size must be 0 (no history) or more")
         if self.max_connections_per_user < 0:
             raise ConfigError("--max-connections-per-user must be 0 (no limit) or more")
         for name in ("ping_interval", "ping_timeout", "shutdown_grace", "stats_interval",
-                     "presence_ttl"):
+                     "presence_ttl", "history_ttl"):
             if getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive number of seconds")

@@ -13,6 +13,13 @@ import msgspec
 NO_VALUE = msgspec.Raw(b"")
 
 
+class Recover(msgspec.Struct, forbid_unknown_fields=False):
+    """subscribe's `recover`: the last message the client has of the channel."""
+
+    offset: int
+    epoch: str
+
+
 class Request(msgspec.Struct):
     type: str
     channel: str | None = None
@@ -22,6 +29,12 @@ class Request(msgspec.Struct):
     token: str | None = None  # refresh: the new token
     # subscribe: also receive join and leave of the channel's other clients
     join_leave: bool = msgspec.field(name="joinLeave", default=False)
+    # subscribe on a channel with history: resume after this position
+    recover: Recover | None = None
+    # history: how many messages, after which offset, of which epoch
+    limit: int | None = None
+    since: int | None = None
+    epoch: str | None = None
 
 
 decode_request = msgspec.json.Decoder(Request).decode

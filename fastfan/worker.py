@@ -77,6 +77,8 @@ class Worker:
             presence_channels=ChannelPatterns(config.presence_channels.split(",")),
             presence_limit=config.presence_limit,
             client_id_prefix=placement.client_id_prefix,
+            history_size=config.history_size,
+            history_channels=ChannelPatterns(config.history_channels.split(",")),
         )
         self.node = Node(node_name(config.port), config.workers,
                          process_start_time(placement.master_pid), self.total_figures)
@@ -84,16 +86,18 @@ class Worker:
         if config.redis is not None:
             redis_bus = RedisBus(self.hub, config.redis, config.redis_prefix, self.node,
                                  placement.slot, presence_ttl=config.presence_ttl,
+                                 history_ttl=config.history_ttl,
                                  predecessor=placement.previous_client_id_prefix)
             self.hub.presence_sink = redis_bus.presence  # presence shared by every node
             self.bus = redis_bus
         elif config.workers == 1:
-            self.bus = LocalBus(self.hub)
+            self.bus = LocalBus(self.hub, history_ttl=config.history_ttl)
         else:
             self.bus = MeshBus(self.hub, placement.slot, config.workers,
                                directory=placement.bus_directory,
                                master_pid=placement.master_pid,
-                               max_message_size=config.max_message_size)
+                               max_message_size=config.max_message_size,
+                               history_ttl=config.history_ttl)
         self.hub.bus = self.bus
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,

@@ -193,6 +193,26 @@ def process_holding(local_port: int, candidates: list[int]) -> int | None:
     return None
 
 
+def one_per_worker(server: Server, sub: str = "alice") -> dict[int, RawClient]:
+    """A connection held by each of a two-worker server's workers, keyed by worker pid."""
+    workers = children(server.process.pid)
+    held: dict[int, RawClient] = {}
+    spare = []
+    for _ in range(100):
+        client = server.connect(sub, timeout=2)
+        pid = process_holding(client.sock.getsockname()[1], workers)
+        if pid is not None and pid not in held:
+            held[pid] = client
+        else:
+            spare.append(client)
+        if len(held) == 2:
+            break
+    for client in spare:
+        client.close()
+    assert len(held) == 2, "the kernel never chose the second worker"
+    return held
+
+
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

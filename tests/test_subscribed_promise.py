@@ -12,30 +12,10 @@ import os
 import signal
 from typing import Any
 
-from conftest import RedisServer, Server, children, process_holding
+from conftest import RedisServer, one_per_worker
 from wire import RawClient
 
 ROUNDS = 150
-
-
-def one_per_worker(server: Server) -> dict[int, RawClient]:
-    """A connection held by each of a two-worker server's workers, keyed by worker pid."""
-    workers = children(server.process.pid)
-    held: dict[int, RawClient] = {}
-    spare = []
-    for _ in range(100):
-        client = server.connect(timeout=2)
-        pid = process_holding(client.sock.getsockname()[1], workers)
-        if pid is not None and pid not in held:
-            held[pid] = client
-        else:
-            spare.append(client)
-        if len(held) == 2:
-            break
-    for client in spare:
-        client.close()
-    assert len(held) == 2, "the kernel never chose the second worker"
-    return held
 
 
 def first_lost_round(subscriber: RawClient, publisher: RawClient) -> int | None:

@@ -10,6 +10,17 @@ first or loses its last local subscriber; `subscribe` answers True when the bus 
 worker: until then the clients' `subscribed` replies wait), `up` for /ready,
 `dropped_total` for what it could not pass on, and `start()` / `stop()`.
 
+On a channel with history (Hub.keeps_history) a publish goes to
+`publish_history(channel, payload, session, request_id)` instead: the bus numbers the
+message (fastfan.history) with one sequencer per channel, keeps it, and fans it out
+numbered; it answers REFUSED or PENDING, and acknowledges with the message's position
+(`session.acknowledge(channel, request_id, True, position)`). `read_history(channel,
+since, limit, answer)` calls `answer(HistoryAnswer)` (or `answer(None)`: the store did not
+answer) with the kept messages after offset `since` (the last `limit` when `since` < 0);
+and the answer reaches this worker in the stream of the channel's messages, after every
+message up to its position and before every later one, once the channel is subscribed
+here: Hub.subscribe_history's seam relies on it.
+
 `command(payload, session)` carries a server API command (`disconnect`, `unsubscribe`,
 encoded by `encode_command`) to every worker of every node, this one included, each of
 which applies it to its own Hub with `apply_command`; it answers as `publish` does (PENDING:
@@ -19,11 +30,13 @@ which applies it to its own Hub with `apply_command`; it answers as `publish` do
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
 
 from .._core import BusResult, Hub, is_valid_channel
+from ..history import HistoryAnswer
 
 REFUSED, DONE, PENDING = BusResult.REFUSED, BusResult.DONE, BusResult.PENDING
 
@@ -69,6 +82,10 @@ class Bus(Protocol):
     dropped_total: int
 
     def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int: ...
+    def publish_history(self, channel: str, payload: bytes, session: Any,
+                        request_id: bytes) -> int: ...
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None: ...
     def subscribe(self, channel: str) -> bool: ...
     def unsubscribe(self, channel: str) -> None: ...
     def command(self, payload: bytes, session: Any) -> int: ...

@@ -2,29 +2,55 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from .._core import Hub
-from . import DONE, apply_command
+from ..history import HistoryAnswer, HistoryStore, position
+from . import DONE, PENDING, apply_command
+
+# How often the history store forgets what has expired.
+HISTORY_SWEEP_INTERVAL = 10.0
 
 
 class LocalBus:
     up = True
     dropped_total = 0
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, *, history_ttl: float = 300.0) -> None:
         self._hub = hub
         self._fanout = hub.fanout
+        self.history = HistoryStore(hub.history_size, history_ttl)
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Nothing to connect to."""
+        """Nothing to connect to; the history store's sweep, if there is history."""
+        if self._hub.history_size:
+            self._sweeper = asyncio.get_running_loop().create_task(
+                sweep_forever(self.history))
 
     async def stop(self) -> None:
-        """Nothing to disconnect from."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
         self._fanout(channel, payload)
         return DONE
+
+    def publish_history(self, channel: str, payload: bytes, session: Any,
+                        request_id: bytes) -> int:
+        """Numbered, kept and fanned out; acknowledged (if asked) with its position."""
+        offset, epoch, numbered = self.history.sequence(channel, payload)
+        self._fanout(channel, numbered)
+        if session is not None:
+            session.acknowledge(channel, request_id, True, position(offset, epoch))
+        return PENDING
+
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        """Answered at once: in this process a read falls between two messages."""
+        answer(self.history.read(channel, since, limit))
 
     def subscribe(self, channel: str) -> bool:
         """Every message already passes through this process: nothing to wait for."""
@@ -37,3 +63,9 @@ class LocalBus:
         """This worker's clients are all there are."""
         apply_command(self._hub, payload)
         return DONE
+
+
+async def sweep_forever(history: HistoryStore) -> None:
+    while True:
+        await asyncio.sleep(HISTORY_SWEEP_INTERVAL)
+        history.sweep()

@@ -18,6 +18,16 @@ SUBSCRIBE to every other worker, and each answers SUBSCRIBED on the same connect
 it forwards that channel; the Hub holds the client's `subscribed` reply until every
 connected worker has answered (a worker that goes away owes nothing).
 
+History (fastfan.history): each channel with history has one owner, `owner_of(channel)`,
+whose HistoryStore numbers and keeps its messages. A publish on it goes to the owner
+(SEQUENCE; its acknowledgement comes back as SEQUENCED), which numbers it, fans it out
+and sends it to the interested workers like its own publish (to the publisher's worker as
+PUBLISH_EXCLUDING when the publisher asked for no echo). A history read (HISTORY) is
+answered (HISTORY_ANSWER) on the owner's stream of publishes to the reader, the same
+stream as the channel's messages: after every message up to the read's position, before
+every later one, which is what a subscription's seam needs (Hub.subscribe_history). A
+worker's death costs its channels their history: its successor starts new epochs.
+
 Only the server's own workers may reach the bus: a record on it is delivered to clients
 with no token or rate limit checked. So the master creates the directory with
 `tempfile.mkdtemp` before forking (mode 0700, a random name: no other user can connect
@@ -56,13 +66,34 @@ import msgspec
 
 from .._core import WATCH_PREFIX, Hub
 from ..directory import MAX_LISTED, Counts, channel_counts
-from . import DONE, REFUSED, apply_command
+from ..history import HistoryAnswer, HistoryStore, owner_of, position
+from . import DONE, PENDING, REFUSED, apply_command
+from .local import sweep_forever
 
 log = logging.getLogger("fastfan.bus")
 
 HELLO, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBED, PRESENCE, PRESENCE_ANSWER = range(1, 8)
 # A server API command (bus.encode_command's JSON, no channel), sent to every worker.
 COMMAND = 8
+# History: a publish for the channel's owner to number (token, flags, message), its
+# acknowledgement (token, offset, epoch), a numbered message back to its publisher's worker
+# (token, message), a read (query, since, limit) and its answer (query, JSON).
+SEQUENCE, SEQUENCED, PUBLISH_EXCLUDING, HISTORY, HISTORY_ANSWER = range(9, 14)
+TOKEN = struct.Struct("!I")
+SEQUENCED_ANSWER = struct.Struct("!IqB")  # token, offset, sent back (then epoch)
+READ = struct.Struct("!Iqi")  # query, since, limit
+NO_ECHO = 1  # SEQUENCE's flag: the publisher is not to receive its message
+# A SEQUENCED record: its header, a channel and an epoch.
+MAX_SEQUENCED = 2 + 255 + SEQUENCED_ANSWER.size + 64
+# An owner that has not answered a history read in this long fails it (503, try again).
+HISTORY_TIMEOUT = 2.0
+# What a record of each history kind carries at least, after its channel.
+MIN_BODY = {SEQUENCE: TOKEN.size + 1, PUBLISH_EXCLUDING: TOKEN.size, HISTORY: READ.size,
+            HISTORY_ANSWER: TOKEN.size}
+# Publishes sent to their owner and not acknowledged yet; past this many (an owner that
+# died with them), the oldest are forgotten: an "echo":false publisher may then receive
+# its own message, never lose one.
+MAX_UNACKNOWLEDGED = 10_000
 # The server API's `channels` (and the status page's busiest channels): CHANNELS asks a
 # worker for its channels (payload: a query number, a limit, the pattern), CHANNELS_ANSWER
 # gives its [channel, subscribers] pairs (fastfan.directory.channel_counts).
@@ -113,6 +144,8 @@ _decode_join_or_leave = msgspec.json.Decoder(JoinOrLeave).decode
 _encode = msgspec.json.encode
 _decode_entries = msgspec.json.Decoder(list[list[str]]).decode
 _decode_counts = msgspec.json.Decoder(list[tuple[str, int]]).decode
+_decode_history = msgspec.json.Decoder(
+    tuple[int, str, list[tuple[int, msgspec.Raw]]]).decode
 
 
 @dataclass
@@ -178,9 +211,10 @@ class Incoming(asyncio.Protocol):
         answers = []
         while end - offset >= 6:
             size, kind, channel_length = HEADER.unpack_from(buffer, offset)
-            if not channel_length + 2 <= size <= bus.max_record:
+            largest = bus.max_history_answer if kind == HISTORY_ANSWER else bus.max_record
+            if not channel_length + 2 <= size <= largest:
                 self._drop(f"a record of {size} bytes (channel {channel_length}, "
-                           f"at most {bus.max_record})")
+                           f"at most {largest})")
                 return
             if end - offset - 4 < size:
                 break
@@ -191,6 +225,9 @@ class Incoming(asyncio.Protocol):
                 self._drop("a channel that is not ASCII")
                 return
             offset += 4 + size
+            if offset - start - channel_length < MIN_BODY.get(kind, 0):
+                self._drop(f"a record of kind {kind} too short for what it carries")
+                return
             if kind == PUBLISH and self.slot is not None:
                 payload = buffer[start + channel_length:offset]
                 if channel.startswith(WATCH_PREFIX):
@@ -216,6 +253,22 @@ class Incoming(asyncio.Protocol):
                     channel_counts(bus.hub, pattern, min(limit, MAX_LISTED)))))
             elif kind == COMMAND and self.slot is not None:
                 apply_command(bus.hub, bytes(buffer[start + channel_length:offset]))
+            elif kind == SEQUENCE and self.slot is not None:
+                token, flags = TOKEN.unpack_from(buffer, start + channel_length)[0], buffer[
+                    start + channel_length + 4]
+                answer = bus.sequence(channel, bytes(buffer[start + channel_length + 5:offset]),
+                                      self.slot, token, flags & NO_ECHO)
+                if answer:
+                    answers.append(answer)
+            elif kind == PUBLISH_EXCLUDING and self.slot is not None:
+                (token,) = TOKEN.unpack_from(buffer, start + channel_length)
+                bus.returned(channel, token, bytes(buffer[start + channel_length + 4:offset]))
+            elif kind == HISTORY and self.slot is not None:
+                query, since, limit = READ.unpack_from(buffer, start + channel_length)
+                bus.read_for(self.slot, channel, query, since, limit)
+            elif kind == HISTORY_ANSWER and self.slot is not None:
+                (query,) = TOKEN.unpack_from(buffer, start + channel_length)
+                bus.history_answered(query, bytes(buffer[start + channel_length + 4:offset]))
             elif kind == UNSUBSCRIBE and self.slot is not None:
                 bus.interest[self.slot].discard(channel)
             elif kind == HELLO and self.slot is None:
@@ -293,6 +346,8 @@ class Outgoing(asyncio.Protocol):
         while end - offset >= 6:
             size, kind, channel_length = HEADER.unpack_from(answers, offset)
             if not ((kind == SUBSCRIBED and size == channel_length + 2 <= MAX_ANSWER)
+                    or (kind == SEQUENCED
+                        and channel_length + 2 + SEQUENCED_ANSWER.size <= size <= MAX_SEQUENCED)
                     or (kind in (PRESENCE_ANSWER, CHANNELS_ANSWER)
                         and channel_length + 2 + QUERY.size <= size <= MAX_PRESENCE_ANSWER)):
                 log.warning("bus: dropped the connection to worker %d: record kind %d, %d "
@@ -304,6 +359,11 @@ class Outgoing(asyncio.Protocol):
             start = offset + 6 + channel_length
             channel = answers[offset + 6:start].decode("ascii", "replace")
             offset += 4 + size
+            if kind == SEQUENCED:
+                token, number, returned = SEQUENCED_ANSWER.unpack_from(answers, start)
+                epoch = answers[start + SEQUENCED_ANSWER.size:offset].decode("ascii", "replace")
+                self.bus.sequenced(channel, token, number, epoch, returned)
+                continue
             if kind in (PRESENCE_ANSWER, CHANNELS_ANSWER):
                 (query,) = QUERY.unpack_from(answers, start)
                 decode, what = ((_decode_entries, "presence answer that is not a list of "
@@ -349,6 +409,7 @@ class Outgoing(asyncio.Protocol):
         for channel in unanswered:  # a worker gone has no publishes to promise
             self.bus.answered(channel)
         self.bus.presence_answered_by_all(self.slot)  # nor subscribers
+        self.bus.owner_lost(self.slot)  # nor acknowledgements
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -357,13 +418,23 @@ class MeshBus:
     up = True
 
     def __init__(self, hub: Hub, slot: int, workers: int, *, directory: str, master_pid: int,
-                 max_message_size: int) -> None:
+                 max_message_size: int, history_ttl: float = 300.0) -> None:
         self.hub = hub
         self.slot = slot
         self.workers = workers
         self.directory = directory
         self.master_pid = master_pid
         self.max_record = 2 + max(max_message_size + ENVELOPE_MARGIN, MAX_COMMAND)
+        self.max_history_answer = 2 + 255 + 4 + 64 + hub.history_size * (
+            max_message_size + ENVELOPE_MARGIN + 32)
+        # the channels this worker owns: their history
+        self.history = HistoryStore(hub.history_size, history_ttl)
+        # publishes out to their owner: token -> (session, request id) to acknowledge, and
+        # token -> publisher to skip when its message comes back ("echo":false)
+        self._acknowledging: dict[int, tuple[Any, bytes, int]] = {}
+        self._unechoed: dict[int, Any] = {}
+        self._next_token = 0
+        self._reads: dict[int, Callable[[HistoryAnswer | None], None]] = {}
         self.outgoing: dict[int, Outgoing] = {}
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != slot}
@@ -385,6 +456,8 @@ class MeshBus:
         self._listener = listener
         self._tasks = [loop.create_task(self._accept_forever(listener))]
         self._tasks += [loop.create_task(self._stay_connected(s)) for s in self.interest]
+        if self.hub.history_size:
+            self._tasks.append(loop.create_task(sweep_forever(self.history)))
 
     async def _accept_forever(self, listener: socket.socket) -> None:
         """Let in our sibling workers, and nobody else."""
@@ -424,14 +497,141 @@ class MeshBus:
 
     def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
         self.hub.fanout(channel, payload)
+        self._forward(channel, payload)
+        return DONE
+
+    def _forward(self, channel: str, payload: bytes, skip: int = -1) -> None:
+        """Our publish on `channel`, to every other worker with subscribers for it."""
         data = None
         for slot, peer in self.outgoing.items():
-            if channel in self.interest[slot]:
+            if slot != skip and channel in self.interest[slot]:
                 if data is None:
                     data = record(PUBLISH, channel.encode(), payload)
                 if not peer.send(data):
                     self.dropped_total += 1
-        return DONE
+
+    # History ----------------------------------------------------------------------------
+
+    def publish_history(self, channel: str, payload: bytes, session: Any,
+                        request_id: bytes) -> int:
+        """To the channel's owner, to be numbered; acknowledged with its position."""
+        owner = owner_of(channel, self.workers)
+        if owner == self.slot:
+            offset, epoch, numbered = self.history.sequence(channel, payload)
+            self.hub.fanout(channel, numbered)  # Hub.excluded, if set, is skipped
+            self._forward(channel, numbered)
+            if session is not None:
+                session.acknowledge(channel, request_id, True, position(offset, epoch))
+            return PENDING
+        peer = self.outgoing.get(owner)
+        if peer is None:
+            return REFUSED  # the owner is restarting: try again
+        token = flags = 0
+        if session is not None or self.hub.excluded is not None:
+            self._next_token = token = self._next_token % 0xFFFFFFFF + 1
+            if len(self._unechoed) >= MAX_UNACKNOWLEDGED:
+                self._unechoed.clear()
+            if session is not None:
+                self._acknowledging[token] = (session, request_id, owner)
+            if self.hub.excluded is not None:
+                self._unechoed[token] = self.hub.excluded
+                flags = NO_ECHO
+        if not peer.send(record(SEQUENCE, channel.encode(),
+                                TOKEN.pack(token) + bytes((flags,)) + payload)):
+            self._acknowledging.pop(token, None)
+            self._unechoed.pop(token, None)
+            return REFUSED
+        return PENDING
+
+    def sequence(self, channel: str, payload: bytes, origin: int, token: int,
+                 no_echo: int) -> bytes:
+        """As the channel's owner: number another worker's publish, keep it, fan it out
+        and send it on. Returns the SEQUENCED answer for its worker (b"" if it needs none)."""
+        if owner_of(channel, self.workers) != self.slot:
+            log.warning("bus: worker %d sent a publish on %s to number, which worker %d owns",
+                        origin, channel, owner_of(channel, self.workers))
+            return b""
+        offset, epoch, numbered = self.history.sequence(channel, payload)
+        self.hub.fanout(channel, numbered)
+        returned = 0
+        if no_echo and channel in self.interest[origin] and origin in self.outgoing:
+            returned = int(self.outgoing[origin].send(record(
+                PUBLISH_EXCLUDING, channel.encode(), TOKEN.pack(token) + numbered)))
+            self._forward(channel, numbered, skip=origin)
+        else:
+            self._forward(channel, numbered)
+        if not token:
+            return b""
+        return record(SEQUENCED, channel.encode(),
+                      SEQUENCED_ANSWER.pack(token, offset, returned) + epoch.encode("ascii"))
+
+    def sequenced(self, channel: str, token: int, offset: int, epoch: str,
+                  returned: int) -> None:
+        """The owner numbered our publish: acknowledge it with its position."""
+        acknowledging = self._acknowledging.pop(token, None)
+        if not returned:
+            self._unechoed.pop(token, None)  # no message comes back to skip anyone for
+        if acknowledging is not None:
+            session, request_id, _ = acknowledging
+            session.acknowledge(channel, request_id, True, position(offset, epoch))
+
+    def owner_lost(self, slot: int) -> None:
+        """Our connection to a worker went: the publishes it had not acknowledged may or may
+        not have gone out; their publishers hear 503."""
+        for token, (session, request_id, owner) in list(self._acknowledging.items()):
+            if owner == slot:
+                del self._acknowledging[token]
+                session.acknowledge("", request_id, False)
+
+    def returned(self, channel: str, token: int, payload: bytes) -> None:
+        """Our "echo":false publish, numbered, back for our other subscribers."""
+        publisher = self._unechoed.pop(token, None)
+        if publisher is None:
+            self.hub.fanout(channel, payload)
+        else:
+            self.hub.fanout_excluding(channel, payload, publisher)
+
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        owner = owner_of(channel, self.workers)
+        if owner == self.slot:
+            answer(self.history.read(channel, since, limit))
+            return
+        peer = self.outgoing.get(owner)
+        self._next_query += 1
+        query = self._next_query
+        if peer is None or not peer.send(record(HISTORY, channel.encode(),
+                                                READ.pack(query, since, limit))):
+            answer(None)
+            return
+        self._reads[query] = answer
+        asyncio.get_running_loop().call_later(HISTORY_TIMEOUT, self._read_timed_out, query)
+
+    def read_for(self, slot: int, channel: str, query: int, since: int, limit: int) -> None:
+        """As the owner: answer a worker's read on our stream of publishes to it."""
+        peer = self.outgoing.get(slot)
+        if peer is None or owner_of(channel, self.workers) != self.slot:
+            return  # it gives up after HISTORY_TIMEOUT
+        top, epoch, messages = self.history.read(channel, since, max(0, limit))
+        peer.send(record(HISTORY_ANSWER, channel.encode(), TOKEN.pack(query) + _encode(
+            [top, epoch, [[offset, msgspec.Raw(message)] for offset, message in messages]])))
+
+    def history_answered(self, query: int, payload: bytes) -> None:
+        answer = self._reads.pop(query, None)
+        if answer is None:
+            return
+        try:
+            top, epoch, messages = _decode_history(payload)
+        except msgspec.DecodeError:
+            log.warning("bus: a history answer that is not one")
+            answer(None)
+            return
+        answer(HistoryAnswer(top, epoch, [(offset, bytes(raw)) for offset, raw in messages]))
+
+    def _read_timed_out(self, query: int) -> None:
+        answer = self._reads.pop(query, None)
+        if answer is not None:
+            answer(None)
 
     def command(self, payload: bytes, session: Any) -> int:
         """A server API command, for this worker's clients and every other worker's (sent

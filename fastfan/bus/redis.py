@@ -15,6 +15,11 @@ A worker SUBSCRIBEs to a channel while it has local subscribers for it (bursts g
 one command per loop turn), and after a reconnect (backoff min(attempt x 50 ms, 2 s))
 subscribes to all of them again. Until Redis answers, publishes get 503 and /ready 503.
 
+On a channel with history, a publish is the numbering script of redis_history instead of a
+PUBLISH, in the same pipeline, and its result acknowledges the publisher with the position;
+reads are answered on this worker's reply channel (`--redis-prefix` + "!history:" + a
+random name), which the subscribing connection subscribes to from the start, like COMMANDS.
+
 What waits for Redis is bounded: publishes queue up to MAX_QUEUED_BYTES (then 503, and
 /ready 503 until the queue drains), and a pipeline Redis does not answer within
 PIPELINE_TIMEOUT fails its publishers (503) and drops both connections, so that only a
@@ -29,6 +34,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -38,8 +44,10 @@ import redis.asyncio as aioredis
 
 from .._core import WATCH_PREFIX, Hub, Outbox, Session
 from ..directory import Node
+from ..history import HistoryAnswer, new_epoch, position
 from . import COMMANDS, PENDING, REFUSED, apply_command
 from .redis_directory import RedisDirectory
+from .redis_history import RedisHistory
 from .redis_presence import RedisPresence
 
 log = logging.getLogger("fastfan.redis")
@@ -121,7 +129,8 @@ class Subscriber(asyncio.Protocol):
 
 class RedisBus:
     def __init__(self, hub: Hub, url: str, prefix: str, node: Node, slot: int,
-                 presence_ttl: float = 60.0, predecessor: str = "") -> None:
+                 presence_ttl: float = 60.0, predecessor: str = "",
+                 history_ttl: float = 300.0) -> None:
         self.hub = hub
         self.url = url
         self.prefix = prefix.encode()
@@ -133,8 +142,9 @@ class RedisBus:
         self.dropped_total = 0       # messages Redis could not take (lost in a failed batch)
         self.invalid_total = 0       # payloads from Redis that were not a JSON object in UTF-8
         self._publisher = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
-        # (redis channel, payload, session to acknowledge or None, its request id)
-        self._queue: deque[tuple[bytes, bytes, Session | None, bytes]] = deque()
+        # (redis channel, payload, session to acknowledge or None, its request id, whether
+        # the channel keeps history)
+        self._queue: deque[tuple[bytes, bytes, Session | None, bytes, bool]] = deque()
         self._queued_bytes = 0       # of the queue and the pipeline in flight
         self._unechoed: dict[bytes, Outbox] = {}
         # redis channel -> SUBSCRIBEs sent on this connection that Redis has not answered
@@ -147,6 +157,9 @@ class RedisBus:
         self.presence = RedisPresence(self._publisher, hub, prefix, presence_ttl,
                                       announce=self._announce, predecessor=predecessor)
         self.gather_presence = self.presence.gather
+        self.history = RedisHistory(self._publisher, self.prefix, hub.history_size,
+                                    history_ttl, self.prefix + b"!history:" +
+                                    new_epoch().encode())
         self.directory = RedisDirectory(  # channels and info across the nodes
             self._publisher, hub, prefix, node, slot,
             send=lambda channel, payload: self.publish(channel, payload, None, b""))
@@ -166,13 +179,14 @@ class RedisBus:
             task.cancel()
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.close()
+        self.history.stop()
         await self.directory.withdraw()
         await self._publisher.aclose()
 
     # Publishing ---------------------------------------------------------------------
 
     def publish(self, channel: str, payload: bytes, session: Session | None,
-                request_id: bytes) -> int:
+                request_id: bytes, history: bool = False) -> int:
         """Queued for the next pipeline; a `published` reply waits for Redis's answer."""
         if not self.up:
             return REFUSED
@@ -186,10 +200,23 @@ class RedisBus:
             return REFUSED
         self._queued_bytes += cost
         if self.hub.excluded is not None and len(self._unechoed) < MAX_UNECHOED:
-            self._unechoed[payload] = self.hub.excluded
-        self._queue.append((redis_channel, payload, session, request_id))
+            # (numbered, it comes back with its position before the closing brace)
+            self._unechoed[payload[:-1] if history else payload] = self.hub.excluded
+        self._queue.append((redis_channel, payload, session, request_id, history))
         self._queued.set()
         return PENDING
+
+    def publish_history(self, channel: str, payload: bytes, session: Session | None,
+                        request_id: bytes) -> int:
+        """Through the numbering script, in the publishes' pipeline."""
+        return self.publish(channel, payload, session, request_id, True)
+
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        if not self._connected:
+            answer(None)
+            return
+        self.history.read(channel, since, limit, answer)
 
     async def _publish_forever(self) -> None:
         """One pipeline per batch, one batch at a time: the publishers' order is kept."""
@@ -199,10 +226,14 @@ class RedisBus:
             batch = list(self._queue)
             self._queue.clear()
             pipe = self._publisher.pipeline(transaction=False)
-            for channel, payload, _, _ in batch:
-                pipe.publish(channel, payload)
+            for channel, payload, _, _, history in batch:
+                if history:
+                    await self.history.add_publish(pipe, channel, payload)
+                else:
+                    pipe.publish(channel, payload)
+            results: list[Any] = []
             try:
-                await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
+                results = await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
                 ok = True
             except TimeoutError:
                 ok = False
@@ -215,9 +246,15 @@ class RedisBus:
             if not ok:
                 self.dropped_total += len(batch)
             prefix = len(self.prefix)
-            for channel, payload, session, request_id in batch:
+            for index, (channel, payload, session, request_id, history) in enumerate(batch):
                 self._queued_bytes -= _queued_cost(channel, payload)
-                if session is not None:
+                if session is None:
+                    continue
+                if history and ok:
+                    offset, epoch = results[index]
+                    session.acknowledge(channel[prefix:].decode("ascii"), request_id, True,
+                                        position(offset, epoch.decode("ascii")))
+                else:
                     session.acknowledge(channel[prefix:].decode("ascii"), request_id, ok)
             if self._full and self._queued_bytes <= MAX_QUEUED_BYTES // 2:
                 self._full = False
@@ -286,14 +323,24 @@ class RedisBus:
         if channel == self._commands:
             apply_command(self.hub, payload)
             return
+        if channel == self.history.reply_channel:
+            self.history.answered(payload)
+            return
         if channel in self.directory.channels:
             self.directory.received(channel, payload)
             return
         name = channel[len(self.prefix):].decode("ascii")
-        if self._unechoed and (publisher := self._unechoed.pop(payload, None)) is not None:
+        if self._unechoed and (publisher := self._unechoed_publisher(payload)) is not None:
             self.hub.fanout_excluding(name, payload, publisher)
         else:
             self.hub.fanout(name, payload)
+
+    def _unechoed_publisher(self, payload: bytes) -> Outbox | None:
+        """The publisher a message comes back to be kept from ("echo":false), if any."""
+        publisher = self._unechoed.pop(payload, None)
+        if publisher is None and (numbered := payload.rfind(b',"offset":')) > 0:
+            publisher = self._unechoed.pop(payload[:numbered], None)
+        return publisher
 
     async def _stay_subscribed(self) -> None:
         attempt = 0
@@ -319,6 +366,7 @@ class RedisBus:
             self._report(True, f"{len(self.hub.channels)} channels subscribed")
             await subscriber.lost
             self._subscriber = None
+            self.history.fail_all()  # their answers would have come on it
             self._went_down("connection to redis lost")
 
     async def _connect(self) -> Subscriber:
@@ -336,7 +384,8 @@ class RedisBus:
             commands.append(_command(b"AUTH", *credentials))
         channels = [self.prefix + name.encode() for name in self.hub.channels]
         self._unanswered = dict.fromkeys(channels, 1)
-        commands.append(_command(b"SUBSCRIBE", self._commands, *self.directory.channels,
+        commands.append(_command(b"SUBSCRIBE", self._commands, self.history.reply_channel,
+                                 *self.directory.channels,
                                  *channels))
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))
