@@ -303,6 +303,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "soak": (studies.soak, ("minutes",)),
     "accept-spread": (studies.accept_spread, ("workers", "connections")),
     "presence": (studies.presence, ("connections", "processes")),
+    "join-storm": (studies.join_storm, ("watchers", "joiners")),
     "api": (studies.api, ("subscribers", "duration")),
     "shards": (studies.shards, ("rates", "duration", "channels")),
 }
@@ -346,6 +347,10 @@ def parse_args() -> argparse.Namespace:
                        help="shards: channels, each with a subscriber on both nodes (1000)")
     study.add_argument("--subscribers", type=int,
                        help="api: subscribers of the channel published into (1000)")
+    study.add_argument("--watchers", type=int,
+                       help="join-storm: subscribers watching joinLeave (1000)")
+    study.add_argument("--joiners", type=int,
+                       help="join-storm: clients subscribing at once (1000)")
     args = parser.parse_args()
     unknown = set(args.scenarios.split(",")) - {*SUITE, *STUDIES}
     if unknown:

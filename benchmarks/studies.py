@@ -7,6 +7,7 @@
     ./dev bench --scenarios soak --minutes 10
     ./dev bench --scenarios accept-spread --workers 6 --connections 6000
     ./dev bench --scenarios presence --connections 10000 --processes 10
+    ./dev bench --scenarios join-storm --watchers 1000 --joiners 1000
     ./dev bench --scenarios redis --rates 50000,200000,500000 --duration 4
     ./dev bench --scenarios api --subscribers 1000 --duration 3
 
@@ -18,13 +19,16 @@ run's JSON. docs/benchmarks.md has the figures of their last runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -33,6 +37,7 @@ from typing import Any
 from lib import (
     HEADER,
     PEERS,
+    TESTS,
     Subscribers,
     cpu_seconds,
     format_row,
@@ -747,3 +752,81 @@ def _channels_run(ports: list[int], channels: int, offered: float, duration: flo
         "cpu_us_per_delivery": sum(node_used) / max(delivered, 1) * 1e6,
         "node_us_per_msg": [used_ / max(sent, 1) * 1e6 for used_ in node_used],
     }
+
+
+def _count_joins(watchers: list[Any], expected: int, timeout: float = 120) -> None:
+    """Read every watcher until each has received `expected` join events."""
+    marker = b'"type":"join"'
+    selector = selectors.DefaultSelector()
+    counts: dict[int, list[Any]] = {}
+    for client in watchers:
+        client.sock.setblocking(False)
+        counts[client.sock.fileno()] = [0, b""]
+        selector.register(client.sock, selectors.EVENT_READ, client.sock)
+    waiting = len(watchers)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{waiting} watchers still wait for their joins")
+        for key, _ in selector.select(1):
+            sock = key.data
+            try:
+                data = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            state = counts[sock.fileno()]
+            text = state[1] + data
+            state[0] += text.count(marker)
+            state[1] = text[-(len(marker) - 1):]
+            if state[0] >= expected:
+                selector.unregister(sock)
+                waiting -= 1
+    selector.close()
+
+
+def join_storm(watchers: int = 1000, joiners: int = 1000) -> list[dict[str, Any]]:
+    """`joiners` clients subscribing at once to a channel that `watchers` others watch with
+    "joinLeave": true: watchers x joiners join frames, by the contract one per event. How
+    long until every watcher has them all, and the server's CPU for it (one worker)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from wire import RawClient
+
+    port = free_port()
+    server = start_fastfan(port, NO_HEARTBEAT, pin=False)
+    try:
+        watching = []
+        for _ in range(watchers):
+            client = RawClient("127.0.0.1", port, "/", timeout=30)
+            client.recv_json()  # welcome
+            client.send_json({"type": "subscribe", "channel": "crowd", "joinLeave": True})
+            while client.recv_json()["type"] != "subscribed":
+                pass  # the joins of the watchers after it
+            watching.append(client)
+        joining = []
+        for _ in range(joiners):
+            client = RawClient("127.0.0.1", port, "/", timeout=30)
+            client.recv_json()
+            joining.append(client)
+        time.sleep(0.5)
+        for client in watching:  # what the watchers' own joins left queued
+            client.sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while client.sock.recv(1 << 20):
+                    pass
+            client.sock.setblocking(True)
+        cpu = cpu_seconds(server.pid)
+        started = time.monotonic()
+        for client in joining:
+            client.send_json({"type": "subscribe", "channel": "crowd"})
+        _count_joins(watching, joiners)
+        row = {"scenario": "join-storm", "watchers": watchers, "joiners": joiners,
+               "frames": watchers * joiners,
+               "all_received_s": round(time.monotonic() - started, 2),
+               "server_cpu_s": round(cpu_seconds(server.pid) - cpu, 2)}
+        for client in watching + joining:
+            client.close()
+    finally:
+        stop(server)
+    print(f"\njoin-storm: {row}", flush=True)
+    return [row]

@@ -24,6 +24,7 @@ from .bus.mesh import MeshBus
 from .bus.redis import RedisBus
 from .bus.sharded import ShardedBus, redis_urls
 from .config import Config
+from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
 from .logs import PicowsLog
 from .metrics import SharedFigures
@@ -82,6 +83,8 @@ class Worker:
             history_size=config.history_size,
             history_channels=ChannelPatterns(config.history_channels.split(",")),
         )
+        self.node = Node(node_name(config.port), config.workers,
+                         process_start_time(placement.master_pid), self.total_figures)
         self.bus: Bus
         if config.redis is not None and config.redis.startswith(CLUSTER_SCHEME):
             cluster = ClusterBus(self.hub, config.redis, config.redis_prefix,
@@ -93,12 +96,14 @@ class Worker:
             sharded = ShardedBus(self.hub, redis_urls(config.redis), config.redis_prefix,
                                  presence_ttl=config.presence_ttl,
                                  predecessor=placement.previous_client_id_prefix,
-                                 history_ttl=config.history_ttl)
+                                 history_ttl=config.history_ttl, node=self.node,
+                                 slot=placement.slot)
             self.hub.presence_sink = sharded.presence
             self.bus = sharded
         elif config.redis is not None:
             redis_bus = RedisBus(self.hub, config.redis, config.redis_prefix,
-                                 presence_ttl=config.presence_ttl,
+                                 presence_ttl=config.presence_ttl, node=self.node,
+                                 slot=placement.slot,
                                  history_ttl=config.history_ttl,
                                  predecessor=placement.previous_client_id_prefix)
             self.hub.presence_sink = redis_bus.presence  # presence shared by every node
@@ -119,7 +124,7 @@ class Worker:
                                        max_connections=max_connections(config))
         self.api = None if config.api_port is None else Api(
             config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
-            master_pid=placement.master_pid, worker=placement.slot)
+            node=self.node, worker=placement.slot)
         self._stop = asyncio.Event()
 
     def is_ready(self) -> bool:

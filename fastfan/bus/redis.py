@@ -55,8 +55,10 @@ from redis.crc import key_slot
 from redis.exceptions import AskError
 
 from .._core import WATCH_PREFIX, Hub, Outbox, Session
+from ..directory import Node
 from ..history import HistoryAnswer, new_epoch, position
 from . import COMMANDS, PENDING, REFUSED, apply_command
+from .redis_directory import RedisDirectory
 from .redis_history import RedisHistory
 from .redis_presence import RedisPresence
 
@@ -155,7 +157,8 @@ class RedisBus:
                  owns: Callable[[str], bool] | None = None, settle: float = 0.0,
                  sharded: bool = False,
                  moved: Callable[[bytes], None] | None = None,
-                 presence_client: Any = None) -> None:
+                 presence_client: Any = None, node: Node | None = None,
+                 slot: int = 0) -> None:
         self.hub = hub
         self.url = url
         self.name = name             # in log lines: which Redis, when there are several
@@ -199,6 +202,15 @@ class RedisBus:
         self.history = RedisHistory(self._publisher, self.prefix, hub.history_size,
                                     history_ttl, self.prefix + b"!history:" +
                                     new_epoch().encode())
+        # channels and info across the nodes: this worker's `node` on the registry (with
+        # several Redis, on the first of them only; a cluster has none yet)
+        self.directory: RedisDirectory | None = None
+        if node is not None:
+            self.directory = RedisDirectory(
+                self._publisher, hub, prefix, node, slot,
+                send=lambda channel, payload: self.publish(channel, payload, None, b""))
+            self.gather_channels = self.directory.gather_channels
+            self.nodes = self.directory.nodes
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -206,6 +218,8 @@ class RedisBus:
                        loop.create_task(self._publish_forever()),
                        loop.create_task(self.presence.write_forever()),
                        loop.create_task(self.presence.refresh_forever())]
+        if self.directory is not None:
+            self._tasks.append(loop.create_task(self.directory.announce_forever()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -213,6 +227,8 @@ class RedisBus:
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.close()
         self.history.stop()
+        if self.directory is not None:
+            await self.directory.withdraw()
         await self._publisher.aclose()
 
     # Publishing ---------------------------------------------------------------------
@@ -394,6 +410,9 @@ class RedisBus:
         if channel == self.history.reply_channel:
             self.history.answered(payload)
             return
+        if self.directory is not None and channel in self.directory.channels:
+            self.directory.received(channel, payload)
+            return
         name = channel[len(self.prefix):].decode("ascii")
         if self._unechoed and (publisher := self._unechoed_publisher(payload)) is not None:
             self.hub.fanout_excluding(name, payload, publisher)
@@ -470,6 +489,8 @@ class RedisBus:
                     if owns is None or owns(name)]
         self._unanswered = dict.fromkeys(channels, 1)
         self._unsubscribing = {}
+        if self.directory is not None:
+            channels[:0] = self.directory.channels
         if not self.sharded:  # history's answers (a cluster has no history yet: cluster.py)
             channels.insert(0, self.history.reply_channel)
         if not self.sharded or owns is None or owns(COMMANDS):  # a cluster: on its slot's node

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from redis.crc import key_slot
 
 from .._core import WATCH_PREFIX, Hub, Session
+from ..directory import Node
 from ..history import HistoryAnswer
 from . import COMMANDS
 from .redis import RedisBus, reconnect_delay
@@ -53,12 +54,18 @@ def where(url: str) -> str:
 
 class ShardedBus:
     def __init__(self, hub: Hub, urls: list[str], prefix: str, presence_ttl: float = 60.0,
-                 predecessor: str = "", history_ttl: float = 300.0) -> None:
+                 predecessor: str = "", history_ttl: float = 300.0,
+                 node: Node | None = None, slot: int = 0) -> None:
         self.prefix = prefix.encode()
+        # The registry of nodes and the channel queries (redis_directory) on the first shard.
         self.shards = [RedisBus(hub, url, prefix, presence_ttl, predecessor, history_ttl,
                                 name=f"redis shard {index} ({where(url)})",
-                                owns=self._owner(index, len(urls)), settle=SETTLE)
+                                owns=self._owner(index, len(urls)), settle=SETTLE,
+                                node=node if index == 0 else None, slot=slot)
                        for index, url in enumerate(urls)]
+        if node is not None:
+            self.gather_channels = self.shards[0].gather_channels
+            self.nodes = self.shards[0].nodes
         for shard in self.shards:
             shard.presence.announce = self._announce  # "#" + channel may be elsewhere
         self.presence = self  # the Hub's presence sink: joined/left go to the channel's shard
