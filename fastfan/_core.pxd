@@ -3,7 +3,7 @@
 # CloseCode`), so Python and Cython never keep a copy of a code of their own.
 
 cimport cython
-from libc.stdint cimport uint32_t
+from libc.stdint cimport uint8_t, uint32_t
 from picows.picows cimport WSListener, WSTransport, WSFrame
 
 
@@ -43,6 +43,55 @@ cdef struct Reassembly:
     # connection holds a NULL pointer, not the buffer.
     ByteBuffer buffer
     double     started             # monotonic seconds of its first frame
+    bint       compressed          # its first frame had RSV1: inflated once complete
+
+
+# zlib, for permessage-deflate (fastfan/_deflate.pxi)
+cdef extern from "zlib.h" nogil:
+    ctypedef struct z_stream:
+        const unsigned char* next_in
+        unsigned int avail_in
+        unsigned char* next_out
+        unsigned int avail_out
+    int Z_OK, Z_STREAM_END, Z_BUF_ERROR, Z_SYNC_FLUSH, Z_DEFLATED, Z_DEFAULT_STRATEGY
+    int Z_DEFAULT_COMPRESSION
+    int deflateInit2(z_stream* stream, int level, int method, int window_bits, int mem_level,
+                     int strategy)
+    int deflate(z_stream* stream, int flush)
+    int deflateReset(z_stream* stream)
+    int deflateEnd(z_stream* stream)
+    unsigned long deflateBound(z_stream* stream, unsigned long size)
+    int inflateInit2(z_stream* stream, int window_bits)
+    int inflate(z_stream* stream, int flush)
+    int inflateReset(z_stream* stream)
+    int inflateEnd(z_stream* stream)
+
+
+
+cdef enum:
+    # What Deflate.inflate answers instead of a size.
+    INFLATED_TOO_BIG = -1          # more than the limit: close 1009
+    INFLATE_FAILED = -2            # not deflate data: close 1007
+
+
+cdef class Deflate:
+    # permessage-deflate without context takeover: one compressor and one inflater per
+    # worker, whatever the number of connections.
+    cdef:
+        z_stream            deflater
+        z_stream            inflater
+        bint                deflater_ready
+        bint                inflater_ready
+        readonly Py_ssize_t min_size        # --compression-min-size
+        ByteBuffer          packed          # room for a header, then the compressed data
+        char*               frame           # the last compressed frame, inside `packed`
+        Py_ssize_t          frame_size
+        ByteBuffer          inflated        # the last inflated message
+
+    cdef bint compress(self, uint8_t opcode, const char* data, Py_ssize_t size) except -1
+    cdef bytes shared_frame(self)
+    cdef Py_ssize_t inflate(self, const char* data, Py_ssize_t size,
+                            Py_ssize_t limit) except -3
 
 
 cdef class Histogram:
@@ -76,7 +125,10 @@ cdef class Outbox(WSListener):
     cdef:
         Hub                 hub
         WSTransport         transport
-        int                 fd
+        int                 fd              # -1 with TLS: written through the transport
+        bint                deflate_in      # permessage-deflate: RSV1 frames are inflated
+        bint                deflate_out     # ... and it gets compressed frames (a client
+                                            # that limits our window gets plain ones)
 
         ByteBuffer          out             # small frames, copied in
         list                shared          # large frames by reference, ahead of `out`
@@ -115,6 +167,7 @@ cdef class Outbox(WSListener):
     cdef int discard_output(self) except -1
     cdef int write_out(self) except -1
     cdef bint _send_queued(self) except -1
+    cdef int _write_through(self) except -1
     cdef int _drained(self) except -1
     cdef int _write_all(self) except -1
     cdef int _send_close(self, int code, str reason) except -1
@@ -151,6 +204,7 @@ cdef class Session(Outbox):
     cdef int _on_continuation(self, WSFrame frame) except -1
     cdef int _on_close_frame(self, WSFrame frame) except -1
     cdef int _on_message(self, int kind, const char* payload, Py_ssize_t size) except -1
+    cdef int _on_compressed(self, int kind, const char* payload, Py_ssize_t size) except -1
     cdef int _handle(self, const char* payload, Py_ssize_t size) except -1
     cdef int _check_channel(self, object channel, bytes request_id) except -1
     cdef int _subscribe(self, object channel, bytes request_id, bint join_leave) except -1
@@ -175,6 +229,7 @@ cdef class Channel:
         void**      subscribers
         Py_ssize_t  count
         Py_ssize_t  capacity
+        Py_ssize_t  deflating   # subscribers that get compressed frames: 0, today's fan-out
 
     cdef Py_ssize_t add(self, Outbox subscriber) except -1
     cdef Outbox remove_at(self, Py_ssize_t slot)
@@ -211,6 +266,9 @@ cdef class Hub:
         # a scratch buffer where each message is framed once, then copied to every subscriber
         char*               frame
         Py_ssize_t          frame_capacity
+        Py_ssize_t          frame_size
+        readonly Deflate    deflate         # compresses each message once for every client
+                                            # that negotiated permessage-deflate
 
         # when each fan-out of this loop turn began, for the latency histogram
         double*             fanout_started
@@ -236,6 +294,8 @@ cdef class Hub:
     cdef int _note_fanout(self, double started) except -1
     cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
     cdef int _deliver_shared(self, Channel channel, bytes frame) except -1
+    cdef bytes _frame(self, const char* data, Py_ssize_t size)
+    cdef int _deliver_compressed(self, Channel channel, bytes shared) except -1
     cdef int schedule(self, Outbox outbox) except -1
     cdef int subscribe(self, Session session, str name) except -1
     cdef int unsubscribe(self, Session session, str name) except -1

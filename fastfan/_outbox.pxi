@@ -117,8 +117,11 @@ cdef class Outbox(WSListener):
         return 0
 
     cdef int queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1:
-        """Queue one frame of our own (a reply, a ping) behind whatever is already queued."""
+        """Queue one frame of our own (a reply, a ping) behind whatever is already queued;
+        a data message compressed if the client negotiated permessage-deflate."""
         cdef char header[10]  # MAX_HEADER
+        cdef Deflate deflate = self.hub.deflate
+        cdef bint data = opcode == WSMsgType.TEXT or opcode == WSMsgType.BINARY
         if self.closing:
             return 0
         if self.exceeds(size + MAX_HEADER):
@@ -128,11 +131,15 @@ cdef class Outbox(WSListener):
             self.discard_output()
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
             return 0
-        buffer_append(&self.out, header, write_header(header, opcode, size))
-        buffer_append(&self.out, payload, size)
-        if opcode == WSMsgType.TEXT or opcode == WSMsgType.BINARY:
-            self.messages_sent += 1
-            self.bytes_sent += size
+        if data and self.deflate_out and deflate.compress(opcode, payload, size):
+            buffer_append(&self.out, deflate.frame, deflate.frame_size)
+            self._count_sent(deflate.frame_size)
+        else:
+            buffer_append(&self.out, header, write_header(header, opcode, size))
+            buffer_append(&self.out, payload, size)
+            if data:
+                self.messages_sent += 1
+                self.bytes_sent += size
         if not self.scheduled:
             self.hub.schedule(self)
         return 0
@@ -152,7 +159,7 @@ cdef class Outbox(WSListener):
 
     cdef int write_out(self) except -1:
         """Hand the queued frames to the kernel: one send; the rest goes to the transport."""
-        if self.paused or self.closing or self.fd < 0:
+        if self.paused or self.closing or self.transport is None:
             return 0
         if self.transport.is_close_frame_sent:
             # picows sent CLOSE itself, for a protocol error it found parsing one frame
@@ -178,6 +185,8 @@ cdef class Outbox(WSListener):
         cdef bint out_included = True
         cdef ssize_t sent
         cdef bytes segment
+        if self.fd < 0:
+            return self._write_through()  # TLS: the transport encrypts
         if shared is not None:
             for segment in shared:
                 if count == SHARED_IOV_MAX - 1:
@@ -225,6 +234,22 @@ cdef class Outbox(WSListener):
         buffer_clear(&self.out)
         return 0
 
+    cdef int _write_through(self) except -1:
+        """Hand everything queued to the transport (large frames still by reference): the
+        write path of TLS connections, and of the last frames before a CLOSE."""
+        tcp = self.transport.underlying_transport
+        if self.shared is not None:
+            self.hub.bytes_sent_total += self.shared_size
+            tcp.writelines(self.shared)
+            self.shared = None
+            self.shared_size = 0
+        if self.out.size:
+            self.hub.bytes_sent_total += self.out.size
+            tcp.write(PyBytes_FromStringAndSize(self.out.data, self.out.size))
+            buffer_clear(&self.out)
+        self.backlog = tcp.get_write_buffer_size()
+        return 0
+
     cdef int _drained(self) except -1:
         """Everything queued is written: end the policy, send what `conflate` kept."""
         cdef bytes frame
@@ -257,13 +282,7 @@ cdef class Outbox(WSListener):
     cdef int _write_all(self) except -1:
         """Before a CLOSE: everything queued goes out, paused or not (bounded by --max-buffer)."""
         if self.transport is not None and not self.transport.is_close_frame_sent:
-            if self.shared is not None:
-                self.hub.bytes_sent_total += self.shared_size
-                self.transport.underlying_transport.writelines(self.shared)
-            if self.out.size:
-                self.hub.bytes_sent_total += self.out.size
-                self.transport.underlying_transport.write(
-                    PyBytes_FromStringAndSize(self.out.data, self.out.size))
+            self._write_through()
         self.discard_output()
         return 0
 

@@ -20,7 +20,7 @@ from .bus import Bus
 from .bus.local import LocalBus
 from .bus.mesh import MeshBus
 from .bus.redis import RedisBus
-from .config import Config
+from .config import Config, tls_context
 from .handshake import ListenerFactory
 from .logs import PicowsLog
 from .metrics import SharedFigures
@@ -76,6 +76,7 @@ class Worker:
             presence_channels=ChannelPatterns(config.presence_channels.split(",")),
             presence_limit=config.presence_limit,
             client_id_prefix=placement.client_id_prefix,
+            compression_min_size=config.compression_min_size,
         )
         self.bus: Bus
         if config.redis is not None:
@@ -144,6 +145,7 @@ class Worker:
             max_frame_size=config.max_message_size,
             read_buffer_init_size=READ_BUFFER_INIT_SIZE,
             websocket_handshake_timeout=HANDSHAKE_TIMEOUT,
+            ssl=None if config.tls_cert is None else tls_context(config),
         )
         if self.api is not None:
             await self.api.start(LISTEN_BACKLOG)
