@@ -165,10 +165,15 @@ class RawClient:
         self.send_json({"type": "publish", "channel": channel, "data": data, **fields})
 
     def recv_frame(self) -> tuple[bool, int, bytes]:
+        got = self.recv_whole_frame()
+        return got.fin, got.opcode, got.payload
+
+    def recv_whole_frame(self) -> Frame:
+        """The next frame as it came, its RSV bits and size on the wire included."""
         while (got := parse_frame(self.buffer)) is None:
             self._receive("connection closed")
         self.buffer = self.buffer[got.size:]
-        return got.fin, got.opcode, got.payload
+        return got
 
     def recv_json(self) -> Any:
         fin, opcode, payload = self.recv_frame()
