@@ -79,8 +79,10 @@ cdef class Deflate:
     # worker, whatever the number of connections.
     cdef:
         z_stream            deflater
+        z_stream            small_deflater  # --echo-path's, for clients that limit our window
         z_stream            inflater
         bint                deflater_ready
+        bint                small_deflater_ready
         bint                inflater_ready
         readonly Py_ssize_t min_size        # --compression-min-size
         ByteBuffer          packed          # room for a header, then the compressed data
@@ -89,6 +91,8 @@ cdef class Deflate:
         ByteBuffer          inflated        # the last inflated message
 
     cdef bint compress(self, uint8_t opcode, const char* data, Py_ssize_t size) except -1
+    cdef int compress_always(self, uint8_t opcode, const char* data, Py_ssize_t size,
+                             bint small_window) except -1
     cdef bytes shared_frame(self)
     cdef Py_ssize_t inflate(self, const char* data, Py_ssize_t size,
                             Py_ssize_t limit) except -3
@@ -163,6 +167,9 @@ cdef class Outbox(WSListener):
                        bytes shared) except -1
     cdef int _conflate(self, str channel, bytes frame) except -1
     cdef int queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1
+    cdef int queue_compressed(self, int opcode, const char* payload, Py_ssize_t size) except -1
+    cdef int _queue_own(self, const char* head, Py_ssize_t head_size, const char* payload,
+                        Py_ssize_t size, bint data) except -1
     cdef int queue_bytes(self, bytes payload) except -1
     cdef int discard_output(self) except -1
     cdef int write_out(self) except -1

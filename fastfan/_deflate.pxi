@@ -10,6 +10,9 @@
 # that says nothing of client_max_window_bits may use.
 cdef int DEFLATE_WINDOW_BITS = -15
 cdef int DEFLATE_MEM_LEVEL = 8
+# The smallest window zlib makes (it turns 8 into 9), for the clients that limit ours: the
+# handshake declines server_max_window_bits=8.
+cdef int SMALL_WINDOW_BITS = -9
 # The 4 bytes a sync flush ends with, which RFC 7692 7.2.1 takes off every message and a
 # receiver appends again before inflating.
 cdef const char* DEFLATE_TAIL = b"\x00\x00\xff\xff"
@@ -25,6 +28,8 @@ cdef class Deflate:
     def __dealloc__(self):
         if self.deflater_ready:
             deflateEnd(&self.deflater)
+        if self.small_deflater_ready:
+            deflateEnd(&self.small_deflater)
         if self.inflater_ready:
             inflateEnd(&self.inflater)
         buffer_release(&self.packed)
@@ -34,42 +39,48 @@ cdef class Deflate:
         """Frame `data` compressed (RSV1 set) at `frame`, `frame_size` bytes: 1. 0 when the
         message is below --compression-min-size or would not be smaller compressed (then
         it goes out as it is: RFC 7692 compresses per message, by choice)."""
-        cdef Py_ssize_t capacity, produced, header
-        cdef char header_bytes[10]  # MAX_HEADER
-        cdef int status
         if size < self.min_size or size == 0:
             return 0
-        if not self.deflater_ready:
-            memset(&self.deflater, 0, sizeof(z_stream))
-            if deflateInit2(&self.deflater, Z_DEFAULT_COMPRESSION, Z_DEFLATED,
-                            DEFLATE_WINDOW_BITS, DEFLATE_MEM_LEVEL, Z_DEFAULT_STRATEGY) != Z_OK:
+        self.compress_always(opcode, data, size, False)
+        return self.frame_size - header_size(self.frame_size) < size
+
+    cdef int compress_always(self, uint8_t opcode, const char* data, Py_ssize_t size,
+                             bint small_window) except -1:
+        """compress() whatever the size and the result; `small_window`: for a client that
+        limited ours (server_max_window_bits 9 to 14), in a window of 512 bytes."""
+        cdef z_stream* stream = &self.small_deflater if small_window else &self.deflater
+        cdef bint* ready = &self.small_deflater_ready if small_window else &self.deflater_ready
+        cdef Py_ssize_t capacity, produced, header
+        cdef char header_bytes[10]  # MAX_HEADER
+        if not ready[0]:
+            memset(stream, 0, sizeof(z_stream))
+            if deflateInit2(stream, Z_DEFAULT_COMPRESSION, Z_DEFLATED,
+                            SMALL_WINDOW_BITS if small_window else DEFLATE_WINDOW_BITS,
+                            DEFLATE_MEM_LEVEL, Z_DEFAULT_STRATEGY) != Z_OK:
                 raise MemoryError()
-            self.deflater_ready = True
+            ready[0] = True
         else:
-            deflateReset(&self.deflater)
+            deflateReset(stream)
         # Room for the header in front, the compressed data, a sync flush's few bytes.
-        capacity = MAX_HEADER + <Py_ssize_t>deflateBound(&self.deflater, size) + 16
+        capacity = MAX_HEADER + <Py_ssize_t>deflateBound(stream, size) + 16
         if capacity > self.packed.capacity:
             buffer_release(&self.packed)
             self.packed.data = <char*>malloc(capacity)
             if self.packed.data == NULL:
                 raise MemoryError()
             self.packed.capacity = capacity
-        self.deflater.next_in = <const unsigned char*>data
-        self.deflater.avail_in = <unsigned int>size
-        self.deflater.next_out = <unsigned char*>self.packed.data + MAX_HEADER
-        self.deflater.avail_out = <unsigned int>(capacity - MAX_HEADER)
-        status = deflate(&self.deflater, Z_SYNC_FLUSH)
-        if status != Z_OK or self.deflater.avail_in or self.deflater.avail_out == 0:
-            return 0  # cannot happen with deflateBound's room; plain is always correct
-        produced = capacity - MAX_HEADER - self.deflater.avail_out - 4  # less DEFLATE_TAIL
-        if produced >= size:
-            return 0
+        stream.next_in = <const unsigned char*>data
+        stream.avail_in = <unsigned int>size
+        stream.next_out = <unsigned char*>self.packed.data + MAX_HEADER
+        stream.avail_out = <unsigned int>(capacity - MAX_HEADER)
+        if deflate(stream, Z_SYNC_FLUSH) != Z_OK or stream.avail_in or stream.avail_out == 0:
+            raise RuntimeError("deflate failed within deflateBound's room")  # never seen
+        produced = capacity - MAX_HEADER - stream.avail_out - 4  # less DEFLATE_TAIL
         header = write_header(header_bytes, opcode | RSV1, produced)
         self.frame = self.packed.data + MAX_HEADER - header
         memcpy(self.frame, header_bytes, header)
         self.frame_size = header + produced
-        return 1
+        return 0
 
     cdef bytes shared_frame(self):
         """The compressed frame as a bytes object to queue by reference, if it is large

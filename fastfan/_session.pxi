@@ -232,6 +232,8 @@ cdef class Session(Outbox):
         cdef Hub hub = self.hub
         cdef double started
         if self.echo:
+            if self.deflate_in:
+                return self.queue_compressed(kind, payload, size)
             self.queue_frame(kind, payload, size)
             return 0
         started = monotonic()

@@ -143,9 +143,10 @@ def accept_deflate(offers: Sequence[str]) -> tuple[str, bool] | None:
 
     We always answer with server_no_context_takeover and client_no_context_takeover: every
     message stands alone, so one compressed frame serves every subscriber and one inflater
-    every client. A client that limits our window (server_max_window_bits below 15) gets
+    every client. A client that limits our window (server_max_window_bits 9 to 14) gets
     the extension, so its compressed messages are inflated, but plain frames from us: the
-    frames compressed once for everyone use the full window.
+    frames compressed once for everyone use the full window (--echo-path excepted, which
+    compresses each echo in a small window). zlib has no 8-bit window: that is declined.
     """
     for header in offers:
         for offer in header.split(","):
@@ -164,6 +165,8 @@ def accept_deflate(offers: Sequence[str]) -> tuple[str, bool] | None:
 
 
 _WINDOW_BITS = {str(bits) for bits in range(8, 16)}
+# zlib's smallest raw deflate window is 9 bits: an offer that limits ours to 8 is declined.
+_OUR_WINDOW_BITS = {str(bits) for bits in range(9, 16)}
 
 
 def _deflate_params(params: list[str]) -> int | None:
@@ -182,7 +185,7 @@ def _deflate_params(params: list[str]) -> int | None:
             if has_value:
                 return None
         elif key == "server_max_window_bits":
-            if value not in _WINDOW_BITS:
+            if value not in _OUR_WINDOW_BITS:
                 return None
             window = int(value)
         elif key == "client_max_window_bits":

@@ -23,9 +23,10 @@ ACCEPTED = "permessage-deflate; server_no_context_takeover; client_no_context_ta
 RSV1 = 0b100  # wire.Frame.rsv holds RSV1..RSV3 as bits 2..0
 
 
-def deflate(data: bytes) -> bytes:
-    """One message compressed as RFC 7692 7.2.1 says: raw deflate, sync flush, tail removed."""
-    compressor = zlib.compressobj(wbits=-15)
+def deflate(data: bytes, window_bits: int = 15) -> bytes:
+    """One message compressed as RFC 7692 7.2.1 says: raw deflate, sync flush, tail removed
+    (zlib's defaults otherwise, as the server's)."""
+    compressor = zlib.compressobj(wbits=-window_bits)
     return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
 
 
@@ -57,6 +58,7 @@ def published(text: str) -> dict[str, Any]:
     ("permessage-deflate; unknown=1", None),
     ("permessage-deflate; server_no_context_takeover; server_no_context_takeover", None),
     ("permessage-deflate; server_max_window_bits", None),
+    ("permessage-deflate; server_max_window_bits=8", None),
     ("permessage-deflate; client_no_context_takeover=1", None),
     ("x-webkit-deflate-frame", None),
 ])
@@ -122,11 +124,26 @@ def test_replies_and_the_echo_path_are_compressed_too(start_server: Any) -> None
     echo.send_frame(BINARY, deflate(message), rsv=RSV1)
     got = echo.recv_whole_frame()
     assert (got.rsv, got.opcode, inflate(got.payload)) == (RSV1, BINARY, message)
-    echo.send_frame(TEXT, b"short")  # uncompressed in, below the minimum: plain out
-    assert echo.recv_whole_frame()[:3] == (True, 0, TEXT)
-    noise = os.urandom(1000)  # would grow compressed: sent as it is
-    echo.send_frame(BINARY, noise)
-    assert echo.recv_whole_frame()[1:5] == (0, BINARY, False, noise)
+    for opcode, message in ((TEXT, b"short"), (BINARY, os.urandom(1000))):
+        echo.send_frame(opcode, message)  # plain in, small or not compressible: compressed
+        got = echo.recv_whole_frame()     # all the same, as conformance suites expect
+        assert (got.rsv, got.opcode, inflate(got.payload)) == (RSV1, opcode, message)
+
+
+def test_a_client_that_limits_our_window_gets_plain_frames_and_small_window_echoes(
+        start_server: Any) -> None:
+    server = start_server("--echo-path", "/echo")
+    limited = {"Sec-WebSocket-Extensions": "permessage-deflate; server_max_window_bits=10"}
+    client = connect(server, "alice", limited).subscribe("news")
+    text = "".join(f"{i:04d}" for i in range(1000)) * 3  # repeats 4,000 bytes back
+    client.publish("news", published(text))
+    got = client.recv_whole_frame()
+    assert got.rsv == 0 and json.loads(got.payload)["data"] == published(text)
+    echo = connect(server, "bob", limited, path="/echo")
+    echo.send_frame(TEXT, deflate(text.encode()), rsv=RSV1)
+    got = echo.recv_whole_frame()
+    assert got.rsv == RSV1 and got.payload == deflate(text.encode(), window_bits=9)
+    assert deflate(text.encode(), window_bits=9) != deflate(text.encode())
 
 
 def test_compressed_client_messages_are_inflated_whole_or_fragmented(server: Server) -> None:
