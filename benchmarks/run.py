@@ -25,7 +25,8 @@ one server at a time, at the same offered rates. The suite's scenarios (the defa
             (not pinned)
 
 Studies, run only when named (fastfan alone; options under "studies" in --help):
-connections, churn, storm, slow-consumer, soak, accept-spread.
+connections, churn, storm, slow-consumer, soak, accept-spread, presence, api, wire
+(permessage-deflate and TLS: CPU and bytes per delivery against plain).
 
 Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
 article's Node ws design), websockets (Python's websockets with its broadcast), socketio
@@ -303,6 +304,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "accept-spread": (studies.accept_spread, ("workers", "connections")),
     "presence": (studies.presence, ("connections", "processes")),
     "api": (studies.api, ("subscribers", "duration")),
+    "wire": (studies.wire, ("subscribers", "duration")),
 }
 
 
@@ -341,7 +343,8 @@ def parse_args() -> argparse.Namespace:
                        help="slow-consumer: fastfan's --slow-consumer (disconnect)")
     study.add_argument("--minutes", type=float, help="soak: how long (10)")
     study.add_argument("--subscribers", type=int,
-                       help="api: subscribers of the channel published into (1000)")
+                       help="api: subscribers of the channel published into (1000); "
+                            "wire: subscribers (500)")
     args = parser.parse_args()
     unknown = set(args.scenarios.split(",")) - {*SUITE, *STUDIES}
     if unknown:
