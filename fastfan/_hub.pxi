@@ -226,22 +226,21 @@ cdef class Hub:
         cdef void* excluded = <void*>self.excluded
         cdef Deflate deflate = self.deflate
         cdef bytes packed = deflate.shared_frame()
-        cdef Outbox subscriber
+        cdef void* subscriber  # not an Outbox variable: no reference counting per delivery
         self.deliveries_total += count
         for i in range(count):
-            if channel.subscribers[i] == excluded:
+            subscriber = channel.subscribers[i]
+            if subscriber == excluded:
                 self.deliveries_total -= 1
-                continue
-            subscriber = <Outbox>channel.subscribers[i]
-            if subscriber.deflate_out:
+            elif (<Outbox>subscriber).deflate_out:
                 if packed is not None:
-                    subscriber.deliver_shared(channel, packed)
+                    (<Outbox>subscriber).deliver_shared(channel, packed)
                 else:
-                    subscriber.deliver(channel, deflate.frame, deflate.frame_size)
+                    (<Outbox>subscriber).deliver(channel, deflate.frame, deflate.frame_size)
             elif shared is not None:
-                subscriber.deliver_shared(channel, shared)
+                (<Outbox>subscriber).deliver_shared(channel, shared)
             else:
-                subscriber.deliver(channel, self.frame, self.frame_size)
+                (<Outbox>subscriber).deliver(channel, self.frame, self.frame_size)
         return count
 
     cdef int schedule(self, Outbox outbox) except -1:
