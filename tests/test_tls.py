@@ -1,6 +1,7 @@
 """--tls-cert and --tls-key: the port speaks TLS only (wss, https), with a CA made here; every
 write goes through the transport, compressed and shared frames included; a plain client
-fails cleanly; Autobahn's cases pass through TLS."""
+fails cleanly; Autobahn's cases pass through TLS (the compression cases by test_autobahn's
+sample)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_autobahn import failures, run_cases
+from test_autobahn import COMPRESSION_SAMPLE, failures, run_cases
 from websockets.sync.client import connect as websocket_connect
 
 
 def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
                  issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
@@ -196,10 +197,11 @@ def test_autobahn_cases_pass_over_tls(start_tls: Any) -> None:
         port = proxy.sockets[0].getsockname()[1]
         url = f"ws://127.0.0.1:{port}/echo?token={token()}"
         try:
-            return await asyncio.to_thread(run_cases, url, None, ["12.*", "13.*"])
+            every = await asyncio.to_thread(run_cases, url, None, ["12.*", "13.*"])
+            return every + await asyncio.to_thread(run_cases, url, COMPRESSION_SAMPLE)
         finally:
             proxy.close()
 
     results = asyncio.run(run())
-    assert len(results) > 290
+    assert len(results) > 290 + len(COMPRESSION_SAMPLE)
     assert failures(results) == []
