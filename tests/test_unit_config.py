@@ -29,6 +29,11 @@ REFUSED: list[tuple[dict[str, Any], list[str]]] = [
       for path in ("/", "/ws", "/health", "/ready", "/metrics")),
     ({"redis": "localhost:6379"}, ["--redis", "redis://", "'localhost:6379'"]),
     ({"redis": "http://localhost"}, ["--redis"]),
+    ({"compression_min_size": -1}, ["--compression-min-size"]),
+    ({"tls_cert": "cert.pem"}, ["--tls-cert and --tls-key go together"]),
+    ({"tls_key": "key.pem"}, ["--tls-cert and --tls-key go together"]),
+    ({"tls_cert": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem"},
+     ["cannot load --tls-cert /nonexistent/cert.pem", "--tls-key /nonexistent/key.pem"]),
 ]
 
 ACCEPTED: list[dict[str, Any]] = [
@@ -37,6 +42,7 @@ ACCEPTED: list[dict[str, Any]] = [
     {"slow_consumer": "conflate"}, {"log_level": "debug"}, {"log_format": "json"},
     {"echo_path": "/echo"}, {"redis": "redis://localhost:6379/0"},
     {"redis": "rediss://user:pw@example.com:6380/1"},
+    {"compression": False}, {"compression_min_size": 0},
 ]
 
 
