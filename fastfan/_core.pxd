@@ -130,9 +130,11 @@ cdef class Outbox(WSListener):
         Hub                 hub
         WSTransport         transport
         int                 fd              # -1 with TLS: written through the transport
-        bint                deflate_in      # permessage-deflate: RSV1 frames are inflated
-        bint                deflate_out     # ... and it gets compressed frames (a client
-                                            # that limits our window gets plain ones)
+        # permessage-deflate: RSV1 frames are inflated (in), and it gets compressed frames
+        # (out; not a client that limits our window). Bytes, in the padding after `fd`:
+        # the fields the per-delivery loop touches keep their offsets.
+        uint8_t             deflate_in
+        uint8_t             deflate_out
 
         ByteBuffer          out             # small frames, copied in
         list                shared          # large frames by reference, ahead of `out`
@@ -273,9 +275,6 @@ cdef class Hub:
         # a scratch buffer where each message is framed once, then copied to every subscriber
         char*               frame
         Py_ssize_t          frame_capacity
-        Py_ssize_t          frame_size
-        readonly Deflate    deflate         # compresses each message once for every client
-                                            # that negotiated permessage-deflate
 
         # when each fan-out of this loop turn began, for the latency histogram
         double*             fanout_started
@@ -296,6 +295,11 @@ cdef class Hub:
         readonly unsigned long long dropped_conflated_total
         readonly unsigned long long slow_consumers_disconnected_total
         readonly unsigned long long publish_refused_total
+
+        # (last: the fields above keep their offsets)
+        Py_ssize_t          frame_size      # of the frame in `frame`
+        readonly Deflate    deflate         # compresses each message once for every client
+                                            # that negotiated permessage-deflate
 
     cpdef Py_ssize_t fanout(self, str channel, object payload) except -1
     cdef int _note_fanout(self, double started) except -1
