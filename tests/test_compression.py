@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +14,11 @@ import pytest
 from browser import CHROMIUM, Browser
 from conftest import Server, messages_of, token
 from websockets.sync.client import connect as websocket_connect
-from wire import BINARY, CONTINUATION, PING, TEXT, RawClient
+from wire import BINARY, CONTINUATION, PING, RSV1, TEXT, RawClient, deflate, inflate
 
 JS = Path(__file__).parent / "js"
 OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
 ACCEPTED = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-RSV1 = 0b100  # wire.Frame.rsv holds RSV1..RSV3 as bits 2..0
-
-
-def deflate(data: bytes, window_bits: int = 15) -> bytes:
-    """One message compressed as RFC 7692 7.2.1 says: raw deflate, sync flush, tail removed
-    (zlib's defaults otherwise, as the server's)."""
-    compressor = zlib.compressobj(wbits=-window_bits)
-    return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
-
-
-def inflate(payload: bytes) -> bytes:
-    return zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff")
 
 
 def connect(server: Server, sub: str, headers: dict[str, str] | None = None,
