@@ -205,3 +205,12 @@ def test_autobahn_cases_pass_over_tls(start_tls: Any) -> None:
     results = asyncio.run(run())
     assert len(results) > 290 + len(COMPRESSION_SAMPLE)
     assert failures(results) == []
+
+
+def test_every_worker_serves_tls(start_tls: Any) -> None:
+    server = start_tls("--workers", "2")
+    prefixes = set()
+    for i in range(12):  # the kernel spreads connections over the workers (SO_REUSEPORT)
+        with websocket_connect(server.url(token=token(f"w{i}")), ssl=server.context) as ws:
+            prefixes.add(messages_of(ws)[0]["data"]["clientId"].split("-")[0])
+    assert len(prefixes) == 2
