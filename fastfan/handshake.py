@@ -105,7 +105,7 @@ class ListenerFactory:
                                   f"connections open, the most --max-connections-per-user "
                                   f"allows\n".encode(), {"Retry-After": "1"})
         _accept_any_connection_header(request)
-        deflate = self._config.compression and accept_deflate(
+        deflate = self._config.compression and _accept_deflate(
             request.headers.getall("Sec-WebSocket-Extensions", ()))
         if not deflate:
             return Session(self._hub, identity, echo)  # picows's own 101, as ever
@@ -136,7 +136,7 @@ def _token_from(request: WSUpgradeRequest, query: bytes) -> str | None:
     return values[0] if values else None
 
 
-def accept_deflate(offers: Sequence[str]) -> tuple[str, bool] | None:
+def _accept_deflate(offers: Sequence[str]) -> tuple[str, bool] | None:
     """The first permessage-deflate offer in the Sec-WebSocket-Extensions headers that we can
     take (RFC 7692), as the response's header and whether this client gets compressed
     frames; None when there is none.
