@@ -15,6 +15,7 @@ debug = os.environ.get("FASTFAN_DEBUG") == "1"
 extension = Extension(
     "fastfan._core",
     ["fastfan/_core.pyx"],
+    libraries=["z"],  # permessage-deflate (fastfan/_deflate.pxi)
     extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
 )
 

@@ -26,7 +26,8 @@ one server at a time, at the same offered rates. The suite's scenarios (the defa
 
 Studies, run only when named (fastfan alone; options under "studies" in --help):
 connections, churn, storm, slow-consumer, soak, accept-spread, presence, api, shards (one Redis
-against three shards and a three-master cluster, two nodes, many channels).
+against three shards and a three-master cluster, two nodes, many channels), wire
+(permessage-deflate and TLS: CPU and bytes per delivery against plain).
 
 Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
 article's Node ws design), websockets (Python's websockets with its broadcast), socketio
@@ -306,6 +307,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "join-storm": (studies.join_storm, ("watchers", "joiners")),
     "api": (studies.api, ("subscribers", "duration")),
     "shards": (studies.shards, ("rates", "duration", "channels")),
+    "wire": (studies.wire, ("subscribers", "duration")),
 }
 
 
@@ -346,7 +348,8 @@ def parse_args() -> argparse.Namespace:
     study.add_argument("--channels", type=int,
                        help="shards: channels, each with a subscriber on both nodes (1000)")
     study.add_argument("--subscribers", type=int,
-                       help="api: subscribers of the channel published into (1000)")
+                       help="api: subscribers of the channel published into (1000); "
+                            "wire: subscribers (500)")
     study.add_argument("--watchers", type=int,
                        help="join-storm: subscribers watching joinLeave (1000)")
     study.add_argument("--joiners", type=int,

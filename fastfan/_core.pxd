@@ -3,7 +3,7 @@
 # CloseCode`), so Python and Cython never keep a copy of a code of their own.
 
 cimport cython
-from libc.stdint cimport uint32_t
+from libc.stdint cimport uint8_t, uint32_t
 from picows.picows cimport WSListener, WSTransport, WSFrame
 
 
@@ -43,6 +43,59 @@ cdef struct Reassembly:
     # connection holds a NULL pointer, not the buffer.
     ByteBuffer buffer
     double     started             # monotonic seconds of its first frame
+    bint       compressed          # its first frame had RSV1: inflated once complete
+
+
+# zlib, for permessage-deflate (fastfan/_deflate.pxi)
+cdef extern from "zlib.h" nogil:
+    ctypedef struct z_stream:
+        const unsigned char* next_in
+        unsigned int avail_in
+        unsigned char* next_out
+        unsigned int avail_out
+    int Z_OK, Z_STREAM_END, Z_BUF_ERROR, Z_SYNC_FLUSH, Z_DEFLATED, Z_DEFAULT_STRATEGY
+    int Z_DEFAULT_COMPRESSION
+    int deflateInit2(z_stream* stream, int level, int method, int window_bits, int mem_level,
+                     int strategy)
+    int deflate(z_stream* stream, int flush)
+    int deflateReset(z_stream* stream)
+    int deflateEnd(z_stream* stream)
+    unsigned long deflateBound(z_stream* stream, unsigned long size)
+    int inflateInit2(z_stream* stream, int window_bits)
+    int inflate(z_stream* stream, int flush)
+    int inflateReset(z_stream* stream)
+    int inflateEnd(z_stream* stream)
+
+
+
+cdef enum:
+    # What Deflate.inflate answers instead of a size.
+    INFLATED_TOO_BIG = -1          # more than the limit: close 1009
+    INFLATE_FAILED = -2            # not deflate data: close 1007
+
+
+cdef class Deflate:
+    # permessage-deflate without context takeover: one compressor and one inflater per
+    # worker, whatever the number of connections.
+    cdef:
+        z_stream            deflater
+        z_stream            small_deflater  # --echo-path's, for clients that limit our window
+        z_stream            inflater
+        bint                deflater_ready
+        bint                small_deflater_ready
+        bint                inflater_ready
+        readonly Py_ssize_t min_size        # --compression-min-size
+        ByteBuffer          packed          # room for a header, then the compressed data
+        char*               frame           # the last compressed frame, inside `packed`
+        Py_ssize_t          frame_size
+        ByteBuffer          inflated        # the last inflated message
+
+    cdef bint compress(self, uint8_t opcode, const char* data, Py_ssize_t size) except -1
+    cdef int compress_always(self, uint8_t opcode, const char* data, Py_ssize_t size,
+                             bint small_window) except -1
+    cdef bytes shared_frame(self)
+    cdef Py_ssize_t inflate(self, const char* data, Py_ssize_t size,
+                            Py_ssize_t limit) except -3
 
 
 cdef class Histogram:
@@ -76,7 +129,12 @@ cdef class Outbox(WSListener):
     cdef:
         Hub                 hub
         WSTransport         transport
-        int                 fd
+        int                 fd              # -1 with TLS: written through the transport
+        # permessage-deflate: RSV1 frames are inflated (in), and it gets compressed frames
+        # (out; not a client that limits our window). Bytes, in the padding after `fd`:
+        # the fields the per-delivery loop touches keep their offsets.
+        uint8_t             deflate_in
+        uint8_t             deflate_out
 
         ByteBuffer          out             # small frames, copied in
         list                shared          # large frames by reference, ahead of `out`
@@ -111,10 +169,14 @@ cdef class Outbox(WSListener):
                        bytes shared) except -1
     cdef int _conflate(self, str channel, bytes frame) except -1
     cdef int queue_frame(self, int opcode, const char* payload, Py_ssize_t size) except -1
+    cdef int queue_compressed(self, int opcode, const char* payload, Py_ssize_t size) except -1
+    cdef int _queue_own(self, const char* head, Py_ssize_t head_size, const char* payload,
+                        Py_ssize_t size, bint data) except -1
     cdef int queue_bytes(self, bytes payload) except -1
     cdef int discard_output(self) except -1
     cdef int write_out(self) except -1
     cdef bint _send_queued(self) except -1
+    cdef int _write_through(self) except -1
     cdef int _drained(self) except -1
     cdef int _write_all(self) except -1
     cdef int _send_close(self, int code, str reason) except -1
@@ -151,6 +213,7 @@ cdef class Session(Outbox):
     cdef int _on_continuation(self, WSFrame frame) except -1
     cdef int _on_close_frame(self, WSFrame frame) except -1
     cdef int _on_message(self, int kind, const char* payload, Py_ssize_t size) except -1
+    cdef int _on_compressed(self, int kind, const char* payload, Py_ssize_t size) except -1
     cdef int _handle(self, const char* payload, Py_ssize_t size) except -1
     cdef int _check_channel(self, object channel, bytes request_id) except -1
     cdef int _subscribe(self, object channel, bytes request_id, bint join_leave,
@@ -179,6 +242,7 @@ cdef class Channel:
         Py_ssize_t  capacity
         Py_ssize_t  waiting     # subscribers not in the array yet: their history read is
                                 # on its way (Hub.subscribe_history)
+        Py_ssize_t  deflating   # subscribers that get compressed frames: 0, today's fan-out
 
     cdef Py_ssize_t add(self, Outbox subscriber) except -1
     cdef Outbox remove_at(self, Py_ssize_t slot)
@@ -245,6 +309,11 @@ cdef class Hub:
         readonly unsigned long long slow_consumers_disconnected_total
         readonly unsigned long long publish_refused_total
 
+        # (last: the fields above keep their offsets)
+        Py_ssize_t          frame_size      # of the frame in `frame`
+        readonly Deflate    deflate         # compresses each message once for every client
+                                            # that negotiated permessage-deflate
+
     cpdef Py_ssize_t fanout(self, str channel, object payload) except -1
     cdef int _note_fanout(self, double started) except -1
     cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
@@ -253,6 +322,8 @@ cdef class Hub:
     cdef int _deliver_events(self, Channel channel, list events) except -1
     cdef int _deliver_frames(self, Outbox watcher, Channel channel, bytes frames, list starts,
                              list headers, Py_ssize_t first, Py_ssize_t end) except -1
+    cdef bytes _frame(self, const char* data, Py_ssize_t size)
+    cdef int _deliver_compressed(self, Channel channel, bytes shared) except -1
     cdef int schedule(self, Outbox outbox) except -1
     cpdef bint keeps_history(self, str channel)
     cdef int subscribe(self, Session session, str name) except -1

@@ -14,7 +14,8 @@ Nothing on that path calls Python per delivery: the per-subscriber loop (`Hub._d
 is plain C over a contiguous array, and each connection costs one syscall per loop turn
 however many messages it carries.
 
-One extension, three parts included below (as uvloop splits its loop):
+One extension, four parts included below (as uvloop splits its loop):
+    _deflate.pxi   Deflate: permessage-deflate, one compressor and inflater per worker
     _outbox.pxi    Outbox: what goes out to a connection (queue, slow-consumer policy, writes)
     _session.pxi   Session(Outbox): what comes in (frames, RFC rules, requests, limits)
     _hub.pxi       Channel and Hub: the channel table, fan-out, the flush, the sweep
@@ -26,7 +27,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t
-from libc.stdlib cimport calloc, free, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 from picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType,
                             WSTransport)
@@ -108,6 +109,8 @@ cdef Py_ssize_t SHARED_FRAME_BYTES = 4096
 cdef enum:
     # At most this many buffers per sendmsg(); the rest go to the transport as they are.
     SHARED_IOV_MAX = 64
+# The first header byte's RSV1 bit: permessage-deflate's "this message is compressed".
+cdef uint8_t RSV1 = 0x40
 # The largest WebSocket frame header a server writes (no mask).
 cdef Py_ssize_t MAX_HEADER = 10
 cdef Py_ssize_t MAX_CHANNEL_LENGTH = 255
@@ -302,6 +305,7 @@ cdef class Samples:
         return figures
 
 
+include "_deflate.pxi"
 include "_outbox.pxi"
 include "_session.pxi"
 include "_hub.pxi"

@@ -29,6 +29,7 @@ cdef class Channel:
         Py_INCREF(subscriber)
         self.subscribers[self.count] = <void*>subscriber
         self.count += 1
+        self.deflating += subscriber.deflate_out
         return self.count - 1
 
     cdef Outbox remove_at(self, Py_ssize_t slot):
@@ -39,6 +40,7 @@ cdef class Channel:
         cdef Outbox removed = <Outbox>self.subscribers[slot]
         cdef Outbox moved = None
         self.count -= 1
+        self.deflating -= removed.deflate_out
         if slot != self.count:
             self.subscribers[slot] = self.subscribers[self.count]
             moved = <Outbox>self.subscribers[slot]
@@ -54,7 +56,8 @@ cdef class Hub:
                   Py_ssize_t max_subscription_bytes, Py_ssize_t max_buffer,
                   double publish_rate, SlowConsumerPolicy slow_consumer,
                   presence_channels, Py_ssize_t presence_limit, str client_id_prefix="",
-                  Py_ssize_t history_size=0, history_channels=None):
+                  Py_ssize_t history_size=0, history_channels=None,
+                  Py_ssize_t compression_min_size=256):
         self.loop = loop
         self.channels = {}
         self.sessions = set()
@@ -78,6 +81,7 @@ cdef class Hub:
         self.client_id_prefix = (client_id_prefix or secrets.token_hex(6)).encode() + b"-"
         self.publish_latency = Histogram()
         self.handling = Samples()
+        self.deflate = Deflate(compression_min_size)
 
     def __dealloc__(self):
         free(self.frame)
@@ -128,14 +132,12 @@ cdef class Hub:
         """Deliver an encoded `message` to this worker's subscribers of `channel`.
 
         The payload is framed once into a scratch buffer; each subscriber gets a memcpy.
+        With subscribers that negotiated permessage-deflate, it is also compressed once.
         Returns the number of subscribers it was queued for.
         """
         cdef Channel target = self.channels.get(channel)
         cdef Py_buffer view
-        cdef Py_ssize_t header, size
-        cdef char* grown
         cdef bytes shared
-        cdef char shared_header[10]  # MAX_HEADER
         if target is None or target.count == 0:
             return 0
         if channel[0] == WATCH_MARK:
@@ -143,24 +145,42 @@ cdef class Hub:
         self._note_fanout(monotonic())
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
-            if view.len >= SHARED_FRAME_BYTES:
-                header = write_header(shared_header, WSMsgType.TEXT, view.len)
-                shared = PyBytes_FromStringAndSize(NULL, header + view.len)
-                memcpy(PyBytes_AS_STRING(shared), shared_header, header)
-                memcpy(PyBytes_AS_STRING(shared) + header, view.buf, view.len)
-                return self._deliver_shared(target, shared)
-            size = view.len + MAX_HEADER
-            if size > self.frame_capacity:
-                grown = <char*>realloc(self.frame, size)
-                if grown == NULL:
-                    raise MemoryError()
-                self.frame = grown
-                self.frame_capacity = size
-            header = write_header(self.frame, WSMsgType.TEXT, view.len)
-            memcpy(self.frame + header, view.buf, view.len)
+            if target.deflating and self.deflate.compress(WSMsgType.TEXT, <const char*>view.buf,
+                                                          view.len):
+                shared = None
+                if target.deflating < target.count:
+                    shared = self._frame(<const char*>view.buf, view.len)
+                return self._deliver_compressed(target, shared)
+            shared = self._frame(<const char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
-        return self._deliver(target, self.frame, header + view.len)
+        if shared is not None:
+            return self._deliver_shared(target, shared)
+        return self._deliver(target, self.frame, self.frame_size)
+
+    cdef bytes _frame(self, const char* data, Py_ssize_t size):
+        """Frame `data` as one text message: from SHARED_FRAME_BYTES on, a bytes object to
+        queue by reference; below, None, and the frame in `frame` (`frame_size` bytes)."""
+        cdef Py_ssize_t header, needed = size + MAX_HEADER
+        cdef char* grown
+        cdef bytes shared
+        cdef char shared_header[10]  # MAX_HEADER
+        if size >= SHARED_FRAME_BYTES:
+            header = write_header(shared_header, WSMsgType.TEXT, size)
+            shared = PyBytes_FromStringAndSize(NULL, header + size)
+            memcpy(PyBytes_AS_STRING(shared), shared_header, header)
+            memcpy(PyBytes_AS_STRING(shared) + header, data, size)
+            return shared
+        if needed > self.frame_capacity:
+            grown = <char*>realloc(self.frame, needed)
+            if grown == NULL:
+                raise MemoryError()
+            self.frame = grown
+            self.frame_capacity = needed
+        header = write_header(self.frame, WSMsgType.TEXT, size)
+        memcpy(self.frame + header, data, size)
+        self.frame_size = header + size
+        return None
 
     def fanout_excluding(self, str channel, payload, Outbox excluded):
         """fanout(), skipping `excluded`: a publish with "echo":false back from Redis."""
@@ -289,6 +309,31 @@ cdef class Hub:
             if self.slow_consumer == SlowConsumerPolicy.DROP:
                 self.dropped_slow_total += end - first - 1
         return 0
+
+    cdef int _deliver_compressed(self, Channel channel, bytes shared) except -1:
+        """The fan-out of a channel with subscribers that negotiated permessage-deflate:
+        they get the frame `deflate` compressed, the others the plain one (`shared`, or
+        `frame` when None)."""
+        cdef Py_ssize_t i, count = channel.count
+        cdef void* excluded = <void*>self.excluded
+        cdef Deflate deflate = self.deflate
+        cdef bytes packed = deflate.shared_frame()
+        cdef void* subscriber  # not an Outbox variable: no reference counting per delivery
+        self.deliveries_total += count
+        for i in range(count):
+            subscriber = channel.subscribers[i]
+            if subscriber == excluded:
+                self.deliveries_total -= 1
+            elif (<Outbox>subscriber).deflate_out:
+                if packed is not None:
+                    (<Outbox>subscriber).deliver_shared(channel, packed)
+                else:
+                    (<Outbox>subscriber).deliver(channel, deflate.frame, deflate.frame_size)
+            elif shared is not None:
+                (<Outbox>subscriber).deliver_shared(channel, shared)
+            else:
+                (<Outbox>subscriber).deliver(channel, self.frame, self.frame_size)
+        return count
 
     cdef int schedule(self, Outbox outbox) except -1:
         """Write `outbox` at the end of this loop turn."""

@@ -50,10 +50,13 @@ cdef bytes _error(int code, str message, bytes request_id):
 cdef class Session(Outbox):
     """One WebSocket connection: frames in, RFC 6455 rules and limits, requests."""
 
-    def __cinit__(self, Hub hub, identity, bint echo=False):
+    def __cinit__(self, Hub hub, identity, bint echo=False, bint deflate_in=False,
+                  bint deflate_out=False):
         self.hub = hub
         self.identity = identity
         self.echo = echo
+        self.deflate_in = deflate_in
+        self.deflate_out = deflate_out
         self.subscriptions = {}
         self.tokens = 2 * hub.publish_rate
         self.fd = -1
@@ -73,11 +76,12 @@ cdef class Session(Outbox):
         transport.response = None
         transport._write_buffer = MemoryBuffer(PICOWS_WRITE_BUFFER)
         tcp = transport.underlying_transport
-        # Any byte left unsent makes the transport pause us, and resume us once it has
-        # written everything: so while not paused, our own sendmsg() cannot jump the queue.
-        tcp.set_write_buffer_limits(0, 0)
-        self.paused = tcp.get_write_buffer_size() > 0
-        self.fd = tcp.get_extra_info("socket").fileno()
+        if not transport.is_secure:  # TLS: fd stays -1, every write goes through `tcp`
+            # Any byte left unsent makes the transport pause us, and resume us once it has
+            # written everything: so while not paused, our own sendmsg() cannot jump the queue.
+            tcp.set_write_buffer_limits(0, 0)
+            self.paused = tcp.get_write_buffer_size() > 0
+            self.fd = tcp.get_extra_info("socket").fileno()
         self.client_id = hub._new_client_id()
         self.connected_at = now_ms()
         self.last_seen = monotonic()
@@ -98,7 +102,9 @@ cdef class Session(Outbox):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType kind = frame.msg_type
         self.last_seen = monotonic()
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and not (
+                self.deflate_in and (kind == WSMsgType.TEXT or kind == WSMsgType.BINARY))):
+            # permessage-deflate sets RSV1 on the first frame of a data message only
             if not self.closing:
                 self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
             return
@@ -123,7 +129,10 @@ cdef class Session(Outbox):
         if kind == WSMsgType.BINARY and not self.echo:
             self.close(WSCloseCode.UNSUPPORTED_DATA, "binary frames are not accepted")
             return
-        if kind == WSMsgType.TEXT:
+        if frame.rsv1 and frame.fin:
+            self._on_compressed(kind, frame.payload_ptr, frame.payload_size)
+            return
+        if kind == WSMsgType.TEXT and not frame.rsv1:  # compressed: checked once inflated
             self.utf8_state = utf8_validate(UTF8_ACCEPT, <uint8_t*>frame.payload_ptr,
                                             frame.payload_size)
             if self.utf8_state == UTF8_REJECT:
@@ -140,6 +149,7 @@ cdef class Session(Outbox):
             raise MemoryError()
         self.fragment_type = kind
         self.fragments.started = self.last_seen
+        self.fragments.compressed = frame.rsv1
         buffer_append(&self.fragments.buffer, frame.payload_ptr, frame.payload_size)
 
     cdef int _on_continuation(self, WSFrame frame) except -1:
@@ -150,7 +160,7 @@ cdef class Session(Outbox):
         if self.fragments.buffer.size + frame.payload_size > self.hub.max_message_size:
             self.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
             return 0
-        if self.fragment_type == WSMsgType.TEXT:
+        if self.fragment_type == WSMsgType.TEXT and not self.fragments.compressed:
             self.utf8_state = utf8_validate(self.utf8_state, <uint8_t*>frame.payload_ptr,
                                             frame.payload_size)
             if self.utf8_state == UTF8_REJECT or (frame.fin and self.utf8_state != UTF8_ACCEPT):
@@ -161,7 +171,12 @@ cdef class Session(Outbox):
             kind = self.fragment_type
             self.fragment_type = 0
             try:
-                self._on_message(kind, self.fragments.buffer.data, self.fragments.buffer.size)
+                if self.fragments.compressed:
+                    self._on_compressed(kind, self.fragments.buffer.data,
+                                        self.fragments.buffer.size)
+                else:
+                    self._on_message(kind, self.fragments.buffer.data,
+                                     self.fragments.buffer.size)
             finally:
                 self._forget_fragments()
         return 0
@@ -217,6 +232,8 @@ cdef class Session(Outbox):
         cdef Hub hub = self.hub
         cdef double started
         if self.echo:
+            if self.deflate_in:
+                return self.queue_compressed(kind, payload, size)
             self.queue_frame(kind, payload, size)
             return 0
         started = monotonic()
@@ -228,6 +245,23 @@ cdef class Session(Outbox):
         finally:
             hub.handling.record(monotonic() - started)
         return 0
+
+    cdef int _on_compressed(self, int kind, const char* payload, Py_ssize_t size) except -1:
+        """A whole permessage-deflate message: inflated within --max-message-size (no
+        state kept: the client has no context takeover), checked, then handled."""
+        cdef Deflate deflate = self.hub.deflate
+        cdef Py_ssize_t inflated = deflate.inflate(payload, size, self.hub.max_message_size)
+        if inflated == INFLATED_TOO_BIG:
+            self.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
+            return 0
+        if inflated == INFLATE_FAILED:
+            self.close(WSCloseCode.INVALID_TEXT, "compressed data does not inflate")
+            return 0
+        if kind == WSMsgType.TEXT and utf8_validate(
+                UTF8_ACCEPT, <uint8_t*>deflate.inflated.data, inflated) != UTF8_ACCEPT:
+            self.close(WSCloseCode.INVALID_TEXT, "text is not valid UTF-8")
+            return 0
+        return self._on_message(kind, deflate.inflated.data, inflated)
 
     cdef int _handle(self, const char* payload, Py_ssize_t size) except -1:
         cdef bytes request_id = b""

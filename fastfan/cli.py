@@ -138,6 +138,12 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--api-key", str, None, "the server API's key (clients send 'Authorization: apikey KEY')"),
     ("--api-key-file", str, None, "a file holding the API key (instead of --api-key)"),
     ("--metrics-public", _on_off, None, "GET /metrics on --port too: on or off (on)"),
+    ("--compression", _on_off, None,
+     "permessage-deflate for clients that offer it, compressed once per message: on or off (on)"),
+    ("--compression-min-size", _non_negative_int, None,
+     "smallest message in bytes sent compressed (256)"),
+    ("--tls-cert", str, None, "PEM certificate (chain): the port speaks TLS only (wss, https)"),
+    ("--tls-key", str, None, "PEM private key of --tls-cert"),
 ]
 
 _TRUE = ("1", "true", "yes", "on")

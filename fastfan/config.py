@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 
 from ._core import SlowConsumerPolicy
@@ -58,6 +59,10 @@ class Config:
     api_key: str | None = None
     api_key_file: str | None = None  # read once, here: its content becomes api_key
     metrics_public: bool = True  # GET /metrics on --port too, not only on --api-port
+    compression: bool = True  # permessage-deflate for the clients that offer it
+    compression_min_size: int = 256  # smaller messages go out uncompressed
+    tls_cert: str | None = None  # PEM files: with both, the port speaks TLS only
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -95,8 +100,11 @@ class Config:
             raise ConfigError(f"--echo-path {self.echo_path} is already a fastfan path")
         if self.redis is not None:
             self._check_redis(self.redis)
+        if self.compression_min_size < 0:
+            raise ConfigError("--compression-min-size must be 0 or more bytes")
         self._check_token_key()
         self._check_api()
+        self._check_tls()
 
     def _check_redis(self, value: str) -> None:
         """One redis:// or rediss:// URL, or several comma-separated (shards), or a
@@ -173,6 +181,14 @@ class Config:
         if self.api_port is not None and self.api_port == self.port:
             raise ConfigError(f"--api-port must differ from --port ({self.port})")
 
+    def _check_tls(self) -> None:
+        """--tls-cert and --tls-key together, and a certificate the key fits, before forking."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give both to serve "
+                              "wss:// and https://, or neither")
+        if self.tls_cert is not None:
+            tls_context(self)
+
     def require_auth_choice(self) -> None:
         """`run` needs a way to check tokens, or an explicit decision to skip them."""
         if self.jwt_secret is None and self.jwt_public_key is None and self.jwks_url is None \
@@ -195,6 +211,17 @@ def check_jwt_secret(secret: str) -> None:
         raise ConfigError(
             f"the JWT secret is {size} bytes; HS256 needs at least {MIN_JWT_SECRET_BYTES} "
             f"(RFC 7518 3.2): make one with `openssl rand -base64 32`")
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The server's TLS context for --tls-cert and --tls-key (ConfigError if they do not load)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load --tls-cert {config.tls_cert} with --tls-key "
+                          f"{config.tls_key}: {exc}") from None
+    return context
 
 
 def cpu_count() -> int:

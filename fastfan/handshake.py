@@ -9,7 +9,7 @@ upgrade headers. It returns a Session (101), a response without listener (health
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import TypeAlias
 from urllib.parse import parse_qs
@@ -108,7 +108,15 @@ class ListenerFactory:
                                   f"connections open, the most --max-connections-per-user "
                                   f"allows\n".encode(), {"Retry-After": "1"})
         _accept_any_connection_header(request)
-        return Session(self._hub, identity, echo)
+        deflate = self._config.compression and _accept_deflate(
+            request.headers.getall("Sec-WebSocket-Extensions", ()))
+        if not deflate:
+            return Session(self._hub, identity, echo)  # picows's own 101, as ever
+        extension, compressed = deflate
+        session = Session(self._hub, identity, echo, True, compressed)
+        response = WSUpgradeResponse.create_101_response(
+            {"Sec-WebSocket-Extensions": extension})
+        return WSUpgradeResponseWithListener(response, session)
 
     def _authenticate(self, request: WSUpgradeRequest, query: bytes) -> Identity:
         if self.verify_token is None:
@@ -129,6 +137,66 @@ def _token_from(request: WSUpgradeRequest, query: bytes) -> str | None:
         return token.strip()
     values = parse_qs(query.decode("latin-1")).get("token")
     return values[0] if values else None
+
+
+def _accept_deflate(offers: Sequence[str]) -> tuple[str, bool] | None:
+    """The first permessage-deflate offer in the Sec-WebSocket-Extensions headers that we can
+    take (RFC 7692), as the response's header and whether this client gets compressed
+    frames; None when there is none.
+
+    We always answer with server_no_context_takeover and client_no_context_takeover: every
+    message stands alone, so one compressed frame serves every subscriber and one inflater
+    every client. A client that limits our window (server_max_window_bits 9 to 14) gets
+    the extension, so its compressed messages are inflated, but plain frames from us: the
+    frames compressed once for everyone use the full window (--echo-path excepted, which
+    compresses each echo in a small window). zlib has no 8-bit window: that is declined.
+    """
+    for header in offers:
+        for offer in header.split(","):
+            name, *params = (part.strip() for part in offer.split(";"))
+            if name.lower() != "permessage-deflate":
+                continue
+            window = _deflate_params(params)
+            if window is None:
+                continue  # RFC 7692 5: decline an offer with a bad parameter, try the next
+            extension = "permessage-deflate; server_no_context_takeover; " \
+                        "client_no_context_takeover"
+            if window:
+                extension += f"; server_max_window_bits={window}"
+            return extension, window in (0, 15)
+    return None
+
+
+_WINDOW_BITS = {str(bits) for bits in range(8, 16)}
+# zlib's smallest raw deflate window is 9 bits: an offer that limits ours to 8 is declined.
+_OUR_WINDOW_BITS = {str(bits) for bits in range(9, 16)}
+
+
+def _deflate_params(params: list[str]) -> int | None:
+    """The offer's server_max_window_bits (0 when absent), or None if a parameter is
+    unknown, repeated or has a bad value (RFC 7692 7.1)."""
+    seen: set[str] = set()
+    window = 0
+    for param in params:
+        key, has_value, value = (part.strip() for part in param.partition("="))
+        key = key.lower()
+        value = value.strip('"')  # a quoted-string value is allowed (RFC 7692 7.1)
+        if key in seen:
+            return None
+        seen.add(key)
+        if key in ("server_no_context_takeover", "client_no_context_takeover"):
+            if has_value:
+                return None
+        elif key == "server_max_window_bits":
+            if value not in _OUR_WINDOW_BITS:
+                return None
+            window = int(value)
+        elif key == "client_max_window_bits":
+            if has_value and value not in _WINDOW_BITS:
+                return None  # we never limit the client's window: its value is not ours to use
+        else:
+            return None
+    return window
 
 
 def _accept_any_connection_header(request: WSUpgradeRequest) -> None:

@@ -23,7 +23,7 @@ from .bus.local import LocalBus
 from .bus.mesh import MeshBus
 from .bus.redis import RedisBus
 from .bus.sharded import ShardedBus, redis_urls
-from .config import Config
+from .config import Config, tls_context
 from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
 from .logs import PicowsLog
@@ -82,6 +82,7 @@ class Worker:
             client_id_prefix=placement.client_id_prefix,
             history_size=config.history_size,
             history_channels=ChannelPatterns(config.history_channels.split(",")),
+            compression_min_size=config.compression_min_size,
         )
         self.node = Node(node_name(config.port), config.workers,
                          process_start_time(placement.master_pid), self.total_figures)
@@ -178,6 +179,7 @@ class Worker:
             max_frame_size=config.max_message_size,
             read_buffer_init_size=READ_BUFFER_INIT_SIZE,
             websocket_handshake_timeout=HANDSHAKE_TIMEOUT,
+            ssl=None if config.tls_cert is None else tls_context(config),
         )
         if self.api is not None:
             await self.api.start(LISTEN_BACKLOG)

@@ -44,6 +44,10 @@ def test_run_without_secret_or_insecure_refuses_and_says_how() -> None:
     (["--log-format", "xml"], ["--log-format"]),
     (["--echo-path", "echo"], ["--echo-path"]),
     (["--redis", "localhost:6379"], ["--redis"]),
+    (["--compression", "yes"], ["--compression", "on or off"]),
+    (["--compression-min-size", "-1"], ["--compression-min-size"]),
+    (["--tls-cert", "cert.pem"], ["--tls-cert and --tls-key"]),
+    (["--tls-cert", "no.pem", "--tls-key", "no.pem"], ["cannot load --tls-cert no.pem"]),
     (["--frobnicate"], ["--frobnicate"]),
 ])
 def test_bad_options_are_one_clear_line_and_exit_2(args: list[str], words: list[str]) -> None:
@@ -91,3 +95,11 @@ def test_python_dash_m_and_the_script_are_the_same_program() -> None:
     assert result.returncode == 0
     for option in ("--max-subscriptions", "--publish-rate", "--echo-path", "--shutdown-grace"):
         assert option in result.stdout
+
+
+def test_compression_off_from_the_environment(start_server: Any) -> None:
+    server = start_server(env={"FASTFAN_COMPRESSION": "off"})
+    offer = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+    client = RawClient(server.host, server.port, "/?token=" + jwt.encode(
+        {"sub": "alice"}, SECRET, algorithm="HS256"), headers=offer)
+    assert "sec-websocket-extensions" not in client.headers

@@ -40,7 +40,8 @@ def test_an_idle_subscribed_connection_costs_about_4_kib(start_server: Any) -> N
     print(f"worker RSS per idle subscribed connection: {per_connection:.2f} KiB")
     # 3.9-4.0 KiB measured; picows 2.3.1 unpatched gives 5.4 and more with these headers.
     assert per_connection < 4.5
-    # And the smaller buffers still take any message: one larger than the initial buffer.
+    # And the smaller buffers still take any message: one larger than the initial buffer
+    # (compressed: these clients offer permessage-deflate, as browsers do; recv_json inflates).
     big = "x" * 60_000
     clients[0].publish("idle", big)
     for client in (clients[0], clients[-1], warm[0]):

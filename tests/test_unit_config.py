@@ -33,6 +33,11 @@ REFUSED: list[tuple[dict[str, Any], list[str]]] = [
     ({"redis": "redis://a:6379,redis://a:6379"}, ["--redis", "twice"]),
     ({"redis": "redis+cluster://a:7000,b"}, ["--redis", "host:port", "'b'"]),
     ({"redis": "redis+cluster://a:7000", "history_size": 10}, ["--history-size", "Cluster"]),
+    ({"compression_min_size": -1}, ["--compression-min-size"]),
+    ({"tls_cert": "cert.pem"}, ["--tls-cert and --tls-key go together"]),
+    ({"tls_key": "key.pem"}, ["--tls-cert and --tls-key go together"]),
+    ({"tls_cert": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem"},
+     ["cannot load --tls-cert /nonexistent/cert.pem", "--tls-key /nonexistent/key.pem"]),
 ]
 
 ACCEPTED: list[dict[str, Any]] = [
@@ -43,6 +48,7 @@ ACCEPTED: list[dict[str, Any]] = [
     {"redis": "rediss://user:pw@example.com:6380/1"},
     {"redis": "redis://a:6379,rediss://b:6380/1"},
     {"redis": "redis+cluster://user:pw@a:7000,b:7001"},
+    {"compression": False}, {"compression_min_size": 0},
 ]
 
 

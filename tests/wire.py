@@ -12,9 +12,11 @@ import json
 import os
 import socket
 import struct
+import zlib
 from typing import Any, NamedTuple
 
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
+RSV1 = 0b100  # in Frame.rsv (RSV1..RSV3 as bits 2..0): permessage-deflate's "compressed"
 ZERO_KEY = bytes(4)  # the masking key that leaves a payload as it is: readable fuzz inputs
 
 
@@ -77,6 +79,18 @@ def parse_frame(data: bytes | bytearray, at: int = 0) -> Frame | None:
     payload = bytes(data[at + head:at + head + length])
     return Frame(bool(first & 0x80), (first >> 4) & 0x7, first & 0x0F, masked,
                  apply_mask(payload, key) if masked else payload, head + length)
+
+
+def deflate(data: bytes, window_bits: int = 15) -> bytes:
+    """One message compressed as permessage-deflate sends it (RFC 7692 7.2.1): raw deflate,
+    a sync flush, its 4-byte tail removed (zlib's defaults otherwise, as the server's)."""
+    compressor = zlib.compressobj(wbits=-window_bits)
+    return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+def inflate(payload: bytes) -> bytes:
+    """A permessage-deflate message's payload, inflated (RFC 7692 7.2.2)."""
+    return zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff")
 
 
 def resp(*parts: str | bytes) -> bytes:
@@ -165,15 +179,21 @@ class RawClient:
         self.send_json({"type": "publish", "channel": channel, "data": data, **fields})
 
     def recv_frame(self) -> tuple[bool, int, bytes]:
+        got = self.recv_whole_frame()
+        return got.fin, got.opcode, got.payload
+
+    def recv_whole_frame(self) -> Frame:
+        """The next frame as it came, its RSV bits and size on the wire included."""
         while (got := parse_frame(self.buffer)) is None:
             self._receive("connection closed")
         self.buffer = self.buffer[got.size:]
-        return got.fin, got.opcode, got.payload
+        return got
 
     def recv_json(self) -> Any:
-        fin, opcode, payload = self.recv_frame()
-        assert (fin, opcode) == (True, TEXT), (fin, opcode, payload)
-        return json.loads(payload)
+        """The next frame, a whole text message (inflated if compressed: RSV1), as JSON."""
+        got = self.recv_whole_frame()
+        assert (got.fin, got.opcode) == (True, TEXT), got
+        return json.loads(inflate(got.payload) if got.rsv & RSV1 else got.payload)
 
     def recv_close(self) -> tuple[int, str]:
         """Skip data frames until the server's CLOSE; return its code and reason."""

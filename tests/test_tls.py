@@ -1,0 +1,216 @@
+"""--tls-cert and --tls-key: the port speaks TLS only (wss, https), with a CA made here; every
+write goes through the transport, compressed and shared frames included; a plain client
+fails cleanly; Autobahn's cases pass through TLS (the compression cases by test_autobahn's
+sample)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import http.client
+import ipaddress
+import json
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Server, messages_of, token
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from test_autobahn import COMPRESSION_SAMPLE, failures, run_cases
+from websockets.sync.client import connect as websocket_connect
+
+
+def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
+                 issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A throwaway CA and a certificate it signed for 127.0.0.1: PEM files."""
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    ca = _certificate("fastfan test CA", ca_key, "fastfan test CA", ca_key, ca=True)
+    cert = _certificate("127.0.0.1", server_key, "fastfan test CA", ca_key, ca=False)
+    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return paths
+
+
+class TlsServer(Server):
+    """A `fastfan run --tls-cert --tls-key`, spoken to over TLS."""
+
+    def __init__(self, log_path: Path, pki: dict[str, Path], *args: str) -> None:
+        self.context = ssl.create_default_context(cafile=str(pki["ca"]))
+        super().__init__(log_path, "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]),
+                         *args)
+
+    def url(self, path: str = "/", token: str | None = None) -> str:
+        return "wss" + super().url(path, token)[2:]
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str],
+                                                                             bytes]:
+        conn = http.client.HTTPSConnection(self.host, self.port, timeout=5, context=self.context)
+        try:
+            conn.request("GET", path, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def start_tls(tmp_path: Path, pki: dict[str, Path]) -> Any:
+    servers: list[TlsServer] = []
+
+    def start(*args: str) -> TlsServer:
+        servers.append(TlsServer(tmp_path / f"tls-{len(servers)}.log", pki, *args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_wss_and_https_carry_small_large_and_compressed_frames(start_tls: Any) -> None:
+    server = start_tls()
+    status, _, body = server.get("/health")
+    assert (status, body) == (200, b"ok\n")
+    texts = ["small", "x" * 1000, "".join(f"{i:05d}" for i in range(4000))]  # copied,
+    # compressed, and a compressed frame of more than 4 KiB (queued by reference)
+    received = {}
+    for compression in ("deflate", None):
+        with websocket_connect(server.url(token=token(f"u{compression}")), ssl=server.context,
+                               compression=compression) as ws:
+            assert messages_of(ws)[0]["type"] == "welcome"
+            ws.send(json.dumps({"type": "subscribe", "channel": "news"}))
+            assert messages_of(ws)[0]["type"] == "subscribed"
+            for text in texts:
+                ws.send(json.dumps({"type": "publish", "channel": "news", "data": text}))
+            received[compression] = [m["data"] for m in messages_of(ws, 3)]
+            assert bool(ws.protocol.extensions) == (compression is not None)
+    assert received == {"deflate": texts, None: texts}
+
+
+def test_a_stream_larger_than_the_socket_buffers_arrives_whole_and_in_order(
+        start_tls: Any) -> None:
+    server = start_tls("--max-buffer", str(64 << 20))
+    count, text = 3000, "z" * 3000
+    with websocket_connect(server.url(token=token("reader")), ssl=server.context,
+                           compression=None, max_size=None) as reader, \
+            websocket_connect(server.url(token=token("writer")), ssl=server.context) as writer:
+        assert messages_of(reader)[0]["type"] == messages_of(writer)[0]["type"] == "welcome"
+        reader.send(json.dumps({"type": "subscribe", "channel": "bulk"}))
+        assert messages_of(reader)[0]["type"] == "subscribed"
+        for i in range(count):  # within the publish rate's burst of 2000 ... and a bit more
+            writer.send(json.dumps({"type": "publish", "channel": "bulk",
+                                    "data": {"i": i, "text": text}}))
+        got = [m["data"]["i"] for m in messages_of(reader, 2000, timeout=30)]
+    assert got == list(range(2000))
+
+
+def test_a_slow_consumer_over_tls_is_disconnected_past_max_buffer(start_tls: Any) -> None:
+    server = start_tls("--max-buffer", "200000")
+    with websocket_connect(server.url(token=token("slow")), ssl=server.context,
+                           compression=None, max_queue=1) as slow, \
+            websocket_connect(server.url(token=token("fast")), ssl=server.context) as fast:
+        messages_of(slow), messages_of(fast)
+        slow.send(json.dumps({"type": "subscribe", "channel": "flood"}))
+        assert messages_of(slow)[0]["type"] == "subscribed"
+        slow.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for _ in range(1500):
+            fast.send(json.dumps({"type": "publish", "channel": "flood", "data": "w" * 4000}))
+        fast.send(json.dumps({"type": "ping", "id": 1}))
+        assert messages_of(fast)[-1]["type"] == "pong"
+        metrics: dict[str, float] = {}
+        for _ in range(100):
+            metrics = server.metrics()
+            if metrics.get("fastfan_slow_consumers_disconnected_total"):
+                break
+            asyncio.run(asyncio.sleep(0.1))
+    assert metrics["fastfan_slow_consumers_disconnected_total"] == 1
+
+
+def test_a_plain_client_on_the_tls_port_fails_and_the_server_goes_on(start_tls: Any) -> None:
+    server = start_tls()
+    with socket.create_connection((server.host, server.port), timeout=5) as plain:
+        plain.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        try:
+            while chunk := plain.recv(4096):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    assert b"HTTP/1.1" not in answer  # nothing in clear text: the connection just ends
+    assert server.get("/health")[0] == 200
+    assert server.process.poll() is None
+
+
+async def _tls_proxy(server: TlsServer) -> asyncio.Server:
+    """A plain listener whose connections go on to `server` over TLS: kosoku speaks ws://
+    only, so Autobahn's cases reach fastfan's TLS path through this."""
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            server.host, server.port, ssl=server.context)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def test_autobahn_cases_pass_over_tls(start_tls: Any) -> None:
+    server = start_tls("--echo-path", "/echo", "--max-message-size", str(17 << 20),
+                       "--max-buffer", str(64 << 20), "--log-level", "warning")
+
+    async def run() -> list[Any]:
+        proxy = await _tls_proxy(server)
+        port = proxy.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}/echo?token={token()}"
+        try:
+            every = await asyncio.to_thread(run_cases, url, None, ["12.*", "13.*"])
+            return every + await asyncio.to_thread(run_cases, url, COMPRESSION_SAMPLE)
+        finally:
+            proxy.close()
+
+    results = asyncio.run(run())
+    assert len(results) > 290 + len(COMPRESSION_SAMPLE)
+    assert failures(results) == []
+
+
+def test_every_worker_serves_tls(start_tls: Any) -> None:
+    server = start_tls("--workers", "2")
+    prefixes = set()
+    for i in range(12):  # the kernel spreads connections over the workers (SO_REUSEPORT)
+        with websocket_connect(server.url(token=token(f"w{i}")), ssl=server.context) as ws:
+            prefixes.add(messages_of(ws)[0]["data"]["clientId"].split("-")[0])
+    assert len(prefixes) == 2
