@@ -303,7 +303,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "accept-spread": (studies.accept_spread, ("workers", "connections")),
     "presence": (studies.presence, ("connections", "processes")),
     "api": (studies.api, ("subscribers", "duration")),
-    "history": (studies.history, ("rates", "duration", "connections", "processes")),
+    "history": (studies.history, ("rates", "duration", "connections", "processes", "repeat")),
 }
 
 
@@ -322,7 +322,8 @@ def parse_args() -> argparse.Namespace:
                                         "redis; in history, both its sweeps)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per rate in fanout, channels, large and workers; the table "
-                             "shows the run of median p99")
+                             "shows the run of median p99 (history: every run, off and on "
+                             "in turn)")
     parser.add_argument("--fastfan-args", default="",
                         help='extra `fastfan run` options, e.g. "--workers 2"')
     parser.add_argument("--baseline", metavar="PYTHON",

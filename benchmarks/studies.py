@@ -710,14 +710,15 @@ def _position(port: int, channel: str) -> tuple[int, str]:
 
 def _fanout_side_by_side(label: str, ports: dict[str, list[int]],
                          pids: dict[str, list[int]], rates: list[float],
-                         duration: float) -> list[dict[str, Any]]:
+                         duration: float, repeat: int) -> list[dict[str, Any]]:
     """The same open-loop run at each rate against the servers with history off and on, in
-    turn (rate by rate, so drift hits both); subscribers split over each one's ports."""
+    turn (rate by rate, `repeat` times each, so drift hits both); subscribers split over
+    each one's ports."""
     rows = []
     print(f"\nhistory, fan-out {label}: 1000 subscribers, 100-byte data, {duration:g} s per "
           f"rate\n{'history':>8} {HEADER}")
     for n, offered in enumerate(rates):
-        for kept, nodes in ports.items():
+        for kept, nodes in [pair for _ in range(repeat) for pair in ports.items()]:
             before = sum(cpu_seconds(pid) for pid in pids[kept])
             if len(nodes) == 1:
                 row = run_loadgen(nodes[0], subs=1000, rate=offered / 1000, duration=duration,
@@ -733,21 +734,26 @@ def _fanout_side_by_side(label: str, ports: dict[str, list[int]],
     return rows
 
 
-def _acked_rates(label: str, ports: dict[str, list[int]], duration: float,
-                 in_flight: int = 64) -> list[dict[str, Any]]:
+def _acked_rates(label: str, ports: dict[str, list[int]], pids: dict[str, list[int]],
+                 duration: float, repeat: int, in_flight: int = 64) -> list[dict[str, Any]]:
     """Acknowledged publishes/s from one WebSocket publisher (ids, `in_flight` ahead)
-    into a channel with no subscribers, history off against on, twice each, alternating."""
+    into a channel with no subscribers, history off against on, `repeat` times (at least
+    twice) each, alternating; with the server's (and Redis's) CPU per publish."""
     rows = []
-    for attempt in range(2):
+    for attempt in range(max(2, repeat)):
         for kept, nodes in ports.items():
+            before = sum(cpu_seconds(pid) for pid in pids[kept])
             acked, elapsed = _publish_acked(nodes[0], [f"p{kept}{attempt}"], duration=duration,
                                             in_flight=in_flight)
+            used = sum(cpu_seconds(pid) for pid in pids[kept]) - before
             row = {"scenario": "history", "part": f"publish {label}", "history": kept,
                    "in_flight": in_flight, "acked": acked,
-                   "publishes_per_s": round(acked / elapsed)}
+                   "publishes_per_s": round(acked / elapsed),
+                   "cpu_us_per_publish": round(1e6 * used / max(acked, 1), 1)}
             rows.append(row)
             print(f"history {kept:>3}, {label}: {row['publishes_per_s']} acknowledged "
-                  f"publishes/s ({in_flight} in flight)", flush=True)
+                  f"publishes/s ({in_flight} in flight), {row['cpu_us_per_publish']} us of "
+                  "server CPU each", flush=True)
     return rows
 
 
@@ -858,6 +864,18 @@ def _storms(label: str, port: int, pids: list[int], clients: int,
     return rows
 
 
+def _kept_size(port: int, channel: str) -> int:
+    """The bytes of a history channel's last message, as kept and sent (numbered)."""
+    top, epoch = _position(port, channel)
+    client = _client(port)
+    client.send_json({"type": "subscribe", "channel": channel,
+                      "recover": {"offset": top - 1, "epoch": epoch}})
+    client.recv_json()  # subscribed
+    _, _, payload = client.recv_frame()
+    client.close()
+    return len(payload)
+
+
 def _redis_used_memory(port: int) -> int:
     out = subprocess.run(["redis-cli", "-p", str(port), "info", "memory"], capture_output=True,
                          text=True, check=True).stdout
@@ -879,6 +897,8 @@ def _memory(redis_port: int) -> list[dict[str, Any]]:
             _publish_acked(port, channels, count=count)
             time.sleep(0.5)
             grown[kept] = rss_bytes(server.pid) - before
+            if kept == "on":
+                message_bytes = _kept_size(port, channels[0])
         finally:
             stop(server)
     port = free_port()
@@ -892,6 +912,7 @@ def _memory(redis_port: int) -> list[dict[str, Any]]:
         stop(server)
     row = {"scenario": "history", "part": "memory", "channels": len(channels),
            "kept_per_channel": HISTORY_KEPT, "data_bytes": 100,
+           "message_bytes": message_bytes,
            "rss_growth_off_mib": round(grown["off"] / 2**20, 1),
            "rss_growth_on_mib": round(grown["on"] / 2**20, 1),
            "embedded_bytes_per_message": round((grown["on"] - grown["off"]) / count),
@@ -902,7 +923,7 @@ def _memory(redis_port: int) -> list[dict[str, Any]]:
 
 
 def history(rates: str | None = None, duration: float = 3.0, connections: int = 10_000,
-            processes: int = 5) -> list[dict[str, Any]]:
+            processes: int = 5, repeat: int = 1) -> list[dict[str, Any]]:
     """History and recovery (--history-size 100) against none, side by side in one run.
 
     1. Fan-out, the same open-loop load generator run against a server with history off
@@ -919,7 +940,8 @@ def history(rates: str | None = None, duration: float = 3.0, connections: int = 
        Embedded (one worker) and one --redis node (and redis-server's CPU).
     3. Memory: 1000 channels x 100 kept messages of 100-byte data; worker RSS growth with
        history against without, Redis used_memory growth, per kept message.
-    `rates` (comma-separated deliveries/s) replaces both fan-out sweeps' own.
+    `rates` (comma-separated deliveries/s) replaces both fan-out sweeps' own; `repeat`
+    runs each fan-out rate and publish-rate measure that many times, off and on in turn.
     """
     embedded_rates = [float(r) for r in (rates or EMBEDDED_HISTORY_RATES).split(",")]
     redis_rates = [float(r) for r in (rates or REDIS_HISTORY_RATES).split(",")]
@@ -931,8 +953,8 @@ def history(rates: str | None = None, duration: float = 3.0, connections: int = 
     try:
         pids = {kept: [server.pid] for kept, server in servers.items()}
         rows += _fanout_side_by_side("embedded, one worker", ports, pids, embedded_rates,
-                                     duration)
-        rows += _acked_rates("embedded", ports, duration)
+                                     duration, repeat)
+        rows += _acked_rates("embedded", ports, pids, duration, repeat)
         rows += _storms("embedded", ports["on"][0], pids["on"], connections, processes)
     finally:
         for server in servers.values():
@@ -948,8 +970,8 @@ def history(rates: str | None = None, duration: float = 3.0, connections: int = 
         try:
             pids = {kept: [n.pid for n in nodes[kept]] + [redis_server.pid] for kept in nodes}
             rows += _fanout_side_by_side("two nodes through Redis", ports, pids, redis_rates,
-                                         duration)
-            rows += _acked_rates("redis", ports, duration)
+                                         duration, repeat)
+            rows += _acked_rates("redis", ports, pids, duration, repeat)
             rows += _storms("redis", ports["on"][0], [nodes["on"][0].pid, redis_server.pid],
                             connections, processes)
         finally:
