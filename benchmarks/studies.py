@@ -738,22 +738,28 @@ def _acked_rates(label: str, ports: dict[str, list[int]], pids: dict[str, list[i
                  duration: float, repeat: int, in_flight: int = 64) -> list[dict[str, Any]]:
     """Acknowledged publishes/s from one WebSocket publisher (ids, `in_flight` ahead)
     into a channel with no subscribers, history off against on, `repeat` times (at least
-    twice) each, alternating; with the server's (and Redis's) CPU per publish."""
+    twice) each, alternating; with the CPU per publish of the server (its nodes) and of
+    Redis (the last of a `pids` list of more than one)."""
     rows = []
     for attempt in range(max(2, repeat)):
         for kept, nodes in ports.items():
-            before = sum(cpu_seconds(pid) for pid in pids[kept])
+            before = [cpu_seconds(pid) for pid in pids[kept]]
             acked, elapsed = _publish_acked(nodes[0], [f"p{kept}{attempt}"], duration=duration,
                                             in_flight=in_flight)
-            used = sum(cpu_seconds(pid) for pid in pids[kept]) - before
+            used = [1e6 * (cpu_seconds(pid) - b) / max(acked, 1)
+                    for pid, b in zip(pids[kept], before, strict=True)]
             row = {"scenario": "history", "part": f"publish {label}", "history": kept,
                    "in_flight": in_flight, "acked": acked,
                    "publishes_per_s": round(acked / elapsed),
-                   "cpu_us_per_publish": round(1e6 * used / max(acked, 1), 1)}
+                   "server_cpu_us_per_publish": round(sum(used[:-1] or used), 1)}
+            if len(used) > 1:
+                row["redis_cpu_us_per_publish"] = round(used[-1], 1)
             rows.append(row)
             print(f"history {kept:>3}, {label}: {row['publishes_per_s']} acknowledged "
-                  f"publishes/s ({in_flight} in flight), {row['cpu_us_per_publish']} us of "
-                  "server CPU each", flush=True)
+                  f"publishes/s ({in_flight} in flight); CPU per publish: server "
+                  f"{row['server_cpu_us_per_publish']} us"
+                  + (f", Redis {row['redis_cpu_us_per_publish']} us" if len(used) > 1 else ""),
+                  flush=True)
     return rows
 
 
