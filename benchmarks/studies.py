@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from typing import Any
 
 from lib import (
@@ -718,20 +719,42 @@ def _fanout_side_by_side(label: str, ports: dict[str, list[int]],
     print(f"\nhistory, fan-out {label}: 1000 subscribers, 100-byte data, {duration:g} s per "
           f"rate\n{'history':>8} {HEADER}")
     for n, offered in enumerate(rates):
-        for kept, nodes in [pair for _ in range(repeat) for pair in ports.items()]:
-            before = sum(cpu_seconds(pid) for pid in pids[kept])
-            if len(nodes) == 1:
-                row = run_loadgen(nodes[0], subs=1000, rate=offered / 1000, duration=duration,
-                                  channel=f"f{kept}{n}")
-            else:
-                row = _split_run(nodes, 1000, offered, duration, f"f{kept}{n}", [])
-            used = sum(cpu_seconds(pid) for pid in pids[kept]) - before
-            delivered = row.get("delivered", row["delivered_per_s"] * duration)
-            row["cpu_us_per_delivery"] = round(1e6 * used / max(delivered, 1), 3)
+        for run, (kept, nodes) in enumerate(
+                [pair for _ in range(repeat) for pair in ports.items()]):
+            row = _fanout_run(nodes, pids[kept], offered, duration, f"f{kept}{n}.{run}")
             rows.append({"scenario": "history", "part": f"fanout {label}", "history": kept,
                          **row})
             print(f"{kept:>8} {format_row(row)}", flush=True)
     return rows
+
+
+def _fanout_run(ports: list[int], pids: list[int], offered: float, duration: float,
+                channel: str) -> dict[str, Any]:
+    """1000 subscribers split over `ports`, one open-loop publisher on the first; the
+    server's CPU (every process in `pids`) per delivery while publishing only, not while
+    subscribing (a subscribe to a history channel reads its position). One server is
+    pinned (subscribers and publisher on the load generator's CPU), nodes are not."""
+    pin = len(ports) == 1
+    share = 1000 // len(ports)
+    with Subscribers(ports, subs=share, channel=channel, duration=duration, drain=2,
+                     pin=pin) as subscribers:
+        subscribers.ready()
+        time.sleep(0.5)  # let every node's SUBSCRIBE reach Redis
+        before = sum(cpu_seconds(pid) for pid in pids)
+        subscribers.go()
+        sent = run_loadgen(ports[0], subs=0, rate=offered / (share * len(ports)),
+                           duration=duration, channel=channel, pin=pin,
+                           extra=["--drain", "0"])["sent"]
+        reports = subscribers.reports(timeout=duration + 60)
+        used = sum(cpu_seconds(pid) for pid in pids) - before
+    delivered = sum(r["delivered"] for r in reports)
+    return {
+        "offered_per_s": offered, "sent": sent,
+        "delivered_per_s": sum(r["delivered_per_s"] for r in reports),
+        "lost": sent * share * len(ports) - delivered,
+        **{key: max(r[key] for r in reports) for key in ("p50_ms", "p99_ms", "p999_ms", "max_ms")},
+        "cpu_us_per_delivery": round(1e6 * used / max(delivered, 1), 3),
+    }
 
 
 def _acked_rates(label: str, ports: dict[str, list[int]], pids: dict[str, list[int]],
@@ -853,19 +876,22 @@ def _storm(port: int, pids: list[int], channel: str, recover: dict[str, Any] | N
             "clients_cpu_s": round(sum(r[2] for r in results), 2)}
 
 
-def _storms(label: str, port: int, pids: list[int], clients: int,
+def _storms(label: str, ports: dict[str, list[int]], pids: dict[str, list[int]], clients: int,
             processes: int) -> list[dict[str, Any]]:
-    """The storm with recovery of 100 messages against the same storm subscribing plainly."""
+    """The storm with recovery of 100 messages against the same storm subscribing plainly,
+    and subscribing plainly to a server without history."""
     channel = f"storm.{label}"
-    _publish_acked(port, [channel], count=HISTORY_KEPT + 50)
-    top, epoch = _position(port, channel)
+    _publish_acked(ports["on"][0], [channel], count=HISTORY_KEPT + 50)
+    top, epoch = _position(ports["on"][0], channel)
     rows = []
-    for kind, recover, want in (("plain subscribe", None, 0),
-                                ("recover 100", {"offset": top - 100, "epoch": epoch}, 100)):
-        row = {"scenario": "history", "part": f"storm {label}", "storm": kind,
-               **_storm(port, pids, channel, recover, want, clients, processes)}
+    for kept, kind, recover, want in (
+            ("off", "subscribe", None, 0), ("on", "subscribe", None, 0),
+            ("on", "recover 100", {"offset": top - 100, "epoch": epoch}, 100)):
+        row = {"scenario": "history", "part": f"storm {label}", "history": kept, "storm": kind,
+               **_storm(ports[kept][0], pids[kept], channel, recover, want, clients,
+                        processes)}
         rows.append(row)
-        print(f"storm {label}, {kind}: {row}", flush=True)
+        print(f"storm {label}, history {kept}, {kind}: {row}", flush=True)
         time.sleep(2)  # the storm's connections closed before the next
     return rows
 
@@ -880,6 +906,20 @@ def _kept_size(port: int, channel: str) -> int:
     _, _, payload = client.recv_frame()
     client.close()
     return len(payload)
+
+
+def _ready(port: int) -> None:
+    """Wait for a --redis node's /ready (its bus connected): before it, publishes are
+    answered 503."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _redis_used_memory(port: int) -> int:
@@ -911,6 +951,7 @@ def _memory(redis_port: int) -> list[dict[str, Any]]:
     server = start_fastfan(port, ["--redis", f"redis://127.0.0.1:{redis_port}/0", *HISTORY_ON],
                            pin=False)
     try:
+        _ready(port)
         before = _redis_used_memory(redis_port)
         _publish_acked(port, channels, count=count)
         redis_grown = _redis_used_memory(redis_port) - before
@@ -936,14 +977,16 @@ def history(rates: str | None = None, duration: float = 3.0, connections: int = 
        and one with it on, rate by rate: (a) embedded, one worker pinned to CPU 0, 1000
        subscribers; (b) two nodes (--redis) through one redis-server, half the
        subscribers on each, nothing pinned; delivered/s, loss, p99, server CPU per
-       delivery. Then the acknowledged publishes/s of one WebSocket publisher (ids, 64 in
-       flight) into a channel without subscribers: the embedded sequencer, and Redis's
-       PUBLISH against the numbering script.
+       delivery while publishing (with Redis's, in (b)). Then the acknowledged
+       publishes/s of one WebSocket publisher (ids, 64 in flight) into a channel without
+       subscribers: the embedded sequencer, and Redis's PUBLISH against the numbering
+       script.
     2. A reconnect storm: `connections` clients from `processes` client processes (asyncio,
        127.0.0.x sources), all at once, subscribing to a channel with 150 messages
        published, recovering from 100 back (so 100 messages each), against the same storm
-       subscribing plainly: seconds until the last has all it wants, server CPU seconds.
-       Embedded (one worker) and one --redis node (and redis-server's CPU).
+       subscribing plainly, and against it subscribing plainly to a server without
+       history: seconds until the last has all it wants, server CPU seconds. Embedded
+       (one worker) and one --redis node (and redis-server's CPU).
     3. Memory: 1000 channels x 100 kept messages of 100-byte data; worker RSS growth with
        history against without, Redis used_memory growth, per kept message.
     `rates` (comma-separated deliveries/s) replaces both fan-out sweeps' own; `repeat`
@@ -961,7 +1004,7 @@ def history(rates: str | None = None, duration: float = 3.0, connections: int = 
         rows += _fanout_side_by_side("embedded, one worker", ports, pids, embedded_rates,
                                      duration, repeat)
         rows += _acked_rates("embedded", ports, pids, duration, repeat)
-        rows += _storms("embedded", ports["on"][0], pids["on"], connections, processes)
+        rows += _storms("embedded", ports, pids, connections, processes)
     finally:
         for server in servers.values():
             stop(server)
@@ -974,12 +1017,14 @@ def history(rates: str | None = None, duration: float = 3.0, connections: int = 
                                              *(HISTORY_ON if kept == "on" else [])], pin=False)
                         for port in ports[kept]] for kept in ports}
         try:
+            for port in (p for pair in ports.values() for p in pair):
+                _ready(port)
             pids = {kept: [n.pid for n in nodes[kept]] + [redis_server.pid] for kept in nodes}
             rows += _fanout_side_by_side("two nodes through Redis", ports, pids, redis_rates,
                                          duration, repeat)
             rows += _acked_rates("redis", ports, pids, duration, repeat)
-            rows += _storms("redis", ports["on"][0], [nodes["on"][0].pid, redis_server.pid],
-                            connections, processes)
+            rows += _storms("redis", ports, {kept: [nodes[kept][0].pid, redis_server.pid]
+                                             for kept in nodes}, connections, processes)
         finally:
             for server in (n for pair in nodes.values() for n in pair):
                 stop(server)
