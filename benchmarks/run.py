@@ -25,7 +25,9 @@ one server at a time, at the same offered rates. The suite's scenarios (the defa
             (not pinned)
 
 Studies, run only when named (fastfan alone; options under "studies" in --help):
-connections, churn, storm, slow-consumer, soak, accept-spread, presence, api, history.
+connections, churn, storm, slow-consumer, soak, accept-spread, presence, api, shards (one Redis
+against three shards and a three-master cluster, two nodes, many channels), history (history
+and recovery on against off).
 
 Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
 article's Node ws design), websockets (Python's websockets with its broadcast), socketio
@@ -302,7 +304,9 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "soak": (studies.soak, ("minutes",)),
     "accept-spread": (studies.accept_spread, ("workers", "connections")),
     "presence": (studies.presence, ("connections", "processes")),
+    "join-storm": (studies.join_storm, ("watchers", "joiners")),
     "api": (studies.api, ("subscribers", "duration")),
+    "shards": (studies.shards, ("rates", "duration", "channels")),
     "history": (studies.history, ("rates", "duration", "connections", "processes", "repeat")),
 }
 
@@ -346,8 +350,14 @@ def parse_args() -> argparse.Namespace:
     study.add_argument("--policy", choices=("disconnect", "drop", "conflate"),
                        help="slow-consumer: fastfan's --slow-consumer (disconnect)")
     study.add_argument("--minutes", type=float, help="soak: how long (10)")
+    study.add_argument("--channels", type=int,
+                       help="shards: channels, each with a subscriber on both nodes (1000)")
     study.add_argument("--subscribers", type=int,
                        help="api: subscribers of the channel published into (1000)")
+    study.add_argument("--watchers", type=int,
+                       help="join-storm: subscribers watching joinLeave (1000)")
+    study.add_argument("--joiners", type=int,
+                       help="join-storm: clients subscribing at once (1000)")
     args = parser.parse_args()
     unknown = set(args.scenarios.split(",")) - {*SUITE, *STUDIES}
     if unknown:

@@ -7,6 +7,7 @@
     ./dev bench --scenarios soak --minutes 10
     ./dev bench --scenarios accept-spread --workers 6 --connections 6000
     ./dev bench --scenarios presence --connections 10000 --processes 10
+    ./dev bench --scenarios join-storm --watchers 1000 --joiners 1000
     ./dev bench --scenarios redis --rates 50000,200000,500000 --duration 4
     ./dev bench --scenarios api --subscribers 1000 --duration 3
     ./dev bench --scenarios history --duration 3 --connections 10000 --processes 5
@@ -19,10 +20,12 @@ run's JSON. docs/benchmarks.md has the figures of their last runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -631,6 +634,205 @@ def api(subscribers: int = 1000, duration: float = 3.0) -> list[dict[str, Any]]:
     return rows
 
 
+# Past one Redis ------------------------------------------------------------------------
+
+SHARD_TOPOLOGIES = ("one", "three", "cluster")
+
+
+def _redis_cpu(processes: list[subprocess.Popen[bytes]]) -> float:
+    return sum(cpu_seconds(process.pid) for process in processes)
+
+
+def _start_topology(topology: str, workdir: str) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """The redis-servers of `topology` and fastfan's --redis for them: one, three
+    standalone shards, or a cluster of three masters (no replicas: each message once)."""
+    count = 1 if topology == "one" else 3
+    ports = [free_port() for _ in range(count)]
+    while topology == "cluster" and any(port > 55000 for port in ports):
+        ports = [free_port() for _ in range(count)]  # each with its bus port, + 10000
+    cluster = ["--cluster-enabled", "yes", "--cluster-config-file"] if topology == "cluster" \
+        else []
+    processes = [subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", workdir,
+         *([*cluster, f"nodes-{port}.conf"] if cluster else [])],
+        stdout=subprocess.DEVNULL) for port in ports]
+    time.sleep(0.3)
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    if topology == "cluster":
+        subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas",
+                        "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        while b"cluster_state:ok" not in subprocess.run(
+                ["redis-cli", "-p", str(ports[0]), "cluster", "info"], capture_output=True,
+                check=True).stdout:
+            time.sleep(0.1)
+        return processes, "redis+cluster://" + ",".join(addresses)
+    return processes, ",".join(f"redis://{address}/0" for address in addresses)
+
+
+def _wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("fastfan not ready through Redis")
+
+
+def shards(rates: str = "100000,200000,400000,600000", duration: float = 4.0,
+           channels: int = 1000) -> list[dict[str, Any]]:
+    """Deliveries/s through one Redis, three standalone shards (--redis URL1,URL2,URL3)
+    and a Redis Cluster of three masters (redis+cluster://): two fastfan nodes, `channels`
+    channels each with one subscriber on each node, one publisher on the first node going
+    round-robin over the channels, so every message crosses Redis to both nodes. Redis's
+    CPU (all its processes) per message published, and its busiest process's share of a
+    core. Nothing is pinned: two nodes, Redis and the load generators share the cores.
+    """
+    rows = []
+    for topology in SHARD_TOPOLOGIES:
+        with tempfile.TemporaryDirectory() as workdir:
+            redis_servers, url = _start_topology(topology, workdir)
+            nodes = [free_port(), free_port()]
+            processes = [start_fastfan(port, ["--redis", url], pin=False) for port in nodes]
+            try:
+                for port in nodes:
+                    _wait_ready(port)
+                print(f"\nfastfan through {topology} Redis: two nodes, {channels} channels"
+                      f"\n{HEADER}  redis us/msg  busiest redis  node us/msg (publisher, "
+                      f"other)", flush=True)
+                for n, offered in enumerate(float(rate) for rate in rates.split(",")):
+                    row = _channels_run(nodes, channels, offered, duration, f"s{n}",
+                                        redis_servers, processes)
+                    rows.append({"server": f"fastfan+{topology}", "scenario": "shards", **row})
+                    print(f"{format_row(row)}  {row['redis_us_per_msg']:12.2f}"
+                          f"  {row['redis_busiest_core']:12.0%}  "
+                          f"{row['node_us_per_msg'][0]:8.1f} {row['node_us_per_msg'][1]:6.1f}",
+                          flush=True)
+            finally:
+                for process in processes:
+                    stop(process)
+                for server in redis_servers:
+                    server.terminate()
+                    server.wait(10)
+    return rows
+
+
+def _channels_run(ports: list[int], channels: int, offered: float, duration: float,
+                  channel: str, redis_servers: list[subprocess.Popen[bytes]],
+                  nodes: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+    """`channels` subscribers on each of `ports`, one per channel; a publisher on the first
+    at offered / len(ports) messages/s; one summary row, with Redis's CPU and the nodes'."""
+    spread = ["--channels", str(channels)]
+    with Subscribers(ports, subs=channels, channel=channel, duration=duration, drain=2,
+                     extra=spread) as subscribers:
+        subscribers.ready()
+        time.sleep(0.5)  # let every node's SUBSCRIBE reach Redis
+        cpu = [cpu_seconds(server.pid) for server in redis_servers]
+        node_cpu = [cpu_seconds(node.pid) for node in nodes]
+        started = time.monotonic()
+        subscribers.go()
+        sent = run_loadgen(ports[0], subs=0, rate=offered / len(ports), duration=duration,
+                           channel=channel, channels=channels, pin=False,
+                           extra=["--drain", "0"])["sent"]
+        elapsed = time.monotonic() - started
+        used = [cpu_seconds(server.pid) - before
+                for server, before in zip(redis_servers, cpu, strict=True)]
+        reports = subscribers.reports(timeout=duration + 60)
+        node_used = [cpu_seconds(node.pid) - before
+                     for node, before in zip(nodes, node_cpu, strict=True)]
+    delivered = sum(r["delivered"] for r in reports)
+    return {
+        "offered_per_s": offered, "sent": sent,
+        "delivered_per_s": sum(r["delivered_per_s"] for r in reports),
+        "lost": sent * len(ports) - delivered,
+        **{key: max(r[key] for r in reports) for key in ("p50_ms", "p99_ms", "p999_ms", "max_ms")},
+        "redis_us_per_msg": sum(used) / max(sent, 1) * 1e6,
+        "redis_busiest_core": max(used) / elapsed,
+        "cpu_us_per_delivery": sum(node_used) / max(delivered, 1) * 1e6,
+        "node_us_per_msg": [used_ / max(sent, 1) * 1e6 for used_ in node_used],
+    }
+
+
+def _count_joins(watchers: list[Any], expected: int, timeout: float = 120) -> None:
+    """Read every watcher until each has received `expected` join events."""
+    marker = b'"type":"join"'
+    selector = selectors.DefaultSelector()
+    counts: dict[int, list[Any]] = {}
+    for client in watchers:
+        client.sock.setblocking(False)
+        counts[client.sock.fileno()] = [0, b""]
+        selector.register(client.sock, selectors.EVENT_READ, client.sock)
+    waiting = len(watchers)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{waiting} watchers still wait for their joins")
+        for key, _ in selector.select(1):
+            sock = key.data
+            try:
+                data = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            state = counts[sock.fileno()]
+            text = state[1] + data
+            state[0] += text.count(marker)
+            state[1] = text[-(len(marker) - 1):]
+            if state[0] >= expected:
+                selector.unregister(sock)
+                waiting -= 1
+    selector.close()
+
+
+def join_storm(watchers: int = 1000, joiners: int = 1000) -> list[dict[str, Any]]:
+    """`joiners` clients subscribing at once to a channel that `watchers` others watch with
+    "joinLeave": true: watchers x joiners join frames, by the contract one per event. How
+    long until every watcher has them all, and the server's CPU for it (one worker)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from wire import RawClient
+
+    port = free_port()
+    server = start_fastfan(port, NO_HEARTBEAT, pin=False)
+    try:
+        watching = []
+        for _ in range(watchers):
+            client = RawClient("127.0.0.1", port, "/", timeout=30)
+            client.recv_json()  # welcome
+            client.send_json({"type": "subscribe", "channel": "crowd", "joinLeave": True})
+            while client.recv_json()["type"] != "subscribed":
+                pass  # the joins of the watchers after it
+            watching.append(client)
+        joining = []
+        for _ in range(joiners):
+            client = RawClient("127.0.0.1", port, "/", timeout=30)
+            client.recv_json()
+            joining.append(client)
+        time.sleep(0.5)
+        for client in watching:  # what the watchers' own joins left queued
+            client.sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while client.sock.recv(1 << 20):
+                    pass
+            client.sock.setblocking(True)
+        cpu = cpu_seconds(server.pid)
+        started = time.monotonic()
+        for client in joining:
+            client.send_json({"type": "subscribe", "channel": "crowd"})
+        _count_joins(watching, joiners)
+        row = {"scenario": "join-storm", "watchers": watchers, "joiners": joiners,
+               "frames": watchers * joiners,
+               "all_received_s": round(time.monotonic() - started, 2),
+               "server_cpu_s": round(cpu_seconds(server.pid) - cpu, 2)}
+        for client in watching + joining:
+            client.close()
+    finally:
+        stop(server)
+    print(f"\njoin-storm: {row}", flush=True)
+    return [row]
+
+
 # History and recovery -----------------------------------------------------------------
 
 HISTORY_KEPT = 100  # --history-size of the runs with history on
@@ -908,20 +1110,6 @@ def _kept_size(port: int, channel: str) -> int:
     return len(payload)
 
 
-def _ready(port: int) -> None:
-    """Wait for a --redis node's /ready (its bus connected): before it, publishes are
-    answered 503."""
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def _redis_used_memory(port: int) -> int:
     out = subprocess.run(["redis-cli", "-p", str(port), "info", "memory"], capture_output=True,
                          text=True, check=True).stdout
@@ -951,7 +1139,7 @@ def _memory(redis_port: int) -> list[dict[str, Any]]:
     server = start_fastfan(port, ["--redis", f"redis://127.0.0.1:{redis_port}/0", *HISTORY_ON],
                            pin=False)
     try:
-        _ready(port)
+        _wait_ready(port)
         before = _redis_used_memory(redis_port)
         _publish_acked(port, channels, count=count)
         redis_grown = _redis_used_memory(redis_port) - before
@@ -1018,7 +1206,7 @@ def history(rates: str | None = None, duration: float = 3.0, connections: int = 
                         for port in ports[kept]] for kept in ports}
         try:
             for port in (p for pair in ports.values() for p in pair):
-                _ready(port)
+                _wait_ready(port)
             pids = {kept: [n.pid for n in nodes[kept]] + [redis_server.pid] for kept in nodes}
             rows += _fanout_side_by_side("two nodes through Redis", ports, pids, redis_rates,
                                          duration, repeat)

@@ -221,6 +221,10 @@ cdef class Hub:
         char*               frame
         Py_ssize_t          frame_capacity
 
+        # the join/leave events of this loop turn, by watch channel: delivered together at
+        # its end, each watcher receiving them all in one piece (Hub._deliver_events)
+        dict                held_events     # Channel -> [(payload, Outbox it is about)]
+
         # when each fan-out of this loop turn began, for the latency histogram
         double*             fanout_started
         Py_ssize_t          fanout_count
@@ -245,6 +249,10 @@ cdef class Hub:
     cdef int _note_fanout(self, double started) except -1
     cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
     cdef int _deliver_shared(self, Channel channel, bytes frame) except -1
+    cdef Py_ssize_t _hold_event(self, Channel channel, object payload) except -1
+    cdef int _deliver_events(self, Channel channel, list events) except -1
+    cdef int _deliver_frames(self, Outbox watcher, Channel channel, bytes frames, list starts,
+                             list headers, Py_ssize_t first, Py_ssize_t end) except -1
     cdef int schedule(self, Outbox outbox) except -1
     cpdef bint keeps_history(self, str channel)
     cdef int subscribe(self, Session session, str name) except -1

@@ -121,6 +121,7 @@ for _c in range(128):
 # WATCH_PREFIX + channel, a name no client can use: the events travel every bus as
 # messages of that channel, with the fan-out, ordering and Redis subscriptions of any other.
 WATCH_PREFIX = "#"
+cdef Py_UCS4 WATCH_MARK = WATCH_PREFIX[0]
 
 # Session.subscriptions' slot for a subscription whose history read is on its way: the
 # session is not in the channel's array yet (Hub.subscribe_history).

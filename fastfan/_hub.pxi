@@ -61,6 +61,7 @@ cdef class Hub:
         self.users = {}
         self.unconfirmed = {}
         self.pending = []
+        self.held_events = {}
         self.max_message_size = max_message_size
         self.max_subscriptions = max_subscriptions
         self.max_subscription_bytes = max_subscription_bytes
@@ -137,6 +138,8 @@ cdef class Hub:
         cdef char shared_header[10]  # MAX_HEADER
         if target is None or target.count == 0:
             return 0
+        if channel[0] == WATCH_MARK:
+            return self._hold_event(target, payload)
         self._note_fanout(monotonic())
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
@@ -203,6 +206,89 @@ cdef class Hub:
             else:
                 self.deliveries_total -= 1
         return count
+
+    cdef Py_ssize_t _hold_event(self, Channel channel, object payload) except -1:
+        """A join or leave, for the end of the loop turn (see _deliver_events)."""
+        cdef list events = self.held_events.get(channel)
+        if events is None:
+            if not self.held_events:
+                self.loop.call_soon(self._deliver_held_events)
+            events = self.held_events[channel] = []
+        events.append((bytes(payload), self.excluded))
+        return channel.count
+
+    def _deliver_held_events(self):
+        held, self.held_events = self.held_events, {}
+        for channel, events in held.items():
+            self._deliver_events(channel, events)
+
+    cdef int _deliver_events(self, Channel channel, list events) except -1:
+        """A loop turn's join and leave events of one channel, to each of its watchers.
+
+        The contract keeps one `join` or `leave` object per frame, so a burst of K events to
+        W watchers is K x W frames whatever we do; but the K frames are built once, one
+        after the other, and each watcher gets them as one piece: one delivery (a reference
+        to the bytes when they are large, a memcpy else) instead of K. A watcher that is
+        itself the subject of some of the events (its own join) gets the pieces between
+        them.
+        """
+        cdef Py_ssize_t i, first, header, size, count = channel.count
+        cdef double started = monotonic()
+        cdef char header_bytes[10]  # MAX_HEADER
+        cdef bytes frames, payload
+        cdef Outbox watcher
+        cdef list pieces = []
+        cdef list starts = [0]  # where each frame begins, and the end
+        cdef list headers = [0]  # the header bytes before each frame, and in all
+        cdef dict skipped = {}  # the watchers some events are about -> those events
+        if count == 0:
+            return 0
+        for i, (payload, subject) in enumerate(events):
+            header = write_header(header_bytes, WSMsgType.TEXT, len(payload))
+            pieces.append(header_bytes[:header])
+            pieces.append(payload)
+            starts.append(starts[i] + header + len(payload))
+            headers.append(headers[i] + header)
+            if subject is not None:
+                skipped.setdefault(subject, []).append(i)
+            self._note_fanout(started)
+        frames = b"".join(pieces)
+        size = len(frames)
+        self.deliveries_total += count * len(events)
+        for i in range(count):
+            watcher = <Outbox>channel.subscribers[i]
+            if skipped and watcher in skipped:
+                first = 0
+                for own in skipped[watcher]:
+                    self.deliveries_total -= 1
+                    self._deliver_frames(watcher, channel, frames, starts, headers, first, own)
+                    first = own + 1
+                self._deliver_frames(watcher, channel, frames, starts, headers, first,
+                                     len(events))
+            else:
+                self._deliver_frames(watcher, channel, frames, starts, headers, 0, len(events))
+        return 0
+
+    cdef int _deliver_frames(self, Outbox watcher, Channel channel, bytes frames, list starts,
+                             list headers, Py_ssize_t first, Py_ssize_t end) except -1:
+        """Frames [first, end) of `frames` to `watcher` in one delivery, counted on its
+        figures as the end - first messages they are (a delivery counts one)."""
+        cdef Py_ssize_t start = starts[first], size = <Py_ssize_t>starts[end] - start
+        cdef unsigned long long sent = watcher.messages_sent
+        if size == 0:
+            return 0
+        if start == 0 and size == len(frames) and size >= SHARED_FRAME_BYTES:
+            watcher.deliver_shared(channel, frames)
+        else:
+            watcher.deliver(channel, PyBytes_AS_STRING(frames) + start, size)
+        if watcher.messages_sent != sent:  # taken, not refused
+            watcher.messages_sent += end - first - 1
+            watcher.bytes_sent += header_size(size) - (<Py_ssize_t>headers[end] - headers[first])
+        else:  # the slow-consumer policy took back (and dropped) one delivery: all of them
+            self.deliveries_total -= end - first - 1
+            if self.slow_consumer == SlowConsumerPolicy.DROP:
+                self.dropped_slow_total += end - first - 1
+        return 0
 
     cdef int schedule(self, Outbox outbox) except -1:
         """Write `outbox` at the end of this loop turn."""
@@ -365,6 +451,7 @@ cdef class Hub:
             self.unconfirmed[name] = [entry for entry in waiting if entry[0] is not session]
         if channel.count == 0 and channel.waiting == 0:
             del self.channels[name]
+            self.recoveries.pop(name, None)  # nobody is left to wait for a read
             self.bus.unsubscribe(name)
         return 0
 
@@ -494,6 +581,9 @@ cdef class Hub:
         for i in range(target.count):
             session = <Session>target.subscribers[i]
             if session.identity.user == user:
+                ended.append(session)
+        for session, name in list(self.waiting):  # subscribing from a position
+            if name == channel and session.identity.user == user:
                 ended.append(session)
         for session in ended:
             session._leave(channel)

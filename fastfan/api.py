@@ -10,9 +10,10 @@ Hub and bus exactly as a WebSocket client's does, with `from` set to "api".
 worker of every node applies them to its own clients. `presence` and `presence_stats`
 gather as the WebSocket requests do (the bus's gather_presence).
 
-What this increment does not do yet: `channels` lists the channels of the worker that
-answers (not the whole deployment), `info` reports this node only (the figures every
-worker of it shares).
+`channels` gathers every worker's channel counts over the bus (gather_channels: the
+embedded bus's CHANNELS records, Redis's directory, fastfan.bus.redis_directory) and adds
+them up; `info` describes this node from the figures its workers share and, with Redis,
+every node in the registry.
 
 HTTP is parsed by httptools (llhttp); requests on one connection are answered in order.
 """
@@ -23,8 +24,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -37,13 +36,13 @@ from typing import Any, NoReturn, TypeVar
 import httptools
 import msgspec
 
-from . import status
+from . import directory, status
 from ._core import BusResult, Hub, is_valid_channel
-from .auth import MAX_TOKEN_LENGTH, ChannelPatterns
+from .auth import MAX_TOKEN_LENGTH
 from .bus import encode_command
 from .config import Config
+from .directory import Node
 from .history import HistoryAnswer
-from .metrics import add_up
 from .protocol import NO_VALUE
 
 log = logging.getLogger("fastfan.api")
@@ -65,6 +64,10 @@ LINGER = 2.0
 CONFIRM_TIMEOUT = 5.0
 # How long presence waits for every worker's and node's part before answering 503.
 PRESENCE_TIMEOUT = 5.0
+# The busiest channels each worker lists for the status page: summed across workers, the
+# page's top ten are exact unless a channel is busy somewhere without being among a
+# worker's busiest hundred.
+STATUS_CHANNELS = 100
 # The `from` of every message published through the API.
 SENDER = b"api"
 # Methods of the contract that a later increment implements.
@@ -133,6 +136,10 @@ class ChannelsBody(msgspec.Struct):
     pattern: str | None = None
 
 
+class InfoBody(msgspec.Struct):
+    pass
+
+
 class ChannelBody(msgspec.Struct):
     channel: str
 
@@ -175,7 +182,7 @@ class Api:
     """One worker's server API: the routes, the methods and the key."""
 
     def __init__(self, config: Config, hub: Hub, *, metrics: Callable[[], bytes],
-                 figure_rows: Callable[[], list[dict[str, float]]], master_pid: int,
+                 figure_rows: Callable[[], list[dict[str, float]]], node: Node,
                  worker: int) -> None:
         assert config.api_key is not None
         self._config = config
@@ -184,7 +191,7 @@ class Api:
         self._figure_rows = figure_rows  # SharedFigures.each(), this worker's row fresh
         self._worker = worker
         self._key = config.api_key.encode()
-        self._started = process_start_time(master_pid)
+        self._node = node
         self.max_body = config.max_message_size + BODY_ENVELOPE
         self.connections: set[ApiConnection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -232,7 +239,7 @@ class Api:
                                     "'Authorization: apikey <key>' (none needed from localhost)")
             if path == b"/status":
                 return Response(200, status.PAGE, _HTML, status.PAGE_HEADERS)
-            return Response(200, msgspec.json.encode(self._status()), _JSON,
+            return Response(200, msgspec.json.encode(await self._status()), _JSON,
                             ((b"Cache-Control", b"no-store"),))
         if path in (b"/metrics", b"/health"):
             if request.method != b"GET":
@@ -277,23 +284,47 @@ class Api:
         return {}
 
     async def _channels(self, body: bytes) -> dict[str, Any]:
-        """This worker's channels with their subscribers (not yet the whole deployment's)."""
+        """Every worker's and node's channels with their subscribers."""
         request = _decode(body, ChannelsBody)
-        patterns = ChannelPatterns([request.pattern or "*"])
-        return {"channels": {name: {"subscribers": count}
-                             for name, count in self._hub.subscriber_counts().items()
-                             if count and patterns.allows(name)}}
+        counts = await self._gather_channels(request.pattern, directory.MAX_LISTED)
+        return {"channels": {name: {"subscribers": count} for name, count in counts.items()}}
+
+    async def _gather_channels(self, pattern: str | None, limit: int) -> dict[str, int]:
+        """The channels matching `pattern` on every worker and node (each one's `limit`
+        busiest), summed; 503 when one does not answer."""
+        gathered: asyncio.Future[directory.Counts | None] = (
+            asyncio.get_running_loop().create_future())
+
+        def answer(parts: directory.Counts | None) -> None:
+            if not gathered.done():
+                gathered.set_result(parts)
+
+        local = directory.channel_counts(self._hub, pattern, limit)
+        gather = getattr(self._hub.bus, "gather_channels", None)
+        if gather is None:
+            answer(local)
+        else:
+            gather(pattern, limit, local, answer)
+        try:
+            parts = await asyncio.wait_for(gathered, directory.GATHER_TIMEOUT + 1)
+        except TimeoutError:
+            parts = None
+        if parts is None:
+            raise ApiError(503, "channels unavailable: a worker or node did not answer (one "
+                                "may have just stopped), try again")
+        return directory.add_up(parts)
 
     async def _info(self, body: bytes) -> dict[str, Any]:
-        """This node, from the figures every one of its workers shares."""
-        figures = add_up(self._figure_rows())
-        return {"nodes": [{
-            "name": socket.gethostname(),
-            "workers": self._config.workers,
-            "connections": int(figures.get("connections", 0)),
-            "subscriptions": int(figures.get("subscriptions", 0)),
-            "uptime": int(time.time() - self._started),
-        }]}
+        """Every node: this one from the figures its workers share, with Redis the others
+        from the registry (fastfan.bus.redis_directory)."""
+        _decode(body, InfoBody)
+        nodes = getattr(self._hub.bus, "nodes", None)
+        if nodes is None:
+            return {"nodes": [self._node.describe()]}
+        try:
+            return {"nodes": await asyncio.wait_for(nodes(), directory.GATHER_TIMEOUT)}
+        except (TimeoutError, ConnectionError):
+            raise ApiError(503, "info unavailable: Redis did not answer, try again") from None
 
     async def _presence(self, body: bytes) -> dict[str, Any]:
         return await self._gather_presence(body, stats_only=False)
@@ -388,14 +419,21 @@ class Api:
         if outcome == BusResult.PENDING:
             await _confirmed([confirmation.done], "the command")
 
-    def _status(self) -> dict[str, Any]:
-        """/status.json: every worker's figures, and this worker's busiest channels."""
+    async def _status(self) -> dict[str, Any]:
+        """/status.json: every worker's figures, and the busiest channels of the whole
+        deployment (each worker's STATUS_CHANNELS busiest, summed), or of this worker
+        when one does not answer (then `channels_everywhere` is false)."""
+        try:
+            channels = await self._gather_channels(None, STATUS_CHANNELS)
+            everywhere = True
+        except ApiError:
+            channels, everywhere = self._hub.subscriber_counts(), False
         now = time.time()
         return status.document(
-            self._figure_rows(), now=now, node=socket.gethostname(),
-            uptime=now - self._started, worker=self._worker,
-            redis=self._config.redis is not None,
-            channels=self._hub.subscriber_counts())
+            self._figure_rows(), now=now, node=self._node.name,
+            uptime=now - self._node.started, worker=self._worker,
+            redis=self._config.redis is not None, channels=channels,
+            channels_everywhere=everywhere)
 
     async def _send(self, channels: list[str], data: msgspec.Raw) -> list[dict[str, Any]]:
         """Each channel gets the message through the bus, as a WebSocket publish does.
@@ -464,18 +502,6 @@ def _data_of(data: msgspec.Raw) -> msgspec.Raw:
     if not data:
         raise ApiError(400, "missing 'data'")
     return data
-
-
-def process_start_time(pid: int) -> float:
-    """When process `pid` started, in epoch seconds (from /proc; now if it cannot tell)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as uptime:
-            booted = time.time() - float(uptime.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return time.time()
-    return booted + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class ApiConnection(asyncio.Protocol):

@@ -93,10 +93,32 @@ class Config:
             raise ConfigError(f"--echo-path must start with '/', got {self.echo_path!r}")
         if self.echo_path in ("/", "/ws", "/health", "/ready", "/metrics"):
             raise ConfigError(f"--echo-path {self.echo_path} is already a fastfan path")
-        if self.redis is not None and not self.redis.startswith(("redis://", "rediss://")):
-            raise ConfigError(f"--redis must be a redis:// or rediss:// URL, got {self.redis!r}")
+        if self.redis is not None:
+            self._check_redis(self.redis)
         self._check_token_key()
         self._check_api()
+
+    def _check_redis(self, value: str) -> None:
+        """One redis:// or rediss:// URL, or several comma-separated (shards), or a
+        redis+cluster:// URL."""
+        if value.startswith("redis+cluster://"):
+            hosts = value[len("redis+cluster://"):].split("/", 1)[0].rpartition("@")[2]
+            for host in hosts.split(","):
+                if not host.rpartition(":")[2].isdigit():
+                    raise ConfigError(f"--redis redis+cluster:// takes host:port[,host:port"
+                                      f"...], got {host!r}")
+            if self.history_size:
+                raise ConfigError("--history-size: no history on a Redis Cluster yet; use "
+                                  "--redis with one URL or several (shards)")
+            return
+        urls = [url.strip() for url in value.split(",")]
+        for url in urls:
+            if not url.startswith(("redis://", "rediss://")):
+                raise ConfigError(f"--redis must be a redis:// or rediss:// URL, several "
+                                  f"separated by commas, or redis+cluster://host:port[,...], "
+                                  f"got {url!r}")
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"--redis names a shard twice: {value!r}")
 
     def _check_token_key(self) -> None:
         """One way to check tokens (a secret, a public key or a JWKS), or --insecure alone."""

@@ -44,11 +44,13 @@ def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -
 
 class ListenerFactory:
     def __init__(self, config: Config, hub: Hub, *, is_ready: Callable[[], bool],
-                 metrics: Callable[[], bytes], max_connections: int) -> None:
+                 metrics: Callable[[], bytes], max_connections: int,
+                 why_not_ready: Callable[[], str] = lambda: "not ready") -> None:
         self._config = config
         self._hub = hub
         self._max_connections = max_connections
         self._is_ready = is_ready
+        self._why_not_ready = why_not_ready
         self._metrics = metrics
         self._socket_paths = {b"/", b"/ws"}
         self._echo_path = config.echo_path.encode() if config.echo_path else None
@@ -76,7 +78,8 @@ class ListenerFactory:
         if path == b"/ready":
             if self._is_ready():
                 return _response(200, b"ready\n")
-            return _response(503, b"503 Service Unavailable: not ready\n")
+            return _response(503, b"503 Service Unavailable: %s\n"
+                             % self._why_not_ready().encode())
         if path == b"/metrics" and self._config.metrics_public:
             response = WSUpgradeResponse.create_ok_response(self._metrics(), _PROMETHEUS)
             return WSUpgradeResponseWithListener(response, None)

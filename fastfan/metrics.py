@@ -52,6 +52,9 @@ METRICS = (
     Metric("fastfan_worker_restarts_total", "counter", "Workers the master replaced.",
            "worker_restarts_total"),
     Metric("fastfan_redis_up", "gauge", "1 when the Redis bus is connected.", "redis_up"),
+    Metric("fastfan_redis_shards_down", "gauge",
+           "Redis shards a worker is not connected to (--redis with several URLs).",
+           "redis_shards_down"),
     *(Metric("fastfan_dropped_total", "counter", "Messages not delivered, by reason.", key,
              f'reason="{reason}"')
       for reason, key in (("slow_consumer", "dropped_slow_total"),
@@ -62,6 +65,8 @@ METRICS = (
 )
 # Gauges that are the whole server's when every worker has them, not their sum.
 LEAST_OF_WORKERS = ("redis_up",)
+# ... and those that are the most of any worker's.
+MOST_OF_WORKERS = ("redis_shards_down",)
 
 
 def _number(value: float) -> str:
@@ -170,4 +175,6 @@ def add_up(rows: list[dict[str, float]]) -> dict[str, float]:
     figures = {key: sum(row[key] for row in rows) for key in FIGURES}
     for key in LEAST_OF_WORKERS:  # e.g. Redis is up for the server when it is for all
         figures[key] = min(row[key] for row in rows[:-1])
+    for key in MOST_OF_WORKERS:
+        figures[key] = max(row[key] for row in rows[:-1])
     return figures

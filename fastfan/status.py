@@ -27,7 +27,7 @@ from typing import Any
 from ._core import LATENCY_BOUNDS
 from .metrics import FIGURES, WRITTEN_AT
 
-# The busiest channels listed, by local subscribers.
+# The busiest channels listed, by subscribers.
 TOP_CHANNELS = 10
 # The figures of a row shown on the page besides the latency histogram.
 ROW_FIGURES = (*(key for key in FIGURES if not key.startswith("latency_")), WRITTEN_AT)
@@ -66,10 +66,12 @@ def may_view(peer: str | None, presented: bytes | None, key: bytes) -> bool:
 
 
 def document(rows: list[dict[str, float]], *, now: float, node: str, uptime: float,
-             worker: int, redis: bool, channels: Mapping[str, int]) -> dict[str, Any]:
+             worker: int, redis: bool, channels: Mapping[str, int],
+             channels_everywhere: bool) -> dict[str, Any]:
     """What /status.json answers: every worker's row and the master's, cumulative counters
     with when each row was written (the page divides differences of the one by differences
-    of the other), and `worker`'s busiest channels.
+    of the other), and the busiest `channels`: the whole deployment's, or `worker`'s alone
+    when `channels_everywhere` is false (a worker or node did not answer).
 
     `rows` come from SharedFigures.each(): one per worker, then the master's (the totals of
     workers that died and the restarts).
@@ -85,6 +87,7 @@ def document(rows: list[dict[str, float]], *, now: float, node: str, uptime: flo
         "master": _row(rows[-1]),
         "channels": [{"channel": name, "subscribers": count}
                      for name, count in busiest(channels, TOP_CHANNELS)],
+        "channels_everywhere": channels_everywhere,
     }
 
 

@@ -17,10 +17,14 @@ from ._core import Hub
 from .api import Api
 from .auth import ChannelPatterns
 from .bus import Bus
+from .bus.cluster import SCHEME as CLUSTER_SCHEME
+from .bus.cluster import ClusterBus
 from .bus.local import LocalBus
 from .bus.mesh import MeshBus
 from .bus.redis import RedisBus
+from .bus.sharded import ShardedBus, redis_urls
 from .config import Config
+from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
 from .logs import PicowsLog
 from .metrics import SharedFigures
@@ -79,10 +83,27 @@ class Worker:
             history_size=config.history_size,
             history_channels=ChannelPatterns(config.history_channels.split(",")),
         )
+        self.node = Node(node_name(config.port), config.workers,
+                         process_start_time(placement.master_pid), self.total_figures)
         self.bus: Bus
-        if config.redis is not None:
-            redis_bus = RedisBus(self.hub, config.redis, config.redis_prefix,
+        if config.redis is not None and config.redis.startswith(CLUSTER_SCHEME):
+            cluster = ClusterBus(self.hub, config.redis, config.redis_prefix,
                                  presence_ttl=config.presence_ttl,
+                                 predecessor=placement.previous_client_id_prefix)
+            self.hub.presence_sink = cluster.presence
+            self.bus = cluster
+        elif config.redis is not None and len(redis_urls(config.redis)) > 1:
+            sharded = ShardedBus(self.hub, redis_urls(config.redis), config.redis_prefix,
+                                 presence_ttl=config.presence_ttl,
+                                 predecessor=placement.previous_client_id_prefix,
+                                 history_ttl=config.history_ttl, node=self.node,
+                                 slot=placement.slot)
+            self.hub.presence_sink = sharded.presence
+            self.bus = sharded
+        elif config.redis is not None:
+            redis_bus = RedisBus(self.hub, config.redis, config.redis_prefix,
+                                 presence_ttl=config.presence_ttl, node=self.node,
+                                 slot=placement.slot,
                                  history_ttl=config.history_ttl,
                                  predecessor=placement.previous_client_id_prefix)
             self.hub.presence_sink = redis_bus.presence  # presence shared by every node
@@ -98,15 +119,22 @@ class Worker:
         self.hub.bus = self.bus
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,
+                                       why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,
                                        max_connections=max_connections(config))
         self.api = None if config.api_port is None else Api(
             config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
-            master_pid=placement.master_pid, worker=placement.slot)
+            node=self.node, worker=placement.slot)
         self._stop = asyncio.Event()
 
     def is_ready(self) -> bool:
         return self.accepting and self.bus.up
+
+    def why_not_ready(self) -> str:
+        """What /ready's 503 says: which Redis shards are down, when there are several."""
+        if self.accepting and isinstance(self.bus, ShardedBus):
+            return "down: " + ", ".join(self.bus.down())
+        return "not ready"
 
     def publish_figures(self) -> None:
         """Write this worker's row of the figures every worker shares."""
@@ -114,9 +142,11 @@ class Worker:
         figures["auth_failures_total"] = self.factory.auth_failures_total
         figures["connections_refused_total"] = self.factory.refused_full_total
         figures["dropped_bus_total"] = self.bus.dropped_total
-        if isinstance(self.bus, RedisBus):
+        if isinstance(self.bus, RedisBus | ShardedBus):
             figures["redis_up"] = float(self.bus.up)
             figures["dropped_invalid_total"] = self.bus.invalid_total
+        if isinstance(self.bus, ShardedBus):
+            figures["redis_shards_down"] = float(len(self.bus.down()))
         latency = self.hub.publish_latency
         figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
         self.placement.figures.write(self.placement.slot, figures)

@@ -48,6 +48,16 @@ SEEDS: dict[str, bytes] = {
         text({"type": "refresh", "token": "not.a.token", "id": 4}),
         text({"type": "subscribe", "channel": "x", "joinLeave": "yes"}),
     ]),
+    "history": b"".join([
+        text({"type": "subscribe", "channel": "h1", "id": 1}),
+        text({"type": "publish", "channel": "h1", "data": "x", "id": 2}),
+        text({"type": "history", "channel": "h1", "limit": 2, "id": 3}),
+        text({"type": "history", "channel": "h1", "since": 0, "epoch": "e"}),
+        text({"type": "subscribe", "channel": "h2", "recover": {"offset": 3, "epoch": "e"}}),
+        text({"type": "unsubscribe", "channel": "h2"}),
+        text({"type": "subscribe", "channel": "h3", "recover": {"offset": "3"}}),
+        text({"type": "history", "channel": "plain", "since": -1}),
+    ]),
     "fragmented-with-ping": b"".join([
         frame(TEXT, b'{"type":"publish",', fin=False),
         frame(PING, b"in between"),

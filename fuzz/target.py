@@ -35,8 +35,9 @@ UPGRADE = (b"GET / HTTP/1.1\r\nHost: fuzz\r\nUpgrade: websocket\r\nConnection: U
 # the client's, echoed: any code RFC 6455 (7.4) and the IANA registry let travel on the wire.
 CLOSE_CODES = {1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)}
 REPLY_TYPES = {"welcome", "subscribed", "unsubscribed", "published", "pong", "message", "error",
-               "stats", "presence", "presence_stats", "refreshed", "join", "leave"}
-ERROR_CODES = {400, 401, 403, 429, 503}  # 500 is "internal": a bug, not an answer
+               "stats", "presence", "presence_stats", "refreshed", "join", "leave",
+               "history"}
+ERROR_CODES = {400, 401, 403, 409, 429, 503}  # 500 is "internal": a bug, not an answer
 REPLY_TIMEOUT = 3.0
 
 
@@ -63,7 +64,8 @@ class Target:
         # limit, the publish rate's 429 and 4029, the subscription limit.
         self.config = Config(host="127.0.0.1", port=free_port(), insecure=True,
                              max_message_size=4096, max_subscriptions=8, publish_rate=5,
-                             stats_interval=3600, log_level="error")
+                             stats_interval=3600, log_level="error",
+                             history_size=4, history_channels="h*")  # history on some
         self.loop = uvloop.new_event_loop()
         self.errors = ErrorRecords()
         logging.getLogger().addHandler(self.errors)

@@ -39,11 +39,12 @@ class Server:
     """A `fastfan run` process on a free port of 127.0.0.1."""
 
     def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None,
-                 secret: str | None = SECRET) -> None:
-        self.host = "127.0.0.1"
+                 secret: str | None = SECRET, host: str = "127.0.0.1",
+                 wrapper: tuple[str, ...] = ()) -> None:
+        self.host = host
         self.port = free_port()
         self.log_path = log_path
-        command = [sys.executable, "-m", "fastfan", "run", "--host", self.host,
+        command = [*wrapper, sys.executable, "-m", "fastfan", "run", "--host", self.host,
                    "--port", str(self.port), *args]
         if secret is not None:
             command += ["--jwt-secret", secret]
@@ -227,10 +228,11 @@ class RedisServer:
     """A real redis-server on `port` (a free one by default); `kill()` and `start()` again
     on the same port."""
 
-    def __init__(self, log_path: Path, port: int | None = None) -> None:
+    def __init__(self, log_path: Path, port: int | None = None, *options: str) -> None:
         self.port = free_port() if port is None else port
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log_path = log_path
+        self.options = options  # more redis-server options, e.g. --cluster-enabled yes
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -238,7 +240,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--logfile", str(self.log_path),
-             "--enable-debug-command", "local"],  # DEBUG SLEEP plays a slow Redis
+             "--enable-debug-command", "local",  # DEBUG SLEEP plays a slow Redis
+             *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, timeout=10)
 

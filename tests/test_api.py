@@ -359,7 +359,7 @@ def test_channels_and_info(start_server: Any, clients: ExitStack) -> None:
     status, answer = call(port, "info", raw=b"")
     assert status == 200
     (node,) = answer["result"]["nodes"]
-    assert node["name"] == socket.gethostname()
+    assert node["name"] == f"{socket.gethostname()}:{server.port}"
     assert (node["workers"], node["connections"], node["subscriptions"]) == (1, 4, 4)
     assert 0 <= node["uptime"] < 60
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from typing import Any
 
 import pytest
@@ -166,3 +168,65 @@ def test_a_killed_worker_s_clients_leave_through_redis_at_once(
                                  "data": {"clientId": gone_id, "user": "gone"}}
     watch.send_json({"type": "presence_stats", "channel": "room"})
     assert watch.recv_json()["data"] == {"count": 1, "users": 1}  # the watcher alone
+
+
+class Tally:
+    """A RawClient's frames read and their payload bytes, to hold `stats` against."""
+
+    def __init__(self, client: RawClient) -> None:
+        self.client, self.messages, self.bytes = client, 0, 0
+
+    def recv_json(self) -> Any:
+        _, _, payload = self.client.recv_frame()
+        self.messages += 1
+        self.bytes += len(payload)
+        return json.loads(payload)
+
+
+@pytest.mark.parametrize("bus", ["one worker", "two workers"])
+def test_a_burst_of_joins_and_leaves_reaches_every_watcher_once(
+        start_server: Any, bus: str) -> None:
+    """Joiners that watch too, subscribing and then closing all at once: their events of
+    one loop turn go to each watcher together (Hub._deliver_events), and a joiner gets
+    others' joins, never its own; each event counts as a message in the watcher's stats."""
+    server = start_server(*(("--workers", "2") if bus == "two workers" else ()))
+    server.wait_ready()
+    watchers = []
+    for _ in range(5):
+        tally = Tally(RawClient(server.host, server.port, f"/?token={token('watcher')}"))
+        tally.recv_json()  # welcome
+        tally.client.send_json({"type": "subscribe", "channel": "room", "joinLeave": True})
+        while tally.recv_json()["type"] != "subscribed":
+            pass  # the joins of the watchers before it
+        watchers.append(tally)
+    joiners = {}
+    for n in range(40):
+        client = RawClient(server.host, server.port, f"/?token={token(f'j{n}')}")
+        joiners[client.recv_json()["data"]["clientId"]] = client
+    for client in joiners.values():  # all at once: many land in one loop turn
+        client.send_json({"type": "subscribe", "channel": "room", "joinLeave": True})
+    time.sleep(0.5)
+    for own, client in joiners.items():
+        client.send_json({"type": "ping"})
+        joins = []
+        while (reply := client.recv_json())["type"] != "pong":
+            if reply["type"] == "join":
+                joins.append(reply["data"]["clientId"])
+        assert own not in joins and len(joins) == len(set(joins)), (own, joins)
+    for client in joiners.values():
+        client.close()
+    for tally in watchers:
+        seen: list[tuple[str, str]] = []
+        while len(seen) < 2 * len(joiners):
+            event = tally.recv_json()
+            if event["data"]["user"] != "watcher":
+                seen.append((event["type"], event["data"]["clientId"]))
+        assert sorted(seen) == sorted([("join", i) for i in joiners]
+                                      + [("leave", i) for i in joiners])
+        for client_id in joiners:  # each one's join before its leave
+            assert seen.index(("join", client_id)) < seen.index(("leave", client_id))
+        tally.client.send_json({"type": "ping"})
+        assert tally.recv_json() == {"type": "pong"}  # and nothing more before it
+        tally.client.send_json({"type": "stats"})
+        figures = tally.client.recv_json()["data"]
+        assert (figures["messagesSent"], figures["bytesSent"]) == (tally.messages, tally.bytes)

@@ -65,7 +65,7 @@ INSIDER = textwrap.dedent("""
     attacks = {
         "huge": struct.pack("!IBB", 0xFFFFFFF0, 2, 0),
         "bad slot": struct.pack("!IBB", 3, 1, 1) + b"7",
-        "unknown kind": struct.pack("!IBB", 3, 9, 1) + b"0",
+        "unknown kind": struct.pack("!IBB", 3, 99, 1) + b"0",
         "channel not ascii": struct.pack("!IBB", 3, 1, 1) + b"\\xff",
     }
     results = {}

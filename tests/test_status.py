@@ -272,5 +272,6 @@ def test_the_page_in_headless_chromium(
     assert len(workers) == 1 and workers[0][:4] == ["0", "4", "4", "2"]
     assert re.fullmatch(r"[\d,.]+", workers[0][5]) and workers[0][5] != "0"  # out / s
     assert page.rows["channels"] == [["news", "3"], ["sports", "1"]]
+    assert page.text["channels-scope"] == "on every worker and node, by subscribers"
     assert len(page.points["plot-out"].split()) >= 2  # a point a second
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000

@@ -29,6 +29,10 @@ REFUSED: list[tuple[dict[str, Any], list[str]]] = [
       for path in ("/", "/ws", "/health", "/ready", "/metrics")),
     ({"redis": "localhost:6379"}, ["--redis", "redis://", "'localhost:6379'"]),
     ({"redis": "http://localhost"}, ["--redis"]),
+    ({"redis": "redis://a:6379,b:6379"}, ["--redis", "several", "'b:6379'"]),
+    ({"redis": "redis://a:6379,redis://a:6379"}, ["--redis", "twice"]),
+    ({"redis": "redis+cluster://a:7000,b"}, ["--redis", "host:port", "'b'"]),
+    ({"redis": "redis+cluster://a:7000", "history_size": 10}, ["--history-size", "Cluster"]),
 ]
 
 ACCEPTED: list[dict[str, Any]] = [
@@ -37,6 +41,8 @@ ACCEPTED: list[dict[str, Any]] = [
     {"slow_consumer": "conflate"}, {"log_level": "debug"}, {"log_format": "json"},
     {"echo_path": "/echo"}, {"redis": "redis://localhost:6379/0"},
     {"redis": "rediss://user:pw@example.com:6380/1"},
+    {"redis": "redis://a:6379,rediss://b:6380/1"},
+    {"redis": "redis+cluster://user:pw@a:7000,b:7001"},
 ]
 
 

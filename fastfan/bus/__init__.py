@@ -78,8 +78,10 @@ def apply_command(hub: Hub, payload: bytes) -> None:
 
 
 class Bus(Protocol):
-    up: bool
-    dropped_total: int
+    @property
+    def up(self) -> bool: ...
+    @property
+    def dropped_total(self) -> int: ...
 
     def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int: ...
     def publish_history(self, channel: str, payload: bytes, session: Any,

@@ -8,7 +8,10 @@ subscribers for its channel: a worker subscribed to nothing receives nothing. On
 per pair of workers keeps each publisher's order.
 
 A server API command (COMMAND: `disconnect`, `unsubscribe`) goes to every connected
-worker whatever its channels, and each applies it to its own clients.
+worker whatever its channels, and each applies it to its own clients. A presence query
+(PRESENCE) and a channels query (CHANNELS, the API's `channels` and the status page) go to
+every connected worker too, which answers on the same connection (PRESENCE_ANSWER,
+CHANNELS_ANSWER); the asker waits for every one it asked, at most PRESENCE_TIMEOUT.
 
 `subscribed` is a promise: a worker that gains its first subscriber of a channel sends
 SUBSCRIBE to every other worker, and each answers SUBSCRIBED on the same connection once
@@ -62,6 +65,7 @@ from typing import Any
 import msgspec
 
 from .._core import WATCH_PREFIX, Hub
+from ..directory import MAX_LISTED, Counts, channel_counts
 from ..history import HistoryAnswer, HistoryStore, owner_of, position
 from . import DONE, PENDING, REFUSED, apply_command
 from .local import sweep_forever
@@ -90,13 +94,19 @@ MIN_BODY = {SEQUENCE: TOKEN.size + 1, PUBLISH_EXCLUDING: TOKEN.size, HISTORY: RE
 # died with them), the oldest are forgotten: an "echo":false publisher may then receive
 # its own message, never lose one.
 MAX_UNACKNOWLEDGED = 10_000
+# The server API's `channels` (and the status page's busiest channels): CHANNELS asks a
+# worker for its channels (payload: a query number, a limit, the pattern), CHANNELS_ANSWER
+# gives its [channel, subscribers] pairs (fastfan.directory.channel_counts).
+CHANNELS, CHANNELS_ANSWER = 14, 15
+LIMIT = struct.Struct("!I")
 # A SUBSCRIBED record (the answer to a SUBSCRIBE, back on the same connection) is no
 # longer than its header and a channel name.
 MAX_ANSWER = 2 + 255
 # A PRESENCE_ANSWER lists a worker's subscribers of one channel ([clientId, user] each,
-# a user's name being at most a token's size): bounded all the same.
+# a user's name being at most a token's size): bounded all the same. A CHANNELS_ANSWER
+# too: a worker lists at most directory.MAX_LISTED channels, about 54 MB at most.
 MAX_PRESENCE_ANSWER = 64 << 20
-# A worker that has not answered a presence query in this long fails it (503, try again).
+# A worker that has not answered a presence or channels query in this long fails it (503).
 PRESENCE_TIMEOUT = 2.0
 QUERY = struct.Struct("!I")
 # length of what follows the length field, record kind, channel length
@@ -133,17 +143,18 @@ def _join_or_leave(event: bytes) -> tuple[str, str]:
 _decode_join_or_leave = msgspec.json.Decoder(JoinOrLeave).decode
 _encode = msgspec.json.encode
 _decode_entries = msgspec.json.Decoder(list[list[str]]).decode
+_decode_counts = msgspec.json.Decoder(list[tuple[str, int]]).decode
 _decode_history = msgspec.json.Decoder(
     tuple[int, str, list[tuple[int, msgspec.Raw]]]).decode
 
 
 @dataclass
 class Gathering:
-    """A presence query: whom it waits for, what came back, and whom to answer."""
+    """A presence or channels query: whom it waits for, what came back, and whom to answer."""
 
-    answer: Callable[[list[list[str]] | None], None]
+    answer: Callable[[Any], None]  # with every part added to `entries`, or None
     waiting: set[int]
-    entries: list[list[str]] = field(default_factory=list)
+    entries: list[Any] = field(default_factory=list)
 
 
 def address(directory: str, slot: int) -> str:
@@ -231,6 +242,15 @@ class Incoming(asyncio.Protocol):
                 query = bytes(buffer[start + channel_length:offset])
                 answers.append(record(PRESENCE_ANSWER, channel.encode(),
                                       query + _encode(bus.hub.presence_of(channel))))
+            elif kind == CHANNELS and self.slot is not None:
+                asked = bytes(buffer[start + channel_length:offset])
+                if len(asked) < QUERY.size + LIMIT.size:
+                    self._drop("a channels query too short")
+                    return
+                (limit,) = LIMIT.unpack_from(asked, QUERY.size)
+                pattern = asked[QUERY.size + LIMIT.size:].decode("utf-8", "replace")
+                answers.append(record(CHANNELS_ANSWER, b"", asked[:QUERY.size] + _encode(
+                    channel_counts(bus.hub, pattern, min(limit, MAX_LISTED)))))
             elif kind == COMMAND and self.slot is not None:
                 apply_command(bus.hub, bytes(buffer[start + channel_length:offset]))
             elif kind == SEQUENCE and self.slot is not None:
@@ -328,7 +348,7 @@ class Outgoing(asyncio.Protocol):
             if not ((kind == SUBSCRIBED and size == channel_length + 2 <= MAX_ANSWER)
                     or (kind == SEQUENCED
                         and channel_length + 2 + SEQUENCED_ANSWER.size <= size <= MAX_SEQUENCED)
-                    or (kind == PRESENCE_ANSWER
+                    or (kind in (PRESENCE_ANSWER, CHANNELS_ANSWER)
                         and channel_length + 2 + QUERY.size <= size <= MAX_PRESENCE_ANSWER)):
                 log.warning("bus: dropped the connection to worker %d: record kind %d, %d "
                             "bytes, on its answering side", self.slot, kind, size)
@@ -344,13 +364,17 @@ class Outgoing(asyncio.Protocol):
                 epoch = answers[start + SEQUENCED_ANSWER.size:offset].decode("ascii", "replace")
                 self.bus.sequenced(channel, token, number, epoch, returned)
                 continue
-            if kind == PRESENCE_ANSWER:
+            if kind in (PRESENCE_ANSWER, CHANNELS_ANSWER):
                 (query,) = QUERY.unpack_from(answers, start)
+                decode, what = ((_decode_entries, "presence answer that is not a list of "
+                                 "[clientId, user]") if kind == PRESENCE_ANSWER else
+                                (_decode_counts, "channels answer that is not a list of "
+                                 "[channel, subscribers]"))
                 try:
-                    entries = _decode_entries(answers[start + QUERY.size:offset])
+                    entries = decode(answers[start + QUERY.size:offset])
                 except msgspec.DecodeError:
-                    log.warning("bus: dropped the connection to worker %d: a presence answer "
-                                "that is not a list of [clientId, user]", self.slot)
+                    log.warning("bus: dropped the connection to worker %d: a %s", self.slot,
+                                what)
                     self.transport.abort()
                     return
                 self.bus.presence_answered(self.slot, query, entries)
@@ -638,15 +662,27 @@ class MeshBus:
                         answer: Callable[[list[list[str]] | None], None]) -> None:
         """Ask every other worker for its subscribers of `channel`; `answer(entries)` with
         ours and all of theirs, or `answer(None)` if one did not answer in time."""
+        self._gather(PRESENCE, channel.encode(), b"", local, answer)
+
+    def gather_channels(self, pattern: str | None, limit: int, local: Counts,
+                        answer: Callable[[Counts | None], None]) -> None:
+        """Ask every other worker for its channels matching `pattern` (its `limit` busiest);
+        `answer(pairs)` with ours and all of theirs, or `answer(None)` as presence does."""
+        self._gather(CHANNELS, b"", LIMIT.pack(limit) + (pattern or "*").encode(), local,
+                     answer)
+
+    def _gather(self, kind: int, channel: bytes, asked: bytes, local: list[Any],
+                answer: Callable[[Any], None]) -> None:
         self._next_query += 1
         query = self._next_query
-        data = record(PRESENCE, channel.encode(), QUERY.pack(query))
-        asked = {slot for slot, peer in self.outgoing.items() if peer.send(data)}
-        self._queries[query] = Gathering(answer, asked, list(local))
+        data = record(kind, channel, QUERY.pack(query) + asked)
+        waiting = {slot for slot, peer in self.outgoing.items() if peer.send(data)}
+        self._queries[query] = Gathering(answer, waiting, list(local))
         asyncio.get_running_loop().call_later(PRESENCE_TIMEOUT, self._give_up, query)
         self._finish_if_answered(query)
 
-    def presence_answered(self, slot: int, query: int, entries: list[list[str]]) -> None:
+    def presence_answered(self, slot: int, query: int, entries: list[Any]) -> None:
+        """A worker's part of a presence or channels query."""
         gathering = self._queries.get(query)
         if gathering is not None and slot in gathering.waiting:
             gathering.waiting.discard(slot)

@@ -23,28 +23,42 @@ random name), which the subscribing connection subscribes to from the start, lik
 What waits for Redis is bounded: publishes queue up to MAX_QUEUED_BYTES (then 503, and
 /ready 503 until the queue drains), and a pipeline Redis does not answer within
 PIPELINE_TIMEOUT fails its publishers (503) and drops both connections, so that only a
-Redis that answers again brings the bus back up. A payload from Redis that is not a JSON
-object in valid UTF-8 is dropped and counted: subscribers receive it as a text frame, and a
-browser fails a connection whose text is not UTF-8 (1007).
+Redis that answers again brings the bus back up. The subscribing connection PINGs every
+HEARTBEAT, and is dropped likewise when the answer does not come.
+
+Several Redis (bus/sharded.py) and Redis Cluster (bus/cluster.py) hold a RedisBus per
+shard or master: `owns` says which channels are its own (subscribed again after a
+reconnect, their presence refreshed), `settle` keeps publishes at 503 a while after a
+reconnect, and `sharded` speaks the cluster's sharded pub/sub.
+
+A payload from Redis that is not a JSON object in valid UTF-8 is dropped and counted:
+subscribers receive it as a text frame, and a browser fails a connection whose text is not
+UTF-8 (1007).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 import msgspec
 import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import AskError
 
 from .._core import WATCH_PREFIX, Hub, Outbox, Session
+from ..directory import Node
 from ..history import HistoryAnswer, new_epoch, position
 from . import COMMANDS, PENDING, REFUSED, apply_command
+from .redis_directory import RedisDirectory
 from .redis_history import RedisHistory
 from .redis_presence import RedisPresence
 
@@ -68,6 +82,10 @@ QUEUED_ENTRY_COST = 200
 # long script), not slow: DEBUG SLEEP 2 in the tests is slow, and is waited for.
 PIPELINE_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
+# The subscribing connection sends a PING this often; one unanswered for PIPELINE_TIMEOUT
+# drops it. Else a partition from Redis, with nothing to publish, went unnoticed: the
+# worker kept its subscribers, who received nothing (tests/test_multihost.py).
+HEARTBEAT = 1.0
 
 _is_json_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
@@ -98,6 +116,8 @@ class Subscriber(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.ready = loop.create_future()  # the PING after AUTH and SUBSCRIBE came back
         self.lost = loop.create_future()
+        self.loop = loop
+        self.answered = loop.time()  # when Redis last answered a PING
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -105,14 +125,20 @@ class Subscriber(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
-            if isinstance(reply, list) and reply[0] == b"message":
+            if isinstance(reply, list) and (reply[0] == b"message"
+                                            or reply[0] == b"smessage"):  # Redis Cluster's
                 self.bus.on_message(reply[1], reply[2])
-            elif isinstance(reply, list) and reply[0] == b"subscribe":
+            elif isinstance(reply, list) and reply[0] in (b"subscribe", b"ssubscribe"):
                 self.bus.on_subscribed(reply[1])
+            elif isinstance(reply, list) and reply[0] == b"sunsubscribe":
+                self.bus.on_sunsubscribed(reply[1])
             elif reply == b"PONG" or (isinstance(reply, list) and reply[0] == b"pong"):
                 # PING's answer: a list once subscribed to something, else a status
+                self.answered = self.loop.time()
                 if not self.ready.done():
                     self.ready.set_result(None)
+            elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED"):
+                self.bus.on_moved(str(reply))  # an SSUBSCRIBE to a node without the slot
             elif isinstance(reply, hiredis.ReplyError):
                 if not self.ready.done():
                     self.ready.set_exception(ConnectionError(f"redis refused us: {reply}"))
@@ -127,9 +153,26 @@ class Subscriber(asyncio.Protocol):
 
 class RedisBus:
     def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
-                 predecessor: str = "", history_ttl: float = 300.0) -> None:
+                 predecessor: str = "", history_ttl: float = 300.0, *, name: str = "redis",
+                 owns: Callable[[str], bool] | None = None, settle: float = 0.0,
+                 sharded: bool = False,
+                 moved: Callable[[bytes], None] | None = None,
+                 presence_client: Any = None, node: Node | None = None,
+                 slot: int = 0) -> None:
         self.hub = hub
         self.url = url
+        self.name = name             # in log lines: which Redis, when there are several
+        self.owns = owns             # with several Redis: whether a channel is on this one
+        # After a reconnect, publishes wait this long (503) for the other nodes to subscribe
+        # again: Redis answers a PUBLISH that no node is subscribed to yet all the same.
+        self.settle = settle
+        self._settling: asyncio.TimerHandle | None = None
+        self._ever_connected = False
+        # Redis Cluster's sharded pub/sub (SSUBSCRIBE, SPUBLISH), on one node of it: a
+        # channel whose slot is not (or no longer) there is told to `moved`.
+        self.sharded = sharded
+        self.moved = moved or (lambda channel: None)
+        self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent, not answered
         self.prefix = prefix.encode()
         self._commands = self.prefix + COMMANDS.encode()
         self.up = False              # connected and not full: publishes are taken
@@ -151,12 +194,23 @@ class RedisBus:
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
         self._changes_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
-        self.presence = RedisPresence(self._publisher, hub, prefix, presence_ttl,
-                                      announce=self._announce, predecessor=predecessor)
+        self.presence = RedisPresence(presence_client or self._publisher, hub, prefix,
+                                      presence_ttl,
+                                      announce=self._announce, predecessor=predecessor,
+                                      owns=owns)
         self.gather_presence = self.presence.gather
         self.history = RedisHistory(self._publisher, self.prefix, hub.history_size,
                                     history_ttl, self.prefix + b"!history:" +
                                     new_epoch().encode())
+        # channels and info across the nodes: this worker's `node` on the registry (with
+        # several Redis, on the first of them only; a cluster has none yet)
+        self.directory: RedisDirectory | None = None
+        if node is not None:
+            self.directory = RedisDirectory(
+                self._publisher, hub, prefix, node, slot,
+                send=lambda channel, payload: self.publish(channel, payload, None, b""))
+            self.gather_channels = self.directory.gather_channels
+            self.nodes = self.directory.nodes
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -164,6 +218,8 @@ class RedisBus:
                        loop.create_task(self._publish_forever()),
                        loop.create_task(self.presence.write_forever()),
                        loop.create_task(self.presence.refresh_forever())]
+        if self.directory is not None:
+            self._tasks.append(loop.create_task(self.directory.announce_forever()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -171,6 +227,8 @@ class RedisBus:
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.close()
         self.history.stop()
+        if self.directory is not None:
+            await self.directory.withdraw()
         await self._publisher.aclose()
 
     # Publishing ---------------------------------------------------------------------
@@ -216,11 +274,13 @@ class RedisBus:
             batch = list(self._queue)
             self._queue.clear()
             pipe = self._publisher.pipeline(transaction=False)
+            publish = pipe.publish if not self.sharded else partial(pipe.execute_command,
+                                                                     "SPUBLISH")
             for channel, payload, _, _, history in batch:
                 if history:
                     await self.history.add_publish(pipe, channel, payload)
                 else:
-                    pipe.publish(channel, payload)
+                    publish(channel, payload)
             results: list[Any] = []
             try:
                 results = await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
@@ -232,7 +292,10 @@ class RedisBus:
                 self._stalled(f"no answer to a pipeline in {PIPELINE_TIMEOUT:g} s")
             except (aioredis.RedisError, OSError) as exc:
                 ok = False
-                self._went_down(f"publish failed: {exc}")
+                if self.sharded and isinstance(exc, AskError):  # MOVED (or ASK): a slot
+                    self.moved(b"")  # went elsewhere; 503, and the map is read again
+                else:
+                    self._went_down(f"publish failed: {exc}")
             if not ok:
                 self.dropped_total += len(batch)
             prefix = len(self.prefix)
@@ -287,11 +350,42 @@ class RedisBus:
         added = [c for c, on in changes.items() if on]
         removed = [c for c, on in changes.items() if not on]
         if added:
-            subscriber.transport.write(_command(b"SUBSCRIBE", *added))
+            subscriber.transport.write(self._subscribe_command(added))
             for channel in added:
                 self._unanswered[channel] = self._unanswered.get(channel, 0) + 1
-        if removed:
+        if removed and self.sharded:  # one slot per command
+            subscriber.transport.write(b"".join(_command(b"SUNSUBSCRIBE", c) for c in removed))
+            for channel in removed:
+                self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
+        elif removed:
             subscriber.transport.write(_command(b"UNSUBSCRIBE", *removed))
+
+    def _subscribe_command(self, channels: list[bytes]) -> bytes:
+        """One SUBSCRIBE; on a cluster one SSUBSCRIBE per channel, each maybe its own slot."""
+        if self.sharded:
+            return b"".join(_command(b"SSUBSCRIBE", channel) for channel in channels)
+        return _command(b"SUBSCRIBE", *channels)
+
+    def on_sunsubscribed(self, channel: bytes) -> None:
+        """A SUNSUBSCRIBE answered, or the node telling us that the slot has left it."""
+        count = self._unsubscribing.get(channel, 0)
+        if count > 1:
+            self._unsubscribing[channel] = count - 1
+        elif count == 1:
+            del self._unsubscribing[channel]
+        else:
+            self.moved(channel)
+
+    def on_moved(self, error: str) -> None:
+        """`MOVED <slot> <host:port>` to an SSUBSCRIBE or SUNSUBSCRIBE: those of the slot's
+        channels waiting for an answer get none; the subscribes go to the slot's master."""
+        slot = int(error.split()[1])
+        for channel in [c for c in self._unsubscribing if key_slot(c) == slot]:
+            del self._unsubscribing[channel]
+        for channel in [c for c in self._unanswered if key_slot(c) == slot]:
+            del self._unanswered[channel]
+            self.moved(channel)
+        self.moved(b"")
 
     def on_subscribed(self, channel: bytes) -> None:
         """Redis answered a SUBSCRIBE: from now on it sends us what is published there."""
@@ -315,6 +409,9 @@ class RedisBus:
             return
         if channel == self.history.reply_channel:
             self.history.answered(payload)
+            return
+        if self.directory is not None and channel in self.directory.channels:
+            self.directory.received(channel, payload)
             return
         name = channel[len(self.prefix):].decode("ascii")
         if self._unechoed and (publisher := self._unechoed_publisher(payload)) is not None:
@@ -346,15 +443,33 @@ class RedisBus:
                 continue
             attempt = 0
             self._connected = True
+            if self._ever_connected and self.settle:
+                self._settling = asyncio.get_running_loop().call_later(self.settle,
+                                                                       self._settled)
+            self._ever_connected = True
             self._set_up()
             if self.presence.predecessor:  # once up, as its leaves are publishes
                 self._tasks.append(asyncio.get_running_loop().create_task(
                     self.presence.forget_predecessor()))
             self._report(True, f"{len(self.hub.channels)} channels subscribed")
-            await subscriber.lost
+            await self._watch(subscriber)
             self._subscriber = None
             self.history.fail_all()  # their answers would have come on it
             self._went_down("connection to redis lost")
+
+    async def _watch(self, subscriber: Subscriber) -> None:
+        """Until the connection is lost, PING every HEARTBEAT; no answer in
+        PIPELINE_TIMEOUT drops it (and the bus goes down until Redis answers again)."""
+        while not subscriber.lost.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(subscriber.lost), HEARTBEAT)
+            if subscriber.lost.done():
+                return
+            if subscriber.loop.time() - subscriber.answered > PIPELINE_TIMEOUT:
+                self._stalled(f"no answer to a PING in {PIPELINE_TIMEOUT:g} s")
+                await subscriber.lost
+                return
+            subscriber.transport.write(_command(b"PING"))
 
     async def _connect(self) -> Subscriber:
         loop = asyncio.get_running_loop()
@@ -369,10 +484,18 @@ class RedisBus:
             if parts.username:
                 credentials.insert(0, unquote(parts.username).encode())
             commands.append(_command(b"AUTH", *credentials))
-        channels = [self.prefix + name.encode() for name in self.hub.channels]
+        owns = self.owns
+        channels = [self.prefix + name.encode() for name in self.hub.channels
+                    if owns is None or owns(name)]
         self._unanswered = dict.fromkeys(channels, 1)
-        commands.append(_command(b"SUBSCRIBE", self._commands, self.history.reply_channel,
-                                 *channels))
+        self._unsubscribing = {}
+        if self.directory is not None:
+            channels[:0] = self.directory.channels
+        if not self.sharded:  # history's answers (a cluster has no history yet: cluster.py)
+            channels.insert(0, self.history.reply_channel)
+        if not self.sharded or owns is None or owns(COMMANDS):  # a cluster: on its slot's node
+            channels.insert(0, self._commands)
+        commands.append(self._subscribe_command(channels))
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))
         self._subscriber = subscriber  # from here on, channel changes go to this connection
@@ -387,10 +510,17 @@ class RedisBus:
             self._subscriber.transport.abort()
 
     def _set_up(self) -> None:
-        self.up = self._connected and not self._full
+        self.up = self._connected and not self._full and self._settling is None
+
+    def _settled(self) -> None:
+        self._settling = None
+        self._set_up()
 
     def _went_down(self, reason: str) -> None:
         self._connected = False
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
         self._unechoed.clear()
         self._set_up()
         self._report(False, f"{reason}; publishes answer 503 until it is back")
@@ -400,6 +530,6 @@ class RedisBus:
         if self._reported != up:
             self._reported = up
             if up:
-                log.info("redis up: %s", detail)
+                log.info("%s up: %s", self.name, detail)
             else:
-                log.warning("redis down: %s", detail)
+                log.warning("%s down: %s", self.name, detail)

@@ -53,7 +53,8 @@ _decode_member = msgspec.json.Decoder(tuple[str, str]).decode
 
 class RedisPresence:
     def __init__(self, client: aioredis.Redis, hub: Hub, prefix: str, ttl: float, *,
-                 announce: Callable[[str, bytes], None], predecessor: str = "") -> None:
+                 announce: Callable[[str, bytes], None], predecessor: str = "",
+                 owns: Callable[[str], bool] | None = None) -> None:
         self.client = client
         self.hub = hub
         self.prefix = prefix
@@ -65,6 +66,7 @@ class RedisPresence:
         self.announce = announce  # (channel, join/leave event) to every node
         # the clientId prefix of the worker this one replaces: its clients are gone
         self.predecessor = predecessor
+        self.owns = owns  # with several Redis: the channels whose presence is kept here
 
     def keys(self, channel: str) -> tuple[str, str]:
         return (f"{self.prefix}presence:{{{channel}}}",
@@ -162,9 +164,9 @@ class RedisPresence:
         return list(present)
 
     def local_presence(self) -> list[tuple[str, Entries]]:
-        allows = self.hub.presence_channels.allows
+        allows, owns = self.hub.presence_channels.allows, self.owns
         return [(name, self.hub.presence_of(name)) for name in self.hub.subscriber_counts()
-                if allows(name)]
+                if allows(name) and (owns is None or owns(name))]
 
     async def _execute(self, pipe: Any) -> None:
         try:

@@ -1,0 +1,289 @@
+"""Redis Cluster 7+ with sharded pub/sub: `--redis redis+cluster://host:port[,host:port...]`.
+
+Channel C is on the master owning slot key_slot(prefix + C) (Redis Cluster's own slot,
+see sharded.py): the worker SSUBSCRIBEs to it there and SPUBLISHes it there, so a
+backend publishes with one `SPUBLISH prefix+C` through any cluster client. Per master,
+a RedisBus in its `sharded` mode holds a publishing and a subscribing connection, as a
+shard of ShardedBus does; the slot map is CLUSTER SLOTS from the first node that answers
+(the URL's, then any the map named), and redis-py's cluster client carries presence,
+whose keys are hash-tagged by channel.
+
+The map is read again every MAP_PERIOD, at once when a node answers MOVED or pushes a
+`sunsubscribe` (the slot has gone elsewhere: resharding, or a failover), and every
+MAP_PERIOD_DOWN while a master is unreachable, until its replica has taken over. Then
+the channels whose master changed move: SUNSUBSCRIBE on the old one (when it still
+answers), SSUBSCRIBE on the new one, whose publishes wait SETTLE (503) so that every node
+has moved too (a channel moved to a master already known settles alike). A publish is
+answered `published` only by the master this worker is subscribed to, never retried
+elsewhere: acknowledged means delivered to the nodes subscribed there, or 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+from .._core import Hub
+from ..history import HistoryAnswer
+from . import COMMANDS, REFUSED
+from .redis import CONNECT_TIMEOUT, RedisBus
+from .redis_presence import Entries
+from .sharded import SETTLE, ShardedBus
+
+log = logging.getLogger("fastfan.redis")
+
+SCHEME = "redis+cluster://"
+# How often the slot map is read while every master answers, and while one does not
+# (a failover takes the cluster's node timeout and an election: seconds).
+MAP_PERIOD = 5.0
+MAP_PERIOD_DOWN = 0.25
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str]:
+    """`redis+cluster://[user:password@]host:port[,host:port...]`: the startup nodes, and
+    the `user:password@` (as given) every node's connections use."""
+    rest = url[len(SCHEME):].split("/", 1)[0]
+    credentials, _, hosts = rest.rpartition("@")
+    nodes = []
+    for host in hosts.split(","):
+        name, _, port = host.strip().rpartition(":")
+        nodes.append((name or "localhost", int(port or 6379)))
+    return nodes, credentials + "@" if credentials else ""
+
+
+class Nowhere:
+    """The owner of a channel whose slot has no known master (before the first map, or a
+    slot no master serves): its publishes answer 503; the map's next reading places it."""
+
+    name = "no master known"
+    up = False
+    dropped_total = invalid_total = 0
+
+    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
+        return REFUSED
+
+    def subscribe(self, channel: str) -> bool:
+        return True  # confirmed once a master has it
+
+    def unsubscribe(self, channel: str) -> None:
+        pass
+
+    def gather_presence(self, channel: str, local: Entries,
+                        answer: Callable[[Entries | None], None]) -> None:
+        answer(None)
+
+    @property
+    def presence(self) -> Nowhere:
+        return self
+
+    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        pass  # written by the owner's next refresh
+
+    def left(self, channel: str, client_id: bytes) -> None:
+        pass
+
+    def publish_history(self, channel: str, payload: bytes, session: Any,
+                        request_id: bytes) -> int:
+        return REFUSED
+
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        answer(None)
+
+
+NOWHERE = Nowhere()
+
+
+class ClusterBus(ShardedBus):
+    def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
+                 predecessor: str = "") -> None:
+        self.hub = hub
+        self.prefix = prefix.encode()
+        self._prefix = prefix
+        self._presence_ttl = presence_ttl
+        self._predecessor = predecessor  # given to the first master's bus only
+        nodes, self._credentials = cluster_nodes(url)
+        credentials = self._credentials[:-1]
+        user, _, password = credentials.partition(":") if ":" in credentials else ("", "", "")
+        self._login = {"username": unquote(user) or None, "password": unquote(password) or None,
+                       "socket_connect_timeout": CONNECT_TIMEOUT}
+        self._startup = nodes  # asked for the map first, then every node the map named
+        self._known: list[tuple[str, int]] = []
+        # redis-py's cluster client, for presence (keys of every slot); made once the map
+        # is known: one made while no node answers keeps failing after they do
+        self.client: RedisCluster | None = None
+        self.masters: dict[str, RedisBus] = {}  # "host:port" -> its bus
+        self.owners: list[str] = []  # slot -> "host:port" of its master ("" for none)
+        self.shards = []
+        self.presence = self
+        self._stale = asyncio.Event()  # read the map now
+        self._lost: set[str] = set()  # channels a node pushed a sunsubscribe for
+        self._task: asyncio.Task[None] | None = None
+        self._retired = [0, 0]  # dropped_total, invalid_total of masters no longer ours
+        self._moving: dict[str, float] = {}  # channel moved to another master -> settled at
+        self._unmapped = False  # the last reading of the map failed (logged once)
+
+    def shard(self, channel: str) -> Any:
+        if not self.owners:
+            return NOWHERE
+        return self.masters.get(self.owners[key_slot(self.prefix + channel.encode())],
+                                NOWHERE)
+
+    @property
+    def up(self) -> bool:
+        """Every slot has a master, and every master's bus is up."""
+        return (bool(self.owners) and "" not in self.owners
+                and all(bus.up for bus in self.masters.values()))
+
+    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
+        """As ShardedBus's, but 503 for SETTLE after the channel moved to another master:
+        the other nodes follow it there meanwhile."""
+        if self._moving and self._still_moving(channel):
+            return REFUSED
+        return int(self.shard(channel).publish(channel, payload, session, request_id))
+
+    def publish_history(self, channel: str, payload: bytes, session: Any,
+                        request_id: bytes) -> int:
+        """No history on a cluster yet (config refuses --history-size with it): a read's
+        answer would have to come on a shard channel of the read channel's own node."""
+        return REFUSED
+
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        answer(None)
+
+    def _still_moving(self, channel: str) -> bool:
+        now = asyncio.get_running_loop().time()
+        for settled in [c for c, at in self._moving.items() if at <= now]:
+            del self._moving[settled]
+        return channel in self._moving
+
+    @property
+    def dropped_total(self) -> int:
+        return self._retired[0] + sum(bus.dropped_total for bus in self.shards)
+
+    @property
+    def invalid_total(self) -> int:
+        return self._retired[1] + sum(bus.invalid_total for bus in self.shards)
+
+    def down(self) -> list[str]:
+        if not self.owners:
+            return ["redis cluster (no slot map yet)"]
+        uncovered = ["redis cluster (slots without a master)"] if "" in self.owners else []
+        return uncovered + super().down()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._keep_mapped())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for bus in self.masters.values():
+            await bus.stop()
+        if self.client is not None:
+            await self.client.aclose()
+
+    def moved(self, channel: bytes) -> None:
+        """A node said that a slot is no longer its own: read the map again."""
+        if channel:
+            self._lost.add(channel[len(self.prefix):].decode("ascii"))
+        self._stale.set()
+
+    async def _keep_mapped(self) -> None:
+        while True:
+            owners = await self._read_map()
+            if owners is not None:
+                self._follow(owners)
+            period = MAP_PERIOD if self.up else MAP_PERIOD_DOWN
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stale.wait(), period)
+            self._stale.clear()
+
+    async def _read_map(self) -> list[str] | None:
+        """CLUSTER SLOTS from the first node that answers: slot -> "host:port" of its
+        master ("" for a slot no master serves); None when no node answers."""
+        failure = ""
+        for host, port in dict.fromkeys([*self._startup, *self._known]):
+            node = aioredis.Redis(host=host, port=port, socket_timeout=CONNECT_TIMEOUT,
+                                  retry=Retry(NoBackoff(), 0),  # the next node, at once
+                                  **self._login)  # type: ignore[arg-type]
+            try:
+                spans = await node.execute_command(  # type: ignore[no-untyped-call]
+                    "CLUSTER", "SLOTS")
+            except (aioredis.RedisError, OSError) as exc:
+                failure = f"{host}:{port}: {exc}"
+                continue
+            finally:
+                await node.aclose()
+            if not spans:
+                failure = f"{host}:{port} serves no slot (a cluster being made?)"
+                continue
+            owners = [""] * REDIS_CLUSTER_HASH_SLOTS
+            known = []
+            for start, end, *members in spans:
+                for member in members:  # the master first, then its replicas
+                    known.append((member[0].decode() or host, int(member[1])))
+                master = f"{members[0][0].decode() or host}:{members[0][1]}"
+                owners[start:end + 1] = [master] * (end + 1 - start)
+            self._known = known
+            if self._unmapped:
+                log.info("redis cluster: slot map read from %s:%d", host, port)
+            self._unmapped = False
+            return owners
+        if not self._unmapped:
+            log.warning("redis cluster: no node answers for the slot map (%s)", failure)
+        self._unmapped = True
+        return None
+
+    def _follow(self, owners: list[str]) -> None:
+        """The channels whose master changed move to the new one."""
+        if self.client is None:
+            self.client = RedisCluster(
+                startup_nodes=[ClusterNode(*name.rsplit(":", 1)) for name in set(owners) if name],
+                require_full_coverage=False, **self._login)  # type: ignore[arg-type]
+        if owners == self.owners and not self._lost:
+            return
+        channels = [*self.hub.channels, COMMANDS]
+        before = {channel: self.shard(channel) for channel in channels}
+        self.owners = owners
+        for name in set(owners) - set(self.masters) - {""}:
+            self._add(name)
+        settled = asyncio.get_running_loop().time() + SETTLE
+        for channel in channels:
+            now = self.shard(channel)
+            if now is not before[channel] or channel in self._lost:
+                before[channel].unsubscribe(channel)
+                now.subscribe(channel)
+                if before[channel] is not NOWHERE:  # others may publish there already
+                    self._moving[channel] = settled
+        self._lost.clear()
+        for name in set(self.masters) - set(owners):
+            bus = self.masters.pop(name)
+            self.shards.remove(bus)
+            self._retired[0] += bus.dropped_total  # counters do not go backwards
+            self._retired[1] += bus.invalid_total
+            asyncio.get_running_loop().create_task(bus.stop())
+            log.info("redis cluster: %s is no longer a master", name)
+
+    def _add(self, name: str) -> None:
+        predecessor, self._predecessor = self._predecessor, ""
+        bus = RedisBus(self.hub, f"redis://{self._credentials}{name}/0", self._prefix,
+                       self._presence_ttl, predecessor, name=f"redis master {name}",
+                       owns=lambda channel: self.owners[key_slot(
+                           self.prefix + channel.encode())] == name,
+                       settle=SETTLE, sharded=True,
+                       moved=self.moved, presence_client=self.client)
+        self.masters[name] = bus
+        self.shards.append(bus)
+        asyncio.get_running_loop().create_task(bus.start())
+        log.info("redis cluster: master %s", name)

@@ -1,0 +1,139 @@
+"""Channels sharded over several standalone Redis: `--redis URL1,URL2,...`.
+
+A channel lives on shard `key_slot(prefix + channel) mod N` (N URLs, in the order given):
+`key_slot` is Redis Cluster's hash slot, CRC16/XMODEM of the key (or of its `{hash tag}`)
+mod 16384, redis-py's `redis.crc.key_slot`. Its pub/sub, presence and history are on that
+shard, and a backend publishes there with one PUBLISH. A join/leave channel ("#" + name)
+is a name like any other, hashed the same way. Server API commands are published on the
+shard of COMMANDS ("!commands") and every worker subscribes to COMMANDS on every shard, so
+a backend may publish a command to any one shard.
+
+Each shard is a RedisBus with its two connections per worker, up and down on its own: a
+shard that goes away fails only its channels (503 for their publishes) and subscribes to
+them again when it returns, taking their publishes again SETTLE later. The bus is `up`
+(and /ready 200) only while every shard is; `down()` names those that are not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.crc import key_slot
+
+from .._core import WATCH_PREFIX, Hub, Session
+from ..directory import Node
+from ..history import HistoryAnswer
+from . import COMMANDS
+from .redis import RedisBus, reconnect_delay
+from .redis_presence import Entries
+
+# A shard back after an outage takes publishes again only once every node has had time
+# to subscribe to it again: the longest wait between two reconnect attempts, and a margin.
+# Without it a publish acknowledged by the first node back missed the subscribers of the
+# last (2 to 9 of 4000 in test_nothing_acknowledged_is_lost_while_a_shard_restarts).
+SETTLE = reconnect_delay(1 << 30) + 0.5
+
+
+def shard_of(prefix: bytes, channel: str, shards: int) -> int:
+    """Which of `shards` Redis holds `channel` (see the module's docstring)."""
+    return key_slot(prefix + channel.encode()) % shards
+
+
+def redis_urls(value: str) -> list[str]:
+    """`--redis`'s comma-separated URLs."""
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
+def where(url: str) -> str:
+    """host:port of a Redis URL, without its credentials: for logs and /ready."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+
+
+class ShardedBus:
+    def __init__(self, hub: Hub, urls: list[str], prefix: str, presence_ttl: float = 60.0,
+                 predecessor: str = "", history_ttl: float = 300.0,
+                 node: Node | None = None, slot: int = 0) -> None:
+        self.prefix = prefix.encode()
+        # The registry of nodes and the channel queries (redis_directory) on the first shard.
+        self.shards = [RedisBus(hub, url, prefix, presence_ttl, predecessor, history_ttl,
+                                name=f"redis shard {index} ({where(url)})",
+                                owns=self._owner(index, len(urls)), settle=SETTLE,
+                                node=node if index == 0 else None, slot=slot)
+                       for index, url in enumerate(urls)]
+        if node is not None:
+            self.gather_channels = self.shards[0].gather_channels
+            self.nodes = self.shards[0].nodes
+        for shard in self.shards:
+            shard.presence.announce = self._announce  # "#" + channel may be elsewhere
+        self.presence = self  # the Hub's presence sink: joined/left go to the channel's shard
+
+    def _owner(self, index: int, shards: int) -> Callable[[str], bool]:
+        return lambda channel: shard_of(self.prefix, channel, shards) == index
+
+    def shard(self, channel: str) -> RedisBus:
+        return self.shards[shard_of(self.prefix, channel, len(self.shards))]
+
+    @property
+    def up(self) -> bool:
+        return all(shard.up for shard in self.shards)
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(shard.dropped_total for shard in self.shards)
+
+    @property
+    def invalid_total(self) -> int:
+        return sum(shard.invalid_total for shard in self.shards)
+
+    def down(self) -> list[str]:
+        """The shards that are not up, by name."""
+        return [shard.name for shard in self.shards if not shard.up]
+
+    async def start(self) -> None:
+        for shard in self.shards:
+            await shard.start()
+
+    async def stop(self) -> None:
+        for shard in self.shards:
+            await shard.stop()
+
+    def publish(self, channel: str, payload: bytes, session: Session | None,
+                request_id: bytes) -> int:
+        return self.shard(channel).publish(channel, payload, session, request_id)
+
+    def command(self, payload: bytes, session: Any) -> int:
+        return self.shard(COMMANDS).publish(COMMANDS, payload, session, b"")
+
+    def _announce(self, channel: str, event: bytes) -> None:
+        self.publish(WATCH_PREFIX + channel, event, None, b"")
+
+    def subscribe(self, channel: str) -> bool:
+        return self.shard(channel).subscribe(channel)
+
+    def unsubscribe(self, channel: str) -> None:
+        self.shard(channel).unsubscribe(channel)
+
+    # Presence and history, each on the channel's shard --------------------------------
+
+    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        self.shard(channel).presence.joined(channel, client_id, user, info)
+
+    def left(self, channel: str, client_id: bytes) -> None:
+        self.shard(channel).presence.left(channel, client_id)
+
+    def gather_presence(self, channel: str, local: Entries,
+                        answer: Callable[[Entries | None], None]) -> None:
+        self.shard(channel).gather_presence(channel, local, answer)
+
+    # History, on the channel's shard: its stream, and the read's answer on the shard's
+    # connection that carries the channel's messages (the seam RedisHistory needs).
+    def publish_history(self, channel: str, payload: bytes, session: Session | None,
+                        request_id: bytes) -> int:
+        return int(self.shard(channel).publish_history(channel, payload, session, request_id))
+
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        self.shard(channel).read_history(channel, since, limit, answer)

@@ -1,0 +1,261 @@
+"""A real six-node Redis Cluster (three masters, three replicas) made by the tests, and
+fastfan on it with sharded pub/sub: channels on their slot's master, a slot moved to
+another master, a master killed and its replica taking over."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import RedisServer, Server, wait_for
+from redis.crc import key_slot
+from test_api_commands import alive, closed_by_api
+from wire import RawClient
+
+NODE_TIMEOUT_MS = 1000  # a dead master's replica takes over within a few seconds
+
+
+def query(node: RedisServer, *args: str) -> Any:
+    """A command's parsed reply (redis-py)."""
+    with redis.Redis(port=node.port, socket_timeout=5) as client:
+        return client.execute_command(*args)
+
+
+def cluster_ports(count: int) -> list[int]:
+    """`count` ports free with their cluster bus port (+10000), both below the kernel's
+    ephemeral range (32768 on): there an outgoing connection may take one meanwhile."""
+    found: list[int] = []
+    port = 12000 + (time.monotonic_ns() // 1000) % 10000
+    while len(found) < count:
+        port = port + 1 if port < 22700 else 12000
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        found.append(port)
+    return found
+
+
+class Cluster:
+    def __init__(self, directory: Path, ports: list[int] | None = None) -> None:
+        self.nodes: list[RedisServer] = []
+        for port in ports or cluster_ports(6):
+            home = directory / f"node-{port}"
+            home.mkdir()
+            self.nodes.append(RedisServer(
+                home / "redis.log", port, "--cluster-enabled", "yes", "--dir", str(home),
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                # a replica takes over however long ago it last heard from its master
+                "--cluster-replica-validity-factor", "0"))
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                        "--cluster-replicas", "1", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        wait_for(self.settled, timeout=20)
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    def settled(self) -> bool:
+        """Every live node sees the whole cluster ok, and agrees on the masters."""
+        live = [node for node in self.nodes if node.process is not None]
+        if not all(b"cluster_state:ok" in query(node, "CLUSTER", "INFO") for node in live):
+            return False
+        views = {tuple(sorted(self.masters_seen_by(node).items())) for node in live}
+        return len(views) == 1
+
+    def masters_seen_by(self, node: RedisServer) -> dict[str, int]:
+        """node id -> port of each master that serves slots, as `node` sees it."""
+        masters = {}
+        for line in query(node, "CLUSTER", "NODES").decode().splitlines():
+            fields = line.split()
+            if len(fields) > 8 and "master" in fields[2] and "fail" not in fields[2]:
+                masters[fields[0]] = int(re.split("[:@]", fields[1])[1])
+        return masters
+
+    def owner(self, channel: str) -> RedisServer:
+        """The live master that serves `channel`'s slot."""
+        slot = key_slot(f"fastfan:{channel}".encode())
+        for node in self.nodes:
+            if node.process is not None and self._serves(node, slot):
+                return node
+        raise AssertionError(f"no live master serves slot {slot}")
+
+    @staticmethod
+    def _serves(node: RedisServer, slot: int) -> bool:
+        for line in query(node, "CLUSTER", "NODES").decode().splitlines():
+            fields = line.split()
+            if "myself" in fields[2] and "master" in fields[2]:
+                for span in fields[8:]:
+                    low, _, high = span.partition("-")
+                    if low.isdigit() and int(low) <= slot <= int(high or low):
+                        return True
+        return False
+
+    def subscribers(self, channel: str) -> int:
+        return int(query(self.owner(channel), "PUBSUB", "SHARDNUMSUB", f"fastfan:{channel}")[1])
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    made = Cluster(tmp_path)
+    yield made
+    made.kill()
+
+
+def publish(client: RawClient, channel: str, data: Any, request_id: Any) -> dict[str, Any]:
+    client.publish(channel, data, id=request_id)
+    return dict(client.recv_json())
+
+
+def nodes_on(start_server: Any, cluster: Cluster, *args: str) -> list[Server]:
+    servers = [start_server("--redis", cluster.url, *args) for _ in range(2)]
+    for server in servers:
+        server.wait_ready()
+    return servers
+
+
+def on_each_master(cluster: Cluster, per_master: int, stem: str = "ch") -> list[str]:
+    """Channel names, `per_master` of them on each master."""
+    by_owner: dict[int, list[str]] = {}
+    for n in range(1000):
+        name = f"{stem}{n}"
+        held = by_owner.setdefault(cluster.owner(name).port, [])
+        if len(held) < per_master:
+            held.append(name)
+        if len(by_owner) == 3 and all(len(v) == per_master for v in by_owner.values()):
+            break
+    return [name for names in by_owner.values() for name in names]
+
+
+def test_channels_on_the_master_of_their_slot(start_server: Any, cluster: Cluster) -> None:
+    near, far = nodes_on(start_server, cluster, "--workers", "2")
+    names = on_each_master(cluster, 2)
+    # the documented hash (the shards' too) is the cluster's own slot
+    assert [query(cluster.nodes[0], "CLUSTER", "KEYSLOT", f"fastfan:{name}")
+            for name in names] == [key_slot(f"fastfan:{name}".encode()) for name in names]
+    listeners = [server.connect().subscribe(*names) for server in (near, far)]
+    for name in names:
+        wait_for(lambda name=name: cluster.subscribers(name) == 2)
+    publisher = near.connect()
+    for name in names:
+        assert publish(publisher, name, name, name)["type"] == "published"
+    for listener in listeners:
+        assert [listener.recv_json()["data"] for _ in names] == names
+    message = b'{"type":"message","channel":"%s","data":"backend"}' % names[0].encode()
+    assert cluster.owner(names[0]).command("SPUBLISH", f"fastfan:{names[0]}", message) == (
+        b":2\r\n")
+    for listener in listeners:
+        assert listener.recv_json()["data"] == "backend"
+    # presence, its keys hash-tagged by channel, through the cluster
+    listeners[1].send_json({"type": "presence_stats", "channel": names[0]})
+    assert listeners[1].recv_json()["data"] == {"count": 2, "users": 1}
+    # server API commands: SPUBLISHed on their slot's master, which every worker listens on
+    bob = [server.connect("bob") for server in (near, far)]
+    command = b'{"command":"disconnect","user":"bob"}'
+    assert cluster.owner("!commands").command("SPUBLISH", "fastfan:!commands", command) == (
+        b":4\r\n")  # every worker (two) of both nodes
+    for client in bob:
+        closed_by_api(client)
+    assert alive(listeners[0])
+
+
+def test_a_slot_moved_to_another_master_takes_its_subscriptions(
+        start_server: Any, cluster: Cluster) -> None:
+    near, far = nodes_on(start_server, cluster, "--publish-rate", "1000000")
+    name = on_each_master(cluster, 1)[0]
+    listeners = [server.connect().subscribe(name) for server in (near, far)]
+    wait_for(lambda: cluster.subscribers(name) == 2)
+    source = cluster.owner(name)
+    target = next(node for node in cluster.nodes
+                  if node is not source and cluster.masters_seen_by(node).get(
+                      query(node, "CLUSTER", "MYID").decode()) == node.port)
+    slot, target_id = str(key_slot(f"fastfan:{name}".encode())), query(target, "CLUSTER", "MYID")
+    query(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", query(source, "CLUSTER", "MYID"))
+    query(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    publisher = near.connect()
+    for node in (target, source):  # the source pushes sunsubscribe to its subscribers
+        query(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    # at once: the first may meet MOVED (503), and the map is read again
+    refused, deadline = [], time.monotonic() + 10
+    while (reply := publish(publisher, name, "moved", 1))["type"] != "published":
+        refused.append(reply["code"])  # until both nodes have had time to follow the slot
+        assert time.monotonic() < deadline
+    assert set(refused) <= {503}
+    wait_for(lambda: query(target, "PUBSUB", "SHARDNUMSUB", f"fastfan:{name}")[1] == 2)
+    assert query(source, "PUBSUB", "SHARDNUMSUB", f"fastfan:{name}")[1] == 0
+    for listener in listeners:
+        assert listener.recv_json()["data"] == "moved"
+    print(f"{len(refused)} publishes refused while the slot moved")
+
+
+def test_a_master_killed_its_replica_takes_over_nothing_acknowledged_lost(
+        start_server: Any, cluster: Cluster) -> None:
+    near, far = nodes_on(start_server, cluster, "--publish-rate", "1000000")
+    names = on_each_master(cluster, 2, "f")
+    listeners = [server.connect(receive_buffer=1 << 20).subscribe(*names)
+                 for server in (near, far)]
+    for name in names:
+        wait_for(lambda name=name: cluster.subscribers(name) == 2)
+    victim = cluster.owner(names[0])
+    gone = {name for name in names if cluster.owner(name) is victim}
+    publisher = near.connect()
+    acknowledged: set[int] = set()
+    refused: set[int] = set()
+    started, killed = time.monotonic(), False
+    sequence = 0
+    while time.monotonic() - started < 9:
+        if time.monotonic() - started > 0.3 and not killed:
+            victim.kill()
+            killed = True
+        reply = publish(publisher, names[sequence % len(names)], sequence, sequence)
+        (acknowledged if reply["type"] == "published" else refused).add(sequence)
+        sequence += 1
+    # the dead master's channels failed, then took publishes on its replica; the others
+    # never stopped
+    assert {names[n % len(names)] for n in refused} == gone
+    after = max(refused)
+    assert len({n for n in acknowledged if n > after and names[n % len(names)] in gone}) > 100
+    for listener in listeners:
+        received: set[int] = set()
+        while not acknowledged <= received:
+            try:
+                received.add(listener.recv_json()["data"])
+            except TimeoutError:
+                break
+        assert acknowledged - received == set()
+    assert near.get("/ready")[0] == 200
+    print(f"{len(acknowledged)} acknowledged and delivered to both nodes, "
+          f"{len(refused)} refused (503)")
+
+
+def test_a_cluster_unreachable_at_start(start_server: Any, tmp_path: Path) -> None:
+    ports = cluster_ports(6)
+    node = start_server("--redis", "redis+cluster://" + ",".join(
+        f"127.0.0.1:{port}" for port in ports[:2]))
+    assert node.get("/health")[0] == 200
+    status, _, body = node.get("/ready")
+    assert (status, body) == (503, b"503 Service Unavailable: down: redis cluster (no slot "
+                                    b"map yet)\n")
+    client = node.connect()
+    assert publish(client, "early", 1, 1)["code"] == 503
+    cluster = Cluster(tmp_path, ports)
+    try:
+        node.wait_ready(timeout=10)
+        listener = node.connect().subscribe("early")
+        assert publish(client, "early", 2, 2)["type"] == "published"
+        assert listener.recv_json()["data"] == 2
+    finally:
+        cluster.kill()

@@ -1,0 +1,67 @@
+"""The embedded bus's history store as a unit: numbering, trimming by size and by time,
+reads, and what a sweep forgets."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from fastfan import history
+from fastfan.history import HistoryStore, owner_of, with_position
+
+
+def message(n: int) -> bytes:
+    return b'{"type":"message","channel":"c","data":%d}' % n
+
+
+def test_numbering_appends_the_position_and_keeps_the_json_valid() -> None:
+    store = HistoryStore(size=3, ttl=60)
+    results = [store.sequence("c", message(n)) for n in range(5)]
+    assert [offset for offset, _, _ in results] == [1, 2, 3, 4, 5]
+    assert len({epoch for _, epoch, _ in results}) == 1
+    decoded = json.loads(results[-1][2])
+    assert decoded == {"type": "message", "channel": "c", "data": 4, "offset": 5,
+                       "epoch": results[0][1]}
+    assert with_position(b'{"a":1}', 7, "e") == b'{"a":1,"offset":7,"epoch":"e"}'
+    # Kept: the last three; the last `limit`, or the first `limit` after `since`.
+    top, epoch, kept = store.read("c", -1, 10)
+    assert (top, epoch) == (5, results[0][1])
+    assert [offset for offset, _ in kept] == [3, 4, 5]
+    assert [offset for offset, _ in store.read("c", -1, 2).messages] == [4, 5]
+    assert [offset for offset, _ in store.read("c", 3, 10).messages] == [4, 5]
+    assert store.read("c", 5, 10).messages == []
+    assert store.read("c", -1, 0).messages == []
+    assert store.kept_bytes == sum(len(m) for _, m in kept)
+    # Channels are numbered apart, each in its own epoch.
+    assert store.sequence("d", message(0))[0] == 1
+    assert store.read("d", -1, 1).epoch != epoch
+
+
+def test_expiry_keeps_the_offsets_and_the_sweep_forgets_idle_channels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    store = HistoryStore(size=10, ttl=5)
+    store.sequence("c", message(1))
+    store.sequence("c", message(2))
+    epoch = store.read("c", -1, 10).epoch
+    now[0] += 6
+    assert store.read("c", -1, 10) == (2, epoch, [])  # expired, offsets kept
+    assert store.kept_bytes == 0
+    assert store.sequence("c", message(3))[:2] == (3, epoch)
+    now[0] += 6
+    store.sweep()
+    assert "c" in store.channels  # its position is kept for META_TTL
+    now[0] += history.META_TTL
+    store.sweep()
+    assert "c" not in store.channels
+    assert store.read("c", -1, 10).epoch != epoch  # a new run of the channel
+
+
+def test_owners_spread_over_the_workers() -> None:
+    owners = [owner_of(f"channel.{n}", 4) for n in range(1000)]
+    assert set(owners) == {0, 1, 2, 3}
+    assert min(owners.count(w) for w in range(4)) > 200
+    assert owner_of("x", 1) == 0
