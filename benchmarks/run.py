@@ -27,7 +27,8 @@ one server at a time, at the same offered rates. The suite's scenarios (the defa
 Studies, run only when named (fastfan alone; options under "studies" in --help):
 connections, churn, storm, slow-consumer, soak, accept-spread, presence, api, shards (one Redis
 against three shards and a three-master cluster, two nodes, many channels), wire
-(permessage-deflate and TLS: CPU and bytes per delivery against plain).
+(permessage-deflate and TLS: CPU and bytes per delivery against plain), history (history and
+recovery on against off), join-storm (join/leave in bursts).
 
 Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
 article's Node ws design), websockets (Python's websockets with its broadcast), socketio
@@ -308,6 +309,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "api": (studies.api, ("subscribers", "duration")),
     "shards": (studies.shards, ("rates", "duration", "channels")),
     "wire": (studies.wire, ("subscribers", "duration")),
+    "history": (studies.history, ("rates", "duration", "connections", "processes", "repeat")),
 }
 
 
@@ -319,12 +321,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float,
                         help=f"seconds per rate (default {SUITE_DURATION:g}); in connections, "
                              "seconds of publishing (3); in slow-consumer, seconds per run (8); in "
-                             "api, seconds per run (3)")
+                             "api, seconds per run (3); in history, seconds per rate and per "
+                             "publish-rate run (3)")
     parser.add_argument("--rates", help="offered deliveries/s, comma-separated, instead of the "
-                                        "scenario's own (fanout, channels, large, workers, redis)")
+                                        "scenario's own (fanout, channels, large, workers, "
+                                        "redis; in history, both its sweeps)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per rate in fanout, channels, large and workers; the table "
-                             "shows the run of median p99")
+                             "shows the run of median p99 (history: every run, off and on "
+                             "in turn)")
     parser.add_argument("--fastfan-args", default="",
                         help='extra `fastfan run` options, e.g. "--workers 2"')
     parser.add_argument("--baseline", metavar="PYTHON",
@@ -334,12 +339,14 @@ def parse_args() -> argparse.Namespace:
                         help="one light load per server; exit 1 on a crash or any loss")
     study = parser.add_argument_group("studies (each has its own defaults)")
     study.add_argument("--connections", type=int,
-                       help="connections (10000), storm (10000), accept-spread (6000)")
+                       help="connections (10000), storm (10000), accept-spread (6000), "
+                            "history's reconnect storm (10000)")
     study.add_argument("--workers", type=int,
                        help="fastfan's --workers in connections and storm (1); forked "
                             "acceptors in accept-spread (6)")
     study.add_argument("--processes", type=int,
-                       help="client processes in connections (1), storm (20), churn (4)")
+                       help="client processes in connections (1), storm (20), churn (4), "
+                            "history's storm (5)")
     study.add_argument("--cycles", type=int, help="churn: connect-subscribe-leave cycles "
                                                   "(100000)")
     study.add_argument("--policy", choices=("disconnect", "drop", "conflate"),
