@@ -10,6 +10,7 @@
     ./dev bench --scenarios join-storm --watchers 1000 --joiners 1000
     ./dev bench --scenarios redis --rates 50000,200000,500000 --duration 4
     ./dev bench --scenarios api --subscribers 1000 --duration 3
+    ./dev bench --scenarios shards --rates 10000,20000,40000,80000 --duration 4
     ./dev bench --scenarios wire --subscribers 500 --duration 3
     ./dev bench --scenarios history --duration 3 --connections 10000 --processes 5
 
