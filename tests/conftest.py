@@ -94,9 +94,12 @@ class Server:
             assert messages_of(ws)[0]["type"] == "welcome"
             yield ws
 
+    def http_connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=5)
+
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str],
                                                                              bytes]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+        conn = self.http_connection()
         try:
             conn.request("GET", path, headers=headers or {})
             response = conn.getresponse()
@@ -212,6 +215,18 @@ def one_per_worker(server: Server, sub: str = "alice") -> dict[int, RawClient]:
         client.close()
     assert len(held) == 2, "the kernel never chose the second worker"
     return held
+
+
+def assert_received_by_all(listeners: list[RawClient], acknowledged: set[int]) -> None:
+    """Every listener receives every acknowledged publish (their `data`: numbers)."""
+    for listener in listeners:
+        received: set[int] = set()
+        while not acknowledged <= received:
+            try:
+                received.add(listener.recv_json()["data"])
+            except TimeoutError:
+                break
+        assert acknowledged - received == set()
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:

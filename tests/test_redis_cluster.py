@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import RedisServer, Server, wait_for
+from conftest import RedisServer, Server, assert_received_by_all, wait_for
 from redis.crc import key_slot
 from test_api_commands import alive, closed_by_api
 from wire import RawClient
@@ -228,14 +228,7 @@ def test_a_master_killed_its_replica_takes_over_nothing_acknowledged_lost(
     assert {names[n % len(names)] for n in refused} == gone
     after = max(refused)
     assert len({n for n in acknowledged if n > after and names[n % len(names)] in gone}) > 100
-    for listener in listeners:
-        received: set[int] = set()
-        while not acknowledged <= received:
-            try:
-                received.add(listener.recv_json()["data"])
-            except TimeoutError:
-                break
-        assert acknowledged - received == set()
+    assert_received_by_all(listeners, acknowledged)
     assert near.get("/ready")[0] == 200
     print(f"{len(acknowledged)} acknowledged and delivered to both nodes, "
           f"{len(refused)} refused (503)")

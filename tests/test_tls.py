@@ -69,15 +69,9 @@ class TlsServer(Server):
     def url(self, path: str = "/", token: str | None = None) -> str:
         return "wss" + super().url(path, token)[2:]
 
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str],
-                                                                             bytes]:
-        conn = http.client.HTTPSConnection(self.host, self.port, timeout=5, context=self.context)
-        try:
-            conn.request("GET", path, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
+    def http_connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPSConnection(self.host, self.port, timeout=5,
+                                           context=self.context)
 
 
 @pytest.fixture

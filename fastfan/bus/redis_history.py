@@ -34,13 +34,20 @@ log = logging.getLogger("fastfan.redis")
 # KEYS: stream, hash. ARGV: the Redis channel, the message without its closing brace, the
 # size, the TTL, the hash's TTL, an epoch for a channel that has none, the publishing
 # command. Returns {offset, epoch}.
-PUBLISH_HISTORY = """
+# A channel's epoch, or a new one from the ARGV named, with an empty history (a hash lost
+# while its stream lived, or never made: the stream's IDs start again at 1). Both scripts
+# begin with it.
+EPOCH = """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
-  epoch = ARGV[6]
+  epoch = ARGV[%d]
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+  redis.call('EXPIRE', KEYS[2], ARGV[%d])
 end
+"""
+
+PUBLISH_HISTORY = EPOCH % (6, 5) + """
 local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
 local message = ARGV[2] .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-0',
@@ -55,14 +62,7 @@ return {offset, epoch}
 # none, the hash's TTL, the TTL, the reply channel, the query, the publishing command.
 # Forgets the expired messages, then publishes {"query","top","epoch","messages":[[offset,
 # message]...]} to the reply channel.
-READ_HISTORY = """
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if not epoch then
-  epoch = ARGV[3]
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-end
+READ_HISTORY = EPOCH % (3, 4) + """
 local top = redis.call('HGET', KEYS[2], 'offset')
 local cutoff = tonumber(redis.call('TIME')[1]) - tonumber(ARGV[5])
 while true do
