@@ -17,7 +17,7 @@ import redis
 from conftest import RedisServer, Server, assert_received_by_all, wait_for
 from redis.crc import key_slot
 from test_api_commands import alive, closed_by_api
-from wire import RawClient
+from test_redis import publish
 
 NODE_TIMEOUT_MS = 1000  # a dead master's replica takes over within a few seconds
 
@@ -113,11 +113,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     made = Cluster(tmp_path)
     yield made
     made.kill()
-
-
-def publish(client: RawClient, channel: str, data: Any, request_id: Any) -> dict[str, Any]:
-    client.publish(channel, data, id=request_id)
-    return dict(client.recv_json())
 
 
 def nodes_on(start_server: Any, cluster: Cluster, *args: str) -> list[Server]:

@@ -14,7 +14,7 @@ from redis.crc import key_slot
 from test_api import call, start_api
 from test_api_commands import alive, closed_by_api
 from test_history import drop_and_recover
-from wire import RawClient
+from test_redis import publish
 
 SHARDS = 3
 
@@ -47,11 +47,6 @@ def node(start_server: Any, shards: list[RedisServer], *args: str) -> Server:
     server = start_server("--redis", urls(shards), *args)
     server.wait_ready()
     return server
-
-
-def publish(client: RawClient, channel: str, data: Any, request_id: Any) -> dict[str, Any]:
-    client.publish(channel, data, id=request_id)
-    return dict(client.recv_json())
 
 
 def test_each_channel_its_pub_sub_and_presence_on_its_shard(
