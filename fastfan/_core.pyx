@@ -39,6 +39,7 @@ import secrets
 import msgspec
 
 from .auth import AuthError
+from .history import position
 from .protocol import decode_request, encode_json
 
 cdef extern from "<sys/socket.h>" nogil:

@@ -579,8 +579,7 @@ cdef class Hub:
         cdef Py_ssize_t room = self.max_buffer - session.queued()
         cdef list missed = []
         top, epoch, messages = answer
-        reply = _reply(b"subscribed", channel.name, request_id)[:-1] + b',"offset":%d,"epoch":"%s"' % (
-            top, epoch.encode("ascii"))
+        reply = _reply(b"subscribed", channel.name, request_id)[:-1] + position(top, epoch)
         if recover is not None:
             recovered = (recover.epoch == epoch and 0 <= recover.offset <= top
                          and (recover.offset == top

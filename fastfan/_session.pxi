@@ -320,7 +320,7 @@ cdef class Session(Outbox):
             return self._queue_error(403, f"not permitted to subscribe to {channel}", request_id)
         if recover is not None and recover.offset < 0:
             return self._queue_error(400, "'recover' needs an offset of 0 or more", request_id)
-        history = hub.history_size > 0 and hub.keeps_history(channel)
+        history = hub.keeps_history(channel)
         if channel not in self.subscriptions:
             if len(self.subscriptions) >= hub.max_subscriptions:
                 return self._queue_error(
@@ -385,8 +385,7 @@ cdef class Session(Outbox):
         payload = hub.encode_message(channel, request.data, self.client_id)
         # On a channel with history the bus numbers the message (and acknowledges it with
         # its position: PENDING, or REFUSED).
-        publish = (hub.bus.publish_history if hub.history_size > 0
-                   and hub.keeps_history(channel) else hub.bus.publish)
+        publish = hub.bus.publish_history if hub.keeps_history(channel) else hub.bus.publish
         if not request.echo:
             # A bus fans out on this worker within publish(): the fan-out skips us then.
             hub.excluded = self

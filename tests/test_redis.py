@@ -25,6 +25,16 @@ def publish(client: RawClient, channel: str, data: Any, request_id: Any) -> dict
     return dict(client.recv_json())
 
 
+def each_reaches_every_listener(publisher: RawClient, listeners: list[RawClient],
+                                names: list[str]) -> None:
+    """A publish to each channel in `names` (its name as data), acknowledged, and every
+    listener receives them in that order."""
+    for name in names:
+        assert publish(publisher, name, name, name)["type"] == "published"
+    for listener in listeners:
+        assert [listener.recv_json()["data"] for _ in names] == names
+
+
 def test_two_nodes_deliver_to_each_others_subscribers_in_order(
         start_server: Any, redis_server: RedisServer) -> None:
     first = node_on(redis_server, start_server)

@@ -17,7 +17,7 @@ import redis
 from conftest import RedisServer, Server, assert_received_by_all, wait_for
 from redis.crc import key_slot
 from test_api_commands import alive, closed_by_api
-from test_redis import publish
+from test_redis import each_reaches_every_listener, publish
 
 NODE_TIMEOUT_MS = 1000  # a dead master's replica takes over within a few seconds
 
@@ -145,10 +145,7 @@ def test_channels_on_the_master_of_their_slot(start_server: Any, cluster: Cluste
     for name in names:
         wait_for(lambda name=name: cluster.subscribers(name) == 2)
     publisher = near.connect()
-    for name in names:
-        assert publish(publisher, name, name, name)["type"] == "published"
-    for listener in listeners:
-        assert [listener.recv_json()["data"] for _ in names] == names
+    each_reaches_every_listener(publisher, listeners, names)
     message = b'{"type":"message","channel":"%s","data":"backend"}' % names[0].encode()
     assert cluster.owner(names[0]).command("SPUBLISH", f"fastfan:{names[0]}", message) == (
         b":2\r\n")

@@ -14,7 +14,7 @@ from redis.crc import key_slot
 from test_api import call, start_api
 from test_api_commands import alive, closed_by_api
 from test_history import drop_and_recover
-from test_redis import publish
+from test_redis import each_reaches_every_listener, publish
 
 SHARDS = 3
 
@@ -62,10 +62,7 @@ def test_each_channel_its_pub_sub_and_presence_on_its_shard(
         assert [s.command("EXISTS", presence) for s in shards] == [
             b":1\r\n" if index == home(name) else b":0\r\n" for index in range(SHARDS)]
     publisher = near.connect()
-    for name in names:
-        assert publish(publisher, name, name, name)["type"] == "published"
-    for listener in listeners:
-        assert [listener.recv_json()["data"] for _ in names] == names
+    each_reaches_every_listener(publisher, listeners, names)
     # A backend publishes with one PUBLISH to the shard the hash names.
     message = b'{"type":"message","channel":"%s","data":"backend"}' % names[0].encode()
     assert shards[home(names[0])].command("PUBLISH", f"fastfan:{names[0]}", message) == (
