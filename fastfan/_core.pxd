@@ -255,7 +255,14 @@ cdef class Hub:
         readonly dict       users           # user -> how many sessions of theirs are open
         dict                unconfirmed     # channel the bus has not confirmed -> [(session,
                                             # request id) whose `subscribed` waits for it]
-        list                pending         # outboxes with output to write this loop turn
+        # the outboxes with output to write, in order: a ring of strong references, each
+        # outbox in it at most once (Outbox.scheduled); Hub._flush writes from its head
+        void**              pending
+        Py_ssize_t          pending_capacity
+        Py_ssize_t          pending_head
+        Py_ssize_t          pending_count
+        unsigned long long  pending_written  # outboxes taken from the ring and written, ever
+        unsigned long long  pending_added    # outboxes put in the ring, ever
         bint                flush_scheduled
         object              loop
         public object       bus             # .publish(channel, payload) -> BusResult, ...
@@ -289,8 +296,11 @@ cdef class Hub:
         # its end, each watcher receiving them all in one piece (Hub._deliver_events)
         dict                held_events     # Channel -> [(payload, Outbox it is about)]
 
-        # when each fan-out of this loop turn began, for the latency histogram
+        # when each fan-out not yet written began, for the latency histogram, and 1 + the
+        # value of pending_added after it (0: not known yet): written when pending_written
+        # reaches that value - 1
         double*             fanout_started
+        unsigned long long* fanout_written_at
         Py_ssize_t          fanout_count
         Py_ssize_t          fanout_capacity
         readonly Histogram  publish_latency # fan-out begun -> written, per message
@@ -325,6 +335,7 @@ cdef class Hub:
     cdef bytes _frame(self, const char* data, Py_ssize_t size)
     cdef int _deliver_compressed(self, Channel channel, bytes shared) except -1
     cdef int schedule(self, Outbox outbox) except -1
+    cdef int _observe_written(self) except -1
     cpdef bint keeps_history(self, str channel)
     cdef int subscribe(self, Session session, str name) except -1
     cdef Channel _open(self, str name)

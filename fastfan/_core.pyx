@@ -28,7 +28,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 from picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType,
                             WSTransport)
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
@@ -110,6 +110,14 @@ cdef Py_ssize_t SHARED_FRAME_BYTES = 4096
 cdef enum:
     # At most this many buffers per sendmsg(); the rest go to the transport as they are.
     SHARED_IOV_MAX = 64
+    # The flush looks at the clock after every this many writes (see FLUSH_SLICE_SECONDS).
+    FLUSH_CLOCK_EVERY = 16
+# The flush writes for at most about this long, then lets the loop read before it goes on
+# with the connections not yet written. A message that arrives meanwhile is appended to
+# them at once, so it reaches every connection within one pass over them: writing every
+# connection before reading again (the yardstick's turn), it would first wait for the pass
+# in progress to end, then take a whole pass.
+cdef double FLUSH_SLICE_SECONDS = 0.0005
 # The first header byte's RSV1 bit: permessage-deflate's "this message is compressed".
 cdef uint8_t RSV1 = 0x40
 # The largest WebSocket frame header a server writes (no mask).

@@ -63,7 +63,6 @@ cdef class Hub:
         self.sessions = set()
         self.users = {}
         self.unconfirmed = {}
-        self.pending = []
         self.held_events = {}
         self.max_message_size = max_message_size
         self.max_subscriptions = max_subscriptions
@@ -84,8 +83,13 @@ cdef class Hub:
         self.deflate = Deflate(compression_min_size)
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.pending_count):
+            Py_DECREF(<object>self.pending[(self.pending_head + i) & (self.pending_capacity - 1)])
+        free(self.pending)
         free(self.frame)
         free(self.fanout_started)
+        free(self.fanout_written_at)
 
     @property
     def connections(self):
@@ -192,16 +196,23 @@ cdef class Hub:
 
     cdef int _note_fanout(self, double started) except -1:
         """Remember when a fan-out began; the flush that writes it measures the latency."""
-        cdef double* grown
+        cdef double* started_grown
+        cdef unsigned long long* mark_grown
         cdef Py_ssize_t capacity
         if self.fanout_count == self.fanout_capacity:
             capacity = max(64, 2 * self.fanout_capacity)
-            grown = <double*>realloc(self.fanout_started, capacity * sizeof(double))
-            if grown == NULL:
+            started_grown = <double*>realloc(self.fanout_started, capacity * sizeof(double))
+            if started_grown == NULL:
                 raise MemoryError()
-            self.fanout_started = grown
+            self.fanout_started = started_grown
+            mark_grown = <unsigned long long*>realloc(
+                self.fanout_written_at, capacity * sizeof(unsigned long long))
+            if mark_grown == NULL:
+                raise MemoryError()
+            self.fanout_written_at = mark_grown
             self.fanout_capacity = capacity
         self.fanout_started[self.fanout_count] = started
+        self.fanout_written_at[self.fanout_count] = 0  # Hub._flush says
         self.fanout_count += 1
         return 0
 
@@ -336,29 +347,76 @@ cdef class Hub:
         return count
 
     cdef int schedule(self, Outbox outbox) except -1:
-        """Write `outbox` at the end of this loop turn."""
+        """Write `outbox` at the end of this loop turn (behind those already waiting)."""
+        cdef void** grown
+        cdef Py_ssize_t i, capacity
+        if self.pending_count == self.pending_capacity:
+            capacity = max(64, 2 * self.pending_capacity)  # a power of two: & wraps
+            grown = <void**>malloc(capacity * sizeof(void*))
+            if grown == NULL:
+                raise MemoryError()
+            for i in range(self.pending_count):
+                grown[i] = self.pending[(self.pending_head + i) & (self.pending_capacity - 1)]
+            free(self.pending)
+            self.pending = grown
+            self.pending_capacity = capacity
+            self.pending_head = 0
+        Py_INCREF(outbox)
+        self.pending[(self.pending_head + self.pending_count) & (self.pending_capacity - 1)] = \
+            <void*>outbox
+        self.pending_count += 1
+        self.pending_added += 1
         outbox.scheduled = True
-        self.pending.append(outbox)
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
         return 0
 
     def _flush(self):
-        """End of the loop turn: write each connection's queued frames in one sendmsg()."""
+        """End of the loop turn: write the waiting connections, each in one sendmsg(), in
+        the order they were scheduled, for about FLUSH_SLICE_SECONDS; then the loop reads
+        again and the next turn goes on where this one stopped. A connection written here
+        and given a message meanwhile is scheduled again, behind those not written yet."""
         cdef Outbox outbox
-        cdef list pending = self.pending
-        cdef Py_ssize_t i
-        cdef double written
-        self.pending = []
+        cdef Py_ssize_t i, written = 0
+        cdef double deadline = monotonic() + FLUSH_SLICE_SECONDS
         self.flush_scheduled = False
-        for outbox in pending:
+        # The fan-outs since the last slice have put all their subscribers in the ring: each
+        # is written once the ring is emptied up to where it ends now.
+        i = self.fanout_count - 1
+        while i >= 0 and self.fanout_written_at[i] == 0:
+            self.fanout_written_at[i] = self.pending_added + 1  # + 1: never 0
+            i -= 1
+        while self.pending_count:
+            outbox = <Outbox>self.pending[self.pending_head]
+            Py_DECREF(outbox)  # the ring's reference; `outbox` holds its own
+            self.pending_head = (self.pending_head + 1) & (self.pending_capacity - 1)
+            self.pending_count -= 1
+            self.pending_written += 1
             outbox.scheduled = False
             outbox.write_out()
-        written = monotonic()
-        for i in range(self.fanout_count):
-            self.publish_latency.observe(written - self.fanout_started[i])
-        self.fanout_count = 0
+            written += 1
+            if written % FLUSH_CLOCK_EVERY == 0 and monotonic() >= deadline:
+                break
+        self._observe_written()
+        if self.pending_count and not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    cdef int _observe_written(self) except -1:
+        """The latency of each fan-out whose subscribers are all written now."""
+        cdef Py_ssize_t i = 0, count = self.fanout_count
+        cdef double now = monotonic()
+        while i < count and self.fanout_written_at[i] != 0 and \
+                self.fanout_written_at[i] <= self.pending_written + 1:
+            self.publish_latency.observe(now - self.fanout_started[i])
+            i += 1
+        if i:
+            memmove(self.fanout_started, self.fanout_started + i, (count - i) * sizeof(double))
+            memmove(self.fanout_written_at, self.fanout_written_at + i,
+                    (count - i) * sizeof(unsigned long long))
+            self.fanout_count = count - i
+        return 0
 
     # Figures, heartbeat, shutdown ----------------------------------------------------------
 
