@@ -12,8 +12,9 @@ The map is read again every MAP_PERIOD, at once when a node answers MOVED or pus
 `sunsubscribe` (the slot has gone elsewhere: resharding, or a failover), and every
 MAP_PERIOD_DOWN while a master is unreachable, until its replica has taken over. Then
 the channels whose master changed move: SUNSUBSCRIBE on the old one (when it still
-answers), SSUBSCRIBE on the new one, whose publishes wait SETTLE (503) so that every node
-has moved too (a channel moved to a master already known settles alike). A publish is
+answers), SSUBSCRIBE on the new one; and every slot that left a master takes publishes
+again only SETTLE later (503), whether this worker subscribes to its channels or not, so
+that every node has moved too. A publish is
 answered `published` only by the master this worker is subscribed to, never retried
 elsewhere: acknowledged means delivered to the nodes subscribed there, or 503.
 """
@@ -130,7 +131,10 @@ class ClusterBus(ShardedBus):
         self._lost: set[str] = set()  # channels a node pushed a sunsubscribe for
         self._task: asyncio.Task[None] | None = None
         self._retired = [0, 0]  # dropped_total, invalid_total of masters no longer ours
-        self._moving: dict[str, float] = {}  # channel moved to another master -> settled at
+        # slot moved to another master (or a channel of it lost) -> settled at; and when
+        # the last of them settles
+        self._moving: dict[int, float] = {}
+        self._settled_at = 0.0
         self._unmapped = False  # the last reading of the map failed (logged once)
 
     def shard(self, channel: str) -> Any:
@@ -164,9 +168,10 @@ class ClusterBus(ShardedBus):
 
     def _still_moving(self, channel: str) -> bool:
         now = asyncio.get_running_loop().time()
-        for settled in [c for c, at in self._moving.items() if at <= now]:
-            del self._moving[settled]
-        return channel in self._moving
+        if now >= self._settled_at:
+            self._moving.clear()
+            return False
+        return self._moving.get(key_slot(self.prefix + channel.encode()), 0.0) > now
 
     @property
     def dropped_total(self) -> int:
@@ -255,17 +260,22 @@ class ClusterBus(ShardedBus):
             return
         channels = [*self.hub.channels, COMMANDS]
         before = {channel: self.shard(channel) for channel in channels}
+        # Every slot that leaves a master settles, whether or not a channel of it is
+        # subscribed here: the nodes subscribed to one follow it meanwhile.
+        self._settled_at = asyncio.get_running_loop().time() + SETTLE
+        for slot, (was, new) in enumerate(zip(self.owners, owners, strict=False)):
+            if was and was != new:
+                self._moving[slot] = self._settled_at
         self.owners = owners
         for name in set(owners) - set(self.masters) - {""}:
             self._add(name)
-        settled = asyncio.get_running_loop().time() + SETTLE
         for channel in channels:
             now = self.shard(channel)
             if now is not before[channel] or channel in self._lost:
                 before[channel].unsubscribe(channel)
                 now.subscribe(channel)
                 if before[channel] is not NOWHERE:  # others may publish there already
-                    self._moving[channel] = settled
+                    self._moving[key_slot(self.prefix + channel.encode())] = self._settled_at
         self._lost.clear()
         for name in set(self.masters) - set(owners):
             bus = self.masters.pop(name)
