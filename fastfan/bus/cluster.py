@@ -14,9 +14,17 @@ MAP_PERIOD_DOWN while a master is unreachable, until its replica has taken over.
 the channels whose master changed move: SUNSUBSCRIBE on the old one (when it still
 answers), SSUBSCRIBE on the new one; and every slot that left a master takes publishes
 again only SETTLE later (503), whether this worker subscribes to its channels or not, so
-that every node has moved too. A publish is
-answered `published` only by the master this worker is subscribed to, never retried
-elsewhere: acknowledged means delivered to the nodes subscribed there, or 503.
+that every node has moved too. A publish is answered `published` only by the master this
+worker is subscribed to, never retried elsewhere: acknowledged means delivered to the
+nodes subscribed there, or 503.
+
+History is on the channel's master too: its keys are hash-tagged by the Redis channel
+(`{prefix+C}:history`, `{prefix+C}:epoch`, in C's slot), a publish is the numbering script
+(EVALSHA, SPUBLISH) on the master's publishing connection, and a read is answered on a
+reply channel in C's slot, which the worker SSUBSCRIBEs on the master's subscribing
+connection for the read: behind every message of C before it, ahead of every one after
+(redis_history). A slot that moves (a failover, resharding) may have lost its last
+writes on the way: the first script on the new master starts a new epoch.
 """
 
 from __future__ import annotations
@@ -107,11 +115,12 @@ NOWHERE = Nowhere()
 
 class ClusterBus(ShardedBus):
     def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
-                 predecessor: str = "") -> None:
+                 predecessor: str = "", history_ttl: float = 300.0) -> None:
         self.hub = hub
         self.prefix = prefix.encode()
         self._prefix = prefix
         self._presence_ttl = presence_ttl
+        self._history_ttl = history_ttl
         self._predecessor = predecessor  # given to the first master's bus only
         nodes, self._credentials = cluster_nodes(url)
         credentials = self._credentials[:-1]
@@ -158,13 +167,10 @@ class ClusterBus(ShardedBus):
 
     def publish_history(self, channel: str, payload: bytes, session: Any,
                         request_id: bytes) -> int:
-        """No history on a cluster yet (config refuses --history-size with it): a read's
-        answer would have to come on a shard channel of the read channel's own node."""
-        return REFUSED
-
-    def read_history(self, channel: str, since: int, limit: int,
-                     answer: Callable[[HistoryAnswer | None], None]) -> None:
-        answer(None)
+        """Through the numbering script on the channel's master, as `publish`."""
+        if self._moving and self._still_moving(channel):
+            return REFUSED
+        return int(self.shard(channel).publish_history(channel, payload, session, request_id))
 
     def _still_moving(self, channel: str) -> bool:
         now = asyncio.get_running_loop().time()
@@ -288,7 +294,8 @@ class ClusterBus(ShardedBus):
     def _add(self, name: str) -> None:
         predecessor, self._predecessor = self._predecessor, ""
         bus = RedisBus(self.hub, f"redis://{self._credentials}{name}/0", self._prefix,
-                       self._presence_ttl, predecessor, name=f"redis master {name}",
+                       self._presence_ttl, predecessor, self._history_ttl,
+                       name=f"redis master {name}",
                        owns=lambda channel: self.owners[key_slot(
                            self.prefix + channel.encode())] == name,
                        settle=SETTLE, sharded=True,
