@@ -19,6 +19,7 @@ from conftest import RedisServer, Server, assert_received_by_all, wait_for
 from redis.crc import key_slot
 from test_api import call, start_api
 from test_api_commands import alive, closed_by_api
+from test_api_directory import channels, name_of, nodes, two_nodes_add_up
 from test_history import HISTORY, collect, drop_and_recover, interleaved, offsets, subscribe
 from test_redis import each_reaches_every_listener, publish
 
@@ -306,3 +307,13 @@ def test_a_master_failover_starts_a_new_epoch(start_server: Any, cluster: Cluste
     assert subscribe(far.connect(), "kept", recover={"offset": 3, "epoch": before["epoch"]}
                      ) == {"type": "subscribed", "channel": "kept", "offset": 1,
                            "epoch": after["epoch"], "recovered": False}
+
+
+def test_channels_and_info_across_nodes(start_server: Any, cluster: Cluster) -> None:
+    """The registry and the queries on their slots' masters, which every worker of every
+    node subscribes to."""
+    near, port, far, _, alice = two_nodes_add_up(start_server, cluster.url)
+    assert far.stop() == 0  # it leaves `info` at once
+    assert list(nodes(port)) == [name_of(near)]
+    assert channels(port) == {"room": 1}
+    alice.close()

@@ -43,9 +43,11 @@ from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .._core import Hub
+from ..directory import Counts, Node
 from ..history import HistoryAnswer
 from . import COMMANDS, REFUSED
 from .redis import CONNECT_TIMEOUT, RedisBus
+from .redis_directory import RedisDirectory
 from .redis_presence import Entries
 from .sharded import SETTLE, ShardedBus
 
@@ -115,7 +117,8 @@ NOWHERE = Nowhere()
 
 class ClusterBus(ShardedBus):
     def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
-                 predecessor: str = "", history_ttl: float = 300.0) -> None:
+                 predecessor: str = "", history_ttl: float = 300.0,
+                 node: Node | None = None, slot: int = 0) -> None:
         self.hub = hub
         self.prefix = prefix.encode()
         self._prefix = prefix
@@ -132,13 +135,17 @@ class ClusterBus(ShardedBus):
         # redis-py's cluster client, for presence (keys of every slot); made once the map
         # is known: one made while no node answers keeps failing after they do
         self.client: RedisCluster | None = None
+        # `channels` and `info` across the nodes (redis_directory), through that client
+        # and every master's connections; made with it
+        self.directory: RedisDirectory | None = None
+        self._node, self._slot = node, slot
         self.masters: dict[str, RedisBus] = {}  # "host:port" -> its bus
         self.owners: list[str] = []  # slot -> "host:port" of its master ("" for none)
         self.shards = []
         self.presence = self
         self._stale = asyncio.Event()  # read the map now
         self._lost: set[str] = set()  # channels a node pushed a sunsubscribe for
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._retired = [0, 0]  # dropped_total, invalid_total of masters no longer ours
         # slot moved to another master (or a channel of it lost) -> settled at; and when
         # the last of them settles
@@ -172,6 +179,18 @@ class ClusterBus(ShardedBus):
             return REFUSED
         return int(self.shard(channel).publish_history(channel, payload, session, request_id))
 
+    def gather_channels(self, pattern: str | None, limit: int, local: Counts,
+                        answer: Callable[[Counts | None], None]) -> None:
+        if self.directory is None:
+            answer(None)  # no slot map yet
+        else:
+            self.directory.gather_channels(pattern, limit, local, answer)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        if self.directory is None:
+            raise ConnectionError("redis cluster: no slot map yet")
+        return await self.directory.nodes()
+
     def _still_moving(self, channel: str) -> bool:
         now = asyncio.get_running_loop().time()
         if now >= self._settled_at:
@@ -194,11 +213,13 @@ class ClusterBus(ShardedBus):
         return uncovered + super().down()
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._keep_mapped())
+        self._tasks.append(asyncio.get_running_loop().create_task(self._keep_mapped()))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self.directory is not None:
+            await self.directory.withdraw()
         for bus in self.masters.values():
             await bus.stop()
         if self.client is not None:
@@ -262,9 +283,16 @@ class ClusterBus(ShardedBus):
             self.client = RedisCluster(
                 startup_nodes=[ClusterNode(*name.rsplit(":", 1)) for name in set(owners) if name],
                 require_full_coverage=False, **self._login)  # type: ignore[arg-type]
+            if self._node is not None:
+                self.directory = RedisDirectory(
+                    self.client, self.hub, self._prefix, self._node, self._slot,
+                    send=lambda channel, payload: self.publish(channel, payload, None, b""))
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self.directory.announce_forever()))
         if owners == self.owners and not self._lost:
             return
-        channels = [*self.hub.channels, COMMANDS]
+        channels = [*self.hub.channels, COMMANDS,
+                    *(self.directory.names if self.directory is not None else ())]
         before = {channel: self.shard(channel) for channel in channels}
         # Every slot that leaves a master settles, whether or not a channel of it is
         # subscribed here: the nodes subscribed to one follow it meanwhile.
@@ -299,7 +327,8 @@ class ClusterBus(ShardedBus):
                        owns=lambda channel: self.owners[key_slot(
                            self.prefix + channel.encode())] == name,
                        settle=SETTLE, sharded=True,
-                       moved=self.moved, presence_client=self.client)
+                       moved=self.moved, presence_client=self.client,
+                       directory=self.directory)
         self.masters[name] = bus
         self.shards.append(bus)
         asyncio.get_running_loop().create_task(bus.start())

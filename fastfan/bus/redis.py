@@ -159,7 +159,7 @@ class RedisBus:
                  sharded: bool = False,
                  moved: Callable[[bytes], None] | None = None,
                  presence_client: Any = None, node: Node | None = None,
-                 slot: int = 0) -> None:
+                 slot: int = 0, directory: RedisDirectory | None = None) -> None:
         self.hub = hub
         self.url = url
         self.name = name             # in log lines: which Redis, when there are several
@@ -210,8 +210,10 @@ class RedisBus:
             node=f"{where.hostname}:{where.port}".encode() if sharded else b"",
             listen=self._listen if sharded else None)
         # channels and info across the nodes: this worker's `node` on the registry (with
-        # several Redis, on the first of them only; a cluster has none yet)
-        self.directory: RedisDirectory | None = None
+        # several Redis, on the first of them only); or a cluster's `directory`, whose
+        # channels each master bus subscribes to where they are its own
+        self.directory = directory
+        self._announces = node is not None
         if node is not None:
             self.directory = RedisDirectory(
                 self._publisher, hub, prefix, node, slot,
@@ -225,7 +227,7 @@ class RedisBus:
                        loop.create_task(self._publish_forever()),
                        loop.create_task(self.presence.write_forever()),
                        loop.create_task(self.presence.refresh_forever())]
-        if self.directory is not None:
+        if self.directory is not None and self._announces:
             self._tasks.append(loop.create_task(self.directory.announce_forever()))
 
     async def stop(self) -> None:
@@ -234,7 +236,7 @@ class RedisBus:
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.close()
         self.history.stop()
-        if self.directory is not None:
+        if self.directory is not None and self._announces:
             await self.directory.withdraw()
         await self._publisher.aclose()
 
@@ -510,12 +512,12 @@ class RedisBus:
                     if owns is None or owns(name)]
         self._unanswered = dict.fromkeys(channels, 1)
         self._unsubscribing = {}
-        if self.directory is not None:
-            channels[:0] = self.directory.channels
+        # Those of every worker: on a cluster, each on its slot's master.
+        standing = [COMMANDS, *(self.directory.names if self.directory is not None else ())]
+        channels[:0] = [self.prefix + name.encode() for name in standing
+                        if not self.sharded or owns is None or owns(name)]
         if not self.sharded:  # history's answers (a cluster's come on reply channels by slot)
             channels.insert(0, self.history.reply_channel)
-        if not self.sharded or owns is None or owns(COMMANDS):  # a cluster: on its slot's node
-            channels.insert(0, self._commands)
         commands.append(self._subscribe_command(channels))
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))
