@@ -25,6 +25,10 @@ reply channel in C's slot, which the worker SSUBSCRIBEs on the master's subscrib
 connection for the read: behind every message of C before it, ahead of every one after
 (redis_history). A slot that moves (a failover, resharding) may have lost its last
 writes on the way: the first script on the new master starts a new epoch.
+
+`channels` and `info` (redis_directory): the registry through the cluster client (its
+keys in one slot), the query and reply channels SSUBSCRIBEd on their slots' masters by
+every worker, like COMMANDS, and moved with their slots.
 """
 
 from __future__ import annotations
