@@ -128,9 +128,10 @@ class _Listening:
 class RedisHistory:
     """One Redis's history: the scripts, and the reads waiting for their answer.
 
-    `listen(reply_channel, on)`, given on a cluster's master, (S)SUBSCRIBEs or leaves a
-    reply channel on the subscribing connection (False: there is none now); then each
-    channel's reads are answered on a reply channel of its own slot."""
+    On a cluster's master: `node` names it in the epoch hashes it writes, and
+    `listen(reply_channel, on)` SSUBSCRIBEs (or leaves) a reply channel on its subscribing
+    connection (False: there is none now); each channel's reads are answered on a reply
+    channel in its own slot, subscribed while they wait."""
 
     def __init__(self, client: aioredis.Redis, prefix: bytes, size: int, ttl: float,
                  reply_channel: bytes, publish_command: bytes = b"PUBLISH", *,
