@@ -115,9 +115,6 @@ class Config:
                 if not host.rpartition(":")[2].isdigit():
                     raise ConfigError(f"--redis redis+cluster:// takes host:port[,host:port"
                                       f"...], got {host!r}")
-            if self.history_size:
-                raise ConfigError("--history-size: no history on a Redis Cluster yet; use "
-                                  "--redis with one URL or several (shards)")
             return
         urls = [url.strip() for url in value.split(",")]
         for url in urls:

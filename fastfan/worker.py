@@ -90,7 +90,9 @@ class Worker:
         if config.redis is not None and config.redis.startswith(CLUSTER_SCHEME):
             cluster = ClusterBus(self.hub, config.redis, config.redis_prefix,
                                  presence_ttl=config.presence_ttl,
-                                 predecessor=placement.previous_client_id_prefix)
+                                 predecessor=placement.previous_client_id_prefix,
+                                 history_ttl=config.history_ttl, node=self.node,
+                                 slot=placement.slot)
             self.hub.presence_sink = cluster.presence
             self.bus = cluster
         elif config.redis is not None and len(redis_urls(config.redis)) > 1:

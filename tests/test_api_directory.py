@@ -13,6 +13,7 @@ from conftest import RedisServer, Server, children, wait_for
 from test_api import assert_error, call, start_api
 from test_api_commands import every, spread
 from test_status import status_json
+from wire import RawClient
 
 
 def channels(port: int, pattern: str | None = None) -> dict[str, int]:
@@ -99,9 +100,14 @@ def test_a_bad_channels_body_is_400(start_server: Any) -> None:
     assert status == 400
 
 
-def test_channels_and_info_across_nodes(start_server: Any, redis_server: RedisServer) -> None:
-    near, port = start_api(start_server, "--redis", redis_server.url)
-    far = start_server("--redis", redis_server.url, "--workers", "2")
+def two_nodes_add_up(start_server: Any, redis_url: str) -> tuple[Server, int, Server, int,
+                                                                  RawClient]:
+    """A node with the API and one worker, another with two, on `redis_url`, with
+    subscribers on both: `channels` and `info` at the first count both. Returns the first
+    node, its API port, the other node, how many clients that one holds, and the first's
+    client."""
+    near, port = start_api(start_server, "--redis", redis_url)
+    far = start_server("--redis", redis_url, "--workers", "2")
     near.wait_ready()
     far.wait_ready()
     alice = near.connect("alice").subscribe("room")
@@ -118,6 +124,11 @@ def test_channels_and_info_across_nodes(start_server: Any, redis_server: RedisSe
         name_of(far): {"workers": 2, "connections": far_count,
                        "subscriptions": 2 * far_count,
                        "uptime": described[name_of(far)]["uptime"]}}
+    return near, port, far, far_count, alice
+
+
+def test_channels_and_info_across_nodes(start_server: Any, redis_server: RedisServer) -> None:
+    near, port, far, far_count, alice = two_nodes_add_up(start_server, redis_server.url)
     # The far node dies without a word (master and workers killed): it leaves `info`
     # within a few seconds, and `channels` answers 503 until then, never a wrong figure.
     workers = children(far.process.pid)

@@ -1,6 +1,7 @@
 """A real six-node Redis Cluster (three masters, three replicas) made by the tests, and
 fastfan on it with sharded pub/sub: channels on their slot's master, a slot moved to
-another master, a master killed and its replica taking over."""
+another master, a master killed and its replica taking over; history and recovery on the
+channel's master, and the server API's `channels` and `info` across the nodes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ import pytest
 import redis
 from conftest import RedisServer, Server, assert_received_by_all, wait_for
 from redis.crc import key_slot
+from test_api import call, start_api
 from test_api_commands import alive, closed_by_api
+from test_api_directory import channels, name_of, nodes, two_nodes_add_up
+from test_history import HISTORY, collect, drop_and_recover, interleaved, offsets, subscribe
 from test_redis import each_reaches_every_listener, publish
 
 NODE_TIMEOUT_MS = 1000  # a dead master's replica takes over within a few seconds
@@ -99,6 +103,12 @@ class Cluster:
                     if low.isdigit() and int(low) <= slot <= int(high or low):
                         return True
         return False
+
+    @staticmethod
+    def replicated(master: RedisServer) -> bool:
+        """Every replica of `master` has acknowledged all it was sent."""
+        _, offset, replicas = query(master, "ROLE")
+        return bool(replicas) and all(int(replica[2]) >= offset for replica in replicas)
 
     def subscribers(self, channel: str) -> int:
         return int(query(self.owner(channel), "PUBSUB", "SHARDNUMSUB", f"fastfan:{channel}")[1])
@@ -244,3 +254,66 @@ def test_a_cluster_unreachable_at_start(start_server: Any, tmp_path: Path) -> No
         assert listener.recv_json()["data"] == 2
     finally:
         cluster.kill()
+
+
+def test_history_on_the_channels_master(start_server: Any, cluster: Cluster) -> None:
+    """One order across two nodes, the kept messages read (WebSocket and API) on the
+    channel's master, and a client that drops recovers exactly while another node goes on
+    publishing."""
+    near, port = start_api(start_server, "--redis", cluster.url, *HISTORY)
+    far = start_server("--redis", cluster.url, *HISTORY)
+    near.wait_ready()
+    far.wait_ready()
+    interleaved([near.connect(), far.connect()], [near.connect(), far.connect()], "orders",
+                100)
+    owner = cluster.owner("orders")  # its keys, hash-tagged by the channel, are there
+    assert query(owner, "XLEN", "{fastfan:orders}:history") == 200
+    client = near.connect()
+    client.send_json({"type": "history", "channel": "orders", "limit": 3})
+    answer = client.recv_json()["data"]
+    assert answer["offset"] == 200 and offsets(answer["messages"]) == [198, 199, 200]
+    # a channel nobody subscribes to on the node asked
+    publisher = far.connect()
+    replies = [publish(publisher, "quiet", n, n) for n in range(3)]
+    assert [(reply["offset"], reply["epoch"]) for reply in replies] == [
+        (n, replies[0]["epoch"]) for n in (1, 2, 3)]
+    status, read = call(port, "history", {"channel": "quiet", "since": 1})
+    assert status == 200 and read["result"]["offset"] == 3
+    assert [message["data"] for message in read["result"]["messages"]] == [1, 2]
+    drop_and_recover(far, near.connect(), near.connect)
+    # the reply channels of the reads are left once answered
+    for node in cluster.nodes:
+        wait_for(lambda node=node: query(node, "PUBSUB", "SHARDCHANNELS", "*!history:*") == [])
+
+
+def test_a_master_failover_starts_a_new_epoch(start_server: Any, cluster: Cluster) -> None:
+    """Its replica may have missed the master's last writes (replication is asynchronous):
+    a client is never told `recovered:true` across it, even when it missed none."""
+    near, far = nodes_on(start_server, cluster, "--publish-rate", "1000000", *HISTORY)
+    client = near.connect()
+    before = subscribe(client, "kept")
+    for n in range(3):
+        client.publish("kept", n)
+    assert offsets(collect(client, 0.5)) == [1, 2, 3]
+    owner = cluster.owner("kept")
+    wait_for(lambda: cluster.replicated(owner), timeout=15)
+    owner.kill()
+    publisher, deadline = far.connect(), time.monotonic() + 20
+    while publish(publisher, "kept", "after", 1)["type"] != "published":  # 503 meanwhile
+        assert time.monotonic() < deadline
+    after = client.recv_json()
+    assert (after["data"], after["offset"]) == ("after", 1)
+    assert after["epoch"] != before["epoch"]
+    assert subscribe(far.connect(), "kept", recover={"offset": 3, "epoch": before["epoch"]}
+                     ) == {"type": "subscribed", "channel": "kept", "offset": 1,
+                           "epoch": after["epoch"], "recovered": False}
+
+
+def test_channels_and_info_across_nodes(start_server: Any, cluster: Cluster) -> None:
+    """The registry and the queries on their slots' masters, which every worker of every
+    node subscribes to."""
+    near, port, far, _, alice = two_nodes_add_up(start_server, cluster.url)
+    assert far.stop() == 0  # it leaves `info` at once
+    assert list(nodes(port)) == [name_of(near)]
+    assert channels(port) == {"room": 1}
+    alice.close()

@@ -32,7 +32,6 @@ REFUSED: list[tuple[dict[str, Any], list[str]]] = [
     ({"redis": "redis://a:6379,b:6379"}, ["--redis", "several", "'b:6379'"]),
     ({"redis": "redis://a:6379,redis://a:6379"}, ["--redis", "twice"]),
     ({"redis": "redis+cluster://a:7000,b"}, ["--redis", "host:port", "'b'"]),
-    ({"redis": "redis+cluster://a:7000", "history_size": 10}, ["--history-size", "Cluster"]),
     ({"compression_min_size": -1}, ["--compression-min-size"]),
     ({"tls_cert": "cert.pem"}, ["--tls-cert and --tls-key go together"]),
     ({"tls_key": "key.pem"}, ["--tls-cert and --tls-key go together"]),
@@ -48,6 +47,7 @@ ACCEPTED: list[dict[str, Any]] = [
     {"redis": "rediss://user:pw@example.com:6380/1"},
     {"redis": "redis://a:6379,rediss://b:6380/1"},
     {"redis": "redis+cluster://user:pw@a:7000,b:7001"},
+    {"redis": "redis+cluster://a:7000", "history_size": 10},
     {"compression": False}, {"compression_min_size": 0},
 ]
 

@@ -12,10 +12,23 @@ The map is read again every MAP_PERIOD, at once when a node answers MOVED or pus
 `sunsubscribe` (the slot has gone elsewhere: resharding, or a failover), and every
 MAP_PERIOD_DOWN while a master is unreachable, until its replica has taken over. Then
 the channels whose master changed move: SUNSUBSCRIBE on the old one (when it still
-answers), SSUBSCRIBE on the new one, whose publishes wait SETTLE (503) so that every node
-has moved too (a channel moved to a master already known settles alike). A publish is
-answered `published` only by the master this worker is subscribed to, never retried
-elsewhere: acknowledged means delivered to the nodes subscribed there, or 503.
+answers), SSUBSCRIBE on the new one; and every slot that left a master takes publishes
+again only SETTLE later (503), whether this worker subscribes to its channels or not, so
+that every node has moved too. A publish is answered `published` only by the master this
+worker is subscribed to, never retried elsewhere: acknowledged means delivered to the
+nodes subscribed there, or 503.
+
+History is on the channel's master too: its keys are hash-tagged by the Redis channel
+(`{prefix+C}:history`, `{prefix+C}:epoch`, in C's slot), a publish is the numbering script
+(EVALSHA, SPUBLISH) on the master's publishing connection, and a read is answered on a
+reply channel in C's slot, which the worker SSUBSCRIBEs on the master's subscribing
+connection for the read: behind every message of C before it, ahead of every one after
+(redis_history). A slot that moves (a failover, resharding) may have lost its last
+writes on the way: the first script on the new master starts a new epoch.
+
+`channels` and `info` (redis_directory): the registry through the cluster client (its
+keys in one slot), the query and reply channels SSUBSCRIBEd on their slots' masters by
+every worker, like COMMANDS, and moved with their slots.
 """
 
 from __future__ import annotations
@@ -34,9 +47,11 @@ from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .._core import Hub
+from ..directory import Counts, Node
 from ..history import HistoryAnswer
 from . import COMMANDS, REFUSED
 from .redis import CONNECT_TIMEOUT, RedisBus
+from .redis_directory import RedisDirectory
 from .redis_presence import Entries
 from .sharded import SETTLE, ShardedBus
 
@@ -106,11 +121,13 @@ NOWHERE = Nowhere()
 
 class ClusterBus(ShardedBus):
     def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
-                 predecessor: str = "") -> None:
+                 predecessor: str = "", history_ttl: float = 300.0,
+                 node: Node | None = None, slot: int = 0) -> None:
         self.hub = hub
         self.prefix = prefix.encode()
         self._prefix = prefix
         self._presence_ttl = presence_ttl
+        self._history_ttl = history_ttl
         self._predecessor = predecessor  # given to the first master's bus only
         nodes, self._credentials = cluster_nodes(url)
         credentials = self._credentials[:-1]
@@ -122,15 +139,22 @@ class ClusterBus(ShardedBus):
         # redis-py's cluster client, for presence (keys of every slot); made once the map
         # is known: one made while no node answers keeps failing after they do
         self.client: RedisCluster | None = None
+        # `channels` and `info` across the nodes (redis_directory), through that client
+        # and every master's connections; made with it
+        self.directory: RedisDirectory | None = None
+        self._node, self._slot = node, slot
         self.masters: dict[str, RedisBus] = {}  # "host:port" -> its bus
         self.owners: list[str] = []  # slot -> "host:port" of its master ("" for none)
         self.shards = []
         self.presence = self
         self._stale = asyncio.Event()  # read the map now
         self._lost: set[str] = set()  # channels a node pushed a sunsubscribe for
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._retired = [0, 0]  # dropped_total, invalid_total of masters no longer ours
-        self._moving: dict[str, float] = {}  # channel moved to another master -> settled at
+        # slot moved to another master (or a channel of it lost) -> settled at; and when
+        # the last of them settles
+        self._moving: dict[int, float] = {}
+        self._settled_at = 0.0
         self._unmapped = False  # the last reading of the map failed (logged once)
 
     def shard(self, channel: str) -> Any:
@@ -154,19 +178,29 @@ class ClusterBus(ShardedBus):
 
     def publish_history(self, channel: str, payload: bytes, session: Any,
                         request_id: bytes) -> int:
-        """No history on a cluster yet (config refuses --history-size with it): a read's
-        answer would have to come on a shard channel of the read channel's own node."""
-        return REFUSED
+        """Through the numbering script on the channel's master, as `publish`."""
+        if self._moving and self._still_moving(channel):
+            return REFUSED
+        return int(self.shard(channel).publish_history(channel, payload, session, request_id))
 
-    def read_history(self, channel: str, since: int, limit: int,
-                     answer: Callable[[HistoryAnswer | None], None]) -> None:
-        answer(None)
+    def gather_channels(self, pattern: str | None, limit: int, local: Counts,
+                        answer: Callable[[Counts | None], None]) -> None:
+        if self.directory is None:
+            answer(None)  # no slot map yet
+        else:
+            self.directory.gather_channels(pattern, limit, local, answer)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        if self.directory is None:
+            raise ConnectionError("redis cluster: no slot map yet")
+        return await self.directory.nodes()
 
     def _still_moving(self, channel: str) -> bool:
         now = asyncio.get_running_loop().time()
-        for settled in [c for c, at in self._moving.items() if at <= now]:
-            del self._moving[settled]
-        return channel in self._moving
+        if now >= self._settled_at:
+            self._moving.clear()
+            return False
+        return self._moving.get(key_slot(self.prefix + channel.encode()), 0.0) > now
 
     @property
     def dropped_total(self) -> int:
@@ -183,11 +217,13 @@ class ClusterBus(ShardedBus):
         return uncovered + super().down()
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._keep_mapped())
+        self._tasks.append(asyncio.get_running_loop().create_task(self._keep_mapped()))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self.directory is not None:
+            await self.directory.withdraw()
         for bus in self.masters.values():
             await bus.stop()
         if self.client is not None:
@@ -251,21 +287,33 @@ class ClusterBus(ShardedBus):
             self.client = RedisCluster(
                 startup_nodes=[ClusterNode(*name.rsplit(":", 1)) for name in set(owners) if name],
                 require_full_coverage=False, **self._login)  # type: ignore[arg-type]
+            if self._node is not None:
+                self.directory = RedisDirectory(
+                    self.client, self.hub, self._prefix, self._node, self._slot,
+                    send=lambda channel, payload: self.publish(channel, payload, None, b""))
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self.directory.announce_forever()))
         if owners == self.owners and not self._lost:
             return
-        channels = [*self.hub.channels, COMMANDS]
+        channels = [*self.hub.channels, COMMANDS,
+                    *(self.directory.names if self.directory is not None else ())]
         before = {channel: self.shard(channel) for channel in channels}
+        # Every slot that leaves a master settles, whether or not a channel of it is
+        # subscribed here: the nodes subscribed to one follow it meanwhile.
+        self._settled_at = asyncio.get_running_loop().time() + SETTLE
+        for slot, (was, new) in enumerate(zip(self.owners, owners, strict=False)):
+            if was and was != new:
+                self._moving[slot] = self._settled_at
         self.owners = owners
         for name in set(owners) - set(self.masters) - {""}:
             self._add(name)
-        settled = asyncio.get_running_loop().time() + SETTLE
         for channel in channels:
             now = self.shard(channel)
             if now is not before[channel] or channel in self._lost:
                 before[channel].unsubscribe(channel)
                 now.subscribe(channel)
                 if before[channel] is not NOWHERE:  # others may publish there already
-                    self._moving[channel] = settled
+                    self._moving[key_slot(self.prefix + channel.encode())] = self._settled_at
         self._lost.clear()
         for name in set(self.masters) - set(owners):
             bus = self.masters.pop(name)
@@ -278,11 +326,13 @@ class ClusterBus(ShardedBus):
     def _add(self, name: str) -> None:
         predecessor, self._predecessor = self._predecessor, ""
         bus = RedisBus(self.hub, f"redis://{self._credentials}{name}/0", self._prefix,
-                       self._presence_ttl, predecessor, name=f"redis master {name}",
+                       self._presence_ttl, predecessor, self._history_ttl,
+                       name=f"redis master {name}",
                        owns=lambda channel: self.owners[key_slot(
                            self.prefix + channel.encode())] == name,
                        settle=SETTLE, sharded=True,
-                       moved=self.moved, presence_client=self.client)
+                       moved=self.moved, presence_client=self.client,
+                       directory=self.directory)
         self.masters[name] = bus
         self.shards.append(bus)
         asyncio.get_running_loop().create_task(bus.start())

@@ -19,6 +19,7 @@ On a channel with history, a publish is the numbering script of redis_history in
 PUBLISH, in the same pipeline, and its result acknowledges the publisher with the position;
 reads are answered on this worker's reply channel (`--redis-prefix` + "!history:" + a
 random name), which the subscribing connection subscribes to from the start, like COMMANDS.
+(On a cluster, on a reply channel in the read channel's slot, subscribed for the read.)
 
 What waits for Redis is bounded: publishes queue up to MAX_QUEUED_BYTES (then 503, and
 /ready 503 until the queue drains), and a pipeline Redis does not answer within
@@ -158,7 +159,7 @@ class RedisBus:
                  sharded: bool = False,
                  moved: Callable[[bytes], None] | None = None,
                  presence_client: Any = None, node: Node | None = None,
-                 slot: int = 0) -> None:
+                 slot: int = 0, directory: RedisDirectory | None = None) -> None:
         self.hub = hub
         self.url = url
         self.name = name             # in log lines: which Redis, when there are several
@@ -199,12 +200,20 @@ class RedisBus:
                                       announce=self._announce, predecessor=predecessor,
                                       owns=owns)
         self.gather_presence = self.presence.gather
-        self.history = RedisHistory(self._publisher, self.prefix, hub.history_size,
-                                    history_ttl, self.prefix + b"!history:" +
-                                    new_epoch().encode())
+        # (on a cluster's master: answers on reply channels in each channel's slot, and an
+        # epoch per master, see redis_history)
+        where = urlsplit(url)
+        self.history = RedisHistory(
+            self._publisher, self.prefix, hub.history_size, history_ttl,
+            self.prefix + b"!history:" + new_epoch().encode(),
+            b"SPUBLISH" if sharded else b"PUBLISH",
+            node=f"{where.hostname}:{where.port}".encode() if sharded else b"",
+            listen=self._listen if sharded else None)
         # channels and info across the nodes: this worker's `node` on the registry (with
-        # several Redis, on the first of them only; a cluster has none yet)
-        self.directory: RedisDirectory | None = None
+        # several Redis, on the first of them only); or a cluster's `directory`, whose
+        # channels each master bus subscribes to where they are its own
+        self.directory = directory
+        self._announces = node is not None
         if node is not None:
             self.directory = RedisDirectory(
                 self._publisher, hub, prefix, node, slot,
@@ -218,7 +227,7 @@ class RedisBus:
                        loop.create_task(self._publish_forever()),
                        loop.create_task(self.presence.write_forever()),
                        loop.create_task(self.presence.refresh_forever())]
-        if self.directory is not None:
+        if self.directory is not None and self._announces:
             self._tasks.append(loop.create_task(self.directory.announce_forever()))
 
     async def stop(self) -> None:
@@ -227,7 +236,7 @@ class RedisBus:
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.close()
         self.history.stop()
-        if self.directory is not None:
+        if self.directory is not None and self._announces:
             await self.directory.withdraw()
         await self._publisher.aclose()
 
@@ -360,6 +369,14 @@ class RedisBus:
         elif removed:
             subscriber.transport.write(_command(b"UNSUBSCRIBE", *removed))
 
+    def _listen(self, reply: bytes, on: bool) -> bool:
+        """SSUBSCRIBE (or leave) a reply channel of history reads, on a cluster's master."""
+        if self._subscriber is None or not self._connected:
+            return False
+        self._subscriber.transport.write(_command(b"SSUBSCRIBE" if on else b"SUNSUBSCRIBE",
+                                                  reply))
+        return True
+
     def _subscribe_command(self, channels: list[bytes]) -> bytes:
         """One SUBSCRIBE; on a cluster one SSUBSCRIBE per channel, each maybe its own slot."""
         if self.sharded:
@@ -368,6 +385,8 @@ class RedisBus:
 
     def on_sunsubscribed(self, channel: bytes) -> None:
         """A SUNSUBSCRIBE answered, or the node telling us that the slot has left it."""
+        if self.history.is_reply(channel):
+            return  # (its slot moved: its reads fail by themselves, MOVED or no answer)
         count = self._unsubscribing.get(channel, 0)
         if count > 1:
             self._unsubscribing[channel] = count - 1
@@ -380,6 +399,7 @@ class RedisBus:
         """`MOVED <slot> <host:port>` to an SSUBSCRIBE or SUNSUBSCRIBE: those of the slot's
         channels waiting for an answer get none; the subscribes go to the slot's master."""
         slot = int(error.split()[1])
+        self.history.moved(slot)
         for channel in [c for c in self._unsubscribing if key_slot(c) == slot]:
             del self._unsubscribing[channel]
         for channel in [c for c in self._unanswered if key_slot(c) == slot]:
@@ -389,6 +409,9 @@ class RedisBus:
 
     def on_subscribed(self, channel: bytes) -> None:
         """Redis answered a SUBSCRIBE: from now on it sends us what is published there."""
+        if self.sharded and self.history.is_reply(channel):
+            self.history.subscribed(channel)
+            return
         count = self._unanswered.get(channel, 0)
         if count > 1:
             self._unanswered[channel] = count - 1
@@ -407,7 +430,7 @@ class RedisBus:
         if channel == self._commands:
             apply_command(self.hub, payload)
             return
-        if channel == self.history.reply_channel:
+        if channel.endswith(self.history.suffix):  # a reply channel of history reads
             self.history.answered(payload)
             return
         if self.directory is not None and channel in self.directory.channels:
@@ -489,12 +512,12 @@ class RedisBus:
                     if owns is None or owns(name)]
         self._unanswered = dict.fromkeys(channels, 1)
         self._unsubscribing = {}
-        if self.directory is not None:
-            channels[:0] = self.directory.channels
-        if not self.sharded:  # history's answers (a cluster has no history yet: cluster.py)
+        # Those of every worker: on a cluster, each on its slot's master.
+        standing = [COMMANDS, *(self.directory.names if self.directory is not None else ())]
+        channels[:0] = [self.prefix + name.encode() for name in standing
+                        if not self.sharded or owns is None or owns(name)]
+        if not self.sharded:  # history's answers (a cluster's come on reply channels by slot)
             channels.insert(0, self.history.reply_channel)
-        if not self.sharded or owns is None or owns(COMMANDS):  # a cluster: on its slot's node
-            channels.insert(0, self._commands)
         commands.append(self._subscribe_command(channels))
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))

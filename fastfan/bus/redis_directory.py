@@ -15,6 +15,12 @@ subscribes to; each other worker PUBLISHes its part `{"query":N,"from":ID,"chann
 channel. The asker answers once every live id has answered, or fails (503) after
 GATHER_TIMEOUT: the few seconds after a node died without a word, until it counts as
 stale, `channels` answers 503. Parts of a query nobody waits for are dropped.
+
+On a Redis Cluster (cluster.py) the two registry keys share one hash tag, so one slot,
+and go through redis-py's cluster client; the query channel and each worker's reply
+channel are shard channels like any other, SPUBLISHed on their slot's master, where every
+worker SSUBSCRIBEs to them (and follows them when their slot moves): one master carries
+the queries, not every node of the cluster.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from .._core import Hub
 from ..directory import GATHER_TIMEOUT, MAX_LISTED, Counts, Node, channel_counts
@@ -89,8 +96,8 @@ class _Gathering:
 
 
 class RedisDirectory:
-    def __init__(self, client: aioredis.Redis, hub: Hub, prefix: str, node: Node, slot: int,
-                 *, send: Callable[[str, bytes], object]) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, hub: Hub, prefix: str,
+                 node: Node, slot: int, *, send: Callable[[str, bytes], object]) -> None:
         self.client = client
         self.hub = hub
         self.node = node
@@ -98,9 +105,10 @@ class RedisDirectory:
         self.send = send  # (channel after the prefix, payload): a PUBLISH through the bus
         self.keys = [f"{{{prefix}nodes}}", f"{{{prefix}nodes}}:seen"]
         self.reply_channel = f"{QUERIES}:{self.id}"
+        self.names = (QUERIES, self.reply_channel)  # to subscribe to from the start
         self.queries = (prefix + QUERIES).encode()
         self.replies = (prefix + self.reply_channel).encode()
-        self.channels = (self.queries, self.replies)  # to subscribe to from the start
+        self.channels = (self.queries, self.replies)  # the same, as Redis channels
         self._live = client.register_script(LIVE_ENTRIES)
         self._gatherings: dict[int, _Gathering] = {}
         self._next_query = 0

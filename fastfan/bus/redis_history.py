@@ -16,6 +16,15 @@ the connection behind every message of the channel published before the read, an
 of every one after it, which is the seam a subscription from a position needs
 (Hub.subscribe_history). A Redis that comes back empty has lost the hash, so the channel's
 next message or read starts a new epoch.
+
+On a Redis Cluster the channel's messages come from its slot's master (SSUBSCRIBE), so the
+answer must too, on the same connection: it is SPUBLISHed to a reply channel in the
+channel's own slot, `{<prefix><channel>}!history:<worker>` (the hash tag is the whole Redis
+channel: the slot of its keys and of the channel itself), which the worker SSUBSCRIBEs to
+on that master before the read goes, and leaves once no read waits on it (`listen`). The
+hash also names the master that wrote it (`node`): a script run on another one (its
+replica took over, which may have missed the last writes, or the slot moved) starts a new
+epoch, so that no client is told `recovered:true` across a loss.
 """
 
 from __future__ import annotations
@@ -23,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from ..history import META_TTL, HistoryAnswer, new_epoch
 
@@ -33,21 +44,25 @@ log = logging.getLogger("fastfan.redis")
 
 # KEYS: stream, hash. ARGV: the Redis channel, the message without its closing brace, the
 # size, the TTL, the hash's TTL, an epoch for a channel that has none, the publishing
-# command. Returns {offset, epoch}.
+# command, and (optional, a cluster's) the master running it. Returns {offset, epoch}.
 # A channel's epoch, or a new one from the ARGV named, with an empty history (a hash lost
-# while its stream lived, or never made: the stream's IDs start again at 1). Both scripts
-# begin with it.
+# while its stream lived, never made, or written by another master than the one named:
+# the stream's IDs start again at 1). Both scripts begin with it.
 EPOCH = """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
+local node = ARGV[%d] or ''
+if epoch and node ~= '' and redis.call('HGET', KEYS[2], 'node') ~= node then
+  epoch = false
+end
 if not epoch then
   epoch = ARGV[%d]
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0, 'node', node)
   redis.call('EXPIRE', KEYS[2], ARGV[%d])
 end
 """
 
-PUBLISH_HISTORY = EPOCH % (6, 5) + """
+PUBLISH_HISTORY = EPOCH % (8, 6, 5) + """
 local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
 local message = ARGV[2] .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-0',
@@ -59,10 +74,10 @@ return {offset, epoch}
 """
 
 # KEYS: stream, hash. ARGV: since (-1: the newest), limit, an epoch for a channel that has
-# none, the hash's TTL, the TTL, the reply channel, the query, the publishing command.
-# Forgets the expired messages, then publishes {"query","top","epoch","messages":[[offset,
-# message]...]} to the reply channel.
-READ_HISTORY = EPOCH % (3, 4) + """
+# none, the hash's TTL, the TTL, the reply channel, the query, the publishing command, the
+# master running it (or ''). Forgets the expired messages, then publishes {"query","top",
+# "epoch","messages":[[offset,message]...]} to the reply channel.
+READ_HISTORY = EPOCH % (9, 3, 4) + """
 local top = redis.call('HGET', KEYS[2], 'offset')
 local cutoff = tonumber(redis.call('TIME')[1]) - tonumber(ARGV[5])
 while true do
@@ -101,26 +116,50 @@ class Answer(msgspec.Struct):
 _decode_answer = msgspec.json.Decoder(Answer).decode
 
 
+@dataclass
+class _Listening:
+    """A cluster's reply channel: SSUBSCRIBEd while reads wait for their answer on it."""
+
+    subscribed: bool = False  # the master confirmed it: the reads may go
+    held: list[tuple[str, int, int, int]] = field(default_factory=list)  # until then
+    queries: set[int] = field(default_factory=set)  # the reads answered here
+
+
 class RedisHistory:
-    """One Redis's history: the scripts, and the reads waiting for their answer."""
+    """One Redis's history: the scripts, and the reads waiting for their answer.
+
+    On a cluster's master: `node` names it in the epoch hashes it writes, and
+    `listen(reply_channel, on)` SSUBSCRIBEs (or leaves) a reply channel on its subscribing
+    connection (False: there is none now); each channel's reads are answered on a reply
+    channel in its own slot, subscribed while they wait."""
 
     def __init__(self, client: aioredis.Redis, prefix: bytes, size: int, ttl: float,
-                 reply_channel: bytes, publish_command: bytes = b"PUBLISH") -> None:
+                 reply_channel: bytes, publish_command: bytes = b"PUBLISH", *,
+                 node: bytes = b"",
+                 listen: Callable[[bytes, bool], bool] | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.size = size
         self.ttl = max(1, round(ttl))
         self.meta_ttl = max(self.ttl, round(META_TTL))
         self.reply_channel = reply_channel
+        self.suffix = reply_channel[len(prefix):]  # "!history:<worker>": every reply's end
         self.publish_command = publish_command
+        self.node = node
+        self.listen = listen
         self._publish = client.register_script(PUBLISH_HISTORY)
         self._read = client.register_script(READ_HISTORY)
         self._reads: dict[int, Callable[[HistoryAnswer | None], None]] = {}
+        self._replies: dict[int, bytes] = {}  # query -> the cluster's reply channel for it
+        self._listening: dict[bytes, _Listening] = {}
         self._next_query = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def keys(self, redis_channel: bytes) -> list[bytes]:
         return [b"{%s}:history" % redis_channel, b"{%s}:epoch" % redis_channel]
+
+    def is_reply(self, redis_channel: bytes) -> bool:
+        return redis_channel.endswith(self.suffix)
 
     async def add_publish(self, pipe: aioredis.client.Pipeline, redis_channel: bytes,
                           payload: bytes) -> None:
@@ -128,26 +167,62 @@ class RedisHistory:
         result is [offset, epoch]."""
         await self._publish(keys=self.keys(redis_channel),
                       args=[redis_channel, payload[:-1], self.size, self.ttl, self.meta_ttl,
-                            new_epoch(), self.publish_command], client=pipe)
+                            new_epoch(), self.publish_command, self.node], client=pipe)
 
     def read(self, channel: str, since: int, limit: int,
              answer: Callable[[HistoryAnswer | None], None]) -> None:
         self._next_query += 1
         query = self._next_query
+        if self.listen is None:
+            self._reads[query] = answer
+            self._start(channel, since, limit, query, self.reply_channel)
+            return
+        reply = b"{%s}%s" % (self.prefix + channel.encode(), self.suffix)
+        listening = self._listening.get(reply)
+        if listening is None:
+            if not self.listen(reply, True):
+                answer(None)
+                return
+            listening = self._listening[reply] = _Listening()
         self._reads[query] = answer
+        self._replies[query] = reply
+        listening.queries.add(query)
+        if listening.subscribed:
+            self._start(channel, since, limit, query, reply)
+        else:
+            listening.held.append((channel, since, limit, query))
+
+    def subscribed(self, reply: bytes) -> None:
+        """The master confirmed a reply channel: the reads that waited for it go."""
+        listening = self._listening.get(reply)
+        if listening is not None and not listening.subscribed:
+            listening.subscribed = True
+            for channel, since, limit, query in listening.held:
+                self._start(channel, since, limit, query, reply)
+            listening.held.clear()
+
+    def moved(self, slot: int) -> None:
+        """A reply channel's SSUBSCRIBE met MOVED: its reads get no answer here."""
+        for reply in [r for r in self._listening if key_slot(r) == slot]:
+            for query in self._listening.pop(reply).queries:
+                self._replies.pop(query, None)
+                self._fail(query)
+
+    def _start(self, channel: str, since: int, limit: int, query: int, reply: bytes) -> None:
         task = asyncio.get_running_loop().create_task(self._run_read(channel, since, limit,
-                                                                     query))
+                                                                     query, reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_read(self, channel: str, since: int, limit: int, query: int) -> None:
+    async def _run_read(self, channel: str, since: int, limit: int, query: int,
+                        reply: bytes) -> None:
         redis_channel = self.prefix + channel.encode()
         for attempt in range(2):
             try:
                 await asyncio.wait_for(self._read(
                     keys=self.keys(redis_channel),
-                    args=[since, limit, new_epoch(), self.meta_ttl, self.ttl,
-                          self.reply_channel, query, self.publish_command]), READ_TIMEOUT)
+                    args=[since, limit, new_epoch(), self.meta_ttl, self.ttl, reply, query,
+                          self.publish_command, self.node]), READ_TIMEOUT)
                 break
             except aioredis.ConnectionError:
                 if attempt == 0:
@@ -162,25 +237,40 @@ class RedisHistory:
         asyncio.get_running_loop().call_later(READ_TIMEOUT, self._fail, query)
 
     def _fail(self, query: int) -> None:
-        answer = self._reads.pop(query, None)
+        answer = self._done(query)
         if answer is not None:
             answer(None)
 
+    def _done(self, query: int) -> Callable[[HistoryAnswer | None], None] | None:
+        """The read's answer callback, if it still waits; a reply channel no read waits on
+        any longer is left."""
+        answer = self._reads.pop(query, None)
+        reply = self._replies.pop(query, None)
+        if reply is not None and (listening := self._listening.get(reply)) is not None:
+            listening.queries.discard(query)
+            if not listening.queries and self.listen is not None:
+                del self._listening[reply]
+                self.listen(reply, False)
+        return answer
+
     def answered(self, payload: bytes) -> None:
-        """A read's answer, from the reply channel."""
+        """A read's answer, from a reply channel."""
         try:
             decoded = _decode_answer(payload)
         except msgspec.DecodeError:
             log.warning("redis: dropped a history answer that is not one")
             return
-        answer = self._reads.pop(decoded.query, None)
+        answer = self._done(decoded.query)
         if answer is not None:
             answer(HistoryAnswer(decoded.top, decoded.epoch,
                                  [(offset, bytes(raw)) for offset, raw in decoded.messages]))
 
     def fail_all(self) -> None:
-        """The subscribing connection is gone: no answer will come on it."""
+        """The subscribing connection is gone: no answer will come on it, nor on the
+        reply channels it had."""
         reads, self._reads = self._reads, {}
+        self._replies.clear()
+        self._listening.clear()
         for answer in reads.values():
             answer(None)
 
