@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import resource
@@ -84,6 +85,9 @@ class Master:
     def _spawn(self, index: int) -> None:
         slot = self.slots[index]
         previous, slot.client_id_prefix = slot.client_id_prefix, secrets.token_hex(6)
+        # Frozen, the master's objects are never walked by a worker's collections, whose
+        # writes to their headers would copy the pages the workers share with the master.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             os._exit(self._child(index, previous))

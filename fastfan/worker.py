@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import resource
@@ -188,6 +189,10 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._stop.set)
         self.accepting = True
+        # What the worker built to get here lives as long as it does: a full collection
+        # (one comes every so many new connections) need not walk it. 45,000 objects after
+        # the imports alone, 10-20 ms of a collection's pause, paid in every client's latency.
+        gc.freeze()
         log.info("worker %d listening on %s:%d", self.placement.slot, config.host, config.port)
         tasks = [self.loop.create_task(self._sweep_forever()),
                  self.loop.create_task(self._log_stats_forever())]
