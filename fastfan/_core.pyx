@@ -51,6 +51,7 @@ cdef extern from "<sys/socket.h>" nogil:
         iovec* msg_iov
         size_t msg_iovlen
     ssize_t sendmsg(int fd, const msghdr* message, int flags)
+    ssize_t send(int fd, const void* buffer, size_t size, int flags)
 
 # Hoehrmann's UTF-8 DFA: one table lookup per byte, and the state carries across
 # fragments, so a message split over frames is validated as it arrives.

@@ -3,7 +3,7 @@
 # Every frame for a connection, a delivery or a reply, enters through `deliver`,
 # `deliver_shared` or `queue_frame`, and each asks `refuses()` whether it fits; what does
 # not goes to the slow-consumer policy, decided in `_overflow` alone. At the end of the
-# loop turn the Hub calls `write_out`: one sendmsg() of everything queued.
+# loop turn the Hub calls `write_out`: one send() or sendmsg() of everything queued.
 
 
 cdef class Outbox(WSListener):
@@ -185,7 +185,7 @@ cdef class Outbox(WSListener):
         return 0
 
     cdef bint _send_queued(self) except -1:
-        """One sendmsg() of the large frames queued by reference, then `out`. What the kernel
+        """One send of the large frames queued by reference, then `out`. What the kernel
         does not take goes to the transport (the frames still by reference), which pauses
         us until it is written. 1 when the peer is gone."""
         cdef iovec iov[SHARED_IOV_MAX]
@@ -212,8 +212,13 @@ cdef class Outbox(WSListener):
         memset(&message, 0, sizeof(message))
         message.msg_iov = iov
         message.msg_iovlen = count
+        # One buffer (the usual case) goes by send(): sendmsg() has the kernel copy in a
+        # msghdr and an iovec first, 1.5-2% of the core at 1M deliveries/s (perf).
         while True:
-            sent = sendmsg(self.fd, &message, MSG_NOSIGNAL)
+            if count == 1:
+                sent = send(self.fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL)
+            else:
+                sent = sendmsg(self.fd, &message, MSG_NOSIGNAL)
             if sent >= 0 or errno != EINTR:
                 break
         if sent < 0 and errno != EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
