@@ -8,7 +8,7 @@ The path of a published message through this module:
     hub.bus.publish          the bus (embedded or Redis) hands it to every worker's Hub
     Hub.fanout               framed once, appended to each subscriber's Outbox in C
                              (a large frame: queued by reference, copied for nobody)
-    Hub._flush               at the end of the loop turn, one sendmsg() per connection
+    Hub._flush               at the end of the loop turn, one send per connection
 
 Nothing on that path calls Python per delivery: the per-subscriber loop (`Hub._deliver`)
 is plain C over a contiguous array, and each connection costs one syscall per loop turn
