@@ -118,21 +118,49 @@ def start_fastfan(port: int, extra: list[str], pin: bool = True) -> subprocess.P
     raise RuntimeError("fastfan did not start")
 
 
-def run_loadgen(port: int, *, subs: int, rate: float, size: int = 100, duration: float = 5,
-                channels: int = 1, channel: str | None = None, pin: bool = True,
-                extra: list[str] | None = None) -> dict[str, Any]:
-    """One open-loop run (pinned to the load generator's CPU unless `pin` is False): `subs`
-    subscribers, and publishers at `rate` messages/s each; its JSON summary. `subs=0`
-    with `--drain 0` is a publisher alone."""
-    command = [str(build_loadgen()), "--port", str(port), "--subs", str(subs), "--rate",
-               str(rate), "--size", str(size), "--duration", str(duration), "--channels",
-               str(channels), "--channel", channel or f"bench{time.time_ns()}", *(extra or [])]
-    result = subprocess.run(command, capture_output=True, text=True,
+def loadgen_command(port: int, *, subs: int, rate: float, size: int = 100,
+                    duration: float = 5, channels: int = 1, channel: str | None = None,
+                    extra: list[str] | None = None) -> list[str]:
+    """The load generator's command line: `subs` subscribers, and publishers at `rate`
+    messages/s each."""
+    return [str(build_loadgen()), "--port", str(port), "--subs", str(subs), "--rate",
+            str(rate), "--size", str(size), "--duration", str(duration), "--channels",
+            str(channels), "--channel", channel or f"bench{time.time_ns()}", *(extra or [])]
+
+
+def run_loadgen(port: int, *, pin: bool = True, **options: Any) -> dict[str, Any]:
+    """One open-loop run (pinned to the load generator's CPU unless `pin` is False), its
+    JSON summary; `options` as loadgen_command's. `subs=0` with `--drain 0` is a publisher
+    alone."""
+    result = subprocess.run(loadgen_command(port, **options), capture_output=True, text=True,
                             preexec_fn=pinned(LOADGEN_CPU) if pin else None,
-                            timeout=duration + 300, check=False)
+                            timeout=options.get("duration", 5) + 300, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"loadgen failed: {result.stderr.strip()}")
     return dict(json.loads(result.stdout))
+
+
+def run_loadgen_measuring(server_pid: int, port: int, **options: Any) -> dict[str, Any]:
+    """run_loadgen(), and the CPU seconds the server (and its workers) spent from the first
+    publish to the summary as `server_cpu_s`: not connecting and subscribing the load
+    generator's clients, nor closing them, which the connection studies measure."""
+    command = [*loadgen_command(port, **options), "--sync", "2"]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=pinned(LOADGEN_CPU)) as process:
+        assert process.stdin is not None and process.stdout is not None
+        ready = process.stdout.readline()
+        before = cpu_seconds(server_pid)
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        summary = process.stdout.readline()
+        used = cpu_seconds(server_pid) - before
+        process.stdin.close()  # it closes its connections and exits
+        errors = process.stderr.read() if process.stderr is not None else ""
+        process.wait(60)
+    if not ready or not summary or process.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {errors.strip()}")
+    return {**json.loads(summary), "server_cpu_s": used}
 
 
 class Subscribers:

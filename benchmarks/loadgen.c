@@ -21,7 +21,9 @@
  *
  * With --rate 0 it only subscribes and counts (the publisher is another loadgen); with
  * --sync 1 it prints {"ready":...} once subscribed and waits for a line on stdin, so that
- * a runner can measure idle memory and start many loadgen processes together.
+ * a runner can measure idle memory and start many loadgen processes together. With
+ * --sync 2 it also waits for a line after printing its summary, before it closes its
+ * connections: the runner reads the server's CPU time for the publishing alone.
  *
  * Build: cc -O2 -o loadgen loadgen.c
  */
@@ -280,7 +282,8 @@ int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *path = NULL, *channel = "bench", *sources = NULL;
     int port = 8080, subs = 1000, size = 100;
     double rate = 1000, duration = 5, drain = 3;
-    int sync_start = 0; /* 1: say "ready" on stdout once subscribed, wait for a line on stdin */
+    int sync_start = 0; /* 1: say "ready" on stdout once subscribed, wait for a line on stdin;
+                           2: and wait for another after the summary, before closing */
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--host")) host = argv[i + 1];
         else if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
@@ -437,5 +440,10 @@ int main(int argc, char **argv) {
            (unsigned long long)reordered, (double)delivered / (active_s > 0 ? active_s : 1),
            connect_s, percentile(0.5), percentile(0.99), percentile(0.999), percentile(1.0),
            (unsigned long long)latency_over, (double)busy_ns / (double)(now_ns() - start));
+    if (sync_start == 2) {
+        char line[16];
+        fflush(stdout);
+        if (!fgets(line, sizeof line, stdin)) return 0; /* EOF: the runner is done too */
+    }
     return 0;
 }

@@ -61,7 +61,6 @@ from lib import (
     Subscribers,
     build,
     build_loadgen,
-    cpu_seconds,
     fastfan_command,
     format_row,
     free_port,
@@ -69,6 +68,7 @@ from lib import (
     protocol_args,
     rss_bytes,
     run_loadgen,
+    run_loadgen_measuring,
     wait_listening,
 )
 
@@ -153,14 +153,14 @@ class Running:
 
 def measure(server: Running, scenario: Scenario, offered: float,
             duration: float) -> dict[str, Any]:
-    before = cpu_seconds(server.process.pid)
-    row = run_loadgen(server.port, subs=scenario.subs, size=scenario.size,
-                      channels=scenario.channels,
-                      extra=["--per-conn", str(scenario.per_conn), *protocol_args(server.name)],
-                      rate=offered * scenario.channels / scenario.subs / scenario.per_conn,
-                      duration=duration)
-    used = cpu_seconds(server.process.pid) - before
-    row["cpu_us_per_delivery"] = round(1e6 * used / max(row["delivered"], 1), 3)
+    row = run_loadgen_measuring(
+        server.process.pid, server.port, subs=scenario.subs, size=scenario.size,
+        channels=scenario.channels,
+        extra=["--per-conn", str(scenario.per_conn), *protocol_args(server.name)],
+        rate=offered * scenario.channels / scenario.subs / scenario.per_conn,
+        duration=duration)
+    row["cpu_us_per_delivery"] = round(1e6 * row.pop("server_cpu_s") / max(row["delivered"], 1),
+                                       3)
     row["server"], row["scenario"], row["crashed"] = server.name, scenario.name, not server.alive()
     if not row["crashed"]:  # the server and its workers, right after the run
         row["rss_mib"] = round(rss_bytes(server.process.pid) / 2**20, 1)
