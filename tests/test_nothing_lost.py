@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -125,3 +126,36 @@ def test_a_redis_restart_refuses_what_it_cannot_carry_and_delivers_the_rest(
         assert set(acked) - set(got) == set()  # every acknowledged message arrived
         assert set(got) & set(refused) == set()  # no refused one did
         assert got == sorted(got)
+
+
+def test_a_pipeline_redis_cuts_off_costs_its_publishes_alone(
+        start_server: Any, redis_server: RedisServer) -> None:
+    """Redis closes the publishing connection of a pipeline in flight (CLIENT KILL while a
+    CLIENT PAUSE holds its PUBLISH), the subscribing connection untouched: that publish is
+    refused and never delivered, and the bus takes publishes again as soon as Redis
+    answers, which it does at once. (It stayed down for good: nothing brought it up while
+    the subscribing connection lived.)"""
+    node = start_server("--redis", redis_server.url)
+    node.wait_ready()
+    subscriber = connect(node).subscribe("cut")
+    wait_for(lambda: redis_server.subscribers("cut") == 1)
+    publisher = connect(node)
+    redis_server.command("CLIENT", "PAUSE", "10000", "WRITE")
+    publisher.publish("cut", 0, id=0)
+    held = wait_for(lambda: paused_publishes(redis_server))
+    redis_server.command("CLIENT", "KILL", "ID", held[0])
+    redis_server.command("CLIENT", "UNPAUSE")
+    reply = publisher.recv_json()
+    assert (reply["type"], reply["code"], reply["id"]) == ("error", 503, 0)
+    node.wait_ready()
+    acked, refused = publish_each(publisher, "cut", range(1, 51))
+    assert refused == []
+    assert received(subscriber, 50) == acked
+
+
+def paused_publishes(redis: RedisServer) -> list[str]:
+    """The ids of the connections whose PUBLISH a CLIENT PAUSE holds."""
+    listing = redis.command("CLIENT", "LIST").decode()
+    return [line.split()[0].removeprefix("id=") for line in listing.splitlines()
+            if re.search(r" flags=b .* cmd=publish ", line)]
+
