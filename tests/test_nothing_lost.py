@@ -159,3 +159,18 @@ def paused_publishes(redis: RedisServer) -> list[str]:
     return [line.split()[0].removeprefix("id=") for line in listing.splitlines()
             if re.search(r" flags=b .* cmd=publish ", line)]
 
+
+def test_publishing_connections_redis_closed_while_idle_cost_no_publish(
+        start_server: Any, redis_server: RedisServer) -> None:
+    """Redis closes the pooled publishing connections while they are idle (as a restart
+    leaves them, or its `timeout`): the next pipeline goes out on a new connection, not on
+    a closed one, so no publish is refused. (redis-py 8.1 handed out the closed one.)"""
+    node = start_server("--redis", redis_server.url)
+    node.wait_ready()
+    subscriber = connect(node).subscribe("idle")
+    wait_for(lambda: redis_server.subscribers("idle") == 1)
+    publisher = connect(node)
+    assert publish_each(publisher, "idle", range(3)) == ([0, 1, 2], [])
+    redis_server.command("CLIENT", "KILL", "TYPE", "normal")  # not the subscribing one (pubsub)
+    assert publish_each(publisher, "idle", range(3, 6)) == ([3, 4, 5], [])
+    assert received(subscriber, 5) == list(range(6))

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import ssl
 from collections import deque
@@ -90,6 +91,23 @@ CONNECT_TIMEOUT = 2.0
 HEARTBEAT = 1.0
 
 _is_json_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+
+
+def _publishing_client(url: str) -> aioredis.Redis:
+    """redis-py's client with its pool of connections, for the pipelines, presence, the
+    directory and history.
+
+    redis-py 8.1's asyncio pool hands out a connection that Redis has closed (a restart,
+    CLIENT KILL, its idle `timeout`) instead of replacing it while maintenance
+    notifications are on, as they are by default over RESP3 (redis-py #4252): its first
+    command then fails. fastfan has no use for them (planned maintenance of a managed
+    Redis), so they are off where the pool has them, and the pool checks again."""
+    options: dict[str, Any] = {}
+    if "maint_notifications_config" in inspect.signature(
+            aioredis.ConnectionPool.__init__).parameters:
+        from redis.maint_notifications import MaintNotificationsConfig
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    return aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, **options)
 
 
 def _queued_cost(channel: bytes, payload: bytes) -> int:
@@ -205,7 +223,7 @@ class RedisBus:
         self._reported: bool | None = None  # the state last logged
         self.dropped_total = 0       # messages Redis could not take (lost in a failed batch)
         self.invalid_total = 0       # payloads from Redis that were not a JSON object in UTF-8
-        self._publisher = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
+        self._publisher = _publishing_client(url)
         # (redis channel, payload, session to acknowledge or None, its request id, whether
         # the channel keeps history)
         self._queue: deque[tuple[bytes, bytes, Session | None, bytes, bool]] = deque()
