@@ -187,8 +187,11 @@ class Subscriber(asyncio.Protocol):
 
     def ping(self) -> asyncio.Future[None]:
         """A PING, whose answer the future awaits (not an earlier PING's)."""
-        self.transport.write(_command(b"PING"))
         answer: asyncio.Future[None] = self.loop.create_future()
+        if self.transport.is_closing():  # aborted, connection_lost still to come
+            answer.set_exception(ConnectionError("connection closed"))
+            return answer
+        self.transport.write(_command(b"PING"))
         self._pings.append(answer)
         return answer
 
