@@ -25,7 +25,9 @@ What waits for Redis is bounded: publishes queue up to MAX_QUEUED_BYTES (then 50
 /ready 503 until the queue drains), and a pipeline Redis does not answer within
 PIPELINE_TIMEOUT fails its publishers (503) and drops both connections, so that only a
 Redis that answers again brings the bus back up. The subscribing connection PINGs every
-HEARTBEAT, and is dropped likewise when the answer does not come.
+HEARTBEAT, and is dropped likewise when the answer does not come. A pipeline that fails
+(its connection closed, an error reply) fails its publishers and is not sent again; the
+bus is up again once Redis answers a PING on both connections (_publish_failed).
 
 Several Redis (bus/sharded.py) and Redis Cluster (bus/cluster.py) hold a RedisBus per
 shard or master: `owns` says which channels are its own (subscribed again after a
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import ssl
 from collections import deque
@@ -91,6 +94,23 @@ HEARTBEAT = 1.0
 _is_json_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
+def _publishing_client(url: str) -> aioredis.Redis:
+    """redis-py's client with its pool of connections, for the pipelines, presence, the
+    directory and history.
+
+    redis-py 8.1's asyncio pool hands out a connection that Redis has closed (a restart,
+    CLIENT KILL, its idle `timeout`) instead of replacing it while maintenance
+    notifications are on, as they are by default over RESP3 (redis-py #4252): its first
+    command then fails. fastfan has no use for them (planned maintenance of a managed
+    Redis), so they are off where the pool has them, and the pool checks again."""
+    options: dict[str, Any] = {}
+    if "maint_notifications_config" in inspect.signature(
+            aioredis.ConnectionPool.__init__).parameters:
+        from redis.maint_notifications import MaintNotificationsConfig
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    return aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, **options)
+
+
 def _queued_cost(channel: bytes, payload: bytes) -> int:
     return len(channel) + len(payload) + QUEUED_ENTRY_COST
 
@@ -119,6 +139,9 @@ class Subscriber(asyncio.Protocol):
         self.lost = loop.create_future()
         self.loop = loop
         self.answered = loop.time()  # when Redis last answered a PING
+        # One per PING sent after the first (ready's), in order, as Redis answers them: the
+        # future of one whose answer is awaited (ping), else None.
+        self._pings: deque[asyncio.Future[None] | None] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -138,6 +161,9 @@ class Subscriber(asyncio.Protocol):
                 self.answered = self.loop.time()
                 if not self.ready.done():
                     self.ready.set_result(None)
+                elif (self._pings and (answer := self._pings.popleft()) is not None
+                      and not answer.done()):
+                    answer.set_result(None)
             elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED"):
                 self.bus.on_moved(str(reply))  # an SSUBSCRIBE to a node without the slot
             elif isinstance(reply, hiredis.ReplyError):
@@ -148,8 +174,27 @@ class Subscriber(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("connection closed"))
+        for answer in self._pings:
+            if answer is not None and not answer.done():
+                answer.set_exception(ConnectionError("connection closed"))
+        self._pings.clear()
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def heartbeat(self) -> None:
+        """A PING, answered in `answered`."""
+        self.transport.write(_command(b"PING"))
+        self._pings.append(None)
+
+    def ping(self) -> asyncio.Future[None]:
+        """A PING, whose answer the future awaits (not an earlier PING's)."""
+        answer: asyncio.Future[None] = self.loop.create_future()
+        if self.transport.is_closing():  # aborted, connection_lost still to come
+            answer.set_exception(ConnectionError("connection closed"))
+            return answer
+        self.transport.write(_command(b"PING"))
+        self._pings.append(answer)
+        return answer
 
 
 class RedisBus:
@@ -182,7 +227,7 @@ class RedisBus:
         self._reported: bool | None = None  # the state last logged
         self.dropped_total = 0       # messages Redis could not take (lost in a failed batch)
         self.invalid_total = 0       # payloads from Redis that were not a JSON object in UTF-8
-        self._publisher = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
+        self._publisher = _publishing_client(url)
         # (redis channel, payload, session to acknowledge or None, its request id, whether
         # the channel keeps history)
         self._queue: deque[tuple[bytes, bytes, Session | None, bytes, bool]] = deque()
@@ -195,6 +240,7 @@ class RedisBus:
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
         self._changes_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._publishing_again: asyncio.Task[None] | None = None  # after a failed pipeline
         self.presence = RedisPresence(presence_client or self._publisher, hub, prefix,
                                       presence_ttl,
                                       announce=self._announce, predecessor=predecessor,
@@ -233,6 +279,8 @@ class RedisBus:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self._publishing_again is not None:
+            self._publishing_again.cancel()
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.close()
         self.history.stop()
@@ -304,7 +352,7 @@ class RedisBus:
                 if self.sharded and isinstance(exc, AskError):  # MOVED (or ASK): a slot
                     self.moved(b"")  # went elsewhere; 503, and the map is read again
                 else:
-                    self._went_down(f"publish failed: {exc}")
+                    self._publish_failed(f"publish failed: {exc}")
             if not ok:
                 self.dropped_total += len(batch)
             prefix = len(self.prefix)
@@ -465,16 +513,10 @@ class RedisBus:
                 await asyncio.sleep(reconnect_delay(attempt))
                 continue
             attempt = 0
-            self._connected = True
-            if self._ever_connected and self.settle:
-                self._settling = asyncio.get_running_loop().call_later(self.settle,
-                                                                       self._settled)
-            self._ever_connected = True
-            self._set_up()
+            self._came_up(f"{len(self.hub.channels)} channels subscribed")
             if self.presence.predecessor:  # once up, as its leaves are publishes
                 self._tasks.append(asyncio.get_running_loop().create_task(
                     self.presence.forget_predecessor()))
-            self._report(True, f"{len(self.hub.channels)} channels subscribed")
             await self._watch(subscriber)
             self._subscriber = None
             self.history.fail_all()  # their answers would have come on it
@@ -492,7 +534,7 @@ class RedisBus:
                 self._stalled(f"no answer to a PING in {PIPELINE_TIMEOUT:g} s")
                 await subscriber.lost
                 return
-            subscriber.transport.write(_command(b"PING"))
+            subscriber.heartbeat()
 
     async def _connect(self) -> Subscriber:
         loop = asyncio.get_running_loop()
@@ -531,6 +573,51 @@ class RedisBus:
         self._went_down(reason)
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.abort()
+
+    def _publish_failed(self, reason: str) -> None:
+        """A pipeline failed (its connection closed by Redis, or one from before a restart;
+        an error reply): down, and up again once Redis answers on both connections.
+
+        Not sent again: Redis may have run some of it before the connection went, and a
+        publish delivered twice breaks "at most once" (and numbers a history message twice),
+        where a 503 for a publish that was delivered is what a stalled pipeline gives too.
+        The subscribing connection may have lived through it, with nothing else to bring
+        the bus up: while it is the one watched, _publish_again does."""
+        watched = self._connected  # then _stay_subscribed is in _watch(self._subscriber)
+        self._went_down(reason)
+        if watched and self._subscriber is not None:
+            if self._publishing_again is not None:
+                self._publishing_again.cancel()  # (for an earlier subscribing connection)
+            self._publishing_again = asyncio.get_running_loop().create_task(
+                self._publish_again(self._subscriber))
+
+    async def _publish_again(self, subscriber: Subscriber) -> None:
+        """Up again (after `settle`) once Redis answers a PING on a publishing connection
+        and one sent on `subscriber` after the failure: the subscriptions made on it are
+        still Redis's, so publishes are delivered again. Until then, or until `subscriber`
+        is lost (then _stay_subscribed reconnects): at once, as a pooled connection from
+        before a restart fails while Redis answers on the others, then with the reconnect
+        backoff."""
+        attempt = 0
+        while not (self._connected or subscriber.lost.done()):
+            await asyncio.sleep(reconnect_delay(attempt))
+            attempt += 1
+            try:
+                await asyncio.wait_for(asyncio.gather(self._publisher.ping(), subscriber.ping()),
+                                       CONNECT_TIMEOUT)
+            except (TimeoutError, OSError, aioredis.RedisError):
+                continue
+            if not (self._connected or subscriber.lost.done()):
+                self._came_up("publishing again")
+
+    def _came_up(self, detail: str) -> None:
+        """Both connections answer: publishes are taken, after `settle` past the first time."""
+        self._connected = True
+        if self._ever_connected and self.settle:
+            self._settling = asyncio.get_running_loop().call_later(self.settle, self._settled)
+        self._ever_connected = True
+        self._set_up()
+        self._report(True, detail)
 
     def _set_up(self) -> None:
         self.up = self._connected and not self._full and self._settling is None
