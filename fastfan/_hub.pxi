@@ -373,10 +373,10 @@ cdef class Hub:
         return 0
 
     def _flush(self):
-        """End of the loop turn: write the waiting connections, each in one sendmsg(), in
-        the order they were scheduled, for about FLUSH_SLICE_SECONDS; then the loop reads
-        again and the next turn goes on where this one stopped. A connection written here
-        and given a message meanwhile is scheduled again, behind those not written yet."""
+        """End of the loop turn: write the waiting connections, each in one send, in the
+        order they were scheduled, for about FLUSH_SLICE_SECONDS; then the loop reads again
+        and the next turn goes on where this one stopped. A connection written here and
+        given a message meanwhile is scheduled again, behind those not written yet."""
         cdef Outbox outbox
         cdef Py_ssize_t i, written = 0
         cdef double deadline = monotonic() + FLUSH_SLICE_SECONDS
