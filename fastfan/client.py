@@ -43,6 +43,8 @@ log = logging.getLogger("fastfan.client")
 # here so a mistake is a ValueError at the call, not an error reply later.
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-.:@/]{1,255}")
 MAX_MESSAGE_SIZE = 65536
+# The error code of a server whose bus or history store is not there for the moment.
+UNAVAILABLE = 503
 
 Message = dict[str, Any]
 Handler = Callable[..., None]
@@ -451,11 +453,12 @@ class Client(_Events):
             self._refresher = asyncio.get_running_loop().create_task(self._refresh(token))
         self._emit("connected", welcome)
 
-    def _resubscribe(self, subscription: Subscription) -> None:
+    def _resubscribe(self, subscription: Subscription, attempt: int = 0) -> None:
         self._next_id += 1
         request = subscription._request()
         request["id"] = self._next_id
         future = self._send(self._next_id, _encode(request))
+        listener = self._listener
 
         def answered(future: asyncio.Future[Message]) -> None:
             if future.cancelled() or subscription.ended:
@@ -463,12 +466,25 @@ class Client(_Events):
             error = future.exception()
             if error is None:
                 subscription._subscribed(future.result())
+            elif isinstance(error, ServerError) and error.code == UNAVAILABLE:
+                # The server is back but not its bus or history store yet (it has just
+                # started, or Redis is away): ask again, backing off as reconnects do. A
+                # new connection meanwhile asks anyway.
+                asyncio.get_running_loop().call_later(
+                    backoff_delay(attempt, self.reconnect_base, self.reconnect_cap, self.rng),
+                    self._resubscribe_on, listener, subscription, attempt + 1)
             elif isinstance(error, ServerError):  # e.g. no longer permitted: it ends
                 self._forget(subscription)
                 subscription._emit("unsubscribed", {"type": "unsubscribed",
                                                     "channel": subscription.channel,
                                                     "reason": "error", "error": error})
         future.add_done_callback(answered)
+
+    def _resubscribe_on(self, listener: _Listener | None, subscription: Subscription,
+                        attempt: int) -> None:
+        """_resubscribe() again, if still on the connection that was refused."""
+        if not subscription.ended and listener is not None and self._listener is listener:
+            self._resubscribe(subscription, attempt)
 
     def _on_disconnected(self, listener: _Listener) -> None:
         if listener is not self._listener:

@@ -458,14 +458,30 @@ export class Client extends Events {
     /** @type {WebSocket} */ (this._socket).send(payload)
   }
 
-  /** @param {Subscription} subscription */
-  _sendSubscribe (subscription) {
+  /**
+   * @param {Subscription} subscription
+   * @param {number} [attempt]  asked again after this many 503s on one connection
+   */
+  _sendSubscribe (subscription, attempt = 0) {
     const request = subscription._request()
     const id = request.id = ++this._nextId
+    const socket = this._socket
     this._send(id, JSON.stringify(request), {
       resolve: (reply) => { if (!subscription.ended) subscription._subscribed(reply) },
       reject: (error) => {
         if (subscription.ended || !(error instanceof ServerError)) return // sent again on reconnect
+        if (subscription.confirmed && error.code === 503) {
+          // The server is back but not its bus or history store yet (it has just started,
+          // or Redis is away): ask again, backing off as reconnects do. A new connection
+          // meanwhile asks anyway.
+          const delay = backoffDelay(attempt, this.reconnectBase, this.reconnectCap, this.random)
+          setTimeout(() => {
+            if (!subscription.ended && this._socket === socket && this.connected) {
+              this._sendSubscribe(subscription, attempt + 1)
+            }
+          }, delay)
+          return
+        }
         this._forget(subscription, error) // e.g. not permitted: it ends
         subscription._emit('unsubscribed', {
           type: 'unsubscribed', channel: subscription.channel, reason: 'error', error

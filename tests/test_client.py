@@ -180,6 +180,45 @@ def test_after_the_server_is_killed_and_restarted_the_client_resubscribes(server
     run(test())
 
 
+def test_a_subscription_refused_with_503_after_a_reconnect_is_asked_for_again(
+        start_server: Any, redis_server: RedisServer) -> None:
+    """After a reconnect the history read of the client's subscribe fails (the channel's
+    history key holds something else: Redis answers WRONGTYPE) and the server answers 503.
+    The subscription lives on and is asked for again until the read succeeds, instead of
+    ending; then it is subscribed and receives."""
+    server = start_server("--redis", redis_server.url, "--history-size", "100")
+    server.wait_ready()
+    history_key = "{fastfan:feed}:history"
+
+    async def test() -> None:
+        async with client_of(server, reconnect_base=0.05, reconnect_cap=0.3) as client:
+            sub = await client.subscribe("feed", recover=True)
+            subscribed: list[dict[str, Any]] = []
+            sub.on("subscribed", subscribed.append)
+            asked: list[int] = []
+            resubscribe = client._resubscribe
+            client._resubscribe = lambda s, *again: (  # type: ignore[method-assign]
+                asked.append(again[0] if again else 0), resubscribe(s, *again))[1]
+            await client.publish("feed", 1)
+            assert (await next_of(sub))["data"] == 1
+            assert redis_server.command("TYPE", history_key) == b"+stream\r\n"
+            redis_server.command("DEL", history_key)
+            redis_server.command("SET", history_key, "not a stream")
+            kill_and_restart(server)
+            async with asyncio.timeout(15):  # reconnected, refused twice, asked again
+                while max(asked, default=0) < 2:
+                    await asyncio.sleep(0.05)
+            assert not sub.ended and not subscribed
+            redis_server.command("DEL", history_key)
+            async with asyncio.timeout(15):
+                while not subscribed:
+                    await asyncio.sleep(0.05)
+            await client.publish("feed", 2)
+            assert (await next_of(sub, timeout=10))["data"] == 2
+            assert not sub.ended
+    run(test(), timeout=60)
+
+
 def test_recovers_exactly_what_was_published_while_its_server_was_down(
         start_server: Any, redis_server: RedisServer) -> None:
     options = ("--redis", redis_server.url, "--history-size", "100")
