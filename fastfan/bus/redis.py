@@ -478,7 +478,7 @@ class RedisBus:
         if channel == self._commands:
             apply_command(self.hub, payload)
             return
-        if channel.endswith(self.history.suffix):  # a reply channel of history reads
+        if self.history.is_reply(channel):
             self.history.answered(payload)
             return
         if self.directory is not None and channel in self.directory.channels:
