@@ -265,11 +265,10 @@ cdef class Hub:
         unsigned long long  pending_added    # outboxes put in the ring, ever
         bint                flush_scheduled
         object              loop
-        public object       bus             # .publish(channel, payload) -> BusResult, ...
+        public object       bus             # fastfan.bus.Bus
         public object       verify_token    # token -> auth.Identity, or AuthError; None:
                                             # --insecure, no token is checked
         object              ready_callback
-        readonly Outbox     excluded        # during a publish with "echo":false: its publisher
 
         # limits and policy, copied from Config once
         readonly Py_ssize_t max_message_size
@@ -279,8 +278,6 @@ cdef class Hub:
         readonly double     publish_rate
         readonly SlowConsumerPolicy slow_consumer
         readonly object     presence_channels  # auth.ChannelPatterns: channels with presence
-        public object       presence_sink   # .joined(channel, clientId, user), .left(...):
-                                            # a bus that keeps presence elsewhere, or None
         readonly Py_ssize_t presence_limit
         readonly Py_ssize_t history_size    # 0: no channel keeps history
         readonly object     history_channels  # auth.ChannelPatterns: channels with history
@@ -324,16 +321,19 @@ cdef class Hub:
         readonly Deflate    deflate         # compresses each message once for every client
                                             # that negotiated permessage-deflate
 
-    cpdef Py_ssize_t fanout(self, str channel, object payload) except -1
+    cpdef Py_ssize_t fanout(self, str channel, object payload, Outbox exclude=*) except -1
     cdef int _note_fanout(self, double started) except -1
-    cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
-    cdef int _deliver_shared(self, Channel channel, bytes frame) except -1
-    cdef Py_ssize_t _hold_event(self, Channel channel, object payload) except -1
+    cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size,
+                      Outbox exclude) except -1
+    cdef int _deliver_shared(self, Channel channel, bytes frame, Outbox exclude) except -1
+    cdef Py_ssize_t _hold_event(self, Channel channel, object payload,
+                                Outbox subject) except -1
     cdef int _deliver_events(self, Channel channel, list events) except -1
     cdef int _deliver_frames(self, Outbox watcher, Channel channel, bytes frames, list starts,
                              list headers, Py_ssize_t first, Py_ssize_t end) except -1
     cdef bytes _frame(self, const char* data, Py_ssize_t size)
-    cdef int _deliver_compressed(self, Channel channel, bytes shared) except -1
+    cdef int _deliver_compressed(self, Channel channel, bytes shared,
+                                 Outbox exclude) except -1
     cdef int schedule(self, Outbox outbox) except -1
     cdef int _observe_written(self) except -1
     cpdef bint keeps_history(self, str channel)

@@ -132,8 +132,9 @@ cdef class Hub:
 
     # Fan-out ---------------------------------------------------------------------------
 
-    cpdef Py_ssize_t fanout(self, str channel, object payload) except -1:
-        """Deliver an encoded `message` to this worker's subscribers of `channel`.
+    cpdef Py_ssize_t fanout(self, str channel, object payload, Outbox exclude=None) except -1:
+        """Deliver an encoded `message` to this worker's subscribers of `channel`, but
+        `exclude` (the publisher of an "echo":false message, the subject of a join/leave).
 
         The payload is framed once into a scratch buffer; each subscriber gets a memcpy.
         With subscribers that negotiated permessage-deflate, it is also compressed once.
@@ -145,7 +146,7 @@ cdef class Hub:
         if target is None or target.count == 0:
             return 0
         if channel[0] == WATCH_MARK:
-            return self._hold_event(target, payload)
+            return self._hold_event(target, payload, exclude)
         self._note_fanout(monotonic())
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
@@ -154,13 +155,13 @@ cdef class Hub:
                 shared = None
                 if target.deflating < target.count:
                     shared = self._frame(<const char*>view.buf, view.len)
-                return self._deliver_compressed(target, shared)
+                return self._deliver_compressed(target, shared, exclude)
             shared = self._frame(<const char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
         if shared is not None:
-            return self._deliver_shared(target, shared)
-        return self._deliver(target, self.frame, self.frame_size)
+            return self._deliver_shared(target, shared, exclude)
+        return self._deliver(target, self.frame, self.frame_size, exclude)
 
     cdef bytes _frame(self, const char* data, Py_ssize_t size):
         """Frame `data` as one text message: from SHARED_FRAME_BYTES on, a bytes object to
@@ -186,14 +187,6 @@ cdef class Hub:
         self.frame_size = header + size
         return None
 
-    def fanout_excluding(self, str channel, payload, Outbox excluded):
-        """fanout(), skipping `excluded`: a publish with "echo":false back from Redis."""
-        self.excluded = excluded
-        try:
-            return self.fanout(channel, payload)
-        finally:
-            self.excluded = None
-
     cdef int _note_fanout(self, double started) except -1:
         """Remember when a fan-out began; the flush that writes it measures the latency."""
         cdef double* started_grown
@@ -216,9 +209,10 @@ cdef class Hub:
         self.fanout_count += 1
         return 0
 
-    cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1:
+    cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size,
+                      Outbox exclude) except -1:
         cdef Py_ssize_t i, count = channel.count
-        cdef void* excluded = <void*>self.excluded
+        cdef void* excluded = <void*>exclude
         self.deliveries_total += count  # Outbox._overflow takes back what it refuses
         for i in range(count):
             if channel.subscribers[i] != excluded:
@@ -227,9 +221,9 @@ cdef class Hub:
                 self.deliveries_total -= 1
         return count
 
-    cdef int _deliver_shared(self, Channel channel, bytes frame) except -1:
+    cdef int _deliver_shared(self, Channel channel, bytes frame, Outbox exclude) except -1:
         cdef Py_ssize_t i, count = channel.count
-        cdef void* excluded = <void*>self.excluded
+        cdef void* excluded = <void*>exclude
         self.deliveries_total += count
         for i in range(count):
             if channel.subscribers[i] != excluded:
@@ -238,14 +232,16 @@ cdef class Hub:
                 self.deliveries_total -= 1
         return count
 
-    cdef Py_ssize_t _hold_event(self, Channel channel, object payload) except -1:
-        """A join or leave, for the end of the loop turn (see _deliver_events)."""
+    cdef Py_ssize_t _hold_event(self, Channel channel, object payload,
+                                Outbox subject) except -1:
+        """A join or leave (of `subject`, if it is on this worker), for the end of the loop
+        turn (see _deliver_events)."""
         cdef list events = self.held_events.get(channel)
         if events is None:
             if not self.held_events:
                 self.loop.call_soon(self._deliver_held_events)
             events = self.held_events[channel] = []
-        events.append((bytes(payload), self.excluded))
+        events.append((bytes(payload), subject))
         return channel.count
 
     def _deliver_held_events(self):
@@ -321,12 +317,13 @@ cdef class Hub:
                 self.dropped_slow_total += end - first - 1
         return 0
 
-    cdef int _deliver_compressed(self, Channel channel, bytes shared) except -1:
+    cdef int _deliver_compressed(self, Channel channel, bytes shared,
+                                 Outbox exclude) except -1:
         """The fan-out of a channel with subscribers that negotiated permessage-deflate:
         they get the frame `deflate` compressed, the others the plain one (`shared`, or
         `frame` when None)."""
         cdef Py_ssize_t i, count = channel.count
-        cdef void* excluded = <void*>self.excluded
+        cdef void* excluded = <void*>exclude
         cdef Deflate deflate = self.deflate
         cdef bytes packed = deflate.shared_frame()
         cdef void* subscriber  # not an Outbox variable: no reference counting per delivery
@@ -496,9 +493,8 @@ cdef class Hub:
         presence and join/leave hear of it."""
         session.subscription_bytes += len(name)
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
-            if self.presence_sink is not None:
-                self.presence_sink.joined(name, session.client_id, session.identity.user,
-                                          session.identity.info)
+            self.bus.joined(name, session.client_id, session.identity.user,
+                            session.identity.info)
             self._announce(b"join", name, session)
         return 0
 
@@ -507,11 +503,7 @@ cdef class Hub:
         worker and node: a message of the watch channel, skipping `session` itself."""
         payload = join_leave_event(kind, channel, session.client_id, session.identity.user,
                                    session.identity.info)
-        self.excluded = session
-        try:
-            self.bus.publish(WATCH_PREFIX + channel, payload, None, b"")
-        finally:
-            self.excluded = None
+        self.bus.publish(WATCH_PREFIX + channel, payload, None, b"", session)
         return 0
 
     def confirm(self, str channel):
@@ -546,8 +538,7 @@ cdef class Hub:
                 moved.subscriptions[name] = slot
         session.subscription_bytes -= len(name)
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
-            if self.presence_sink is not None:
-                self.presence_sink.left(name, session.client_id)
+            self.bus.left(name, session.client_id)
             self._announce(b"leave", name, session)
         waiting = self.unconfirmed.get(name)
         if waiting:

@@ -321,7 +321,8 @@ cdef class Session(Outbox):
         if recover is not None and recover.offset < 0:
             return self._queue_error(400, "'recover' needs an offset of 0 or more", request_id)
         history = hub.keeps_history(channel)
-        if channel not in self.subscriptions:
+        new = channel not in self.subscriptions
+        if new:
             if len(self.subscriptions) >= hub.max_subscriptions:
                 return self._queue_error(
                     429, f"subscription limit reached ({hub.max_subscriptions})", request_id)
@@ -329,15 +330,17 @@ cdef class Session(Outbox):
                 return self._queue_error(
                     429, f"subscription limit reached: channel names add up to more than "
                     f"{hub.max_subscription_bytes} bytes", request_id)
-            if history:
-                hub.subscribe_history(self, channel, request_id, recover)
-            else:
-                hub.subscribe(self, channel)
         elif history:
             # Subscribed already: at a position it was told then, which stands.
             return self._queue_error(400, f"already subscribed to {channel}", request_id)
         if join_leave and WATCH_PREFIX + channel not in self.subscriptions:
+            # First: the session's own join, announced next, then comes back (through
+            # Redis) on a channel the bus knows it watches, and is kept from it.
             hub.subscribe(self, WATCH_PREFIX + channel)
+        if new and history:
+            hub.subscribe_history(self, channel, request_id, recover)
+        elif new:
+            hub.subscribe(self, channel)
         if history:
             return 0  # `subscribed`, with the position, once the history is read
         if hub.awaits_confirmation(self, channel, request_id):
@@ -386,13 +389,8 @@ cdef class Session(Outbox):
         # On a channel with history the bus numbers the message (and acknowledges it with
         # its position: PENDING, or REFUSED).
         publish = hub.bus.publish_history if hub.keeps_history(channel) else hub.bus.publish
-        if not request.echo:
-            # A bus fans out on this worker within publish(): the fan-out skips us then.
-            hub.excluded = self
-        try:
-            outcome = publish(channel, payload, self if request_id else None, request_id)
-        finally:
-            hub.excluded = None
+        outcome = publish(channel, payload, self if request_id else None, request_id,
+                          None if request.echo else self)
         if outcome == BusResult.REFUSED:
             return self._queue_error(503, "message bus unavailable, try again", request_id)
         if outcome == BusResult.DONE and request_id:
@@ -456,12 +454,8 @@ cdef class Session(Outbox):
             return self._queue_error(400, f"no presence is kept for {channel} "
                                      "(--presence-channels)", request_id)
         answer = functools.partial(self.answer_presence, channel, request_id, stats_only)
-        local = hub.presence_of(channel)
-        gather = getattr(hub.bus, "gather_presence", None)
-        if gather is None:
-            answer(local)
-        else:
-            gather(channel, local, answer)  # with the other workers' and nodes' subscribers
+        # with the other workers' and nodes' subscribers
+        hub.bus.gather_presence(channel, hub.presence_of(channel), answer)
         return 0
 
     cdef int _history(self, request, bytes request_id) except -1:

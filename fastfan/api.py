@@ -299,12 +299,9 @@ class Api:
             if not gathered.done():
                 gathered.set_result(parts)
 
-        local = directory.channel_counts(self._hub, pattern, limit)
-        gather = getattr(self._hub.bus, "gather_channels", None)
-        if gather is None:
-            answer(local)
-        else:
-            gather(pattern, limit, local, answer)
+        self._hub.bus.gather_channels(pattern, limit,
+                                      directory.channel_counts(self._hub.subscriber_counts(),
+                                                               pattern, limit), answer)
         try:
             parts = await asyncio.wait_for(gathered, directory.GATHER_TIMEOUT + 1)
         except TimeoutError:
@@ -318,11 +315,9 @@ class Api:
         """Every node: this one from the figures its workers share, with Redis the others
         from the registry (fastfan.bus.redis_directory)."""
         _decode(body, InfoBody)
-        nodes = getattr(self._hub.bus, "nodes", None)
-        if nodes is None:
-            return {"nodes": [self._node.describe()]}
         try:
-            return {"nodes": await asyncio.wait_for(nodes(), directory.GATHER_TIMEOUT)}
+            return {"nodes": await asyncio.wait_for(self._hub.bus.nodes(),
+                                                    directory.GATHER_TIMEOUT)}
         except (TimeoutError, ConnectionError):
             raise ApiError(503, "info unavailable: Redis did not answer, try again") from None
 
@@ -347,12 +342,7 @@ class Api:
             if not gathered.done():
                 gathered.set_result(entries)
 
-        local = hub.presence_of(channel)
-        gather = getattr(hub.bus, "gather_presence", None)
-        if gather is None:
-            answer(local)
-        else:
-            gather(channel, local, answer)
+        hub.bus.gather_presence(channel, hub.presence_of(channel), answer)
         try:
             entries = await asyncio.wait_for(gathered, PRESENCE_TIMEOUT)
         except TimeoutError:

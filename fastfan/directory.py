@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import status
-from ._core import Hub
 from .auth import ChannelPatterns
 
 # The most channels one worker lists in its part of an answer: bounds an answer (each
@@ -30,12 +29,13 @@ GATHER_TIMEOUT = 2.0
 Counts = list[tuple[str, int]]
 
 
-def channel_counts(hub: Hub, pattern: str | None, limit: int = MAX_LISTED) -> Counts:
-    """This worker's channels that match `pattern` (`*` for any run of characters; none:
-    every channel), with their subscribers; its `limit` busiest when it has more."""
+def channel_counts(subscribers: Mapping[str, int], pattern: str | None,
+                   limit: int = MAX_LISTED) -> Counts:
+    """Of this worker's channels and their subscribers (Hub.subscriber_counts), those that
+    match `pattern` (`*` for any run of characters; none: every channel); its `limit`
+    busiest when it has more."""
     matches = ChannelPatterns([pattern or "*"]).allows
-    counts = {name: count for name, count in hub.subscriber_counts().items()
-              if count and matches(name)}
+    counts = {name: count for name, count in subscribers.items() if count and matches(name)}
     if len(counts) > limit:
         return status.busiest(counts, limit)
     return list(counts.items())

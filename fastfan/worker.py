@@ -17,13 +17,7 @@ from . import metrics
 from ._core import Hub
 from .api import Api
 from .auth import ChannelPatterns
-from .bus import Bus
-from .bus.cluster import SCHEME as CLUSTER_SCHEME
-from .bus.cluster import ClusterBus
-from .bus.local import LocalBus
-from .bus.mesh import MeshBus
-from .bus.redis import RedisBus
-from .bus.sharded import ShardedBus, redis_urls
+from .bus.factory import make_bus
 from .config import Config, tls_context
 from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
@@ -87,39 +81,10 @@ class Worker:
         )
         self.node = Node(node_name(config.port), config.workers,
                          process_start_time(placement.master_pid), self.total_figures)
-        self.bus: Bus
-        if config.redis is not None and config.redis.startswith(CLUSTER_SCHEME):
-            cluster = ClusterBus(self.hub, config.redis, config.redis_prefix,
-                                 presence_ttl=config.presence_ttl,
-                                 predecessor=placement.previous_client_id_prefix,
-                                 history_ttl=config.history_ttl, node=self.node,
-                                 slot=placement.slot)
-            self.hub.presence_sink = cluster.presence
-            self.bus = cluster
-        elif config.redis is not None and len(redis_urls(config.redis)) > 1:
-            sharded = ShardedBus(self.hub, redis_urls(config.redis), config.redis_prefix,
-                                 presence_ttl=config.presence_ttl,
-                                 predecessor=placement.previous_client_id_prefix,
-                                 history_ttl=config.history_ttl, node=self.node,
-                                 slot=placement.slot)
-            self.hub.presence_sink = sharded.presence
-            self.bus = sharded
-        elif config.redis is not None:
-            redis_bus = RedisBus(self.hub, config.redis, config.redis_prefix,
-                                 presence_ttl=config.presence_ttl, node=self.node,
-                                 slot=placement.slot,
-                                 history_ttl=config.history_ttl,
-                                 predecessor=placement.previous_client_id_prefix)
-            self.hub.presence_sink = redis_bus.presence  # presence shared by every node
-            self.bus = redis_bus
-        elif config.workers == 1:
-            self.bus = LocalBus(self.hub, history_ttl=config.history_ttl)
-        else:
-            self.bus = MeshBus(self.hub, placement.slot, config.workers,
-                               directory=placement.bus_directory,
-                               master_pid=placement.master_pid,
-                               max_message_size=config.max_message_size,
-                               history_ttl=config.history_ttl)
+        self.bus = make_bus(config, self.hub, self.node, worker=placement.slot,
+                            master_pid=placement.master_pid,
+                            mesh_directory=placement.bus_directory,
+                            predecessor=placement.previous_client_id_prefix)
         self.hub.bus = self.bus
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,
@@ -132,12 +97,13 @@ class Worker:
         self._stop = asyncio.Event()
 
     def is_ready(self) -> bool:
-        return self.accepting and self.bus.up
+        return self.accepting and self.bus.health().up
 
     def why_not_ready(self) -> str:
-        """What /ready's 503 says: which Redis shards are down, when there are several."""
-        if self.accepting and isinstance(self.bus, ShardedBus):
-            return "down: " + ", ".join(self.bus.down())
+        """What /ready's 503 says: which parts of the bus are down."""
+        down = self.bus.health().down
+        if self.accepting and down:
+            return "down: " + ", ".join(down)
         return "not ready"
 
     def publish_figures(self) -> None:
@@ -145,12 +111,7 @@ class Worker:
         figures: dict[str, float] = dict(self.hub.stats())
         figures["auth_failures_total"] = self.factory.auth_failures_total
         figures["connections_refused_total"] = self.factory.refused_full_total
-        figures["dropped_bus_total"] = self.bus.dropped_total
-        if isinstance(self.bus, RedisBus | ShardedBus):
-            figures["redis_up"] = float(self.bus.up)
-            figures["dropped_invalid_total"] = self.bus.invalid_total
-        if isinstance(self.bus, ShardedBus):
-            figures["redis_shards_down"] = float(len(self.bus.down()))
+        figures.update(self.bus.figures())
         latency = self.hub.publish_latency
         figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
         self.placement.figures.write(self.placement.slot, figures)

@@ -93,3 +93,25 @@ def test_echo_must_be_a_boolean(server: Any, echo: str) -> None:
     reply = client.recv_json()
     assert reply["type"] == "error" and reply["code"] == 400
     assert "echo" in reply["message"]
+
+
+def test_join_and_leave_on_unwatched_channels_do_not_wear_out_echo_false(
+        start_server: Any, redis_server: RedisServer) -> None:
+    """Through Redis, a publisher kept from its own message is remembered until the
+    message comes back; join and leave events of channels no one on the worker watches
+    never come back, so they must not be remembered: 11,000 of them once filled the
+    memory (10,000 entries), and from then on "echo":false echoed (issue #25, finding 13)."""
+    server = start_server("--redis", redis_server.url)
+    server.wait_ready()
+    for batch in range(11):
+        joiner, _ = raw(server, f"joiner{batch}")
+        channels = [f"c{batch}-{index}" for index in range(1000)]
+        joiner.send_json_burst([{"type": "subscribe", "channel": channel}
+                                for channel in channels])
+        for _ in channels:
+            assert joiner.recv_json()["type"] == "subscribed"
+    publisher, _ = raw(server)
+    publisher.subscribe("chat")
+    publisher.send_json({"type": "publish", "channel": "chat", "data": "quiet", "echo": False})
+    publisher.send_json({"type": "publish", "channel": "chat", "data": "loud"})
+    assert publisher.recv_json()["data"] == "loud"

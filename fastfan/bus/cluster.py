@@ -46,14 +46,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from .._core import Hub
+from .._core import Outbox
 from ..directory import Counts, Node
 from ..history import HistoryAnswer
-from . import COMMANDS, REFUSED
+from .base import REFUSED, Acknowledger, BusHealth, Entries, HubLink
+from .commands import COMMANDS
 from .redis import CONNECT_TIMEOUT, RedisBus
 from .redis_directory import RedisDirectory
-from .redis_presence import Entries
-from .sharded import SETTLE, ShardedBus
+from .sharded import SETTLE, RoutedBus
 
 log = logging.getLogger("fastfan.redis")
 
@@ -80,11 +80,8 @@ class Nowhere:
     """The owner of a channel whose slot has no known master (before the first map, or a
     slot no master serves): its publishes answer 503; the map's next reading places it."""
 
-    name = "no master known"
-    up = False
-    dropped_total = invalid_total = 0
-
-    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
+    def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                request_id: bytes, exclude: Outbox | None = None) -> int:
         return REFUSED
 
     def subscribe(self, channel: str) -> bool:
@@ -97,18 +94,14 @@ class Nowhere:
                         answer: Callable[[Entries | None], None]) -> None:
         answer(None)
 
-    @property
-    def presence(self) -> Nowhere:
-        return self
-
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
         pass  # written by the owner's next refresh
 
     def left(self, channel: str, client_id: bytes) -> None:
         pass
 
-    def publish_history(self, channel: str, payload: bytes, session: Any,
-                        request_id: bytes) -> int:
+    def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                        request_id: bytes, exclude: Outbox | None = None) -> int:
         return REFUSED
 
     def read_history(self, channel: str, since: int, limit: int,
@@ -119,8 +112,8 @@ class Nowhere:
 NOWHERE = Nowhere()
 
 
-class ClusterBus(ShardedBus):
-    def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
+class ClusterBus(RoutedBus):
+    def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0,
                  node: Node | None = None, slot: int = 0) -> None:
         self.hub = hub
@@ -145,8 +138,7 @@ class ClusterBus(ShardedBus):
         self._node, self._slot = node, slot
         self.masters: dict[str, RedisBus] = {}  # "host:port" -> its bus
         self.owners: list[str] = []  # slot -> "host:port" of its master ("" for none)
-        self.shards = []
-        self.presence = self
+        self.shards: list[RedisBus] = []
         self._stale = asyncio.Event()  # read the map now
         self._lost: set[str] = set()  # channels a node pushed a sunsubscribe for
         self._tasks: list[asyncio.Task[None]] = []
@@ -169,19 +161,20 @@ class ClusterBus(ShardedBus):
         return (bool(self.owners) and "" not in self.owners
                 and all(bus.up for bus in self.masters.values()))
 
-    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
-        """As ShardedBus's, but 503 for SETTLE after the channel moved to another master:
-        the other nodes follow it there meanwhile."""
+    def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                request_id: bytes, exclude: Outbox | None = None) -> int:
+        """On the channel's master, but 503 for SETTLE after the channel moved to another
+        master: the other nodes follow it there meanwhile."""
         if self._moving and self._still_moving(channel):
             return REFUSED
-        return int(self.shard(channel).publish(channel, payload, session, request_id))
+        return super().publish(channel, payload, ack, request_id, exclude)
 
-    def publish_history(self, channel: str, payload: bytes, session: Any,
-                        request_id: bytes) -> int:
+    def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                        request_id: bytes, exclude: Outbox | None = None) -> int:
         """Through the numbering script on the channel's master, as `publish`."""
         if self._moving and self._still_moving(channel):
             return REFUSED
-        return int(self.shard(channel).publish_history(channel, payload, session, request_id))
+        return super().publish_history(channel, payload, ack, request_id, exclude)
 
     def gather_channels(self, pattern: str | None, limit: int, local: Counts,
                         answer: Callable[[Counts | None], None]) -> None:
@@ -202,19 +195,18 @@ class ClusterBus(ShardedBus):
             return False
         return self._moving.get(key_slot(self.prefix + channel.encode()), 0.0) > now
 
-    @property
-    def dropped_total(self) -> int:
-        return self._retired[0] + sum(bus.dropped_total for bus in self.shards)
-
-    @property
-    def invalid_total(self) -> int:
-        return self._retired[1] + sum(bus.invalid_total for bus in self.shards)
-
-    def down(self) -> list[str]:
+    def health(self) -> BusHealth:
+        """Up while every slot has a master and every master's bus is up; `down` names
+        what is missing."""
         if not self.owners:
-            return ["redis cluster (no slot map yet)"]
-        uncovered = ["redis cluster (slots without a master)"] if "" in self.owners else []
-        return uncovered + super().down()
+            down: tuple[str, ...] = ("redis cluster (no slot map yet)",)
+        else:
+            down = (("redis cluster (slots without a master)",) if "" in self.owners
+                    else ()) + tuple(bus.name for bus in self.shards if not bus.up)
+        return BusHealth(up=self.up,
+                         dropped=self._retired[0] + sum(bus.dropped_total for bus in self.shards),
+                         invalid=self._retired[1] + sum(bus.invalid_total for bus in self.shards),
+                         down=down)
 
     async def start(self) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_mapped()))

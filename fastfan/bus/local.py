@@ -6,21 +6,23 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from .._core import Hub
+from .._core import Outbox
+from ..directory import Counts, Node
 from ..history import HistoryAnswer, HistoryStore, position
-from . import DONE, PENDING, apply_command
+from .base import DONE, PENDING, Acknowledger, Bus, BusHealth, Entries, HubLink
+from .commands import apply_command
 
 # How often the history store forgets what has expired.
 HISTORY_SWEEP_INTERVAL = 10.0
 
+UP = BusHealth(up=True)
 
-class LocalBus:
-    up = True
-    dropped_total = 0
 
-    def __init__(self, hub: Hub, *, history_ttl: float = 300.0) -> None:
+class LocalBus(Bus):
+    def __init__(self, hub: HubLink, node: Node, *, history_ttl: float = 300.0) -> None:
         self._hub = hub
         self._fanout = hub.fanout
+        self._node = node
         self.history = HistoryStore(hub.history_size, history_ttl)
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -34,17 +36,18 @@ class LocalBus:
         if self._sweeper is not None:
             self._sweeper.cancel()
 
-    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
-        self._fanout(channel, payload)
+    def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                request_id: bytes, exclude: Outbox | None = None) -> int:
+        self._fanout(channel, payload, exclude)
         return DONE
 
-    def publish_history(self, channel: str, payload: bytes, session: Any,
-                        request_id: bytes) -> int:
+    def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                        request_id: bytes, exclude: Outbox | None = None) -> int:
         """Numbered, kept and fanned out; acknowledged (if asked) with its position."""
         offset, epoch, numbered = self.history.sequence(channel, payload)
-        self._fanout(channel, numbered)
-        if session is not None:
-            session.acknowledge(channel, request_id, True, position(offset, epoch))
+        self._fanout(channel, numbered, exclude)
+        if ack is not None:
+            ack.acknowledge(channel, request_id, True, position(offset, epoch))
         return PENDING
 
     def read_history(self, channel: str, since: int, limit: int,
@@ -59,10 +62,30 @@ class LocalBus:
     def unsubscribe(self, channel: str) -> None:
         """See subscribe."""
 
-    def command(self, payload: bytes, session: Any) -> int:
+    def command(self, payload: bytes, ack: Acknowledger | None) -> int:
         """This worker's clients are all there are."""
         apply_command(self._hub, payload)
         return DONE
+
+    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        """Presence is the subscriber arrays: gather_presence asks for them."""
+
+    def left(self, channel: str, client_id: bytes) -> None:
+        """See joined."""
+
+    def gather_presence(self, channel: str, local: Entries,
+                        answer: Callable[[Entries | None], None]) -> None:
+        answer(local)
+
+    def gather_channels(self, pattern: str | None, limit: int, local: Counts,
+                        answer: Callable[[Counts | None], None]) -> None:
+        answer(local)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return [self._node.describe()]
+
+    def health(self) -> BusHealth:
+        return UP
 
 
 async def sweep_forever(history: HistoryStore) -> None:

@@ -64,10 +64,11 @@ from typing import Any
 
 import msgspec
 
-from .._core import WATCH_PREFIX, Hub
-from ..directory import MAX_LISTED, Counts, channel_counts
+from .._core import WATCH_PREFIX, Outbox
+from ..directory import MAX_LISTED, Counts, Node, channel_counts
 from ..history import HistoryAnswer, HistoryStore, owner_of, position
-from . import DONE, PENDING, REFUSED, apply_command
+from .base import DONE, PENDING, REFUSED, Acknowledger, Bus, BusHealth, Entries, HubLink
+from .commands import apply_command
 from .local import sweep_forever
 
 log = logging.getLogger("fastfan.bus")
@@ -250,7 +251,7 @@ class Incoming(asyncio.Protocol):
                 (limit,) = LIMIT.unpack_from(asked, QUERY.size)
                 pattern = asked[QUERY.size + LIMIT.size:].decode("utf-8", "replace")
                 answers.append(record(CHANNELS_ANSWER, b"", asked[:QUERY.size] + _encode(
-                    channel_counts(bus.hub, pattern, min(limit, MAX_LISTED)))))
+                    channel_counts(bus.hub.subscriber_counts(), pattern, min(limit, MAX_LISTED)))))
             elif kind == COMMAND and self.slot is not None:
                 apply_command(bus.hub, bytes(buffer[start + channel_length:offset]))
             elif kind == SEQUENCE and self.slot is not None:
@@ -414,12 +415,11 @@ class Outgoing(asyncio.Protocol):
             self.lost.set_result(None)
 
 
-class MeshBus:
-    up = True
-
-    def __init__(self, hub: Hub, slot: int, workers: int, *, directory: str, master_pid: int,
-                 max_message_size: int, history_ttl: float = 300.0) -> None:
+class MeshBus(Bus):
+    def __init__(self, hub: HubLink, node: Node, slot: int, workers: int, *, directory: str,
+                 master_pid: int, max_message_size: int, history_ttl: float = 300.0) -> None:
         self.hub = hub
+        self.node = node
         self.slot = slot
         self.workers = workers
         self.directory = directory
@@ -429,10 +429,10 @@ class MeshBus:
             max_message_size + ENVELOPE_MARGIN + 32)
         # the channels this worker owns: their history
         self.history = HistoryStore(hub.history_size, history_ttl)
-        # publishes out to their owner: token -> (session, request id) to acknowledge, and
+        # publishes out to their owner: token -> (who waits, request id) to acknowledge, and
         # token -> publisher to skip when its message comes back ("echo":false)
-        self._acknowledging: dict[int, tuple[Any, bytes, int]] = {}
-        self._unechoed: dict[int, Any] = {}
+        self._acknowledging: dict[int, tuple[Acknowledger, bytes, int]] = {}
+        self._unechoed: dict[int, Outbox] = {}
         self._next_token = 0
         self._reads: dict[int, Callable[[HistoryAnswer | None], None]] = {}
         self.outgoing: dict[int, Outgoing] = {}
@@ -495,8 +495,9 @@ class MeshBus:
             await peer.lost
             del self.outgoing[slot]
 
-    def publish(self, channel: str, payload: bytes, session: Any, request_id: bytes) -> int:
-        self.hub.fanout(channel, payload)
+    def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                request_id: bytes, exclude: Outbox | None = None) -> int:
+        self.hub.fanout(channel, payload, exclude)
         self._forward(channel, payload)
         return DONE
 
@@ -512,29 +513,29 @@ class MeshBus:
 
     # History ----------------------------------------------------------------------------
 
-    def publish_history(self, channel: str, payload: bytes, session: Any,
-                        request_id: bytes) -> int:
+    def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                        request_id: bytes, exclude: Outbox | None = None) -> int:
         """To the channel's owner, to be numbered; acknowledged with its position."""
         owner = owner_of(channel, self.workers)
         if owner == self.slot:
             offset, epoch, numbered = self.history.sequence(channel, payload)
-            self.hub.fanout(channel, numbered)  # Hub.excluded, if set, is skipped
+            self.hub.fanout(channel, numbered, exclude)
             self._forward(channel, numbered)
-            if session is not None:
-                session.acknowledge(channel, request_id, True, position(offset, epoch))
+            if ack is not None:
+                ack.acknowledge(channel, request_id, True, position(offset, epoch))
             return PENDING
         peer = self.outgoing.get(owner)
         if peer is None:
             return REFUSED  # the owner is restarting: try again
         token = flags = 0
-        if session is not None or self.hub.excluded is not None:
+        if ack is not None or exclude is not None:
             self._next_token = token = self._next_token % 0xFFFFFFFF + 1
             if len(self._unechoed) >= MAX_UNACKNOWLEDGED:
                 self._unechoed.clear()
-            if session is not None:
-                self._acknowledging[token] = (session, request_id, owner)
-            if self.hub.excluded is not None:
-                self._unechoed[token] = self.hub.excluded
+            if ack is not None:
+                self._acknowledging[token] = (ack, request_id, owner)
+            if exclude is not None:
+                self._unechoed[token] = exclude
                 flags = NO_ECHO
         if not peer.send(record(SEQUENCE, channel.encode(),
                                 TOKEN.pack(token) + bytes((flags,)) + payload)):
@@ -572,24 +573,20 @@ class MeshBus:
         if not returned:
             self._unechoed.pop(token, None)  # no message comes back to skip anyone for
         if acknowledging is not None:
-            session, request_id, _ = acknowledging
-            session.acknowledge(channel, request_id, True, position(offset, epoch))
+            ack, request_id, _ = acknowledging
+            ack.acknowledge(channel, request_id, True, position(offset, epoch))
 
     def owner_lost(self, slot: int) -> None:
         """Our connection to a worker went: the publishes it had not acknowledged may or may
         not have gone out; their publishers hear 503."""
-        for token, (session, request_id, owner) in list(self._acknowledging.items()):
+        for token, (ack, request_id, owner) in list(self._acknowledging.items()):
             if owner == slot:
                 del self._acknowledging[token]
-                session.acknowledge("", request_id, False)
+                ack.acknowledge("", request_id, False)
 
     def returned(self, channel: str, token: int, payload: bytes) -> None:
         """Our "echo":false publish, numbered, back for our other subscribers."""
-        publisher = self._unechoed.pop(token, None)
-        if publisher is None:
-            self.hub.fanout(channel, payload)
-        else:
-            self.hub.fanout_excluding(channel, payload, publisher)
+        self.hub.fanout(channel, payload, self._unechoed.pop(token, None))
 
     def read_history(self, channel: str, since: int, limit: int,
                      answer: Callable[[HistoryAnswer | None], None]) -> None:
@@ -633,7 +630,7 @@ class MeshBus:
         if answer is not None:
             answer(None)
 
-    def command(self, payload: bytes, session: Any) -> int:
+    def command(self, payload: bytes, ack: Acknowledger | None) -> int:
         """A server API command, for this worker's clients and every other worker's (sent
         after, on the same stream as, our publishes: a publish made after it comes after
         it everywhere). REFUSED when a connected worker cannot take it (stuck): applied
@@ -658,8 +655,14 @@ class MeshBus:
         if not any(channel in peer.unanswered for peer in self.outgoing.values()):
             self.hub.confirm(channel)
 
-    def gather_presence(self, channel: str, local: list[list[str]],
-                        answer: Callable[[list[list[str]] | None], None]) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        """Presence is the subscriber arrays: gather_presence asks for them."""
+
+    def left(self, channel: str, client_id: bytes) -> None:
+        """See joined."""
+
+    def gather_presence(self, channel: str, local: Entries,
+                        answer: Callable[[Entries | None], None]) -> None:
         """Ask every other worker for its subscribers of `channel`; `answer(entries)` with
         ours and all of theirs, or `answer(None)` if one did not answer in time."""
         self._gather(PRESENCE, channel.encode(), b"", local, answer)
@@ -705,6 +708,12 @@ class MeshBus:
         gathering = self._queries.pop(query, None)
         if gathering is not None:
             gathering.answer(None)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return [self.node.describe()]
+
+    def health(self) -> BusHealth:
+        return BusHealth(up=True, dropped=self.dropped_total)
 
     def unsubscribe(self, channel: str) -> None:
         data = record(UNSUBSCRIBE, channel.encode())

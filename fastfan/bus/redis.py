@@ -58,10 +58,11 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import AskError
 
-from .._core import WATCH_PREFIX, Hub, Outbox, Session
-from ..directory import Node
+from .._core import WATCH_PREFIX, Outbox
+from ..directory import Counts, Node
 from ..history import HistoryAnswer, new_epoch, position
-from . import COMMANDS, PENDING, REFUSED, apply_command
+from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, Entries, HubLink
+from .commands import COMMANDS, apply_command
 from .redis_directory import RedisDirectory
 from .redis_history import RedisHistory
 from .redis_presence import RedisPresence
@@ -74,10 +75,11 @@ log = logging.getLogger("fastfan.redis")
 # healthy Redis answers a pipeline in milliseconds, so only a Redis that has stopped
 # keeping up fills 32 MiB; the pipeline's own copy of the bytes can double it, no more.
 MAX_QUEUED_BYTES = 32 << 20
-# Publishes with "echo":false on their way through Redis: payload -> the publisher to skip
-# when it comes back. One that never comes back (its channel unsubscribed meanwhile)
-# would stay: past this many, or when Redis goes down, they are forgotten, and such a
-# publisher may receive its own message, never lose one.
+# Publishes with "echo":false (and join/leave events) on their way through Redis, on
+# channels this worker subscribes to (only those come back): payload -> the publisher to
+# skip when it comes back. One that never comes back (its channel unsubscribed meanwhile)
+# would stay: past this many the oldest are forgotten (and all when Redis goes down), and
+# such a publisher may receive its own message, never lose one.
 MAX_UNECHOED = 10_000
 # What one queued publish holds beyond its channel and payload: the tuple, the deque
 # slot, the objects' headers. So that many small publishes count too.
@@ -197,8 +199,8 @@ class Subscriber(asyncio.Protocol):
         return answer
 
 
-class RedisBus:
-    def __init__(self, hub: Hub, url: str, prefix: str, presence_ttl: float = 60.0,
+class RedisBus(Bus):
+    def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0, *, name: str = "redis",
                  owns: Callable[[str], bool] | None = None, settle: float = 0.0,
                  sharded: bool = False,
@@ -230,7 +232,7 @@ class RedisBus:
         self._publisher = _publishing_client(url)
         # (redis channel, payload, session to acknowledge or None, its request id, whether
         # the channel keeps history)
-        self._queue: deque[tuple[bytes, bytes, Session | None, bytes, bool]] = deque()
+        self._queue: deque[tuple[bytes, bytes, Acknowledger | None, bytes, bool]] = deque()
         self._queued_bytes = 0       # of the queue and the pipeline in flight
         self._unechoed: dict[bytes, Outbox] = {}
         # redis channel -> SUBSCRIBEs sent on this connection that Redis has not answered
@@ -245,7 +247,6 @@ class RedisBus:
                                       presence_ttl,
                                       announce=self._announce, predecessor=predecessor,
                                       owns=owns)
-        self.gather_presence = self.presence.gather
         # (on a cluster's master: answers on reply channels in each channel's slot, and an
         # epoch per master, see redis_history)
         where = urlsplit(url)
@@ -264,8 +265,6 @@ class RedisBus:
             self.directory = RedisDirectory(
                 self._publisher, hub, prefix, node, slot,
                 send=lambda channel, payload: self.publish(channel, payload, None, b""))
-            self.gather_channels = self.directory.gather_channels
-            self.nodes = self.directory.nodes
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -290,9 +289,18 @@ class RedisBus:
 
     # Publishing ---------------------------------------------------------------------
 
-    def publish(self, channel: str, payload: bytes, session: Session | None,
-                request_id: bytes, history: bool = False) -> int:
+    def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                request_id: bytes, exclude: Outbox | None = None) -> int:
         """Queued for the next pipeline; a `published` reply waits for Redis's answer."""
+        return self._queue_publish(channel, payload, ack, request_id, exclude, False)
+
+    def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                        request_id: bytes, exclude: Outbox | None = None) -> int:
+        """Through the numbering script, in the publishes' pipeline."""
+        return self._queue_publish(channel, payload, ack, request_id, exclude, True)
+
+    def _queue_publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                       request_id: bytes, exclude: Outbox | None, history: bool) -> int:
         if not self.up:
             return REFUSED
         redis_channel = self.prefix + channel.encode()
@@ -304,17 +312,14 @@ class RedisBus:
                         "503 until half of it is through", MAX_QUEUED_BYTES >> 20)
             return REFUSED
         self._queued_bytes += cost
-        if self.hub.excluded is not None and len(self._unechoed) < MAX_UNECHOED:
+        if exclude is not None and channel in self.hub.channels:
+            if len(self._unechoed) >= MAX_UNECHOED:
+                del self._unechoed[next(iter(self._unechoed))]  # the oldest
             # (numbered, it comes back with its position before the closing brace)
-            self._unechoed[payload[:-1] if history else payload] = self.hub.excluded
-        self._queue.append((redis_channel, payload, session, request_id, history))
+            self._unechoed[payload[:-1] if history else payload] = exclude
+        self._queue.append((redis_channel, payload, ack, request_id, history))
         self._queued.set()
         return PENDING
-
-    def publish_history(self, channel: str, payload: bytes, session: Session | None,
-                        request_id: bytes) -> int:
-        """Through the numbering script, in the publishes' pipeline."""
-        return self.publish(channel, payload, session, request_id, True)
 
     def read_history(self, channel: str, since: int, limit: int,
                      answer: Callable[[HistoryAnswer | None], None]) -> None:
@@ -356,29 +361,62 @@ class RedisBus:
             if not ok:
                 self.dropped_total += len(batch)
             prefix = len(self.prefix)
-            for index, (channel, payload, session, request_id, history) in enumerate(batch):
+            for index, (channel, payload, ack, request_id, history) in enumerate(batch):
                 self._queued_bytes -= _queued_cost(channel, payload)
-                if session is None:
+                if ack is None:
                     continue
                 if history and ok:
                     offset, epoch = results[index]
-                    session.acknowledge(channel[prefix:].decode("ascii"), request_id, True,
-                                        position(offset, epoch.decode("ascii")))
+                    ack.acknowledge(channel[prefix:].decode("ascii"), request_id, True,
+                                    position(offset, epoch.decode("ascii")))
                 else:
-                    session.acknowledge(channel[prefix:].decode("ascii"), request_id, ok)
+                    ack.acknowledge(channel[prefix:].decode("ascii"), request_id, ok)
             if self._full and self._queued_bytes <= MAX_QUEUED_BYTES // 2:
                 self._full = False
                 self._set_up()
                 log.info("the queue of publishes for redis has room again")
 
-    def command(self, payload: bytes, session: Any) -> int:
+    def command(self, payload: bytes, ack: Acknowledger | None) -> int:
         """A server API command for every worker of every node, ours too: it comes back
         to each through its subscription to COMMANDS."""
-        return self.publish(COMMANDS, payload, session, b"")
+        return self.publish(COMMANDS, payload, ack, b"")
 
     def _announce(self, channel: str, event: bytes) -> None:
         """A join or leave for the watchers of `channel`, on every node."""
         self.publish(WATCH_PREFIX + channel, event, None, b"")
+
+    # Presence, and what the other nodes have ----------------------------------------
+
+    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        self.presence.joined(channel, client_id, user, info)
+
+    def left(self, channel: str, client_id: bytes) -> None:
+        self.presence.left(channel, client_id)
+
+    def gather_presence(self, channel: str, local: Entries,
+                        answer: Callable[[Entries | None], None]) -> None:
+        self.presence.gather(channel, local, answer)
+
+    def gather_channels(self, pattern: str | None, limit: int, local: Counts,
+                        answer: Callable[[Counts | None], None]) -> None:
+        """Through the node registry, which a bus without a `node` (a shard other than the
+        first) does not hold: it answers None."""
+        if self.directory is None:
+            answer(None)
+        else:
+            self.directory.gather_channels(pattern, limit, local, answer)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        if self.directory is None:
+            raise ConnectionError(f"{self.name}: no node registry here")
+        return await self.directory.nodes()
+
+    def health(self) -> BusHealth:
+        return BusHealth(up=self.up, dropped=self.dropped_total, invalid=self.invalid_total,
+                         down=() if self.up else (self.name,))
+
+    def figures(self) -> dict[str, float]:
+        return redis_figures(self.health())
 
     # Subscribing --------------------------------------------------------------------
 
@@ -485,10 +523,8 @@ class RedisBus:
             self.directory.received(channel, payload)
             return
         name = channel[len(self.prefix):].decode("ascii")
-        if self._unechoed and (publisher := self._unechoed_publisher(payload)) is not None:
-            self.hub.fanout_excluding(name, payload, publisher)
-        else:
-            self.hub.fanout(name, payload)
+        self.hub.fanout(name, payload, self._unechoed_publisher(payload) if self._unechoed
+                        else None)
 
     def _unechoed_publisher(self, payload: bytes) -> Outbox | None:
         """The publisher a message comes back to be kept from ("echo":false), if any."""
@@ -643,3 +679,9 @@ class RedisBus:
                 log.info("%s up: %s", self.name, detail)
             else:
                 log.warning("%s down: %s", self.name, detail)
+
+
+def redis_figures(health: BusHealth) -> dict[str, float]:
+    """/metrics' rows of a bus through Redis (one, shards, or a cluster)."""
+    return {"dropped_bus_total": float(health.dropped), "redis_up": float(health.up),
+            "dropped_invalid_total": float(health.invalid)}

@@ -37,8 +37,8 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from .._core import Hub
 from ..directory import GATHER_TIMEOUT, MAX_LISTED, Counts, Node, channel_counts
+from .base import HubLink
 
 log = logging.getLogger("fastfan.redis")
 
@@ -96,7 +96,7 @@ class _Gathering:
 
 
 class RedisDirectory:
-    def __init__(self, client: aioredis.Redis | RedisCluster, hub: Hub, prefix: str,
+    def __init__(self, client: aioredis.Redis | RedisCluster, hub: HubLink, prefix: str,
                  node: Node, slot: int, *, send: Callable[[str, bytes], object]) -> None:
         self.client = client
         self.hub = hub
@@ -183,7 +183,7 @@ class RedisDirectory:
             if channel == self.queries:
                 asked = _decode_query(payload)
                 if asked.sender != self.id:
-                    counts = channel_counts(self.hub, asked.pattern,
+                    counts = channel_counts(self.hub.subscriber_counts(), asked.pattern,
                                             max(0, min(asked.limit, MAX_LISTED)))
                     self.send(f"{QUERIES}:{asked.sender}",
                               _encode(Part(asked.query, self.id, counts)))

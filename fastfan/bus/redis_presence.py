@@ -21,7 +21,8 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from .._core import Hub, join_leave_event
+from .._core import join_leave_event
+from .base import Entries, HubLink
 
 log = logging.getLogger("fastfan.redis")
 
@@ -46,13 +47,12 @@ return {expired, {}}
 # How many entries one refresh pipeline carries.
 REFRESH_BATCH = 5000
 
-Entries = list[list[str]]
 _encode = msgspec.json.encode
 _decode_member = msgspec.json.Decoder(tuple[str, str]).decode
 
 
 class RedisPresence:
-    def __init__(self, client: aioredis.Redis, hub: Hub, prefix: str, ttl: float, *,
+    def __init__(self, client: aioredis.Redis, hub: HubLink, prefix: str, ttl: float, *,
                  announce: Callable[[str, bytes], None], predecessor: str = "",
                  owns: Callable[[str], bool] | None = None) -> None:
         self.client = client

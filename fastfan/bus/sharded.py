@@ -11,23 +11,24 @@ a backend may publish a command to any one shard.
 Each shard is a RedisBus with its two connections per worker, up and down on its own: a
 shard that goes away fails only its channels (503 for their publishes) and subscribes to
 them again when it returns, taking their publishes again SETTLE later. The bus is `up`
-(and /ready 200) only while every shard is; `down()` names those that are not.
+(and /ready 200) only while every shard is; `health().down` names those that are not.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from redis.crc import key_slot
 
-from .._core import WATCH_PREFIX, Hub, Session
-from ..directory import Node
+from .._core import WATCH_PREFIX, Outbox
+from ..directory import Counts, Node
 from ..history import HistoryAnswer
-from . import COMMANDS
-from .redis import RedisBus, reconnect_delay
-from .redis_presence import Entries
+from .base import Acknowledger, Bus, BusHealth, Entries, HubLink
+from .commands import COMMANDS
+from .redis import RedisBus, reconnect_delay, redis_figures
 
 # A shard back after an outage takes publishes again only once every node has had time
 # to subscribe to it again: the longest wait between two reconnect attempts, and a margin.
@@ -52,8 +53,63 @@ def where(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
-class ShardedBus:
-    def __init__(self, hub: Hub, urls: list[str], prefix: str, presence_ttl: float = 60.0,
+class RoutedBus(Bus):
+    """A bus over several Redis, each channel on one of them: its `shard`, which carries
+    its publishes, its subscription, its presence and its history."""
+
+    prefix: bytes
+
+    @abstractmethod
+    def shard(self, channel: str) -> Any:
+        """The RedisBus that holds `channel` (or one that refuses everything)."""
+
+    def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                request_id: bytes, exclude: Outbox | None = None) -> int:
+        return int(self.shard(channel).publish(channel, payload, ack, request_id, exclude))
+
+    def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                        request_id: bytes, exclude: Outbox | None = None) -> int:
+        """Through the numbering script on the channel's shard (its stream, and the read's
+        answer on the connection that carries the channel's messages: the seam
+        RedisHistory needs)."""
+        return int(self.shard(channel).publish_history(channel, payload, ack, request_id,
+                                                       exclude))
+
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None:
+        self.shard(channel).read_history(channel, since, limit, answer)
+
+    def command(self, payload: bytes, ack: Acknowledger | None) -> int:
+        return self.publish(COMMANDS, payload, ack, b"")
+
+    def _announce(self, channel: str, event: bytes) -> None:
+        """A leave found by presence's expiry, for the watchers of `channel`, which may be
+        on another shard than `channel` itself."""
+        self.publish(WATCH_PREFIX + channel, event, None, b"")
+
+    def subscribe(self, channel: str) -> bool:
+        return bool(self.shard(channel).subscribe(channel))
+
+    def unsubscribe(self, channel: str) -> None:
+        self.shard(channel).unsubscribe(channel)
+
+    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        self.shard(channel).joined(channel, client_id, user, info)
+
+    def left(self, channel: str, client_id: bytes) -> None:
+        self.shard(channel).left(channel, client_id)
+
+    def gather_presence(self, channel: str, local: Entries,
+                        answer: Callable[[Entries | None], None]) -> None:
+        self.shard(channel).gather_presence(channel, local, answer)
+
+    def figures(self) -> dict[str, float]:
+        health = self.health()
+        return {**redis_figures(health), "redis_shards_down": float(len(health.down))}
+
+
+class ShardedBus(RoutedBus):
+    def __init__(self, hub: HubLink, urls: list[str], prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0,
                  node: Node | None = None, slot: int = 0) -> None:
         self.prefix = prefix.encode()
@@ -63,12 +119,8 @@ class ShardedBus:
                                 owns=self._owner(index, len(urls)), settle=SETTLE,
                                 node=node if index == 0 else None, slot=slot)
                        for index, url in enumerate(urls)]
-        if node is not None:
-            self.gather_channels = self.shards[0].gather_channels
-            self.nodes = self.shards[0].nodes
         for shard in self.shards:
             shard.presence.announce = self._announce  # "#" + channel may be elsewhere
-        self.presence = self  # the Hub's presence sink: joined/left go to the channel's shard
 
     def _owner(self, index: int, shards: int) -> Callable[[str], bool]:
         return lambda channel: shard_of(self.prefix, channel, shards) == index
@@ -76,21 +128,12 @@ class ShardedBus:
     def shard(self, channel: str) -> RedisBus:
         return self.shards[shard_of(self.prefix, channel, len(self.shards))]
 
-    @property
-    def up(self) -> bool:
-        return all(shard.up for shard in self.shards)
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(shard.dropped_total for shard in self.shards)
-
-    @property
-    def invalid_total(self) -> int:
-        return sum(shard.invalid_total for shard in self.shards)
-
-    def down(self) -> list[str]:
-        """The shards that are not up, by name."""
-        return [shard.name for shard in self.shards if not shard.up]
+    def health(self) -> BusHealth:
+        """Up while every shard is; `down` names those that are not."""
+        return BusHealth(up=all(shard.up for shard in self.shards),
+                         dropped=sum(shard.dropped_total for shard in self.shards),
+                         invalid=sum(shard.invalid_total for shard in self.shards),
+                         down=tuple(shard.name for shard in self.shards if not shard.up))
 
     async def start(self) -> None:
         for shard in self.shards:
@@ -100,40 +143,9 @@ class ShardedBus:
         for shard in self.shards:
             await shard.stop()
 
-    def publish(self, channel: str, payload: bytes, session: Session | None,
-                request_id: bytes) -> int:
-        return self.shard(channel).publish(channel, payload, session, request_id)
+    def gather_channels(self, pattern: str | None, limit: int, local: Counts,
+                        answer: Callable[[Counts | None], None]) -> None:
+        self.shards[0].gather_channels(pattern, limit, local, answer)
 
-    def command(self, payload: bytes, session: Any) -> int:
-        return self.shard(COMMANDS).publish(COMMANDS, payload, session, b"")
-
-    def _announce(self, channel: str, event: bytes) -> None:
-        self.publish(WATCH_PREFIX + channel, event, None, b"")
-
-    def subscribe(self, channel: str) -> bool:
-        return self.shard(channel).subscribe(channel)
-
-    def unsubscribe(self, channel: str) -> None:
-        self.shard(channel).unsubscribe(channel)
-
-    # Presence and history, each on the channel's shard --------------------------------
-
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
-        self.shard(channel).presence.joined(channel, client_id, user, info)
-
-    def left(self, channel: str, client_id: bytes) -> None:
-        self.shard(channel).presence.left(channel, client_id)
-
-    def gather_presence(self, channel: str, local: Entries,
-                        answer: Callable[[Entries | None], None]) -> None:
-        self.shard(channel).gather_presence(channel, local, answer)
-
-    # History, on the channel's shard: its stream, and the read's answer on the shard's
-    # connection that carries the channel's messages (the seam RedisHistory needs).
-    def publish_history(self, channel: str, payload: bytes, session: Session | None,
-                        request_id: bytes) -> int:
-        return int(self.shard(channel).publish_history(channel, payload, session, request_id))
-
-    def read_history(self, channel: str, since: int, limit: int,
-                     answer: Callable[[HistoryAnswer | None], None]) -> None:
-        self.shard(channel).read_history(channel, since, limit, answer)
+    async def nodes(self) -> list[dict[str, Any]]:
+        return await self.shards[0].nodes()

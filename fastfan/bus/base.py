@@ -1,0 +1,156 @@
+"""The Bus: what every bus does, whichever carries the messages (embedded or Redis).
+
+A Hub hands a bus what its clients publish, and the bus brings every message published
+anywhere back to the Hub of each worker with subscribers for its channel. The Hub sees
+only this class; a bus sees only the narrow HubLink below. fastfan.bus.factory builds the
+bus the configuration names; nothing else asks which bus it has.
+
+Publishing answers a BusResult: REFUSED (the bus is down: the client gets 503), DONE
+(handed on: a `published` reply may go at once), or PENDING (the bus calls
+`ack.acknowledge(channel, request_id, ok[, position])` once it knows; only when an `ack`
+is given, i.e. the client asked for an acknowledgement). `exclude` is the publisher of an
+`"echo":false` message (or the subject of a join/leave event): the fan-out of that message
+skips it, on this worker, wherever the message comes back from.
+
+Subscribing: the Hub calls `subscribe(channel)` when a channel gains its first local
+subscriber and `unsubscribe` when it loses its last. `subscribe` answers True when the bus
+will call `hub.confirm(channel)` once every message published anywhere afterwards reaches
+this worker: until then the clients' `subscribed` replies wait (the `subscribed` promise).
+
+History: on a channel with history (Hub.keeps_history) a publish goes to
+`publish_history` instead: the bus numbers the message (fastfan.history) with one
+sequencer per channel, keeps it, and fans it out numbered; it answers REFUSED or PENDING,
+and acknowledges with the message's position. `read_history(channel, since, limit,
+answer)` calls `answer(HistoryAnswer)` (or `answer(None)`: the store did not answer) with
+the kept messages after offset `since` (the last `limit` when `since` < 0); the answer
+reaches this worker in the stream of the channel's messages, after every message up to
+its position and before every later one, once the channel is subscribed here:
+Hub.subscribe_history's seam relies on it.
+
+Presence: `joined`/`left` tell the bus of a local subscriber of a presence channel (a bus
+that keeps presence elsewhere writes it there); `gather_presence` answers every worker's
+and node's subscribers of a channel, `gather_channels` every worker's channel counts, and
+`nodes()` describes every node: each with `local`, this worker's own part, added in.
+
+`command(payload, ack)` carries a server API command (fastfan.bus.commands) to every worker
+of every node, this one included, each of which applies it to its own Hub; it answers as
+`publish` does.
+
+`health()` is what /ready and /metrics say of the bus; `figures()` the bus's rows of
+/metrics.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .._core import BusResult, Outbox
+from ..directory import Counts
+from ..history import HistoryAnswer
+
+REFUSED, DONE, PENDING = BusResult.REFUSED, BusResult.DONE, BusResult.PENDING
+
+# A presence entry: [clientId, user, info] (info the token's `info` claim as JSON text, or "").
+Entries = list[list[str]]
+
+
+class Acknowledger(Protocol):
+    """Who waits for a publish's (or command's) late answer: a Session, or the server API."""
+
+    def acknowledge(self, channel: str, request_id: bytes, ok: bool,
+                    position: bytes = b"") -> None: ...
+
+
+class HubLink(Protocol):
+    """What a bus may ask of its worker's Hub: deliver, confirm, the local presence and
+    counts, and the commands' effects. (fastfan._core.Hub is one.)"""
+
+    @property
+    def channels(self) -> Mapping[str, Any]: ...  # channels with local subscribers
+    @property
+    def history_size(self) -> int: ...
+    @property
+    def presence_channels(self) -> Any: ...  # auth.ChannelPatterns
+    def fanout(self, channel: str, payload: bytes | bytearray | memoryview,
+               exclude: Outbox | None = None) -> int: ...
+    def confirm(self, channel: str) -> None: ...
+    def presence_of(self, channel: str) -> Entries: ...
+    def subscriber_counts(self) -> dict[str, int]: ...
+    def disconnect_user(self, user: str) -> int: ...
+    def unsubscribe_user(self, user: str, channel: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class BusHealth:
+    up: bool                    # publishes are taken (/ready)
+    dropped: int = 0            # messages it could not pass on
+    invalid: int = 0            # payloads from Redis that were not a JSON object in UTF-8
+    down: tuple[str, ...] = ()  # its parts that are down, by name: /ready's reason
+
+
+Answer = Callable[[Any], None]
+
+
+class Bus(ABC):
+    """See the module's docstring."""
+
+    @abstractmethod
+    def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                request_id: bytes, exclude: Outbox | None = None) -> int: ...
+
+    @abstractmethod
+    def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
+                        request_id: bytes, exclude: Outbox | None = None) -> int: ...
+
+    @abstractmethod
+    def read_history(self, channel: str, since: int, limit: int,
+                     answer: Callable[[HistoryAnswer | None], None]) -> None: ...
+
+    @abstractmethod
+    def subscribe(self, channel: str) -> bool: ...
+
+    @abstractmethod
+    def unsubscribe(self, channel: str) -> None: ...
+
+    @abstractmethod
+    def command(self, payload: bytes, ack: Acknowledger | None) -> int: ...
+
+    @abstractmethod
+    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        """A local subscriber of a presence channel (the Hub's arrays are presence enough
+        for a bus that asks the other workers)."""
+
+    @abstractmethod
+    def left(self, channel: str, client_id: bytes) -> None:
+        """See joined."""
+
+    @abstractmethod
+    def gather_presence(self, channel: str, local: Entries,
+                        answer: Callable[[Entries | None], None]) -> None: ...
+
+    @abstractmethod
+    def gather_channels(self, pattern: str | None, limit: int, local: Counts,
+                        answer: Callable[[Counts | None], None]) -> None: ...
+
+    @abstractmethod
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every node's description (directory.Node.describe); ConnectionError when the
+        nodes cannot be asked."""
+
+    @abstractmethod
+    def health(self) -> BusHealth: ...
+
+    def figures(self) -> dict[str, float]:
+        """The bus's rows of /metrics (fastfan.metrics.METRICS)."""
+        return {"dropped_bus_total": float(self.health().dropped)}
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect; the bus may be down for a while after (health().up)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Disconnect."""
