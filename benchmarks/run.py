@@ -1,5 +1,5 @@
 """The benchmark suite: fastfan, its peers and the C yardstick, side by side in one run;
-and the studies (benchmarks/studies.py) beside it. docs/benchmarks.md has the figures.
+and the studies (benchmarks/studies/) beside it. docs/benchmarks.md has the figures.
 
     ./dev bench --duration 3        # every suite scenario, every server (about 18 minutes)
     ./dev bench --quick             # CI: a load every server sustains; fails on a crash or loss
@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import lib
-import studies
 from lib import (
     HEADER,
     PEERS,
@@ -71,6 +70,19 @@ from lib import (
     run_loadgen_measuring,
     wait_listening,
 )
+from studies.accept_spread import accept_spread
+from studies.api import api
+from studies.churn import churn
+from studies.connections import connections
+from studies.deflate_tls import wire
+from studies.history import history
+from studies.join_storm import join_storm
+from studies.presence import presence
+from studies.redis_path import redis
+from studies.shards import shards
+from studies.slow_consumer import slow_consumer
+from studies.soak import soak
+from studies.storm import storm
 
 
 @dataclass(frozen=True)
@@ -296,20 +308,20 @@ def plot(rows: list[dict[str, Any]], scenario: str, out: Path) -> None:
 SUITE = ("fanout", "channels", "large", "headroom", "idle", "workers", "redis")
 REDIS_RATES = (50e3, 200e3, 500e3, 1e6)
 SUITE_DURATION = 5.0  # seconds per rate when --duration is not given
-# Study -> (its function in studies.py, the options of this command line it takes)
+# Study -> (its function in studies/, the options of this command line it takes)
 STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] = {
-    "connections": (studies.connections, ("connections", "workers", "processes", "duration")),
-    "churn": (studies.churn, ("cycles", "processes")),
-    "storm": (studies.storm, ("connections", "processes", "workers")),
-    "slow-consumer": (studies.slow_consumer, ("policy", "duration")),
-    "soak": (studies.soak, ("minutes",)),
-    "accept-spread": (studies.accept_spread, ("workers", "connections")),
-    "presence": (studies.presence, ("connections", "processes")),
-    "join-storm": (studies.join_storm, ("watchers", "joiners")),
-    "api": (studies.api, ("subscribers", "duration")),
-    "shards": (studies.shards, ("rates", "duration", "channels")),
-    "wire": (studies.wire, ("subscribers", "duration")),
-    "history": (studies.history, ("rates", "duration", "connections", "processes", "repeat")),
+    "connections": (connections, ("connections", "workers", "processes", "duration")),
+    "churn": (churn, ("cycles", "processes")),
+    "storm": (storm, ("connections", "processes", "workers")),
+    "slow-consumer": (slow_consumer, ("policy", "duration")),
+    "soak": (soak, ("minutes",)),
+    "accept-spread": (accept_spread, ("workers", "connections")),
+    "presence": (presence, ("connections", "processes")),
+    "join-storm": (join_storm, ("watchers", "joiners")),
+    "api": (api, ("subscribers", "duration")),
+    "shards": (shards, ("rates", "duration", "channels")),
+    "wire": (wire, ("subscribers", "duration")),
+    "history": (history, ("rates", "duration", "connections", "processes", "repeat")),
 }
 
 
@@ -406,7 +418,7 @@ def main() -> int:
             rows += loadgen_headroom(duration, rows)
             continue
         if name == "redis":
-            rows += studies.redis(servers, list(rates or REDIS_RATES), duration)
+            rows += redis(servers, list(rates or REDIS_RATES), duration)
             plot(rows, name, log_dir / f"{name}.png")
             continue
         if name == "workers":  # the fan-out sweep, one worker against two on one core

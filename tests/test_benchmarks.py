@@ -26,18 +26,19 @@ def test_history_study_reconnect_storm_recovers() -> None:
     """The history study's storm at a small scale: 200 clients from 2 processes each get
     `recovered:true` and the 100 messages they missed; its publisher counts its acks."""
     sys.path.insert(0, str(BENCHMARKS))
-    import studies
     from lib import free_port, start_fastfan
+    from studies import history
+    from studies.common import NO_HEARTBEAT, stop
 
     port = free_port()
-    server = start_fastfan(port, [*studies.HISTORY_ON, *studies.NO_HEARTBEAT], pin=False)
+    server = start_fastfan(port, [*history.HISTORY_ON, *NO_HEARTBEAT], pin=False)
     try:
-        acked, _ = studies._publish_acked(port, ["storm.t"], count=150)
+        acked, _ = history._publish_acked(port, ["storm.t"], count=150)
         assert acked == 150
-        top, epoch = studies._position(port, "storm.t")
+        top, epoch = history._position(port, "storm.t")
         assert top == 150
-        row = studies._storm(port, [server.pid], "storm.t", {"offset": top - 100, "epoch": epoch},
+        row = history._storm(port, [server.pid], "storm.t", {"offset": top - 100, "epoch": epoch},
                              100, clients=200, processes=2)
     finally:
-        studies.stop(server)
+        stop(server)
     assert row["clients"] == 200 and row["not_recovered"] == 0
