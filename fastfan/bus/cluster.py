@@ -38,21 +38,23 @@ import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import AskError
 
 from .._core import Outbox
 from ..directory import Counts, Node
-from ..history import HistoryAnswer
+from ..history import HistoryAnswer, new_epoch
 from .base import REFUSED, Acknowledger, BusHealth, Entries, HubLink
 from .commands import COMMANDS
-from .redis import CONNECT_TIMEOUT, RedisBus
+from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command
 from .redis_directory import RedisDirectory
+from .redis_history import RedisHistory
 from .sharded import SETTLE, RoutedBus
 
 log = logging.getLogger("fastfan.redis")
@@ -74,6 +76,93 @@ def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str]:
         name, _, port = host.strip().rpartition(":")
         nodes.append((name or "localhost", int(port or 6379)))
     return nodes, credentials + "@" if credentials else ""
+
+
+class ClusterMaster(RedisBus):
+    """One master of the cluster, in sharded pub/sub: SSUBSCRIBE and SPUBLISH, one channel
+    per command (each may be in its own slot). A channel whose slot is not (or no longer)
+    on this master is told to `moved`; history's reads are answered on a reply channel in
+    the read channel's slot, subscribed for the read, and its epochs name this master."""
+
+    PUBLISH = "SPUBLISH"
+
+    def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float,
+                 predecessor: str, history_ttl: float, *, name: str,
+                 owns: Callable[[str], bool], moved: Callable[[bytes], None],
+                 presence_client: RedisCluster, directory: RedisDirectory | None) -> None:
+        self.moved = moved
+        self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent, not answered
+        super().__init__(hub, url, prefix, presence_ttl, predecessor, history_ttl, name=name,
+                         owns=owns, settle=SETTLE, presence_client=presence_client,
+                         directory=directory)
+
+    def _history(self, ttl: float) -> RedisHistory:
+        where = urlsplit(self.url)
+        return RedisHistory(self._publisher, self.prefix, self.hub.history_size, ttl,
+                            self.prefix + b"!history:" + new_epoch().encode(), b"SPUBLISH",
+                            node=f"{where.hostname}:{where.port}".encode(), listen=self._listen)
+
+    def _listen(self, reply: bytes, on: bool) -> bool:
+        """SSUBSCRIBE (or leave) a reply channel of history reads."""
+        if self._subscriber is None or not self._connected:
+            return False
+        self._subscriber.transport.write(_command(b"SSUBSCRIBE" if on else b"SUNSUBSCRIBE",
+                                                  reply))
+        return True
+
+    def _standing_channels(self) -> list[bytes]:
+        """COMMANDS and the directory's channels, where their slot is this master's."""
+        standing = [COMMANDS, *(self.directory.names if self.directory is not None else ())]
+        return [self.prefix + name.encode() for name in standing
+                if self.owns is None or self.owns(name)]
+
+    def _subscribe_command(self, channels: list[bytes]) -> bytes:
+        return b"".join(_command(b"SSUBSCRIBE", channel) for channel in channels)
+
+    def _unsubscribe_command(self, channels: list[bytes]) -> bytes:
+        for channel in channels:
+            self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
+        return b"".join(_command(b"SUNSUBSCRIBE", channel) for channel in channels)
+
+    def _pipeline_failed(self, exc: aioredis.RedisError | OSError) -> None:
+        if isinstance(exc, AskError):  # MOVED (or ASK): a slot went elsewhere; 503, and
+            self.moved(b"")             # the map is read again
+        else:
+            super()._pipeline_failed(exc)
+
+    def on_subscribed(self, channel: bytes) -> None:
+        if self.history.is_reply(channel):
+            self.history.subscribed(channel)
+        else:
+            super().on_subscribed(channel)
+
+    def on_sunsubscribed(self, channel: bytes) -> None:
+        """A SUNSUBSCRIBE answered, or the node telling us that the slot has left it."""
+        if self.history.is_reply(channel):
+            return  # (its slot moved: its reads fail by themselves, MOVED or no answer)
+        count = self._unsubscribing.get(channel, 0)
+        if count > 1:
+            self._unsubscribing[channel] = count - 1
+        elif count == 1:
+            del self._unsubscribing[channel]
+        else:
+            self.moved(channel)
+
+    def on_moved(self, error: str) -> None:
+        """`MOVED <slot> <host:port>` to an SSUBSCRIBE or SUNSUBSCRIBE: those of the slot's
+        channels waiting for an answer get none; the subscribes go to the slot's master."""
+        slot = int(error.split()[1])
+        self.history.moved(slot)
+        for channel in [c for c in self._unsubscribing if key_slot(c) == slot]:
+            del self._unsubscribing[channel]
+        for channel in [c for c in self._unanswered if key_slot(c) == slot]:
+            del self._unanswered[channel]
+            self.moved(channel)
+        self.moved(b"")
+
+    async def _connect(self) -> Subscriber:
+        self._unsubscribing = {}  # on the connection that is gone
+        return await super()._connect()
 
 
 class Nowhere:
@@ -136,9 +225,9 @@ class ClusterBus(RoutedBus):
         # and every master's connections; made with it
         self.directory: RedisDirectory | None = None
         self._node, self._slot = node, slot
-        self.masters: dict[str, RedisBus] = {}  # "host:port" -> its bus
+        self.masters: dict[str, ClusterMaster] = {}  # "host:port" -> its bus
         self.owners: list[str] = []  # slot -> "host:port" of its master ("" for none)
-        self.shards: list[RedisBus] = []
+        self.shards: list[ClusterMaster] = []
         self._stale = asyncio.Event()  # read the map now
         self._lost: set[str] = set()  # channels a node pushed a sunsubscribe for
         self._tasks: list[asyncio.Task[None]] = []
@@ -317,14 +406,14 @@ class ClusterBus(RoutedBus):
 
     def _add(self, name: str) -> None:
         predecessor, self._predecessor = self._predecessor, ""
-        bus = RedisBus(self.hub, f"redis://{self._credentials}{name}/0", self._prefix,
-                       self._presence_ttl, predecessor, self._history_ttl,
-                       name=f"redis master {name}",
-                       owns=lambda channel: self.owners[key_slot(
-                           self.prefix + channel.encode())] == name,
-                       settle=SETTLE, sharded=True,
-                       moved=self.moved, presence_client=self.client,
-                       directory=self.directory)
+        assert self.client is not None  # made with the first map, before any master
+        bus = ClusterMaster(self.hub, f"redis://{self._credentials}{name}/0", self._prefix,
+                            self._presence_ttl, predecessor, self._history_ttl,
+                            name=f"redis master {name}",
+                            owns=lambda channel: self.owners[key_slot(
+                                self.prefix + channel.encode())] == name,
+                            moved=self.moved, presence_client=self.client,
+                            directory=self.directory)
         self.masters[name] = bus
         self.shards.append(bus)
         asyncio.get_running_loop().create_task(bus.start())

@@ -31,8 +31,9 @@ bus is up again once Redis answers a PING on both connections (_publish_failed).
 
 Several Redis (bus/sharded.py) and Redis Cluster (bus/cluster.py) hold a RedisBus per
 shard or master: `owns` says which channels are its own (subscribed again after a
-reconnect, their presence refreshed), `settle` keeps publishes at 503 a while after a
-reconnect, and `sharded` speaks the cluster's sharded pub/sub.
+reconnect, their presence refreshed), and `settle` keeps publishes at 503 a while after a
+reconnect. A cluster's master speaks sharded pub/sub: cluster.ClusterMaster, a RedisBus
+whose commands and replies are the sharded ones.
 
 A payload from Redis that is not a JSON object in valid UTF-8 is dropped and counted:
 subscribers receive it as a text frame, and a browser fails a connection whose text is not
@@ -48,15 +49,12 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 import msgspec
 import redis.asyncio as aioredis
-from redis.crc import key_slot
-from redis.exceptions import AskError
 
 from .._core import WATCH_PREFIX, Outbox
 from ..directory import Counts, Node
@@ -200,11 +198,11 @@ class Subscriber(asyncio.Protocol):
 
 
 class RedisBus(Bus):
+    PUBLISH = "PUBLISH"  # (a Redis Cluster's master, cluster.ClusterMaster: SPUBLISH)
+
     def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0, *, name: str = "redis",
                  owns: Callable[[str], bool] | None = None, settle: float = 0.0,
-                 sharded: bool = False,
-                 moved: Callable[[bytes], None] | None = None,
                  presence_client: Any = None, node: Node | None = None,
                  slot: int = 0, directory: RedisDirectory | None = None) -> None:
         self.hub = hub
@@ -216,11 +214,6 @@ class RedisBus(Bus):
         self.settle = settle
         self._settling: asyncio.TimerHandle | None = None
         self._ever_connected = False
-        # Redis Cluster's sharded pub/sub (SSUBSCRIBE, SPUBLISH), on one node of it: a
-        # channel whose slot is not (or no longer) there is told to `moved`.
-        self.sharded = sharded
-        self.moved = moved or (lambda channel: None)
-        self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent, not answered
         self.prefix = prefix.encode()
         self._commands = self.prefix + COMMANDS.encode()
         self.up = False              # connected and not full: publishes are taken
@@ -247,15 +240,7 @@ class RedisBus(Bus):
                                       presence_ttl,
                                       announce=self._announce, predecessor=predecessor,
                                       owns=owns)
-        # (on a cluster's master: answers on reply channels in each channel's slot, and an
-        # epoch per master, see redis_history)
-        where = urlsplit(url)
-        self.history = RedisHistory(
-            self._publisher, self.prefix, hub.history_size, history_ttl,
-            self.prefix + b"!history:" + new_epoch().encode(),
-            b"SPUBLISH" if sharded else b"PUBLISH",
-            node=f"{where.hostname}:{where.port}".encode() if sharded else b"",
-            listen=self._listen if sharded else None)
+        self.history = self._history(history_ttl)
         # channels and info across the nodes: this worker's `node` on the registry (with
         # several Redis, on the first of them only); or a cluster's `directory`, whose
         # channels each master bus subscribes to where they are its own
@@ -265,6 +250,11 @@ class RedisBus(Bus):
             self.directory = RedisDirectory(
                 self._publisher, hub, prefix, node, slot,
                 send=lambda channel, payload: self.publish(channel, payload, None, b""))
+
+    def _history(self, ttl: float) -> RedisHistory:
+        """History's answers on this worker's reply channel, subscribed from the start."""
+        return RedisHistory(self._publisher, self.prefix, self.hub.history_size, ttl,
+                            self.prefix + b"!history:" + new_epoch().encode())
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -336,13 +326,11 @@ class RedisBus(Bus):
             batch = list(self._queue)
             self._queue.clear()
             pipe = self._publisher.pipeline(transaction=False)
-            publish = pipe.publish if not self.sharded else partial(pipe.execute_command,
-                                                                     "SPUBLISH")
             for channel, payload, _, _, history in batch:
                 if history:
                     await self.history.add_publish(pipe, channel, payload)
                 else:
-                    publish(channel, payload)
+                    pipe.execute_command(self.PUBLISH, channel, payload)
             results: list[Any] = []
             try:
                 results = await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
@@ -354,10 +342,7 @@ class RedisBus(Bus):
                 self._stalled(f"no answer to a pipeline in {PIPELINE_TIMEOUT:g} s")
             except (aioredis.RedisError, OSError) as exc:
                 ok = False
-                if self.sharded and isinstance(exc, AskError):  # MOVED (or ASK): a slot
-                    self.moved(b"")  # went elsewhere; 503, and the map is read again
-                else:
-                    self._publish_failed(f"publish failed: {exc}")
+                self._pipeline_failed(exc)
             if not ok:
                 self.dropped_total += len(batch)
             prefix = len(self.prefix)
@@ -375,6 +360,9 @@ class RedisBus(Bus):
                 self._full = False
                 self._set_up()
                 log.info("the queue of publishes for redis has room again")
+
+    def _pipeline_failed(self, exc: aioredis.RedisError | OSError) -> None:
+        self._publish_failed(f"publish failed: {exc}")
 
     def command(self, payload: bytes, ack: Acknowledger | None) -> int:
         """A server API command for every worker of every node, ours too: it comes back
@@ -448,56 +436,23 @@ class RedisBus(Bus):
             subscriber.transport.write(self._subscribe_command(added))
             for channel in added:
                 self._unanswered[channel] = self._unanswered.get(channel, 0) + 1
-        if removed and self.sharded:  # one slot per command
-            subscriber.transport.write(b"".join(_command(b"SUNSUBSCRIBE", c) for c in removed))
-            for channel in removed:
-                self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
-        elif removed:
-            subscriber.transport.write(_command(b"UNSUBSCRIBE", *removed))
-
-    def _listen(self, reply: bytes, on: bool) -> bool:
-        """SSUBSCRIBE (or leave) a reply channel of history reads, on a cluster's master."""
-        if self._subscriber is None or not self._connected:
-            return False
-        self._subscriber.transport.write(_command(b"SSUBSCRIBE" if on else b"SUNSUBSCRIBE",
-                                                  reply))
-        return True
+        if removed:
+            subscriber.transport.write(self._unsubscribe_command(removed))
 
     def _subscribe_command(self, channels: list[bytes]) -> bytes:
-        """One SUBSCRIBE; on a cluster one SSUBSCRIBE per channel, each maybe its own slot."""
-        if self.sharded:
-            return b"".join(_command(b"SSUBSCRIBE", channel) for channel in channels)
         return _command(b"SUBSCRIBE", *channels)
 
+    def _unsubscribe_command(self, channels: list[bytes]) -> bytes:
+        return _command(b"UNSUBSCRIBE", *channels)
+
     def on_sunsubscribed(self, channel: bytes) -> None:
-        """A SUNSUBSCRIBE answered, or the node telling us that the slot has left it."""
-        if self.history.is_reply(channel):
-            return  # (its slot moved: its reads fail by themselves, MOVED or no answer)
-        count = self._unsubscribing.get(channel, 0)
-        if count > 1:
-            self._unsubscribing[channel] = count - 1
-        elif count == 1:
-            del self._unsubscribing[channel]
-        else:
-            self.moved(channel)
+        """Sharded pub/sub's (ClusterMaster): a plain Redis pushes no `sunsubscribe`."""
 
     def on_moved(self, error: str) -> None:
-        """`MOVED <slot> <host:port>` to an SSUBSCRIBE or SUNSUBSCRIBE: those of the slot's
-        channels waiting for an answer get none; the subscribes go to the slot's master."""
-        slot = int(error.split()[1])
-        self.history.moved(slot)
-        for channel in [c for c in self._unsubscribing if key_slot(c) == slot]:
-            del self._unsubscribing[channel]
-        for channel in [c for c in self._unanswered if key_slot(c) == slot]:
-            del self._unanswered[channel]
-            self.moved(channel)
-        self.moved(b"")
+        """Sharded pub/sub's (ClusterMaster): a plain Redis answers no MOVED."""
 
     def on_subscribed(self, channel: bytes) -> None:
         """Redis answered a SUBSCRIBE: from now on it sends us what is published there."""
-        if self.sharded and self.history.is_reply(channel):
-            self.history.subscribed(channel)
-            return
         count = self._unanswered.get(channel, 0)
         if count > 1:
             self._unanswered[channel] = count - 1
@@ -589,18 +544,17 @@ class RedisBus(Bus):
         channels = [self.prefix + name.encode() for name in self.hub.channels
                     if owns is None or owns(name)]
         self._unanswered = dict.fromkeys(channels, 1)
-        self._unsubscribing = {}
-        # Those of every worker: on a cluster, each on its slot's master.
-        standing = [COMMANDS, *(self.directory.names if self.directory is not None else ())]
-        channels[:0] = [self.prefix + name.encode() for name in standing
-                        if not self.sharded or owns is None or owns(name)]
-        if not self.sharded:  # history's answers (a cluster's come on reply channels by slot)
-            channels.insert(0, self.history.reply_channel)
-        commands.append(self._subscribe_command(channels))
+        commands.append(self._subscribe_command([*self._standing_channels(), *channels]))
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))
         self._subscriber = subscriber  # from here on, channel changes go to this connection
         return subscriber
+
+    def _standing_channels(self) -> list[bytes]:
+        """What the subscribing connection subscribes to whatever the clients do: history's
+        answers, the server API's commands, the directory's queries."""
+        standing = [COMMANDS, *(self.directory.names if self.directory is not None else ())]
+        return [self.history.reply_channel, *(self.prefix + name.encode() for name in standing)]
 
     def _stalled(self, reason: str) -> None:
         """Drop both connections: only a Redis that answers again brings the bus back up.
