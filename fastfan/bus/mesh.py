@@ -58,7 +58,6 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,7 @@ from ..directory import MAX_LISTED, Counts, Node, channel_counts
 from ..history import HistoryAnswer, HistoryStore, owner_of, position
 from .base import DONE, PENDING, REFUSED, Acknowledger, Bus, BusHealth, Entries, HubLink
 from .commands import apply_command
+from .gather import Gatherings
 from .local import sweep_forever
 
 log = logging.getLogger("fastfan.bus")
@@ -147,15 +147,6 @@ _decode_entries = msgspec.json.Decoder(list[list[str]]).decode
 _decode_counts = msgspec.json.Decoder(list[tuple[str, int]]).decode
 _decode_history = msgspec.json.Decoder(
     tuple[int, str, list[tuple[int, msgspec.Raw]]]).decode
-
-
-@dataclass
-class Gathering:
-    """A presence or channels query: whom it waits for, what came back, and whom to answer."""
-
-    answer: Callable[[Any], None]  # with every part added to `entries`, or None
-    waiting: set[int]
-    entries: list[Any] = field(default_factory=list)
 
 
 def address(directory: str, slot: int) -> str:
@@ -439,8 +430,8 @@ class MeshBus(Bus):
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != slot}
         self.dropped_total = 0
-        self._queries: dict[int, Gathering] = {}  # presence queries waiting for answers
-        self._next_query = 0
+        self._next_query = 0  # of history reads
+        self._gatherings = Gatherings(PRESENCE_TIMEOUT)  # presence and channels queries
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -676,38 +667,19 @@ class MeshBus(Bus):
 
     def _gather(self, kind: int, channel: bytes, asked: bytes, local: list[Any],
                 answer: Callable[[Any], None]) -> None:
-        self._next_query += 1
-        query = self._next_query
-        data = record(kind, channel, QUERY.pack(query) + asked)
-        waiting = {slot for slot, peer in self.outgoing.items() if peer.send(data)}
-        self._queries[query] = Gathering(answer, waiting, list(local))
-        asyncio.get_running_loop().call_later(PRESENCE_TIMEOUT, self._give_up, query)
-        self._finish_if_answered(query)
+        def ask_each(query: int) -> list[int]:
+            data = record(kind, channel, QUERY.pack(query) + asked)
+            return [slot for slot, peer in self.outgoing.items() if peer.send(data)]
+
+        self._gatherings.ask(local, answer, ask_each)
 
     def presence_answered(self, slot: int, query: int, entries: list[Any]) -> None:
         """A worker's part of a presence or channels query."""
-        gathering = self._queries.get(query)
-        if gathering is not None and slot in gathering.waiting:
-            gathering.waiting.discard(slot)
-            gathering.entries += entries
-            self._finish_if_answered(query)
+        self._gatherings.part(query, slot, entries)
 
     def presence_answered_by_all(self, slot: int) -> None:
         """A worker went away: its subscribers went with it, it owes no answer."""
-        for query, gathering in list(self._queries.items()):
-            gathering.waiting.discard(slot)
-            self._finish_if_answered(query)
-
-    def _finish_if_answered(self, query: int) -> None:
-        gathering = self._queries[query]
-        if not gathering.waiting:
-            del self._queries[query]
-            gathering.answer(gathering.entries)
-
-    def _give_up(self, query: int) -> None:
-        gathering = self._queries.pop(query, None)
-        if gathering is not None:
-            gathering.answer(None)
+        self._gatherings.gone(slot)
 
     async def nodes(self) -> list[dict[str, Any]]:
         return [self.node.describe()]

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -39,6 +38,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ..directory import GATHER_TIMEOUT, MAX_LISTED, Counts, Node, channel_counts
 from .base import HubLink
+from .gather import Gatherings
 
 log = logging.getLogger("fastfan.redis")
 
@@ -88,13 +88,6 @@ _decode_description = msgspec.json.Decoder(Description).decode
 _encode = msgspec.json.encode
 
 
-@dataclass
-class _Gathering:
-    answer: Callable[[Counts | None], None]
-    waiting: set[str]
-    parts: Counts = field(default_factory=list)
-
-
 class RedisDirectory:
     def __init__(self, client: aioredis.Redis | RedisCluster, hub: HubLink, prefix: str,
                  node: Node, slot: int, *, send: Callable[[str, bytes], object]) -> None:
@@ -110,8 +103,7 @@ class RedisDirectory:
         self.replies = (prefix + self.reply_channel).encode()
         self.channels = (self.queries, self.replies)  # the same, as Redis channels
         self._live = client.register_script(LIVE_ENTRIES)
-        self._gatherings: dict[int, _Gathering] = {}
-        self._next_query = 0
+        self._gatherings = Gatherings(GATHER_TIMEOUT)
 
     # The registry ----------------------------------------------------------------------
 
@@ -164,18 +156,17 @@ class RedisDirectory:
     async def _gather(self, pattern: str | None, limit: int, local: Counts,
                       answer: Callable[[Counts | None], None]) -> None:
         try:
-            waiting = set(await self._live_entries()) - {self.id}
+            live = set(await self._live_entries()) - {self.id}
         except ConnectionError:
             answer(None)
             return
-        self._next_query += 1
-        query = self._next_query
-        self._gatherings[query] = _Gathering(answer, waiting, list(local))
-        asyncio.get_running_loop().call_later(GATHER_TIMEOUT, self._give_up, query)
-        if waiting:
-            self.send(QUERIES, _encode(Query(query, self.id, pattern or "*", limit)))
-        else:
-            self._finish_if_answered(query)
+
+        def ask_each(query: int) -> set[str]:
+            if live:
+                self.send(QUERIES, _encode(Query(query, self.id, pattern or "*", limit)))
+            return live
+
+        self._gatherings.ask(local, answer, ask_each)
 
     def received(self, channel: bytes, payload: bytes) -> None:
         """A query from another worker (answered with our part), or a part for us."""
@@ -192,19 +183,4 @@ class RedisDirectory:
         except msgspec.DecodeError as exc:
             log.warning("directory: dropped a message that is not ours: %s", exc)
             return
-        gathering = self._gatherings.get(part.query)
-        if gathering is not None and part.sender in gathering.waiting:
-            gathering.waiting.discard(part.sender)
-            gathering.parts += part.channels
-            self._finish_if_answered(part.query)
-
-    def _finish_if_answered(self, query: int) -> None:
-        gathering = self._gatherings[query]
-        if not gathering.waiting:
-            del self._gatherings[query]
-            gathering.answer(gathering.parts)
-
-    def _give_up(self, query: int) -> None:
-        gathering = self._gatherings.pop(query, None)
-        if gathering is not None:
-            gathering.answer(None)
+        self._gatherings.part(part.query, part.sender, part.channels)
