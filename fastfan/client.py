@@ -26,6 +26,7 @@ import contextlib
 import logging
 import random
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -33,9 +34,17 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSInvalidStatusError,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    ws_connect,
+)
 
-__all__ = ["Client", "ServerError", "Subscription", "backoff_delay"]
+__all__ = ["Client", "ConnectionRefused", "ServerError", "Subscription", "backoff_delay"]
 
 log = logging.getLogger("fastfan.client")
 
@@ -61,6 +70,20 @@ class ServerError(Exception):
         super().__init__(f"{code} {message}")
         self.code = code
         self.message = message
+
+
+class ConnectionRefused(ConnectionError):  # noqa: N818 - the contract's name
+    """The server refused the WebSocket upgrade: `.status` (401, 403, 429, 503...) and
+    `.reason`, the server's own words (`token expired`, `token is malformed`...)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+# Refusals that the same token cannot get past: without `get_token`, reconnecting stops.
+REFUSED_FOR_GOOD = (401, 403)
 
 
 def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0,
@@ -245,9 +268,11 @@ class Client(_Events):
     """A connection to a fastfan server that outlives its TCP connections.
 
     `token` (sent as `Authorization: Bearer`) or `get_token`, an async function called for
-    each connection and before the current token expires. Events: `connected` (the
+    each connection and before the current token expires; `ssl`, an SSLContext for
+    `wss://` (e.g. one that trusts a self-signed certificate). Events: `connected` (the
     `welcome` dict), `disconnected` (the close code; 1006 when the connection just went),
-    `error` (a ServerError the server sent unasked, or a failed token refresh).
+    `error` (a ServerError the server sent unasked, a failed token refresh, or the
+    ConnectionRefused that ended reconnecting: a static token the server refuses).
     """
 
     EVENTS = frozenset({"connected", "disconnected", "error"})
@@ -257,7 +282,7 @@ class Client(_Events):
                  reconnect_base: float = 0.5, reconnect_cap: float = 30.0,
                  max_message_size: int = MAX_MESSAGE_SIZE, request_timeout: float = 10.0,
                  refresh_margin: float = 10.0, ping_interval: float | None = 15.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, ssl: ssl.SSLContext | None = None) -> None:
         super().__init__()
         if token is not None and get_token is not None:
             raise ValueError("give token or get_token, not both")
@@ -271,6 +296,7 @@ class Client(_Events):
         self.refresh_margin = refresh_margin
         self.ping_interval = ping_interval
         self.rng = rng or random.Random()
+        self.ssl = ssl
         self.welcome: Message | None = None
         self._subscriptions: dict[str, Subscription] = {}
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -280,6 +306,7 @@ class Client(_Events):
         self._connected = asyncio.Event()
         self._lost: asyncio.Future[None] | None = None
         self._closing = False
+        self._refused: ConnectionRefused | None = None  # reconnecting ended for good
         self._supervisor: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
 
@@ -371,8 +398,13 @@ class Client(_Events):
 
     async def _request(self, request: Message) -> Message:
         """Send `request` with a fresh `id` once connected; its reply, or ServerError."""
+        if self._refused is not None:
+            raise self._refused
         if self._closing:
             raise ConnectionError("the client is closed")
+        if self._supervisor is None:
+            raise RuntimeError("the client is not connected: call `await client.connect()` "
+                               "(or use `async with client:`) first")
         self._next_id += 1
         request_id = request["id"] = self._next_id
         payload = _encode(request)
@@ -382,7 +414,7 @@ class Client(_Events):
         async with asyncio.timeout(self.request_timeout):
             await self._connected.wait()
             if self._transport is None:
-                raise ConnectionError("the client is closed")
+                raise self._refused or ConnectionError("the client is closed")
             future = self._send(request_id, payload)
             try:
                 return await future
@@ -429,11 +461,14 @@ class Client(_Events):
         """One connection: handshake, welcome, every held subscription asked for again."""
         token = await self.get_token() if self.get_token is not None else self.token
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        transport, listener = await ws_connect(
-            lambda: _Listener(self), self.url, extra_headers=headers,
-            enable_auto_ping=self.ping_interval is not None,
-            auto_ping_idle_timeout=self.ping_interval or 10.0,
-            max_frame_size=max(2 * self.max_message_size, 16 << 20))
+        try:
+            transport, listener = await ws_connect(
+                lambda: _Listener(self), self.url, extra_headers=headers,
+                ssl_context=self.ssl, enable_auto_ping=self.ping_interval is not None,
+                auto_ping_idle_timeout=self.ping_interval or 10.0,
+                max_frame_size=max(2 * self.max_message_size, 16 << 20))
+        except WSInvalidStatusError as error:
+            raise _refusal(error) from None
         assert isinstance(listener, _Listener)
         try:
             async with asyncio.timeout(self.request_timeout):
@@ -512,9 +547,29 @@ class Client(_Events):
                 try:
                     await self._open()
                     break
-                except Exception as error:  # refused, unreachable, timed out: try again
-                    log.info("fastfan.client: reconnect attempt %d failed: %s", attempt, error)
-                    attempt += 1
+                except ConnectionRefused as error:
+                    if error.status in REFUSED_FOR_GOOD and self.get_token is None:
+                        self._give_up(error)
+                        return
+                    self._reconnect_failed(attempt, error)
+                except Exception as error:  # unreachable, timed out: try again
+                    self._reconnect_failed(attempt, error)
+                attempt += 1
+
+    def _reconnect_failed(self, attempt: int, error: Exception) -> None:
+        """One warning for the first failure of an outage, the others at INFO."""
+        log.log(logging.WARNING if attempt == 0 else logging.INFO,
+                "fastfan.client: reconnect attempt %d failed: %s: %s", attempt,
+                type(error).__name__, error or "no answer in time")
+
+    def _give_up(self, refusal: ConnectionRefused) -> None:
+        """The server refuses this client's only token: say so, to the application's
+        `error` callbacks and to every call waiting for a connection, and stop."""
+        log.error("fastfan.client: the server refused the token (%s); not reconnecting: "
+                  "give the client `get_token` to get new ones", refusal)
+        self._refused = refusal
+        self._emit("error", refusal)
+        self._connected.set()  # the requests waiting for a connection raise it
 
     async def _refresh(self, token: str) -> None:
         """Before `exp`, a new token from get_token through a `refresh` request."""
@@ -529,3 +584,12 @@ class Client(_Events):
                 self._emit("error", error)  # at exp the server closes; reconnecting fetches
                 return
             self.token = token
+
+
+def _refusal(error: WSInvalidStatusError) -> ConnectionRefused:
+    """The server's status and its words: fastfan's body is `401 Unauthorized: <reason>`."""
+    status = int(error.response.status) if error.response is not None else 0
+    body = (error.raw_body or b"").decode("utf-8", "replace").strip()
+    if body.startswith(f"{status} ") and ": " in body:
+        body = body.partition(": ")[2]
+    return ConnectionRefused(status, body or str(error))
