@@ -33,7 +33,7 @@ def test_numbering_appends_the_position_and_keeps_the_json_valid() -> None:
     assert [offset for offset, _ in store.read("c", 3, 10).messages] == [4, 5]
     assert store.read("c", 5, 10).messages == []
     assert store.read("c", -1, 0).messages == []
-    assert store.kept_bytes == sum(len(m) for _, m in kept)
+    assert store.kept_bytes == sum(len(m) for _, m in kept) + history.CHANNEL_COST
     # Channels are numbered apart, each in its own epoch.
     assert store.sequence("d", message(0))[0] == 1
     assert store.read("d", -1, 1).epoch != epoch
@@ -49,7 +49,7 @@ def test_expiry_keeps_the_offsets_and_the_sweep_forgets_idle_channels(
     epoch = store.read("c", -1, 10).epoch
     now[0] += 6
     assert store.read("c", -1, 10) == (2, epoch, [])  # expired, offsets kept
-    assert store.kept_bytes == 0
+    assert store.kept_bytes == history.CHANNEL_COST  # the channel itself, no message
     assert store.sequence("c", message(3))[:2] == (3, epoch)
     now[0] += 6
     store.sweep()

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._core import Hub
-from ..history import HistoryAnswer, HistoryStore, position
+from ..history import HistoryAnswer, HistoryFullError, HistoryStore, position
 from . import DONE, PENDING, apply_command
 
 # How often the history store forgets what has expired.
@@ -21,7 +21,7 @@ class LocalBus:
     def __init__(self, hub: Hub, *, history_ttl: float = 300.0) -> None:
         self._hub = hub
         self._fanout = hub.fanout
-        self.history = HistoryStore(hub.history_size, history_ttl)
+        self.history = HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -40,8 +40,14 @@ class LocalBus:
 
     def publish_history(self, channel: str, payload: bytes, session: Any,
                         request_id: bytes) -> int:
-        """Numbered, kept and fanned out; acknowledged (if asked) with its position."""
-        offset, epoch, numbered = self.history.sequence(channel, payload)
+        """Numbered, kept and fanned out; acknowledged (if asked) with its position, or
+        refused when the store is full."""
+        try:
+            offset, epoch, numbered = self.history.sequence(channel, payload)
+        except HistoryFullError as full:
+            if session is not None:
+                session.acknowledge(channel, request_id, False, refusal=str(full))
+            return PENDING
         self._fanout(channel, numbered)
         if session is not None:
             session.acknowledge(channel, request_id, True, position(offset, epoch))

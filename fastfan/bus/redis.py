@@ -60,7 +60,7 @@ from redis.exceptions import AskError
 
 from .._core import WATCH_PREFIX, Hub, Outbox, Session
 from ..directory import Node
-from ..history import HistoryAnswer, new_epoch, position
+from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch, position
 from . import COMMANDS, PENDING, REFUSED, apply_command
 from .redis_directory import RedisDirectory
 from .redis_history import RedisHistory
@@ -94,7 +94,7 @@ HEARTBEAT = 1.0
 _is_json_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
-def _publishing_client(url: str) -> aioredis.Redis:
+def _publishing_client(url: str, **pool: Any) -> aioredis.Redis:
     """redis-py's client with its pool of connections, for the pipelines, presence, the
     directory and history.
 
@@ -108,7 +108,8 @@ def _publishing_client(url: str) -> aioredis.Redis:
             aioredis.ConnectionPool.__init__).parameters:
         from redis.maint_notifications import MaintNotificationsConfig
         options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-    return aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, **options)
+    return aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, **options,
+                                   **pool)
 
 
 def _queued_cost(channel: bytes, payload: bytes) -> int:
@@ -254,7 +255,8 @@ class RedisBus:
             self.prefix + b"!history:" + new_epoch().encode(),
             b"SPUBLISH" if sharded else b"PUBLISH",
             node=f"{where.hostname}:{where.port}".encode() if sharded else b"",
-            listen=self._listen if sharded else None)
+            listen=self._listen if sharded else None,
+            reader=_publishing_client(url, max_connections=READS_IN_FLIGHT))
         # channels and info across the nodes: this worker's `node` on the registry (with
         # several Redis, on the first of them only); or a cluster's `directory`, whose
         # channels each master bus subscribes to where they are its own
@@ -287,6 +289,7 @@ class RedisBus:
         if self.directory is not None and self._announces:
             await self.directory.withdraw()
         await self._publisher.aclose()
+        await self.history.reader.aclose()
 
     # Publishing ---------------------------------------------------------------------
 
