@@ -59,9 +59,9 @@ READ_RATE = 10.0
 # in the subscribing connection's output buffer beside the channels' messages: Redis
 # closes it past 32 MiB by default); up to READS_QUEUED more wait their turn, the next
 # are refused (503).
-ANSWER_MAX_BYTES = 1 << 20
+ANSWER_MAX_BYTES = 512 << 10  # half of --max-buffer's default, as a recovery may take
 READS_IN_FLIGHT = 16
-READS_QUEUED = 1024
+READS_QUEUED = 10_000
 # The largest `offset`, `since` or `limit` a client may send: a signed 64-bit integer, as
 # the embedded bus and Redis number them.
 MAX_POSITION = (1 << 63) - 1

@@ -83,6 +83,7 @@ SEQUENCE, SEQUENCED, PUBLISH_EXCLUDING, HISTORY, HISTORY_ANSWER = range(9, 14)
 TOKEN = struct.Struct("!I")
 SEQUENCED_ANSWER = struct.Struct("!IqB")  # token, offset, sent back (then epoch)
 READ = struct.Struct("!Iqi")  # query, since, limit
+MAX_READ_LIMIT = (1 << 31) - 1  # READ's limit (a --history-size may be larger)
 NO_ECHO = 1  # SEQUENCE's flag: the publisher is not to receive its message
 # A SEQUENCED record: its header, a channel and an epoch.
 MAX_SEQUENCED = 2 + 255 + SEQUENCED_ANSWER.size + 64
@@ -623,8 +624,8 @@ class MeshBus:
         peer = self.outgoing.get(owner)
         self._next_query += 1
         query = self._next_query
-        if peer is None or not peer.send(record(HISTORY, channel.encode(),
-                                                READ.pack(query, since, limit))):
+        if peer is None or not peer.send(record(HISTORY, channel.encode(), READ.pack(
+                query, since, min(limit, MAX_READ_LIMIT)))):
             self._read_limiter.done()
             answer(None)
             return
