@@ -93,13 +93,15 @@ def replies_by_id(client: RawClient, count: int) -> dict[int, dict[str, Any]]:
 
 
 def fill(server: Server, channel: str, count: int, data: str = BIG) -> None:
-    """`count` messages (of about 60 KB by default) kept on `channel`."""
-    publisher = server.connect(headers=COMPRESSED)
-    for n in range(count):
-        publish_compressed(publisher, channel, data, n)
-    replies = replies_by_id(publisher, count)
-    assert {reply["type"] for reply in replies.values()} == {"published"}, replies
-    publisher.close()
+    """`count` messages (of about 60 KB by default) kept on `channel`: 15 per connection,
+    within what one connection may add to history (--history-max-bytes/64 a minute)."""
+    for first in range(0, count, 15):
+        publisher = server.connect(headers=COMPRESSED)
+        for n in range(first, min(first + 15, count)):
+            publish_compressed(publisher, channel, data, n)
+        replies = replies_by_id(publisher, min(15, count - first))
+        assert {reply["type"] for reply in replies.values()} == {"published"}, replies
+        publisher.close()
 
 
 # 1 and 17 -----------------------------------------------------------------------------
@@ -199,12 +201,11 @@ def test_reading_channels_never_published_creates_nothing(start_server: Any, bus
 
     def read_fresh_channels(round: int) -> int:
         sent = 0
-        for index, client in enumerate(clients):
+        for index, client in enumerate(clients):  # 20 reads at a time
             requests = [{"type": "history", "channel": f"fresh.{round}.{index}.{n}", "id": n}
                         for n in range(20)]
             client.send_json_burst(requests)
             sent += sum(len(json.dumps(r)) + 6 for r in requests)
-        for client in clients:
             replies = replies_by_id(client, 20)
             assert {reply["data"]["offset"] for reply in replies.values()} == {0}
         return sent
@@ -220,7 +221,7 @@ def test_reading_channels_never_published_creates_nothing(start_server: Any, bus
     print(f"\n[{bus.name}] {connections * 20} reads, {sent} bytes sent: workers grew "
           f"{grown / 1024:.1f} MiB; Redis keys created: {created}")
     assert created == 0
-    assert grown < 4 * 1024
+    assert grown < 8 * 1024  # (the same without the fix: 24-26 MiB)
 
 
 def test_a_subscriber_from_before_the_first_message_recovers_it(start_server: Any,
@@ -307,8 +308,7 @@ def test_history_answers_cannot_cut_the_worker_off_redis(start_server: Any,
     """A burst of reads of a full channel (6 MB each before, and Redis's pub/sub output
     limit is 32 MB): Redis keeps the worker's subscribing connection, and every
     acknowledged publish of a bystander reaches its subscriber."""
-    server = start(start_server, Bus("redis", redis_server),
-                   "--history-max-bytes", str(1 << 30), "--max-buffer", str(16 << 20))
+    server = start(start_server, Bus("redis", redis_server), "--max-buffer", str(16 << 20))
     fill(server, "full", 100)
     bystander = Bystander(server)
     bystander.start()
@@ -327,30 +327,30 @@ def test_history_answers_cannot_cut_the_worker_off_redis(start_server: Any,
 
 def test_history_reads_do_not_starve_publishing(start_server: Any,
                                                 redis_server: RedisServer) -> None:
-    """5,000 reads at once (250 connections, 20 each): a bystander's publishes and /ready
-    do not wait for a connection behind them."""
+    """5,000 reads at once (250 connections, 20 each), and a bystander's 100 publishes
+    behind them: every read is answered in turn, and the publishes and /ready do not wait
+    for a connection behind them (redis-py's pool of 100 answered "Too many connections")."""
     server = start(start_server, Bus("redis", redis_server))
     fill(server, "read", 3, "small")
     readers = [server.connect() for _ in range(250)]
-    bystander = Bystander(server)
-    bystander.start()
+    bystander = server.connect()
     for reader in readers:
         reader.send_json_burst([{"type": "history", "channel": "read", "limit": 3}] * 20)
-    answered, errors = 0, []
+    for n in range(100):
+        bystander.publish("news", n, id=n)
+    ready = server.get("/ready")[0]
+    published = replies_by_id(bystander, 100)
+    refused = [reply for reply in published.values() if reply["type"] != "published"]
+    errors = []
     for reader in readers:
         for _ in range(20):
             reply = reader.recv_json()
-            answered += reply["type"] == "history"
             if reply["type"] == "error":
                 errors.append(reply["code"])
-    bystander.stopping.set()
-    bystander.join()
-    print(f"\n[redis] 5000 reads: {answered} answered, {len(errors)} errors "
-          f"({sorted(set(errors))}); bystander: "
-          f"{len(bystander.acknowledged)} published, {len(bystander.refused)} refused, "
-          f"/ready not 200 {bystander.not_ready} times")
-    assert bystander.acknowledged and not bystander.refused and not bystander.not_ready
-    assert "Too many connections" not in server.log()
+    print(f"\n[redis] 5000 reads: {5000 - len(errors)} answered, {len(errors)} refused "
+          f"({sorted(set(errors))}); bystander: {100 - len(refused)} of 100 published, "
+          f"/ready {ready}")
+    assert not errors and not refused and ready == 200
 
 
 # 6 ------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def test_a_history_answer_respects_max_buffer(start_server: Any, bus: Bus) -> No
     """30 connections that each ask for a full channel's history and never read hold what
     --max-buffer (1 MiB) lets them, not the whole answer; a reading client pages through
     it with `since`."""
-    server = start(start_server, bus, "--history-max-bytes", str(1 << 30))
+    server = start(start_server, bus)
     fill(server, "full", 100)
     before = rss_kib(server)
     silent = [server.connect(receive_buffer=4096) for _ in range(30)]
