@@ -206,7 +206,7 @@ cdef class Session(Outbox):
         double              refill_at
         double              refused_since
         # history: `history` requests (a token bucket, READ_RATE a second), and the bytes
-        # the connection may still add to history (refilled over history.QUOTA_PERIOD)
+        # the connection may still add to history (history.BYTES_PER_PUBLISH)
         double              read_tokens
         double              read_refill_at
         double              history_quota

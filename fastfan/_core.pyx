@@ -40,7 +40,7 @@ import secrets
 import msgspec
 
 from .auth import AuthError
-from .history import CHANNEL_COST, CONNECTION_SHARE, QUOTA_PERIOD, READ_RATE
+from .history import BYTES_PER_PUBLISH, CHANNEL_COST, READ_RATE
 from .history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_MAX_BYTES
 from .history import position
 from .protocol import decode_request, encode_json

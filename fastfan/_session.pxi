@@ -60,7 +60,7 @@ cdef class Session(Outbox):
         self.subscriptions = {}
         self.tokens = 2 * hub.publish_rate
         self.read_tokens = 2 * READ_RATE
-        self.history_quota = hub.history_max_bytes / CONNECTION_SHARE
+        self.history_quota = 2 * hub.publish_rate * BYTES_PER_PUBLISH
         self.fd = -1
         self.expires_at = identity.expires_at or 0
 
@@ -389,8 +389,8 @@ cdef class Session(Outbox):
         if history and not self._take_history_quota(len(payload) + CHANNEL_COST):
             return self._queue_error(
                 429, f"history quota exceeded: one connection may add "
-                f"{hub.history_max_bytes // CONNECTION_SHARE} bytes to history per "
-                f"{QUOTA_PERIOD:g} s", request_id)
+                f"{hub.publish_rate * BYTES_PER_PUBLISH:.0f} bytes a second to history "
+                f"(--publish-rate x {BYTES_PER_PUBLISH})", request_id)
         # On a channel with history the bus numbers the message (and acknowledges it with
         # its position: PENDING, or REFUSED).
         publish = hub.bus.publish_history if history else hub.bus.publish
@@ -569,12 +569,12 @@ cdef class Session(Outbox):
         return True
 
     cdef bint _take_history_quota(self, Py_ssize_t size):
-        """What the connection may still add to history: history_max_bytes / CONNECTION_SHARE,
-        refilled at that much per QUOTA_PERIOD."""
+        """Token bucket of the bytes the connection adds to history: BYTES_PER_PUBLISH for
+        each publish a second of `publish_rate` allows, bursts of twice that."""
         cdef double now = monotonic()
-        cdef double share = self.hub.history_max_bytes / CONNECTION_SHARE
-        self.history_quota = min(share, self.history_quota
-                                 + (now - self.history_quota_at) * share / QUOTA_PERIOD)
+        cdef double rate = self.hub.publish_rate * BYTES_PER_PUBLISH
+        self.history_quota = min(2 * rate,
+                                 self.history_quota + (now - self.history_quota_at) * rate)
         self.history_quota_at = now
         if self.history_quota < size:
             return False

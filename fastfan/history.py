@@ -47,10 +47,11 @@ DEFAULT_MAX_BYTES = 64 << 20
 # What a channel costs a store besides its messages' bytes (its name, its entry, its
 # deque), counted against --history-max-bytes.
 CHANNEL_COST = 256
-# One connection may add at most this share of --history-max-bytes to history (each
-# message counted as its bytes plus CHANNEL_COST) per QUOTA_PERIOD seconds.
-CONNECTION_SHARE = 64
-QUOTA_PERIOD = 60.0
+# One connection may add to history this many bytes a second per publish its
+# --publish-rate allows (each message counted as its size, as inflated, plus CHANNEL_COST),
+# in bursts of twice a second's worth: a compressed message that inflates to 64 KiB costs
+# what 64 small ones do.
+BYTES_PER_PUBLISH = 1024
 # `history` requests per second per connection, in bursts of twice that.
 READ_RATE = 10.0
 # A history answer carries at most this many bytes of messages (at least one message):
