@@ -95,8 +95,8 @@ _is_json_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
 def _publishing_client(url: str, **pool: Any) -> aioredis.Redis:
-    """redis-py's client with its pool of connections, for the pipelines, presence, the
-    directory and history.
+    """redis-py's client with its pool of connections (`pool`: its options), for the
+    pipelines, presence, the directory and history (whose reads have one of their own).
 
     redis-py 8.1's asyncio pool hands out a connection that Redis has closed (a restart,
     CLIENT KILL, its idle `timeout`) instead of replacing it while maintenance
