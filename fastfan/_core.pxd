@@ -205,6 +205,12 @@ cdef class Session(Outbox):
         double              tokens
         double              refill_at
         double              refused_since
+        # history: `history` requests (a token bucket, READ_RATE a second), and the bytes
+        # the connection may still add to history (history.BYTES_PER_PUBLISH)
+        double              read_tokens
+        double              read_refill_at
+        double              history_quota
+        double              history_quota_at
 
         readonly double     last_seen       # monotonic seconds of the last frame from the peer
         double              pinged_at       # monotonic seconds of our last heartbeat ping
@@ -226,6 +232,8 @@ cdef class Session(Outbox):
     cdef int _refresh(self, object token, bytes request_id) except -1
     cdef int _presence(self, object channel, bytes request_id, bint stats_only) except -1
     cdef bint _take_token(self)
+    cdef bint _take_read_token(self)
+    cdef bint _take_history_quota(self, Py_ssize_t size)
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1
     cdef int _forget_fragments(self) except -1
     cdef int check_deadlines(self, double now, double wall, double ping_interval,
@@ -281,6 +289,7 @@ cdef class Hub:
         readonly Py_ssize_t presence_limit
         readonly Py_ssize_t history_size    # 0: no channel keeps history
         readonly object     history_channels  # auth.ChannelPatterns: channels with history
+        readonly Py_ssize_t history_max_bytes  # what history keeps per worker at most
         dict                recoveries      # channel -> [Recovery] waiting for its next read
         set                 reading         # channels with a history read scheduled or out
         dict                waiting         # (session, channel) -> its Recovery, until read

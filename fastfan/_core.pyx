@@ -34,13 +34,18 @@ from picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMs
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import functools
+import logging
 import secrets
 
 import msgspec
 
 from .auth import AuthError
+from .history import BYTES_PER_PUBLISH, CHANNEL_COST, READ_RATE
+from .history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_MAX_BYTES
 from .history import position
 from .protocol import decode_request, encode_json
+
+log = logging.getLogger("fastfan")
 
 cdef extern from "<sys/socket.h>" nogil:
     int MSG_NOSIGNAL

@@ -57,7 +57,8 @@ cdef class Hub:
                   double publish_rate, SlowConsumerPolicy slow_consumer,
                   presence_channels, Py_ssize_t presence_limit, str client_id_prefix="",
                   Py_ssize_t history_size=0, history_channels=None,
-                  Py_ssize_t compression_min_size=256):
+                  Py_ssize_t compression_min_size=256,
+                  Py_ssize_t history_max_bytes=DEFAULT_HISTORY_MAX_BYTES):
         self.loop = loop
         self.channels = {}
         self.sessions = set()
@@ -74,6 +75,7 @@ cdef class Hub:
         self.presence_limit = presence_limit
         self.history_size = history_size
         self.history_channels = history_channels
+        self.history_max_bytes = history_max_bytes
         self.recoveries = {}
         self.reading = set()
         self.waiting = {}
@@ -595,9 +597,15 @@ cdef class Hub:
         # Those that recover need every kept message after the lowest position; the
         # others only the position itself.
         wanted = [recover.offset for _, _, recover in batch if recover is not None]
-        self.bus.read_history(name, min(wanted) if wanted else -1,
-                              self.history_size if wanted else 0,
-                              functools.partial(self._history_read, name, batch))
+        answer = functools.partial(self._history_read, name, batch)
+        try:
+            self.bus.read_history(name, min(wanted) if wanted else -1,
+                                  self.history_size if wanted else 0, answer)
+        except Exception:
+            # Whatever failed, the read ends: else the channel stays in `reading` and no
+            # later subscriber of it on this worker would ever be answered.
+            log.exception("history read of %s failed", name)
+            answer(None)
 
     def _history_read(self, str name, list batch, answer):
         """The channel's history, read for `batch`: each still waiting gets its seam."""
@@ -632,7 +640,8 @@ cdef class Hub:
         if recover is not None:
             recovered = (recover.epoch == epoch and 0 <= recover.offset <= top
                          and (recover.offset == top
-                              or (messages and messages[0][0] <= recover.offset + 1)))
+                              or (messages and messages[0][0] <= recover.offset + 1
+                                  and messages[len(messages) - 1][0] == top)))  # not cut short
             if recovered:
                 missed = [message for offset, message in messages if offset > recover.offset]
                 recovered = sum(len(message) for message in missed) + len(reply) < room // 2

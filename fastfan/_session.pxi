@@ -59,6 +59,8 @@ cdef class Session(Outbox):
         self.deflate_out = deflate_out
         self.subscriptions = {}
         self.tokens = 2 * hub.publish_rate
+        self.read_tokens = 2 * READ_RATE
+        self.history_quota = 2 * hub.publish_rate * BYTES_PER_PUBLISH
         self.fd = -1
         self.expires_at = identity.expires_at or 0
 
@@ -85,7 +87,7 @@ cdef class Session(Outbox):
         self.client_id = hub._new_client_id()
         self.connected_at = now_ms()
         self.last_seen = monotonic()
-        self.refill_at = self.last_seen
+        self.refill_at = self.read_refill_at = self.history_quota_at = self.last_seen
         hub.attach(self)
         if not self.echo:
             welcome = b'{"type":"welcome","data":{"clientId":"%s","user":%s,"timestamp":%d}}' % (
@@ -386,9 +388,15 @@ cdef class Session(Outbox):
             return self._queue_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
                                     request_id)
         payload = hub.encode_message(channel, request.data, self.client_id)
+        history = hub.keeps_history(channel)
+        if history and not self._take_history_quota(len(payload) + CHANNEL_COST):
+            return self._queue_error(
+                429, f"history quota exceeded: one connection may add "
+                f"{hub.publish_rate * BYTES_PER_PUBLISH:.0f} bytes a second to history "
+                f"(--publish-rate x {BYTES_PER_PUBLISH})", request_id)
         # On a channel with history the bus numbers the message (and acknowledges it with
         # its position: PENDING, or REFUSED).
-        publish = hub.bus.publish_history if hub.keeps_history(channel) else hub.bus.publish
+        publish = hub.bus.publish_history if history else hub.bus.publish
         outcome = publish(channel, payload, self if request_id else None, request_id,
                           None if request.echo else self)
         if outcome == BusResult.REFUSED:
@@ -397,11 +405,15 @@ cdef class Session(Outbox):
             return self.queue_bytes(_reply(b"published", channel, request_id))
         return 0  # PENDING: the bus calls acknowledge() once it knows
 
-    def acknowledge(self, str channel, bytes request_id, bint ok, bytes position=b""):
+    def acknowledge(self, str channel, bytes request_id, bint ok, bytes position=b"",
+                    str refusal=None):
         """The bus's late answer to a publish that asked for one (an `id`); on a channel
-        with history, with the message's `position` (history.position)."""
+        with history, with the message's `position` (history.position), or the
+        `refusal` of a history store that is full (507)."""
         if ok:
             self.queue_bytes(_reply(b"published", channel, request_id)[:-1] + position + b"}")
+        elif refusal is not None:
+            self._queue_error(507, refusal, request_id)
         else:
             self._queue_error(503, "message bus unavailable; the message was not published",
                              request_id)
@@ -471,6 +483,9 @@ cdef class Session(Outbox):
         limit = 100 if request.limit is None else request.limit
         if limit < 0 or (request.since is not None and request.since < 0):
             return self._queue_error(400, "'limit' and 'since' must be 0 or more", request_id)
+        if not self._take_read_token():
+            return self._queue_error(429, f"history rate limit ({READ_RATE:g}/s) exceeded",
+                                     request_id)
         if not hub.keeps_history(channel):
             return self.queue_bytes(_with_id(
                 b'{"type":"history","channel":"%s","data":{"offset":0,"epoch":"",'
@@ -494,6 +509,13 @@ cdef class Session(Outbox):
         if paging and epoch is not None and epoch != current:
             self._queue_error(409, f"epoch changed: {channel} is at epoch {current} now, "
                               "its history from before is gone", request_id)
+            return
+        size = sum([len(message) + 1 for _, message in messages]) + 128 + len(request_id)
+        if self.queued() + size > self.hub.max_buffer:
+            self._queue_error(413, f"history answer too large: {size} bytes would pass this "
+                              f"connection's buffer ({self.hub.max_buffer} bytes, "
+                              f"{self.queued()} queued): ask for a smaller 'limit' and page "
+                              "with 'since'", request_id)
             return
         self.queue_bytes(_with_id(
             b'{"type":"history","channel":"%s","data":{"offset":%d,"epoch":"%s","messages":[%s]}}'
@@ -528,6 +550,30 @@ cdef class Session(Outbox):
         if not self.refused_since:
             self.refused_since = now
         return False
+
+    cdef bint _take_read_token(self):
+        """Token bucket of `history` requests: READ_RATE a second, bursts of twice that."""
+        cdef double now = monotonic()
+        self.read_tokens = min(2 * READ_RATE,
+                               self.read_tokens + (now - self.read_refill_at) * READ_RATE)
+        self.read_refill_at = now
+        if self.read_tokens < 1:
+            return False
+        self.read_tokens -= 1
+        return True
+
+    cdef bint _take_history_quota(self, Py_ssize_t size):
+        """Token bucket of the bytes the connection adds to history: BYTES_PER_PUBLISH for
+        each publish a second of `publish_rate` allows, bursts of twice that."""
+        cdef double now = monotonic()
+        cdef double rate = self.hub.publish_rate * BYTES_PER_PUBLISH
+        self.history_quota = min(2 * rate,
+                                 self.history_quota + (now - self.history_quota_at) * rate)
+        self.history_quota_at = now
+        if self.history_quota < size:
+            return False
+        self.history_quota -= size
+        return True
 
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1:
         return self.queue_bytes(_error(code, message, request_id))

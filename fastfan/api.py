@@ -43,7 +43,7 @@ from .bus import encode_command
 from .config import Config
 from .directory import Node
 from .history import HistoryAnswer
-from .protocol import NO_VALUE
+from .protocol import NO_VALUE, Position
 
 log = logging.getLogger("fastfan.api")
 
@@ -146,8 +146,8 @@ class ChannelBody(msgspec.Struct):
 
 class HistoryBody(msgspec.Struct):
     channel: str
-    limit: int = 100
-    since: int | None = None
+    limit: Position = 100
+    since: Position | None = None
     epoch: str | None = None
 
 
@@ -166,9 +166,11 @@ class _Confirmation:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.done: asyncio.Future[bool] = loop.create_future()
         self.position: dict[str, Any] = {}  # a history channel's offset and epoch
+        self.refusal: str | None = None  # a full history store's (507)
 
     def acknowledge(self, channel: str, request_id: bytes, ok: bool,
-                    position: bytes = b"") -> None:
+                    position: bytes = b"", refusal: str | None = None) -> None:
+        self.refusal = refusal
         if position:
             self.position = json.loads(b"{" + position[1:] + b"}")
         if not self.done.done():
@@ -445,7 +447,13 @@ class Api:
             if outcome == BusResult.PENDING:
                 pending.append(confirmation.done)
         if pending:
-            await _confirmed(pending, "the message")
+            try:
+                await _confirmed(pending, "the message")
+            except ApiError:
+                for confirmation in confirmations:
+                    if confirmation.refusal is not None:  # a full history store's
+                        raise ApiError(507, confirmation.refusal) from None
+                raise
         return [confirmation.position for confirmation in confirmations]
 
 

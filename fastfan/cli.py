@@ -118,6 +118,8 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--history-ttl", _seconds, None, "seconds a message is kept for history (300)"),
     ("--history-channels", str, None,
      "comma-separated channel patterns with history (default *: every channel)"),
+    ("--history-max-bytes", _positive_int, None,
+     "bytes of history one worker keeps; past it history publishes get 507 (67108864)"),
     ("--max-subscription-bytes", _positive_int, None,
      "bytes of channel names one connection may hold (65536)"),
     ("--publish-rate", _positive_int, None, "publishes per second per connection (1000)"),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ._core import SlowConsumerPolicy
 from .auth import PublicKey
+from .history import DEFAULT_MAX_BYTES
 
 # The --slow-consumer names: the core's policies, lower case.
 SLOW_CONSUMER_POLICIES = tuple(policy.name.lower() for policy in SlowConsumerPolicy)
@@ -43,6 +44,7 @@ class Config:
     history_size: int = 0  # messages kept per channel; 0: no history
     history_ttl: float = 300.0
     history_channels: str = "*"  # comma-separated patterns
+    history_max_bytes: int = DEFAULT_MAX_BYTES  # what history keeps per worker
     publish_rate: int = 1000
     max_buffer: int = 1048576
     slow_consumer: str = "disconnect"
@@ -70,7 +72,7 @@ class Config:
         if self.workers < 1:
             raise ConfigError(f"--workers must be 1 or more (or 'auto'), got {self.workers}")
         for name in ("max_message_size", "max_subscriptions", "max_subscription_bytes",
-                     "presence_limit", "publish_rate", "max_buffer"):
+                     "presence_limit", "publish_rate", "max_buffer", "history_max_bytes"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")

@@ -8,15 +8,22 @@ send more than this server knows.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
+from .history import MAX_POSITION
+
 NO_VALUE = msgspec.Raw(b"")
+# An offset, `since` or `limit`: past a signed 64-bit integer, the message is invalid (400)
+# before any store sees it.
+Position = Annotated[int, msgspec.Meta(le=MAX_POSITION)]
 
 
 class Recover(msgspec.Struct, forbid_unknown_fields=False):
     """subscribe's `recover`: the last message the client has of the channel."""
 
-    offset: int
+    offset: Position
     epoch: str
 
 
@@ -32,8 +39,8 @@ class Request(msgspec.Struct):
     # subscribe on a channel with history: resume after this position
     recover: Recover | None = None
     # history: how many messages, after which offset, of which epoch
-    limit: int | None = None
-    since: int | None = None
+    limit: Position | None = None
+    since: Position | None = None
     epoch: str | None = None
 
 

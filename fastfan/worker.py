@@ -77,6 +77,7 @@ class Worker:
             client_id_prefix=placement.client_id_prefix,
             history_size=config.history_size,
             history_channels=ChannelPatterns(config.history_channels.split(",")),
+            history_max_bytes=config.history_max_bytes,
             compression_min_size=config.compression_min_size,
         )
         self.node = Node(node_name(config.port), config.workers,

@@ -61,7 +61,7 @@ class Acknowledger(Protocol):
     """Who waits for a publish's (or command's) late answer: a Session, or the server API."""
 
     def acknowledge(self, channel: str, request_id: bytes, ok: bool,
-                    position: bytes = b"") -> None: ...
+                    position: bytes = b"", refusal: str | None = None) -> None: ...
 
 
 class HubLink(Protocol):
@@ -72,6 +72,8 @@ class HubLink(Protocol):
     def channels(self) -> Mapping[str, Any]: ...  # channels with local subscribers
     @property
     def history_size(self) -> int: ...
+    @property
+    def history_max_bytes(self) -> int: ...
     @property
     def presence_channels(self) -> Any: ...  # auth.ChannelPatterns
     def fanout(self, channel: str, payload: bytes | bytearray | memoryview,

@@ -49,10 +49,10 @@ from redis.exceptions import AskError
 
 from .._core import Outbox
 from ..directory import Counts, Node
-from ..history import HistoryAnswer, new_epoch
+from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch
 from .base import REFUSED, Acknowledger, BusHealth, Entries, HubLink
 from .commands import COMMANDS
-from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command
+from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command, _publishing_client
 from .redis_directory import RedisDirectory
 from .redis_history import RedisHistory
 from .sharded import SETTLE, RoutedBus
@@ -100,7 +100,9 @@ class ClusterMaster(RedisBus):
         where = urlsplit(self.url)
         return RedisHistory(self._publisher, self.prefix, self.hub.history_size, ttl,
                             self.prefix + b"!history:" + new_epoch().encode(), b"SPUBLISH",
-                            node=f"{where.hostname}:{where.port}".encode(), listen=self._listen)
+                            node=f"{where.hostname}:{where.port}".encode(), listen=self._listen,
+                            reader=_publishing_client(self.url,
+                                                      max_connections=READS_IN_FLIGHT))
 
     def _listen(self, reply: bytes, on: bool) -> bool:
         """SSUBSCRIBE (or leave) a reply channel of history reads."""

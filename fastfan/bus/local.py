@@ -8,7 +8,7 @@ from typing import Any
 
 from .._core import Outbox
 from ..directory import Counts, Node
-from ..history import HistoryAnswer, HistoryStore, position
+from ..history import HistoryAnswer, HistoryFullError, HistoryStore, position
 from .base import DONE, PENDING, Acknowledger, Bus, BusHealth, Entries, HubLink
 from .commands import apply_command
 
@@ -23,7 +23,7 @@ class LocalBus(Bus):
         self._hub = hub
         self._fanout = hub.fanout
         self._node = node
-        self.history = HistoryStore(hub.history_size, history_ttl)
+        self.history = HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -43,8 +43,14 @@ class LocalBus(Bus):
 
     def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
                         request_id: bytes, exclude: Outbox | None = None) -> int:
-        """Numbered, kept and fanned out; acknowledged (if asked) with its position."""
-        offset, epoch, numbered = self.history.sequence(channel, payload)
+        """Numbered, kept and fanned out; acknowledged (if asked) with its position, or
+        refused when the store is full."""
+        try:
+            offset, epoch, numbered = self.history.sequence(channel, payload)
+        except HistoryFullError as full:
+            if ack is not None:
+                ack.acknowledge(channel, request_id, False, refusal=str(full))
+            return PENDING
         self._fanout(channel, numbered, exclude)
         if ack is not None:
             ack.acknowledge(channel, request_id, True, position(offset, epoch))

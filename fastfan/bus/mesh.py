@@ -65,7 +65,7 @@ import msgspec
 
 from .._core import WATCH_PREFIX, Outbox
 from ..directory import MAX_LISTED, Counts, Node, channel_counts
-from ..history import HistoryAnswer, HistoryStore, owner_of, position
+from ..history import HistoryAnswer, HistoryFullError, HistoryStore, ReadLimiter, owner_of, position
 from .base import DONE, PENDING, REFUSED, Acknowledger, Bus, BusHealth, Entries, HubLink
 from .commands import apply_command
 from .gather import Gatherings
@@ -78,11 +78,13 @@ HELLO, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBED, PRESENCE, PRESENCE_ANSWER = 
 COMMAND = 8
 # History: a publish for the channel's owner to number (token, flags, message), its
 # acknowledgement (token, offset, epoch), a numbered message back to its publisher's worker
-# (token, message), a read (query, since, limit) and its answer (query, JSON).
+# (token, message), a read (query, since, limit) and its answer (query, JSON). A SEQUENCED
+# of offset 0 is a refusal: the owner's store is full (HistoryFullError).
 SEQUENCE, SEQUENCED, PUBLISH_EXCLUDING, HISTORY, HISTORY_ANSWER = range(9, 14)
 TOKEN = struct.Struct("!I")
 SEQUENCED_ANSWER = struct.Struct("!IqB")  # token, offset, sent back (then epoch)
 READ = struct.Struct("!Iqi")  # query, since, limit
+MAX_READ_LIMIT = (1 << 31) - 1  # READ's limit (a --history-size may be larger)
 NO_ECHO = 1  # SEQUENCE's flag: the publisher is not to receive its message
 # A SEQUENCED record: its header, a channel and an epoch.
 MAX_SEQUENCED = 2 + 255 + SEQUENCED_ANSWER.size + 64
@@ -419,13 +421,14 @@ class MeshBus(Bus):
         self.max_history_answer = 2 + 255 + 4 + 64 + hub.history_size * (
             max_message_size + ENVELOPE_MARGIN + 32)
         # the channels this worker owns: their history
-        self.history = HistoryStore(hub.history_size, history_ttl)
+        self.history = HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes)
         # publishes out to their owner: token -> (who waits, request id) to acknowledge, and
         # token -> publisher to skip when its message comes back ("echo":false)
         self._acknowledging: dict[int, tuple[Acknowledger, bytes, int]] = {}
         self._unechoed: dict[int, Outbox] = {}
         self._next_token = 0
         self._reads: dict[int, Callable[[HistoryAnswer | None], None]] = {}
+        self._read_limiter = ReadLimiter()  # of the reads sent to other workers
         self.outgoing: dict[int, Outgoing] = {}
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != slot}
@@ -509,7 +512,12 @@ class MeshBus(Bus):
         """To the channel's owner, to be numbered; acknowledged with its position."""
         owner = owner_of(channel, self.workers)
         if owner == self.slot:
-            offset, epoch, numbered = self.history.sequence(channel, payload)
+            try:
+                offset, epoch, numbered = self.history.sequence(channel, payload)
+            except HistoryFullError as full:
+                if ack is not None:
+                    ack.acknowledge(channel, request_id, False, refusal=str(full))
+                return PENDING
             self.hub.fanout(channel, numbered, exclude)
             self._forward(channel, numbered)
             if ack is not None:
@@ -543,7 +551,11 @@ class MeshBus(Bus):
             log.warning("bus: worker %d sent a publish on %s to number, which worker %d owns",
                         origin, channel, owner_of(channel, self.workers))
             return b""
-        offset, epoch, numbered = self.history.sequence(channel, payload)
+        try:
+            offset, epoch, numbered = self.history.sequence(channel, payload)
+        except HistoryFullError:
+            return record(SEQUENCED, channel.encode(), SEQUENCED_ANSWER.pack(token, 0, 0)) \
+                if token else b""
         self.hub.fanout(channel, numbered)
         returned = 0
         if no_echo and channel in self.interest[origin] and origin in self.outgoing:
@@ -559,13 +571,19 @@ class MeshBus(Bus):
 
     def sequenced(self, channel: str, token: int, offset: int, epoch: str,
                   returned: int) -> None:
-        """The owner numbered our publish: acknowledge it with its position."""
+        """The owner numbered our publish: acknowledge it with its position (offset 0: the
+        owner's store was full)."""
         acknowledging = self._acknowledging.pop(token, None)
         if not returned:
             self._unechoed.pop(token, None)  # no message comes back to skip anyone for
-        if acknowledging is not None:
-            ack, request_id, _ = acknowledging
+        if acknowledging is None:
+            return
+        ack, request_id, _ = acknowledging
+        if offset:
             ack.acknowledge(channel, request_id, True, position(offset, epoch))
+        else:
+            ack.acknowledge(channel, request_id, False,
+                            refusal=str(HistoryFullError(self.history.max_bytes)))
 
     def owner_lost(self, slot: int) -> None:
         """Our connection to a worker went: the publishes it had not acknowledged may or may
@@ -585,11 +603,18 @@ class MeshBus(Bus):
         if owner == self.slot:
             answer(self.history.read(channel, since, limit))
             return
+        self._read_limiter.submit(
+            functools.partial(self._send_read, owner, channel, since, limit, answer),
+            functools.partial(answer, None))
+
+    def _send_read(self, owner: int, channel: str, since: int, limit: int,
+                   answer: Callable[[HistoryAnswer | None], None]) -> None:
         peer = self.outgoing.get(owner)
         self._next_query += 1
         query = self._next_query
-        if peer is None or not peer.send(record(HISTORY, channel.encode(),
-                                                READ.pack(query, since, limit))):
+        if peer is None or not peer.send(record(HISTORY, channel.encode(), READ.pack(
+                query, since, min(limit, MAX_READ_LIMIT)))):
+            self._read_limiter.done()
             answer(None)
             return
         self._reads[query] = answer
@@ -608,6 +633,7 @@ class MeshBus(Bus):
         answer = self._reads.pop(query, None)
         if answer is None:
             return
+        self._read_limiter.done()
         try:
             top, epoch, messages = _decode_history(payload)
         except msgspec.DecodeError:
@@ -619,6 +645,7 @@ class MeshBus(Bus):
     def _read_timed_out(self, query: int) -> None:
         answer = self._reads.pop(query, None)
         if answer is not None:
+            self._read_limiter.done()
             answer(None)
 
     def command(self, payload: bytes, ack: Acknowledger | None) -> int:

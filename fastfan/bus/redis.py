@@ -58,7 +58,7 @@ import redis.asyncio as aioredis
 
 from .._core import WATCH_PREFIX, Outbox
 from ..directory import Counts, Node
-from ..history import HistoryAnswer, new_epoch, position
+from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch, position
 from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, Entries, HubLink
 from .commands import COMMANDS, apply_command
 from .redis_directory import RedisDirectory
@@ -94,9 +94,9 @@ HEARTBEAT = 1.0
 _is_json_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
-def _publishing_client(url: str) -> aioredis.Redis:
-    """redis-py's client with its pool of connections, for the pipelines, presence, the
-    directory and history.
+def _publishing_client(url: str, **pool: Any) -> aioredis.Redis:
+    """redis-py's client with its pool of connections (`pool`: its options), for the
+    pipelines, presence, the directory and history (whose reads have one of their own).
 
     redis-py 8.1's asyncio pool hands out a connection that Redis has closed (a restart,
     CLIENT KILL, its idle `timeout`) instead of replacing it while maintenance
@@ -108,7 +108,8 @@ def _publishing_client(url: str) -> aioredis.Redis:
             aioredis.ConnectionPool.__init__).parameters:
         from redis.maint_notifications import MaintNotificationsConfig
         options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-    return aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, **options)
+    return aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, **options,
+                                   **pool)
 
 
 def _queued_cost(channel: bytes, payload: bytes) -> int:
@@ -252,9 +253,12 @@ class RedisBus(Bus):
                 send=lambda channel, payload: self.publish(channel, payload, None, b""))
 
     def _history(self, ttl: float) -> RedisHistory:
-        """History's answers on this worker's reply channel, subscribed from the start."""
+        """History's answers on this worker's reply channel, subscribed from the start;
+        its reads on a pool of their own, which publishing never waits for."""
         return RedisHistory(self._publisher, self.prefix, self.hub.history_size, ttl,
-                            self.prefix + b"!history:" + new_epoch().encode())
+                            self.prefix + b"!history:" + new_epoch().encode(),
+                            reader=_publishing_client(self.url,
+                                                      max_connections=READS_IN_FLIGHT))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -276,6 +280,7 @@ class RedisBus(Bus):
         if self.directory is not None and self._announces:
             await self.directory.withdraw()
         await self._publisher.aclose()
+        await self.history.reader.aclose()
 
     # Publishing ---------------------------------------------------------------------
 

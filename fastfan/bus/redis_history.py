@@ -30,6 +30,7 @@ epoch, so that no client is told `recovered:true` across a loss.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,31 +39,45 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from ..history import META_TTL, HistoryAnswer, new_epoch
+from ..history import ANSWER_MAX_BYTES, META_TTL, HistoryAnswer, ReadLimiter, new_epoch
 
 log = logging.getLogger("fastfan.redis")
 
-# KEYS: stream, hash. ARGV: the Redis channel, the message without its closing brace, the
-# size, the TTL, the hash's TTL, an epoch for a channel that has none, the publishing
-# command, and (optional, a cluster's) the master running it. Returns {offset, epoch}.
-# A channel's epoch, or a new one from the ARGV named, with an empty history (a hash lost
-# while its stream lived, never made, or written by another master than the one named:
-# the stream's IDs start again at 1). Both scripts begin with it.
+# Both scripts begin with the channel's epoch (KEYS: stream, hash, and the base of the
+# epochs that start a channel: one per Redis, or per slot on a cluster). Its hash's; or,
+# when the hash was written by another master than the one named (ARGV node), a new one
+# (ARGV new) with an empty history (the stream's IDs start again at 1); or none (`false`):
+# the channel has no history (never published, or lost). FIRST_EPOCH is the epoch its
+# first message starts, the same until that message whatever reads it: a hash of the base
+# (made once, from ARGV base), the channel (ARGV channel) and the day (history.first_epoch).
 EPOCH = """
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-local node = ARGV[%d] or ''
-if epoch and node ~= '' and redis.call('HGET', KEYS[2], 'node') ~= node then
-  epoch = false
+local function first_epoch()
+  local base = redis.call('GET', KEYS[3])
+  if not base then
+    base = ARGV[{base}]
+    redis.call('SET', KEYS[3], base)
+  end
+  local day = math.floor(tonumber(redis.call('TIME')[1]) / {day})
+  return string.sub(redis.sha1hex(base .. ':' .. ARGV[{channel}] .. ':' .. day), 1, 8)
 end
-if not epoch then
-  epoch = ARGV[%d]
+local function start(epoch)
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0, 'node', node)
-  redis.call('EXPIRE', KEYS[2], ARGV[%d])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0, 'node', ARGV[{node}])
+  redis.call('EXPIRE', KEYS[2], ARGV[{meta_ttl}])
+  return epoch
+end
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if epoch and ARGV[{node}] ~= '' and redis.call('HGET', KEYS[2], 'node') ~= ARGV[{node}] then
+  epoch = start(ARGV[{new}])
 end
 """
 
-PUBLISH_HISTORY = EPOCH % (8, 6, 5) + """
+# ARGV: the Redis channel, the message without its closing brace, the size, the TTL, the
+# hash's TTL, a new epoch, the publishing command, the master running it (or ''), a base.
+# Returns {offset, epoch}.
+PUBLISH_HISTORY = EPOCH.format(base=9, day=int(META_TTL), channel=1, node=8, meta_ttl=5,
+                               new=6) + """
+if not epoch then epoch = start(first_epoch()) end
 local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
 local message = ARGV[2] .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-0',
@@ -73,11 +88,19 @@ redis.call(ARGV[7], ARGV[1], message)
 return {offset, epoch}
 """
 
-# KEYS: stream, hash. ARGV: since (-1: the newest), limit, an epoch for a channel that has
-# none, the hash's TTL, the TTL, the reply channel, the query, the publishing command, the
-# master running it (or ''). Forgets the expired messages, then publishes {"query","top",
-# "epoch","messages":[[offset,message]...]} to the reply channel.
-READ_HISTORY = EPOCH % (9, 3, 4) + """
+# ARGV: since (-1: the newest), limit, a new epoch, the hash's TTL, the TTL, the reply
+# channel, the query, the publishing command, the master running it (or ''), a base, the
+# Redis channel, the most bytes of messages to answer. Forgets the expired messages, then
+# publishes {"query","top","epoch","messages":[[offset,message]...]} to the reply channel;
+# creates nothing for a channel without history.
+READ_HISTORY = EPOCH.format(base=10, day=int(META_TTL), channel=11, node=9, meta_ttl=4,
+                            new=3) + """
+local function answer(top, epoch, parts)
+  redis.call(ARGV[8], ARGV[6], '{"query":' .. ARGV[7] .. ',"top":' .. top .. ',"epoch":"' ..
+             epoch .. '","messages":[' .. table.concat(parts, ',') .. ']}')
+  return 1
+end
+if not epoch then return answer(0, first_epoch(), {}) end
 local top = redis.call('HGET', KEYS[2], 'offset')
 local cutoff = tonumber(redis.call('TIME')[1]) - tonumber(ARGV[5])
 while true do
@@ -86,24 +109,48 @@ while true do
   redis.call('XDEL', KEYS[1], head[1][1])
 end
 local limit = tonumber(ARGV[2])
-local entries = {}
+local most = tonumber(ARGV[12])
+local parts, size = {}, 0
+local function take(entry)
+  size = size + #entry[2][4]
+  if #parts > 0 and size > most then return false end
+  table.insert(parts, '[' .. string.match(entry[1], '^%d+') .. ',' .. entry[2][4] .. ']')
+  return true
+end
 if limit > 0 and tonumber(ARGV[1]) >= 0 then
-  entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '+', 'COUNT', limit)
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '+',
+                                    'COUNT', limit)) do
+    if not take(entry) then break end
+  end
 elseif limit > 0 then
-  local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
-  for i = #newest, 1, -1 do table.insert(entries, newest[i]) end
+  for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)) do
+    if not take(entry) then break end
+  end
+  local oldest_first = {}
+  for i = #parts, 1, -1 do table.insert(oldest_first, parts[i]) end
+  parts = oldest_first
 end
-local parts = {}
-for i, entry in ipairs(entries) do
-  parts[i] = '[' .. string.match(entry[1], '^%d+') .. ',' .. entry[2][4] .. ']'
-end
-redis.call(ARGV[8], ARGV[6], '{"query":' .. ARGV[7] .. ',"top":' .. top .. ',"epoch":"' ..
-           epoch .. '","messages":[' .. table.concat(parts, ',') .. ']}')
-return 1
+return answer(top, epoch, parts)
 """
 
 # A read Redis has not answered in this long fails (503, try again).
 READ_TIMEOUT = 5.0
+
+
+@functools.cache
+def _slot_tags() -> list[bytes]:
+    """A hash tag in each of a cluster's 16384 slots (the shortest numbers that land
+    there): where each slot's base of epochs is kept."""
+    tags: list[bytes] = [b""] * 16384
+    missing, number = 16384, 0
+    while missing:
+        tag = b"%d" % number
+        slot = key_slot(tag)
+        if not tags[slot]:
+            tags[slot] = tag
+            missing -= 1
+        number += 1
+    return tags
 
 
 class Answer(msgspec.Struct):
@@ -136,8 +183,12 @@ class RedisHistory:
     def __init__(self, client: aioredis.Redis, prefix: bytes, size: int, ttl: float,
                  reply_channel: bytes, publish_command: bytes = b"PUBLISH", *,
                  node: bytes = b"",
-                 listen: Callable[[bytes, bool], bool] | None = None) -> None:
+                 listen: Callable[[bytes, bool], bool] | None = None,
+                 reader: aioredis.Redis | None = None) -> None:
         self.client = client
+        # The reads' own connections (at most READS_IN_FLIGHT at a time, see ReadLimiter):
+        # never one the publishing pipeline waits for.
+        self.reader = reader or client
         self.prefix = prefix
         self.size = size
         self.ttl = max(1, round(ttl))
@@ -148,7 +199,8 @@ class RedisHistory:
         self.node = node
         self.listen = listen
         self._publish = client.register_script(PUBLISH_HISTORY)
-        self._read = client.register_script(READ_HISTORY)
+        self._read = self.reader.register_script(READ_HISTORY)
+        self._limiter = ReadLimiter()
         self._reads: dict[int, Callable[[HistoryAnswer | None], None]] = {}
         self._replies: dict[int, bytes] = {}  # query -> the cluster's reply channel for it
         self._listening: dict[bytes, _Listening] = {}
@@ -156,7 +208,12 @@ class RedisHistory:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def keys(self, redis_channel: bytes) -> list[bytes]:
-        return [b"{%s}:history" % redis_channel, b"{%s}:epoch" % redis_channel]
+        """The channel's stream and hash, and the base of its first epochs (on a cluster,
+        one per slot: a script's keys are all in the slot of the channel)."""
+        base = self.prefix + b"!history-base"
+        if self.listen is not None:
+            base += b"{%s}" % _slot_tags()[key_slot(redis_channel)]
+        return [b"{%s}:history" % redis_channel, b"{%s}:epoch" % redis_channel, base]
 
     def is_reply(self, redis_channel: bytes) -> bool:
         return redis_channel.endswith(self.suffix)
@@ -167,10 +224,18 @@ class RedisHistory:
         result is [offset, epoch]."""
         await self._publish(keys=self.keys(redis_channel),
                       args=[redis_channel, payload[:-1], self.size, self.ttl, self.meta_ttl,
-                            new_epoch(), self.publish_command, self.node], client=pipe)
+                            new_epoch(), self.publish_command, self.node, new_epoch()],
+                      client=pipe)
 
     def read(self, channel: str, since: int, limit: int,
              answer: Callable[[HistoryAnswer | None], None]) -> None:
+        """Sent when fewer than READS_IN_FLIGHT wait for their answer, else queued (or
+        refused: `answer(None)`)."""
+        self._limiter.submit(functools.partial(self._begin, channel, since, limit, answer),
+                             functools.partial(answer, None))
+
+    def _begin(self, channel: str, since: int, limit: int,
+               answer: Callable[[HistoryAnswer | None], None]) -> None:
         self._next_query += 1
         query = self._next_query
         if self.listen is None:
@@ -181,6 +246,7 @@ class RedisHistory:
         listening = self._listening.get(reply)
         if listening is None:
             if not self.listen(reply, True):
+                self._limiter.done()
                 answer(None)
                 return
             listening = self._listening[reply] = _Listening()
@@ -222,7 +288,8 @@ class RedisHistory:
                 await asyncio.wait_for(self._read(
                     keys=self.keys(redis_channel),
                     args=[since, limit, new_epoch(), self.meta_ttl, self.ttl, reply, query,
-                          self.publish_command, self.node]), READ_TIMEOUT)
+                          self.publish_command, self.node, new_epoch(), redis_channel,
+                          ANSWER_MAX_BYTES]), READ_TIMEOUT)
                 break
             except aioredis.ConnectionError:
                 if attempt == 0:
@@ -245,6 +312,8 @@ class RedisHistory:
         """The read's answer callback, if it still waits; a reply channel no read waits on
         any longer is left."""
         answer = self._reads.pop(query, None)
+        if answer is not None:
+            self._limiter.done()
         reply = self._replies.pop(query, None)
         if reply is not None and (listening := self._listening.get(reply)) is not None:
             listening.queries.discard(query)
@@ -272,6 +341,7 @@ class RedisHistory:
         self._replies.clear()
         self._listening.clear()
         for answer in reads.values():
+            self._limiter.done()
             answer(None)
 
     def stop(self) -> None:
