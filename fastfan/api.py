@@ -46,6 +46,10 @@ log = logging.getLogger("fastfan.api")
 # Room in a request body beyond --max-message-size: the JSON around `data` and, for
 # broadcast, the list of channels. Larger bodies get 413 and the connection closes.
 BODY_ENVELOPE = 64 * 1024
+# API connections a worker holds open at once: a backend keeps a few pooled, each a file
+# descriptor beside --max-connections, within the 256 a worker keeps for itself
+# (fastfan.worker.FILES_RESERVED). Past it a connection gets 503.
+MAX_CONNECTIONS = 128
 # How long a publish waits for a bus that confirms later (Redis) before answering 503.
 CONFIRM_TIMEOUT = 5.0
 # How long presence waits for every worker's and node's part before answering 503.
@@ -144,7 +148,8 @@ class Api:
         self._status_cached_at = 0.0  # loop time
         self._http = HttpServer(
             self.handle, max_body=config.max_message_size + BODY_ENVELOPE,
-            body_limit=f"--max-message-size plus {BODY_ENVELOPE} for the envelope")
+            body_limit=f"--max-message-size plus {BODY_ENVELOPE} for the envelope",
+            max_connections=MAX_CONNECTIONS)
         self._methods: dict[str, Method] = {
             "publish": self._publish, "broadcast": self._broadcast,
             "channels": self._channels, "info": self._info,

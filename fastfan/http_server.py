@@ -3,8 +3,9 @@
 It knows HTTP, not what is asked of it: every request goes to one handler, an async
 callable from Request to Response (fastfan.api.Api.handle). Keep-alive and pipelining:
 the requests of one connection are answered in order, one at a time. What a stranger may
-cost is bounded here: the size of a request's head and body, the requests queued ahead of
-our answers, the time a connection may stay silent.
+cost is bounded here: the connections open at once, the size of a request's head and
+body and the time they take to arrive, the requests queued ahead of our answers, the time
+a connection may stay silent.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_PIPELINED = 32
 # A keep-alive connection that sends nothing for this long is closed.
 IDLE_TIMEOUT = 60.0
+# A request's line, headers and body arrive within this long of its first byte (a new
+# connection's first request, of the accept), else 408 and the connection closes: a head
+# trickled a byte at a time would otherwise hold a connection open for ever.
+REQUEST_TIMEOUT = 10.0
 # After an error answer that ends a connection, how long we go on reading (and dropping)
 # what the client still sends: closing with unread data would reset the connection, and
 # the client could lose the answer.
@@ -83,13 +88,16 @@ class HttpServer:
     """Listens on a port and hands each request to `handler`.
 
     `max_body` bounds a request's body; a larger one gets 413, whose message names
-    `body_limit`, what the limit is made of (for the caller to know which option).
+    `body_limit`, what the limit is made of (for the caller to know which option). Past
+    `max_connections` open at once, a new connection gets 503 and is closed.
     """
 
-    def __init__(self, handler: Handler, *, max_body: int, body_limit: str) -> None:
+    def __init__(self, handler: Handler, *, max_body: int, body_limit: str,
+                 max_connections: int) -> None:
         self.handler = handler
         self.max_body = max_body
         self.body_limit = body_limit
+        self.max_connections = max_connections
         self.connections: set[HttpConnection] = set()
         self._server: asyncio.AbstractServer | None = None
 
@@ -128,7 +136,8 @@ class HttpConnection(asyncio.Protocol):
         self._writable = asyncio.Event()  # clear while the client does not read our answers
         self._writable.set()
         self._closing = False  # no more requests are read; close once answered
-        self._idle: asyncio.TimerHandle | None = None
+        # Closes the connection: IDLE_TIMEOUT between requests, REQUEST_TIMEOUT within one.
+        self._timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -136,21 +145,28 @@ class HttpConnection(asyncio.Protocol):
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) else None
+        if len(self._server.connections) >= self._server.max_connections:
+            self._closing = True
+            self._transport.write(error_response(
+                503, f"the API port has {self._server.max_connections} connections open, "
+                     "the most a worker takes; try again",
+                ((b"Retry-After", b"1"),)).encode(keep_alive=False))
+            self._transport.close()
+            return
         self._server.connections.add(self)
-        self._reset_idle()
+        self._set_timer(REQUEST_TIMEOUT, self._request_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._transport = None
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._serving is not None:
             self._serving.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        self._reset_idle()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -178,6 +194,7 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._request = Request(peer=self._peer)
         self._head_bytes = 0
+        self._set_timer(REQUEST_TIMEOUT, self._request_timed_out)
 
     def on_url(self, url: bytes) -> None:
         self._request.url += url
@@ -201,6 +218,7 @@ class HttpConnection(asyncio.Protocol):
             self._refuse(self._server.too_large())
 
     def on_message_complete(self) -> None:
+        self._set_timer(IDLE_TIMEOUT, self.close)
         self._enqueue(self._request)
 
     # Answering, in order ----------------------------------------------------------------
@@ -265,7 +283,12 @@ class HttpConnection(asyncio.Protocol):
         self._flow()
         self._loop.call_later(LINGER, self.close)
 
-    def _reset_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = self._loop.call_later(IDLE_TIMEOUT, self.close)
+    def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, callback)
+
+    def _request_timed_out(self) -> None:
+        if not self._closing:
+            self._answer_and_close(error_response(
+                408, f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s"))

@@ -128,3 +128,39 @@ def test_a_dripping_jwks_delays_the_start_5_s_and_each_fetch_ends_within_5_s(
     opened, _ = dripping_jwks.connections[1]
     wait_for(lambda: dripping_jwks.connections[1][1] < float("inf"), timeout=8)
     assert dripping_jwks.connections[1][1] - opened < 6.5  # the worker hung up at 5 s
+
+
+# 14. The API port: a cap on its connections, a deadline for each request ----------------
+
+def test_a_request_trickled_a_byte_a_second_gets_408_within_10_s(start_server: Any) -> None:
+    _, port = start_api(start_server)
+    head = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(1)
+        started = time.monotonic()
+        answer = b""
+        for byte in head:
+            sock.sendall(bytes([byte]))
+            try:
+                answer = sock.recv(65536)
+                break
+            except TimeoutError:
+                if time.monotonic() - started > 14:
+                    break
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert 9.5 < time.monotonic() - started < 12
+
+
+def test_past_128_api_connections_a_worker_answers_503(start_server: Any) -> None:
+    _, port = start_api(start_server)
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(128)]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            answer = extra.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"Retry-After: 1" in answer and b"128 connections open" in answer
+        held.pop().close()
+        wait_for(lambda: request("127.0.0.1", port, "GET", "/health")[0] == 200, timeout=5)
+    finally:
+        for sock in held:
+            sock.close()
