@@ -4,6 +4,7 @@ not Unicode text."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -12,10 +13,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Server, wait_for
+from conftest import Server, messages_of, token, wait_for
 from test_api import KEY, request, start_api
 from test_identity import KEY_TYPES, mint, refused_for
 from test_security_auth import raw_exchange, signed, upgrade_head
+from test_tls import pki, start_tls  # noqa: F401 - fixtures
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as websocket_connect
 
 # 18. A lone surrogate in a signed token's strings -----------------------------------------
 
@@ -164,3 +168,52 @@ def test_past_128_api_connections_a_worker_answers_503(start_server: Any) -> Non
     finally:
         for sock in held:
             sock.close()
+
+
+# 10. TLS: the handshake gets 5 s, and a connection counts from its accept ----------------
+
+@pytest.fixture
+def start_wss(request: pytest.FixtureRequest) -> Any:
+    """test_tls's start_tls (imported above for pytest to find)."""
+    return request.getfixturevalue("start_tls")
+
+
+def seconds_until_closed(sock: socket.socket, limit: float) -> float:
+    """How long the server takes to close a connection we never send anything on."""
+    started = time.monotonic()
+    sock.settimeout(limit)
+    with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread: a reset
+        assert sock.recv(1) == b""
+    return time.monotonic() - started
+
+
+def test_a_tls_handshake_never_begun_is_dropped_after_5_s(start_wss: Any) -> None:
+    server = start_wss()
+    with socket.create_connection((server.host, server.port)) as idle:
+        assert 4 < seconds_until_closed(idle, 15) < 7  # uvloop's own default was 60 s
+
+
+def test_connections_in_their_tls_handshake_count_against_max_connections(
+        start_wss: Any) -> None:
+    server = start_wss("--max-connections", "2")
+    idle = [socket.create_connection((server.host, server.port)) for _ in range(2)]
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            websocket_connect(server.url(token=token()), ssl=server.context, open_timeout=5)
+        assert refused.value.response.status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    # Gone, they count no more, and neither does each connection closed after them.
+    for _ in range(10):
+        wait_for(lambda: _welcomed(server), timeout=8)
+
+
+def _welcomed(server: Any) -> bool:
+    """A wss:// connection got its welcome (and is closed again); False if refused."""
+    try:
+        with websocket_connect(server.url(token=token()), ssl=server.context,
+                               open_timeout=5) as ws:
+            return bool(messages_of(ws)[0]["type"] == "welcome")
+    except InvalidStatus:
+        return False
