@@ -3,20 +3,23 @@ ones, and the channel patterns they grant."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import ssl
 import threading
 import time
-import urllib.request
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
+import httptools
 import jwt
 import msgspec
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from .keys import PUBLIC_KEY_ALGORITHMS, PublicKey, SecretKey, SigningKey, public_key_algorithm
 
 if TYPE_CHECKING:
     from .config import Config
@@ -31,17 +34,17 @@ MAX_NUMERIC_DATE = 1e15
 # The contract: `info` is what others see of a connection in presence and join/leave, sent
 # with every such answer and event: a few fields, not a profile.
 MAX_INFO_BYTES = 1024
-# The algorithms of the public keys we take, each fixed by its key's type.
-PUBLIC_KEY_ALGORITHMS = ("RS256", "ES256", "EdDSA")
-# RFC 7518 3.3: an RSA key for RS256 is 2048 bits or more; shorter ones can be factored.
-MIN_RSA_BITS = 2048
 # The contract: an unknown `kid` fetches the JWKS again at most once per 10 s.
 JWKS_REFETCH_INTERVAL = 10.0
 # A key set this old is fetched again on the next token, so dropped keys stop passing.
 JWKS_MAX_AGE = 600.0
-# A JWKS is a few kilobytes from a provider that answers in milliseconds.
+# A JWKS is a few kilobytes from a provider that answers in milliseconds: the whole fetch
+# (connect, TLS, answer, redirects) gets this long by the wall clock. A timeout per read let
+# a provider sending a byte every 2 s keep a worker from listening for over 25 s.
 JWKS_TIMEOUT = 5.0
 MAX_JWKS_BYTES = 1 << 20
+# Redirects a JWKS URL may take, as urllib would follow them.
+MAX_JWKS_REDIRECTS = 5
 
 
 class AuthError(Exception):
@@ -121,7 +124,11 @@ def _info_claim(claims: dict[str, Any]) -> str:
     """The `info` claim, any JSON value of at most MAX_INFO_BYTES, as JSON text."""
     if "info" not in claims:
         return ""
-    text = msgspec.json.encode(claims["info"])
+    try:
+        text = msgspec.json.encode(claims["info"])
+    except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate has no UTF-8
+        raise AuthError("claim 'info' holds a lone surrogate (\\ud800-\\udfff), "
+                        "which is not Unicode text") from None
     if len(text) > MAX_INFO_BYTES:
         raise AuthError(f"claim 'info' is {len(text)} bytes of JSON; at most {MAX_INFO_BYTES}")
     return text.decode()
@@ -136,72 +143,6 @@ def _patterns_claim(claims: dict[str, Any], name: str) -> ChannelPatterns:
     return ChannelPatterns(value)
 
 
-class SigningKey(NamedTuple):
-    """A key and the one algorithm a token signed with it must name."""
-
-    key: Any
-    algorithm: str
-
-
-def public_key_algorithm(key: Any) -> str:
-    """The algorithm a public key signs with: the key decides, never the token's header."""
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise ValueError(f"the RSA key has {key.key_size} bits; RS256 needs at least "
-                             f"{MIN_RSA_BITS} (RFC 7518 3.3)")
-        return "RS256"
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return "ES256"
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return "EdDSA"
-    raise ValueError("the key is not an RSA, EC P-256 or Ed25519 public key "
-                     "(RS256, ES256 or EdDSA)")
-
-
-class SecretKey:
-    """--jwt-secret: HS256."""
-
-    def __init__(self, secret: str) -> None:
-        self._key = SigningKey(secret, "HS256")
-
-    def key_for(self, header: dict[str, Any]) -> SigningKey:
-        return self._key
-
-
-class PublicKey:
-    """--jwt-public-key: one PEM public key; its type fixes the algorithm."""
-
-    def __init__(self, pem: bytes) -> None:
-        try:
-            key = serialization.load_pem_public_key(pem)
-        except ValueError:
-            raise ValueError("not a PEM public key (-----BEGIN PUBLIC KEY-----): export one "
-                             "with `openssl pkey -in private.pem -pubout`") from None
-        except Exception as exc:  # cryptography's UnsupportedAlgorithm and kin
-            raise ValueError(f"not a usable public key: {exc}") from None
-        self._key = SigningKey(key, public_key_algorithm(key))
-
-    @classmethod
-    def from_file(cls, path: str) -> PublicKey:
-        """The key in a PEM file; ValueError with a one-line reason when it cannot be used."""
-        try:
-            with open(path, "rb") as file:
-                pem = file.read(1 << 20)
-        except OSError as exc:
-            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-        try:
-            return cls(pem)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-
-    @property
-    def algorithm(self) -> str:
-        return self._key.algorithm
-
-    def key_for(self, header: dict[str, Any]) -> SigningKey:
-        return self._key
-
-
 class JwksKeys:
     """--jwks-url: an identity provider's public keys, chosen by the token header's `kid`.
 
@@ -209,7 +150,8 @@ class JwksKeys:
     builds it before it accepts connections. After that, never on the event loop: a token
     whose `kid` the set lacks gets 401 "unknown key, try again" and starts a fetch in a
     background thread, at most one per JWKS_REFETCH_INTERVAL per worker, whatever the flood;
-    the new set replaces the old when it arrives. A set older than JWKS_MAX_AGE is fetched
+    the new set replaces the old when it arrives; one fetch at a time, each over within
+    JWKS_TIMEOUT seconds whatever the provider does. A set older than JWKS_MAX_AGE is fetched
     again the same way, so keys the provider drops stop passing. A fetch that fails (the
     provider down, a bad answer) is logged and keeps the keys already known, so tokens with
     known keys still pass. A start with no keys refuses every token until a fetch succeeds.
@@ -220,6 +162,7 @@ class JwksKeys:
         self._keys: dict[str, SigningKey] = {}
         self._fetched_at = -math.inf  # monotonic; when the set in _keys arrived
         self._next_fetch_at = 0.0  # monotonic; no background fetch starts before it
+        self._fetching = False  # a background fetch runs; under _lock
         self._lock = threading.Lock()
         self.fetch()
 
@@ -240,10 +183,19 @@ class JwksKeys:
     def _fetch_in_background(self) -> None:
         with self._lock:
             now = time.monotonic()
-            if now < self._next_fetch_at:
+            if self._fetching or now < self._next_fetch_at:
                 return
+            self._fetching = True
             self._next_fetch_at = now + JWKS_REFETCH_INTERVAL
-        threading.Thread(target=self.fetch, name="fastfan-jwks", daemon=True).start()
+        threading.Thread(target=self._fetch_then_allow_another, name="fastfan-jwks",
+                         daemon=True).start()
+
+    def _fetch_then_allow_another(self) -> None:
+        try:
+            self.fetch()
+        finally:
+            with self._lock:
+                self._fetching = False
 
     def fetch(self) -> None:
         """Replace the set with the provider's; on failure log why and keep the old one."""
@@ -259,10 +211,7 @@ class JwksKeys:
 
 def fetch_jwks(url: str) -> dict[str, SigningKey]:
     """The signing keys of a JWKS by `kid`; keys of other kinds or uses are left out."""
-    request = urllib.request.Request(url, headers={"Accept": "application/json",
-                                                   "User-Agent": "fastfan"})
-    with urllib.request.urlopen(request, timeout=JWKS_TIMEOUT) as response:
-        body = response.read(MAX_JWKS_BYTES + 1)
+    body = _download(url)
     if len(body) > MAX_JWKS_BYTES:
         raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
     document = json.loads(body)
@@ -282,6 +231,89 @@ def fetch_jwks(url: str) -> dict[str, SigningKey]:
         if jwk.get("alg", algorithm) == algorithm:
             keys[jwk["kid"]] = SigningKey(key, algorithm)
     return keys
+
+
+def _download(url: str) -> bytes:
+    """GET `url`, over within JWKS_TIMEOUT seconds by the wall clock or TimeoutError.
+
+    On an event loop of its own, in a thread of its own: the worker builds its keys while
+    its own loop runs, and asyncio bounds the whole exchange (a blocking read only bounds
+    each read). The join's margin covers a name lookup, which cannot be interrupted.
+    """
+    outcome: list[bytes | BaseException] = []
+
+    def download() -> None:
+        try:
+            outcome.append(asyncio.run(asyncio.wait_for(_get(url), JWKS_TIMEOUT)))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=download, name="fastfan-jwks-get", daemon=True)
+    thread.start()
+    thread.join(JWKS_TIMEOUT + 1)
+    if not outcome or isinstance(outcome[0], TimeoutError):
+        raise TimeoutError(f"no whole answer within {JWKS_TIMEOUT:g} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+async def _get(url: str) -> bytes:
+    """The body of a 200 answer to GET `url`, redirects followed."""
+    for _ in range(MAX_JWKS_REDIRECTS + 1):
+        status, location, body = await _get_once(url)
+        if status in (301, 302, 303, 307, 308) and location:
+            url = urllib.parse.urljoin(url, location)
+            continue
+        if status != 200:
+            raise ValueError(f"HTTP {status}")
+        return body
+    raise ValueError(f"more than {MAX_JWKS_REDIRECTS} redirects")
+
+
+class _Answer:
+    """httptools' callbacks for one HTTP answer."""
+
+    def __init__(self) -> None:
+        self.location: str | None = None
+        self.body = bytearray()
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"location":
+            self.location = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+async def _get_once(url: str) -> tuple[int, str | None, bytes]:
+    """One GET: the status, the Location header and the body (MAX_JWKS_BYTES + 1 at most)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    https = parts.scheme == "https"
+    reader, writer = await asyncio.open_connection(
+        parts.hostname, parts.port or (443 if https else 80),
+        ssl=ssl.create_default_context() if https else None)
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                     "Accept: application/json\r\nUser-Agent: fastfan\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        answer = _Answer()
+        parser = httptools.HttpResponseParser(answer)
+        while not answer.complete and len(answer.body) <= MAX_JWKS_BYTES:
+            data = await reader.read(65536)
+            if not data:  # the end of an answer without a length, or one cut short
+                break
+            parser.feed_data(data)
+        return parser.get_status_code(), answer.location, bytes(answer.body)
+    finally:
+        writer.close()
 
 
 class TokenVerifier:
@@ -334,6 +366,9 @@ class TokenVerifier:
         user = claims["sub"]
         if not isinstance(user, str) or not user:
             raise AuthError("claim 'sub' must be a non-empty string")
+        if not _is_unicode_text(user):  # it is sent to others, as UTF-8, in presence
+            raise AuthError("claim 'sub' holds a lone surrogate (\\ud800-\\udfff), "
+                            "which is not Unicode text")
         now = time.time()
         expires_at = _time_claim(claims, "exp")
         if expires_at is not None and expires_at <= now:
@@ -376,6 +411,15 @@ class TokenVerifier:
             raise AuthError("token has no 'iss' claim; this server requires one")
         if issuer != self.issuer:
             raise AuthError("token is from another issuer ('iss' is not the one trusted here)")
+
+
+def _is_unicode_text(text: str) -> bool:
+    """False for a str holding a lone surrogate, which JSON's \\u escapes can make."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _time_claim(claims: dict[str, Any], name: str) -> float | None:

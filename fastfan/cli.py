@@ -290,7 +290,7 @@ def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import json
 
-    from .api import ApiCallError, call
+    from .api_client import ApiCallError, call
 
     if not args.api_key:
         parser.error("publish needs --api-key (or FASTFAN_API_KEY), the server's API key")

@@ -7,8 +7,8 @@ import ssl
 from dataclasses import dataclass
 
 from ._core import SlowConsumerPolicy
-from .auth import PublicKey
 from .history import DEFAULT_MAX_BYTES
+from .keys import PublicKey
 
 # The --slow-consumer names: the core's policies, lower case.
 SLOW_CONSUMER_POLICIES = tuple(policy.name.lower() for policy in SlowConsumerPolicy)

@@ -4,23 +4,39 @@ Session.
 picows calls the factory once per HTTP request, synchronously, before it validates the
 upgrade headers. It returns a Session (101), a response without listener (health, metrics,
 401, 503), or None (404).
+
+The factory also makes picows's protocol for each connection the port accepts
+(`ListenerFactory.accept`), to count it from the accept, not from the upgrade: a
+connection in its TLS handshake or before its upgrade request holds a file descriptor
+too, and counts against --max-connections.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import TypeAlias
+from typing import Any, TypeAlias
 from urllib.parse import parse_qs
 
-from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows import (
+    WSAutoPingStrategy,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
+from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from ._core import Hub, Session
 from .auth import ANONYMOUS, AuthError, Identity, token_verifier
 from .config import Config
 
 log = logging.getLogger("fastfan.handshake")
+
+# How long past the TLS handshake timeout a connection's connection_made may come (the TLS
+# layer calls it soon after the handshake ends): without it by then, it never comes.
+UNANNOUNCED_END_MARGIN = 1.0
 
 Route: TypeAlias = Session | WSUpgradeResponseWithListener | None
 
@@ -44,11 +60,32 @@ def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -
 
 class ListenerFactory:
     def __init__(self, config: Config, hub: Hub, *, is_ready: Callable[[], bool],
-                 metrics: Callable[[], bytes], max_connections: int,
+                 metrics: Callable[[], bytes], max_connections: int, logger: Any,
+                 handshake_timeout: float, read_buffer_init_size: int,
                  why_not_ready: Callable[[], str] = lambda: "not ready") -> None:
         self._config = config
         self._hub = hub
         self._max_connections = max_connections
+        # WSProtocol's arguments, as picows 2.3.1's ws_create_server passes them (the
+        # version is pinned): no auto-ping, no auto-pong (Session answers pings itself: RSV
+        # checks, ordering), close on a listener's exception.
+        self._protocol_arguments = (
+            None, None, False, self, logger, True, handshake_timeout, False, 20.0, 20.0,
+            WSAutoPingStrategy.PING_WHEN_IDLE, False, config.max_message_size, None,
+            read_buffer_init_size)
+        self._handshake_timeout = handshake_timeout
+        self.open_connections = 0  # accepted and not yet gone (accept)
+        factory = self
+
+        class CountedProtocol(WSProtocol):  # type: ignore[misc]
+            # No attributes: a connection costs what picows's protocol costs.
+            __slots__ = ()
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                factory.open_connections -= 1
+                super().connection_lost(exc)
+
+        self._protocol = CountedProtocol
         self._is_ready = is_ready
         self._why_not_ready = why_not_ready
         self._metrics = metrics
@@ -62,6 +99,24 @@ class ListenerFactory:
             None if verifier is None else verifier.verify)
         hub.verify_token = self.verify_token
         self.refused_full_total = 0
+
+    def accept(self) -> Any:
+        """The protocol of a connection the port just accepted, counted until it is gone.
+
+        Gone is connection_lost, for a connection that had its connection_made. One whose
+        TLS handshake fails or times out has neither: the TLS layer ends it within the
+        handshake timeout (the worker gives it that), so a protocol still without a
+        transport a moment after that has ended unannounced.
+        """
+        protocol = self._protocol(*self._protocol_arguments)
+        self.open_connections += 1
+        asyncio.get_running_loop().call_later(self._handshake_timeout + UNANNOUNCED_END_MARGIN,
+                                              self._uncount_if_never_made, protocol)
+        return protocol
+
+    def _uncount_if_never_made(self, protocol: Any) -> None:
+        if protocol.transport is None:
+            self.open_connections -= 1
 
     def __call__(self, request: WSUpgradeRequest) -> Route:
         try:
@@ -89,7 +144,7 @@ class ListenerFactory:
         echo = path == self._echo_path
         if path not in self._socket_paths and not echo:
             return None
-        if self._hub.connections >= self._max_connections:
+        if self.open_connections > self._max_connections:  # this one counted too
             self.refused_full_total += 1
             return _response(503, b"503 Service Unavailable: connection limit reached, "
                                   b"try another node or later\n", {"Retry-After": "1"})

@@ -6,9 +6,12 @@ answers. Every worker answers from the same shared figures, so the differences h
 whichever worker the kernel hands the request to.
 
 Who may look (`may_view`): a caller presenting the API key, as `Authorization: apikey K` or
-`?key=K`; and, without a key, a caller on the loopback interface (127.0.0.0/8, ::1). A key
-that is presented must be the right one, from localhost too: a wrong key is a mistake to
-report, not one to hide because the caller happens to be local.
+`?key=K`; and, without a key, a caller on the loopback interface (127.0.0.0/8, ::1) whose
+`Host` header names the loopback too (`names_loopback`): a page of another site that a
+browser on this machine loads can reach 127.0.0.1 under that site's own name (DNS
+rebinding), and its requests then carry that name. A key that is presented must be the
+right one, from localhost too: a wrong key is a mistake to report, not one to hide because
+the caller happens to be local.
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ def is_loopback(host: str | None) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+def names_loopback(host: bytes | None) -> bool:
+    """A Host header of localhost, 127.x.y.z or [::1], a port or not; no header is not."""
+    if host is None:
+        return False
+    name = host.strip().decode("latin-1").lower()
+    if name.startswith("["):  # an IPv6 address, with or without a port
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name in ("localhost", "localhost.") or is_loopback(name)
 
 
 def presented_key(headers: Mapping[bytes, bytes], query: bytes) -> bytes | None:

@@ -11,7 +11,6 @@ import signal
 from dataclasses import dataclass
 
 import uvloop
-from picows import ws_create_server
 
 from . import metrics
 from ._core import Hub
@@ -91,7 +90,10 @@ class Worker:
         self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,
                                        why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,
-                                       max_connections=max_connections(config))
+                                       max_connections=max_connections(config),
+                                       logger=PicowsLog(),
+                                       handshake_timeout=HANDSHAKE_TIMEOUT,
+                                       read_buffer_init_size=READ_BUFFER_INIT_SIZE)
         self.api = None if config.api_port is None else Api(
             config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
             node=self.node, worker=placement.slot)
@@ -132,19 +134,18 @@ class Worker:
     async def serve(self) -> None:
         config = self.config
         await self.bus.start()
-        server = await ws_create_server(
-            self.factory,
+        # picows's ws_create_server, but with our protocol factory: it counts connections
+        # from the accept (ListenerFactory.accept).
+        tls = config.tls_cert is not None
+        server = await self.loop.create_server(
+            self.factory.accept,
             config.host,
             config.port,
             reuse_port=True,  # every worker binds the port; the kernel spreads connections
             backlog=LISTEN_BACKLOG,
-            logger_name=PicowsLog(),  # type: ignore[arg-type]  # logger-like, see PicowsLog
-            use_aiofastnet=False,
-            enable_auto_pong=False,  # Session answers pings itself (RSV checks, ordering)
-            max_frame_size=config.max_message_size,
-            read_buffer_init_size=READ_BUFFER_INIT_SIZE,
-            websocket_handshake_timeout=HANDSHAKE_TIMEOUT,
-            ssl=None if config.tls_cert is None else tls_context(config),
+            ssl=tls_context(config) if tls else None,
+            # uvloop's default is 60 s: the TLS handshake gets the upgrade request's 5 s.
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None,
         )
         if self.api is not None:
             await self.api.start(LISTEN_BACKLOG)
