@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from ._core import SlowConsumerPolicy
 from .history import DEFAULT_MAX_BYTES
@@ -223,5 +225,64 @@ def tls_context(config: Config) -> ssl.SSLContext:
     return context
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0))
+def cpu_count(proc: Path = Path("/proc/self")) -> int:
+    """The CPUs this process may use, what `--workers auto` starts: its affinity, and at
+    most its cgroups' CPU quota rounded up (in a 2-CPU container on a 64-core host, 2)."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(proc)
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(proc: Path = Path("/proc/self")) -> float | None:
+    """The CPUs' worth of time the cgroups of the process `proc` allow, the lowest along
+    each path up to its hierarchy's root (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` /
+    `cpu.cfs_period_us`), or None without a quota or a readable cgroup file system."""
+    try:
+        mounts = _cgroup_mounts((proc / "mountinfo").read_text())
+        memberships = (proc / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in memberships:
+        hierarchy, controllers, path = line.split(":", 2)
+        version = "v2" if hierarchy == "0" else "v1" if "cpu" in controllers.split(",") else ""
+        if version in mounts:
+            root, mount_point = mounts[version]
+            relative = os.path.relpath(path, root) if path.startswith(root) else "."
+            quotas += _quotas_up_to(mount_point, os.path.normpath(
+                os.path.join(mount_point, relative)), version)
+    return min(quotas) if quotas else None
+
+
+def _cgroup_mounts(mountinfo: str) -> dict[str, tuple[str, str]]:
+    """Where cgroup v2, and v1's cpu controller, are mounted: version -> (the cgroup
+    path at the mount's root, the mount point). (proc(5): mountinfo's fields.)"""
+    mounts = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        after = fields[fields.index("-") + 1:]
+        if after[0] == "cgroup2":
+            mounts["v2"] = (fields[3], fields[4])
+        elif after[0] == "cgroup" and "cpu" in after[-1].split(","):
+            mounts["v1"] = (fields[3], fields[4])
+    return mounts
+
+
+def _quotas_up_to(mount_point: str, directory: str, version: str) -> list[float]:
+    quotas = []
+    while True:
+        try:
+            if version == "v2":
+                limit, period = Path(directory, "cpu.max").read_text().split()[:2]
+            else:
+                limit = Path(directory, "cpu.cfs_quota_us").read_text().strip()
+                period = Path(directory, "cpu.cfs_period_us").read_text().strip()
+            if limit not in ("max", "-1") and int(period) > 0:
+                quotas.append(int(limit) / int(period))
+        except (OSError, ValueError):
+            pass  # no such file at this level: no quota here
+        if os.path.normpath(directory) == os.path.normpath(mount_point) or directory == "/":
+            return quotas
+        directory = os.path.dirname(directory)
