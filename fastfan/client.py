@@ -33,7 +33,8 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from ._picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 __all__ = ["Client", "ServerError", "Subscription", "backoff_delay"]
 

@@ -14,9 +14,8 @@ from importlib import resources
 from typing import TypeAlias
 from urllib.parse import parse_qs
 
-from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
-
 from ._core import Hub, Session
+from ._picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 from .auth import ANONYMOUS, AuthError, Identity, token_verifier
 from .config import Config
 

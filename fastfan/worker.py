@@ -11,10 +11,10 @@ import signal
 from dataclasses import dataclass
 
 import uvloop
-from picows import ws_create_server
 
 from . import metrics
 from ._core import Hub
+from ._picows import ws_create_server
 from .api import Api
 from .auth import ChannelPatterns
 from .bus.factory import make_bus
