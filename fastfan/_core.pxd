@@ -4,7 +4,7 @@
 
 cimport cython
 from libc.stdint cimport uint8_t, uint32_t
-from picows.picows cimport WSListener, WSTransport, WSFrame
+from fastfan._picows.picows cimport WSListener, WSTransport, WSFrame
 
 
 cpdef enum CloseCode:

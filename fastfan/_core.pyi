@@ -5,7 +5,7 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
-from picows import WSListener, WSTransport
+from ._picows import WSListener, WSTransport
 
 class CloseCode(enum.IntEnum):
     SERVER_API = 4000

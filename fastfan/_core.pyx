@@ -29,8 +29,8 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
-from picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType,
-                            WSTransport)
+from fastfan._picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListener,
+                                    WSMsgType, WSTransport)
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import functools

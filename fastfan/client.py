@@ -34,7 +34,8 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
-from picows import (
+
+from ._picows import (
     WSCloseCode,
     WSFrame,
     WSInvalidStatusError,

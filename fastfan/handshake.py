@@ -20,15 +20,14 @@ from importlib import resources
 from typing import Any, TypeAlias
 from urllib.parse import parse_qs
 
-from picows import (
+from ._core import Hub, Session
+from ._picows import (
     WSAutoPingStrategy,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
-from picows.picows import WSProtocol  # type: ignore[attr-defined]
-
-from ._core import Hub, Session
+from ._picows.picows import WSProtocol  # type: ignore[attr-defined]
 from .auth import ANONYMOUS, AuthError, Identity, token_verifier
 from .config import Config
 

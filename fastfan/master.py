@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from ._picows.version import __version__ as picows_version
 from .config import Config
 from .logs import configure
 from .metrics import SharedFigures
@@ -184,4 +185,5 @@ def serve(config: Config) -> int:
         log.warning("--insecure: accepting every client without a token; never in production")
     log.info("fastfan on %s:%d, %d worker(s), bus %s, open files limit %d", config.host,
              config.port, config.workers, "embedded" if config.redis is None else "redis", limit)
+    log.info("WebSocket layer: picows %s (vendored)", picows_version)
     return Master(config).run()

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from conftest import Server, messages_of, token
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from fastfan._picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 JS = Path(__file__).parent / "js"
 

@@ -11,9 +11,9 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import picows
 import uvloop
 
+from fastfan import _picows as picows
 from fastfan._core import Hub, Outbox, Session, SlowConsumerPolicy
 from fastfan.auth import ALLOW_ALL, ChannelPatterns, Identity
 from fastfan.bus.base import DONE, Acknowledger, Bus, BusHealth, Entries
