@@ -1,10 +1,11 @@
 """The server API: an HTTP/1.1 port for backends and operators (--api-port, --api-key).
 
 Every worker listens on the API port (SO_REUSEPORT, like the public port) and answers
-`POST /api/METHOD` with a JSON body and `Authorization: apikey K`, plus `GET /metrics` and
-`GET /health` without a key, and `GET /status` (a live page for a person) with its
-`GET /status.json` under the key rule of fastfan.status. A publish goes through the worker's
-Hub and bus exactly as a WebSocket client's does, with `from` set to "api".
+`POST /api/METHOD` with a JSON body and `Authorization: apikey K`, plus `GET /metrics`,
+`GET /health` and `GET /ready` without a key, and `GET /status` (a live page for a person)
+with its `GET /status.json` under the key rule of fastfan.status (HEAD too on each GET). A
+publish goes through the worker's Hub and bus exactly as a WebSocket client's does, with
+`from` set to "api".
 
 `disconnect` and `unsubscribe` are commands on the bus (fastfan.bus.encode_command): every
 worker of every node applies them to its own clients. `presence` and `presence_stats`
@@ -24,6 +25,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +74,7 @@ STATUS_CHANNELS = 100
 SENDER = b"api"
 # Methods of the contract that a later increment implements.
 
+_READING = (b"GET", b"HEAD")  # the methods of the routes that only read
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
 _PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
@@ -105,14 +108,15 @@ class Response:
     content_type: bytes = _JSON
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
-    def encode(self, keep_alive: bool) -> bytes:
+    def encode(self, keep_alive: bool, *, head: bool = False) -> bytes:
+        """The response to send; to a HEAD, without the body (its length all the same)."""
         reason = HTTPStatus(self.status).phrase.encode()
         lines = [b"HTTP/1.1 %d %s" % (self.status, reason),
                  b"Content-Type: " + self.content_type,
                  b"Content-Length: %d" % len(self.body),
                  b"Connection: keep-alive" if keep_alive else b"Connection: close",
                  *(name + b": " + value for name, value in self.headers)]
-        return b"\r\n".join(lines) + b"\r\n\r\n" + self.body
+        return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else self.body)
 
 
 def error_response(status: int, message: str,
@@ -183,18 +187,21 @@ class Api:
 
     def __init__(self, config: Config, hub: Hub, *, metrics: Callable[[], bytes],
                  figure_rows: Callable[[], list[dict[str, float]]], node: Node,
-                 worker: int) -> None:
+                 worker: int, why_not_ready: Callable[[], list[str]],
+                 sockets: list[socket.socket]) -> None:
         assert config.api_key is not None
         self._config = config
         self._hub = hub
         self._metrics = metrics
         self._figure_rows = figure_rows  # SharedFigures.each(), this worker's row fresh
         self._worker = worker
+        self._why_not_ready = why_not_ready
+        self._sockets = sockets  # listening already, bound by the master (master.listen)
         self._key = config.api_key.encode()
         self._node = node
         self.max_body = config.max_message_size + BODY_ENVELOPE
         self.connections: set[ApiConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.Server] = []
         self._methods: dict[str, Method] = {
             "publish": self._publish, "broadcast": self._broadcast,
             "channels": self._channels, "info": self._info,
@@ -205,16 +212,14 @@ class Api:
 
     async def start(self, backlog: int) -> None:
         config = self._config
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: ApiConnection(self), config.host, config.api_port,
-            reuse_port=True,  # every worker binds the API port too; the kernel spreads calls
-            backlog=backlog)
-        log.info("server API on %s:%s", config.host, config.api_port)
+        self._servers = [await asyncio.get_running_loop().create_server(
+            lambda: ApiConnection(self), sock=sock, backlog=backlog) for sock in self._sockets]
+        log.info("server API on %s:%s", config.api_listen_host, config.api_port)
 
     def close(self) -> None:
         """Stop accepting and close every connection (answers already written go out)."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for connection in list(self.connections):
             connection.close()
 
@@ -231,8 +236,8 @@ class Api:
     async def _route(self, request: Request) -> Response:
         path, _, query = request.url.partition(b"?")
         if path in (b"/status", b"/status.json"):
-            if request.method != b"GET":
-                raise _not_allowed(b"GET")
+            if request.method not in _READING:
+                raise _not_allowed(b"GET, HEAD")
             presented = status.presented_key(request.headers, query)
             if not status.may_view(request.peer, presented, self._key):
                 raise ApiError(401, "missing or wrong API key: open /status?key=<key> or send "
@@ -241,11 +246,15 @@ class Api:
                 return Response(200, status.PAGE, _HTML, status.PAGE_HEADERS)
             return Response(200, msgspec.json.encode(await self._status()), _JSON,
                             ((b"Cache-Control", b"no-store"),))
-        if path in (b"/metrics", b"/health"):
-            if request.method != b"GET":
-                raise _not_allowed(b"GET")
+        if path in (b"/metrics", b"/health", b"/ready"):
+            if request.method not in _READING:
+                raise _not_allowed(b"GET, HEAD")
             if path == b"/health":
                 return Response(200, b"ok\n", _TEXT)
+            if path == b"/ready":
+                reasons = self._why_not_ready()  # as on the client port (fastfan.handshake)
+                return Response(503, ", ".join(reasons).encode() + b"\n", _TEXT) \
+                    if reasons else Response(200, b"ready\n", _TEXT)
             return Response(200, self._metrics(), _PROMETHEUS)
         if not path.startswith(b"/api/"):
             raise ApiError(404, f"no such path {path.decode('latin-1')!r}: "
@@ -632,7 +641,7 @@ class ApiConnection(asyncio.Protocol):
             response = await self._api.handle(item)
             if self._transport is None:
                 break
-            self._transport.write(response.encode(item.keep_alive))
+            self._transport.write(response.encode(item.keep_alive, head=item.method == b"HEAD"))
             if not item.keep_alive:
                 self._closing = True
                 self._transport.close()

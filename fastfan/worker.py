@@ -8,10 +8,12 @@ import logging
 import os
 import resource
 import signal
+import socket
 from dataclasses import dataclass
 
 import uvloop
-from picows import ws_create_server
+from picows import WSAutoPingStrategy
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # as ws_create_server
 
 from . import metrics
 from ._core import Hub
@@ -23,10 +25,10 @@ from .bus.cluster import ClusterBus
 from .bus.local import LocalBus
 from .bus.mesh import MeshBus
 from .bus.redis import RedisBus
-from .bus.sharded import ShardedBus, redis_urls
+from .bus.sharded import ShardedBus, redis_urls, where
 from .config import Config, tls_context
 from .directory import Node, node_name, process_start_time
-from .handshake import ListenerFactory
+from .handshake import FirstRequest, ListenerFactory
 from .logs import PicowsLog
 from .metrics import SharedFigures
 
@@ -66,9 +68,11 @@ class Placement:
 
 
 class Worker:
-    def __init__(self, config: Config, placement: Placement) -> None:
+    def __init__(self, config: Config, placement: Placement, sockets: list[socket.socket],
+                 api_sockets: list[socket.socket]) -> None:
         self.config = config
         self.placement = placement
+        self.sockets = sockets  # listening already, bound by the master (master.listen)
         self.loop = asyncio.get_running_loop()
         self.hub = Hub(
             self.loop,
@@ -122,23 +126,27 @@ class Worker:
                                history_ttl=config.history_ttl)
         self.hub.bus = self.bus
         self.accepting = False
-        self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,
-                                       why_not_ready=self.why_not_ready,
+        self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,
                                        max_connections=max_connections(config))
         self.api = None if config.api_port is None else Api(
             config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
-            node=self.node, worker=placement.slot)
+            node=self.node, worker=placement.slot, why_not_ready=self.why_not_ready,
+            sockets=api_sockets)
         self._stop = asyncio.Event()
 
-    def is_ready(self) -> bool:
-        return self.accepting and self.bus.up
-
-    def why_not_ready(self) -> str:
-        """What /ready's 503 says: which Redis shards are down, when there are several."""
-        if self.accepting and isinstance(self.bus, ShardedBus):
-            return "down: " + ", ".join(self.bus.down())
-        return "not ready"
+    def why_not_ready(self) -> list[str]:
+        """What keeps /ready from 200, as its 503 says it: nothing when ready."""
+        if not self.accepting:
+            return ["draining" if self._stop.is_set() else "starting"]
+        if self.bus.up:
+            return []
+        if isinstance(self.bus, ClusterBus):
+            return ["redis down: " + ", ".join(self.bus.down())]
+        if isinstance(self.bus, ShardedBus):
+            return [f"shard {index} down ({where(shard.url)})"
+                    for index, shard in enumerate(self.bus.shards) if not shard.up]
+        return ["redis down"]
 
     def publish_figures(self) -> None:
         """Write this worker's row of the figures every worker shares."""
@@ -170,20 +178,23 @@ class Worker:
     async def serve(self) -> None:
         config = self.config
         await self.bus.start()
-        server = await ws_create_server(
-            self.factory,
-            config.host,
-            config.port,
-            reuse_port=True,  # every worker binds the port; the kernel spreads connections
-            backlog=LISTEN_BACKLOG,
-            logger_name=PicowsLog(),  # type: ignore[arg-type]  # logger-like, see PicowsLog
-            use_aiofastnet=False,
-            enable_auto_pong=False,  # Session answers pings itself (RSV checks, ordering)
-            max_frame_size=config.max_message_size,
-            read_buffer_init_size=READ_BUFFER_INIT_SIZE,
-            websocket_handshake_timeout=HANDSHAKE_TIMEOUT,
-            ssl=None if config.tls_cert is None else tls_context(config),
-        )
+        logger = PicowsLog()
+
+        def protocol() -> FirstRequest:
+            # As picows's ws_create_server makes it, in front of it what answers HEAD.
+            return FirstRequest(WSProtocol(
+                None, None, False, self.factory, logger,
+                True,  # disconnect_on_exception
+                HANDSHAKE_TIMEOUT,
+                False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,  # no auto-ping
+                False,  # no auto-pong: Session answers pings itself (RSV checks, ordering)
+                config.max_message_size,
+                None,  # extra_headers
+                READ_BUFFER_INIT_SIZE), self.factory)
+
+        tls = None if config.tls_cert is None else tls_context(config)
+        servers = [await self.loop.create_server(protocol, sock=sock, backlog=LISTEN_BACKLOG,
+                                                 ssl=tls) for sock in self.sockets]
         if self.api is not None:
             await self.api.start(LISTEN_BACKLOG)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -199,7 +210,7 @@ class Worker:
         await self._stop.wait()
         for task in tasks:
             task.cancel()
-        await self._shut_down(server)
+        await self._shut_down(servers)
 
     async def _sweep_forever(self) -> None:
         config = self.config
@@ -222,10 +233,11 @@ class Worker:
                      figures["max_ms"], figures["avg_ms"], figures["p95_ms"], figures["p99_ms"],
                      extra={"fields": {"stats": figures, "worker": self.placement.slot}})
 
-    async def _shut_down(self, server: asyncio.AbstractServer) -> None:
+    async def _shut_down(self, servers: list[asyncio.Server]) -> None:
         """Stop accepting, close every client with 1001, wait for them within the grace."""
         self.accepting = False
-        server.close()
+        for server in servers:
+            server.close()
         if self.api is not None:
             self.api.close()
         self.hub.close_all(1001, "Server shutting down")
@@ -238,8 +250,9 @@ class Worker:
         log.info("worker %d stopped", self.placement.slot)
 
 
-def run_worker(config: Config, placement: Placement) -> None:
+def run_worker(config: Config, placement: Placement, sockets: list[socket.socket],
+               api_sockets: list[socket.socket]) -> None:
     async def main() -> None:
-        await Worker(config, placement).serve()
+        await Worker(config, placement, sockets, api_sockets).serve()
 
     uvloop.run(main())
