@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import ssl
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from redis.connection import parse_url as parse_redis_url
 
 from ._core import SlowConsumerPolicy
 from .auth import PublicKey
@@ -133,10 +134,9 @@ class Config:
                                   f"separated by commas, or redis+cluster://host:port[,...], "
                                   f"got {url!r}")
             try:
-                urlsplit(url).port  # noqa: B018 - parsing it is the check
-            except ValueError:
-                raise ConfigError(f"--redis {url!r}: the port is not a number from 0 "
-                                  f"to 65535") from None
+                parse_redis_url(url)  # type: ignore[no-untyped-call]  # as the bus will
+            except ValueError as exc:
+                raise ConfigError(f"--redis {url}: {exc}") from None
         if len(set(urls)) != len(urls):
             raise ConfigError(f"--redis names a shard twice: {value!r}")
 

@@ -70,6 +70,7 @@ def test_run_help_names_each_option_s_variable_and_its_values() -> None:
     (["--redis", "localhost:6379"], ["--redis"]),
     (["--redis", "redis://127.0.0.1:notaport"], ["--redis", "notaport", "port"]),
     (["--redis", "redis://a:6379,redis://b:port"], ["--redis", "redis://b:port"]),
+    (["--redis", "redis://127.0.0.1/0?socket_timeout=x"], ["--redis", "socket_timeout"]),
     (["--compression", "yes"], ["--compression", "on or off"]),
     (["--compression-min-size", "-1"], ["--compression-min-size"]),
     (["--tls-cert", "cert.pem"], ["--tls-cert and --tls-key"]),
