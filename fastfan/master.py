@@ -44,7 +44,7 @@ SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 # A worker that lived this long before dying is replaced at once; one that dies sooner
 # may keep dying, and waits 0.1 s, 0.2 s, 0.4 s, 0.8 s between tries. At its sixth quick
 # death in a row it will not start (a bad host, a bug): the server stops, exit status 1,
-# with its reason, rather than loop forever. About 3 s in all.
+# with its reason, rather than loop forever: a few seconds in all.
 HEALTHY_LIFETIME = 10.0
 START_ATTEMPTS = 6
 # Beyond the shutdown grace, how long workers get to exit before they are killed.
@@ -269,7 +269,7 @@ class Master:
 
     def _restart_due(self) -> None:
         """Fork the first worker due, one per turn of `run`'s loop: a signal that comes
-        while hundreds are forked is seen before the next fork."""
+        while dozens are forked is seen before the next fork."""
         now = time.monotonic()
         for index, slot in enumerate(self.slots):
             if slot.restart_at is not None and slot.restart_at <= now:
