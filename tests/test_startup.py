@@ -114,11 +114,14 @@ def test_workers_above_the_bound_are_refused() -> None:
 
 
 def test_the_api_may_listen_elsewhere_than_the_clients(start_server: Any) -> None:
-    api_port = free_port()
+    # Another loopback address, one no test takes ephemeral ports from (127.0.0.2-9 are
+    # clients' sources), as a backends-only interface.
+    api_host = "127.0.0.10"
+    api_port = free_port(api_host)
     server = start_server("--api-port", str(api_port), "--api-key", KEY,
-                          "--api-host", "127.0.0.2")
-    wait_for(lambda: _answers("127.0.0.2", api_port))
-    assert request("127.0.0.2", api_port, "GET", "/ready")[::2] == (200, b"ready\n")
+                          "--api-host", api_host)
+    wait_for(lambda: _answers(api_host, api_port))
+    assert request(api_host, api_port, "GET", "/ready")[::2] == (200, b"ready\n")
     with pytest.raises(ConnectionRefusedError):
         request(server.host, api_port, "GET", "/health")
     assert server.get("/ready")[0] == 200  # the clients' port stays on --host
