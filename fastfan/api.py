@@ -1,10 +1,11 @@
 """The server API: an HTTP/1.1 port for backends and operators (--api-port, --api-key).
 
 Every worker listens on the API port (SO_REUSEPORT, like the public port) and answers
-`POST /api/METHOD` with a JSON body and `Authorization: apikey K`, plus `GET /metrics` and
-`GET /health` without a key, and `GET /status` (a live page for a person) with its
-`GET /status.json` under the key rule of fastfan.status. A publish goes through the worker's
-Hub and bus exactly as a WebSocket client's does, with `from` set to "api".
+`POST /api/METHOD` with a JSON body and `Authorization: apikey K`, plus `GET /metrics`,
+`GET /health` and `GET /ready` without a key, and `GET /status` (a live page for a person)
+with its `GET /status.json` under the key rule of fastfan.status (HEAD too on each GET). A
+publish goes through the worker's Hub and bus exactly as a WebSocket client's does, with
+`from` set to "api".
 
 `disconnect` and `unsubscribe` are commands on the bus (fastfan.bus.encode_command): every
 worker of every node applies them to its own clients. `presence` and `presence_stats`
@@ -24,6 +25,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -65,6 +67,7 @@ STATUS_CACHE = 1.0
 SENDER = b"api"
 # Methods of the contract that a later increment implements.
 
+_READING = (b"GET", b"HEAD")  # the methods of the routes that only read
 _TEXT = b"text/plain; charset=utf-8"
 _PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 _HTML = b"text/html; charset=utf-8"
@@ -138,13 +141,16 @@ class Api:
 
     def __init__(self, config: Config, hub: Hub, *, metrics: Callable[[], bytes],
                  figure_rows: Callable[[], list[dict[str, float]]], node: Node,
-                 worker: int) -> None:
+                 worker: int, why_not_ready: Callable[[], list[str]],
+                 sockets: list[socket.socket]) -> None:
         assert config.api_key is not None
         self._config = config
         self._hub = hub
         self._metrics = metrics
         self._figure_rows = figure_rows  # SharedFigures.each(), this worker's row fresh
         self._worker = worker
+        self._why_not_ready = why_not_ready
+        self._sockets = sockets  # listening already, bound by the master (master.listen)
         self._key = config.api_key.encode()
         self._node = node
         self._status_cached: asyncio.Task[bytes] | None = None
@@ -163,9 +169,8 @@ class Api:
 
     async def start(self, backlog: int) -> None:
         config = self._config
-        assert config.api_port is not None
-        await self._http.start(config.host, config.api_port, backlog)
-        log.info("server API on %s:%s", config.host, config.api_port)
+        await self._http.start(self._sockets, backlog)
+        log.info("server API on %s:%s", config.api_listen_host, config.api_port)
 
     def close(self) -> None:
         """Stop accepting and close every connection (answers already written go out)."""
@@ -184,8 +189,8 @@ class Api:
     async def _route(self, request: Request) -> Response:
         path, _, query = request.url.partition(b"?")
         if path in (b"/status", b"/status.json"):
-            if request.method != b"GET":
-                raise _not_allowed(b"GET")
+            if request.method not in _READING:
+                raise _not_allowed(b"GET, HEAD")
             presented = status.presented_key(request.headers, query)
             # Keyless from the loopback only under a loopback name: DNS rebinding brings
             # another site's page to 127.0.0.1 under that site's name (fastfan.status).
@@ -197,11 +202,15 @@ class Api:
                 return Response(200, status.PAGE, _HTML, status.PAGE_HEADERS)
             return Response(200, await self._status_answer(), _JSON,
                             ((b"Cache-Control", b"no-store"),))
-        if path in (b"/metrics", b"/health"):
-            if request.method != b"GET":
-                raise _not_allowed(b"GET")
+        if path in (b"/metrics", b"/health", b"/ready"):
+            if request.method not in _READING:
+                raise _not_allowed(b"GET, HEAD")
             if path == b"/health":
                 return Response(200, b"ok\n", _TEXT)
+            if path == b"/ready":
+                reasons = self._why_not_ready()  # as on the client port (fastfan.handshake)
+                return Response(503, ", ".join(reasons).encode() + b"\n", _TEXT) \
+                    if reasons else Response(200, b"ready\n", _TEXT)
             return Response(200, self._metrics(), _PROMETHEUS)
         if not path.startswith(b"/api/"):
             raise ApiError(404, f"no such path {path.decode('latin-1')!r}: "

@@ -13,10 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
+from . import __version__
 from .config import (
     LOG_FORMATS,
     LOG_LEVELS,
+    MAX_WORKERS,
     SLOW_CONSUMER_POLICIES,
     Config,
     ConfigError,
@@ -28,7 +31,7 @@ from .config import (
 def _workers(text: str) -> int:
     if text == "auto":
         return cpu_count()
-    return _positive_int(text)
+    return _positive_int(text)  # its bound, MAX_WORKERS, is Config's to check
 
 
 def _whole_number(minimum: int, expected: str) -> Callable[[str], int]:
@@ -96,8 +99,12 @@ _SECRET_FILE_HELP = "file holding the HS256 secret (trailing newline ignored)"
 _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] = [
     ("--host", str, None, "listen address (default 0.0.0.0)"),
     ("--port", _port, None, "port for WebSocket, health and metrics (default 8080)"),
-    ("--workers", _workers, None, "worker processes, or 'auto' for one per CPU (default 1)"),
-    ("--redis", str, None, "Redis URL; unset = the embedded bus"),
+    ("--workers", _workers, None,
+     f"worker processes, 1 to {MAX_WORKERS}, or 'auto' for one per CPU (default 1)"),
+    ("--redis", str, None,
+     "Redis URL (redis:// or rediss://); several, comma-separated, are shards (each channel "
+     "on one); redis+cluster://host:port[,host:port...] for Redis Cluster; "
+     "unset: the embedded bus"),
     ("--redis-prefix", str, None, "prefix of Redis channel names (default fastfan:)"),
     ("--jwt-secret", str, None, _SECRET_HELP),
     ("--jwt-secret-file", str, None, _SECRET_FILE_HELP),
@@ -133,15 +140,18 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--max-connections-per-user", _non_negative_int, None,
      "connections of one token's user per worker before upgrades get 429 (0: no limit)"),
     ("--stats-interval", _seconds, None, "seconds between the message-handling stats lines (60)"),
-    ("--log-level", str, LOG_LEVELS, "debug, info, warning or error (info)"),
-    ("--log-format", str, LOG_FORMATS, "text or json (text)"),
+    ("--log-level", str, LOG_LEVELS, "what the log shows (info)"),
+    ("--log-format", str, LOG_FORMATS, "one line of text, or of JSON, per event (text)"),
     ("--echo-path", _path, None, "a path that echoes every message, for conformance suites"),
     ("--api-port", _port, None, "port of the server API for backends (with --api-key)"),
+    ("--api-host", str, None,
+     "listen address of the server API (default: --host), e.g. 127.0.0.1 for backends on "
+     "this host while clients come on 0.0.0.0"),
     ("--api-key", str, None, "the server API's key (clients send 'Authorization: apikey KEY')"),
     ("--api-key-file", str, None, "a file holding the API key (instead of --api-key)"),
-    ("--metrics-public", _on_off, None, "GET /metrics on --port too: on or off (on)"),
+    ("--metrics-public", _on_off, None, "GET /metrics on --port too (on)"),
     ("--compression", _on_off, None,
-     "permessage-deflate for clients that offer it, compressed once per message: on or off (on)"),
+     "permessage-deflate for clients that offer it, compressed once per message (on)"),
     ("--compression-min-size", _non_negative_int, None,
      "smallest message in bytes sent compressed (256)"),
     ("--tls-cert", str, None, "PEM certificate (chain): the port speaks TLS only (wss, https)"),
@@ -189,17 +199,22 @@ def _env_flag(parser: argparse.ArgumentParser, flag: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastfan", description="WebSocket publish/subscribe server for fan-out")
+    parser.add_argument("--version", action="version", version=f"fastfan {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    # Each command's errors show that command's usage (args.parser).
     run = commands.add_parser("run", help="start the server")
+    run.set_defaults(parser=run)
     for flag, parse, choices, help_text in _RUN_OPTIONS:
-        run.add_argument(flag, type=parse, choices=choices, help=help_text,
+        run.add_argument(flag, type=parse, choices=choices, metavar=_values(parse, choices),
+                         help=f"{help_text} [{_env_name(flag)}]",
                          default=_env_default(run, flag, parse, choices))
     run.add_argument("--insecure", action="store_true", default=_env_flag(run, "--insecure"),
                      help="accept connections without a token (local development only; "
-                          "not with a token key)")
+                          "not with a token key) [FASTFAN_INSECURE=true]")
 
     token = commands.add_parser("token", help="print a signed client token")
+    token.set_defaults(parser=token)
     token.add_argument("--jwt-secret", default=os.environ.get(_env_name("--jwt-secret")),
                        help=_SECRET_HELP)
     token.add_argument("--jwt-secret-file", help=_SECRET_FILE_HELP,
@@ -215,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what others see of the user in presence and join/leave, "
                             "e.g. '{\"name\":\"Alice\"}' (at most 1 KiB)")
     publish = commands.add_parser("publish", help="publish a message through the server API")
+    publish.set_defaults(parser=publish)
     publish.add_argument("--api", required=True, metavar="URL",
                          help="the server API, e.g. http://127.0.0.1:9090")
     publish.add_argument("--api-key", default=os.environ.get(_env_name("--api-key")),
@@ -222,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("channel", help="the channel to publish to")
     publish.add_argument("data", metavar="JSON", help="the message's data, any JSON value")
     return parser
+
+
+def _values(parse: Callable[[str], Any], choices: Sequence[str] | None) -> str | None:
+    """What --help shows an option takes, when it is one of a few words: `on|off`."""
+    if parse is _on_off:
+        return "on|off"
+    return "|".join(choices) if choices else None
 
 
 def _jwt_secret(args: argparse.Namespace) -> str | None:
@@ -255,20 +278,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    parser: argparse.ArgumentParser = args.parser  # the command's, for its usage line
     if args.command == "token":
         return _token(parser, args)
     if args.command == "publish":
         return _publish(parser, args)
+    from .master import serve
+
     try:
         config = config_from_args(args)
         config.require_auth_choice()
+        return serve(config)  # ConfigError only before the first fork: ports, addresses
     except ConfigError as exc:
         parser.error(str(exc))
-    from .master import serve
-
-    return serve(config)
 
 
 def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -282,6 +305,8 @@ def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         check_jwt_secret(secret)
     except ConfigError as exc:
         parser.error(str(exc))
+    if not args.sub:
+        parser.error("--sub is empty: the server refuses a token without a user")
     print(mint_token(secret, args.sub, subscribe=args.subscribe,
                      publish=args.publish, ttl=args.ttl, info=args.info))
     return 0
@@ -294,10 +319,13 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if not args.api_key:
         parser.error("publish needs --api-key (or FASTFAN_API_KEY), the server's API key")
+    if urlsplit(args.api).scheme not in ("http", "https"):
+        parser.error(f"--api {args.api} needs its scheme: http://{args.api} (or https://)")
     try:
         json.loads(args.data)
     except ValueError as exc:
-        parser.error(f"JSON is not valid JSON: {exc}")
+        parser.error(f"{args.data!r} is not JSON ({exc}): to send a string, quote it "
+                     f"for the shell and for JSON, e.g. '\"{args.data}\"'")
     body = b'{"channel":' + json.dumps(args.channel).encode() + b',"data":' \
         + args.data.encode() + b"}"
     try:

@@ -8,6 +8,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from redis.connection import parse_url as parse_redis_url
+
 from ._core import SlowConsumerPolicy
 from .history import DEFAULT_MAX_BYTES
 from .keys import PublicKey
@@ -18,6 +20,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 # RFC 7518 3.2: an HS256 key must be at least as long as the hash output, 256 bits.
 MIN_JWT_SECRET_BYTES = 32
+# The embedded bus is a full mesh: every worker holds a Unix socket to every other one,
+# N*(N-1) connections in all, and each publish with subscribers everywhere is written N-1
+# times by its worker. Past a few dozen workers that costs more than another core gives
+# (and a 2-core machine took minutes to fork a thousand); scale out with more nodes and
+# --redis instead. `auto` stops here too.
+MAX_WORKERS = 64
 
 
 class ConfigError(ValueError):
@@ -28,6 +36,7 @@ class ConfigError(ValueError):
 class Config:
     host: str = "0.0.0.0"
     port: int = 8080
+    api_host: str | None = None  # None: the same as host
     workers: int = 1
     redis: str | None = None
     redis_prefix: str = "fastfan:"
@@ -71,8 +80,10 @@ class Config:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be 1 or more (or 'auto'), got {self.workers}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers must be 1 to {MAX_WORKERS} (or 'auto'), got "
+                              f"{self.workers}: more workers cost more than they give "
+                              f"(docs/protocol.md); run more nodes with --redis instead")
         for name in ("max_message_size", "max_subscriptions", "max_subscription_bytes",
                      "presence_limit", "publish_rate", "max_buffer", "history_max_bytes"):
             if getattr(self, name) < 1:
@@ -126,6 +137,10 @@ class Config:
                 raise ConfigError(f"--redis must be a redis:// or rediss:// URL, several "
                                   f"separated by commas, or redis+cluster://host:port[,...], "
                                   f"got {url!r}")
+            try:
+                parse_redis_url(url)  # type: ignore[no-untyped-call]  # as the bus will
+            except ValueError as exc:
+                raise ConfigError(f"--redis {url}: {exc}") from None
         if len(set(urls)) != len(urls):
             raise ConfigError(f"--redis names a shard twice: {value!r}")
 
@@ -195,10 +210,15 @@ class Config:
         if self.jwt_secret is None and self.jwt_public_key is None and self.jwks_url is None \
                 and not self.insecure:
             raise ConfigError(
-                "no token key given: set --jwt-secret (or FASTFAN_JWT_SECRET), "
+                "no token key given: set --jwt-secret-file (or FASTFAN_JWT_SECRET), "
                 "--jwt-public-key or --jwks-url to require client tokens, or pass "
                 "--insecure to accept any client (local development only)"
             )
+
+    @property
+    def api_listen_host(self) -> str:
+        """Where the server API listens: --api-host, else --host."""
+        return self.host if self.api_host is None else self.api_host
 
     @property
     def slow_consumer_policy(self) -> SlowConsumerPolicy:
@@ -226,9 +246,10 @@ def tls_context(config: Config) -> ssl.SSLContext:
 
 
 def cpu_count(proc: Path = Path("/proc/self")) -> int:
-    """The CPUs this process may use, what `--workers auto` starts: its affinity, and at
-    most its cgroups' CPU quota rounded up (in a 2-CPU container on a 64-core host, 2)."""
-    cpus = len(os.sched_getaffinity(0))
+    """The CPUs this process may use, what `--workers auto` starts: its affinity, at most
+    its cgroups' CPU quota rounded up (in a 2-CPU container on a 64-core host, 2), and at
+    most MAX_WORKERS."""
+    cpus = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
     quota = cgroup_cpu_quota(proc)
     return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
 

@@ -1,9 +1,9 @@
 """The picows listener factory: plain GETs (/health, /ready, /metrics, /fastfan.js), auth →
-Session.
+Session; and FirstRequest, which answers HEAD before picows sees it.
 
 picows calls the factory once per HTTP request, synchronously, before it validates the
 upgrade headers. It returns a Session (101), a response without listener (health, metrics,
-401, 503), or None (404).
+401, 426, 503), or None (404).
 
 The factory also makes picows's protocol for each connection the port accepts
 (`ListenerFactory.accept`), to count it from the accept, not from the upgrade: a
@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeAlias
 from urllib.parse import parse_qs
+
+from multidict import CIMultiDict
 
 from ._core import Hub, Session
 from ._picows import (
@@ -58,10 +60,9 @@ def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -
 
 
 class ListenerFactory:
-    def __init__(self, config: Config, hub: Hub, *, is_ready: Callable[[], bool],
+    def __init__(self, config: Config, hub: Hub, *, why_not_ready: Callable[[], list[str]],
                  metrics: Callable[[], bytes], max_connections: int, logger: Any,
-                 handshake_timeout: float, read_buffer_init_size: int,
-                 why_not_ready: Callable[[], str] = lambda: "not ready") -> None:
+                 handshake_timeout: float, read_buffer_init_size: int) -> None:
         self._config = config
         self._hub = hub
         self._max_connections = max_connections
@@ -85,7 +86,6 @@ class ListenerFactory:
                 super().connection_lost(exc)
 
         self._protocol = CountedProtocol
-        self._is_ready = is_ready
         self._why_not_ready = why_not_ready
         self._metrics = metrics
         self._socket_paths = {b"/", b"/ws"}
@@ -105,13 +105,14 @@ class ListenerFactory:
         Gone is connection_lost, for a connection that had its connection_made. One whose
         TLS handshake fails or times out has neither: the TLS layer ends it within the
         handshake timeout (the worker gives it that), so a protocol still without a
-        transport a moment after that has ended unannounced.
+        transport a moment after that has ended unannounced. In front of picows's protocol,
+        FirstRequest answers a HEAD.
         """
         protocol = self._protocol(*self._protocol_arguments)
         self.open_connections += 1
         asyncio.get_running_loop().call_later(self._handshake_timeout + UNANNOUNCED_END_MARGIN,
                                               self._uncount_if_never_made, protocol)
-        return protocol
+        return FirstRequest(protocol, self)
 
     def _uncount_if_never_made(self, protocol: Any) -> None:
         if protocol.transport is None:
@@ -130,10 +131,10 @@ class ListenerFactory:
         if path == b"/health":
             return _response(200, b"ok\n")
         if path == b"/ready":
-            if self._is_ready():
+            reasons = self._why_not_ready()
+            if not reasons:
                 return _response(200, b"ready\n")
-            return _response(503, b"503 Service Unavailable: %s\n"
-                             % self._why_not_ready().encode())
+            return _response(503, ", ".join(reasons).encode() + b"\n")
         if path == b"/metrics" and self._config.metrics_public:
             response = WSUpgradeResponse.create_ok_response(self._metrics(), _PROMETHEUS)
             return WSUpgradeResponseWithListener(response, None)
@@ -143,6 +144,10 @@ class ListenerFactory:
         echo = path == self._echo_path
         if path not in self._socket_paths and not echo:
             return None
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return _response(426, b"426 Upgrade Required: this is a WebSocket endpoint; "
+                                  b"open it with a WebSocket client (ws:// or wss://)\n",
+                             {"Upgrade": "websocket"})
         if self.open_connections > self._max_connections:  # this one counted too
             self.refused_full_total += 1
             return _response(503, b"503 Service Unavailable: connection limit reached, "
@@ -179,6 +184,93 @@ class ListenerFactory:
         if token is None:
             raise AuthError("missing token: send 'Authorization: Bearer <token>' or ?token=")
         return self.verify_token(token)
+
+
+# The longest request head a HEAD may have, as picows's limit for a GET's.
+MAX_HEAD_REQUEST = 16 * 1024
+# Where every FirstRequest reads: uvloop (and its TLS layer) calls get_buffer and, at
+# once, buffer_updated for one read, so one buffer serves every connection.
+_SCRATCH = memoryview(bytearray(MAX_HEAD_REQUEST))
+
+
+class FirstRequest(asyncio.BufferedProtocol):
+    """A connection until its method is known, in front of picows's protocol.
+
+    picows answers any method but GET with `400 Unsupported HTTP method`. A HEAD is
+    answered here as the factory answers its GET (same status and headers), without the
+    body. Any other request goes to picows's protocol, which takes the connection over
+    (`set_protocol`): a WebSocket's frames never pass through here.
+    """
+
+    def __init__(self, protocol: Any, factory: ListenerFactory) -> None:
+        self._protocol = protocol  # picows's WSProtocol
+        self._factory = factory
+        self._transport: Any = None
+        self._received = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._protocol.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._protocol.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return bool(self._protocol.eof_received())
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _SCRATCH
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received += _SCRATCH[:nbytes]
+        if self._received.startswith(b"HEAD "):
+            self._answer_head()
+        elif not (len(self._received) < 5 and b"HEAD ".startswith(self._received)):
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """picows's protocol reads from here on, starting with what came so far."""
+        self._transport.set_protocol(self._protocol)
+        received = memoryview(self._received)
+        while received and not self._transport.is_closing():
+            buffer = self._protocol.get_buffer(-1)
+            size = min(len(buffer), len(received))
+            buffer[:size] = received[:size]
+            received = received[size:]
+            self._protocol.buffer_updated(size)
+
+    def _answer_head(self) -> None:
+        end = self._received.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._received) >= MAX_HEAD_REQUEST:
+                self._close_with(WSUpgradeResponse.create_error_response(
+                    431, b"431 Request Header Fields Too Large\n"), b"")
+            return
+        request = WSUpgradeRequest()
+        request.method, _, rest = bytes(self._received[:end]).partition(b" ")
+        request.path, _, request.version = rest.partition(b"\r\n")[0].partition(b" ")
+        # No headers: a HEAD is never an upgrade, so the WebSocket path answers 426.
+        request.headers = CIMultiDict()
+        route = self._factory(request)
+        # None is picows's 404; a Session needs the Upgrade header this request lacks.
+        response = route.response if isinstance(route, WSUpgradeResponseWithListener) \
+            else WSUpgradeResponse.create_error_response(404, b"404 Not Found")
+        self._close_with(response, response.body or b"")
+
+    def _close_with(self, response: WSUpgradeResponse, body: bytes) -> None:
+        """Send the response's status and headers, and Content-Length for `body`, then
+        close (what picows does after any answer but 101)."""
+        response.headers["Content-Length"] = str(len(body))
+        response.headers["Connection"] = "close"
+        response.body = None
+        self._transport.write(bytes(response.to_bytes()))
+        self._transport.close()
 
 
 def _token_from(request: WSUpgradeRequest, query: bytes) -> str | None:

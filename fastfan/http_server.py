@@ -11,6 +11,7 @@ a connection may stay silent.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -65,14 +66,15 @@ class Response:
     content_type: bytes = JSON
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
-    def encode(self, keep_alive: bool) -> bytes:
+    def encode(self, keep_alive: bool, *, head: bool = False) -> bytes:
+        """The response to send; to a HEAD, without the body (its length all the same)."""
         reason = HTTPStatus(self.status).phrase.encode()
         lines = [b"HTTP/1.1 %d %s" % (self.status, reason),
                  b"Content-Type: " + self.content_type,
                  b"Content-Length: %d" % len(self.body),
                  b"Connection: keep-alive" if keep_alive else b"Connection: close",
                  *(name + b": " + value for name, value in self.headers)]
-        return b"\r\n".join(lines) + b"\r\n\r\n" + self.body
+        return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else self.body)
 
 
 def error_response(status: int, message: str,
@@ -99,18 +101,17 @@ class HttpServer:
         self.body_limit = body_limit
         self.max_connections = max_connections
         self.connections: set[HttpConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.Server] = []
 
-    async def start(self, host: str, port: int, backlog: int) -> None:
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: HttpConnection(self), host, port,
-            reuse_port=True,  # every worker binds the API port too; the kernel spreads calls
-            backlog=backlog)
+    async def start(self, sockets: list[socket.socket], backlog: int) -> None:
+        """Serve on `sockets`, listening already (bound by the master: master.listen)."""
+        self._servers = [await asyncio.get_running_loop().create_server(
+            lambda: HttpConnection(self), sock=sock, backlog=backlog) for sock in sockets]
 
     def close(self) -> None:
         """Stop accepting and close every connection (answers already written go out)."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for connection in list(self.connections):
             connection.close()
 
@@ -256,7 +257,8 @@ class HttpConnection(asyncio.Protocol):
             response = await self._server.handler(item)
             if self._transport is None:
                 break
-            self._transport.write(response.encode(item.keep_alive))
+            self._transport.write(response.encode(item.keep_alive,
+                                                  head=item.method == b"HEAD"))
             if not item.keep_alive:
                 self._closing = True
                 self._transport.close()

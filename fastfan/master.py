@@ -1,14 +1,26 @@
-"""The process `fastfan run` starts: it forks the workers and keeps them alive.
+"""The process `fastfan run` starts: it binds the ports, forks the workers and keeps them
+alive.
 
 It does no WebSocket work. Its loop waits for signals (SIGCHLD, SIGTERM, SIGINT) with
 `sigtimedwait`, so it needs no threads, no event loop, and nothing to clean up in a child
-after `os.fork`.
+after `os.fork`. It forks one worker per turn of that loop, so a signal is honoured between
+two forks as at any other time.
+
+The listening sockets are made here, before the first fork (`listen`), so a port that is
+not ours is a usage error (exit 2) and not a worker dying over and over. Each worker gets
+its own socket with SO_REUSEPORT, as if it had bound the port itself, so the kernel still
+spreads connections across workers by their hash (one shared socket would wake every
+worker for every connection and leave the spreading to whichever wakes first). A fresh
+SO_REUSEPORT socket of the same user could join that group, so before binding them a
+probe binds the port without SO_REUSEPORT: it fails if anything listens there, another
+fastfan included, which then refuses to start instead of taking a share of the traffic.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import os
@@ -16,23 +28,26 @@ import resource
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._picows.version import __version__ as picows_version
-from .config import Config
+from .config import Config, ConfigError
 from .logs import configure
 from .metrics import SharedFigures
-from .worker import Placement, run_worker
+from .worker import LISTEN_BACKLOG, Placement, run_worker
 
 log = logging.getLogger("fastfan.master")
 
 SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 # A worker that lived this long before dying is replaced at once; one that dies sooner
-# keeps dying, and waits 0.1 s, 0.2 s, 0.4 s, ... up to RESTART_DELAY_MAX between tries.
+# may keep dying, and waits 0.1 s, 0.2 s, 0.4 s, 0.8 s between tries. At its sixth quick
+# death in a row it will not start (a bad host, a bug): the server stops, exit status 1,
+# with its reason, rather than loop forever: a few seconds in all.
 HEALTHY_LIFETIME = 10.0
-RESTART_DELAY_MAX = 10.0
+START_ATTEMPTS = 6
 # Beyond the shutdown grace, how long workers get to exit before they are killed.
 EXIT_MARGIN = 5.0
 PR_SET_PDEATHSIG = 1
@@ -46,6 +61,64 @@ def raise_open_files_limit() -> int:
     return hard
 
 
+def listen(host: str, port: int, count: int, options: tuple[str, str]) -> list[
+        list[socket.socket]]:
+    """`count` sets of listening sockets on host:port (one per address `host` names), one
+    set per worker, or ConfigError naming `options` (the host's and the port's flags)."""
+    host_flag = options[0]
+    try:
+        addresses = list(dict.fromkeys(
+            (family, address[:2]) for family, _, _, _, address in socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)))
+    except socket.gaierror as exc:
+        raise ConfigError(f"{host_flag} {host}: not an address ({exc.strerror})") from None
+    sets: list[list[socket.socket]] = [[] for _ in range(count)]
+    try:
+        for family, address in addresses:
+            probe = _socket(family, reuse_port=False)
+            try:
+                probe.bind(address)
+                # Port 0: every worker's socket on the port the kernel chose for the probe.
+                bound = (address[0], probe.getsockname()[1])
+                for listening in sets:
+                    listening.append(_socket(family, reuse_port=True))
+                    listening[-1].bind(bound)
+                    listening[-1].listen(LISTEN_BACKLOG)
+            finally:
+                probe.close()
+    except OSError as exc:
+        for listening in sets:
+            for sock in listening:
+                sock.close()
+        raise ConfigError(_why_not(exc, host, port, options)) from None
+    return sets
+
+
+def _socket(family: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket set up as asyncio's create_server sets up its own."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.setblocking(False)
+    return sock
+
+
+def _why_not(exc: OSError, host: str, port: int, options: tuple[str, str]) -> str:
+    host_flag, port_flag = options
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{port_flag} {port}: the port is in use on {host} by another process "
+                f"(another fastfan?): stop it or choose another port")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{host_flag} {host}: not an address of this host"
+    if exc.errno == errno.EACCES:
+        return (f"{port_flag} {port}: permission denied (ports below 1024 need root or "
+                f"CAP_NET_BIND_SERVICE)")
+    return f"{host_flag} {host} {port_flag} {port}: cannot listen: {exc.strerror}"
+
+
 @dataclass
 class Slot:
     pid: int = 0
@@ -55,6 +128,10 @@ class Slot:
     # The worker's clientIds begin with this; its replacement is told the one before, to
     # clear what its clients left behind elsewhere (presence in Redis).
     client_id_prefix: str = ""
+    # Why the worker last died: the exception it wrote to the master, or how it ended.
+    reason: str = ""
+    sockets: list[socket.socket] = field(default_factory=list)  # for its client port
+    api_sockets: list[socket.socket] = field(default_factory=list)
 
 
 class Master:
@@ -65,19 +142,42 @@ class Master:
         self.slots = [Slot() for _ in range(config.workers)]
         # The embedded bus's sockets, reachable by our uid only (see bus/mesh.py).
         self.bus_directory = ""
+        # Where a failing worker writes why, one line `slot reason`, before it exits.
+        self._reasons, self._reason_sink = os.pipe2(os.O_NONBLOCK)
+        self._failed = ""  # a worker that will not start: the server stops with this
+
+    def listen(self) -> None:
+        """Bind every port before the first fork: ConfigError if one is not ours to take."""
+        config = self.config
+        for slot, sockets in zip(self.slots, listen(
+                config.host, config.port, config.workers, ("--host", "--port")), strict=True):
+            slot.sockets = sockets
+        if config.api_port is not None:
+            host_flag = "--host" if config.api_host is None else "--api-host"
+            for slot, sockets in zip(self.slots, listen(
+                    config.api_listen_host, config.api_port, config.workers,
+                    (host_flag, "--api-port")), strict=True):
+                slot.api_sockets = sockets
 
     def run(self) -> int:
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        """Fork and supervise the workers until a signal (exit status 0) or a worker that
+        will not start (1). SIGNALS are blocked already (serve)."""
         if self.config.workers > 1 and self.config.redis is None:
             self.bus_directory = tempfile.mkdtemp(prefix="fastfan-bus-")
         try:
-            for index in range(len(self.slots)):
-                self._spawn(index)
+            now = time.monotonic()
+            for slot in self.slots:
+                slot.restart_at = now
             while True:
                 received = signal.sigtimedwait(SIGNALS, self._wait_time())
                 self._reap()
                 if received is not None and received.si_signo != signal.SIGCHLD:
-                    return self._shut_down(received.si_signo)
+                    self._shut_down(signal.Signals(received.si_signo).name)
+                    return 0
+                if self._failed:
+                    log.error("%s", self._failed)
+                    self._shut_down("a worker will not start")
+                    return 1
                 self._restart_due()
         finally:
             if self.bus_directory:
@@ -105,13 +205,18 @@ class Master:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != self.pid:
                 return 0  # the master died before prctl took effect
+            slot = self.slots[index]
             run_worker(self.config, Placement(
                 index, self.pid, self.figures, self.bus_directory,
-                client_id_prefix=self.slots[index].client_id_prefix,
-                previous_client_id_prefix=previous_prefix))
+                client_id_prefix=slot.client_id_prefix,
+                previous_client_id_prefix=previous_prefix),
+                slot.sockets, slot.api_sockets)
             return 0
-        except BaseException:
+        except BaseException as exc:
             log.exception("worker %d failed", index)
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+            with contextlib.suppress(OSError):
+                os.write(self._reason_sink, f"{index} {reason}\n".encode())  # < PIPE_BUF
             return 1
 
     def _reap(self, *, restart: bool = True) -> None:
@@ -136,28 +241,47 @@ class Master:
         self.figures.retire(index)
         lived = time.monotonic() - slot.started
         slot.quick_deaths = 0 if lived >= HEALTHY_LIFETIME else slot.quick_deaths + 1
-        delay = 0.0 if slot.quick_deaths <= 1 else min(
-            0.1 * 2 ** (slot.quick_deaths - 2), RESTART_DELAY_MAX)
-        slot.restart_at = time.monotonic() + delay
-        how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+        delay = 0.0 if slot.quick_deaths <= 1 else 0.1 * 2 ** (slot.quick_deaths - 2)
+        how = (f"signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
                else f"status {os.waitstatus_to_exitcode(status)}")
+        self._read_reasons()
+        reason = slot.reason or how
+        slot.reason = ""
+        if slot.quick_deaths >= START_ATTEMPTS:
+            self._failed = (f"worker {index} died {slot.quick_deaths} times in a row within "
+                            f"{HEALTHY_LIFETIME:.0f} s of starting, last: {reason}")
+            return
+        slot.restart_at = time.monotonic() + delay
         log.warning("worker %d (pid %d) died (%s) after %.1f s; restarting in %.1f s",
                     index, pid, how, lived, delay)
+
+    def _read_reasons(self) -> None:
+        """Take what failing workers wrote (`slot reason` lines) into their slots."""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._reasons, 65536):
+                for line in chunk.decode(errors="replace").splitlines():
+                    index, _, reason = line.partition(" ")
+                    if index.isdigit() and int(index) < len(self.slots):
+                        self.slots[int(index)].reason = reason
 
     def _wait_time(self) -> float:
         due = [s.restart_at for s in self.slots if s.restart_at is not None]
         return max(0.0, min(due) - time.monotonic()) if due else 60.0
 
     def _restart_due(self) -> None:
+        """Fork the first worker due, one per turn of `run`'s loop: a signal that comes
+        while dozens are forked is seen before the next fork."""
         now = time.monotonic()
         for index, slot in enumerate(self.slots):
             if slot.restart_at is not None and slot.restart_at <= now:
-                self.figures.count_restart()
+                if slot.started:
+                    self.figures.count_restart()
                 self._spawn(index)
+                return
 
-    def _shut_down(self, signo: int) -> int:
-        """Forward the signal; a second one, or the deadline, kills what is left."""
-        log.info("%s: stopping %d workers", signal.Signals(signo).name, len(self.slots))
+    def _shut_down(self, why: str) -> None:
+        """SIGTERM to every worker; a second signal, or the deadline, kills what is left."""
+        log.info("%s: stopping %d workers", why, sum(1 for slot in self.slots if slot.pid))
         self._signal_workers(signal.SIGTERM)
         deadline = time.monotonic() + self.config.shutdown_grace + EXIT_MARGIN
         while any(slot.pid for slot in self.slots):
@@ -169,7 +293,6 @@ class Master:
                 self._signal_workers(signal.SIGKILL)
                 deadline = time.monotonic() + EXIT_MARGIN
         log.info("stopped")
-        return 0
 
     def _signal_workers(self, signo: int) -> None:
         for slot in self.slots:
@@ -179,6 +302,12 @@ class Master:
 
 
 def serve(config: Config) -> int:
+    """Run the server; ConfigError, before anything is logged, if a port is not ours."""
+    # From here a signal waits for the master's loop, which honours it between two forks;
+    # the workers unblock them (Master._child).
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    master = Master(config)
+    master.listen()
     configure(config.log_level, config.log_format)
     limit = raise_open_files_limit()
     if config.insecure:
@@ -186,4 +315,4 @@ def serve(config: Config) -> int:
     log.info("fastfan on %s:%d, %d worker(s), bus %s, open files limit %d", config.host,
              config.port, config.workers, "embedded" if config.redis is None else "redis", limit)
     log.info("WebSocket layer: picows %s (vendored)", picows_version)
-    return Master(config).run()
+    return master.run()

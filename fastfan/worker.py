@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 from dataclasses import dataclass
 
 import uvloop
@@ -59,9 +60,11 @@ class Placement:
 
 
 class Worker:
-    def __init__(self, config: Config, placement: Placement) -> None:
+    def __init__(self, config: Config, placement: Placement, sockets: list[socket.socket],
+                 api_sockets: list[socket.socket]) -> None:
         self.config = config
         self.placement = placement
+        self.sockets = sockets  # listening already, bound by the master (master.listen)
         self.loop = asyncio.get_running_loop()
         self.hub = Hub(
             self.loop,
@@ -87,8 +90,7 @@ class Worker:
                             predecessor=placement.previous_client_id_prefix)
         self.hub.bus = self.bus
         self.accepting = False
-        self.factory = ListenerFactory(config, self.hub, is_ready=self.is_ready,
-                                       why_not_ready=self.why_not_ready,
+        self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,
                                        max_connections=max_connections(config),
                                        logger=PicowsLog(),
@@ -96,18 +98,15 @@ class Worker:
                                        read_buffer_init_size=READ_BUFFER_INIT_SIZE)
         self.api = None if config.api_port is None else Api(
             config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
-            node=self.node, worker=placement.slot)
+            node=self.node, worker=placement.slot, why_not_ready=self.why_not_ready,
+            sockets=api_sockets)
         self._stop = asyncio.Event()
 
-    def is_ready(self) -> bool:
-        return self.accepting and self.bus.health().up
-
-    def why_not_ready(self) -> str:
-        """What /ready's 503 says: which parts of the bus are down."""
-        down = self.bus.health().down
-        if self.accepting and down:
-            return "down: " + ", ".join(down)
-        return "not ready"
+    def why_not_ready(self) -> list[str]:
+        """What keeps /ready from 200, as its 503 says it: nothing when ready."""
+        if not self.accepting:
+            return ["draining" if self._stop.is_set() else "starting"]
+        return list(self.bus.health().down)
 
     def publish_figures(self) -> None:
         """Write this worker's row of the figures every worker shares."""
@@ -135,18 +134,12 @@ class Worker:
         config = self.config
         await self.bus.start()
         # picows's ws_create_server, but with our protocol factory: it counts connections
-        # from the accept (ListenerFactory.accept).
-        tls = config.tls_cert is not None
-        server = await self.loop.create_server(
-            self.factory.accept,
-            config.host,
-            config.port,
-            reuse_port=True,  # every worker binds the port; the kernel spreads connections
-            backlog=LISTEN_BACKLOG,
-            ssl=tls_context(config) if tls else None,
+        # from the accept, and answers HEAD (ListenerFactory.accept).
+        tls = None if config.tls_cert is None else tls_context(config)
+        servers = [await self.loop.create_server(
+            self.factory.accept, sock=sock, backlog=LISTEN_BACKLOG, ssl=tls,
             # uvloop's default is 60 s: the TLS handshake gets the upgrade request's 5 s.
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None,
-        )
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None) for sock in self.sockets]
         if self.api is not None:
             await self.api.start(LISTEN_BACKLOG)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -162,7 +155,7 @@ class Worker:
         await self._stop.wait()
         for task in tasks:
             task.cancel()
-        await self._shut_down(server)
+        await self._shut_down(servers)
 
     async def _sweep_forever(self) -> None:
         config = self.config
@@ -185,10 +178,11 @@ class Worker:
                      figures["max_ms"], figures["avg_ms"], figures["p95_ms"], figures["p99_ms"],
                      extra={"fields": {"stats": figures, "worker": self.placement.slot}})
 
-    async def _shut_down(self, server: asyncio.AbstractServer) -> None:
+    async def _shut_down(self, servers: list[asyncio.Server]) -> None:
         """Stop accepting, close every client with 1001, wait for them within the grace."""
         self.accepting = False
-        server.close()
+        for server in servers:
+            server.close()
         if self.api is not None:
             self.api.close()
         self.hub.close_all(1001, "Server shutting down")
@@ -201,8 +195,9 @@ class Worker:
         log.info("worker %d stopped", self.placement.slot)
 
 
-def run_worker(config: Config, placement: Placement) -> None:
+def run_worker(config: Config, placement: Placement, sockets: list[socket.socket],
+               api_sockets: list[socket.socket]) -> None:
     async def main() -> None:
-        await Worker(config, placement).serve()
+        await Worker(config, placement, sockets, api_sockets).serve()
 
     uvloop.run(main())

@@ -30,7 +30,31 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) ->
 
 def test_run_without_secret_or_insecure_refuses_and_says_how() -> None:
     result = fastfan("run", "--port", str(free_port()))
-    assert_usage_error(result, "--jwt-secret", "--insecure")
+    assert_usage_error(result, "--jwt-secret-file", "--insecure")
+
+
+@pytest.mark.parametrize("args", [["run", "--port", "http"], ["run", "--insecure",
+                                                              "--workers", "1000"]])
+def test_run_errors_show_the_usage_of_run(args: list[str]) -> None:
+    result = fastfan(*args)
+    assert_usage_error(result)
+    assert result.stderr.startswith("usage: fastfan run ")
+    assert "fastfan run: error: " in result.stderr
+
+
+def test_version() -> None:
+    result = fastfan("--version")
+    assert (result.returncode, result.stdout) == (0, "fastfan 0.1.0\n")
+
+
+def test_run_help_names_each_option_s_variable_and_its_values() -> None:
+    help_text = " ".join(fastfan("run", "--help").stdout.split())
+    for variable in ("FASTFAN_PORT", "FASTFAN_WORKERS", "FASTFAN_REDIS", "FASTFAN_API_HOST",
+                     "FASTFAN_COMPRESSION", "FASTFAN_INSECURE", "FASTFAN_TLS_KEY"):
+        assert f"[{variable}" in help_text
+    assert "--compression on|off" in help_text
+    assert "--log-format text|json" in help_text
+    assert "redis+cluster://" in help_text and "shards" in help_text
 
 
 @pytest.mark.parametrize("args, words", [
@@ -44,6 +68,9 @@ def test_run_without_secret_or_insecure_refuses_and_says_how() -> None:
     (["--log-format", "xml"], ["--log-format"]),
     (["--echo-path", "echo"], ["--echo-path"]),
     (["--redis", "localhost:6379"], ["--redis"]),
+    (["--redis", "redis://127.0.0.1:notaport"], ["--redis", "notaport", "port"]),
+    (["--redis", "redis://a:6379,redis://b:port"], ["--redis", "redis://b:port"]),
+    (["--redis", "redis://127.0.0.1/0?socket_timeout=x"], ["--redis", "socket_timeout"]),
     (["--compression", "yes"], ["--compression", "on or off"]),
     (["--compression-min-size", "-1"], ["--compression-min-size"]),
     (["--tls-cert", "cert.pem"], ["--tls-cert and --tls-key"]),
@@ -87,6 +114,25 @@ def test_token_command_mints_a_token_the_server_accepts() -> None:
 
 def test_token_command_needs_a_secret() -> None:
     assert_usage_error(fastfan("token", "--sub", "alice"), "--jwt-secret")
+
+
+def test_token_command_refuses_what_the_server_refuses() -> None:
+    result = fastfan("token", "--sub", "", env={"FASTFAN_JWT_SECRET": SECRET})
+    assert_usage_error(result, "--sub is empty")
+    assert result.stderr.startswith("usage: fastfan token ")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--api", "http://127.0.0.1:1", "news", "hello"],
+     ["'hello' is not JSON", "quote", "'\"hello\"'"]),
+    (["--api", "127.0.0.1:9090", "news", "1"],
+     ["--api 127.0.0.1:9090 needs its scheme", "http://127.0.0.1:9090"]),
+])
+def test_publish_says_what_to_write_instead(args: list[str], words: list[str]) -> None:
+    result = fastfan("publish", "--api-key", "k", *args)
+    assert_usage_error(result, *words)
+    assert result.stderr.startswith("usage: fastfan publish ")
 
 
 def test_python_dash_m_and_the_script_are_the_same_program() -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from typing import Any
 
-from conftest import Server, token, wait_for
+import pytest
+from conftest import RedisServer, Server, free_port, token, wait_for
 from wire import CLOSE, PING, PONG, TEXT
 
 
@@ -42,10 +44,56 @@ def test_metrics_count_what_happened(server: Server) -> None:
     assert (figures["fastfan_connections"], figures["fastfan_channels"]) == (0, 0)
 
 
-def test_plain_get_on_the_websocket_path_is_refused_cleanly(server: Server) -> None:
-    status, _, body = server.get("/", {"Authorization": f"Bearer {token()}"})
-    assert status == 400
-    assert b"Traceback" not in body
+@pytest.mark.parametrize("path", ["/", "/ws"])
+@pytest.mark.parametrize("headers", [{}, {"Authorization": f"Bearer {token()}"}])
+def test_a_browser_opening_the_websocket_path_is_told_it_is_one(
+        server: Server, path: str, headers: dict[str, str]) -> None:
+    status, answer, body = server.get(path, headers)
+    assert (status, answer["Upgrade"]) == (426, "websocket")
+    assert b"WebSocket endpoint" in body
+
+
+def head(host: str, port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    """A HEAD request: its status, headers and whatever came after them (nothing, we hope)."""
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: fastfan\r\n\r\n".encode())
+        received = b""
+        while chunk := sock.recv(65536):  # the server closes after answering
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    return int(status_line.split()[1]), dict(line.split(": ", 1) for line in lines), rest
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/fastfan.js"])
+def test_head_is_the_get_without_its_body(server: Server, path: str) -> None:
+    status, headers, rest = head(server.host, server.port, path)
+    get_status, get_headers, body = server.get(path)
+    assert (status, rest) == (get_status, b"")
+    assert headers["Content-Type"] == get_headers["Content-Type"]
+    if path != "/metrics":  # its figures change between the two requests
+        assert int(headers["Content-Length"]) == len(body)
+
+
+def test_head_of_an_unknown_path_or_the_websocket_path(server: Server) -> None:
+    assert head(server.host, server.port, "/nope")[::2] == (404, b"")
+    assert head(server.host, server.port, "/")[::2] == (426, b"")
+    assert server.get("/health")[0] == 200  # and GETs still go to picows
+
+
+def test_ready_says_why_not(start_server: Any) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}"
+    server = start_server("--redis", nowhere)
+    status, _, body = server.get("/ready")
+    assert (status, body) == (503, b"redis down\n")
+    assert server.get("/health")[0] == 200
+
+
+def test_ready_names_the_shards_down(start_server: Any, redis_server: RedisServer) -> None:
+    nowhere = free_port()
+    server = start_server("--redis", f"{redis_server.url},redis://127.0.0.1:{nowhere}")
+    down = f"shard 1 down (127.0.0.1:{nowhere})\n".encode()
+    wait_for(lambda: server.get("/ready")[::2] == (503, down))  # once shard 0 is reached
 
 
 def test_sigterm_closes_every_client_with_1001_and_exits_0(server: Server) -> None:

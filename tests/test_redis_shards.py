@@ -107,7 +107,7 @@ def test_a_shard_down_fails_only_its_channels_and_comes_back(
     assert listener.recv_json()["data"] == "kept"
     status, _, body = near.get("/ready")
     assert status == 503
-    assert f"redis shard 1 (127.0.0.1:{shards[1].port})" in body.decode()
+    assert body == f"shard 1 down (127.0.0.1:{shards[1].port})\n".encode()
     assert "shard 0" not in body.decode() and "shard 2" not in body.decode()
     figures = wait_for(lambda: (m := near.metrics())["fastfan_redis_shards_down"] == 1 and m)
     assert figures["fastfan_redis_up"] == 0

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import SECRET, Server, token
-from wire import RawClient
+from wire import HandshakeRefusedError, RawClient
 
 FRESH = int(time.time()) + 3600
 
@@ -206,7 +206,9 @@ def test_secret_from_a_file(start_server: Any, tmp_path: Path) -> None:
         client = RawClient(server.host, server.port, f"/?token={token('filed')}")
         assert client.recv_json()["data"]["user"] == "filed"
         client.close()
-        assert server.get("/", {"Authorization": "Bearer x"})[0] == 401
+        with pytest.raises(HandshakeRefusedError) as refused:
+            RawClient(server.host, server.port, "/", headers={"Authorization": "Bearer x"})
+        assert refused.value.status == 401
         assert f"--jwt-secret {SECRET}" not in Path(f"/proc/{server.process.pid}/cmdline") \
             .read_text().replace("\0", " ")
     minted = fastfan("token", "--sub", "bob", "--jwt-secret-file", str(secret_file))

@@ -131,7 +131,7 @@ def test_status_and_its_json_answer_on_the_api_port_with_the_key_rule(
         assert code == 401, path
         assert "API key" in json.loads(body)["error"]["message"]
     code, headers, _ = request("127.0.0.1", port, "POST", "/status.json", b"{}")
-    assert (code, headers["Allow"]) == (405, "GET")
+    assert (code, headers["Allow"]) == (405, "GET, HEAD")
     assert server.get("/status")[0] == 404  # not on the public port
     assert KEY not in server.log()
 

@@ -90,7 +90,7 @@ class BusHealth:
     up: bool                    # publishes are taken (/ready)
     dropped: int = 0            # messages it could not pass on
     invalid: int = 0            # payloads from Redis that were not a JSON object in UTF-8
-    down: tuple[str, ...] = ()  # its parts that are down, by name: /ready's reason
+    down: tuple[str, ...] = ()  # what is down, as /ready's 503 says it: "redis down"
 
 
 Answer = Callable[[Any], None]

@@ -290,14 +290,14 @@ class ClusterBus(RoutedBus):
         """Up while every slot has a master and every master's bus is up; `down` names
         what is missing."""
         if not self.owners:
-            down: tuple[str, ...] = ("redis cluster (no slot map yet)",)
+            missing = ["redis cluster (no slot map yet)"]
         else:
-            down = (("redis cluster (slots without a master)",) if "" in self.owners
-                    else ()) + tuple(bus.name for bus in self.shards if not bus.up)
+            missing = (["redis cluster (slots without a master)"] if "" in self.owners
+                       else []) + [bus.name for bus in self.shards if not bus.up]
         return BusHealth(up=self.up,
+                         down=("redis down: " + ", ".join(missing),) if missing else (),
                          dropped=self._retired[0] + sum(bus.dropped_total for bus in self.shards),
-                         invalid=self._retired[1] + sum(bus.invalid_total for bus in self.shards),
-                         down=down)
+                         invalid=self._retired[1] + sum(bus.invalid_total for bus in self.shards))
 
     async def start(self) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_mapped()))

@@ -406,7 +406,7 @@ class RedisBus(Bus):
 
     def health(self) -> BusHealth:
         return BusHealth(up=self.up, dropped=self.dropped_total, invalid=self.invalid_total,
-                         down=() if self.up else (self.name,))
+                         down=() if self.up else ("redis down",))
 
     def figures(self) -> dict[str, float]:
         return redis_figures(self.health())

@@ -17,7 +17,7 @@ them again when it returns, taking their publishes again SETTLE later. The bus i
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,6 +58,7 @@ class RoutedBus(Bus):
     its publishes, its subscription, its presence and its history."""
 
     prefix: bytes
+    shards: Sequence[RedisBus]  # every Redis it holds a bus on
 
     @abstractmethod
     def shard(self, channel: str) -> Any:
@@ -104,8 +105,8 @@ class RoutedBus(Bus):
         self.shard(channel).gather_presence(channel, local, answer)
 
     def figures(self) -> dict[str, float]:
-        health = self.health()
-        return {**redis_figures(health), "redis_shards_down": float(len(health.down))}
+        down = sum(not shard.up for shard in self.shards)  # (Redis that are its parts)
+        return {**redis_figures(self.health()), "redis_shards_down": float(down)}
 
 
 class ShardedBus(RoutedBus):
@@ -133,7 +134,9 @@ class ShardedBus(RoutedBus):
         return BusHealth(up=all(shard.up for shard in self.shards),
                          dropped=sum(shard.dropped_total for shard in self.shards),
                          invalid=sum(shard.invalid_total for shard in self.shards),
-                         down=tuple(shard.name for shard in self.shards if not shard.up))
+                         down=tuple(f"shard {index} down ({where(shard.url)})"
+                                    for index, shard in enumerate(self.shards)
+                                    if not shard.up))
 
     async def start(self) -> None:
         for shard in self.shards:
