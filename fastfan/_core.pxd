@@ -253,8 +253,8 @@ cdef class Hub:
         readonly dict       channels        # name -> Channel with local subscribers
         readonly set        sessions        # every open Session of this worker
         readonly dict       users           # user -> how many sessions of theirs are open
-        dict                unconfirmed     # channel the bus has not confirmed -> [(session,
-                                            # request id) whose `subscribed` waits for it]
+        dict                unconfirmed     # channel the bus has not confirmed -> {session:
+                                            # request id whose `subscribed` waits for it}
         # the outboxes with output to write, in order: a ring of strong references, each
         # outbox in it at most once (Outbox.scheduled); Hub._flush writes from its head
         void**              pending
@@ -346,6 +346,7 @@ cdef class Hub:
     cdef int unsubscribe(self, Session session, str name) except -1
     cdef bint awaits_confirmation(self, Session session, str channel,
                                   bytes request_id) except -1
+    cdef bint holds_reply(self, Session session, str channel) except -1
     cdef int _announce(self, bytes kind, str channel, Session session) except -1
     cdef int attach(self, Session session) except -1
     cdef int detach(self, Session session) except -1

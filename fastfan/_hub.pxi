@@ -485,7 +485,7 @@ cdef class Hub:
             channel = Channel(name)
             self.channels[name] = channel
             if self.bus.subscribe(name) and name not in self.unconfirmed:
-                self.unconfirmed[name] = []
+                self.unconfirmed[name] = {}
         return channel
 
     cdef int _joined(self, Session session, str name) except -1:
@@ -510,7 +510,7 @@ cdef class Hub:
         """The bus has the subscription: every message published from now on, anywhere,
         reaches this worker. The `subscribed` replies that waited for it go out."""
         cdef Session session
-        for session, request_id in self.unconfirmed.pop(channel, ()):
+        for session, request_id in self.unconfirmed.pop(channel, {}).items():
             session.queue_bytes(_reply(b"subscribed", channel, request_id))
         self._schedule_read(channel)  # the history subscriptions that waited for it
 
@@ -518,11 +518,17 @@ cdef class Hub:
                                   bytes request_id) except -1:
         """Whether `channel`'s subscription is not confirmed yet: then `session`'s
         `subscribed` reply waits for Hub.confirm."""
-        cdef list waiting = self.unconfirmed.get(channel)
+        cdef dict waiting = self.unconfirmed.get(channel)
         if waiting is None:
             return False
-        waiting.append((session, request_id))
+        waiting[session] = request_id
         return True
+
+    cdef bint holds_reply(self, Session session, str channel) except -1:
+        """Whether `session`'s `subscribed` to `channel` waits for Hub.confirm: one per
+        session and channel, however often it asks."""
+        cdef dict waiting = self.unconfirmed.get(channel)
+        return waiting is not None and session in waiting
 
     cdef int unsubscribe(self, Session session, str name) except -1:
         cdef Channel channel = self.channels[name]
@@ -542,7 +548,7 @@ cdef class Hub:
             self._announce(b"leave", name, session)
         waiting = self.unconfirmed.get(name)
         if waiting:
-            self.unconfirmed[name] = [entry for entry in waiting if entry[0] is not session]
+            waiting.pop(session, None)
         if channel.count == 0 and channel.waiting == 0:
             del self.channels[name]
             self.recoveries.pop(name, None)  # nobody is left to wait for a read

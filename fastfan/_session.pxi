@@ -333,6 +333,11 @@ cdef class Session(Outbox):
         elif history:
             # Subscribed already: at a position it was told then, which stands.
             return self._queue_error(400, f"already subscribed to {channel}", request_id)
+        elif hub.holds_reply(self, channel):
+            # Its `subscribed` waits for the bus already: a repeat would hold one more
+            # reply (and its id) for as long as the bus is down.
+            return self._queue_error(400, f"already subscribing to {channel}: its "
+                                     "'subscribed' follows once the bus has it", request_id)
         if join_leave and WATCH_PREFIX + channel not in self.subscriptions:
             # First: the session's own join, announced next, then comes back (through
             # Redis) on a channel the bus knows it watches, and is kept from it.
@@ -358,9 +363,9 @@ cdef class Session(Outbox):
         """Unsubscribe from `channel`, and from its join and leave if they were asked for.
         A `subscribed` still held for the bus goes first: the replies keep the order of the
         requests, whoever ends the subscription."""
-        for waiting, subscribe_id in self.hub.unconfirmed.get(channel, ()):
-            if waiting is self:
-                self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
+        subscribe_id = self.hub.unconfirmed.get(channel, {}).get(self)
+        if subscribe_id is not None:
+            self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
         recovery = self.hub.waiting.get((self, channel))
         if recovery is not None:  # its history read is not back yet
             self.queue_bytes(_reply(b"subscribed", channel, recovery[1]))
