@@ -205,6 +205,12 @@ cdef class Session(Outbox):
         double              tokens
         double              refill_at
         double              refused_since
+        # --subscribe-rate: token buckets for subscribes that change something, and for
+        # presence requests
+        double              subscribe_tokens
+        double              subscribe_refill_at
+        double              presence_tokens
+        double              presence_refill_at
 
         readonly double     last_seen       # monotonic seconds of the last frame from the peer
         double              pinged_at       # monotonic seconds of our last heartbeat ping
@@ -226,6 +232,8 @@ cdef class Session(Outbox):
     cdef int _refresh(self, object token, bytes request_id) except -1
     cdef int _presence(self, object channel, bytes request_id, bint stats_only) except -1
     cdef bint _take_token(self)
+    cdef bint _may_subscribe(self)
+    cdef bint _may_ask_presence(self)
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1
     cdef int _forget_fragments(self) except -1
     cdef int check_deadlines(self, double now, double wall, double ping_interval,
@@ -320,6 +328,12 @@ cdef class Hub:
         Py_ssize_t          frame_size      # of the frame in `frame`
         readonly Deflate    deflate         # compresses each message once for every client
                                             # that negotiated permessage-deflate
+        readonly double     subscribe_rate  # --subscribe-rate
+        # the joins held in held_events, to cancel against a leave of the same client in
+        # the same loop turn: (Channel, clientId) -> its index in the channel's events
+        dict                held_joins
+        # channel -> (monotonic time, Presence) gathered, or [answer...] while a gather is out
+        dict                presence_answers
 
     cpdef Py_ssize_t fanout(self, str channel, object payload, Outbox exclude=*) except -1
     cdef int _note_fanout(self, double started) except -1
@@ -347,6 +361,7 @@ cdef class Hub:
     cdef bint awaits_confirmation(self, Session session, str channel,
                                   bytes request_id) except -1
     cdef bint holds_reply(self, Session session, str channel) except -1
+    cdef double subscribe_burst(self) noexcept
     cdef int _announce(self, bytes kind, str channel, Session session) except -1
     cdef int attach(self, Session session) except -1
     cdef int detach(self, Session session) except -1

@@ -26,6 +26,18 @@ cdef dict _presence_client(list entry):
     return client
 
 
+cdef bint take_token(double* tokens, double* refill_at, double rate, double burst) noexcept:
+    """A token bucket (`rate` tokens a second, at most `burst` kept): True when it had one
+    to take."""
+    cdef double now = monotonic()
+    tokens[0] = min(burst, tokens[0] + (now - refill_at[0]) * rate)
+    refill_at[0] = now
+    if tokens[0] >= 1:
+        tokens[0] -= 1
+        return True
+    return False
+
+
 cdef bytes _ended(str channel, bytes reason):
     """The unasked `unsubscribed`: the server ended a subscription, and says why."""
     return b'{"type":"unsubscribed","channel":"%s","reason":"%s"}' % (channel.encode("ascii"),
@@ -59,6 +71,8 @@ cdef class Session(Outbox):
         self.deflate_out = deflate_out
         self.subscriptions = {}
         self.tokens = 2 * hub.publish_rate
+        self.subscribe_tokens = hub.subscribe_burst()  # all its channels at connect
+        self.presence_tokens = 2 * hub.subscribe_rate
         self.fd = -1
         self.expires_at = identity.expires_at or 0
 
@@ -85,7 +99,7 @@ cdef class Session(Outbox):
         self.client_id = hub._new_client_id()
         self.connected_at = now_ms()
         self.last_seen = monotonic()
-        self.refill_at = self.last_seen
+        self.refill_at = self.subscribe_refill_at = self.presence_refill_at = self.last_seen
         hub.attach(self)
         if not self.echo:
             welcome = b'{"type":"welcome","data":{"clientId":"%s","user":%s,"timestamp":%d}}' % (
@@ -322,6 +336,7 @@ cdef class Session(Outbox):
             return self._queue_error(400, "'recover' needs an offset of 0 or more", request_id)
         history = hub.keeps_history(channel)
         new = channel not in self.subscriptions
+        watch = join_leave and WATCH_PREFIX + channel not in self.subscriptions
         if new:
             if len(self.subscriptions) >= hub.max_subscriptions:
                 return self._queue_error(
@@ -338,7 +353,11 @@ cdef class Session(Outbox):
             # reply (and its id) for as long as the bus is down.
             return self._queue_error(400, f"already subscribing to {channel}: its "
                                      "'subscribed' follows once the bus has it", request_id)
-        if join_leave and WATCH_PREFIX + channel not in self.subscriptions:
+        if (new or watch) and not self._may_subscribe():
+            # Each change is a join or leave for every watcher, and bus traffic.
+            return self._queue_error(429, f"subscribe rate limit ({hub.subscribe_rate:g}/s) "
+                                     "exceeded", request_id)
+        if watch:
             # First: the session's own join, announced next, then comes back (through
             # Redis) on a channel the bus knows it watches, and is kept from it.
             hub.subscribe(self, WATCH_PREFIX + channel)
@@ -458,9 +477,11 @@ cdef class Session(Outbox):
         if not hub.presence_channels.allows(channel):
             return self._queue_error(400, f"no presence is kept for {channel} "
                                      "(--presence-channels)", request_id)
-        answer = functools.partial(self.answer_presence, channel, request_id, stats_only)
-        # with the other workers' and nodes' subscribers
-        hub.bus.gather_presence(channel, hub.presence_of(channel), answer)
+        if not self._may_ask_presence():
+            return self._queue_error(429, f"presence rate limit ({hub.subscribe_rate:g}/s) "
+                                     "exceeded", request_id)
+        hub.gather_presence(channel, functools.partial(self.answer_presence, channel,
+                                                       request_id, stats_only))
         return 0
 
     cdef int _history(self, request, bytes request_id) except -1:
@@ -505,34 +526,42 @@ cdef class Session(Outbox):
             % (channel.encode("ascii"), top, current.encode("ascii"),
                b",".join([message for _, message in messages])), request_id))
 
-    def answer_presence(self, str channel, bytes request_id, bint stats_only, entries):
-        """The presence reply, once every worker's and node's part is in (`entries`:
-        [clientId, user, info] each, or None if one could not answer)."""
+    def answer_presence(self, str channel, bytes request_id, bint stats_only, presence):
+        """The presence reply, once every worker's and node's part is in (`presence`:
+        fastfan.bus.base.Presence, or None if one could not answer)."""
         cdef Hub hub = self.hub
         if self.closing:
             return
-        if entries is None:
+        if presence is None:
             self._queue_error(503, "presence unavailable: a worker or Redis did not answer, "
                               "try again", request_id)
             return
         reply = {"type": "presence_stats" if stats_only else "presence", "channel": channel,
-                 "data": hub.presence_data(entries, stats_only)}
+                 "data": hub.presence_data(presence, stats_only)}
         self.queue_bytes(_with_id(encode_json(reply), request_id))
 
     cdef bint _take_token(self):
-        """Token bucket: `publish_rate` per second, bursts of twice that."""
-        cdef double now = monotonic()
+        """A publish's token: `publish_rate` per second, bursts of twice that."""
         cdef double burst = 2 * self.hub.publish_rate
-        self.tokens = min(burst, self.tokens + (now - self.refill_at) * self.hub.publish_rate)
-        self.refill_at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if take_token(&self.tokens, &self.refill_at, self.hub.publish_rate, burst):
             if self.tokens >= burst - 1:
                 self.refused_since = 0  # the client slowed down: forgive past refusals
             return True
         if not self.refused_since:
-            self.refused_since = now
+            self.refused_since = self.refill_at
         return False
+
+    cdef bint _may_subscribe(self):
+        """A token for a subscribe that changes something: `subscribe_rate` per second,
+        bursts of Hub.subscribe_burst (a client takes all its channels at connect)."""
+        return take_token(&self.subscribe_tokens, &self.subscribe_refill_at,
+                          self.hub.subscribe_rate, self.hub.subscribe_burst())
+
+    cdef bint _may_ask_presence(self):
+        """A token for a presence request: `subscribe_rate` per second, bursts of twice
+        that."""
+        return take_token(&self.presence_tokens, &self.presence_refill_at,
+                          self.hub.subscribe_rate, 2 * self.hub.subscribe_rate)
 
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1:
         return self.queue_bytes(_error(code, message, request_id))

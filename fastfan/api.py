@@ -40,6 +40,7 @@ from . import directory, status
 from ._core import BusResult, Hub, is_valid_channel
 from .auth import MAX_TOKEN_LENGTH
 from .bus import encode_command
+from .bus.base import Presence
 from .config import Config
 from .directory import Node
 from .history import HistoryAnswer
@@ -335,22 +336,21 @@ class Api:
         hub = self._hub
         if not hub.presence_channels.allows(channel):
             raise ApiError(400, f"no presence is kept for {channel} (--presence-channels)")
-        gathered: asyncio.Future[list[list[str]] | None] = (
-            asyncio.get_running_loop().create_future())
+        gathered: asyncio.Future[Presence | None] = asyncio.get_running_loop().create_future()
 
-        def answer(entries: list[list[str]] | None) -> None:
+        def answer(presence: Presence | None) -> None:
             if not gathered.done():
-                gathered.set_result(entries)
+                gathered.set_result(presence)
 
-        hub.bus.gather_presence(channel, hub.presence_of(channel), answer)
+        hub.gather_presence(channel, answer)
         try:
-            entries = await asyncio.wait_for(gathered, PRESENCE_TIMEOUT)
+            presence = await asyncio.wait_for(gathered, PRESENCE_TIMEOUT)
         except TimeoutError:
-            entries = None
-        if entries is None:
+            presence = None
+        if presence is None:
             raise ApiError(503, "presence unavailable: a worker or Redis did not answer, "
                                 "try again")
-        return hub.presence_data(entries, stats_only)
+        return hub.presence_data(presence, stats_only)
 
     async def _history(self, body: bytes) -> dict[str, Any]:
         """A channel's kept messages, as the WebSocket `history` request answers them."""

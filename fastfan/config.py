@@ -44,6 +44,7 @@ class Config:
     history_ttl: float = 300.0
     history_channels: str = "*"  # comma-separated patterns
     publish_rate: int = 1000
+    subscribe_rate: int = 20  # subscribes that change something, and presence requests
     max_buffer: int = 1048576
     slow_consumer: str = "disconnect"
     ping_interval: float = 30.0
@@ -70,7 +71,7 @@ class Config:
         if self.workers < 1:
             raise ConfigError(f"--workers must be 1 or more (or 'auto'), got {self.workers}")
         for name in ("max_message_size", "max_subscriptions", "max_subscription_bytes",
-                     "presence_limit", "publish_rate", "max_buffer"):
+                     "presence_limit", "publish_rate", "subscribe_rate", "max_buffer"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")

@@ -78,6 +78,7 @@ class Worker:
             history_size=config.history_size,
             history_channels=ChannelPatterns(config.history_channels.split(",")),
             compression_min_size=config.compression_min_size,
+            subscribe_rate=float(config.subscribe_rate),
         )
         self.node = Node(node_name(config.port), config.workers,
                          process_start_time(placement.master_pid), self.total_figures)

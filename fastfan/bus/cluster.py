@@ -49,7 +49,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from .._core import Outbox
 from ..directory import Counts, Node
 from ..history import HistoryAnswer
-from .base import REFUSED, Acknowledger, BusHealth, Entries, HubLink
+from .base import REFUSED, Acknowledger, BusHealth, HubLink, Presence
 from .commands import COMMANDS
 from .redis import CONNECT_TIMEOUT, RedisBus
 from .redis_directory import RedisDirectory
@@ -90,8 +90,7 @@ class Nowhere:
     def unsubscribe(self, channel: str) -> None:
         pass
 
-    def gather_presence(self, channel: str, local: Entries,
-                        answer: Callable[[Entries | None], None]) -> None:
+    def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         answer(None)
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
