@@ -3,10 +3,13 @@ findings 7, 8, 9 and 19): worker CPU, memory, and bytes out per byte in.
 
 Run from the root of the tree to measure, with its own venv:
 
-    .venv/bin/python benchmarks/security_presence.py toggle --bus "one worker"
-    .venv/bin/python benchmarks/security_presence.py repeat
-    .venv/bin/python benchmarks/security_presence.py presence --bus redis
+    .venv/bin/python benchmarks/security_presence.py toggle --bus "one worker" [--paced]
+    .venv/bin/python benchmarks/security_presence.py repeat --bus redis
+    .venv/bin/python benchmarks/security_presence.py presence --bus "two workers" --askers 50
     .venv/bin/python benchmarks/security_presence.py cut
+
+(From another tree, e.g. the previous build: `cd /work/baseline && .venv/bin/python
+/path/to/this/file ...`.)
 
 Each prints one JSON line. It starts real servers with the tests' fixtures (tests/).
 """
@@ -68,9 +71,10 @@ def redis_cpu(redis: RedisServer | None) -> float:
 class Drain(threading.Thread):
     """Reads a socket until it closes or stays quiet: how many bytes, and whether it closed."""
 
-    def __init__(self, client: RawClient) -> None:
+    def __init__(self, client: RawClient, keep: bool = False) -> None:
         super().__init__(daemon=True)
         self.client = client
+        self.kept = bytearray(client.buffer) if keep else None  # what it read, if asked
         self.bytes = len(client.buffer)
         self.closed = False
         self.last = time.monotonic()
@@ -91,6 +95,8 @@ class Drain(threading.Thread):
                 return
             self.bytes += len(chunk)
             self.last = time.monotonic()
+            if self.kept is not None:
+                self.kept += chunk
 
     def quiet_for(self, seconds: float) -> bool:
         return self.closed or time.monotonic() - self.last >= seconds
@@ -208,9 +214,9 @@ def repeat(bus: str, repeats: int) -> dict[str, Any]:
         return row
 
 
-def presence(bus: str, members: int, asked: int, kind: str) -> dict[str, Any]:
-    """Finding 9: `asked` presence (or presence_stats) requests, in bursts, on a channel of
-    `members` members with a 1 KiB info each."""
+def presence(bus: str, members: int, asked: int, kind: str, askers: int) -> dict[str, Any]:
+    """Finding 9: `asked` presence (or presence_stats) requests, in bursts from `askers`
+    connections, on a channel of `members` members with a 1 KiB info each."""
     with tempfile.TemporaryDirectory() as workdir, server_on(bus, Path(workdir)) as (server,
                                                                                      redis):
         room = []
@@ -221,27 +227,35 @@ def presence(bus: str, members: int, asked: int, kind: str) -> dict[str, Any]:
         for member in room:
             member.recv_json()
         time.sleep(1)
-        asker = connect(server, "asker")
+        asking = [connect(server, "asker") for _ in range(askers)]
         pids = children(server.process.pid)
         cpu, rcpu = cpu_seconds(pids), redis_cpu(redis)
-        drain = Drain(asker)
+        drains = [Drain(asker, keep=True) for asker in asking]
         request = frame(1, json.dumps({"type": kind, "channel": "room"}).encode())
+        share = asked // askers
         started = time.monotonic()
-        for _ in range(asked // 100):
-            asker.sock.sendall(request * 100)
-        wait_quiet([drain], 1.0)
+        for sent in range(0, share, 100):
+            for asker in asking:
+                asker.sock.sendall(request * min(100, share - sent))
+        deadline = started + 120
+        while (sum((d.kept or b"").count(b'{"type":') for d in drains) < asked
+               and time.monotonic() < deadline):
+            time.sleep(0.01)  # every request answered (a reply or an error)
+        answered = time.monotonic() - started
         return {"finding": 9, "bus": bus, "members": members, "asked": asked, "kind": kind,
-                "bytes_in": asked * len(request), "bytes_out": drain.bytes,
+                "askers": askers, "bytes_in": asked * len(request),
+                "bytes_out": sum(d.bytes for d in drains),
+                "refused": sum((d.kept or b"").count(b'"code":429') for d in drains),
                 "worker_cpu_s": round(cpu_seconds(pids) - cpu, 2),
                 "redis_cpu_s": round(redis_cpu(redis) - rcpu, 2),
-                "seconds": round(time.monotonic() - started - 1.0, 2)}
+                "seconds": round(answered, 2)}
 
 
 def cut(members: int) -> dict[str, Any]:
     """Finding 19: with two workers, what the asking worker reads for one `presence` of a
-    channel whose `members` have a 1 KiB info each (default --presence-limit, 1000)."""
-    with tempfile.TemporaryDirectory() as workdir, server_on("two workers",
-                                                             Path(workdir)) as (server, _):
+    channel whose `members` have a 1 KiB info each (--presence-limit 100)."""
+    with tempfile.TemporaryDirectory() as workdir, server_on(
+            "two workers", Path(workdir), "--presence-limit", "100") as (server, _):
         room = []
         for n in range(members):
             member = connect(server, f"member{n}", info=INFO)
@@ -269,6 +283,8 @@ def main() -> None:
                         help="toggle: send each request once the one before is answered")
     parser.add_argument("--kind", default="presence_stats", choices=["presence",
                                                                      "presence_stats"])
+    parser.add_argument("--askers", type=int, default=1,
+                        help="presence: connections the requests are shared among")
     options = parser.parse_args()
     socket.setdefaulttimeout(30)
     if options.scenario == "toggle":
@@ -276,7 +292,7 @@ def main() -> None:
     elif options.scenario == "repeat":
         row = repeat("redis" if options.bus == "one worker" else options.bus, 4000)
     elif options.scenario == "presence":
-        row = presence(options.bus, 2000, 2000, options.kind)
+        row = presence(options.bus, 2000, 2000, options.kind, options.askers)
     else:
         row = cut(2000)
     print(json.dumps(row), flush=True)
