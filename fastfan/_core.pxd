@@ -195,6 +195,7 @@ cdef class Session(Outbox):
         readonly unsigned long long messages_received
         readonly unsigned long long bytes_received
         Py_ssize_t          subscription_bytes  # the names' length, against the bound
+        Py_ssize_t          held_bytes      # the ids of its replies in Hub.unconfirmed
 
         # a fragmented message being reassembled
         int                 fragment_type   # 0 when none is open, else WSMsgType

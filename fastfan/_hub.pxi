@@ -583,6 +583,7 @@ cdef class Hub:
         reaches this worker. The `subscribed` replies that waited for it go out."""
         cdef Session session
         for session, request_id in self.unconfirmed.pop(channel, {}).items():
+            session.held_bytes -= len(request_id)
             session.queue_bytes(_reply(b"subscribed", channel, request_id))
         self._schedule_read(channel)  # the history subscriptions that waited for it
 
@@ -594,6 +595,7 @@ cdef class Hub:
         if waiting is None:
             return False
         waiting[session] = request_id
+        session.held_bytes += len(request_id)
         return True
 
     cdef bint holds_reply(self, Session session, str channel) except -1:
@@ -620,8 +622,8 @@ cdef class Hub:
             self.bus.left(name, session.client_id)
             self._announce(b"leave", name, session)
         waiting = self.unconfirmed.get(name)
-        if waiting:
-            waiting.pop(session, None)
+        if waiting and session in waiting:
+            session.held_bytes -= len(waiting.pop(session))
         if channel.count == 0 and channel.waiting == 0:
             del self.channels[name]
             self.recoveries.pop(name, None)  # nobody is left to wait for a read

@@ -353,6 +353,9 @@ cdef class Session(Outbox):
             # reply (and its id) for as long as the bus is down.
             return self._queue_error(400, f"already subscribing to {channel}: its "
                                      "'subscribed' follows once the bus has it", request_id)
+        if self.held_bytes and self.held_bytes + len(request_id) > hub.max_buffer:
+            # Replies held for the bus are output owed: within --max-buffer, as the rest.
+            return self._queue_error(503, "message bus unavailable, try again", request_id)
         if (new or watch) and not self._may_subscribe():
             # Each change is a join or leave for every watcher, and bus traffic.
             return self._queue_error(429, f"subscribe rate limit ({hub.subscribe_rate:g}/s) "

@@ -189,6 +189,44 @@ def test_repeated_subscribes_while_the_bus_is_away_hold_one_reply(
                                           "id": "first"}
 
 
+@pytest.mark.parametrize("bus", ["two workers", "redis"])
+def test_the_replies_held_for_the_bus_stay_within_max_buffer(
+        start_server: Any, tmp_path: Path, bus: str) -> None:
+    """Subscribes to many channels while the bus is away each hold a reply, its id
+    included: one connection holds no more than --max-buffer of them, the rest are refused
+    (503, try again), and the held ones go out once the bus is back."""
+    with servers_on(bus, start_server, tmp_path) as (server, redis):
+        subscriber, _ = client(server, "subscriber")
+        pid = worker_of(server, subscriber) if bus == "two workers" else children(
+            server.process.pid)[0]
+        stopped = [p for p in children(server.process.pid) if p != pid]
+        if redis is not None:
+            redis.kill()
+        else:
+            os.kill(stopped[0], signal.SIGSTOP)
+        try:
+            big_id = "i" * 20_000
+            before = rss_kib(pid)
+            refused = []
+            for batch in range(30):  # (the refusals echo their ids: read as they come)
+                subscriber.send_json_burst([{"type": "subscribe", "channel": f"c{batch}-{n}",
+                                             "id": f"{big_id}{batch}-{n}"} for n in range(20)])
+                refused += read_until_pong(subscriber)
+            assert {(r["code"], r["message"]) for r in refused} == {
+                (503, "message bus unavailable, try again")}
+            grown = rss_kib(pid) - before
+            assert grown < 10_000, f"the worker grew {grown} KiB"  # 600 ids: 12 MB
+        finally:
+            if redis is not None:
+                redis.start()
+            else:
+                os.kill(stopped[0], signal.SIGCONT)
+        held = 600 - len(refused)
+        assert 40 <= held <= 1_048_576 // 20_000
+        subscriber.sock.settimeout(10)  # Redis reconnects within 2 s
+        assert [subscriber.recv_json()["type"] for _ in range(held)] == ["subscribed"] * held
+
+
 # Findings 9 and 19: presence cost the channel's size per request ----------------------
 
 
