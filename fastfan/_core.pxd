@@ -195,6 +195,7 @@ cdef class Session(Outbox):
         readonly unsigned long long messages_received
         readonly unsigned long long bytes_received
         Py_ssize_t          subscription_bytes  # the names' length, against the bound
+        Py_ssize_t          held_bytes      # the ids of its replies in Hub.unconfirmed
 
         # a fragmented message being reassembled
         int                 fragment_type   # 0 when none is open, else WSMsgType
@@ -211,6 +212,12 @@ cdef class Session(Outbox):
         double              read_refill_at
         double              history_quota
         double              history_quota_at
+        # --subscribe-rate: token buckets for subscribes that change something, and for
+        # presence requests
+        double              subscribe_tokens
+        double              subscribe_refill_at
+        double              presence_tokens
+        double              presence_refill_at
 
         readonly double     last_seen       # monotonic seconds of the last frame from the peer
         double              pinged_at       # monotonic seconds of our last heartbeat ping
@@ -234,6 +241,8 @@ cdef class Session(Outbox):
     cdef bint _take_token(self)
     cdef bint _take_read_token(self)
     cdef bint _take_history_quota(self, Py_ssize_t size)
+    cdef bint _may_subscribe(self)
+    cdef bint _may_ask_presence(self)
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1
     cdef int _forget_fragments(self) except -1
     cdef int check_deadlines(self, double now, double wall, double ping_interval,
@@ -261,8 +270,8 @@ cdef class Hub:
         readonly dict       channels        # name -> Channel with local subscribers
         readonly set        sessions        # every open Session of this worker
         readonly dict       users           # user -> how many sessions of theirs are open
-        dict                unconfirmed     # channel the bus has not confirmed -> [(session,
-                                            # request id) whose `subscribed` waits for it]
+        dict                unconfirmed     # channel the bus has not confirmed -> {session:
+                                            # request id whose `subscribed` waits for it}
         # the outboxes with output to write, in order: a ring of strong references, each
         # outbox in it at most once (Outbox.scheduled); Hub._flush writes from its head
         void**              pending
@@ -329,6 +338,12 @@ cdef class Hub:
         Py_ssize_t          frame_size      # of the frame in `frame`
         readonly Deflate    deflate         # compresses each message once for every client
                                             # that negotiated permessage-deflate
+        readonly double     subscribe_rate  # --subscribe-rate
+        # the joins held in held_events, to cancel against a leave of the same client in
+        # the same loop turn: (Channel, clientId) -> its index in the channel's events
+        dict                held_joins
+        # channel -> (monotonic time, Presence) gathered, or [answer...] while a gather is out
+        dict                presence_answers
 
     cpdef Py_ssize_t fanout(self, str channel, object payload, Outbox exclude=*) except -1
     cdef int _note_fanout(self, double started) except -1
@@ -355,6 +370,8 @@ cdef class Hub:
     cdef int unsubscribe(self, Session session, str name) except -1
     cdef bint awaits_confirmation(self, Session session, str channel,
                                   bytes request_id) except -1
+    cdef bint holds_reply(self, Session session, str channel) except -1
+    cdef double subscribe_burst(self) noexcept
     cdef int _announce(self, bytes kind, str channel, Session session) except -1
     cdef int attach(self, Session session) except -1
     cdef int detach(self, Session session) except -1

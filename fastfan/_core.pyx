@@ -35,6 +35,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import functools
 import logging
+import hashlib
 import secrets
 
 import msgspec
@@ -219,6 +220,17 @@ def join_leave_event(bytes kind, str channel, bytes client_id, str user, str inf
     return b'{"type":"%s","channel":"%s","data":{"clientId":"%s","user":%s%s}}' % (
         kind, channel.encode("ascii"), client_id, encode_json(user),
         b',"info":' + info.encode() if info else b"")
+
+
+# How long a gathered presence answer serves again (Hub.gather_presence): what a client
+# sees of other workers and nodes may be that old.
+cdef double PRESENCE_FRESH = 0.5
+
+
+def user_key(str user):
+    """A user's key in a presence part: the same for the same user on every worker, and 16
+    characters however long the name, so a worker's part stays small."""
+    return hashlib.blake2b(user.encode(), digest_size=8).hexdigest()
 
 
 def utf8_is_valid(bytes text):

@@ -58,13 +58,17 @@ cdef class Hub:
                   presence_channels, Py_ssize_t presence_limit, str client_id_prefix="",
                   Py_ssize_t history_size=0, history_channels=None,
                   Py_ssize_t compression_min_size=256,
-                  Py_ssize_t history_max_bytes=DEFAULT_HISTORY_MAX_BYTES):
+                  Py_ssize_t history_max_bytes=DEFAULT_HISTORY_MAX_BYTES,
+                  double subscribe_rate=20):
         self.loop = loop
         self.channels = {}
         self.sessions = set()
         self.users = {}
         self.unconfirmed = {}
         self.held_events = {}
+        self.held_joins = {}
+        self.presence_answers = {}
+        self.subscribe_rate = subscribe_rate
         self.max_message_size = max_message_size
         self.max_subscriptions = max_subscriptions
         self.max_subscription_bytes = max_subscription_bytes
@@ -122,6 +126,59 @@ cdef class Hub:
                 entries.append([session.client_id.decode("ascii"), session.identity.user,
                                 session.identity.info])
         return entries
+
+    cdef double subscribe_burst(self) noexcept:
+        """The subscribes a connection may make at once: all its channels, and at least
+        twice --subscribe-rate."""
+        return max(<double>self.max_subscriptions, 2 * self.subscribe_rate)
+
+    def presence_part(self, str channel, Py_ssize_t limit):
+        """This worker's part of `channel`'s presence (fastfan.bus.base.Presence): its
+        subscribers counted, their users' keys, and at most `limit` of them listed."""
+        cdef Channel target = self.channels.get(channel)
+        cdef Session session
+        cdef Py_ssize_t i
+        cdef set users = set()
+        cdef list clients = []
+        if target is None:
+            return (0, [], clients)
+        for i in range(target.count):
+            session = <Session>target.subscribers[i]
+            users.add(session.identity.user)
+            if i < limit:
+                clients.append([session.client_id.decode("ascii"), session.identity.user,
+                                session.identity.info])
+        return (target.count, [user_key(user) for user in users], clients)
+
+    def gather_presence(self, str channel, answer):
+        """`answer(Presence)` with every worker's and node's subscribers of `channel` (or
+        None: one did not answer). One gather per channel at a time, and its answer serves
+        again for PRESENCE_FRESH seconds (a local subscribe or unsubscribe ends that): a
+        request costs the channel's size once, not each time."""
+        known = self.presence_answers.get(channel)
+        if type(known) is list:  # a gather is out: its answer is this one's too
+            known.append(answer)
+            return
+        if known is not None and monotonic() - known[0] < PRESENCE_FRESH:
+            answer(known[1])
+            return
+        waiting = self.presence_answers[channel] = [answer]
+        self.bus.gather_presence(channel, functools.partial(self._presence_gathered, channel,
+                                                            waiting))
+
+    def _presence_gathered(self, str channel, list waiting, presence):
+        if self.presence_answers.get(channel) is waiting:
+            if presence is None:
+                del self.presence_answers[channel]
+            else:
+                known = self.presence_answers[channel] = (monotonic(), presence)
+                self.loop.call_later(PRESENCE_FRESH, self._forget_presence, channel, known)
+        for answer in waiting:
+            answer(presence)
+
+    def _forget_presence(self, str channel, tuple known):
+        if self.presence_answers.get(channel) is known:
+            del self.presence_answers[channel]
 
     cdef bytes _new_client_id(self):
         self.next_client_number += 1
@@ -237,19 +294,34 @@ cdef class Hub:
     cdef Py_ssize_t _hold_event(self, Channel channel, object payload,
                                 Outbox subject) except -1:
         """A join or leave (of `subject`, if it is on this worker), for the end of the loop
-        turn (see _deliver_events)."""
+        turn (see _deliver_events). A leave of a client whose join is held too cancels it:
+        the watchers hear of neither (a client toggling its subscription sends them
+        nothing)."""
         cdef list events = self.held_events.get(channel)
+        cdef bytes event = bytes(payload)
+        cdef Py_ssize_t start = event.find(b'"clientId":"') + 12
+        cdef Py_ssize_t end = event.find(b'"', start) if start >= 12 else -1
         if events is None:
             if not self.held_events:
                 self.loop.call_soon(self._deliver_held_events)
             events = self.held_events[channel] = []
-        events.append((bytes(payload), subject))
+        if end > 0:
+            client = (channel, event[start:end])
+            if event.startswith(b'{"type":"join"'):
+                self.held_joins[client] = len(events)
+            elif event.startswith(b'{"type":"leave"'):
+                joined = self.held_joins.pop(client, None)
+                if joined is not None:
+                    events[joined] = None
+                    return channel.count
+        events.append((event, subject))
         return channel.count
 
     def _deliver_held_events(self):
         held, self.held_events = self.held_events, {}
+        self.held_joins = {}
         for channel, events in held.items():
-            self._deliver_events(channel, events)
+            self._deliver_events(channel, [event for event in events if event is not None])
 
     cdef int _deliver_events(self, Channel channel, list events) except -1:
         """A loop turn's join and leave events of one channel, to each of its watchers.
@@ -270,7 +342,7 @@ cdef class Hub:
         cdef list starts = [0]  # where each frame begins, and the end
         cdef list headers = [0]  # the header bytes before each frame, and in all
         cdef dict skipped = {}  # the watchers some events are about -> those events
-        if count == 0:
+        if count == 0 or not events:
             return 0
         for i, (payload, subject) in enumerate(events):
             header = write_header(header_bytes, WSMsgType.TEXT, len(payload))
@@ -487,7 +559,7 @@ cdef class Hub:
             channel = Channel(name)
             self.channels[name] = channel
             if self.bus.subscribe(name) and name not in self.unconfirmed:
-                self.unconfirmed[name] = []
+                self.unconfirmed[name] = {}
         return channel
 
     cdef int _joined(self, Session session, str name) except -1:
@@ -495,6 +567,7 @@ cdef class Hub:
         presence and join/leave hear of it."""
         session.subscription_bytes += len(name)
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
+            self.presence_answers.pop(name, None)
             self.bus.joined(name, session.client_id, session.identity.user,
                             session.identity.info)
             self._announce(b"join", name, session)
@@ -512,7 +585,8 @@ cdef class Hub:
         """The bus has the subscription: every message published from now on, anywhere,
         reaches this worker. The `subscribed` replies that waited for it go out."""
         cdef Session session
-        for session, request_id in self.unconfirmed.pop(channel, ()):
+        for session, request_id in self.unconfirmed.pop(channel, {}).items():
+            session.held_bytes -= len(request_id)
             session.queue_bytes(_reply(b"subscribed", channel, request_id))
         self._schedule_read(channel)  # the history subscriptions that waited for it
 
@@ -520,11 +594,18 @@ cdef class Hub:
                                   bytes request_id) except -1:
         """Whether `channel`'s subscription is not confirmed yet: then `session`'s
         `subscribed` reply waits for Hub.confirm."""
-        cdef list waiting = self.unconfirmed.get(channel)
+        cdef dict waiting = self.unconfirmed.get(channel)
         if waiting is None:
             return False
-        waiting.append((session, request_id))
+        waiting[session] = request_id
+        session.held_bytes += len(request_id)
         return True
+
+    cdef bint holds_reply(self, Session session, str channel) except -1:
+        """Whether `session`'s `subscribed` to `channel` waits for Hub.confirm: one per
+        session and channel, however often it asks."""
+        cdef dict waiting = self.unconfirmed.get(channel)
+        return waiting is not None and session in waiting
 
     cdef int unsubscribe(self, Session session, str name) except -1:
         cdef Channel channel = self.channels[name]
@@ -540,11 +621,12 @@ cdef class Hub:
                 moved.subscriptions[name] = slot
         session.subscription_bytes -= len(name)
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
+            self.presence_answers.pop(name, None)
             self.bus.left(name, session.client_id)
             self._announce(b"leave", name, session)
         waiting = self.unconfirmed.get(name)
-        if waiting:
-            self.unconfirmed[name] = [entry for entry in waiting if entry[0] is not session]
+        if waiting and session in waiting:
+            session.held_bytes -= len(waiting.pop(session))
         if channel.count == 0 and channel.waiting == 0:
             del self.channels[name]
             self.recoveries.pop(name, None)  # nobody is left to wait for a read
@@ -692,13 +774,14 @@ cdef class Hub:
             session.queue_bytes(_ended(channel, b"server"))
         return len(ended)
 
-    def presence_data(self, entries, bint stats_only):
+    def presence_data(self, presence, bint stats_only):
         """The `data` of a presence (or presence_stats) answer from every worker's and
-        node's entries ([clientId, user, info] each): for the WebSocket and the API."""
-        data = {"count": len(entries), "users": len({entry[1] for entry in entries})}
+        node's subscribers (fastfan.bus.base.Presence): for the WebSocket and the API."""
+        count, users, clients = presence
+        data = {"count": count, "users": len(users)}
         if not stats_only:
             data["clients"] = [_presence_client(entry)
-                               for entry in entries[:self.presence_limit]]
-            if len(entries) > self.presence_limit:
+                               for entry in clients[:self.presence_limit]]
+            if count > self.presence_limit:
                 data["truncated"] = True
         return data

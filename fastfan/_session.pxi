@@ -26,6 +26,19 @@ cdef dict _presence_client(list entry):
     return client
 
 
+cdef bint take_token(double* tokens, double* refill_at, double rate, double burst,
+                     double cost=1) noexcept:
+    """A token bucket (`rate` tokens a second, at most `burst` kept): True when it had
+    `cost` tokens to take."""
+    cdef double now = monotonic()
+    tokens[0] = min(burst, tokens[0] + (now - refill_at[0]) * rate)
+    refill_at[0] = now
+    if tokens[0] >= cost:
+        tokens[0] -= cost
+        return True
+    return False
+
+
 cdef bytes _ended(str channel, bytes reason):
     """The unasked `unsubscribed`: the server ended a subscription, and says why."""
     return b'{"type":"unsubscribed","channel":"%s","reason":"%s"}' % (channel.encode("ascii"),
@@ -61,6 +74,8 @@ cdef class Session(Outbox):
         self.tokens = 2 * hub.publish_rate
         self.read_tokens = 2 * READ_RATE
         self.history_quota = 2 * hub.publish_rate * BYTES_PER_PUBLISH
+        self.subscribe_tokens = hub.subscribe_burst()  # all its channels at connect
+        self.presence_tokens = 2 * hub.subscribe_rate
         self.fd = -1
         self.expires_at = identity.expires_at or 0
 
@@ -88,6 +103,7 @@ cdef class Session(Outbox):
         self.connected_at = now_ms()
         self.last_seen = monotonic()
         self.refill_at = self.read_refill_at = self.history_quota_at = self.last_seen
+        self.subscribe_refill_at = self.presence_refill_at = self.last_seen
         hub.attach(self)
         if not self.echo:
             welcome = b'{"type":"welcome","data":{"clientId":"%s","user":%s,"timestamp":%d}}' % (
@@ -324,6 +340,7 @@ cdef class Session(Outbox):
             return self._queue_error(400, "'recover' needs an offset of 0 or more", request_id)
         history = hub.keeps_history(channel)
         new = channel not in self.subscriptions
+        watch = join_leave and WATCH_PREFIX + channel not in self.subscriptions
         if new:
             if len(self.subscriptions) >= hub.max_subscriptions:
                 return self._queue_error(
@@ -335,7 +352,19 @@ cdef class Session(Outbox):
         elif history:
             # Subscribed already: at a position it was told then, which stands.
             return self._queue_error(400, f"already subscribed to {channel}", request_id)
-        if join_leave and WATCH_PREFIX + channel not in self.subscriptions:
+        elif hub.holds_reply(self, channel):
+            # Its `subscribed` waits for the bus already: a repeat would hold one more
+            # reply (and its id) for as long as the bus is down.
+            return self._queue_error(400, f"already subscribing to {channel}: its "
+                                     "'subscribed' follows once the bus has it", request_id)
+        if self.held_bytes and self.held_bytes + len(request_id) > hub.max_buffer:
+            # Replies held for the bus are output owed: within --max-buffer, as the rest.
+            return self._queue_error(503, "message bus unavailable, try again", request_id)
+        if (new or watch) and not self._may_subscribe():
+            # Each change is a join or leave for every watcher, and bus traffic.
+            return self._queue_error(429, f"subscribe rate limit ({hub.subscribe_rate:g}/s) "
+                                     "exceeded", request_id)
+        if watch:
             # First: the session's own join, announced next, then comes back (through
             # Redis) on a channel the bus knows it watches, and is kept from it.
             hub.subscribe(self, WATCH_PREFIX + channel)
@@ -360,9 +389,9 @@ cdef class Session(Outbox):
         """Unsubscribe from `channel`, and from its join and leave if they were asked for.
         A `subscribed` still held for the bus goes first: the replies keep the order of the
         requests, whoever ends the subscription."""
-        for waiting, subscribe_id in self.hub.unconfirmed.get(channel, ()):
-            if waiting is self:
-                self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
+        subscribe_id = self.hub.unconfirmed.get(channel, {}).get(self)
+        if subscribe_id is not None:
+            self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
         recovery = self.hub.waiting.get((self, channel))
         if recovery is not None:  # its history read is not back yet
             self.queue_bytes(_reply(b"subscribed", channel, recovery[1]))
@@ -465,9 +494,11 @@ cdef class Session(Outbox):
         if not hub.presence_channels.allows(channel):
             return self._queue_error(400, f"no presence is kept for {channel} "
                                      "(--presence-channels)", request_id)
-        answer = functools.partial(self.answer_presence, channel, request_id, stats_only)
-        # with the other workers' and nodes' subscribers
-        hub.bus.gather_presence(channel, hub.presence_of(channel), answer)
+        if not self._may_ask_presence():
+            return self._queue_error(429, f"presence rate limit ({hub.subscribe_rate:g}/s) "
+                                     "exceeded", request_id)
+        hub.gather_presence(channel, functools.partial(self.answer_presence, channel,
+                                                       request_id, stats_only))
         return 0
 
     cdef int _history(self, request, bytes request_id) except -1:
@@ -522,58 +553,52 @@ cdef class Session(Outbox):
             % (channel.encode("ascii"), top, current.encode("ascii"),
                b",".join([message for _, message in messages])), request_id))
 
-    def answer_presence(self, str channel, bytes request_id, bint stats_only, entries):
-        """The presence reply, once every worker's and node's part is in (`entries`:
-        [clientId, user, info] each, or None if one could not answer)."""
+    def answer_presence(self, str channel, bytes request_id, bint stats_only, presence):
+        """The presence reply, once every worker's and node's part is in (`presence`:
+        fastfan.bus.base.Presence, or None if one could not answer)."""
         cdef Hub hub = self.hub
         if self.closing:
             return
-        if entries is None:
+        if presence is None:
             self._queue_error(503, "presence unavailable: a worker or Redis did not answer, "
                               "try again", request_id)
             return
         reply = {"type": "presence_stats" if stats_only else "presence", "channel": channel,
-                 "data": hub.presence_data(entries, stats_only)}
+                 "data": hub.presence_data(presence, stats_only)}
         self.queue_bytes(_with_id(encode_json(reply), request_id))
 
     cdef bint _take_token(self):
-        """Token bucket: `publish_rate` per second, bursts of twice that."""
-        cdef double now = monotonic()
+        """A publish's token: `publish_rate` per second, bursts of twice that."""
         cdef double burst = 2 * self.hub.publish_rate
-        self.tokens = min(burst, self.tokens + (now - self.refill_at) * self.hub.publish_rate)
-        self.refill_at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if take_token(&self.tokens, &self.refill_at, self.hub.publish_rate, burst):
             if self.tokens >= burst - 1:
                 self.refused_since = 0  # the client slowed down: forgive past refusals
             return True
         if not self.refused_since:
-            self.refused_since = now
+            self.refused_since = self.refill_at
         return False
 
     cdef bint _take_read_token(self):
-        """Token bucket of `history` requests: READ_RATE a second, bursts of twice that."""
-        cdef double now = monotonic()
-        self.read_tokens = min(2 * READ_RATE,
-                               self.read_tokens + (now - self.read_refill_at) * READ_RATE)
-        self.read_refill_at = now
-        if self.read_tokens < 1:
-            return False
-        self.read_tokens -= 1
-        return True
+        """A `history` request's token: READ_RATE a second, bursts of twice that."""
+        return take_token(&self.read_tokens, &self.read_refill_at, READ_RATE, 2 * READ_RATE)
 
     cdef bint _take_history_quota(self, Py_ssize_t size):
-        """Token bucket of the bytes the connection adds to history: BYTES_PER_PUBLISH for
+        """`size` bytes the connection adds to history: BYTES_PER_PUBLISH a second for
         each publish a second of `publish_rate` allows, bursts of twice that."""
-        cdef double now = monotonic()
         cdef double rate = self.hub.publish_rate * BYTES_PER_PUBLISH
-        self.history_quota = min(2 * rate,
-                                 self.history_quota + (now - self.history_quota_at) * rate)
-        self.history_quota_at = now
-        if self.history_quota < size:
-            return False
-        self.history_quota -= size
-        return True
+        return take_token(&self.history_quota, &self.history_quota_at, rate, 2 * rate, size)
+
+    cdef bint _may_subscribe(self):
+        """A token for a subscribe that changes something: `subscribe_rate` per second,
+        bursts of Hub.subscribe_burst (a client takes all its channels at connect)."""
+        return take_token(&self.subscribe_tokens, &self.subscribe_refill_at,
+                          self.hub.subscribe_rate, self.hub.subscribe_burst())
+
+    cdef bint _may_ask_presence(self):
+        """A token for a presence request: `subscribe_rate` per second, bursts of twice
+        that."""
+        return take_token(&self.presence_tokens, &self.presence_refill_at,
+                          self.hub.subscribe_rate, 2 * self.hub.subscribe_rate)
 
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1:
         return self.queue_bytes(_error(code, message, request_id))

@@ -36,6 +36,7 @@ from . import directory, status
 from ._core import BusResult, Hub, is_valid_channel
 from .auth import MAX_TOKEN_LENGTH
 from .bus import encode_command
+from .bus.base import Presence
 from .bus.gather import gathered
 from .config import Config
 from .directory import Node
@@ -289,13 +290,12 @@ class Api:
         hub = self._hub
         if not hub.presence_channels.allows(channel):
             raise ApiError(400, f"no presence is kept for {channel} (--presence-channels)")
-        local = hub.presence_of(channel)
-        entries: list[list[str]] | None = await gathered(
-            lambda answer: hub.bus.gather_presence(channel, local, answer), PRESENCE_TIMEOUT)
-        if entries is None:
+        presence: Presence | None = await gathered(
+            lambda answer: hub.gather_presence(channel, answer), PRESENCE_TIMEOUT)
+        if presence is None:
             raise ApiError(503, "presence unavailable: a worker or Redis did not answer, "
                                 "try again")
-        return hub.presence_data(entries, stats_only)
+        return hub.presence_data(presence, stats_only)
 
     async def _history(self, body: bytes) -> dict[str, Any]:
         """A channel's kept messages, as the WebSocket `history` request answers them."""

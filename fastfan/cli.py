@@ -130,6 +130,8 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--max-subscription-bytes", _positive_int, None,
      "bytes of channel names one connection may hold (65536)"),
     ("--publish-rate", _positive_int, None, "publishes per second per connection (1000)"),
+    ("--subscribe-rate", _positive_int, None,
+     "subscribes, and presence requests, per second per connection (20)"),
     ("--max-buffer", _positive_int, None, "bytes queued for one connection (1048576)"),
     ("--slow-consumer", str, SLOW_CONSUMER_POLICIES, "policy past --max-buffer (disconnect)"),
     ("--ping-interval", _seconds, None, "seconds of silence before a ping (30)"),

@@ -57,6 +57,7 @@ class Config:
     history_channels: str = "*"  # comma-separated patterns
     history_max_bytes: int = DEFAULT_MAX_BYTES  # what history keeps per worker
     publish_rate: int = 1000
+    subscribe_rate: int = 20  # subscribes that change something, and presence requests
     max_buffer: int = 1048576
     slow_consumer: str = "disconnect"
     ping_interval: float = 30.0
@@ -85,7 +86,8 @@ class Config:
                               f"{self.workers}: more workers cost more than they give "
                               f"(docs/protocol.md); run more nodes with --redis instead")
         for name in ("max_message_size", "max_subscriptions", "max_subscription_bytes",
-                     "presence_limit", "publish_rate", "max_buffer", "history_max_bytes"):
+                     "presence_limit", "publish_rate", "subscribe_rate", "max_buffer",
+                     "history_max_bytes"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")

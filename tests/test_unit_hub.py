@@ -16,7 +16,7 @@ import uvloop
 from fastfan import _picows as picows
 from fastfan._core import Hub, Outbox, Session, SlowConsumerPolicy
 from fastfan.auth import ALLOW_ALL, ChannelPatterns, Identity
-from fastfan.bus.base import DONE, Acknowledger, Bus, BusHealth, Entries
+from fastfan.bus.base import DONE, Acknowledger, Bus, BusHealth, Presence
 from fastfan.directory import Counts
 from fastfan.history import HistoryAnswer
 
@@ -63,9 +63,8 @@ class RecordingBus(Bus):
     def left(self, channel: str, client_id: bytes) -> None:
         self.calls.append(("left", channel))
 
-    def gather_presence(self, channel: str, local: Entries,
-                        answer: Callable[[Entries | None], None]) -> None:
-        answer(local)
+    def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
+        answer(self.hub.presence_part(channel, self.hub.presence_limit))
 
     def gather_channels(self, pattern: str | None, limit: int, local: Counts,
                         answer: Callable[[Counts | None], None]) -> None:

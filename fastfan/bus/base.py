@@ -29,8 +29,11 @@ Hub.subscribe_history's seam relies on it.
 
 Presence: `joined`/`left` tell the bus of a local subscriber of a presence channel (a bus
 that keeps presence elsewhere writes it there); `gather_presence` answers every worker's
-and node's subscribers of a channel, `gather_channels` every worker's channel counts, and
-`nodes()` describes every node: each with `local`, this worker's own part, added in.
+and node's subscribers of a channel, counted, and at most --presence-limit of them listed
+(a Presence: each worker sends no more than that, whatever the channel's size); Hub.
+gather_presence asks it at most once per channel at a time. `gather_channels` answers
+every worker's channel counts, and `nodes()` describes every node: each with `local`,
+this worker's own part, added in.
 
 `command(payload, ack)` carries a server API command (fastfan.bus.commands) to every worker
 of every node, this one included, each of which applies it to its own Hub; it answers as
@@ -55,6 +58,19 @@ REFUSED, DONE, PENDING = BusResult.REFUSED, BusResult.DONE, BusResult.PENDING
 
 # A presence entry: [clientId, user, info] (info the token's `info` claim as JSON text, or "").
 Entries = list[list[str]]
+# A channel's subscribers (on one worker, or everywhere): how many, their distinct users'
+# keys (fastfan._core.user_key), and at most --presence-limit of their entries.
+Presence = tuple[int, list[str], Entries]
+
+
+def merge_presence(parts: list[Presence], limit: int) -> Presence:
+    """Several workers' parts as one, its entries cut at `limit`."""
+    users: set[str] = set()
+    clients: Entries = []
+    for _, keys, entries in parts:
+        users.update(keys)
+        clients += entries[:limit - len(clients)]
+    return sum(part[0] for part in parts), list(users), clients
 
 
 class Acknowledger(Protocol):
@@ -76,10 +92,13 @@ class HubLink(Protocol):
     def history_max_bytes(self) -> int: ...
     @property
     def presence_channels(self) -> Any: ...  # auth.ChannelPatterns
+    @property
+    def presence_limit(self) -> int: ...
     def fanout(self, channel: str, payload: bytes | bytearray | memoryview,
                exclude: Outbox | None = None) -> int: ...
     def confirm(self, channel: str) -> None: ...
     def presence_of(self, channel: str) -> Entries: ...
+    def presence_part(self, channel: str, limit: int) -> Presence: ...
     def subscriber_counts(self) -> dict[str, int]: ...
     def disconnect_user(self, user: str) -> int: ...
     def unsubscribe_user(self, user: str, channel: str) -> int: ...
@@ -130,8 +149,8 @@ class Bus(ABC):
         """See joined."""
 
     @abstractmethod
-    def gather_presence(self, channel: str, local: Entries,
-                        answer: Callable[[Entries | None], None]) -> None: ...
+    def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
+        ...
 
     @abstractmethod
     def gather_channels(self, pattern: str | None, limit: int, local: Counts,

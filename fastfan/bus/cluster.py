@@ -50,7 +50,7 @@ from redis.exceptions import AskError
 from .._core import Outbox
 from ..directory import Counts, Node
 from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch
-from .base import REFUSED, Acknowledger, BusHealth, Entries, HubLink
+from .base import REFUSED, Acknowledger, BusHealth, HubLink, Presence
 from .commands import COMMANDS
 from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command, _publishing_client
 from .redis_directory import RedisDirectory
@@ -181,8 +181,7 @@ class Nowhere:
     def unsubscribe(self, channel: str) -> None:
         pass
 
-    def gather_presence(self, channel: str, local: Entries,
-                        answer: Callable[[Entries | None], None]) -> None:
+    def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         answer(None)
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from .._core import Outbox
 from ..directory import Counts, Node
 from ..history import HistoryAnswer, HistoryFullError, HistoryStore, position
-from .base import DONE, PENDING, Acknowledger, Bus, BusHealth, Entries, HubLink
+from .base import DONE, PENDING, Acknowledger, Bus, BusHealth, HubLink, Presence
 from .commands import apply_command
 
 # How often the history store forgets what has expired.
@@ -79,9 +79,8 @@ class LocalBus(Bus):
     def left(self, channel: str, client_id: bytes) -> None:
         """See joined."""
 
-    def gather_presence(self, channel: str, local: Entries,
-                        answer: Callable[[Entries | None], None]) -> None:
-        answer(local)
+    def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
+        answer(self._hub.presence_part(channel, self._hub.presence_limit))
 
     def gather_channels(self, pattern: str | None, limit: int, local: Counts,
                         answer: Callable[[Counts | None], None]) -> None:

@@ -64,9 +64,20 @@ from typing import Any
 import msgspec
 
 from .._core import WATCH_PREFIX, Outbox
+from ..auth import MAX_TOKEN_LENGTH
 from ..directory import MAX_LISTED, Counts, Node, channel_counts
 from ..history import HistoryAnswer, HistoryFullError, HistoryStore, ReadLimiter, owner_of, position
-from .base import DONE, PENDING, REFUSED, Acknowledger, Bus, BusHealth, Entries, HubLink
+from .base import (
+    DONE,
+    PENDING,
+    REFUSED,
+    Acknowledger,
+    Bus,
+    BusHealth,
+    HubLink,
+    Presence,
+    merge_presence,
+)
 from .commands import apply_command
 from .gather import Gatherings
 from .local import sweep_forever
@@ -105,10 +116,13 @@ LIMIT = struct.Struct("!I")
 # A SUBSCRIBED record (the answer to a SUBSCRIBE, back on the same connection) is no
 # longer than its header and a channel name.
 MAX_ANSWER = 2 + 255
-# A PRESENCE_ANSWER lists a worker's subscribers of one channel ([clientId, user] each,
-# a user's name being at most a token's size): bounded all the same. A CHANNELS_ANSWER
-# too: a worker lists at most directory.MAX_LISTED channels, about 54 MB at most.
+# A PRESENCE_ANSWER is a worker's Presence part of one channel: its count, a 16-character
+# key per distinct user, and at most --presence-limit entries of at most PRESENCE_ENTRY
+# bytes (the user and info come from one token): MeshBus.max_presence_answer, this bound
+# plus the entries, admits any. A CHANNELS_ANSWER too: a worker lists at most
+# directory.MAX_LISTED channels, about 54 MB at most.
 MAX_PRESENCE_ANSWER = 64 << 20
+PRESENCE_ENTRY = 2 * MAX_TOKEN_LENGTH
 # A worker that has not answered a presence or channels query in this long fails it (503).
 PRESENCE_TIMEOUT = 2.0
 QUERY = struct.Struct("!I")
@@ -145,7 +159,7 @@ def _join_or_leave(event: bytes) -> tuple[str, str]:
 
 _decode_join_or_leave = msgspec.json.Decoder(JoinOrLeave).decode
 _encode = msgspec.json.encode
-_decode_entries = msgspec.json.Decoder(list[list[str]]).decode
+_decode_presence = msgspec.json.Decoder(tuple[int, list[str], list[list[str]]]).decode
 _decode_counts = msgspec.json.Decoder(list[tuple[str, int]]).decode
 _decode_history = msgspec.json.Decoder(
     tuple[int, str, list[tuple[int, msgspec.Raw]]]).decode
@@ -234,8 +248,8 @@ class Incoming(asyncio.Protocol):
                 answers.append(record(SUBSCRIBED, channel.encode()))
             elif kind == PRESENCE and self.slot is not None:
                 query = bytes(buffer[start + channel_length:offset])
-                answers.append(record(PRESENCE_ANSWER, channel.encode(),
-                                      query + _encode(bus.hub.presence_of(channel))))
+                answers.append(record(PRESENCE_ANSWER, channel.encode(), query + _encode(
+                    bus.hub.presence_part(channel, bus.hub.presence_limit))))
             elif kind == CHANNELS and self.slot is not None:
                 asked = bytes(buffer[start + channel_length:offset])
                 if len(asked) < QUERY.size + LIMIT.size:
@@ -343,7 +357,8 @@ class Outgoing(asyncio.Protocol):
                     or (kind == SEQUENCED
                         and channel_length + 2 + SEQUENCED_ANSWER.size <= size <= MAX_SEQUENCED)
                     or (kind in (PRESENCE_ANSWER, CHANNELS_ANSWER)
-                        and channel_length + 2 + QUERY.size <= size <= MAX_PRESENCE_ANSWER)):
+                        and channel_length + 2 + QUERY.size <= size
+                        <= self.bus.max_presence_answer)):
                 log.warning("bus: dropped the connection to worker %d: record kind %d, %d "
                             "bytes, on its answering side", self.slot, kind, size)
                 self.transport.abort()
@@ -360,12 +375,14 @@ class Outgoing(asyncio.Protocol):
                 continue
             if kind in (PRESENCE_ANSWER, CHANNELS_ANSWER):
                 (query,) = QUERY.unpack_from(answers, start)
-                decode, what = ((_decode_entries, "presence answer that is not a list of "
-                                 "[clientId, user]") if kind == PRESENCE_ANSWER else
-                                (_decode_counts, "channels answer that is not a list of "
-                                 "[channel, subscribers]"))
+                body = answers[start + QUERY.size:offset]
                 try:
-                    entries = decode(answers[start + QUERY.size:offset])
+                    if kind == PRESENCE_ANSWER:
+                        what = "presence answer that is not [count, users, entries]"
+                        entries: list[Any] = [_decode_presence(body)]
+                    else:
+                        what = "channels answer that is not a list of [channel, subscribers]"
+                        entries = _decode_counts(body)
                 except msgspec.DecodeError:
                     log.warning("bus: dropped the connection to worker %d: a %s", self.slot,
                                 what)
@@ -420,6 +437,7 @@ class MeshBus(Bus):
         self.max_record = 2 + max(max_message_size + ENVELOPE_MARGIN, MAX_COMMAND)
         self.max_history_answer = 2 + 255 + 4 + 64 + hub.history_size * (
             max_message_size + ENVELOPE_MARGIN + 32)
+        self.max_presence_answer = MAX_PRESENCE_ANSWER + hub.presence_limit * PRESENCE_ENTRY
         # the channels this worker owns: their history
         self.history = HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes)
         # publishes out to their owner: token -> (who waits, request id) to acknowledge, and
@@ -679,11 +697,17 @@ class MeshBus(Bus):
     def left(self, channel: str, client_id: bytes) -> None:
         """See joined."""
 
-    def gather_presence(self, channel: str, local: Entries,
-                        answer: Callable[[Entries | None], None]) -> None:
-        """Ask every other worker for its subscribers of `channel`; `answer(entries)` with
-        ours and all of theirs, or `answer(None)` if one did not answer in time."""
-        self._gather(PRESENCE, channel.encode(), b"", local, answer)
+    def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
+        """Ask every other worker for its part of `channel`'s presence (each lists at most
+        --presence-limit); `answer` with ours and all of theirs, or None if one did not
+        answer in time."""
+        limit = self.hub.presence_limit
+
+        def merged(parts: list[Presence] | None) -> None:
+            answer(None if parts is None else merge_presence(parts, limit))
+
+        self._gather(PRESENCE, channel.encode(), b"", [self.hub.presence_part(channel, limit)],
+                     merged)
 
     def gather_channels(self, pattern: str | None, limit: int, local: Counts,
                         answer: Callable[[Counts | None], None]) -> None:

@@ -59,7 +59,7 @@ import redis.asyncio as aioredis
 from .._core import WATCH_PREFIX, Outbox
 from ..directory import Counts, Node
 from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch, position
-from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, Entries, HubLink
+from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, HubLink, Presence
 from .commands import COMMANDS, apply_command
 from .redis_directory import RedisDirectory
 from .redis_history import RedisHistory
@@ -386,9 +386,8 @@ class RedisBus(Bus):
     def left(self, channel: str, client_id: bytes) -> None:
         self.presence.left(channel, client_id)
 
-    def gather_presence(self, channel: str, local: Entries,
-                        answer: Callable[[Entries | None], None]) -> None:
-        self.presence.gather(channel, local, answer)
+    def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
+        self.presence.gather(channel, answer)
 
     def gather_channels(self, pattern: str | None, limit: int, local: Counts,
                         answer: Callable[[Counts | None], None]) -> None:

@@ -22,7 +22,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from .._core import join_leave_event
-from .base import Entries, HubLink
+from .base import Entries, HubLink, Presence
 
 log = logging.getLogger("fastfan.redis")
 
@@ -174,18 +174,18 @@ class RedisPresence:
         except (aioredis.RedisError, OSError) as exc:
             log.warning("presence: refresh failed: %s", exc)
 
-    def gather(self, channel: str, local: Entries,
-               answer: Callable[[Entries | None], None]) -> None:
-        asyncio.get_running_loop().create_task(self._gather(channel, local, answer))
+    def gather(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
+        asyncio.get_running_loop().create_task(self._gather(channel, answer))
 
-    async def _gather(self, channel: str, local: Entries,
-                      answer: Callable[[Entries | None], None]) -> None:
+    async def _gather(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
+        """Every node's subscribers, from Redis, and ours (some may not be written yet)."""
         try:
             flat = await self._expired_and_present(channel, read=True)
         except (aioredis.RedisError, OSError):
             answer(None)
             return
-        everyone = {client_id: [client_id, user, info] for client_id, user, info in local}
+        everyone = {client_id: [client_id, user, info]
+                    for client_id, user, info in self.hub.presence_of(channel)}
         for index in range(0, len(flat), 2):
             client_id = flat[index].decode()
             if client_id not in everyone:
@@ -194,4 +194,6 @@ class RedisPresence:
                 except msgspec.DecodeError:
                     continue  # not written by fastfan
                 everyone[client_id] = [client_id, user, info]
-        answer(list(everyone.values()))
+        entries = list(everyone.values())
+        answer((len(entries), list({entry[1] for entry in entries}),
+                entries[:self.hub.presence_limit]))

@@ -26,7 +26,7 @@ from redis.crc import key_slot
 from .._core import WATCH_PREFIX, Outbox
 from ..directory import Counts, Node
 from ..history import HistoryAnswer
-from .base import Acknowledger, Bus, BusHealth, Entries, HubLink
+from .base import Acknowledger, Bus, BusHealth, HubLink, Presence
 from .commands import COMMANDS
 from .redis import RedisBus, reconnect_delay, redis_figures
 
@@ -100,9 +100,8 @@ class RoutedBus(Bus):
     def left(self, channel: str, client_id: bytes) -> None:
         self.shard(channel).left(channel, client_id)
 
-    def gather_presence(self, channel: str, local: Entries,
-                        answer: Callable[[Entries | None], None]) -> None:
-        self.shard(channel).gather_presence(channel, local, answer)
+    def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
+        self.shard(channel).gather_presence(channel, answer)
 
     def figures(self) -> dict[str, float]:
         down = sum(not shard.up for shard in self.shards)  # (Redis that are its parts)
