@@ -2,82 +2,31 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    RedisServer,
-    Server,
-    children,
-    free_port,
-    messages_of,
-    process_holding,
-    token,
-    wait_for,
-)
+from support.api import AUTH, KEY, answers, assert_error, call, request, start_api
+from support.processes import process_holding
+from support.redis import RedisServer
+from support.server import Server, messages_of, token
+from support.waiting import wait_for
+from support.wire import TEXT, RawClient, free_port
+from support.workers import place
 from websockets.sync.client import ClientConnection, connect
-from wire import TEXT, RawClient
 
-KEY = "api-key-for-tests-0123456789"
-AUTH = {"Authorization": f"apikey {KEY}"}
 AUTH_LINE = f"Authorization: apikey {KEY}\r\n".encode()
-
-
-def start_api(start_server: Any, *args: str, **kwargs: Any) -> tuple[Server, int]:
-    """A server with the API on a free port, once that port answers too."""
-    api_port = free_port()
-    server = start_server("--api-port", str(api_port), "--api-key", KEY, *args, **kwargs)
-    wait_for(lambda: _answers(server.host, api_port))
-    return server, api_port
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        return request(host, port, "GET", "/health")[0] == 200
-    except OSError:
-        return False
-
-
-def request(host: str, port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None,
-            conn: http.client.HTTPConnection | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request; on `conn` (kept open) when given, else on a connection of its own."""
-    own = conn is None
-    conn = conn or http.client.HTTPConnection(host, port, timeout=5)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        if own:
-            conn.close()
-
-
-def call(port: int, method: str, body: Any = None, *, raw: bytes | None = None,
-         headers: dict[str, str] | None = None,
-         conn: http.client.HTTPConnection | None = None) -> tuple[int, Any]:
-    """POST /api/METHOD with the key (unless `headers` says otherwise); status and JSON."""
-    data = raw if raw is not None else json.dumps(body if body is not None else {}).encode()
-    status, _, answer = request("127.0.0.1", port, "POST", f"/api/{method}", data,
-                                AUTH if headers is None else headers, conn)
-    return status, json.loads(answer)
-
-
-@pytest.fixture
-def clients() -> Iterator[ExitStack]:
-    """Closes every WebSocket client a test opened."""
-    with ExitStack() as stack:
-        yield stack
 
 
 def subscriber(clients: ExitStack, server: Server, channel: str) -> ClientConnection:
@@ -86,15 +35,6 @@ def subscriber(clients: ExitStack, server: Server, channel: str) -> ClientConnec
     client.send(json.dumps({"type": "subscribe", "channel": channel}))
     assert messages_of(client, 1)[0]["type"] == "subscribed"
     return client
-
-
-def assert_error(answer: Any, code: int, *words: str) -> None:
-    assert set(answer) == {"error"}
-    assert answer["error"]["code"] == code
-    message = answer["error"]["message"]
-    assert "\n" not in message and "Traceback" not in message
-    for word in words:
-        assert word in message
 
 
 def test_calls_need_the_key_in_an_apikey_header(start_server: Any) -> None:
@@ -207,21 +147,10 @@ def test_broadcast_sends_one_message_to_each_channel(start_server: Any, clients:
 
 def test_publish_reaches_subscribers_on_every_worker(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
-    workers = children(server.process.pid)
+    workers = server.workers()
     assert len(workers) == 2
-    placed: dict[int, list[RawClient]] = {pid: [] for pid in workers}
-    for _ in range(60):
-        if all(len(clients) >= 2 for clients in placed.values()):
-            break
-        client = RawClient(server.host, server.port, f"/?token={token()}")
-        client.recv_json()
-        client.send_json({"type": "subscribe", "channel": "everywhere"})
-        assert client.recv_json()["type"] == "subscribed"
-        pid = process_holding(client.sock.getsockname()[1], workers)
-        assert pid is not None
-        placed[pid].append(client)
-    assert all(len(clients) >= 2 for clients in placed.values()), placed
-    time.sleep(0.3)  # let each worker hear of the other's new channel
+    # (`subscribed` promises that a publish on any worker from then on reaches them)
+    placed = place(server, 2, channels=("everywhere",))
     # Each connection lands on whichever worker the kernel picks: call until both answered.
     answered_by: set[int | None] = set()
     sent = 0
@@ -316,7 +245,8 @@ def test_pipelined_requests_are_answered_in_order(start_server: Any) -> None:
         sock.settimeout(5)
         sock.connect(("127.0.0.1", port))
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * many)
-        time.sleep(0.5)
+        # until the answers fill our small window: the server's writes wait on us
+        wait_for(lambda: unread_bytes(sock) >= 2048)
         answered, tail = 0, b""
         while answered < many:
             chunk = tail + sock.recv(1 << 20)
@@ -364,6 +294,11 @@ def test_channels_and_info(start_server: Any, clients: ExitStack) -> None:
     assert 0 <= node["uptime"] < 60
 
 
+def unread_bytes(sock: socket.socket) -> int:
+    """What the kernel holds for `sock` that it has not read yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]  # type: ignore[no-any-return]
+
+
 def fastfan(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FASTFAN_")}
     return subprocess.run([sys.executable, "-m", "fastfan", *args], capture_output=True,
@@ -396,12 +331,12 @@ def test_the_key_from_a_file_or_the_environment(start_server: Any, tmp_path: Pat
     key_file.write_text(KEY + "\n")
     api_port = free_port()
     start_server("--api-port", str(api_port), "--api-key-file", str(key_file))
-    wait_for(lambda: _answers("127.0.0.1", api_port))
+    wait_for(lambda: answers("127.0.0.1", api_port))
     assert call(api_port, "info")[0] == 200
     assert call(api_port, "info", headers={"Authorization": "apikey " + str(key_file)})[0] == 401
     env_port = free_port()
     start_server(env={"FASTFAN_API_PORT": str(env_port), "FASTFAN_API_KEY": KEY})
-    wait_for(lambda: _answers("127.0.0.1", env_port))
+    wait_for(lambda: answers("127.0.0.1", env_port))
     assert call(env_port, "info")[0] == 200
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import SECRET, Server, token
-from wire import HandshakeRefusedError, RawClient
+from support.server import SECRET, Server, token
+from support.wire import HandshakeRefusedError, RawClient
 
 
 def refusal(server: Server, path: str = "/", headers: dict[str, str] | None = None) -> Any:

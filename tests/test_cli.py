@@ -9,8 +9,8 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import SECRET, free_port
-from wire import RawClient
+from support.server import SECRET
+from support.wire import RawClient, free_port
 
 
 def fastfan(*args: str, env: dict[str, str] | None = None,

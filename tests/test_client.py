@@ -4,16 +4,14 @@ as units."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
 import time
 from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, children, token
+from support.redis import RedisServer
+from support.server import Server, kill, kill_and_restart, restart, token
 
 from fastfan.client import Client, ServerError, Subscription, backoff_delay, token_expiry
 
@@ -25,25 +23,6 @@ def run(test: Coroutine[Any, Any, None], timeout: float = 30.0) -> None:
 def client_of(server: Server, sub: str = "alice", **options: Any) -> Client:
     claims = {name: options.pop(name) for name in ("subscribe", "publish") if name in options}
     return Client(server.url(), token=token(sub, **claims), **options)
-
-
-def kill(server: Server) -> None:
-    """SIGKILL the master and its workers."""
-    for pid in [*children(server.process.pid), server.process.pid]:
-        os.kill(pid, signal.SIGKILL)
-    server.process.wait()
-
-
-def restart(server: Server) -> None:
-    """The same command again, on the same port."""
-    server.process = subprocess.Popen(server.process.args, stdout=server._log,
-                                      stderr=subprocess.STDOUT)
-    server.wait_healthy()
-
-
-def kill_and_restart(server: Server) -> None:
-    kill(server)
-    restart(server)
 
 
 async def next_of(subscription: Subscription, timeout: float = 5.0) -> dict[str, Any]:
@@ -263,7 +242,8 @@ def test_a_short_token_refreshed_through_get_token_keeps_the_connection(server: 
         async with Client(server.url(), get_token=get_token) as client:
             client.on("disconnected", closes.append)
             first = client.welcome
-            await asyncio.sleep(7)  # past two expiries; the server sweeps every second
+            while fetched < 4:  # past two expiries; the server sweeps every second
+                await asyncio.sleep(0.05)
             assert closes == [] and client.welcome is first and client.connected
             assert (await client.stats())["data"]["user"] == "dana"
         assert fetched >= 4  # the connection's, then a refresh before each expiry

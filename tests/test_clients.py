@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from conftest import Server, messages_of, token
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from support.server import Server, messages_of, token
 
 JS = Path(__file__).parent / "js"
 

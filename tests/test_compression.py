@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from browser import CHROMIUM, Browser
-from conftest import Server, messages_of, token
+from support.server import Server, messages_of, token
+from support.wire import BINARY, CONTINUATION, PING, RSV1, TEXT, RawClient, deflate, inflate
 from websockets.sync.client import connect as websocket_connect
-from wire import BINARY, CONTINUATION, PING, RSV1, TEXT, RawClient, deflate, inflate
 
 JS = Path(__file__).parent / "js"
 OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 
-from conftest import Server, wait_for
+from support.server import Server
+from support.waiting import wait_for
 
 SUBSCRIBERS = 1200  # a pass over them takes several 0.5 ms slices
 MESSAGES = 40

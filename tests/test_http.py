@@ -7,8 +7,9 @@ import signal
 import time
 from typing import Any
 
-from conftest import Server, token, wait_for
-from wire import CLOSE, PING, PONG, TEXT
+from support.server import Server, token
+from support.waiting import wait_for
+from support.wire import CLOSE, PING, PONG, TEXT
 
 
 def test_health_and_ready(server: Server) -> None:

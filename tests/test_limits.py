@@ -7,11 +7,12 @@ import time
 from typing import Any
 
 import pytest
-from conftest import token, wait_for, worker_rss_kib
 from hypothesis import given
 from hypothesis import strategies as st
+from support.server import token, worker_rss_kib
+from support.waiting import wait_for
+from support.wire import CONTINUATION, TEXT, HandshakeRefusedError, RawClient
 from websockets.sync.client import connect
-from wire import CONTINUATION, TEXT, HandshakeRefusedError, RawClient
 
 from fastfan._core import utf8_is_valid
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
-from wire import RawClient
+from support.waiting import wait_for
+from support.wire import RawClient
 
 SUBNET = "10.213.77"
 DELAY = "5ms"  # per link, each way, with netem

@@ -7,11 +7,14 @@ import os
 import re
 import signal
 import threading
-import time
 from typing import Any
 
-from conftest import RedisServer, Server, children, process_holding, wait_for
-from wire import RawClient
+from support.processes import children
+from support.redis import RedisServer
+from support.server import Server
+from support.waiting import wait_for
+from support.wire import RawClient
+from support.workers import every, place, worker_of
 
 
 def connect(server: Server, **options: Any) -> RawClient:
@@ -51,16 +54,11 @@ def test_a_worker_killed_elsewhere_loses_nothing_acknowledged(start_server: Any)
     server = start_server("--workers", "3")
     workers = children(server.process.pid)
     publisher = connect(server)
-    home = process_holding(publisher.sock.getsockname()[1], workers)
+    home = worker_of(server, publisher, workers)
     victim = next(pid for pid in workers if pid != home)
-    stayers = []
-    for _ in range(60):  # subscribers on the two workers that will live
-        client = connect(server)
-        if process_holding(client.sock.getsockname()[1], workers) != victim:
-            stayers.append(client.subscribe("kept"))
-        if len(stayers) == 6:
-            break
-    time.sleep(0.3)
+    # subscribers on the two workers that will live
+    stayers = every(place(server, 3, connect=lambda: connect(server), channels=("kept",),
+                          workers=[pid for pid in workers if pid != victim]))
 
     def kill_midway(n: int) -> None:
         if n == 150:

@@ -11,8 +11,12 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import SECRET, RedisServer, Server, children, process_holding, token, wait_for
-from wire import HandshakeRefusedError, RawClient
+from support.processes import children
+from support.redis import RedisServer
+from support.server import SECRET, Server, token
+from support.waiting import wait_for
+from support.wire import HandshakeRefusedError, RawClient
+from support.workers import worker_of
 
 
 def member(server: Server, user: str, channel: str = "room") -> tuple[RawClient, str]:
@@ -78,7 +82,7 @@ def test_presence_across_workers_and_a_killed_worker(start_server: Any) -> None:
     held: dict[int, list[RawClient]] = {pid: [] for pid in workers}
     for n in range(40):
         client, _ = member(server, f"user{n}")
-        pid = process_holding(client.sock.getsockname()[1], workers)
+        pid = worker_of(server, client, workers)
         assert pid is not None
         held[pid].append(client)
     assert all(held.values()), "both workers should hold members"

@@ -8,8 +8,11 @@ import threading
 import time
 from typing import Any
 
-from conftest import RedisServer, Server, free_port, wait_for
-from wire import RawClient
+from support.messages import publish
+from support.redis import RedisServer
+from support.server import Server
+from support.waiting import wait_for
+from support.wire import free_port
 
 
 def node_on(redis: RedisServer, start_server: Any, *args: str) -> Server:
@@ -17,22 +20,6 @@ def node_on(redis: RedisServer, start_server: Any, *args: str) -> Server:
     node = start_server("--redis", redis.url, *args)
     node.wait_ready()
     return node
-
-
-def publish(client: RawClient, channel: str, data: Any, request_id: Any) -> dict[str, Any]:
-    """A publish with an id, and its answer."""
-    client.publish(channel, data, id=request_id)
-    return dict(client.recv_json())
-
-
-def each_reaches_every_listener(publisher: RawClient, listeners: list[RawClient],
-                                names: list[str]) -> None:
-    """A publish to each channel in `names` (its name as data), acknowledged, and every
-    listener receives them in that order."""
-    for name in names:
-        assert publish(publisher, name, name, name)["type"] == "published"
-    for listener in listeners:
-        assert [listener.recv_json()["data"] for _ in names] == names
 
 
 def test_two_nodes_deliver_to_each_others_subscribers_in_order(
@@ -158,7 +145,7 @@ def test_a_slow_redis_never_stalls_the_websocket_side(
     client = node.connect().subscribe("calm")
     asleep = threading.Thread(target=redis_server.command, args=("DEBUG", "SLEEP", "2"))
     asleep.start()
-    time.sleep(0.2)
+    wait_for(lambda: not redis_server.ping(timeout=0.1))  # it sleeps
     client.publish("calm", 1, id="waits")
     client.send_json({"type": "ping"})
     assert client.recv_json() == {"type": "pong"}  # answered while Redis sleeps

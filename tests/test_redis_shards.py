@@ -9,12 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, assert_received_by_all, wait_for
 from redis.crc import key_slot
-from test_api import call, start_api
-from test_api_commands import alive, closed_by_api
-from test_history import drop_and_recover
-from test_redis import each_reaches_every_listener, publish
+from support.api import call, start_api
+from support.messages import (
+    alive,
+    closed_by_api,
+    drop_and_recover,
+    each_reaches_every_listener,
+    publish,
+)
+from support.redis import RedisServer
+from support.server import Server
+from support.waiting import assert_received_by_all, wait_for
 
 SHARDS = 3
 

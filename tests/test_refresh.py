@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from conftest import token
-from wire import RawClient
+from support.server import token
+from support.wire import RawClient
 
 
 def test_refresh_narrows_permissions_and_ends_what_they_no_longer_allow(server: Any) -> None:

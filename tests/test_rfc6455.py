@@ -7,8 +7,8 @@ import struct
 from typing import Any
 
 import pytest
-from conftest import Server, token
-from wire import (
+from support.server import Server, token
+from support.wire import (
     BINARY,
     CLOSE,
     CONTINUATION,

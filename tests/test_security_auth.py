@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, Server, token
-from wire import RawClient
+from support.server import SECRET, Server, token
+from support.wire import RawClient
 
 FRESH = int(time.time()) + 3600
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from conftest import Server, wait_for, worker_rss_kib
-from wire import RawClient
+from support.server import Server, worker_rss_kib
+from support.waiting import wait_for
+from support.wire import RawClient
 
 MESSAGES = 5000
 DATA = "x" * 4000  # 5000 x 4 KB = 20 MB per subscriber: far past the kernel's buffers

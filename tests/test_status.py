@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 from browser import CHROMIUM, Browser
-from conftest import RedisServer, Server, messages_of, token, wait_for
-from test_api import KEY, request, start_api
+from support.api import KEY, request, start_api, status_json
+from support.redis import RedisServer
+from support.server import Server, messages_of, token
+from support.waiting import wait_for
 from websockets.sync.client import ClientConnection, connect
 
 from fastfan import status
@@ -42,16 +44,6 @@ def subscriber(clients: ExitStack, server: Server, channel: str) -> ClientConnec
     client.send(json.dumps({"type": "subscribe", "channel": channel}))
     assert messages_of(client, 1)[0]["type"] == "subscribed"
     return client
-
-
-def status_json(port: int, query: str = "", headers: dict[str, str] | None = None
-                ) -> dict[str, Any]:
-    code, answer_headers, body = request("127.0.0.1", port, "GET", "/status.json" + query,
-                                         headers=headers)
-    assert code == 200, body
-    assert answer_headers["Content-Type"] == "application/json"
-    assert answer_headers["Cache-Control"] == "no-store"
-    return json.loads(body)  # type: ignore[no-any-return]
 
 
 def total(document: dict[str, Any], name: str) -> float:

@@ -12,8 +12,9 @@ import os
 import signal
 from typing import Any
 
-from conftest import RedisServer, one_per_worker
-from wire import RawClient
+from support.redis import RedisServer
+from support.wire import RawClient
+from support.workers import one_per_worker
 
 ROUNDS = 150
 

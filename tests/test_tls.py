@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, messages_of, token
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_autobahn import COMPRESSION_SAMPLE, failures, run_cases
+from support.autobahn import COMPRESSION_SAMPLE, failures, run_cases
+from support.server import Server, messages_of, token
+from support.waiting import wait_for
 from websockets.sync.client import connect as websocket_connect
 
 
@@ -137,12 +138,8 @@ def test_a_slow_consumer_over_tls_is_disconnected_past_max_buffer(start_tls: Any
             fast.send(json.dumps({"type": "publish", "channel": "flood", "data": "w" * 4000}))
         fast.send(json.dumps({"type": "ping", "id": 1}))
         assert messages_of(fast)[-1]["type"] == "pong"
-        metrics: dict[str, float] = {}
-        for _ in range(100):
-            metrics = server.metrics()
-            if metrics.get("fastfan_slow_consumers_disconnected_total"):
-                break
-            asyncio.run(asyncio.sleep(0.1))
+        metrics = wait_for(lambda: (m := server.metrics()).get(
+            "fastfan_slow_consumers_disconnected_total") and m)
     assert metrics["fastfan_slow_consumers_disconnected_total"] == 1
 
 

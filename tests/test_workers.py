@@ -10,24 +10,11 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Server, children, loadgen, process_holding, process_state, token, wait_for
-from wire import CLOSE, RawClient
-
-
-def spread(server: Server, channel: str, per_worker: int) -> dict[int, list[RawClient]]:
-    """Subscribers until every worker holds `per_worker` of them; keyed by worker pid."""
-    workers = children(server.process.pid)
-    placed: dict[int, list[RawClient]] = {pid: [] for pid in workers}
-    for _ in range(60 * len(workers)):
-        if all(len(clients) >= per_worker for clients in placed.values()):
-            break
-        client = server.connect().subscribe(channel)
-        pid = process_holding(client.sock.getsockname()[1], workers)
-        assert pid is not None
-        placed[pid].append(client)
-    assert all(len(clients) >= per_worker for clients in placed.values()), placed
-    time.sleep(0.3)  # let every worker hear of the others' new channel
-    return placed
+from support.processes import children, loadgen, process_state
+from support.server import token
+from support.waiting import wait_for
+from support.wire import CLOSE, RawClient
+from support.workers import every, place, worker_of
 
 
 def received(client: RawClient, count: int) -> list[Any]:
@@ -37,7 +24,7 @@ def received(client: RawClient, count: int) -> list[Any]:
 def test_connections_spread_and_messages_cross_workers(start_server: Any) -> None:
     server = start_server("--workers", "3")
     assert len(children(server.process.pid)) == 3
-    placed = spread(server, "cross", per_worker=2)
+    placed = place(server, 2, channels=("cross",))
     publisher = server.connect()
     for i in range(300):
         publisher.publish("cross", i)
@@ -52,9 +39,9 @@ def test_connections_spread_and_messages_cross_workers(start_server: Any) -> Non
 
 def test_kill_9_of_a_worker_leaves_the_others_serving(start_server: Any) -> None:
     server = start_server("--workers", "3")
-    placed = spread(server, "live", per_worker=2)
+    placed = place(server, 2, channels=("live",))
     publisher = server.connect()
-    publisher_pid = process_holding(publisher.sock.getsockname()[1], list(placed))
+    publisher_pid = worker_of(server, publisher, list(placed))
     victim = next(pid for pid in placed if pid != publisher_pid)
     for i in range(200):
         publisher.publish("live", i)
@@ -74,14 +61,7 @@ def test_kill_9_of_a_worker_leaves_the_others_serving(start_server: Any) -> None
     assert len(children(server.process.pid)) == 3
     assert wait_for(lambda: server.metrics()["fastfan_worker_restarts_total"] == 1)
     # The replacement joins the bus: its new subscribers hear the old publisher.
-    for _ in range(100):
-        newcomer = server.connect().subscribe("live")
-        if process_holding(newcomer.sock.getsockname()[1], [replacement]):
-            break
-        newcomer.close()
-    else:
-        pytest.fail("no connection landed on the restarted worker")
-    time.sleep(0.3)
+    (newcomer,) = every(place(server, channels=("live",), workers=[replacement]))
     publisher.publish("live", "after")
     assert newcomer.recv_json()["data"] == "after"
 
@@ -106,7 +86,7 @@ def test_sigterm_closes_clients_on_every_worker_and_the_master_exits_last(
         start_server: Any) -> None:
     server = start_server("--workers", "2")
     workers = children(server.process.pid)
-    placed = spread(server, "bye", per_worker=2)
+    placed = place(server, 2, channels=("bye",))
     server.process.send_signal(signal.SIGTERM)
     for clients in placed.values():
         for client in clients:
