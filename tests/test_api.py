@@ -37,6 +37,7 @@ def subscriber(clients: ExitStack, server: Server, channel: str) -> ClientConnec
     return client
 
 
+@pytest.mark.slow
 def test_calls_need_the_key_in_an_apikey_header(start_server: Any) -> None:
     server, port = start_api(start_server)
     wrong_ones: list[dict[str, str]] = [
@@ -52,6 +53,7 @@ def test_calls_need_the_key_in_an_apikey_header(start_server: Any) -> None:
     assert server.get("/api/publish")[0] == 404
 
 
+@pytest.mark.slow
 def test_unknown_methods_404(start_server: Any) -> None:
     _, port = start_api(start_server)
     status, answer = call(port, "frobnicate")
@@ -75,6 +77,7 @@ BAD_BODIES = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_publish_bodies_get_400_and_publish_nothing(
         start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
@@ -87,6 +90,7 @@ def test_bad_publish_bodies_get_400_and_publish_nothing(
     assert messages_of(client, 1)[0]["data"] == "after"  # nothing came before it
 
 
+@pytest.mark.slow
 def test_too_large_bodies_get_413_and_bad_http_400(start_server: Any) -> None:
     _, port = start_api(start_server, "--max-message-size", "1000")
     big = json.dumps({"channel": "c", "data": "x" * 100_000}).encode()
@@ -110,6 +114,7 @@ def test_too_large_bodies_get_413_and_bad_http_400(start_server: Any) -> None:
     assert status == 431
 
 
+@pytest.mark.slow
 def test_publish_reaches_subscribers_from_api_with_data_byte_for_byte(
         start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
@@ -128,6 +133,7 @@ def test_publish_reaches_subscribers_from_api_with_data_byte_for_byte(
         other.recv(timeout=0.3)
 
 
+@pytest.mark.slow
 def test_broadcast_sends_one_message_to_each_channel(start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
     subscribers = {channel: subscriber(clients, server, channel) for channel in "abc"}
@@ -145,6 +151,7 @@ def test_broadcast_sends_one_message_to_each_channel(start_server: Any, clients:
         subscribers["a"].recv(timeout=0.3)  # a list with a bad name publishes to none of it
 
 
+@pytest.mark.slow
 def test_publish_reaches_subscribers_on_every_worker(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
     workers = server.workers()
@@ -188,6 +195,7 @@ def api_data(client: RawClient, count: int) -> list[Any]:
     return found
 
 
+@pytest.mark.slow
 def test_publish_through_redis_and_503_while_it_is_down(
         start_server: Any, redis_server: RedisServer, clients: ExitStack) -> None:
     server, port = start_api(start_server, "--redis", redis_server.url)
@@ -222,6 +230,7 @@ def test_one_connection_serves_many_requests(start_server: Any, clients: ExitSta
     assert [m["data"] for m in messages_of(client, 5)] == list(range(5))
 
 
+@pytest.mark.slow
 def test_pipelined_requests_are_answered_in_order(start_server: Any) -> None:
     _, port = start_api(start_server)
     body = b'{"channel":"p","data":1}'
@@ -256,6 +265,7 @@ def test_pipelined_requests_are_answered_in_order(start_server: Any) -> None:
     assert answered == many
 
 
+@pytest.mark.slow
 def test_metrics_on_the_api_port_and_off_the_public_one(
         start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
@@ -326,6 +336,7 @@ def test_api_options_come_together_or_exit_2(args: list[str], words: list[str]) 
         assert word in reason
 
 
+@pytest.mark.slow
 def test_the_key_from_a_file_or_the_environment(start_server: Any, tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
@@ -340,6 +351,7 @@ def test_the_key_from_a_file_or_the_environment(start_server: Any, tmp_path: Pat
     assert call(env_port, "info")[0] == 200
 
 
+@pytest.mark.slow
 def test_fastfan_publish_from_a_shell(start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
     client = subscriber(clients, server, "shell")

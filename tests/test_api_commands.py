@@ -47,6 +47,7 @@ def by_client(data: dict[str, Any]) -> dict[str, Any]:
 
 # disconnect ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_disconnect_closes_the_users_connections_on_every_worker(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
     alice = place(server, 2, "alice", ("room",))
@@ -72,6 +73,7 @@ def test_disconnect_closes_the_users_connections_on_every_worker(start_server: A
         assert alive(client)
 
 
+@pytest.mark.slow
 def test_disconnect_of_a_user_with_a_long_name_crosses_the_bus(start_server: Any) -> None:
     # A name near a token's length makes a bus record longer than the largest message.
     server, port = start_api(start_server, "--workers", "2", "--max-message-size", "1000")
@@ -86,6 +88,7 @@ def test_disconnect_of_a_user_with_a_long_name_crosses_the_bus(start_server: Any
     assert "dropped the connection" not in server.log()
 
 
+@pytest.mark.slow
 def test_disconnect_through_redis_reaches_every_node(
         start_server: Any, redis_server: RedisServer) -> None:
     near, port = start_api(start_server, "--redis", redis_server.url)
@@ -114,6 +117,7 @@ def unsubscribed(channel: str) -> dict[str, str]:
     return {"type": "unsubscribed", "channel": channel, "reason": "server"}
 
 
+@pytest.mark.slow
 def test_unsubscribe_ends_the_users_subscriptions_on_every_worker(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
     alice = place(server, 2, "alice", ("room", "other"), options={"joinLeave": True})
@@ -148,6 +152,7 @@ def test_unsubscribe_ends_the_users_subscriptions_on_every_worker(start_server: 
              timeout=2)
 
 
+@pytest.mark.slow
 def test_unsubscribe_through_redis_reaches_every_node(
         start_server: Any, redis_server: RedisServer) -> None:
     near, port = start_api(start_server, "--redis", redis_server.url)
@@ -166,6 +171,7 @@ def test_unsubscribe_through_redis_reaches_every_node(
         assert quiet(client)
 
 
+@pytest.mark.slow
 def test_unsubscribe_of_a_channel_the_user_is_not_in_does_nothing(
         start_server: Any) -> None:
     server, port = start_api(start_server)
@@ -180,6 +186,7 @@ def test_unsubscribe_of_a_channel_the_user_is_not_in_does_nothing(
 
 # presence -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_presence_through_the_api_is_the_websockets(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
     members = [*every(place(server, 2, "alice", ("room",))),
@@ -193,6 +200,7 @@ def test_presence_through_the_api_is_the_websockets(start_server: Any) -> None:
     assert api_presence(port, "empty") == {"count": 0, "users": 0, "clients": []}
 
 
+@pytest.mark.slow
 def test_presence_through_the_api_across_nodes(
         start_server: Any, redis_server: RedisServer) -> None:
     near, port = start_api(start_server, "--redis", redis_server.url, "--presence-limit", "2")
@@ -213,6 +221,7 @@ def test_presence_through_the_api_across_nodes(
              timeout=2)
 
 
+@pytest.mark.slow
 def test_presence_needs_a_presence_channel(start_server: Any) -> None:
     _, port = start_api(start_server, "--presence-channels", "room")
     status, answer = call(port, "presence", {"channel": "other"})
@@ -241,6 +250,7 @@ BAD_BODIES = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_bodies_get_400_and_do_nothing(start_server: Any) -> None:
     server, port = start_api(start_server)
     alice = server.connect("alice").subscribe("room")
@@ -253,6 +263,7 @@ def test_bad_bodies_get_400_and_do_nothing(start_server: Any) -> None:
 
 
 @pytest.mark.parametrize("method", ["disconnect", "unsubscribe"])
+@pytest.mark.slow
 def test_commands_need_the_key(start_server: Any, method: str) -> None:
     server, port = start_api(start_server)
     alice = server.connect("alice").subscribe("room")
@@ -263,6 +274,7 @@ def test_commands_need_the_key(start_server: Any, method: str) -> None:
     assert alive(alice)
 
 
+@pytest.mark.slow
 def test_a_command_from_redis_that_is_not_one_is_dropped(
         start_server: Any, redis_server: RedisServer) -> None:
     server = start_server("--redis", redis_server.url)

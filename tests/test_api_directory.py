@@ -8,6 +8,7 @@ import signal
 import time
 from typing import Any
 
+import pytest
 from support.api import (
     assert_error,
     call,
@@ -24,6 +25,7 @@ from support.waiting import wait_for
 from support.workers import every, place
 
 
+@pytest.mark.slow
 def test_channels_and_info_add_up_every_worker(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
     alice = place(server, 2, "alice", ("room.1", "lobby"))  # both channels on both workers
@@ -45,6 +47,7 @@ def test_channels_and_info_add_up_every_worker(start_server: Any) -> None:
     wait_for(lambda: "room.2" not in channels(port))
 
 
+@pytest.mark.slow
 def test_a_worker_killed_owes_no_answer(start_server: Any) -> None:
     """A worker that dies takes its subscribers out of `channels` (it owes no answer), and
     its replacement answers again."""
@@ -69,6 +72,7 @@ def test_a_worker_killed_owes_no_answer(start_server: Any) -> None:
         assert channels(port) == expected
 
 
+@pytest.mark.slow
 def test_the_status_page_lists_the_busiest_channels_of_every_worker(
         start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
@@ -82,6 +86,7 @@ def test_the_status_page_lists_the_busiest_channels_of_every_worker(
     bob.close()
 
 
+@pytest.mark.slow
 def test_a_bad_channels_body_is_400(start_server: Any) -> None:
     _, port = start_api(start_server, "--workers", "2")
     for body in (b"[", b'{"pattern":3}', b"[]"):
@@ -92,6 +97,7 @@ def test_a_bad_channels_body_is_400(start_server: Any) -> None:
     assert status == 400
 
 
+@pytest.mark.slow
 def test_channels_and_info_across_nodes(start_server: Any, redis_server: RedisServer) -> None:
     near, port, far, far_count, alice = two_nodes_add_up(start_server, redis_server.url)
     # The far node dies without a word (master and workers killed): it leaves `info`
@@ -111,6 +117,7 @@ def test_channels_and_info_across_nodes(start_server: Any, redis_server: RedisSe
     alice.close()
 
 
+@pytest.mark.slow
 def test_a_node_that_stops_leaves_info_at_once(
         start_server: Any, redis_server: RedisServer) -> None:
     near, port = start_api(start_server, "--redis", redis_server.url)

@@ -82,6 +82,7 @@ def test_auth_failures_are_counted(server: Server) -> None:
     assert server.metrics()["fastfan_auth_failures_total"] == 3
 
 
+@pytest.mark.slow
 def test_token_expiring_while_connected_closes_4001(server: Server) -> None:
     short = jwt.encode({"sub": "brief", "exp": int(time.time()) + 2}, SECRET, "HS256")
     client = RawClient(server.host, server.port, "/", {"Authorization": f"Bearer {short}"},

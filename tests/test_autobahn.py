@@ -10,6 +10,8 @@ import pytest
 from support.autobahn import COMPRESSION_SAMPLE, failures, run_cases
 from support.server import token
 
+pytestmark = pytest.mark.slow  # hundreds of Autobahn cases, minutes
+
 
 @pytest.fixture
 def echo_url(start_server: Any) -> str:

@@ -19,6 +19,8 @@ from support.redis import RedisServer
 from support.server import Server, kill, kill_and_restart, messages_of, restart, token
 from support.waiting import wait_for
 
+pytestmark = pytest.mark.slow  # real browsers, and Node
+
 SCRIPT = Path(__file__).parent.parent / "fastfan" / "fastfan.js"
 NODE = "node"
 node_only = pytest.mark.skipif(shutil.which(NODE) is None, reason="node is not on PATH")

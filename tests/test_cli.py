@@ -50,6 +50,7 @@ def test_run_without_secret_or_insecure_refuses_and_says_how() -> None:
     (["--tls-cert", "no.pem", "--tls-key", "no.pem"], ["cannot load --tls-cert no.pem"]),
     (["--frobnicate"], ["--frobnicate"]),
 ])
+@pytest.mark.slow
 def test_bad_options_are_one_clear_line_and_exit_2(args: list[str], words: list[str]) -> None:
     assert_usage_error(fastfan("run", "--insecure", *args), *words)
 
@@ -63,6 +64,7 @@ def test_no_command_is_a_usage_error() -> None:
     assert_usage_error(fastfan())
 
 
+@pytest.mark.slow
 def test_environment_configures_and_flags_win(start_server: Any) -> None:
     port = free_port()
     server = start_server("--max-message-size", "100", secret=None,

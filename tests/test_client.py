@@ -159,6 +159,7 @@ def test_after_the_server_is_killed_and_restarted_the_client_resubscribes(server
     run(test())
 
 
+@pytest.mark.slow
 def test_a_subscription_refused_with_503_after_a_reconnect_is_asked_for_again(
         start_server: Any, redis_server: RedisServer) -> None:
     """After a reconnect the history read of the client's subscribe fails (the channel's
@@ -198,6 +199,7 @@ def test_a_subscription_refused_with_503_after_a_reconnect_is_asked_for_again(
     run(test(), timeout=60)
 
 
+@pytest.mark.slow
 def test_recovers_exactly_what_was_published_while_its_server_was_down(
         start_server: Any, redis_server: RedisServer) -> None:
     options = ("--redis", redis_server.url, "--history-size", "100")
@@ -229,6 +231,7 @@ def test_recovers_exactly_what_was_published_while_its_server_was_down(
     run(test(), timeout=60)
 
 
+@pytest.mark.slow
 def test_a_short_token_refreshed_through_get_token_keeps_the_connection(server: Server) -> None:
     async def test() -> None:
         fetched = 0

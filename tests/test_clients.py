@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from support.server import Server, messages_of, token
 
@@ -58,6 +59,7 @@ def test_node_ws_client_written_for_the_seed(server: Server) -> None:
     assert report["closeCode"] == 1000
 
 
+@pytest.mark.slow
 def test_node_ws_client_sees_join_leave_presence_and_stats(start_server: Any) -> None:
     """The seed's connection manager from a Node `ws` client, across two workers."""
     server = start_server("--workers", "2")
@@ -87,6 +89,7 @@ def test_node_ws_client_sees_join_leave_presence_and_stats(start_server: Any) ->
     assert report["closeCode"] == 1000
 
 
+@pytest.mark.slow
 def test_headless_chromium_connects_with_a_query_token(server: Server) -> None:
     page = (JS / "browser_client.html").as_uri()
     query = f"?server={server.url()}&token={token('browser', publish=['browser.*'])}"

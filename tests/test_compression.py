@@ -55,6 +55,7 @@ def test_the_offer_is_answered_with_no_context_takeover(
     assert client.headers.get("sec-websocket-extensions") == answer
 
 
+@pytest.mark.slow
 def test_without_an_offer_or_with_compression_off_the_bytes_are_todays(
         start_server: Any) -> None:
     on, off = start_server(), start_server("--compression", "off")
@@ -199,6 +200,7 @@ def test_node_ws_with_per_message_deflate(server: Server) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (./dev test installs it)")
+@pytest.mark.slow
 def test_chromium_compresses_both_ways(server: Server) -> None:
     url = server.url(token=token("chromium"))
     with Browser.showing("about:blank") as page:

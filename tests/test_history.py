@@ -22,6 +22,7 @@ from support.wire import RawClient
 from support.workers import every, one_per_worker, place
 
 
+@pytest.mark.slow
 def test_messages_carry_offsets_and_epochs_and_replies_the_position(server_with: Any) -> None:
     server = server_with("--history-size", "3")
     client = server.connect()
@@ -65,6 +66,7 @@ def server_with(start_server: Any) -> Any:
     return start_server
 
 
+@pytest.mark.slow
 def test_bad_input(server_with: Any) -> None:
     server = server_with("--history-size", "10", "--history-channels", "h.*")
     client = server.connect()
@@ -96,6 +98,7 @@ def test_bad_input(server_with: Any) -> None:
     assert limited.recv_json()["code"] == 403
 
 
+@pytest.mark.slow
 def test_one_order_across_workers(server_with: Any) -> None:
     server = server_with("--workers", "2", *HISTORY)
     first, second = one_per_worker(server).values()
@@ -103,6 +106,7 @@ def test_one_order_across_workers(server_with: Any) -> None:
     interleaved([first, second], [third, fourth], "orders", 300)
 
 
+@pytest.mark.slow
 def test_one_order_across_nodes(server_with: Any, redis_server: RedisServer) -> None:
     near = server_with("--redis", redis_server.url, *HISTORY)
     far = server_with("--redis", redis_server.url, *HISTORY)
@@ -112,6 +116,7 @@ def test_one_order_across_nodes(server_with: Any, redis_server: RedisServer) -> 
                 300)
 
 
+@pytest.mark.slow
 def test_recovery_on_another_worker(server_with: Any) -> None:
     server = server_with("--workers", "2", *HISTORY)
     held = one_per_worker(server)
@@ -124,6 +129,7 @@ def test_recovery_on_another_worker(server_with: Any) -> None:
     drop_and_recover(server, first, on_the_other_worker)
 
 
+@pytest.mark.slow
 def test_recovery_on_another_node(server_with: Any, redis_server: RedisServer) -> None:
     near = server_with("--redis", redis_server.url, *HISTORY)
     far = server_with("--redis", redis_server.url, *HISTORY)
@@ -132,6 +138,7 @@ def test_recovery_on_another_node(server_with: Any, redis_server: RedisServer) -
     drop_and_recover(near, near.connect(), far.connect)
 
 
+@pytest.mark.slow
 def test_history_survives_fastfan_restarts(server_with: Any, redis_server: RedisServer) -> None:
     server = server_with("--redis", redis_server.url, "--history-size", "10")
     server.wait_ready()
@@ -150,6 +157,7 @@ def test_history_survives_fastfan_restarts(server_with: Any, redis_server: Redis
     assert [message["data"] for message in collect(again, 0.5)] == [2, 3, 4]
 
 
+@pytest.mark.slow
 def test_redis_flushed_means_a_new_epoch(server_with: Any, redis_server: RedisServer) -> None:
     server = server_with("--redis", redis_server.url, "--history-size", "10")
     server.wait_ready()
@@ -175,6 +183,7 @@ def test_redis_flushed_means_a_new_epoch(server_with: Any, redis_server: RedisSe
         "recovered"] is False
 
 
+@pytest.mark.slow
 def test_a_dead_owner_costs_a_new_epoch(server_with: Any) -> None:
     server = server_with("--workers", "2", "--history-size", "10")
     first, second = one_per_worker(server).values()
@@ -210,6 +219,7 @@ def test_a_dead_owner_costs_a_new_epoch(server_with: Any) -> None:
     assert answer["recovered"] is False and answer["epoch"] != reply["epoch"]
 
 
+@pytest.mark.slow
 def test_expired_messages_keep_the_offsets(server_with: Any,
                                            redis_server: RedisServer) -> None:
     for extra in ((), ("--redis", redis_server.url)):
@@ -238,6 +248,7 @@ def test_expired_messages_keep_the_offsets(server_with: Any,
         server.stop()
 
 
+@pytest.mark.slow
 def test_bare_redis_publish_does_not_break_the_offsets(server_with: Any,
                                                        redis_server: RedisServer) -> None:
     server = server_with("--redis", redis_server.url, "--history-size", "10")

@@ -216,6 +216,7 @@ def test_jwks_picks_keys_by_kid_and_takes_a_new_one_after_a_refetch(
     assert outcome(server, mint(first, "RS256", kid="k1"))[0] == 101
 
 
+@pytest.mark.slow
 def test_jwks_down_keeps_the_keys_known(start_server: Any,
                                         jwks_servers: list[Jwks]) -> None:
     key = KEY_TYPES["EdDSA"]()
@@ -247,6 +248,7 @@ def test_a_flood_of_unknown_kids_fetches_at_most_once_per_10s(
     assert jwks.fetches == 2
 
 
+@pytest.mark.slow
 def test_a_jwks_down_at_start_is_fetched_when_it_comes_back(
         start_server: Any, jwks_servers: list[Jwks]) -> None:
     key = KEY_TYPES["RS256"]()

@@ -31,6 +31,7 @@ def joining(server: Server, user: str, channel: str = "room") -> tuple[RawClient
 
 
 @pytest.mark.parametrize("bus", ["one worker", "two workers", "redis"])
+@pytest.mark.slow
 def test_watchers_see_others_join_and_leave_in_order(start_server: Any, tmp_path: Any,
                                                      bus: str) -> None:
     redis = RedisServer(tmp_path / "redis.log") if bus == "redis" else None
@@ -92,6 +93,7 @@ def test_join_leave_must_be_a_boolean(server: Server) -> None:
     wait_for(lambda: server.metrics()["fastfan_subscriptions"] == 0)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_clients_leave(start_server: Any) -> None:
     server = start_server("--workers", "2")
     workers = children(server.process.pid)
@@ -148,6 +150,7 @@ def node_watched_from_another(start_server: Any, redis: RedisServer, *args: str
     return near, watch, gone, gone_id
 
 
+@pytest.mark.slow
 def test_a_dead_node_s_clients_leave_within_the_presence_ttl(
         start_server: Any, redis_server: RedisServer) -> None:
     near, watch, _gone, gone_id = node_watched_from_another(
@@ -159,6 +162,7 @@ def test_a_dead_node_s_clients_leave_within_the_presence_ttl(
                      "data": {"clientId": gone_id, "user": "gone"}}
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_clients_leave_through_redis_at_once(
         start_server: Any, redis_server: RedisServer) -> None:
     """The master knows: the replacement worker clears its predecessor's clients from

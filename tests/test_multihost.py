@@ -50,7 +50,8 @@ def why_not() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(why_not() is not None, reason=str(why_not()))
+pytestmark = [pytest.mark.slow,  # network namespaces and lossy links
+              pytest.mark.skipif(why_not() is not None, reason=str(why_not()))]
 
 
 class Hosts:

@@ -9,6 +9,7 @@ import signal
 import threading
 from typing import Any
 
+import pytest
 from support.processes import children
 from support.redis import RedisServer
 from support.server import Server
@@ -50,6 +51,7 @@ def received(client: RawClient, until: int) -> list[int]:
     return got
 
 
+@pytest.mark.slow
 def test_a_worker_killed_elsewhere_loses_nothing_acknowledged(start_server: Any) -> None:
     server = start_server("--workers", "3")
     workers = children(server.process.pid)
@@ -70,6 +72,7 @@ def test_a_worker_killed_elsewhere_loses_nothing_acknowledged(start_server: Any)
         assert set(acked) - set(received(client, 299)) == set()
 
 
+@pytest.mark.slow
 def test_a_slow_consumer_cut_off_costs_the_others_nothing(start_server: Any) -> None:
     server = start_server("--max-buffer", str(64 << 10), "--publish-rate", "100000")
     stalled = connect(server, receive_buffer=4096).subscribe("wide")
@@ -96,6 +99,7 @@ class Reader(threading.Thread):
             self.got.append(self.client.recv_json()["data"][0])
 
 
+@pytest.mark.slow
 def test_a_redis_restart_refuses_what_it_cannot_carry_and_delivers_the_rest(
         start_server: Any, redis_server: RedisServer) -> None:
     nodes = [start_server("--redis", redis_server.url) for _ in range(2)]
@@ -132,6 +136,7 @@ def test_a_redis_restart_refuses_what_it_cannot_carry_and_delivers_the_rest(
         assert seen == sorted(seen)
 
 
+@pytest.mark.slow
 def test_a_pipeline_redis_cuts_off_costs_its_publishes_alone(
         start_server: Any, redis_server: RedisServer) -> None:
     """Redis closes the publishing connection of a pipeline in flight (CLIENT KILL while a
@@ -164,6 +169,7 @@ def paused_publishes(redis: RedisServer) -> list[str]:
             if re.search(r" flags=b .* cmd=publish ", line)]
 
 
+@pytest.mark.slow
 def test_publishing_connections_redis_closed_while_idle_cost_no_publish(
         start_server: Any, redis_server: RedisServer) -> None:
     """Redis closes the pooled publishing connections while they are idle (as a restart

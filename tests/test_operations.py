@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.server import Server, token
 from support.waiting import wait_for
@@ -74,6 +75,7 @@ def test_the_1025th_subscription_is_refused_by_default(server: Server) -> None:
     assert server.metrics()["fastfan_subscriptions"] == 1024
 
 
+@pytest.mark.slow
 def test_json_logs_and_the_per_minute_stats_line(start_server: Any) -> None:
     server = start_server("--log-format", "json", "--stats-interval", "0.5", "--workers", "2")
     clients = [server.connect() for _ in range(20)]

@@ -168,6 +168,7 @@ def test_subscribing_twice_holds_one_subscription(server: Server) -> None:
         assert request(ws, {"type": "ping"}) == {"type": "pong"}
 
 
+@pytest.mark.slow
 def test_subscription_limit_answers_429(start_server: Any) -> None:
     server = start_server("--max-subscriptions", "3")
     with server.websocket() as ws:
@@ -198,6 +199,7 @@ def test_empty_permission_lists_allow_nothing(server: Server) -> None:
         assert request(ws, {"type": "publish", "channel": "a", "data": 1})["code"] == 403
 
 
+@pytest.mark.slow
 def test_publish_rate_limit_answers_429_then_closes_4029(start_server: Any) -> None:
     server = start_server("--publish-rate", "10")
     with server.websocket() as ws:

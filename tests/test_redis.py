@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from support.messages import publish
 from support.redis import RedisServer
 from support.server import Server
@@ -22,6 +23,7 @@ def node_on(redis: RedisServer, start_server: Any, *args: str) -> Server:
     return node
 
 
+@pytest.mark.slow
 def test_two_nodes_deliver_to_each_others_subscribers_in_order(
         start_server: Any, redis_server: RedisServer) -> None:
     first = node_on(redis_server, start_server)
@@ -37,6 +39,7 @@ def test_two_nodes_deliver_to_each_others_subscribers_in_order(
         publisher.close()
 
 
+@pytest.mark.slow
 def test_one_redis_subscription_per_channel_dropped_with_the_last(
         start_server: Any, redis_server: RedisServer) -> None:
     node = node_on(redis_server, start_server)
@@ -62,6 +65,7 @@ def _subscribe_calls(redis: RedisServer) -> int:
     return int(found.group(1)) if found else 0
 
 
+@pytest.mark.slow
 def test_a_backend_publishes_through_redis(start_server: Any, redis_server: RedisServer) -> None:
     node = node_on(redis_server, start_server)
     client = node.connect().subscribe("news")
@@ -87,6 +91,7 @@ def test_payloads_that_are_not_json_objects_are_dropped_and_counted(
     assert figures["fastfan_redis_up"] == 1
 
 
+@pytest.mark.slow
 def test_redis_restart_refuses_meanwhile_then_resumes(
         start_server: Any, redis_server: RedisServer) -> None:
     first, second = node_on(redis_server, start_server), node_on(redis_server, start_server)
@@ -120,6 +125,7 @@ def test_redis_restart_refuses_meanwhile_then_resumes(
     assert len(downs) == 1  # one line per change of state, not per retry
 
 
+@pytest.mark.slow
 def test_redis_unreachable_at_start(start_server: Any, tmp_path: Any) -> None:
     redis_port = free_port()
     node = start_server("--redis", f"redis://127.0.0.1:{redis_port}/0")
@@ -139,6 +145,7 @@ def test_redis_unreachable_at_start(start_server: Any, tmp_path: Any) -> None:
         redis.kill()
 
 
+@pytest.mark.slow
 def test_a_slow_redis_never_stalls_the_websocket_side(
         start_server: Any, redis_server: RedisServer) -> None:
     node = node_on(redis_server, start_server)

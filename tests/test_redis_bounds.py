@@ -8,6 +8,7 @@ import signal
 import threading
 from typing import Any
 
+import pytest
 from support.messages import publish
 from support.processes import children, peak_rss_kib
 from support.redis import RedisServer
@@ -18,6 +19,7 @@ PUBLISHES = 5000
 DATA = "x" * 60_000
 
 
+@pytest.mark.slow
 def test_a_stalled_redis_costs_bounded_memory_answers_503_and_recovers(
         start_server: Any, redis_server: RedisServer) -> None:
     node = start_server("--redis", redis_server.url, "--publish-rate", "100000")
@@ -55,6 +57,7 @@ def test_a_stalled_redis_costs_bounded_memory_answers_503_and_recovers(
     assert "Traceback" not in node.log()
 
 
+@pytest.mark.slow
 def test_a_backend_payload_with_invalid_utf8_is_dropped_and_counted(
         start_server: Any, redis_server: RedisServer) -> None:
     node = start_server("--redis", redis_server.url)

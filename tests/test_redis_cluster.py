@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis.crc import key_slot
 from support.api import call, channels, name_of, nodes, start_api, two_nodes_add_up
 from support.messages import (
@@ -25,6 +26,8 @@ from support.messages import (
 from support.redis import Cluster, cluster_ports, query
 from support.server import Server
 from support.waiting import assert_received_by_all, collect, wait_for
+
+pytestmark = pytest.mark.slow  # failovers that take the cluster seconds each
 
 
 def nodes_on(start_server: Any, cluster: Cluster, *args: str) -> list[Server]:

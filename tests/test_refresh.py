@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from support.server import token
 from support.wire import RawClient
 
@@ -40,6 +41,7 @@ def test_a_refused_refresh_leaves_the_connection_as_it_was(server: Any) -> None:
     assert client.recv_json()["data"]["channels"] == ["chat.lobby"]
 
 
+@pytest.mark.slow
 def test_refresh_before_expiry_keeps_the_connection_open(server: Any) -> None:
     def short_lived() -> RawClient:
         client = RawClient(server.host, server.port, f"/?token={token('dana', ttl=2)}")

@@ -176,6 +176,7 @@ def test_echo_path_echoes_text_and_binary(start_server: Any) -> None:
     assert_closed_with(client, 1009)
 
 
+@pytest.mark.slow
 def test_echo_path_needs_a_token(start_server: Any) -> None:
     server = start_server("--echo-path", "/echo")
     with pytest.raises(HandshakeRefusedError) as refused:

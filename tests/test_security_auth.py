@@ -189,6 +189,7 @@ def test_insecure_with_a_secret_refuses_to_start(args: list[str], env: dict[str,
 
 
 @pytest.mark.parametrize("command", [["run", "--port", "0"], ["token", "--sub", "alice"]])
+@pytest.mark.slow
 def test_a_secret_under_32_bytes_is_refused(command: list[str]) -> None:
     short = "s" * 31
     assert_one_line_refusal(fastfan(*command, "--jwt-secret", short), "31 bytes", "32",
@@ -197,6 +198,7 @@ def test_a_secret_under_32_bytes_is_refused(command: list[str]) -> None:
     assert len(SECRET.encode()) >= 32  # what the other tests' servers run with
 
 
+@pytest.mark.slow
 def test_secret_from_a_file(start_server: Any, tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
@@ -216,6 +218,7 @@ def test_secret_from_a_file(start_server: Any, tmp_path: Path) -> None:
     client.close()
 
 
+@pytest.mark.slow
 def test_secret_file_problems_are_one_line(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope")
     assert_one_line_refusal(fastfan("run", "--jwt-secret-file", missing), missing,
@@ -231,6 +234,7 @@ def test_secret_file_problems_are_one_line(tmp_path: Path) -> None:
                                     env={"FASTFAN_JWT_SECRET": SECRET}), "not both")
 
 
+@pytest.mark.slow
 def test_run_help_says_to_keep_the_secret_out_of_ps() -> None:
     result = fastfan("run", "--help")
     assert result.returncode == 0

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support.processes import children, peak_rss_kib
 from support.server import Server
 from support.waiting import wait_for
@@ -126,6 +127,7 @@ def crosses_workers(server: Server, workers: list[int], channel: str) -> None:
             assert (message["type"], message["data"]) == ("message", publisher_pid), message
 
 
+@pytest.mark.slow
 def test_another_user_cannot_reach_the_bus(start_server: Any) -> None:
     server = start_server("--workers", "2")
     workers = children(server.process.pid)
@@ -149,6 +151,7 @@ def test_another_user_cannot_reach_the_bus(start_server: Any) -> None:
         assert client.recv_json()["data"] == "real"
 
 
+@pytest.mark.slow
 def test_our_user_outside_the_server_is_refused_before_a_byte_is_read(
         start_server: Any) -> None:
     server = start_server("--workers", "2")
@@ -171,6 +174,7 @@ def test_our_user_outside_the_server_is_refused_before_a_byte_is_read(
         assert client.recv_json()["data"] == "real"
 
 
+@pytest.mark.slow
 def test_a_worker_that_breaks_the_framing_is_dropped_and_costs_nothing(
         start_server: Any, tmp_path: Path) -> None:
     site = tmp_path / "site"

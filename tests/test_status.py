@@ -30,12 +30,6 @@ ELSEWHERE = ["10.0.0.5", "192.168.1.20", "8.8.8.8", "::ffff:10.0.0.1", "2001:db8
              "fe80::1%eth0", "", "not an address", None]
 
 
-@pytest.fixture
-def clients() -> Iterator[ExitStack]:
-    with ExitStack() as stack:
-        yield stack
-
-
 def subscriber(clients: ExitStack, server: Server, channel: str) -> ClientConnection:
     """A subscriber to `channel` that queues what it does not read, however much: closing it
     does not wait behind a flood it never read."""
@@ -105,6 +99,7 @@ def test_the_page_runs_only_its_own_script() -> None:
 
 # The routes, end to end -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_status_and_its_json_answer_on_the_api_port_with_the_key_rule(
         start_server: Any) -> None:
     server, port = start_api(start_server)
@@ -128,6 +123,7 @@ def test_status_and_its_json_answer_on_the_api_port_with_the_key_rule(
     assert KEY not in server.log()
 
 
+@pytest.mark.slow
 def test_the_figures_follow_connections_and_messages(
         start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
@@ -153,6 +149,7 @@ def test_the_figures_follow_connections_and_messages(
     assert after["time"] > first["time"] and after["uptime"] >= 0
 
 
+@pytest.mark.slow
 def test_one_row_per_worker(start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server, "--workers", "2")
     for n in range(8):
@@ -163,6 +160,7 @@ def test_one_row_per_worker(start_server: Any, clients: ExitStack) -> None:
     assert sum(row["subscriptions"] for row in document["workers"]) == 8
 
 
+@pytest.mark.slow
 def test_redis_state(start_server: Any, redis_server: RedisServer) -> None:
     server, port = start_api(start_server, "--redis", redis_server.url)
     server.wait_ready()
@@ -241,6 +239,7 @@ def publishing(port: int, channel: str) -> Iterator[None]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (./dev test installs it)")
+@pytest.mark.slow
 def test_the_page_in_headless_chromium(
         start_server: Any, clients: ExitStack, tmp_path: Path) -> None:
     server, port = start_api(start_server)

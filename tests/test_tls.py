@@ -108,6 +108,7 @@ def test_wss_and_https_carry_small_large_and_compressed_frames(start_tls: Any) -
     assert received == {"deflate": texts, None: texts}
 
 
+@pytest.mark.slow
 def test_a_stream_larger_than_the_socket_buffers_arrives_whole_and_in_order(
         start_tls: Any) -> None:
     server = start_tls("--max-buffer", str(64 << 20))
@@ -125,6 +126,7 @@ def test_a_stream_larger_than_the_socket_buffers_arrives_whole_and_in_order(
     assert got == list(range(2000))
 
 
+@pytest.mark.slow
 def test_a_slow_consumer_over_tls_is_disconnected_past_max_buffer(start_tls: Any) -> None:
     server = start_tls("--max-buffer", "200000")
     with websocket_connect(server.url(token=token("slow")), ssl=server.context,
@@ -143,6 +145,7 @@ def test_a_slow_consumer_over_tls_is_disconnected_past_max_buffer(start_tls: Any
     assert metrics["fastfan_slow_consumers_disconnected_total"] == 1
 
 
+@pytest.mark.slow
 def test_a_plain_client_on_the_tls_port_fails_and_the_server_goes_on(start_tls: Any) -> None:
     server = start_tls()
     with socket.create_connection((server.host, server.port), timeout=5) as plain:
@@ -179,6 +182,7 @@ async def _tls_proxy(server: TlsServer) -> asyncio.Server:
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
+@pytest.mark.slow
 def test_autobahn_cases_pass_over_tls(start_tls: Any) -> None:
     server = start_tls("--echo-path", "/echo", "--max-message-size", str(17 << 20),
                        "--max-buffer", str(64 << 20), "--log-level", "warning")
@@ -198,6 +202,7 @@ def test_autobahn_cases_pass_over_tls(start_tls: Any) -> None:
     assert failures(results) == []
 
 
+@pytest.mark.slow
 def test_every_worker_serves_tls(start_tls: Any) -> None:
     server = start_tls("--workers", "2")
     prefixes = set()

@@ -21,6 +21,7 @@ def received(client: RawClient, count: int) -> list[Any]:
     return [client.recv_json()["data"] for _ in range(count)]
 
 
+@pytest.mark.slow
 def test_connections_spread_and_messages_cross_workers(start_server: Any) -> None:
     server = start_server("--workers", "3")
     assert len(children(server.process.pid)) == 3
@@ -37,6 +38,7 @@ def test_connections_spread_and_messages_cross_workers(start_server: Any) -> Non
              and m["fastfan_deliveries_total"] == 300 * (connections - 1))
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_worker_leaves_the_others_serving(start_server: Any) -> None:
     server = start_server("--workers", "3")
     placed = place(server, 2, channels=("live",))
@@ -66,6 +68,7 @@ def test_kill_9_of_a_worker_leaves_the_others_serving(start_server: Any) -> None
     assert newcomer.recv_json()["data"] == "after"
 
 
+@pytest.mark.slow
 def test_a_worker_that_keeps_dying_is_restarted_with_growing_backoff(start_server: Any) -> None:
     server = start_server("--workers", "1")
     gaps = []
@@ -82,6 +85,7 @@ def test_a_worker_that_keeps_dying_is_restarted_with_growing_backoff(start_serve
     server.wait_healthy()
 
 
+@pytest.mark.slow
 def test_sigterm_closes_clients_on_every_worker_and_the_master_exits_last(
         start_server: Any) -> None:
     server = start_server("--workers", "2")
@@ -106,6 +110,7 @@ def test_workers_exit_when_the_master_is_killed(start_server: Any) -> None:
     wait_for(lambda: all(process_state(pid)[0] in ("gone", "Z") for pid in workers), timeout=5)
 
 
+@pytest.mark.slow
 def test_many_connections_over_several_workers(start_server: Any) -> None:
     """A bounded run: 4,000 subscribers from the C load generator, two workers, no loss."""
     server = start_server("--workers", "2", "--publish-rate", "100000")
