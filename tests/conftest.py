@@ -47,6 +47,15 @@ def server(start_server: Any) -> Server:
     return start_server()
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One plain server for the tests of a module that each look only at their own
+    connection (a parametrized test's many cases): one start, not one per test."""
+    server = Server(tmp_path_factory.mktemp("shared") / "server.log")
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis.log")

@@ -43,10 +43,10 @@ BAD_TOKENS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_TOKENS))
-def test_bad_tokens_get_401_with_a_reason(server: Server, name: str) -> None:
+def test_bad_tokens_get_401_with_a_reason(shared_server: Server, name: str) -> None:
     bad, reason = BAD_TOKENS[name]
     headers = {"Authorization": f"Bearer {bad}"} if bad else None
-    refused = refusal(server, headers=headers)
+    refused = refusal(shared_server, headers=headers)
     assert refused.status == 401
     assert refused.headers["www-authenticate"] == "Bearer"
     body = refused.body.decode()

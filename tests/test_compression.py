@@ -50,8 +50,8 @@ def published(text: str) -> dict[str, Any]:
     ("x-webkit-deflate-frame", None),
 ])
 def test_the_offer_is_answered_with_no_context_takeover(
-        server: Server, offer: str, answer: str | None) -> None:
-    client = connect(server, "alice", {"Sec-WebSocket-Extensions": offer})
+        shared_server: Server, offer: str, answer: str | None) -> None:
+    client = connect(shared_server, "alice", {"Sec-WebSocket-Extensions": offer})
     assert client.headers.get("sec-websocket-extensions") == answer
 
 
@@ -162,12 +162,12 @@ def test_compressed_client_messages_are_inflated_whole_or_fragmented(server: Ser
     ([(TEXT, deflate(b"{}"), True, 0b010)], 1002),  # RSV2: no extension of ours uses it
 ])
 def test_what_does_not_inflate_within_the_limit_closes(
-        server: Server, frames: list[tuple[int, bytes, bool, int]], code: int) -> None:
-    client = connect(server, "alice", OFFER)
+        shared_server: Server, frames: list[tuple[int, bytes, bool, int]], code: int) -> None:
+    client = connect(shared_server, "alice", OFFER)
     for opcode, payload, fin, rsv in frames:
         client.send_frame(opcode, payload, fin=fin, rsv=rsv)
     assert client.recv_close()[0] == code
-    assert server.get("/health")[0] == 200
+    assert shared_server.get("/health")[0] == 200
 
 
 def test_rsv1_without_the_extension_is_a_protocol_error(server: Server) -> None:

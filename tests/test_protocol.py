@@ -135,9 +135,9 @@ def test_many_subscribers_each_get_every_message(server: Server) -> None:
     ("{\"type\":\"publish\",\"channel\":\"a b\",\"data\":1}", "invalid channel"),
     ("{\"type\":\"dance\"}", "unknown message type"),
 ])
-def test_bad_requests_get_400_and_the_connection_lives_on(server: Server, text: str,
+def test_bad_requests_get_400_and_the_connection_lives_on(shared_server: Server, text: str,
                                                           fragment: str) -> None:
-    with server.websocket() as ws:
+    with shared_server.websocket() as ws:
         error = request(ws, text)
         assert error["type"] == "error"
         assert error["code"] == 400

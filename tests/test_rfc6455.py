@@ -70,9 +70,10 @@ BAD_SEQUENCES = {
 
 
 @pytest.mark.parametrize("name", list(BAD_SEQUENCES))
-def test_bad_frame_sequences_close_with_the_contracts_code(server: Server, name: str) -> None:
+def test_bad_frame_sequences_close_with_the_contracts_code(shared_server: Server,
+                                                           name: str) -> None:
     frames, code = BAD_SEQUENCES[name]
-    client = server.connect()
+    client = shared_server.connect()
     for opcode, payload, fin, rsv in frames:
         client.send_frame(opcode, payload, fin=fin, rsv=rsv)
     assert_closed_with(client, code)
