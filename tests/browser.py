@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from conftest import wait_for
+from support.waiting import wait_for
+from support.wire import free_port
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
-from wire import free_port
 
 CHROMIUM = shutil.which("chromium")
 FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")

@@ -2,82 +2,31 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    RedisServer,
-    Server,
-    children,
-    free_port,
-    messages_of,
-    process_holding,
-    token,
-    wait_for,
-)
+from support.api import AUTH, KEY, answers, assert_error, call, request, start_api
+from support.processes import process_holding
+from support.redis import RedisServer
+from support.server import Server, messages_of, token
+from support.waiting import wait_for
+from support.wire import TEXT, RawClient, free_port
+from support.workers import place
 from websockets.sync.client import ClientConnection, connect
-from wire import TEXT, RawClient
 
-KEY = "api-key-for-tests-0123456789"
-AUTH = {"Authorization": f"apikey {KEY}"}
 AUTH_LINE = f"Authorization: apikey {KEY}\r\n".encode()
-
-
-def start_api(start_server: Any, *args: str, **kwargs: Any) -> tuple[Server, int]:
-    """A server with the API on a free port, once that port answers too."""
-    api_port = free_port()
-    server = start_server("--api-port", str(api_port), "--api-key", KEY, *args, **kwargs)
-    wait_for(lambda: _answers(server.host, api_port))
-    return server, api_port
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        return request(host, port, "GET", "/health")[0] == 200
-    except OSError:
-        return False
-
-
-def request(host: str, port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None,
-            conn: http.client.HTTPConnection | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request; on `conn` (kept open) when given, else on a connection of its own."""
-    own = conn is None
-    conn = conn or http.client.HTTPConnection(host, port, timeout=5)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        if own:
-            conn.close()
-
-
-def call(port: int, method: str, body: Any = None, *, raw: bytes | None = None,
-         headers: dict[str, str] | None = None,
-         conn: http.client.HTTPConnection | None = None) -> tuple[int, Any]:
-    """POST /api/METHOD with the key (unless `headers` says otherwise); status and JSON."""
-    data = raw if raw is not None else json.dumps(body if body is not None else {}).encode()
-    status, _, answer = request("127.0.0.1", port, "POST", f"/api/{method}", data,
-                                AUTH if headers is None else headers, conn)
-    return status, json.loads(answer)
-
-
-@pytest.fixture
-def clients() -> Iterator[ExitStack]:
-    """Closes every WebSocket client a test opened."""
-    with ExitStack() as stack:
-        yield stack
 
 
 def subscriber(clients: ExitStack, server: Server, channel: str) -> ClientConnection:
@@ -88,15 +37,7 @@ def subscriber(clients: ExitStack, server: Server, channel: str) -> ClientConnec
     return client
 
 
-def assert_error(answer: Any, code: int, *words: str) -> None:
-    assert set(answer) == {"error"}
-    assert answer["error"]["code"] == code
-    message = answer["error"]["message"]
-    assert "\n" not in message and "Traceback" not in message
-    for word in words:
-        assert word in message
-
-
+@pytest.mark.slow
 def test_calls_need_the_key_in_an_apikey_header(start_server: Any) -> None:
     server, port = start_api(start_server)
     wrong_ones: list[dict[str, str]] = [
@@ -112,6 +53,7 @@ def test_calls_need_the_key_in_an_apikey_header(start_server: Any) -> None:
     assert server.get("/api/publish")[0] == 404
 
 
+@pytest.mark.slow
 def test_unknown_methods_404(start_server: Any) -> None:
     _, port = start_api(start_server)
     status, answer = call(port, "frobnicate")
@@ -135,6 +77,7 @@ BAD_BODIES = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_publish_bodies_get_400_and_publish_nothing(
         start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
@@ -147,6 +90,7 @@ def test_bad_publish_bodies_get_400_and_publish_nothing(
     assert messages_of(client, 1)[0]["data"] == "after"  # nothing came before it
 
 
+@pytest.mark.slow
 def test_too_large_bodies_get_413_and_bad_http_400(start_server: Any) -> None:
     _, port = start_api(start_server, "--max-message-size", "1000")
     big = json.dumps({"channel": "c", "data": "x" * 100_000}).encode()
@@ -170,6 +114,7 @@ def test_too_large_bodies_get_413_and_bad_http_400(start_server: Any) -> None:
     assert status == 431
 
 
+@pytest.mark.slow
 def test_publish_reaches_subscribers_from_api_with_data_byte_for_byte(
         start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
@@ -188,6 +133,7 @@ def test_publish_reaches_subscribers_from_api_with_data_byte_for_byte(
         other.recv(timeout=0.3)
 
 
+@pytest.mark.slow
 def test_broadcast_sends_one_message_to_each_channel(start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
     subscribers = {channel: subscriber(clients, server, channel) for channel in "abc"}
@@ -205,23 +151,13 @@ def test_broadcast_sends_one_message_to_each_channel(start_server: Any, clients:
         subscribers["a"].recv(timeout=0.3)  # a list with a bad name publishes to none of it
 
 
+@pytest.mark.slow
 def test_publish_reaches_subscribers_on_every_worker(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
-    workers = children(server.process.pid)
+    workers = server.workers()
     assert len(workers) == 2
-    placed: dict[int, list[RawClient]] = {pid: [] for pid in workers}
-    for _ in range(60):
-        if all(len(clients) >= 2 for clients in placed.values()):
-            break
-        client = RawClient(server.host, server.port, f"/?token={token()}")
-        client.recv_json()
-        client.send_json({"type": "subscribe", "channel": "everywhere"})
-        assert client.recv_json()["type"] == "subscribed"
-        pid = process_holding(client.sock.getsockname()[1], workers)
-        assert pid is not None
-        placed[pid].append(client)
-    assert all(len(clients) >= 2 for clients in placed.values()), placed
-    time.sleep(0.3)  # let each worker hear of the other's new channel
+    # (`subscribed` promises that a publish on any worker from then on reaches them)
+    placed = place(server, 2, channels=("everywhere",))
     # Each connection lands on whichever worker the kernel picks: call until both answered.
     answered_by: set[int | None] = set()
     sent = 0
@@ -259,6 +195,7 @@ def api_data(client: RawClient, count: int) -> list[Any]:
     return found
 
 
+@pytest.mark.slow
 def test_publish_through_redis_and_503_while_it_is_down(
         start_server: Any, redis_server: RedisServer, clients: ExitStack) -> None:
     server, port = start_api(start_server, "--redis", redis_server.url)
@@ -293,6 +230,7 @@ def test_one_connection_serves_many_requests(start_server: Any, clients: ExitSta
     assert [m["data"] for m in messages_of(client, 5)] == list(range(5))
 
 
+@pytest.mark.slow
 def test_pipelined_requests_are_answered_in_order(start_server: Any) -> None:
     _, port = start_api(start_server)
     body = b'{"channel":"p","data":1}'
@@ -316,7 +254,8 @@ def test_pipelined_requests_are_answered_in_order(start_server: Any) -> None:
         sock.settimeout(5)
         sock.connect(("127.0.0.1", port))
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * many)
-        time.sleep(0.5)
+        # until the answers fill our small window: the server's writes wait on us
+        wait_for(lambda: unread_bytes(sock) >= 2048)
         answered, tail = 0, b""
         while answered < many:
             chunk = tail + sock.recv(1 << 20)
@@ -326,6 +265,7 @@ def test_pipelined_requests_are_answered_in_order(start_server: Any) -> None:
     assert answered == many
 
 
+@pytest.mark.slow
 def test_metrics_on_the_api_port_and_off_the_public_one(
         start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
@@ -364,6 +304,11 @@ def test_channels_and_info(start_server: Any, clients: ExitStack) -> None:
     assert 0 <= node["uptime"] < 60
 
 
+def unread_bytes(sock: socket.socket) -> int:
+    """What the kernel holds for `sock` that it has not read yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]  # type: ignore[no-any-return]
+
+
 def fastfan(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FASTFAN_")}
     return subprocess.run([sys.executable, "-m", "fastfan", *args], capture_output=True,
@@ -391,20 +336,22 @@ def test_api_options_come_together_or_exit_2(args: list[str], words: list[str]) 
         assert word in reason
 
 
+@pytest.mark.slow
 def test_the_key_from_a_file_or_the_environment(start_server: Any, tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
     api_port = free_port()
     start_server("--api-port", str(api_port), "--api-key-file", str(key_file))
-    wait_for(lambda: _answers("127.0.0.1", api_port))
+    wait_for(lambda: answers("127.0.0.1", api_port))
     assert call(api_port, "info")[0] == 200
     assert call(api_port, "info", headers={"Authorization": "apikey " + str(key_file)})[0] == 401
     env_port = free_port()
     start_server(env={"FASTFAN_API_PORT": str(env_port), "FASTFAN_API_KEY": KEY})
-    wait_for(lambda: _answers("127.0.0.1", env_port))
+    wait_for(lambda: answers("127.0.0.1", env_port))
     assert call(env_port, "info")[0] == 200
 
 
+@pytest.mark.slow
 def test_fastfan_publish_from_a_shell(start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
     client = subscriber(clients, server, "shell")

@@ -4,53 +4,15 @@ presence_stats, on every worker (the embedded bus) and every node (Redis)."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, children, process_holding, wait_for
-from test_api import assert_error, call, start_api
-from wire import CLOSE, RawClient
-
-CLOSED_BY_API = 4000
-
-
-def spread(server: Server, user: str, per_worker: int = 1, *channels: str,
-           join_leave: bool = False) -> dict[int, list[RawClient]]:
-    """Connections of `user`, subscribed to `channels`, until every worker holds
-    `per_worker` of them: worker pid -> its connections."""
-    workers = children(server.process.pid)
-    placed: dict[int, list[RawClient]] = {pid: [] for pid in workers}
-    for _ in range(100):
-        if all(len(held) >= per_worker for held in placed.values()):
-            return placed
-        client = server.connect(user)
-        for channel in channels:
-            client.send_json({"type": "subscribe", "channel": channel, "joinLeave": join_leave})
-            assert client.recv_json() == {"type": "subscribed", "channel": channel}
-        pid = process_holding(client.sock.getsockname()[1], workers)
-        assert pid is not None
-        placed[pid].append(client)
-    raise AssertionError(f"connections did not land on every worker: {placed}")
-
-
-def closed_by_api(client: RawClient) -> None:
-    """The server's CLOSE is 4000 with its reason; answered, as a browser does."""
-    code, reason = client.recv_close()
-    assert (code, reason) == (CLOSED_BY_API, "disconnected by the server")
-    client.send_frame(CLOSE, payload=code.to_bytes(2, "big"))
-
-
-def every(placed: dict[int, list[RawClient]]) -> list[RawClient]:
-    return [client for held in placed.values() for client in held]
-
-
-def alive(client: RawClient) -> bool:
-    """Answers a ping with a pong (after whatever was queued before it)."""
-    client.send_json({"type": "ping"})
-    while client.recv_json()["type"] != "pong":
-        pass
-    return True
+from support.api import assert_error, call, start_api
+from support.messages import alive, closed_by_api
+from support.redis import RedisServer
+from support.waiting import wait_for
+from support.wire import RawClient
+from support.workers import every, place
 
 
 def quiet(client: RawClient, wait: float = 0.3) -> bool:
@@ -85,11 +47,11 @@ def by_client(data: dict[str, Any]) -> dict[str, Any]:
 
 # disconnect ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_disconnect_closes_the_users_connections_on_every_worker(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
-    alice = spread(server, "alice", 2, "room")
-    bob = spread(server, "bob", 1, "room")
-    time.sleep(0.2)  # each worker has heard of the other's channel
+    alice = place(server, 2, "alice", ("room",))
+    bob = place(server, 1, "bob", ("room",))
     assert call(port, "disconnect", {"user": "alice"}) == (200, {"result": {}})
     for client in every(alice):
         closed_by_api(client)
@@ -111,12 +73,13 @@ def test_disconnect_closes_the_users_connections_on_every_worker(start_server: A
         assert alive(client)
 
 
+@pytest.mark.slow
 def test_disconnect_of_a_user_with_a_long_name_crosses_the_bus(start_server: Any) -> None:
     # A name near a token's length makes a bus record longer than the largest message.
     server, port = start_api(start_server, "--workers", "2", "--max-message-size", "1000")
     long_name = "u" * 5500
-    placed = spread(server, long_name)
-    other = spread(server, "bob")
+    placed = place(server, 1, long_name)
+    other = place(server, 1, "bob")
     assert call(port, "disconnect", {"user": long_name}) == (200, {"result": {}})
     for client in every(placed):
         closed_by_api(client)
@@ -125,13 +88,14 @@ def test_disconnect_of_a_user_with_a_long_name_crosses_the_bus(start_server: Any
     assert "dropped the connection" not in server.log()
 
 
+@pytest.mark.slow
 def test_disconnect_through_redis_reaches_every_node(
         start_server: Any, redis_server: RedisServer) -> None:
     near, port = start_api(start_server, "--redis", redis_server.url)
     far = start_server("--redis", redis_server.url, "--workers", "2")
     near.wait_ready()
     far.wait_ready()
-    alice = [near.connect("alice"), *every(spread(far, "alice"))]
+    alice = [near.connect("alice"), *every(place(far, 1, "alice"))]
     bob = [near.connect("bob"), far.connect("bob")]
     assert call(port, "disconnect", {"user": "alice"}) == (200, {"result": {}})
     for client in alice:
@@ -153,11 +117,11 @@ def unsubscribed(channel: str) -> dict[str, str]:
     return {"type": "unsubscribed", "channel": channel, "reason": "server"}
 
 
+@pytest.mark.slow
 def test_unsubscribe_ends_the_users_subscriptions_on_every_worker(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
-    alice = spread(server, "alice", 2, "room", "other", join_leave=True)
-    bob = spread(server, "bob", 1, "room")
-    time.sleep(0.2)
+    alice = place(server, 2, "alice", ("room", "other"), options={"joinLeave": True})
+    bob = place(server, 1, "bob", ("room",))
     assert call(port, "unsubscribe", {"user": "alice", "channel": "room"}) == (
         200, {"result": {}})
     for client in every(alice):
@@ -188,6 +152,7 @@ def test_unsubscribe_ends_the_users_subscriptions_on_every_worker(start_server: 
              timeout=2)
 
 
+@pytest.mark.slow
 def test_unsubscribe_through_redis_reaches_every_node(
         start_server: Any, redis_server: RedisServer) -> None:
     near, port = start_api(start_server, "--redis", redis_server.url)
@@ -206,6 +171,7 @@ def test_unsubscribe_through_redis_reaches_every_node(
         assert quiet(client)
 
 
+@pytest.mark.slow
 def test_unsubscribe_of_a_channel_the_user_is_not_in_does_nothing(
         start_server: Any) -> None:
     server, port = start_api(start_server)
@@ -220,9 +186,11 @@ def test_unsubscribe_of_a_channel_the_user_is_not_in_does_nothing(
 
 # presence -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_presence_through_the_api_is_the_websockets(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
-    members = every(spread(server, "alice", 2, "room")) + every(spread(server, "bob", 1, "room"))
+    members = [*every(place(server, 2, "alice", ("room",))),
+               *every(place(server, 1, "bob", ("room",)))]
     asker = server.connect("carol")
     expected = by_client(ws_presence(asker, "room"))
     assert (expected["count"], expected["users"]) == (len(members), 2)
@@ -232,6 +200,7 @@ def test_presence_through_the_api_is_the_websockets(start_server: Any) -> None:
     assert api_presence(port, "empty") == {"count": 0, "users": 0, "clients": []}
 
 
+@pytest.mark.slow
 def test_presence_through_the_api_across_nodes(
         start_server: Any, redis_server: RedisServer) -> None:
     near, port = start_api(start_server, "--redis", redis_server.url, "--presence-limit", "2")
@@ -252,6 +221,7 @@ def test_presence_through_the_api_across_nodes(
              timeout=2)
 
 
+@pytest.mark.slow
 def test_presence_needs_a_presence_channel(start_server: Any) -> None:
     _, port = start_api(start_server, "--presence-channels", "room")
     status, answer = call(port, "presence", {"channel": "other"})
@@ -280,6 +250,7 @@ BAD_BODIES = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_bodies_get_400_and_do_nothing(start_server: Any) -> None:
     server, port = start_api(start_server)
     alice = server.connect("alice").subscribe("room")
@@ -292,6 +263,7 @@ def test_bad_bodies_get_400_and_do_nothing(start_server: Any) -> None:
 
 
 @pytest.mark.parametrize("method", ["disconnect", "unsubscribe"])
+@pytest.mark.slow
 def test_commands_need_the_key(start_server: Any, method: str) -> None:
     server, port = start_api(start_server)
     alice = server.connect("alice").subscribe("room")
@@ -302,6 +274,7 @@ def test_commands_need_the_key(start_server: Any, method: str) -> None:
     assert alive(alice)
 
 
+@pytest.mark.slow
 def test_a_command_from_redis_that_is_not_one_is_dropped(
         start_server: Any, redis_server: RedisServer) -> None:
     server = start_server("--redis", redis_server.url)

@@ -5,36 +5,30 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from typing import Any
 
-from conftest import RedisServer, Server, children, wait_for
-from test_api import assert_error, call, start_api
-from test_api_commands import every, spread
-from test_status import status_json
-from wire import RawClient
+import pytest
+from support.api import (
+    assert_error,
+    call,
+    channels,
+    name_of,
+    nodes,
+    start_api,
+    status_json,
+    two_nodes_add_up,
+)
+from support.processes import children
+from support.redis import RedisServer
+from support.waiting import wait_for
+from support.workers import every, place
 
 
-def channels(port: int, pattern: str | None = None) -> dict[str, int]:
-    status, answer = call(port, "channels", {} if pattern is None else {"pattern": pattern})
-    assert status == 200, answer
-    return {name: entry["subscribers"] for name, entry in answer["result"]["channels"].items()}
-
-
-def nodes(port: int) -> dict[str, dict[str, Any]]:
-    status, answer = call(port, "info")
-    assert status == 200, answer
-    return {node.pop("name"): node for node in answer["result"]["nodes"]}
-
-
-def name_of(server: Server) -> str:
-    return f"{socket.gethostname()}:{server.port}"
-
-
+@pytest.mark.slow
 def test_channels_and_info_add_up_every_worker(start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
-    alice = spread(server, "alice", 2, "room.1", "lobby")  # both channels on both workers
+    alice = place(server, 2, "alice", ("room.1", "lobby"))  # both channels on both workers
     bob = server.connect("bob").subscribe("room.2")       # one channel on one worker
     assert len(every(alice)) >= 4
     expected = {"room.1": len(every(alice)), "lobby": len(every(alice)), "room.2": 1}
@@ -53,11 +47,12 @@ def test_channels_and_info_add_up_every_worker(start_server: Any) -> None:
     wait_for(lambda: "room.2" not in channels(port))
 
 
+@pytest.mark.slow
 def test_a_worker_killed_owes_no_answer(start_server: Any) -> None:
     """A worker that dies takes its subscribers out of `channels` (it owes no answer), and
     its replacement answers again."""
     server, port = start_api(start_server, "--workers", "2")
-    placed = spread(server, "alice", 2, "room")
+    placed = place(server, 2, "alice", ("room",))
     victim, survivor = list(placed)
     os.kill(victim, signal.SIGKILL)
 
@@ -71,16 +66,17 @@ def test_a_worker_killed_owes_no_answer(start_server: Any) -> None:
     replaced = wait_for(lambda: (pids := children(server.process.pid)) and len(pids) == 2
                         and victim not in pids, timeout=10)
     assert replaced
-    newcomer = spread(server, "bob", 1, "lobby")  # on both workers, the new one too
+    newcomer = place(server, 1, "bob", ("lobby",))  # on both workers, the new one too
     expected = {"room": len(placed[survivor]), "lobby": len(every(newcomer))}
     for _ in range(6):
         assert channels(port) == expected
 
 
+@pytest.mark.slow
 def test_the_status_page_lists_the_busiest_channels_of_every_worker(
         start_server: Any) -> None:
     server, port = start_api(start_server, "--workers", "2")
-    placed = spread(server, "alice", 2, "news")
+    placed = place(server, 2, "alice", ("news",))
     bob = server.connect("bob").subscribe("sports")
     for _ in range(6):  # whichever worker answers
         document = status_json(port)
@@ -90,6 +86,7 @@ def test_the_status_page_lists_the_busiest_channels_of_every_worker(
     bob.close()
 
 
+@pytest.mark.slow
 def test_a_bad_channels_body_is_400(start_server: Any) -> None:
     _, port = start_api(start_server, "--workers", "2")
     for body in (b"[", b'{"pattern":3}', b"[]"):
@@ -100,33 +97,7 @@ def test_a_bad_channels_body_is_400(start_server: Any) -> None:
     assert status == 400
 
 
-def two_nodes_add_up(start_server: Any, redis_url: str) -> tuple[Server, int, Server, int,
-                                                                  RawClient]:
-    """A node with the API and one worker, another with two, on `redis_url`, with
-    subscribers on both: `channels` and `info` at the first count both. Returns the first
-    node, its API port, the other node, how many clients that one holds, and the first's
-    client."""
-    near, port = start_api(start_server, "--redis", redis_url)
-    far = start_server("--redis", redis_url, "--workers", "2")
-    near.wait_ready()
-    far.wait_ready()
-    alice = near.connect("alice").subscribe("room")
-    placed = spread(far, "bob", 1, "room", "far.only")
-    far_count = len(every(placed))
-    wait_for(lambda: len(nodes(port)) == 2, timeout=5)  # far's workers have announced
-    assert channels(port) == {"room": far_count + 1, "far.only": far_count}
-    assert channels(port, "far.*") == {"far.only": far_count}
-    described = wait_for(lambda: (n := nodes(port)) and n[name_of(far)]["connections"]
-                         == far_count and n, timeout=5)
-    assert described == {
-        name_of(near): {"workers": 1, "connections": 1, "subscriptions": 1,
-                        "uptime": described[name_of(near)]["uptime"]},
-        name_of(far): {"workers": 2, "connections": far_count,
-                       "subscriptions": 2 * far_count,
-                       "uptime": described[name_of(far)]["uptime"]}}
-    return near, port, far, far_count, alice
-
-
+@pytest.mark.slow
 def test_channels_and_info_across_nodes(start_server: Any, redis_server: RedisServer) -> None:
     near, port, far, far_count, alice = two_nodes_add_up(start_server, redis_server.url)
     # The far node dies without a word (master and workers killed): it leaves `info`
@@ -146,6 +117,7 @@ def test_channels_and_info_across_nodes(start_server: Any, redis_server: RedisSe
     alice.close()
 
 
+@pytest.mark.slow
 def test_a_node_that_stops_leaves_info_at_once(
         start_server: Any, redis_server: RedisServer) -> None:
     near, port = start_api(start_server, "--redis", redis_server.url)

@@ -9,8 +9,8 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import SECRET, Server, token
-from wire import HandshakeRefusedError, RawClient
+from support.server import SECRET, Server, token
+from support.wire import HandshakeRefusedError, RawClient
 
 
 def refusal(server: Server, path: str = "/", headers: dict[str, str] | None = None) -> Any:
@@ -43,10 +43,10 @@ BAD_TOKENS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_TOKENS))
-def test_bad_tokens_get_401_with_a_reason(server: Server, name: str) -> None:
+def test_bad_tokens_get_401_with_a_reason(shared_server: Server, name: str) -> None:
     bad, reason = BAD_TOKENS[name]
     headers = {"Authorization": f"Bearer {bad}"} if bad else None
-    refused = refusal(server, headers=headers)
+    refused = refusal(shared_server, headers=headers)
     assert refused.status == 401
     assert refused.headers["www-authenticate"] == "Bearer"
     body = refused.body.decode()
@@ -82,6 +82,7 @@ def test_auth_failures_are_counted(server: Server) -> None:
     assert server.metrics()["fastfan_auth_failures_total"] == 3
 
 
+@pytest.mark.slow
 def test_token_expiring_while_connected_closes_4001(server: Server) -> None:
     short = jwt.encode({"sub": "brief", "exp": int(time.time()) + 2}, SECRET, "HS256")
     client = RawClient(server.host, server.port, "/", {"Authorization": f"Bearer {short}"},

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark suite's own checks
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

@@ -15,8 +15,11 @@ from typing import Any
 
 import pytest
 from browser import CHROMIUM, FIREFOX, Browser, Firefox
-from conftest import RedisServer, Server, messages_of, token, wait_for
-from test_client import kill, kill_and_restart, restart
+from support.redis import RedisServer
+from support.server import Server, kill, kill_and_restart, messages_of, restart, token
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.slow  # real browsers, and Node
 
 SCRIPT = Path(__file__).parent.parent / "fastfan" / "fastfan.js"
 NODE = "node"

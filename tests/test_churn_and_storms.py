@@ -8,7 +8,12 @@ import subprocess
 import time
 from typing import Any
 
-from conftest import Server, loadgen, token, wait_for, worker_rss_kib
+import pytest
+from support.processes import loadgen
+from support.server import Server, token, worker_rss_kib
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.slow  # thousands of connections from the load generator
 
 
 def cycle(server: Server, channel: str) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import SECRET, free_port
-from wire import RawClient
+from support.server import SECRET
+from support.wire import RawClient, free_port
 
 
 def fastfan(*args: str, env: dict[str, str] | None = None,
@@ -77,6 +77,7 @@ def test_run_help_names_each_option_s_variable_and_its_values() -> None:
     (["--tls-cert", "no.pem", "--tls-key", "no.pem"], ["cannot load --tls-cert no.pem"]),
     (["--frobnicate"], ["--frobnicate"]),
 ])
+@pytest.mark.slow
 def test_bad_options_are_one_clear_line_and_exit_2(args: list[str], words: list[str]) -> None:
     assert_usage_error(fastfan("run", "--insecure", *args), *words)
 
@@ -90,6 +91,7 @@ def test_no_command_is_a_usage_error() -> None:
     assert_usage_error(fastfan())
 
 
+@pytest.mark.slow
 def test_environment_configures_and_flags_win(start_server: Any) -> None:
     port = free_port()
     server = start_server("--max-message-size", "100", secret=None,

@@ -4,16 +4,14 @@ as units."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
 import time
 from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, children, token
+from support.redis import RedisServer
+from support.server import Server, kill, kill_and_restart, restart, token
 
 from fastfan.client import Client, ServerError, Subscription, backoff_delay, token_expiry
 
@@ -25,25 +23,6 @@ def run(test: Coroutine[Any, Any, None], timeout: float = 30.0) -> None:
 def client_of(server: Server, sub: str = "alice", **options: Any) -> Client:
     claims = {name: options.pop(name) for name in ("subscribe", "publish") if name in options}
     return Client(server.url(), token=token(sub, **claims), **options)
-
-
-def kill(server: Server) -> None:
-    """SIGKILL the master and its workers."""
-    for pid in [*children(server.process.pid), server.process.pid]:
-        os.kill(pid, signal.SIGKILL)
-    server.process.wait()
-
-
-def restart(server: Server) -> None:
-    """The same command again, on the same port."""
-    server.process = subprocess.Popen(server.process.args, stdout=server._log,
-                                      stderr=subprocess.STDOUT)
-    server.wait_healthy()
-
-
-def kill_and_restart(server: Server) -> None:
-    kill(server)
-    restart(server)
 
 
 async def next_of(subscription: Subscription, timeout: float = 5.0) -> dict[str, Any]:
@@ -180,6 +159,7 @@ def test_after_the_server_is_killed_and_restarted_the_client_resubscribes(server
     run(test())
 
 
+@pytest.mark.slow
 def test_a_subscription_refused_with_503_after_a_reconnect_is_asked_for_again(
         start_server: Any, redis_server: RedisServer) -> None:
     """After a reconnect the history read of the client's subscribe fails (the channel's
@@ -219,6 +199,7 @@ def test_a_subscription_refused_with_503_after_a_reconnect_is_asked_for_again(
     run(test(), timeout=60)
 
 
+@pytest.mark.slow
 def test_recovers_exactly_what_was_published_while_its_server_was_down(
         start_server: Any, redis_server: RedisServer) -> None:
     options = ("--redis", redis_server.url, "--history-size", "100")
@@ -250,6 +231,7 @@ def test_recovers_exactly_what_was_published_while_its_server_was_down(
     run(test(), timeout=60)
 
 
+@pytest.mark.slow
 def test_a_short_token_refreshed_through_get_token_keeps_the_connection(server: Server) -> None:
     async def test() -> None:
         fetched = 0
@@ -263,7 +245,8 @@ def test_a_short_token_refreshed_through_get_token_keeps_the_connection(server: 
         async with Client(server.url(), get_token=get_token) as client:
             client.on("disconnected", closes.append)
             first = client.welcome
-            await asyncio.sleep(7)  # past two expiries; the server sweeps every second
+            while fetched < 4:  # past two expiries; the server sweeps every second
+                await asyncio.sleep(0.05)
             assert closes == [] and client.welcome is first and client.connected
             assert (await client.stats())["data"]["user"] == "dana"
         assert fetched >= 4  # the connection's, then a refresh before each expiry

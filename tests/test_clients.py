@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from conftest import Server, messages_of, token
+import pytest
+from support.server import Server, messages_of, token
 
 from fastfan._picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
@@ -59,6 +60,7 @@ def test_node_ws_client_written_for_the_seed(server: Server) -> None:
     assert report["closeCode"] == 1000
 
 
+@pytest.mark.slow
 def test_node_ws_client_sees_join_leave_presence_and_stats(start_server: Any) -> None:
     """The seed's connection manager from a Node `ws` client, across two workers."""
     server = start_server("--workers", "2")
@@ -88,6 +90,7 @@ def test_node_ws_client_sees_join_leave_presence_and_stats(start_server: Any) ->
     assert report["closeCode"] == 1000
 
 
+@pytest.mark.slow
 def test_headless_chromium_connects_with_a_query_token(server: Server) -> None:
     page = (JS / "browser_client.html").as_uri()
     query = f"?server={server.url()}&token={token('browser', publish=['browser.*'])}"

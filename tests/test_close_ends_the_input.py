@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Server, token
-from wire import CLOSE, PING, TEXT, RawClient, frame
+from support.server import Server, token
+from support.wire import CLOSE, PING, TEXT, RawClient, frame
 
 
 def close(code: int, reason: bytes = b"") -> bytes:

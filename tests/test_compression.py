@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from browser import CHROMIUM, Browser
-from conftest import Server, messages_of, token
+from support.server import Server, messages_of, token
+from support.wire import BINARY, CONTINUATION, PING, RSV1, TEXT, RawClient, deflate, inflate
 from websockets.sync.client import connect as websocket_connect
-from wire import BINARY, CONTINUATION, PING, RSV1, TEXT, RawClient, deflate, inflate
 
 JS = Path(__file__).parent / "js"
 OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
@@ -50,11 +50,12 @@ def published(text: str) -> dict[str, Any]:
     ("x-webkit-deflate-frame", None),
 ])
 def test_the_offer_is_answered_with_no_context_takeover(
-        server: Server, offer: str, answer: str | None) -> None:
-    client = connect(server, "alice", {"Sec-WebSocket-Extensions": offer})
+        shared_server: Server, offer: str, answer: str | None) -> None:
+    client = connect(shared_server, "alice", {"Sec-WebSocket-Extensions": offer})
     assert client.headers.get("sec-websocket-extensions") == answer
 
 
+@pytest.mark.slow
 def test_without_an_offer_or_with_compression_off_the_bytes_are_todays(
         start_server: Any) -> None:
     on, off = start_server(), start_server("--compression", "off")
@@ -161,12 +162,12 @@ def test_compressed_client_messages_are_inflated_whole_or_fragmented(server: Ser
     ([(TEXT, deflate(b"{}"), True, 0b010)], 1002),  # RSV2: no extension of ours uses it
 ])
 def test_what_does_not_inflate_within_the_limit_closes(
-        server: Server, frames: list[tuple[int, bytes, bool, int]], code: int) -> None:
-    client = connect(server, "alice", OFFER)
+        shared_server: Server, frames: list[tuple[int, bytes, bool, int]], code: int) -> None:
+    client = connect(shared_server, "alice", OFFER)
     for opcode, payload, fin, rsv in frames:
         client.send_frame(opcode, payload, fin=fin, rsv=rsv)
     assert client.recv_close()[0] == code
-    assert server.get("/health")[0] == 200
+    assert shared_server.get("/health")[0] == 200
 
 
 def test_rsv1_without_the_extension_is_a_protocol_error(server: Server) -> None:
@@ -199,6 +200,7 @@ def test_node_ws_with_per_message_deflate(server: Server) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (./dev test installs it)")
+@pytest.mark.slow
 def test_chromium_compresses_both_ways(server: Server) -> None:
     url = server.url(token=token("chromium"))
     with Browser.showing("about:blank") as page:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import time
 
-from conftest import Server, wait_for
+import pytest
+from support.server import Server
+from support.waiting import wait_for
 
 SUBSCRIBERS = 1200  # a pass over them takes several 0.5 ms slices
 MESSAGES = 40
 
 
+@pytest.mark.slow
 def test_messages_published_during_a_pass_reach_everyone_once_in_order(server: Server) -> None:
     subscribers = [server.connect(source="127.0.0.2").subscribe("wide")
                    for _ in range(SUBSCRIBERS)]

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from wire import BINARY, CLOSE, TEXT
+from support.server import Server
+from support.wire import BINARY, CLOSE, TEXT
 
 CHANNEL_CHARS = string.ascii_letters + string.digits + "_-.:@/"
 finite = st.floats(allow_nan=False, allow_infinity=False)  # what JSON can carry

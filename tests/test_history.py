@@ -10,62 +10,19 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, children, one_per_worker, process_holding, token, wait_for
-from wire import RawClient
-
-HISTORY = ("--history-size", "2000")
-
-
-def collect(client: RawClient, quiet: float = 1.0) -> list[dict[str, Any]]:
-    """Every message that arrives until none has for `quiet` seconds."""
-    received = []
-    client.sock.settimeout(quiet)
-    try:
-        while True:
-            received.append(client.recv_json())
-    except TimeoutError:
-        return received
-    finally:
-        client.sock.settimeout(5)
+from support.messages import HISTORY, drop_and_recover, interleaved, offsets, subscribe
+from support.processes import children
+from support.redis import RedisServer
+from support.server import token
+from support.waiting import collect, wait_for
+from support.wire import RawClient
+from support.workers import every, one_per_worker, place
 
 
-def subscribe(client: RawClient, channel: str, **options: Any) -> dict[str, Any]:
-    client.send_json({"type": "subscribe", "channel": channel, **options})
-    reply = client.recv_json()
-    assert reply["type"] == "subscribed", reply
-    return dict(reply)
-
-
-class Publisher(threading.Thread):
-    """Publishes 0, 1, 2... to a channel, one every `interval` seconds, until stopped."""
-
-    def __init__(self, client: RawClient, channel: str, interval: float = 0.001) -> None:
-        super().__init__(daemon=True)
-        self.client, self.channel, self.interval = client, channel, interval
-        self.count = 0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            self.client.publish(self.channel, self.count)
-            self.count += 1
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self.stopping.set()
-        self.join()
-        return self.count
-
-
-def offsets(messages: list[dict[str, Any]]) -> list[int]:
-    return [message["offset"] for message in messages if message["type"] == "message"]
-
-
+@pytest.mark.slow
 def test_messages_carry_offsets_and_epochs_and_replies_the_position(server_with: Any) -> None:
     server = server_with("--history-size", "3")
     client = server.connect()
@@ -109,6 +66,7 @@ def server_with(start_server: Any) -> Any:
     return start_server
 
 
+@pytest.mark.slow
 def test_bad_input(server_with: Any) -> None:
     server = server_with("--history-size", "10", "--history-channels", "h.*")
     client = server.connect()
@@ -140,28 +98,7 @@ def test_bad_input(server_with: Any) -> None:
     assert limited.recv_json()["code"] == 403
 
 
-def interleaved(publishers: list[RawClient], subscribers: list[RawClient], channel: str,
-                count: int) -> None:
-    """Publishers on different workers or nodes take turns; every subscriber receives the
-    same sequence, numbered 1..N without a gap."""
-    for subscriber in subscribers:
-        subscribe(subscriber, channel)
-    for n in range(count):
-        for index, publisher in enumerate(publishers):
-            publisher.publish(channel, [index, n])
-    expected = count * len(publishers)
-    sequences = []
-    for subscriber in subscribers:
-        received = [subscriber.recv_json() for _ in range(expected)]
-        assert offsets(received) == list(range(1, expected + 1))
-        assert len({message["epoch"] for message in received}) == 1
-        sequences.append([(message["offset"], message["data"]) for message in received])
-        for index in range(len(publishers)):  # each publisher's order is kept too
-            mine = [data[1] for _, data in sequences[-1] if data[0] == index]
-            assert mine == list(range(count))
-    assert all(sequence == sequences[0] for sequence in sequences)
-
-
+@pytest.mark.slow
 def test_one_order_across_workers(server_with: Any) -> None:
     server = server_with("--workers", "2", *HISTORY)
     first, second = one_per_worker(server).values()
@@ -169,6 +106,7 @@ def test_one_order_across_workers(server_with: Any) -> None:
     interleaved([first, second], [third, fourth], "orders", 300)
 
 
+@pytest.mark.slow
 def test_one_order_across_nodes(server_with: Any, redis_server: RedisServer) -> None:
     near = server_with("--redis", redis_server.url, *HISTORY)
     far = server_with("--redis", redis_server.url, *HISTORY)
@@ -178,52 +116,20 @@ def test_one_order_across_nodes(server_with: Any, redis_server: RedisServer) -> 
                 300)
 
 
-def drop_and_recover(publishing: Server, first: RawClient, reconnect: Any) -> None:
-    """A subscriber drops without a word while publishes go on, then comes back (through
-    `reconnect()`) recovering: it gets every message after the last it had, once each, in
-    order, then the live ones, while the publisher never pauses."""
-    channel = "ticks"
-    reply = subscribe(first, channel)
-    publisher = Publisher(publishing.connect("pub"), channel)
-    publisher.start()
-    try:
-        seen = [first.recv_json() for _ in range(100)]
-        first.sock.close()  # abrupt: no CLOSE, the server finds out later
-        last = seen[-1]["offset"]
-        assert offsets(seen) == list(range(reply["offset"] + 1, last + 1))
-        time.sleep(0.3)  # publishes meanwhile
-        again = reconnect()
-        resumed = subscribe(again, channel, recover={"offset": last, "epoch": reply["epoch"]})
-        assert resumed["recovered"] is True and resumed["epoch"] == reply["epoch"]
-        assert resumed["offset"] > last  # it missed some: the test covers a seam
-        time.sleep(0.3)  # live ones after the seam
-    finally:
-        total = publisher.stop()
-    received = collect(again)
-    assert offsets(received) == list(range(last + 1, total + 1))
-    assert [message["data"] for message in received] == list(range(last, total))
-
-
+@pytest.mark.slow
 def test_recovery_on_another_worker(server_with: Any) -> None:
     server = server_with("--workers", "2", *HISTORY)
     held = one_per_worker(server)
     first_pid, first = next(iter(held.items()))
 
     def on_the_other_worker() -> RawClient:
-        for _ in range(100):
-            client = server.connect()
-            if client_worker(server, client) != first_pid:
-                return client
-            client.close()
-        raise AssertionError("the kernel never chose the other worker")
+        others = [pid for pid in server.workers() if pid != first_pid]
+        return every(place(server, workers=others))[0]
 
     drop_and_recover(server, first, on_the_other_worker)
 
 
-def client_worker(server: Server, client: RawClient) -> int | None:
-    return process_holding(client.sock.getsockname()[1], children(server.process.pid))
-
-
+@pytest.mark.slow
 def test_recovery_on_another_node(server_with: Any, redis_server: RedisServer) -> None:
     near = server_with("--redis", redis_server.url, *HISTORY)
     far = server_with("--redis", redis_server.url, *HISTORY)
@@ -232,6 +138,7 @@ def test_recovery_on_another_node(server_with: Any, redis_server: RedisServer) -
     drop_and_recover(near, near.connect(), far.connect)
 
 
+@pytest.mark.slow
 def test_history_survives_fastfan_restarts(server_with: Any, redis_server: RedisServer) -> None:
     server = server_with("--redis", redis_server.url, "--history-size", "10")
     server.wait_ready()
@@ -250,6 +157,7 @@ def test_history_survives_fastfan_restarts(server_with: Any, redis_server: Redis
     assert [message["data"] for message in collect(again, 0.5)] == [2, 3, 4]
 
 
+@pytest.mark.slow
 def test_redis_flushed_means_a_new_epoch(server_with: Any, redis_server: RedisServer) -> None:
     server = server_with("--redis", redis_server.url, "--history-size", "10")
     server.wait_ready()
@@ -275,6 +183,7 @@ def test_redis_flushed_means_a_new_epoch(server_with: Any, redis_server: RedisSe
         "recovered"] is False
 
 
+@pytest.mark.slow
 def test_a_dead_owner_costs_a_new_epoch(server_with: Any) -> None:
     server = server_with("--workers", "2", "--history-size", "10")
     first, second = one_per_worker(server).values()
@@ -310,6 +219,7 @@ def test_a_dead_owner_costs_a_new_epoch(server_with: Any) -> None:
     assert answer["recovered"] is False and answer["epoch"] != reply["epoch"]
 
 
+@pytest.mark.slow
 def test_expired_messages_keep_the_offsets(server_with: Any,
                                            redis_server: RedisServer) -> None:
     for extra in ((), ("--redis", redis_server.url)):
@@ -320,10 +230,14 @@ def test_expired_messages_keep_the_offsets(server_with: Any,
         client.publish("brief", 1)
         client.publish("brief", 2)
         assert offsets(collect(client, 0.3)) == [1, 2]
-        time.sleep(2.2)  # past the TTL (Redis counts it in whole seconds)
-        client.send_json({"type": "history", "channel": "brief"})
-        assert client.recv_json()["data"] == {"offset": 2, "epoch": reply["epoch"],
-                                              "messages": []}
+
+        def kept(client: RawClient = client) -> dict[str, Any]:
+            client.send_json({"type": "history", "channel": "brief"})
+            return dict(client.recv_json()["data"])
+
+        # until past the TTL (Redis counts it in whole seconds)
+        expired = wait_for(lambda: (data := kept())["messages"] == [] and data, timeout=5)
+        assert expired == {"offset": 2, "epoch": reply["epoch"], "messages": []}
         # Missed nothing: recovered; missed an expired one: not.
         assert subscribe(server.connect(), "brief", recover={
             "offset": 2, "epoch": reply["epoch"]})["recovered"] is True
@@ -334,6 +248,7 @@ def test_expired_messages_keep_the_offsets(server_with: Any,
         server.stop()
 
 
+@pytest.mark.slow
 def test_bare_redis_publish_does_not_break_the_offsets(server_with: Any,
                                                        redis_server: RedisServer) -> None:
     server = server_with("--redis", redis_server.url, "--history-size", "10")

@@ -9,8 +9,10 @@ import time
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, free_port, token, wait_for
-from wire import CLOSE, PING, PONG, TEXT
+from support.redis import RedisServer
+from support.server import Server, token
+from support.waiting import wait_for
+from support.wire import CLOSE, PING, PONG, TEXT, free_port
 
 
 def test_health_and_ready(server: Server) -> None:
@@ -105,6 +107,7 @@ def test_sigterm_closes_every_client_with_1001_and_exits_0(server: Server) -> No
     assert server.process.wait(10) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_exits_within_the_grace_when_clients_do_not_answer(start_server: Any) -> None:
     server = start_server("--shutdown-grace", "1")
     silent = server.connect()
@@ -115,6 +118,7 @@ def test_sigterm_exits_within_the_grace_when_clients_do_not_answer(start_server:
     assert time.monotonic() - started < 3
 
 
+@pytest.mark.slow
 def test_client_that_never_answers_pings_is_closed_1001(start_server: Any) -> None:
     server = start_server("--ping-interval", "0.3", "--ping-timeout", "1")
     client = server.connect()
@@ -123,6 +127,7 @@ def test_client_that_never_answers_pings_is_closed_1001(start_server: Any) -> No
     assert client.recv_close() == (1001, "heartbeat timeout")
 
 
+@pytest.mark.slow
 def test_client_that_answers_pings_stays(start_server: Any) -> None:
     server = start_server("--ping-interval", "0.3", "--ping-timeout", "1")
     client = server.connect()

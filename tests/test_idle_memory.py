@@ -5,8 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from conftest import Server, wait_for, worker_rss_kib
-from wire import RawClient
+import pytest
+from support.server import Server, worker_rss_kib
+from support.waiting import wait_for
+from support.wire import RawClient
+
+pytestmark = pytest.mark.slow  # thousands of connections, and the heartbeat sweeps
 
 # What Chromium sends with its upgrade request, give or take: about 900 bytes, which grows
 # picows's read buffer past its initial size while the request is read.

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, children, process_holding, token, wait_for
-from wire import RawClient
+from support.processes import children
+from support.redis import RedisServer
+from support.server import Server, token
+from support.waiting import wait_for
+from support.wire import RawClient
+from support.workers import every, place, worker_of
 
 
 def watcher(server: Server, channel: str = "room", timeout: float = 5.0) -> RawClient:
@@ -28,6 +31,7 @@ def joining(server: Server, user: str, channel: str = "room") -> tuple[RawClient
 
 
 @pytest.mark.parametrize("bus", ["one worker", "two workers", "redis"])
+@pytest.mark.slow
 def test_watchers_see_others_join_and_leave_in_order(start_server: Any, tmp_path: Any,
                                                      bus: str) -> None:
     redis = RedisServer(tmp_path / "redis.log") if bus == "redis" else None
@@ -89,22 +93,18 @@ def test_join_leave_must_be_a_boolean(server: Server) -> None:
     wait_for(lambda: server.metrics()["fastfan_subscriptions"] == 0)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_clients_leave(start_server: Any) -> None:
     server = start_server("--workers", "2")
     workers = children(server.process.pid)
     clients = []
     for n in range(30):  # joiners on both workers, in the order they joined
         client, client_id = joining(server, f"u{n}")
-        clients.append((client, client_id, process_holding(client.sock.getsockname()[1],
-                                                            workers)))
-    watch = None
-    candidates = []  # kept open: a watcher's own leave would be one more event
-    for _ in range(100):  # a watcher on one worker, then kill the other
-        candidates.append(watcher(server))
-        if process_holding(candidates[-1].sock.getsockname()[1], workers) == workers[0]:
-            watch = candidates[-1]
-            break
-    assert watch is not None
+        clients.append((client, client_id, worker_of(server, client, workers)))
+    # a watcher on one worker, then kill the other
+    spares: list[RawClient] = []  # kept open: a watcher's own leave would be one more event
+    (watch,) = every(place(server, connect=lambda: watcher(server), workers=[workers[0]],
+                           spares=spares))
     victims = {client_id for _, client_id, pid in clients if pid == workers[1]}
     assert victims
     late: list[tuple[Any, str]] = []  # joins the watcher sees: at least 6, and until the
@@ -112,7 +112,7 @@ def test_a_killed_worker_s_clients_leave(start_server: Any) -> None:
     while (len(late) < 6 or not late_on_victim) and len(late) < 60:  # not, of 6)
         client, client_id = joining(server, f"late{len(late)}")
         late.append((client, client_id))
-        if process_holding(client.sock.getsockname()[1], workers) == workers[1]:
+        if worker_of(server, client, workers) == workers[1]:
             late_on_victim.add(client_id)
     assert late_on_victim, "some late joiners should be on the victim worker"
     late_ids = {client_id for _, client_id in late}
@@ -150,6 +150,7 @@ def node_watched_from_another(start_server: Any, redis: RedisServer, *args: str
     return near, watch, gone, gone_id
 
 
+@pytest.mark.slow
 def test_a_dead_node_s_clients_leave_within_the_presence_ttl(
         start_server: Any, redis_server: RedisServer) -> None:
     near, watch, _gone, gone_id = node_watched_from_another(
@@ -161,6 +162,7 @@ def test_a_dead_node_s_clients_leave_within_the_presence_ttl(
                      "data": {"clientId": gone_id, "user": "gone"}}
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_clients_leave_through_redis_at_once(
         start_server: Any, redis_server: RedisServer) -> None:
     """The master knows: the replacement worker clears its predecessor's clients from
@@ -209,7 +211,7 @@ def test_a_burst_of_joins_and_leaves_reaches_every_watcher_once(
         joiners[client.recv_json()["data"]["clientId"]] = client
     for client in joiners.values():  # all at once: many land in one loop turn
         client.send_json({"type": "subscribe", "channel": "room", "joinLeave": True})
-    time.sleep(0.5)
+    wait_for(lambda: server.metrics()["fastfan_subscriptions"] == len(watchers) + len(joiners))
     for own, client in joiners.items():
         client.send_json({"type": "ping"})
         joins = []

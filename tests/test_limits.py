@@ -7,11 +7,12 @@ import time
 from typing import Any
 
 import pytest
-from conftest import token, wait_for, worker_rss_kib
 from hypothesis import given
 from hypothesis import strategies as st
+from support.server import token, worker_rss_kib
+from support.waiting import wait_for
+from support.wire import CONTINUATION, TEXT, HandshakeRefusedError, RawClient
 from websockets.sync.client import connect
-from wire import CONTINUATION, TEXT, HandshakeRefusedError, RawClient
 
 from fastfan._core import utf8_is_valid
 
@@ -22,6 +23,7 @@ def raw(server: Any, **kwargs: Any) -> RawClient:
     return client
 
 
+@pytest.mark.slow
 def test_a_message_larger_than_max_buffer_reaches_a_subscriber_that_keeps_up(
         start_server: Any) -> None:
     """--max-message-size 16 MiB over the default 1 MiB --max-buffer: each 3 MB message is
@@ -43,6 +45,7 @@ def test_a_message_larger_than_max_buffer_reaches_a_subscriber_that_keeps_up(
     assert server.metrics()["fastfan_slow_consumers_disconnected_total"] == 0
 
 
+@pytest.mark.slow
 def test_conflate_keeps_no_more_than_max_buffer_per_stalled_client(start_server: Any) -> None:
     """A stalled client on 200 channels of 60 KB messages: what `conflate` keeps for it
     counts against --max-buffer, the oldest kept ones dropped and counted."""
@@ -74,6 +77,7 @@ def test_conflate_keeps_no_more_than_max_buffer_per_stalled_client(start_server:
     assert figures['fastfan_dropped_total{reason="conflated"}'] > 4 * 100
 
 
+@pytest.mark.slow
 def test_an_unfinished_fragmented_message_is_given_up(server: Any) -> None:
     client = raw(server)
     client.send_frame(TEXT, b'{"type":"ping"', fin=False)
@@ -98,6 +102,7 @@ def test_a_finished_fragmented_message_is_handled(server: Any) -> None:
     assert client.recv_json() == {"type": "pong"}
 
 
+@pytest.mark.slow
 def test_subscription_names_are_bounded_per_connection(start_server: Any) -> None:
     server = start_server("--max-subscription-bytes", "1000")
     client = raw(server)
@@ -114,6 +119,7 @@ def test_subscription_names_are_bounded_per_connection(start_server: Any) -> Non
     assert client.recv_json()["type"] == "subscribed"  # the names freed make room again
 
 
+@pytest.mark.slow
 def test_connections_per_user_are_bounded(start_server: Any) -> None:
     server = start_server("--max-connections-per-user", "2")
     first, second = raw(server), raw(server)

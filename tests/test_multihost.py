@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
-from wire import RawClient
+from support.waiting import wait_for
+from support.wire import RawClient
 
 SUBNET = "10.213.77"
 DELAY = "5ms"  # per link, each way, with netem
@@ -50,7 +50,8 @@ def why_not() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(why_not() is not None, reason=str(why_not()))
+pytestmark = [pytest.mark.slow,  # network namespaces and lossy links
+              pytest.mark.skipif(why_not() is not None, reason=str(why_not()))]
 
 
 class Hosts:

@@ -7,11 +7,15 @@ import os
 import re
 import signal
 import threading
-import time
 from typing import Any
 
-from conftest import RedisServer, Server, children, process_holding, wait_for
-from wire import RawClient
+import pytest
+from support.processes import children
+from support.redis import RedisServer
+from support.server import Server
+from support.waiting import wait_for
+from support.wire import RawClient
+from support.workers import every, place, worker_of
 
 
 def connect(server: Server, **options: Any) -> RawClient:
@@ -47,20 +51,16 @@ def received(client: RawClient, until: int) -> list[int]:
     return got
 
 
+@pytest.mark.slow
 def test_a_worker_killed_elsewhere_loses_nothing_acknowledged(start_server: Any) -> None:
     server = start_server("--workers", "3")
     workers = children(server.process.pid)
     publisher = connect(server)
-    home = process_holding(publisher.sock.getsockname()[1], workers)
+    home = worker_of(server, publisher, workers)
     victim = next(pid for pid in workers if pid != home)
-    stayers = []
-    for _ in range(60):  # subscribers on the two workers that will live
-        client = connect(server)
-        if process_holding(client.sock.getsockname()[1], workers) != victim:
-            stayers.append(client.subscribe("kept"))
-        if len(stayers) == 6:
-            break
-    time.sleep(0.3)
+    # subscribers on the two workers that will live
+    stayers = every(place(server, 3, connect=lambda: connect(server), channels=("kept",),
+                          workers=[pid for pid in workers if pid != victim]))
 
     def kill_midway(n: int) -> None:
         if n == 150:
@@ -72,6 +72,7 @@ def test_a_worker_killed_elsewhere_loses_nothing_acknowledged(start_server: Any)
         assert set(acked) - set(received(client, 299)) == set()
 
 
+@pytest.mark.slow
 def test_a_slow_consumer_cut_off_costs_the_others_nothing(start_server: Any) -> None:
     server = start_server("--max-buffer", str(64 << 10), "--publish-rate", "100000")
     stalled = connect(server, receive_buffer=4096).subscribe("wide")
@@ -98,6 +99,7 @@ class Reader(threading.Thread):
             self.got.append(self.client.recv_json()["data"][0])
 
 
+@pytest.mark.slow
 def test_a_redis_restart_refuses_what_it_cannot_carry_and_delivers_the_rest(
         start_server: Any, redis_server: RedisServer) -> None:
     nodes = [start_server("--redis", redis_server.url) for _ in range(2)]
@@ -134,6 +136,7 @@ def test_a_redis_restart_refuses_what_it_cannot_carry_and_delivers_the_rest(
         assert seen == sorted(seen)
 
 
+@pytest.mark.slow
 def test_a_pipeline_redis_cuts_off_costs_its_publishes_alone(
         start_server: Any, redis_server: RedisServer) -> None:
     """Redis closes the publishing connection of a pipeline in flight (CLIENT KILL while a
@@ -166,6 +169,7 @@ def paused_publishes(redis: RedisServer) -> list[str]:
             if re.search(r" flags=b .* cmd=publish ", line)]
 
 
+@pytest.mark.slow
 def test_publishing_connections_redis_closed_while_idle_cost_no_publish(
         start_server: Any, redis_server: RedisServer) -> None:
     """Redis closes the pooled publishing connections while they are idle (as a restart

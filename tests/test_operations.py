@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
-from conftest import Server, token, wait_for
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from wire import HandshakeRefusedError, RawClient
+from support.server import Server, token
+from support.waiting import wait_for
+from support.wire import HandshakeRefusedError, RawClient
 
 CONTRACT_METRICS = {
     "fastfan_connections", "fastfan_connections_total", "fastfan_channels",
@@ -74,13 +75,20 @@ def test_the_1025th_subscription_is_refused_by_default(server: Server) -> None:
     assert server.metrics()["fastfan_subscriptions"] == 1024
 
 
+@pytest.mark.slow
 def test_json_logs_and_the_per_minute_stats_line(start_server: Any) -> None:
     server = start_server("--log-format", "json", "--stats-interval", "0.5", "--workers", "2")
     clients = [server.connect() for _ in range(20)]
     for client in clients:
         client.send_json({"type": "ping"})
         assert client.recv_json() == {"type": "pong"}
-    time.sleep(1.2)
+
+    def stats_lines() -> list[dict[str, Any]]:
+        return [line["stats"] for line in map(json.loads, server.log().splitlines())
+                if "stats" in line]
+
+    # until the stats lines (every 0.5 s, each worker's) have counted the 20
+    wait_for(lambda: sum(s["count"] for s in stats_lines()) >= 20)
     lines = [json.loads(line) for line in server.log().splitlines()]  # every line is JSON
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     stats = [line["stats"] for line in lines if "stats" in line]

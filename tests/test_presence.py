@@ -11,8 +11,12 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import SECRET, RedisServer, Server, children, process_holding, token, wait_for
-from wire import HandshakeRefusedError, RawClient
+from support.processes import children
+from support.redis import RedisServer
+from support.server import SECRET, Server, token
+from support.waiting import wait_for
+from support.wire import HandshakeRefusedError, RawClient
+from support.workers import worker_of
 
 
 def member(server: Server, user: str, channel: str = "room") -> tuple[RawClient, str]:
@@ -47,6 +51,7 @@ def test_presence_lists_every_subscriber_and_counts_users(server: Server) -> Non
     assert presence(outsider, "empty")["data"] == {"count": 0, "users": 0, "clients": []}
 
 
+@pytest.mark.slow
 def test_presence_needs_subscribe_permission_and_a_presence_channel(start_server: Any) -> None:
     server = start_server("--presence-channels", "room,lobby.*")
     client = RawClient(server.host, server.port, f"/?token={token('dan', subscribe=['room'])}")
@@ -63,6 +68,7 @@ def test_presence_needs_subscribe_permission_and_a_presence_channel(start_server
     assert presence(allowed, "lobby.1")["data"]["count"] == 0
 
 
+@pytest.mark.slow
 def test_presence_lists_at_most_the_limit(start_server: Any) -> None:
     server = start_server("--presence-limit", "2")
     members = [member(server, user) for user in ("a", "b", "c")]
@@ -72,13 +78,14 @@ def test_presence_lists_at_most_the_limit(start_server: Any) -> None:
     assert {c["clientId"] for c in data["clients"]} < {client_id for _, client_id in members}
 
 
+@pytest.mark.slow
 def test_presence_across_workers_and_a_killed_worker(start_server: Any) -> None:
     server = start_server("--workers", "2")
     workers = children(server.process.pid)
     held: dict[int, list[RawClient]] = {pid: [] for pid in workers}
     for n in range(40):
         client, _ = member(server, f"user{n}")
-        pid = process_holding(client.sock.getsockname()[1], workers)
+        pid = worker_of(server, client, workers)
         assert pid is not None
         held[pid].append(client)
     assert all(held.values()), "both workers should hold members"
@@ -94,6 +101,7 @@ def test_presence_across_workers_and_a_killed_worker(start_server: Any) -> None:
 
 
 
+@pytest.mark.slow
 def test_presence_across_nodes_through_redis(start_server: Any, redis_server: RedisServer,
                                              tmp_path: Any) -> None:
     near = start_server("--redis", redis_server.url, "--presence-ttl", "3")
@@ -118,6 +126,7 @@ def test_presence_across_nodes_through_redis(start_server: Any, redis_server: Re
     assert redis_server.command("EXISTS", "fastfan:presence:{room}") == b":1\r\n"
 
 
+@pytest.mark.slow
 def test_the_info_claim_is_what_others_see(start_server: Any, tmp_path: Any) -> None:
     redis = RedisServer(tmp_path / "redis.log")
     try:
@@ -149,6 +158,7 @@ def test_an_info_claim_over_1_kib_is_refused(server: Server) -> None:
     assert b"claim 'info'" in refused.value.body
 
 
+@pytest.mark.slow
 def test_fastfan_token_mints_the_info_claim() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "fastfan", "token", "--sub", "ann", "--info", '{"name":"Ann"}'],

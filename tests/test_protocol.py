@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from conftest import Server, messages_of, token
+from support.server import Server, messages_of, token
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -135,9 +135,9 @@ def test_many_subscribers_each_get_every_message(server: Server) -> None:
     ("{\"type\":\"publish\",\"channel\":\"a b\",\"data\":1}", "invalid channel"),
     ("{\"type\":\"dance\"}", "unknown message type"),
 ])
-def test_bad_requests_get_400_and_the_connection_lives_on(server: Server, text: str,
+def test_bad_requests_get_400_and_the_connection_lives_on(shared_server: Server, text: str,
                                                           fragment: str) -> None:
-    with server.websocket() as ws:
+    with shared_server.websocket() as ws:
         error = request(ws, text)
         assert error["type"] == "error"
         assert error["code"] == 400
@@ -168,6 +168,7 @@ def test_subscribing_twice_holds_one_subscription(server: Server) -> None:
         assert request(ws, {"type": "ping"}) == {"type": "pong"}
 
 
+@pytest.mark.slow
 def test_subscription_limit_answers_429(start_server: Any) -> None:
     server = start_server("--max-subscriptions", "3")
     with server.websocket() as ws:
@@ -198,6 +199,7 @@ def test_empty_permission_lists_allow_nothing(server: Server) -> None:
         assert request(ws, {"type": "publish", "channel": "a", "data": 1})["code"] == 403
 
 
+@pytest.mark.slow
 def test_publish_rate_limit_answers_429_then_closes_4029(start_server: Any) -> None:
     server = start_server("--publish-rate", "10")
     with server.websocket() as ws:

@@ -8,8 +8,12 @@ import threading
 import time
 from typing import Any
 
-from conftest import RedisServer, Server, free_port, wait_for
-from wire import RawClient
+import pytest
+from support.messages import publish
+from support.redis import RedisServer
+from support.server import Server
+from support.waiting import wait_for
+from support.wire import free_port
 
 
 def node_on(redis: RedisServer, start_server: Any, *args: str) -> Server:
@@ -19,22 +23,7 @@ def node_on(redis: RedisServer, start_server: Any, *args: str) -> Server:
     return node
 
 
-def publish(client: RawClient, channel: str, data: Any, request_id: Any) -> dict[str, Any]:
-    """A publish with an id, and its answer."""
-    client.publish(channel, data, id=request_id)
-    return dict(client.recv_json())
-
-
-def each_reaches_every_listener(publisher: RawClient, listeners: list[RawClient],
-                                names: list[str]) -> None:
-    """A publish to each channel in `names` (its name as data), acknowledged, and every
-    listener receives them in that order."""
-    for name in names:
-        assert publish(publisher, name, name, name)["type"] == "published"
-    for listener in listeners:
-        assert [listener.recv_json()["data"] for _ in names] == names
-
-
+@pytest.mark.slow
 def test_two_nodes_deliver_to_each_others_subscribers_in_order(
         start_server: Any, redis_server: RedisServer) -> None:
     first = node_on(redis_server, start_server)
@@ -50,6 +39,7 @@ def test_two_nodes_deliver_to_each_others_subscribers_in_order(
         publisher.close()
 
 
+@pytest.mark.slow
 def test_one_redis_subscription_per_channel_dropped_with_the_last(
         start_server: Any, redis_server: RedisServer) -> None:
     node = node_on(redis_server, start_server)
@@ -75,6 +65,7 @@ def _subscribe_calls(redis: RedisServer) -> int:
     return int(found.group(1)) if found else 0
 
 
+@pytest.mark.slow
 def test_a_backend_publishes_through_redis(start_server: Any, redis_server: RedisServer) -> None:
     node = node_on(redis_server, start_server)
     client = node.connect().subscribe("news")
@@ -100,6 +91,7 @@ def test_payloads_that_are_not_json_objects_are_dropped_and_counted(
     assert figures["fastfan_redis_up"] == 1
 
 
+@pytest.mark.slow
 def test_redis_restart_refuses_meanwhile_then_resumes(
         start_server: Any, redis_server: RedisServer) -> None:
     first, second = node_on(redis_server, start_server), node_on(redis_server, start_server)
@@ -133,6 +125,7 @@ def test_redis_restart_refuses_meanwhile_then_resumes(
     assert len(downs) == 1  # one line per change of state, not per retry
 
 
+@pytest.mark.slow
 def test_redis_unreachable_at_start(start_server: Any, tmp_path: Any) -> None:
     redis_port = free_port()
     node = start_server("--redis", f"redis://127.0.0.1:{redis_port}/0")
@@ -152,13 +145,14 @@ def test_redis_unreachable_at_start(start_server: Any, tmp_path: Any) -> None:
         redis.kill()
 
 
+@pytest.mark.slow
 def test_a_slow_redis_never_stalls_the_websocket_side(
         start_server: Any, redis_server: RedisServer) -> None:
     node = node_on(redis_server, start_server)
     client = node.connect().subscribe("calm")
     asleep = threading.Thread(target=redis_server.command, args=("DEBUG", "SLEEP", "2"))
     asleep.start()
-    time.sleep(0.2)
+    wait_for(lambda: not redis_server.ping(timeout=0.1))  # it sleeps
     client.publish("calm", 1, id="waits")
     client.send_json({"type": "ping"})
     assert client.recv_json() == {"type": "pong"}  # answered while Redis sleeps

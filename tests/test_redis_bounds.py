@@ -6,25 +6,20 @@ import json
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
-from conftest import RedisServer, children, wait_for
-from test_redis import publish
-from wire import TEXT, frame
+import pytest
+from support.messages import publish
+from support.processes import children, peak_rss_kib
+from support.redis import RedisServer
+from support.waiting import wait_for
+from support.wire import TEXT, frame
 
 PUBLISHES = 5000
 DATA = "x" * 60_000
 
 
-def peak_rss_kib(pid: int) -> int:
-    """The most resident memory `pid` has had so far (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
+@pytest.mark.slow
 def test_a_stalled_redis_costs_bounded_memory_answers_503_and_recovers(
         start_server: Any, redis_server: RedisServer) -> None:
     node = start_server("--redis", redis_server.url, "--publish-rate", "100000")
@@ -62,6 +57,7 @@ def test_a_stalled_redis_costs_bounded_memory_answers_503_and_recovers(
     assert "Traceback" not in node.log()
 
 
+@pytest.mark.slow
 def test_a_backend_payload_with_invalid_utf8_is_dropped_and_counted(
         start_server: Any, redis_server: RedisServer) -> None:
     node = start_server("--redis", redis_server.url)

@@ -5,124 +5,29 @@ channel's master, and the server API's `channels` and `info` across the nodes.""
 
 from __future__ import annotations
 
-import re
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from conftest import RedisServer, Server, assert_received_by_all, wait_for
 from redis.crc import key_slot
-from test_api import call, start_api
-from test_api_commands import alive, closed_by_api
-from test_api_directory import channels, name_of, nodes, two_nodes_add_up
-from test_history import HISTORY, collect, drop_and_recover, interleaved, offsets, subscribe
-from test_redis import each_reaches_every_listener, publish
+from support.api import call, channels, name_of, nodes, start_api, two_nodes_add_up
+from support.messages import (
+    HISTORY,
+    alive,
+    closed_by_api,
+    drop_and_recover,
+    each_reaches_every_listener,
+    interleaved,
+    offsets,
+    publish,
+    subscribe,
+)
+from support.redis import Cluster, cluster_ports, query
+from support.server import Server
+from support.waiting import assert_received_by_all, collect, wait_for
 
-NODE_TIMEOUT_MS = 1000  # a dead master's replica takes over within a few seconds
-
-
-def query(node: RedisServer, *args: str) -> Any:
-    """A command's parsed reply (redis-py)."""
-    with redis.Redis(port=node.port, socket_timeout=5) as client:
-        return client.execute_command(*args)
-
-
-def cluster_ports(count: int) -> list[int]:
-    """`count` ports free with their cluster bus port (+10000), both below the kernel's
-    ephemeral range (32768 on): there an outgoing connection may take one meanwhile."""
-    found: list[int] = []
-    port = 12000 + (time.monotonic_ns() // 1000) % 10000
-    while len(found) < count:
-        port = port + 1 if port < 22700 else 12000
-        try:
-            for candidate in (port, port + 10000):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        found.append(port)
-    return found
-
-
-class Cluster:
-    def __init__(self, directory: Path, ports: list[int] | None = None) -> None:
-        self.nodes: list[RedisServer] = []
-        for port in ports or cluster_ports(6):
-            home = directory / f"node-{port}"
-            home.mkdir()
-            self.nodes.append(RedisServer(
-                home / "redis.log", port, "--cluster-enabled", "yes", "--dir", str(home),
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                # a replica takes over however long ago it last heard from its master
-                "--cluster-replica-validity-factor", "0"))
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *(f"127.0.0.1:{node.port}" for node in self.nodes),
-                        "--cluster-replicas", "1", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        wait_for(self.settled, timeout=20)
-        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
-
-    def settled(self) -> bool:
-        """Every live node sees the whole cluster ok, and agrees on the masters."""
-        live = [node for node in self.nodes if node.process is not None]
-        if not all(b"cluster_state:ok" in query(node, "CLUSTER", "INFO") for node in live):
-            return False
-        views = {tuple(sorted(self.masters_seen_by(node).items())) for node in live}
-        return len(views) == 1
-
-    def masters_seen_by(self, node: RedisServer) -> dict[str, int]:
-        """node id -> port of each master that serves slots, as `node` sees it."""
-        masters = {}
-        for line in query(node, "CLUSTER", "NODES").decode().splitlines():
-            fields = line.split()
-            if len(fields) > 8 and "master" in fields[2] and "fail" not in fields[2]:
-                masters[fields[0]] = int(re.split("[:@]", fields[1])[1])
-        return masters
-
-    def owner(self, channel: str) -> RedisServer:
-        """The live master that serves `channel`'s slot."""
-        slot = key_slot(f"fastfan:{channel}".encode())
-        for node in self.nodes:
-            if node.process is not None and self._serves(node, slot):
-                return node
-        raise AssertionError(f"no live master serves slot {slot}")
-
-    @staticmethod
-    def _serves(node: RedisServer, slot: int) -> bool:
-        for line in query(node, "CLUSTER", "NODES").decode().splitlines():
-            fields = line.split()
-            if "myself" in fields[2] and "master" in fields[2]:
-                for span in fields[8:]:
-                    low, _, high = span.partition("-")
-                    if low.isdigit() and int(low) <= slot <= int(high or low):
-                        return True
-        return False
-
-    @staticmethod
-    def replicated(master: RedisServer) -> bool:
-        """Every replica of `master` has acknowledged all it was sent."""
-        _, offset, replicas = query(master, "ROLE")
-        return bool(replicas) and all(int(replica[2]) >= offset for replica in replicas)
-
-    def subscribers(self, channel: str) -> int:
-        return int(query(self.owner(channel), "PUBSUB", "SHARDNUMSUB", f"fastfan:{channel}")[1])
-
-    def kill(self) -> None:
-        for node in self.nodes:
-            node.kill()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    made = Cluster(tmp_path)
-    yield made
-    made.kill()
+pytestmark = pytest.mark.slow  # failovers that take the cluster seconds each
 
 
 def nodes_on(start_server: Any, cluster: Cluster, *args: str) -> list[Server]:

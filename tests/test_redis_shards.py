@@ -9,12 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, assert_received_by_all, wait_for
 from redis.crc import key_slot
-from test_api import call, start_api
-from test_api_commands import alive, closed_by_api
-from test_history import drop_and_recover
-from test_redis import each_reaches_every_listener, publish
+from support.api import call, start_api
+from support.messages import (
+    alive,
+    closed_by_api,
+    drop_and_recover,
+    each_reaches_every_listener,
+    publish,
+)
+from support.redis import RedisServer
+from support.server import Server
+from support.waiting import assert_received_by_all, wait_for
 
 SHARDS = 3
 
@@ -49,6 +55,7 @@ def node(start_server: Any, shards: list[RedisServer], *args: str) -> Server:
     return server
 
 
+@pytest.mark.slow
 def test_each_channel_its_pub_sub_and_presence_on_its_shard(
         start_server: Any, shards: list[RedisServer]) -> None:
     near = node(start_server, shards)
@@ -71,6 +78,7 @@ def test_each_channel_its_pub_sub_and_presence_on_its_shard(
         assert listener.recv_json()["data"] == "backend"
 
 
+@pytest.mark.slow
 def test_join_leave_and_presence_across_nodes(start_server: Any,
                                              shards: list[RedisServer]) -> None:
     near, far = node(start_server, shards), node(start_server, shards)
@@ -91,6 +99,7 @@ def test_join_leave_and_presence_across_nodes(start_server: Any,
     assert (event["type"], event["data"]["user"]) == ("leave", "joiner")
 
 
+@pytest.mark.slow
 def test_a_shard_down_fails_only_its_channels_and_comes_back(
         start_server: Any, shards: list[RedisServer]) -> None:
     near, far = node(start_server, shards), node(start_server, shards)
@@ -122,6 +131,7 @@ def test_a_shard_down_fails_only_its_channels_and_comes_back(
     assert len(downs) == 1 and "redis shard 1" in downs[0]
 
 
+@pytest.mark.slow
 def test_api_commands_reach_every_node_from_any_shard(
         start_server: Any, shards: list[RedisServer]) -> None:
     near, port = start_api(start_server, "--redis", urls(shards))
@@ -139,6 +149,7 @@ def test_api_commands_reach_every_node_from_any_shard(
     closed_by_api(bob)
 
 
+@pytest.mark.slow
 def test_nothing_acknowledged_is_lost_while_a_shard_restarts(
         start_server: Any, shards: list[RedisServer]) -> None:
     """Every publish answered `published` reaches the subscribers of both nodes, through a
@@ -178,6 +189,7 @@ def test_nothing_acknowledged_is_lost_while_a_shard_restarts(
           f"{len(refused)} refused (503)")
 
 
+@pytest.mark.slow
 def test_history_and_recovery_on_the_channel_s_shard(
         start_server: Any, shards: list[RedisServer]) -> None:
     near, far = (node(start_server, shards, "--history-size", "2000") for _ in range(2))

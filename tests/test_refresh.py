@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from conftest import token
-from wire import RawClient
+import pytest
+from support.server import token
+from support.wire import RawClient
 
 
 def test_refresh_narrows_permissions_and_ends_what_they_no_longer_allow(server: Any) -> None:
@@ -40,6 +41,7 @@ def test_a_refused_refresh_leaves_the_connection_as_it_was(server: Any) -> None:
     assert client.recv_json()["data"]["channels"] == ["chat.lobby"]
 
 
+@pytest.mark.slow
 def test_refresh_before_expiry_keeps_the_connection_open(server: Any) -> None:
     def short_lived() -> RawClient:
         client = RawClient(server.host, server.port, f"/?token={token('dana', ttl=2)}")

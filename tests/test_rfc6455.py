@@ -7,8 +7,8 @@ import struct
 from typing import Any
 
 import pytest
-from conftest import Server, token
-from wire import (
+from support.server import Server, token
+from support.wire import (
     BINARY,
     CLOSE,
     CONTINUATION,
@@ -70,9 +70,10 @@ BAD_SEQUENCES = {
 
 
 @pytest.mark.parametrize("name", list(BAD_SEQUENCES))
-def test_bad_frame_sequences_close_with_the_contracts_code(server: Server, name: str) -> None:
+def test_bad_frame_sequences_close_with_the_contracts_code(shared_server: Server,
+                                                           name: str) -> None:
     frames, code = BAD_SEQUENCES[name]
-    client = server.connect()
+    client = shared_server.connect()
     for opcode, payload, fin, rsv in frames:
         client.send_frame(opcode, payload, fin=fin, rsv=rsv)
     assert_closed_with(client, code)
@@ -176,6 +177,7 @@ def test_echo_path_echoes_text_and_binary(start_server: Any) -> None:
     assert_closed_with(client, 1009)
 
 
+@pytest.mark.slow
 def test_echo_path_needs_a_token(start_server: Any) -> None:
     server = start_server("--echo-path", "/echo")
     with pytest.raises(HandshakeRefusedError) as refused:

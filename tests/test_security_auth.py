@@ -13,13 +13,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, Server, token
-from wire import HandshakeRefusedError, RawClient
+from support.server import SECRET, Server, token
+from support.wire import HandshakeRefusedError, RawClient
 
 FRESH = int(time.time()) + 3600
 
@@ -57,13 +56,6 @@ def upgrade_head(server: Server, path: str = "/", extra: bytes = b"") -> bytes:
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
             ).encode() + extra + b"\r\n"
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("security") / "server.log")
-    yield server
-    server.stop()
 
 
 def bearer(value: bytes) -> bytes:
@@ -189,6 +181,7 @@ def test_insecure_with_a_secret_refuses_to_start(args: list[str], env: dict[str,
 
 
 @pytest.mark.parametrize("command", [["run", "--port", "0"], ["token", "--sub", "alice"]])
+@pytest.mark.slow
 def test_a_secret_under_32_bytes_is_refused(command: list[str]) -> None:
     short = "s" * 31
     assert_one_line_refusal(fastfan(*command, "--jwt-secret", short), "31 bytes", "32",
@@ -197,6 +190,7 @@ def test_a_secret_under_32_bytes_is_refused(command: list[str]) -> None:
     assert len(SECRET.encode()) >= 32  # what the other tests' servers run with
 
 
+@pytest.mark.slow
 def test_secret_from_a_file(start_server: Any, tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
@@ -218,6 +212,7 @@ def test_secret_from_a_file(start_server: Any, tmp_path: Path) -> None:
     client.close()
 
 
+@pytest.mark.slow
 def test_secret_file_problems_are_one_line(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope")
     assert_one_line_refusal(fastfan("run", "--jwt-secret-file", missing), missing,
@@ -233,6 +228,7 @@ def test_secret_file_problems_are_one_line(tmp_path: Path) -> None:
                                     env={"FASTFAN_JWT_SECRET": SECRET}), "not both")
 
 
+@pytest.mark.slow
 def test_run_help_says_to_keep_the_secret_out_of_ps() -> None:
     result = fastfan("run", "--help")
     assert result.returncode == 0

@@ -11,13 +11,15 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Server, children, process_holding, token, wait_for
-from test_redis_bounds import peak_rss_kib
-from wire import RawClient
+import pytest
+from support.processes import children, peak_rss_kib
+from support.server import Server
+from support.waiting import wait_for
+from support.wire import RawClient
+from support.workers import place
 
 PUBLISH, HELLO = 2, 1
 # A record as workers frame them: length of what follows, kind, channel length, channel.
@@ -111,21 +113,8 @@ def unix_addresses_of(pids: list[int]) -> dict[str, int]:
 def subscribers_on_each_worker(server: Server, channel: str,
                                workers: list[int]) -> dict[int, RawClient]:
     """One subscriber of `channel` held by each worker; keyed by worker pid."""
-    placed: dict[int, RawClient] = {}
-    for _ in range(60 * len(workers)):
-        client = RawClient(server.host, server.port, f"/?token={token()}")
-        client.recv_json()
-        pid = process_holding(client.sock.getsockname()[1], workers)
-        if pid is None or pid in placed:
-            client.close()
-            continue
-        client.send_json({"type": "subscribe", "channel": channel})
-        assert client.recv_json()["type"] == "subscribed"
-        placed[pid] = client
-        if len(placed) == len(workers):
-            time.sleep(0.3)  # let every worker hear of the others' new channel
-            return placed
-    raise AssertionError(f"no subscriber on every worker: {placed}")
+    return {pid: client for pid, (client,) in
+            place(server, channels=(channel,), workers=workers).items()}
 
 
 def crosses_workers(server: Server, workers: list[int], channel: str) -> None:
@@ -138,6 +127,7 @@ def crosses_workers(server: Server, workers: list[int], channel: str) -> None:
             assert (message["type"], message["data"]) == ("message", publisher_pid), message
 
 
+@pytest.mark.slow
 def test_another_user_cannot_reach_the_bus(start_server: Any) -> None:
     server = start_server("--workers", "2")
     workers = children(server.process.pid)
@@ -161,6 +151,7 @@ def test_another_user_cannot_reach_the_bus(start_server: Any) -> None:
         assert client.recv_json()["data"] == "real"
 
 
+@pytest.mark.slow
 def test_our_user_outside_the_server_is_refused_before_a_byte_is_read(
         start_server: Any) -> None:
     server = start_server("--workers", "2")
@@ -183,6 +174,7 @@ def test_our_user_outside_the_server_is_refused_before_a_byte_is_read(
         assert client.recv_json()["data"] == "real"
 
 
+@pytest.mark.slow
 def test_a_worker_that_breaks_the_framing_is_dropped_and_costs_nothing(
         start_server: Any, tmp_path: Path) -> None:
     site = tmp_path / "site"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from conftest import Server, wait_for, worker_rss_kib
-from wire import RawClient
+import pytest
+from support.server import Server, worker_rss_kib
+from support.waiting import wait_for
+from support.wire import RawClient
 
 MESSAGES = 5000
 DATA = "x" * 4000  # 5000 x 4 KB = 20 MB per subscriber: far past the kernel's buffers
@@ -71,6 +73,7 @@ def start(start_server: Any, policy: str) -> Server:
                         "--publish-rate", "1000000", "--max-message-size", "10000", *NO_HEARTBEAT)
 
 
+@pytest.mark.slow
 def test_disconnect_closes_the_stalled_client_with_4008(start_server: Any) -> None:
     server = start(start_server, "disconnect")
     slow = stalled(server, ["feed"])
@@ -87,6 +90,7 @@ def test_disconnect_closes_the_stalled_client_with_4008(start_server: Any) -> No
     assert figures["fastfan_connections"] == 4  # the fast three and the publisher
 
 
+@pytest.mark.slow
 def test_drop_discards_until_the_client_drains_and_counts(start_server: Any) -> None:
     server = start(start_server, "drop")
     slow = stalled(server, ["feed"])
@@ -109,6 +113,7 @@ def test_drop_discards_until_the_client_drains_and_counts(start_server: Any) -> 
     assert slow.recv_json() == {"type": "pong"}  # still connected, still served
 
 
+@pytest.mark.slow
 def test_conflate_delivers_the_newest_of_each_channel_once_drained(start_server: Any) -> None:
     server = start(start_server, "conflate")
     slow = stalled(server, ["a", "b"])

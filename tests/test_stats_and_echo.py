@@ -7,8 +7,10 @@ import time
 from typing import Any
 
 import pytest
-from conftest import RedisServer, token, wait_for
-from wire import RawClient, frame
+from support.redis import RedisServer
+from support.server import token
+from support.waiting import wait_for
+from support.wire import RawClient, frame
 
 
 def raw(server: Any, user: str = "alice") -> tuple[RawClient, bytes]:

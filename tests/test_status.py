@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 from browser import CHROMIUM, Browser
-from conftest import RedisServer, Server, messages_of, token, wait_for
-from test_api import KEY, request, start_api
+from support.api import KEY, request, start_api, status_json
+from support.redis import RedisServer
+from support.server import Server, messages_of, token
+from support.waiting import wait_for
 from websockets.sync.client import ClientConnection, connect
 
 from fastfan import status
@@ -28,12 +30,6 @@ ELSEWHERE = ["10.0.0.5", "192.168.1.20", "8.8.8.8", "::ffff:10.0.0.1", "2001:db8
              "fe80::1%eth0", "", "not an address", None]
 
 
-@pytest.fixture
-def clients() -> Iterator[ExitStack]:
-    with ExitStack() as stack:
-        yield stack
-
-
 def subscriber(clients: ExitStack, server: Server, channel: str) -> ClientConnection:
     """A subscriber to `channel` that queues what it does not read, however much: closing it
     does not wait behind a flood it never read."""
@@ -42,16 +38,6 @@ def subscriber(clients: ExitStack, server: Server, channel: str) -> ClientConnec
     client.send(json.dumps({"type": "subscribe", "channel": channel}))
     assert messages_of(client, 1)[0]["type"] == "subscribed"
     return client
-
-
-def status_json(port: int, query: str = "", headers: dict[str, str] | None = None
-                ) -> dict[str, Any]:
-    code, answer_headers, body = request("127.0.0.1", port, "GET", "/status.json" + query,
-                                         headers=headers)
-    assert code == 200, body
-    assert answer_headers["Content-Type"] == "application/json"
-    assert answer_headers["Cache-Control"] == "no-store"
-    return json.loads(body)  # type: ignore[no-any-return]
 
 
 def total(document: dict[str, Any], name: str) -> float:
@@ -113,6 +99,7 @@ def test_the_page_runs_only_its_own_script() -> None:
 
 # The routes, end to end -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_status_and_its_json_answer_on_the_api_port_with_the_key_rule(
         start_server: Any) -> None:
     server, port = start_api(start_server)
@@ -136,6 +123,7 @@ def test_status_and_its_json_answer_on_the_api_port_with_the_key_rule(
     assert KEY not in server.log()
 
 
+@pytest.mark.slow
 def test_the_figures_follow_connections_and_messages(
         start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server)
@@ -161,6 +149,7 @@ def test_the_figures_follow_connections_and_messages(
     assert after["time"] > first["time"] and after["uptime"] >= 0
 
 
+@pytest.mark.slow
 def test_one_row_per_worker(start_server: Any, clients: ExitStack) -> None:
     server, port = start_api(start_server, "--workers", "2")
     for n in range(8):
@@ -171,6 +160,7 @@ def test_one_row_per_worker(start_server: Any, clients: ExitStack) -> None:
     assert sum(row["subscriptions"] for row in document["workers"]) == 8
 
 
+@pytest.mark.slow
 def test_redis_state(start_server: Any, redis_server: RedisServer) -> None:
     server, port = start_api(start_server, "--redis", redis_server.url)
     server.wait_ready()
@@ -249,6 +239,7 @@ def publishing(port: int, channel: str) -> Iterator[None]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (./dev test installs it)")
+@pytest.mark.slow
 def test_the_page_in_headless_chromium(
         start_server: Any, clients: ExitStack, tmp_path: Path) -> None:
     server, port = start_api(start_server)

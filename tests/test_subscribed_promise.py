@@ -12,8 +12,10 @@ import os
 import signal
 from typing import Any
 
-from conftest import RedisServer, one_per_worker
-from wire import RawClient
+import pytest
+from support.redis import RedisServer
+from support.wire import RawClient
+from support.workers import one_per_worker
 
 ROUNDS = 150
 
@@ -33,6 +35,7 @@ def first_lost_round(subscriber: RawClient, publisher: RawClient) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_across_workers(start_server: Any) -> None:
     server = start_server("--workers", "2")
     first, second = one_per_worker(server).values()
@@ -40,6 +43,7 @@ def test_across_workers(start_server: Any) -> None:
     assert first_lost_round(second, first) is None
 
 
+@pytest.mark.slow
 def test_across_nodes(start_server: Any, redis_server: RedisServer) -> None:
     near = start_server("--redis", redis_server.url)
     far = start_server("--redis", redis_server.url)
@@ -59,6 +63,7 @@ def no_reply_within(client: RawClient, seconds: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_the_reply_waits_for_the_other_worker(start_server: Any) -> None:
     """While the other worker cannot have heard of the subscription (stopped), there is
     no `subscribed`; it follows once that worker has it."""
@@ -77,6 +82,7 @@ def test_the_reply_waits_for_the_other_worker(start_server: Any) -> None:
     assert here != there
 
 
+@pytest.mark.slow
 def test_the_reply_waits_for_redis(start_server: Any, redis_server: RedisServer) -> None:
     node = start_server("--redis", redis_server.url)
     node.wait_ready()

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, messages_of, token
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_autobahn import COMPRESSION_SAMPLE, failures, run_cases
+from support.autobahn import COMPRESSION_SAMPLE, failures, run_cases
+from support.server import Server, messages_of, token
+from support.waiting import wait_for
 from websockets.sync.client import connect as websocket_connect
 
 
@@ -107,6 +108,7 @@ def test_wss_and_https_carry_small_large_and_compressed_frames(start_tls: Any) -
     assert received == {"deflate": texts, None: texts}
 
 
+@pytest.mark.slow
 def test_a_stream_larger_than_the_socket_buffers_arrives_whole_and_in_order(
         start_tls: Any) -> None:
     server = start_tls("--max-buffer", str(64 << 20))
@@ -124,6 +126,7 @@ def test_a_stream_larger_than_the_socket_buffers_arrives_whole_and_in_order(
     assert got == list(range(2000))
 
 
+@pytest.mark.slow
 def test_a_slow_consumer_over_tls_is_disconnected_past_max_buffer(start_tls: Any) -> None:
     server = start_tls("--max-buffer", "200000")
     with websocket_connect(server.url(token=token("slow")), ssl=server.context,
@@ -137,15 +140,12 @@ def test_a_slow_consumer_over_tls_is_disconnected_past_max_buffer(start_tls: Any
             fast.send(json.dumps({"type": "publish", "channel": "flood", "data": "w" * 4000}))
         fast.send(json.dumps({"type": "ping", "id": 1}))
         assert messages_of(fast)[-1]["type"] == "pong"
-        metrics: dict[str, float] = {}
-        for _ in range(100):
-            metrics = server.metrics()
-            if metrics.get("fastfan_slow_consumers_disconnected_total"):
-                break
-            asyncio.run(asyncio.sleep(0.1))
+        metrics = wait_for(lambda: (m := server.metrics()).get(
+            "fastfan_slow_consumers_disconnected_total") and m)
     assert metrics["fastfan_slow_consumers_disconnected_total"] == 1
 
 
+@pytest.mark.slow
 def test_a_plain_client_on_the_tls_port_fails_and_the_server_goes_on(start_tls: Any) -> None:
     server = start_tls()
     with socket.create_connection((server.host, server.port), timeout=5) as plain:
@@ -182,6 +182,7 @@ async def _tls_proxy(server: TlsServer) -> asyncio.Server:
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
+@pytest.mark.slow
 def test_autobahn_cases_pass_over_tls(start_tls: Any) -> None:
     server = start_tls("--echo-path", "/echo", "--max-message-size", str(17 << 20),
                        "--max-buffer", str(64 << 20), "--log-level", "warning")
@@ -201,6 +202,7 @@ def test_autobahn_cases_pass_over_tls(start_tls: Any) -> None:
     assert failures(results) == []
 
 
+@pytest.mark.slow
 def test_every_worker_serves_tls(start_tls: Any) -> None:
     server = start_tls("--workers", "2")
     prefixes = set()

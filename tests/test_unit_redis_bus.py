@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import hiredis
 import pytest
-from conftest import RedisServer
-from wire import resp
+from support.redis import RedisServer
+from support.wire import resp
 
 from fastfan.bus.redis import _command, reconnect_delay
 

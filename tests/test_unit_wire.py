@@ -6,12 +6,22 @@ from __future__ import annotations
 import os
 
 import pytest
-import wire
+from support.wire import (
+    BINARY,
+    CLOSE,
+    CONTINUATION,
+    PING,
+    PONG,
+    TEXT,
+    ZERO_KEY,
+    frame,
+    frame_head,
+    parse_frame,
+)
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame as WebsocketsFrame
 from websockets.frames import Opcode
 from websockets.streams import StreamReader
-from wire import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, frame, frame_head, parse_frame
 
 # Payload sizes either side of each length encoding: 7 bits, 16 bits, 64 bits.
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
@@ -37,7 +47,7 @@ def parsed_by_websockets(data: bytes, *, mask: bool) -> WebsocketsFrame:
 @pytest.mark.parametrize("fin", [True, False])
 def test_a_data_frame_is_what_websockets_reads(size: int, opcode: int, fin: bool) -> None:
     payload = os.urandom(size)
-    for key in (None, wire.ZERO_KEY):  # a random key, and the fuzz seeds' one
+    for key in (None, ZERO_KEY):  # a random key, and the fuzz seeds' one
         built = frame(opcode, payload, fin=fin, key=key)
         read = parsed_by_websockets(built, mask=True)
         assert (read.opcode, read.data, read.fin) == (Opcode(opcode), payload, fin)
@@ -53,7 +63,7 @@ def test_a_control_frame_is_what_websockets_reads(opcode: int) -> None:
 def test_a_random_key_masks_and_the_zero_key_leaves_the_payload_readable() -> None:
     payload = b'{"type":"ping"}' * 4
     readable = bytes([0x81, 0x80 | len(payload)]) + bytes(4) + payload
-    assert frame(TEXT, payload, key=wire.ZERO_KEY) == readable
+    assert frame(TEXT, payload, key=ZERO_KEY) == readable
     assert payload not in frame(TEXT, payload)
     assert frame(TEXT, payload) != frame(TEXT, payload)  # a fresh key each time
 
@@ -101,7 +111,7 @@ def test_parse_frame_waits_for_every_byte_of_a_frame(size: int) -> None:
 
 @pytest.mark.parametrize("size", [1 << 16, 1 << 30, 1 << 40])
 def test_a_frame_head_alone_announces_its_whole_length(size: int) -> None:
-    head = frame_head(TEXT, size) + wire.ZERO_KEY
+    head = frame_head(TEXT, size) + ZERO_KEY
     assert parse_frame(head + b"x" * 100) is None  # the rest never comes
     reader = StreamReader()
     reader.feed_data(head)
