@@ -141,7 +141,7 @@ class Master:
         self.figures = SharedFigures(config.workers)
         self.slots = [Slot() for _ in range(config.workers)]
         # The embedded bus's sockets, reachable by our uid only (see bus/mesh.py).
-        self.bus_directory = ""
+        self.mesh_sockets = ""
         # Where a failing worker writes why, one line `slot reason`, before it exits.
         self._reasons, self._reason_sink = os.pipe2(os.O_NONBLOCK)
         self._failed = ""  # a worker that will not start: the server stops with this
@@ -163,7 +163,7 @@ class Master:
         """Fork and supervise the workers until a signal (exit status 0) or a worker that
         will not start (1). SIGNALS are blocked already (serve)."""
         if self.config.workers > 1 and self.config.redis is None:
-            self.bus_directory = tempfile.mkdtemp(prefix="fastfan-bus-")
+            self.mesh_sockets = tempfile.mkdtemp(prefix="fastfan-bus-")
         try:
             now = time.monotonic()
             for slot in self.slots:
@@ -180,8 +180,8 @@ class Master:
                     return 1
                 self._restart_due()
         finally:
-            if self.bus_directory:
-                shutil.rmtree(self.bus_directory, ignore_errors=True)
+            if self.mesh_sockets:
+                shutil.rmtree(self.mesh_sockets, ignore_errors=True)
 
     def _spawn(self, index: int) -> None:
         slot = self.slots[index]
@@ -207,7 +207,7 @@ class Master:
                 return 0  # the master died before prctl took effect
             slot = self.slots[index]
             run_worker(self.config, Placement(
-                index, self.pid, self.figures, self.bus_directory,
+                index, self.pid, self.figures, self.mesh_sockets,
                 client_id_prefix=slot.client_id_prefix,
                 previous_client_id_prefix=previous_prefix),
                 slot.sockets, slot.api_sockets)

@@ -54,7 +54,7 @@ class Placement:
     slot: int
     master_pid: int
     figures: SharedFigures
-    bus_directory: str = ""  # the master's private directory of the embedded bus's sockets
+    mesh_sockets: str = ""  # the master's private folder of the embedded bus's sockets
     client_id_prefix: str = ""  # this worker's clientIds begin with it (random if empty)
     previous_client_id_prefix: str = ""  # the worker's this one replaces, if it died
 
@@ -87,7 +87,7 @@ class Worker:
                          process_start_time(placement.master_pid), self.total_figures)
         self.bus = make_bus(config, self.hub, self.node, worker=placement.slot,
                             master_pid=placement.master_pid,
-                            mesh_directory=placement.bus_directory,
+                            mesh_sockets=placement.mesh_sockets,
                             predecessor=placement.previous_client_id_prefix)
         self.hub.bus = self.bus
         self.accepting = False
