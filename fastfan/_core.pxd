@@ -190,7 +190,7 @@ cdef class Session(Outbox):
         readonly object     identity        # auth.Identity, replaced by a `refresh`
         readonly bytes      client_id
         bint                echo            # --echo-path: echo frames, no pub/sub protocol
-        readonly dict       subscriptions   # channel name -> slot in Channel.subscribers
+        readonly dict       subscriptions   # channel name -> its index in Channel.subscribers
         readonly long long  connected_at    # epoch milliseconds
         readonly unsigned long long messages_received
         readonly unsigned long long bytes_received
@@ -251,7 +251,7 @@ cdef class Session(Outbox):
 
 cdef class Channel:
     # One channel's local subscribers, a contiguous array of strong references: fan-out
-    # walks it in C, and add/remove are O(1) (the session remembers its slot).
+    # walks it in C, and add/remove are O(1) (the session remembers its index).
     cdef:
         readonly str name
         void**      subscribers
@@ -262,7 +262,7 @@ cdef class Channel:
         Py_ssize_t  deflating   # subscribers that get compressed frames: 0, today's fan-out
 
     cdef Py_ssize_t add(self, Outbox subscriber) except -1
-    cdef Outbox remove_at(self, Py_ssize_t slot)
+    cdef Outbox remove_at(self, Py_ssize_t index)
 
 
 cdef class Hub:

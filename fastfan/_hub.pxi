@@ -32,18 +32,18 @@ cdef class Channel:
         self.deflating += subscriber.deflate_out
         return self.count - 1
 
-    cdef Outbox remove_at(self, Py_ssize_t slot):
-        """Remove the subscriber in `slot` by moving the last one into it.
+    cdef Outbox remove_at(self, Py_ssize_t index):
+        """Remove the subscriber in `index` by moving the last one into it.
 
-        Returns the subscriber that moved (its slot is now `slot`), or None.
+        Returns the subscriber that moved (its index is now `index`), or None.
         """
-        cdef Outbox removed = <Outbox>self.subscribers[slot]
+        cdef Outbox removed = <Outbox>self.subscribers[index]
         cdef Outbox moved = None
         self.count -= 1
         self.deflating -= removed.deflate_out
-        if slot != self.count:
-            self.subscribers[slot] = self.subscribers[self.count]
-            moved = <Outbox>self.subscribers[slot]
+        if index != self.count:
+            self.subscribers[index] = self.subscribers[self.count]
+            moved = <Outbox>self.subscribers[index]
         Py_DECREF(removed)
         return moved
 
@@ -609,16 +609,16 @@ cdef class Hub:
 
     cdef int unsubscribe(self, Session session, str name) except -1:
         cdef Channel channel = self.channels[name]
-        cdef Py_ssize_t slot = session.subscriptions.pop(name)
+        cdef Py_ssize_t index = session.subscriptions.pop(name)
         cdef Session moved
-        if slot == WAITING:
+        if index == WAITING:
             self.waiting.pop((session, name), None)  # its history read, when it comes,
                                                      # skips it
             channel.waiting -= 1
         else:
-            moved = <Session>channel.remove_at(slot)
+            moved = <Session>channel.remove_at(index)
             if moved is not None:
-                moved.subscriptions[name] = slot
+                moved.subscriptions[name] = index
         session.subscription_bytes -= len(name)
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
             self.presence_answers.pop(name, None)

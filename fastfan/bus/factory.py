@@ -22,14 +22,14 @@ def make_bus(config: Config, hub: HubLink, node: Node, *, worker: int, master_pi
     if redis is not None and redis.startswith(CLUSTER_SCHEME):
         return ClusterBus(hub, redis, config.redis_prefix, presence_ttl=config.presence_ttl,
                           predecessor=predecessor, history_ttl=config.history_ttl, node=node,
-                          slot=worker)
+                          worker=worker)
     if redis is not None and len(redis_urls(redis)) > 1:
         return ShardedBus(hub, redis_urls(redis), config.redis_prefix,
                           presence_ttl=config.presence_ttl, predecessor=predecessor,
-                          history_ttl=config.history_ttl, node=node, slot=worker)
+                          history_ttl=config.history_ttl, node=node, worker=worker)
     if redis is not None:
         return RedisBus(hub, redis, config.redis_prefix, presence_ttl=config.presence_ttl,
-                        node=node, slot=worker, history_ttl=config.history_ttl,
+                        node=node, worker=worker, history_ttl=config.history_ttl,
                         predecessor=predecessor)
     if config.workers == 1:
         return LocalBus(hub, node, history_ttl=config.history_ttl)
