@@ -257,7 +257,7 @@ cdef class Channel:
         void**      subscribers
         Py_ssize_t  count
         Py_ssize_t  capacity
-        Py_ssize_t  waiting     # subscribers not in the array yet: their history read is
+        Py_ssize_t  recovering  # subscribers not in the array yet: their history read is
                                 # on its way (Hub.subscribe_history)
         Py_ssize_t  deflating   # subscribers that get compressed frames: 0, today's fan-out
 
@@ -301,7 +301,7 @@ cdef class Hub:
         readonly Py_ssize_t history_max_bytes  # what history keeps per worker at most
         dict                recoveries      # channel -> [Recovery] waiting for its next read
         set                 reading         # channels with a history read scheduled or out
-        dict                waiting         # (session, channel) -> its Recovery, until read
+        dict                recovering      # (session, channel) -> its Recovery, until read
 
         # a scratch buffer where each message is framed once, then copied to every subscriber
         char*               frame

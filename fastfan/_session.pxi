@@ -392,7 +392,7 @@ cdef class Session(Outbox):
         subscribe_id = self.hub.unconfirmed.get(channel, {}).get(self)
         if subscribe_id is not None:
             self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
-        recovery = self.hub.waiting.get((self, channel))
+        recovery = self.hub.recovering.get((self, channel))
         if recovery is not None:  # its history read is not back yet
             self.queue_bytes(_reply(b"subscribed", channel, recovery[1]))
         self.hub.unsubscribe(self, channel)
