@@ -243,6 +243,7 @@ cdef class Session(Outbox):
     cdef bint _take_history_quota(self, Py_ssize_t size)
     cdef bint _may_subscribe(self)
     cdef bint _may_ask_presence(self)
+    cdef int _refuse(self, tuple refusal, bytes request_id) except -1
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1
     cdef int _forget_fragments(self) except -1
     cdef int check_deadlines(self, double now, double wall, double ping_interval,

@@ -40,6 +40,7 @@ import secrets
 
 import msgspec
 
+from . import errors
 from .auth import AuthError
 from .history import BYTES_PER_PUBLISH, CHANNEL_COST, READ_RATE
 from .history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_MAX_BYTES
