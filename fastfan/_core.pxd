@@ -190,7 +190,7 @@ cdef class Session(Outbox):
         readonly object     identity        # auth.Identity, replaced by a `refresh`
         readonly bytes      client_id
         bint                echo            # --echo-path: echo frames, no pub/sub protocol
-        readonly dict       subscriptions   # channel name -> slot in Channel.subscribers
+        readonly dict       subscriptions   # channel name -> its index in Channel.subscribers
         readonly long long  connected_at    # epoch milliseconds
         readonly unsigned long long messages_received
         readonly unsigned long long bytes_received
@@ -243,6 +243,7 @@ cdef class Session(Outbox):
     cdef bint _take_history_quota(self, Py_ssize_t size)
     cdef bint _may_subscribe(self)
     cdef bint _may_ask_presence(self)
+    cdef int _refuse(self, tuple refusal, bytes request_id) except -1
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1
     cdef int _forget_fragments(self) except -1
     cdef int check_deadlines(self, double now, double wall, double ping_interval,
@@ -251,18 +252,18 @@ cdef class Session(Outbox):
 
 cdef class Channel:
     # One channel's local subscribers, a contiguous array of strong references: fan-out
-    # walks it in C, and add/remove are O(1) (the session remembers its slot).
+    # walks it in C, and add/remove are O(1) (the session remembers its index).
     cdef:
         readonly str name
         void**      subscribers
         Py_ssize_t  count
         Py_ssize_t  capacity
-        Py_ssize_t  waiting     # subscribers not in the array yet: their history read is
+        Py_ssize_t  recovering  # subscribers not in the array yet: their history read is
                                 # on its way (Hub.subscribe_history)
         Py_ssize_t  deflating   # subscribers that get compressed frames: 0, today's fan-out
 
     cdef Py_ssize_t add(self, Outbox subscriber) except -1
-    cdef Outbox remove_at(self, Py_ssize_t slot)
+    cdef Outbox remove_at(self, Py_ssize_t index)
 
 
 cdef class Hub:
@@ -301,7 +302,7 @@ cdef class Hub:
         readonly Py_ssize_t history_max_bytes  # what history keeps per worker at most
         dict                recoveries      # channel -> [Recovery] waiting for its next read
         set                 reading         # channels with a history read scheduled or out
-        dict                waiting         # (session, channel) -> its Recovery, until read
+        dict                recovering      # (session, channel) -> its Recovery, until read
 
         # a scratch buffer where each message is framed once, then copied to every subscriber
         char*               frame

@@ -40,6 +40,7 @@ import secrets
 
 import msgspec
 
+from . import errors
 from .auth import AuthError
 from .history import BYTES_PER_PUBLISH, CHANNEL_COST, READ_RATE
 from .history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_MAX_BYTES
@@ -142,7 +143,7 @@ for _c in range(128):
 WATCH_PREFIX = "#"
 cdef Py_UCS4 WATCH_MARK = WATCH_PREFIX[0]
 
-# Session.subscriptions' slot for a subscription whose history read is on its way: the
+# Session.subscriptions' index for a subscription whose history read is on its way: the
 # session is not in the channel's array yet (Hub.subscribe_history).
 cdef Py_ssize_t WAITING = -1
 

@@ -32,18 +32,18 @@ cdef class Channel:
         self.deflating += subscriber.deflate_out
         return self.count - 1
 
-    cdef Outbox remove_at(self, Py_ssize_t slot):
-        """Remove the subscriber in `slot` by moving the last one into it.
+    cdef Outbox remove_at(self, Py_ssize_t index):
+        """Remove the subscriber in `index` by moving the last one into it.
 
-        Returns the subscriber that moved (its slot is now `slot`), or None.
+        Returns the subscriber that moved (its index is now `index`), or None.
         """
-        cdef Outbox removed = <Outbox>self.subscribers[slot]
+        cdef Outbox removed = <Outbox>self.subscribers[index]
         cdef Outbox moved = None
         self.count -= 1
         self.deflating -= removed.deflate_out
-        if slot != self.count:
-            self.subscribers[slot] = self.subscribers[self.count]
-            moved = <Outbox>self.subscribers[slot]
+        if index != self.count:
+            self.subscribers[index] = self.subscribers[self.count]
+            moved = <Outbox>self.subscribers[index]
         Py_DECREF(removed)
         return moved
 
@@ -82,7 +82,7 @@ cdef class Hub:
         self.history_max_bytes = history_max_bytes
         self.recoveries = {}
         self.reading = set()
-        self.waiting = {}
+        self.recovering = {}
         self.client_id_prefix = (client_id_prefix or secrets.token_hex(6)).encode() + b"-"
         self.publish_latency = Histogram()
         self.handling = Samples()
@@ -609,16 +609,16 @@ cdef class Hub:
 
     cdef int unsubscribe(self, Session session, str name) except -1:
         cdef Channel channel = self.channels[name]
-        cdef Py_ssize_t slot = session.subscriptions.pop(name)
+        cdef Py_ssize_t index = session.subscriptions.pop(name)
         cdef Session moved
-        if slot == WAITING:
-            self.waiting.pop((session, name), None)  # its history read, when it comes,
+        if index == WAITING:
+            self.recovering.pop((session, name), None)  # its history read, when it comes,
                                                      # skips it
-            channel.waiting -= 1
+            channel.recovering -= 1
         else:
-            moved = <Session>channel.remove_at(slot)
+            moved = <Session>channel.remove_at(index)
             if moved is not None:
-                moved.subscriptions[name] = slot
+                moved.subscriptions[name] = index
         session.subscription_bytes -= len(name)
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
             self.presence_answers.pop(name, None)
@@ -627,7 +627,7 @@ cdef class Hub:
         waiting = self.unconfirmed.get(name)
         if waiting and session in waiting:
             session.held_bytes -= len(waiting.pop(session))
-        if channel.count == 0 and channel.waiting == 0:
+        if channel.count == 0 and channel.recovering == 0:
             del self.channels[name]
             self.recoveries.pop(name, None)  # nobody is left to wait for a read
             self.bus.unsubscribe(name)
@@ -654,9 +654,9 @@ cdef class Hub:
         """
         cdef Channel channel = self._open(name)
         recovery = (session, request_id, recover)
-        channel.waiting += 1
+        channel.recovering += 1
         session.subscriptions[name] = WAITING
-        self.waiting[(session, name)] = recovery
+        self.recovering[(session, name)] = recovery
         self.recoveries.setdefault(name, []).append(recovery)
         self._joined(session, name)
         if name not in self.unconfirmed:
@@ -696,16 +696,16 @@ cdef class Hub:
         self.reading.discard(name)
         for recovery in batch:
             session = recovery[0]
-            if self.waiting.get((session, name)) is not recovery:
+            if self.recovering.get((session, name)) is not recovery:
                 continue  # unsubscribed or disconnected meanwhile
-            del self.waiting[(session, name)]
+            del self.recovering[(session, name)]
             if answer is None:
                 session._queue_error(503, "history unavailable: its store did not answer, "
                                      "try again", recovery[1])
                 session._leave(name)
                 continue
             channel = self.channels[name]
-            channel.waiting -= 1
+            channel.recovering -= 1
             self._resume(session, channel, recovery[1], recovery[2], answer)
             session.subscriptions[name] = channel.add(session)
         if name in self.channels and name not in self.unconfirmed:
@@ -766,7 +766,7 @@ cdef class Hub:
             session = <Session>target.subscribers[i]
             if session.identity.user == user:
                 ended.append(session)
-        for session, name in list(self.waiting):  # subscribing from a position
+        for session, name in list(self.recovering):  # subscribing from a position
             if name == channel and session.identity.user == user:
                 ended.append(session)
         for session in ended:

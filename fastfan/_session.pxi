@@ -323,8 +323,7 @@ cdef class Session(Outbox):
             self._queue_error(400, "missing 'channel'", request_id)
             return 0
         if not is_valid_channel(channel):
-            self._queue_error(400, "invalid channel name: 1-255 characters from "
-                             "A-Z a-z 0-9 _ - . : @ /", request_id)
+            self._refuse(errors.invalid_channel(), request_id)
             return 0
         return 1
 
@@ -359,7 +358,7 @@ cdef class Session(Outbox):
                                      "'subscribed' follows once the bus has it", request_id)
         if self.held_bytes and self.held_bytes + len(request_id) > hub.max_buffer:
             # Replies held for the bus are output owed: within --max-buffer, as the rest.
-            return self._queue_error(503, "message bus unavailable, try again", request_id)
+            return self._refuse(errors.BUS_UNAVAILABLE, request_id)
         if (new or watch) and not self._may_subscribe():
             # Each change is a join or leave for every watcher, and bus traffic.
             return self._queue_error(429, f"subscribe rate limit ({hub.subscribe_rate:g}/s) "
@@ -392,7 +391,7 @@ cdef class Session(Outbox):
         subscribe_id = self.hub.unconfirmed.get(channel, {}).get(self)
         if subscribe_id is not None:
             self.queue_bytes(_reply(b"subscribed", channel, subscribe_id))
-        recovery = self.hub.waiting.get((self, channel))
+        recovery = self.hub.recovering.get((self, channel))
         if recovery is not None:  # its history read is not back yet
             self.queue_bytes(_reply(b"subscribed", channel, recovery[1]))
         self.hub.unsubscribe(self, channel)
@@ -429,7 +428,7 @@ cdef class Session(Outbox):
         outcome = publish(channel, payload, self if request_id else None, request_id,
                           None if request.echo else self)
         if outcome == BusResult.REFUSED:
-            return self._queue_error(503, "message bus unavailable, try again", request_id)
+            return self._refuse(errors.BUS_UNAVAILABLE, request_id)
         if outcome == BusResult.DONE and request_id:
             return self.queue_bytes(_reply(b"published", channel, request_id))
         return 0  # PENDING: the bus calls acknowledge() once it knows
@@ -492,8 +491,7 @@ cdef class Session(Outbox):
             return self._queue_error(403, f"not permitted to see who is in {channel}",
                                      request_id)
         if not hub.presence_channels.allows(channel):
-            return self._queue_error(400, f"no presence is kept for {channel} "
-                                     "(--presence-channels)", request_id)
+            return self._refuse(errors.no_presence(channel), request_id)
         if not self._may_ask_presence():
             return self._queue_error(429, f"presence rate limit ({hub.subscribe_rate:g}/s) "
                                      "exceeded", request_id)
@@ -513,7 +511,7 @@ cdef class Session(Outbox):
                                      request_id)
         limit = 100 if request.limit is None else request.limit
         if limit < 0 or (request.since is not None and request.since < 0):
-            return self._queue_error(400, "'limit' and 'since' must be 0 or more", request_id)
+            return self._refuse(errors.NEGATIVE_POSITION, request_id)
         if not self._take_read_token():
             return self._queue_error(429, f"history rate limit ({READ_RATE:g}/s) exceeded",
                                      request_id)
@@ -533,13 +531,11 @@ cdef class Session(Outbox):
         if self.closing:
             return
         if answer is None:
-            self._queue_error(503, "history unavailable: its store did not answer, try again",
-                              request_id)
+            self._refuse(errors.HISTORY_UNAVAILABLE, request_id)
             return
         top, current, messages = answer
         if paging and epoch is not None and epoch != current:
-            self._queue_error(409, f"epoch changed: {channel} is at epoch {current} now, "
-                              "its history from before is gone", request_id)
+            self._refuse(errors.epoch_changed(channel, current), request_id)
             return
         size = sum([len(message) + 1 for _, message in messages]) + 128 + len(request_id)
         if self.queued() + size > self.hub.max_buffer:
@@ -560,8 +556,7 @@ cdef class Session(Outbox):
         if self.closing:
             return
         if presence is None:
-            self._queue_error(503, "presence unavailable: a worker or Redis did not answer, "
-                              "try again", request_id)
+            self._refuse(errors.PRESENCE_UNAVAILABLE, request_id)
             return
         reply = {"type": "presence_stats" if stats_only else "presence", "channel": channel,
                  "data": hub.presence_data(presence, stats_only)}
@@ -599,6 +594,10 @@ cdef class Session(Outbox):
         that."""
         return take_token(&self.presence_tokens, &self.presence_refill_at,
                           self.hub.subscribe_rate, 2 * self.hub.subscribe_rate)
+
+    cdef int _refuse(self, tuple refusal, bytes request_id) except -1:
+        """One of fastfan.errors' refusals, as an `error` reply."""
+        return self._queue_error(refusal[0], refusal[1], request_id)
 
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1:
         return self.queue_bytes(_error(code, message, request_id))

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from . import directory, status
+from . import directory, errors, status
 from ._core import BusResult, Hub, is_valid_channel
 from .auth import MAX_TOKEN_LENGTH
 from .bus import encode_command
@@ -289,12 +289,11 @@ class Api:
         _check_channel(channel)
         hub = self._hub
         if not hub.presence_channels.allows(channel):
-            raise ApiError(400, f"no presence is kept for {channel} (--presence-channels)")
+            raise ApiError(*errors.no_presence(channel))
         presence: Presence | None = await gathered(
             lambda answer: hub.gather_presence(channel, answer), PRESENCE_TIMEOUT)
         if presence is None:
-            raise ApiError(503, "presence unavailable: a worker or Redis did not answer, "
-                                "try again")
+            raise ApiError(*errors.PRESENCE_UNAVAILABLE)
         return hub.presence_data(presence, stats_only)
 
     async def _history(self, body: bytes) -> dict[str, Any]:
@@ -302,7 +301,7 @@ class Api:
         request = _decode(body, HistoryBody)
         _check_channel(request.channel)
         if request.limit < 0 or (request.since is not None and request.since < 0):
-            raise ApiError(400, "'limit' and 'since' must be 0 or more")
+            raise ApiError(*errors.NEGATIVE_POSITION)
         hub = self._hub
         if not hub.keeps_history(request.channel):
             return {"offset": 0, "epoch": "", "messages": []}
@@ -319,11 +318,10 @@ class Api:
         except TimeoutError:
             result = None
         if result is None:
-            raise ApiError(503, "history unavailable: its store did not answer, try again")
+            raise ApiError(*errors.HISTORY_UNAVAILABLE)
         if request.since is not None and request.epoch is not None \
                 and request.epoch != result.epoch:
-            raise ApiError(409, f"epoch changed: {request.channel} is at epoch {result.epoch} "
-                                "now, its history from before is gone")
+            raise ApiError(*errors.epoch_changed(request.channel, result.epoch))
         return {"offset": result.top, "epoch": result.epoch,
                 "messages": [msgspec.Raw(message) for _, message in result.messages]}
 
@@ -441,8 +439,7 @@ def _decode(body: bytes, kind: type[_Body]) -> _Body:
 
 def _check_channel(channel: str) -> None:
     if not is_valid_channel(channel):
-        raise ApiError(400, f"invalid channel name {channel[:300]!r}: 1-255 characters "
-                            "from A-Z a-z 0-9 _ - . : @ /")
+        raise ApiError(*errors.invalid_channel(channel))
 
 
 def _check_user(user: str) -> None:

@@ -120,7 +120,9 @@ def _why_not(exc: OSError, host: str, port: int, options: tuple[str, str]) -> st
 
 
 @dataclass
-class Slot:
+class Child:
+    """The master's record of one worker, by its index: the process now in its place."""
+
     pid: int = 0
     started: float = 0.0
     quick_deaths: int = 0
@@ -139,35 +141,35 @@ class Master:
         self.config = config
         self.pid = os.getpid()
         self.figures = SharedFigures(config.workers)
-        self.slots = [Slot() for _ in range(config.workers)]
+        self.children = [Child() for _ in range(config.workers)]
         # The embedded bus's sockets, reachable by our uid only (see bus/mesh.py).
-        self.bus_directory = ""
-        # Where a failing worker writes why, one line `slot reason`, before it exits.
+        self.mesh_sockets = ""
+        # Where a failing worker writes why, one line `index reason`, before it exits.
         self._reasons, self._reason_sink = os.pipe2(os.O_NONBLOCK)
         self._failed = ""  # a worker that will not start: the server stops with this
 
     def listen(self) -> None:
         """Bind every port before the first fork: ConfigError if one is not ours to take."""
         config = self.config
-        for slot, sockets in zip(self.slots, listen(
+        for child, sockets in zip(self.children, listen(
                 config.host, config.port, config.workers, ("--host", "--port")), strict=True):
-            slot.sockets = sockets
+            child.sockets = sockets
         if config.api_port is not None:
             host_flag = "--host" if config.api_host is None else "--api-host"
-            for slot, sockets in zip(self.slots, listen(
+            for child, sockets in zip(self.children, listen(
                     config.api_listen_host, config.api_port, config.workers,
                     (host_flag, "--api-port")), strict=True):
-                slot.api_sockets = sockets
+                child.api_sockets = sockets
 
     def run(self) -> int:
         """Fork and supervise the workers until a signal (exit status 0) or a worker that
         will not start (1). SIGNALS are blocked already (serve)."""
         if self.config.workers > 1 and self.config.redis is None:
-            self.bus_directory = tempfile.mkdtemp(prefix="fastfan-bus-")
+            self.mesh_sockets = tempfile.mkdtemp(prefix="fastfan-bus-")
         try:
             now = time.monotonic()
-            for slot in self.slots:
-                slot.restart_at = now
+            for child in self.children:
+                child.restart_at = now
             while True:
                 received = signal.sigtimedwait(SIGNALS, self._wait_time())
                 self._reap()
@@ -180,21 +182,21 @@ class Master:
                     return 1
                 self._restart_due()
         finally:
-            if self.bus_directory:
-                shutil.rmtree(self.bus_directory, ignore_errors=True)
+            if self.mesh_sockets:
+                shutil.rmtree(self.mesh_sockets, ignore_errors=True)
 
     def _spawn(self, index: int) -> None:
-        slot = self.slots[index]
-        previous, slot.client_id_prefix = slot.client_id_prefix, secrets.token_hex(6)
+        child = self.children[index]
+        previous, child.client_id_prefix = child.client_id_prefix, secrets.token_hex(6)
         # Frozen, the master's objects are never walked by a worker's collections, whose
         # writes to their headers would copy the pages the workers share with the master.
         gc.freeze()
         pid = os.fork()
         if pid == 0:
             os._exit(self._child(index, previous))
-        self.slots[index].pid = pid
-        self.slots[index].started = time.monotonic()
-        self.slots[index].restart_at = None
+        self.children[index].pid = pid
+        self.children[index].started = time.monotonic()
+        self.children[index].restart_at = None
 
     def _child(self, index: int, previous_prefix: str) -> int:
         """The worker's life, in the forked child; returns its exit status."""
@@ -205,12 +207,12 @@ class Master:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != self.pid:
                 return 0  # the master died before prctl took effect
-            slot = self.slots[index]
+            child = self.children[index]
             run_worker(self.config, Placement(
-                index, self.pid, self.figures, self.bus_directory,
-                client_id_prefix=slot.client_id_prefix,
+                index, self.pid, self.figures, self.mesh_sockets,
+                client_id_prefix=child.client_id_prefix,
                 previous_client_id_prefix=previous_prefix),
-                slot.sockets, slot.api_sockets)
+                child.sockets, child.api_sockets)
             return 0
         except BaseException as exc:
             log.exception("worker %d failed", index)
@@ -228,77 +230,77 @@ class Master:
                 return
             if pid == 0:
                 return
-            for index, slot in enumerate(self.slots):
-                if slot.pid == pid:
+            for index, child in enumerate(self.children):
+                if child.pid == pid:
                     if restart:
                         self._died(index, pid, status)
                     else:
-                        slot.pid = 0
+                        child.pid = 0
 
     def _died(self, index: int, pid: int, status: int) -> None:
-        slot = self.slots[index]
-        slot.pid = 0
+        child = self.children[index]
+        child.pid = 0
         self.figures.retire(index)
-        lived = time.monotonic() - slot.started
-        slot.quick_deaths = 0 if lived >= HEALTHY_LIFETIME else slot.quick_deaths + 1
-        delay = 0.0 if slot.quick_deaths <= 1 else 0.1 * 2 ** (slot.quick_deaths - 2)
+        lived = time.monotonic() - child.started
+        child.quick_deaths = 0 if lived >= HEALTHY_LIFETIME else child.quick_deaths + 1
+        delay = 0.0 if child.quick_deaths <= 1 else 0.1 * 2 ** (child.quick_deaths - 2)
         how = (f"signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
                else f"status {os.waitstatus_to_exitcode(status)}")
         self._read_reasons()
-        reason = slot.reason or how
-        slot.reason = ""
-        if slot.quick_deaths >= START_ATTEMPTS:
-            self._failed = (f"worker {index} died {slot.quick_deaths} times in a row within "
+        reason = child.reason or how
+        child.reason = ""
+        if child.quick_deaths >= START_ATTEMPTS:
+            self._failed = (f"worker {index} died {child.quick_deaths} times in a row within "
                             f"{HEALTHY_LIFETIME:.0f} s of starting, last: {reason}")
             return
-        slot.restart_at = time.monotonic() + delay
+        child.restart_at = time.monotonic() + delay
         log.warning("worker %d (pid %d) died (%s) after %.1f s; restarting in %.1f s",
                     index, pid, how, lived, delay)
 
     def _read_reasons(self) -> None:
-        """Take what failing workers wrote (`slot reason` lines) into their slots."""
+        """Take what failing workers wrote (`index reason` lines) into their Child."""
         with contextlib.suppress(BlockingIOError):
             while chunk := os.read(self._reasons, 65536):
                 for line in chunk.decode(errors="replace").splitlines():
                     index, _, reason = line.partition(" ")
-                    if index.isdigit() and int(index) < len(self.slots):
-                        self.slots[int(index)].reason = reason
+                    if index.isdigit() and int(index) < len(self.children):
+                        self.children[int(index)].reason = reason
 
     def _wait_time(self) -> float:
-        due = [s.restart_at for s in self.slots if s.restart_at is not None]
+        due = [s.restart_at for s in self.children if s.restart_at is not None]
         return max(0.0, min(due) - time.monotonic()) if due else 60.0
 
     def _restart_due(self) -> None:
         """Fork the first worker due, one per turn of `run`'s loop: a signal that comes
         while dozens are forked is seen before the next fork."""
         now = time.monotonic()
-        for index, slot in enumerate(self.slots):
-            if slot.restart_at is not None and slot.restart_at <= now:
-                if slot.started:
+        for index, child in enumerate(self.children):
+            if child.restart_at is not None and child.restart_at <= now:
+                if child.started:
                     self.figures.count_restart()
                 self._spawn(index)
                 return
 
     def _shut_down(self, why: str) -> None:
         """SIGTERM to every worker; a second signal, or the deadline, kills what is left."""
-        log.info("%s: stopping %d workers", why, sum(1 for slot in self.slots if slot.pid))
+        log.info("%s: stopping %d workers", why, sum(1 for child in self.children if child.pid))
         self._signal_workers(signal.SIGTERM)
         deadline = time.monotonic() + self.config.shutdown_grace + EXIT_MARGIN
-        while any(slot.pid for slot in self.slots):
+        while any(child.pid for child in self.children):
             received = signal.sigtimedwait(SIGNALS, max(0.0, deadline - time.monotonic()))
             self._reap(restart=False)
             forced = received is None or received.si_signo != signal.SIGCHLD
-            if forced and any(slot.pid for slot in self.slots):
+            if forced and any(child.pid for child in self.children):
                 log.warning("killing workers that did not stop")
                 self._signal_workers(signal.SIGKILL)
                 deadline = time.monotonic() + EXIT_MARGIN
         log.info("stopped")
 
     def _signal_workers(self, signo: int) -> None:
-        for slot in self.slots:
-            if slot.pid:
+        for child in self.children:
+            if child.pid:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, signo)
+                    os.kill(child.pid, signo)
 
 
 def serve(config: Config) -> int:

@@ -51,10 +51,10 @@ def max_connections(config: Config) -> int:
 class Placement:
     """Where a worker stands among its siblings, as the master forked it."""
 
-    slot: int
+    index: int  # among the master's workers, 0 to --workers - 1
     master_pid: int
     figures: SharedFigures
-    bus_directory: str = ""  # the master's private directory of the embedded bus's sockets
+    mesh_sockets: str = ""  # the master's private folder of the embedded bus's sockets
     client_id_prefix: str = ""  # this worker's clientIds begin with it (random if empty)
     previous_client_id_prefix: str = ""  # the worker's this one replaces, if it died
 
@@ -85,9 +85,9 @@ class Worker:
         )
         self.node = Node(node_name(config.port), config.workers,
                          process_start_time(placement.master_pid), self.total_figures)
-        self.bus = make_bus(config, self.hub, self.node, worker=placement.slot,
+        self.bus = make_bus(config, self.hub, self.node, worker=placement.index,
                             master_pid=placement.master_pid,
-                            mesh_directory=placement.bus_directory,
+                            mesh_sockets=placement.mesh_sockets,
                             predecessor=placement.previous_client_id_prefix)
         self.hub.bus = self.bus
         self.accepting = False
@@ -99,7 +99,7 @@ class Worker:
                                        read_buffer_init_size=READ_BUFFER_INIT_SIZE)
         self.api = None if config.api_port is None else Api(
             config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
-            node=self.node, worker=placement.slot, why_not_ready=self.why_not_ready,
+            node=self.node, worker=placement.index, why_not_ready=self.why_not_ready,
             sockets=api_sockets)
         self._stop = asyncio.Event()
 
@@ -117,7 +117,7 @@ class Worker:
         figures.update(self.bus.figures())
         latency = self.hub.publish_latency
         figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
-        self.placement.figures.write(self.placement.slot, figures)
+        self.placement.figures.write(self.placement.index, figures)
 
     def figure_rows(self) -> list[dict[str, float]]:
         """Every worker's row of the shared figures and the master's, this worker's fresh."""
@@ -150,7 +150,7 @@ class Worker:
         # (one comes every so many new connections) need not walk it. 45,000 objects after
         # the imports alone, 10-20 ms of a collection's pause, paid in every client's latency.
         gc.freeze()
-        log.info("worker %d listening on %s:%d", self.placement.slot, config.host, config.port)
+        log.info("worker %d listening on %s:%d", self.placement.index, config.host, config.port)
         tasks = [self.loop.create_task(self._sweep_forever()),
                  self.loop.create_task(self._log_stats_forever())]
         await self._stop.wait()
@@ -177,7 +177,7 @@ class Worker:
             log.info("stats: %d messages, handling min %.3f ms, max %.3f ms, avg %.3f ms, "
                      "p95 %.3f ms, p99 %.3f ms", figures["count"], figures["min_ms"],
                      figures["max_ms"], figures["avg_ms"], figures["p95_ms"], figures["p99_ms"],
-                     extra={"fields": {"stats": figures, "worker": self.placement.slot}})
+                     extra={"fields": {"stats": figures, "worker": self.placement.index}})
 
     async def _shut_down(self, servers: list[asyncio.Server]) -> None:
         """Stop accepting, close every client with 1001, wait for them within the grace."""
@@ -193,7 +193,7 @@ class Worker:
         if self.hub.connections:
             log.warning("shutdown grace over with %d connections open", self.hub.connections)
         await self.bus.stop()
-        log.info("worker %d stopped", self.placement.slot)
+        log.info("worker %d stopped", self.placement.index)
 
 
 def run_worker(config: Config, placement: Placement, sockets: list[socket.socket],

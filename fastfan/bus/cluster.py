@@ -205,7 +205,7 @@ NOWHERE = Nowhere()
 class ClusterBus(RoutedBus):
     def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0,
-                 node: Node | None = None, slot: int = 0) -> None:
+                 node: Node | None = None, worker: int = 0) -> None:
         self.hub = hub
         self.prefix = prefix.encode()
         self._prefix = prefix
@@ -225,7 +225,7 @@ class ClusterBus(RoutedBus):
         # `channels` and `info` across the nodes (redis_directory), through that client
         # and every master's connections; made with it
         self.directory: RedisDirectory | None = None
-        self._node, self._slot = node, slot
+        self._node, self._worker = node, worker
         self.masters: dict[str, ClusterMaster] = {}  # "host:port" -> its bus
         self.owners: list[str] = []  # slot -> "host:port" of its master ("" for none)
         self.shards: list[ClusterMaster] = []
@@ -371,7 +371,7 @@ class ClusterBus(RoutedBus):
                 require_full_coverage=False, **self._login)  # type: ignore[arg-type]
             if self._node is not None:
                 self.directory = RedisDirectory(
-                    self.client, self.hub, self._prefix, self._node, self._slot,
+                    self.client, self.hub, self._prefix, self._node, self._worker,
                     send=lambda channel, payload: self.publish(channel, payload, None, b""))
                 self._tasks.append(asyncio.get_running_loop().create_task(
                     self.directory.announce_forever()))

@@ -205,7 +205,7 @@ class RedisBus(Bus):
                  predecessor: str = "", history_ttl: float = 300.0, *, name: str = "redis",
                  owns: Callable[[str], bool] | None = None, settle: float = 0.0,
                  presence_client: Any = None, node: Node | None = None,
-                 slot: int = 0, directory: RedisDirectory | None = None) -> None:
+                 worker: int = 0, directory: RedisDirectory | None = None) -> None:
         self.hub = hub
         self.url = url
         self.name = name             # in log lines: which Redis, when there are several
@@ -249,7 +249,7 @@ class RedisBus(Bus):
         self._announces = node is not None
         if node is not None:
             self.directory = RedisDirectory(
-                self._publisher, hub, prefix, node, slot,
+                self._publisher, hub, prefix, node, worker,
                 send=lambda channel, payload: self.publish(channel, payload, None, b""))
 
     def _history(self, ttl: float) -> RedisHistory:

@@ -2,7 +2,7 @@
 
 A registry of the workers: every worker writes its node's description (the `info` entry,
 fastfan.directory.Node) every ANNOUNCE_PERIOD into the hash `{prefix}!nodes` under its own
-id (`name/slot`, the name being host:port), and the time into the sorted set
+id (`name/worker index`, the name being host:port), and the time into the sorted set
 `{prefix}!nodes:seen`. A reader first drops the ids not seen for STALE_AFTER (a node that
 died without a word), then reads the hash, in one script. `info` lists one entry per
 node name. A worker that stops removes its id; both keys expire if every node is gone.
@@ -90,11 +90,11 @@ _encode = msgspec.json.encode
 
 class RedisDirectory:
     def __init__(self, client: aioredis.Redis | RedisCluster, hub: HubLink, prefix: str,
-                 node: Node, slot: int, *, send: Callable[[str, bytes], object]) -> None:
+                 node: Node, worker: int, *, send: Callable[[str, bytes], object]) -> None:
         self.client = client
         self.hub = hub
         self.node = node
-        self.id = f"{node.name}/{slot}"
+        self.id = f"{node.name}/{worker}"
         self.send = send  # (channel after the prefix, payload): a PUBLISH through the bus
         self.keys = [f"{{{prefix}nodes}}", f"{{{prefix}nodes}}:seen"]
         self.reply_channel = f"{QUERIES}:{self.id}"

@@ -111,13 +111,13 @@ class RoutedBus(Bus):
 class ShardedBus(RoutedBus):
     def __init__(self, hub: HubLink, urls: list[str], prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0,
-                 node: Node | None = None, slot: int = 0) -> None:
+                 node: Node | None = None, worker: int = 0) -> None:
         self.prefix = prefix.encode()
         # The registry of nodes and the channel queries (redis_directory) on the first shard.
         self.shards = [RedisBus(hub, url, prefix, presence_ttl, predecessor, history_ttl,
                                 name=f"redis shard {index} ({where(url)})",
                                 owns=self._owner(index, len(urls)), settle=SETTLE,
-                                node=node if index == 0 else None, slot=slot)
+                                node=node if index == 0 else None, worker=worker)
                        for index, url in enumerate(urls)]
         for shard in self.shards:
             shard.presence.announce = self._announce  # "#" + channel may be elsewhere
