@@ -17,6 +17,7 @@ import pytest
 from support.processes import children, loadgen, process_holding, process_state
 from support.redis import Cluster, RedisServer
 from support.server import SECRET, Server, messages_of, token, worker_rss_kib
+from support.tls import TlsServer, make_pki
 from support.waiting import assert_received_by_all, wait_for
 from support.wire import free_port
 from support.workers import one_per_worker
@@ -54,6 +55,26 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = Server(tmp_path_factory.mktemp("shared") / "server.log")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A throwaway CA and a certificate it signed for 127.0.0.1 (support.tls.make_pki)."""
+    return make_pki(tmp_path)
+
+
+@pytest.fixture
+def start_tls(tmp_path: Path, pki: dict[str, Path]) -> Iterator[Any]:
+    """start(*args) -> a TlsServer with `pki`'s certificate; each one stopped at the end."""
+    servers: list[TlsServer] = []
+
+    def start(*args: str) -> TlsServer:
+        servers.append(TlsServer(tmp_path / f"tls-{len(servers)}.log", pki, *args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

@@ -9,23 +9,9 @@ from typing import Any
 
 import jwt
 import pytest
+from support.cli import assert_usage_error, fastfan
 from support.server import SECRET
 from support.wire import RawClient, free_port
-
-
-def fastfan(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 10) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FASTFAN_")}
-    return subprocess.run([sys.executable, "-m", "fastfan", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**clean, **(env or {})})
-
-
-def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("usage:")
-    for word in words:
-        assert word in result.stderr
 
 
 def test_run_without_secret_or_insecure_refuses_and_says_how() -> None:

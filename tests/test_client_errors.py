@@ -4,12 +4,14 @@ expired, a call before connect(), a self-signed wss:// server (issue #26, items 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from conftest import Server, token
+from support.server import Server, token
+from support.tls import TlsServer
 
 from fastfan.client import Client, ConnectionRefused
 
@@ -66,4 +68,22 @@ def test_connected_callbacks_registered_before_connect_hear_the_first_connection
         client.on("connected", welcomes.append)
         async with client:
             assert welcomes == [client.welcome]
+    run(test())
+
+
+def test_a_wss_server_with_a_certificate_only_ssl_trusts_is_reached_with_ssl(
+        start_tls: Callable[..., TlsServer]) -> None:
+    """Its CA (support/tls.py) is in no system store: without `ssl=` the handshake fails on
+    the certificate; with the context that trusts that CA, messages go both ways."""
+    server = start_tls()
+
+    async def test() -> None:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await Client(server.url(), token=token()).connect()
+        async with Client(server.url(), token=token(), ssl=server.context) as client:
+            assert client.welcome is not None and client.welcome["type"] == "welcome"
+            subscription = await client.subscribe("news")
+            await client.publish("news", "over TLS")
+            message = await anext(subscription)
+            assert (message["channel"], message["data"]) == ("news", "over TLS")
     run(test())

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -17,21 +16,12 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from support.server import Server
+from cryptography.hazmat.primitives.asymmetric import ec
+from support.auth import KEY_TYPES, PrivateKey, base64url, mint, outcome, refused_for
 from support.waiting import wait_for
-from support.wire import HandshakeRefusedError, RawClient, free_port
+from support.wire import RawClient, free_port
 
 from fastfan.cli import main
-
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-
-# The key types a provider signs with, and the algorithm each fixes.
-KEY_TYPES = {
-    "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
-    "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
-    "EdDSA": ed25519.Ed25519PrivateKey.generate,
-}
 
 
 def public_pem(key: PrivateKey) -> bytes:
@@ -39,49 +29,20 @@ def public_pem(key: PrivateKey) -> bytes:
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def mint(key: PrivateKey, algorithm: str, sub: str = "alice", *, kid: str | None = None,
-         ttl: float = 300, **claims: Any) -> str:
-    body = {"sub": sub, "exp": int(time.time() + ttl), **claims}
-    return jwt.encode(body, key, algorithm=algorithm, headers={"kid": kid} if kid else None)
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def hand_made(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> str:
     """A token PyJWT would refuse to make: HS256 keyed with a PEM's text, or alg none."""
-    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    signing_input = (f"{base64url(json.dumps(header).encode())}."
+                     f"{base64url(json.dumps(claims).encode())}")
     if secret is None:
         return signing_input + "."
     signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{_b64(signature)}"
+    return f"{signing_input}.{base64url(signature)}"
 
 
 def jwk(key: PrivateKey, algorithm: str, kid: str) -> dict[str, Any]:
     """The public half of `key` as a JWK with `kid` (no `alg`: the server infers it)."""
     public = json.loads(jwt.get_algorithm_by_name(algorithm).to_jwk(key.public_key()))
     return {**public, "kid": kid, "use": "sig"}
-
-
-def outcome(server: Server, token: str) -> tuple[int, str]:
-    """(101, the welcome's user) or (status, the refusal's body) for an upgrade."""
-    try:
-        client = RawClient(server.host, server.port, "/",
-                           {"Authorization": f"Bearer {token}"})
-    except HandshakeRefusedError as refused:
-        body = refused.body.decode()
-        assert refused.headers["www-authenticate"] == "Bearer"
-        assert body.count("\n") == 1 and body.endswith("\n"), body
-        return refused.status, body
-    welcome = client.recv_json()
-    client.close()
-    return 101, welcome["data"]["user"]
-
-
-def refused_for(server: Server, token: str, reason: str) -> None:
-    status, body = outcome(server, token)
-    assert status == 401 and reason in body, (status, body)
 
 
 class Jwks:
@@ -193,7 +154,8 @@ def test_refresh_with_a_public_key_token(start_server: Any, tmp_path: Path) -> N
 def test_jwks_picks_keys_by_kid_and_takes_a_new_one_after_a_refetch(
         start_server: Any, jwks_servers: list[Jwks]) -> None:
     first, second = KEY_TYPES["RS256"](), KEY_TYPES["ES256"]()
-    jwks = Jwks([jwk(first, "RS256", "k1"), {"kty": "oct", "k": _b64(b"s" * 32), "kid": "sym"}])
+    jwks = Jwks([jwk(first, "RS256", "k1"),
+                 {"kty": "oct", "k": base64url(b"s" * 32), "kid": "sym"}])
     jwks_servers.append(jwks)
     server = start_server("--jwks-url", jwks.url, secret=None)
     assert jwks.fetches == 1  # at start, before the worker accepts

@@ -4,8 +4,8 @@ request head gets 431, and an idle connection stays about 4 KiB.
 
 The install is a fresh venv, no ./dev: what a user's deployment, container or CI does. It
 builds both extensions, about 2 minutes on this 2-core machine (the dependencies come from
-pip's cache after the first run). The checks are the very tests that hold ./dev's build to
-those behaviours, run against a server started from that venv.
+pip's cache after the first run). The checks (support/patched.py) are the very ones that
+hold ./dev's build to those behaviours, run against a server started from that venv.
 """
 
 from __future__ import annotations
@@ -17,15 +17,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import test_close_ends_the_input
-import test_idle_memory
-import test_security_auth
-from conftest import Server, children
+from support.patched import (
+    FOLLOWERS,
+    assert_a_header_block_over_16_kib_gets_431,
+    assert_an_idle_subscribed_connection_costs_about_4_kib,
+    assert_one_close_with_the_clients_code_then_eof,
+    assert_the_server_still_serves_after_all_that,
+)
+from support.processes import children
+from support.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDORED = "picows 2.3.1+fastfan.3 (vendored)"
 
-pytestmark = pytest.mark.timeout(1200)  # the build
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]  # the build: minutes
 
 
 def test_the_vendored_picows_is_upstream_with_the_patches() -> None:
@@ -79,15 +84,14 @@ def start_installed(start_server: Callable[..., Server],
 def test_a_close_ends_the_input(start_installed: Callable[..., Server]) -> None:
     server = start_installed("--echo-path", "/echo")
     for path in ("/", "/echo"):
-        for follower in test_close_ends_the_input.FOLLOWERS.values():
-            test_close_ends_the_input.test_one_close_with_the_clients_code_then_eof(
-                server, path, follower)
-    test_close_ends_the_input.test_the_server_still_serves_after_all_that(server)
+        for follower in FOLLOWERS.values():
+            assert_one_close_with_the_clients_code_then_eof(server, path, follower)
+    assert_the_server_still_serves_after_all_that(server)
 
 
 def test_an_oversized_request_head_gets_431(start_installed: Callable[..., Server]) -> None:
-    test_security_auth.test_a_header_block_over_16_kib_gets_431(start_installed())
+    assert_a_header_block_over_16_kib_gets_431(start_installed())
 
 
 def test_an_idle_connection_costs_about_4_kib(start_installed: Callable[..., Server]) -> None:
-    test_idle_memory.test_an_idle_subscribed_connection_costs_about_4_kib(start_installed)
+    assert_an_idle_subscribed_connection_costs_about_4_kib(start_installed)

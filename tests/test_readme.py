@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from conftest import Server, token
+from support.server import Server, token
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

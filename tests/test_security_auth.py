@@ -4,58 +4,24 @@ server that refuses to start with a weak or contradictory auth set-up."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.auth import raw_exchange, signed, upgrade_head
+from support.cli import fastfan
+from support.patched import assert_a_header_block_over_16_kib_gets_431
 from support.server import SECRET, Server, token
 from support.wire import HandshakeRefusedError, RawClient
 
 FRESH = int(time.time()) + 3600
 
 
-def base64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def signed(payload: bytes, secret: str = SECRET) -> str:
-    """An HS256 token over these exact payload bytes (JSON PyJWT itself would not write)."""
-    signing_input = base64url(b'{"alg":"HS256","typ":"JWT"}') + "." + base64url(payload)
-    mac = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{base64url(mac)}"
-
-
 def claims(**values: Any) -> str:
     return signed(json.dumps({"sub": "alice", "exp": FRESH, **values}).encode())
-
-
-def raw_exchange(server: Server, head: bytes) -> tuple[str, dict[str, str], bytes]:
-    """Send a request head as given, byte for byte; the status line, headers and body."""
-    with socket.create_connection((server.host, server.port), timeout=5) as sock:
-        sock.sendall(head)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    response_head, _, body = received.partition(b"\r\n\r\n")
-    status_line, *lines = response_head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-    return status_line, headers, body
-
-
-def upgrade_head(server: Server, path: str = "/", extra: bytes = b"") -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            ).encode() + extra + b"\r\n"
 
 
 def bearer(value: bytes) -> bytes:
@@ -130,12 +96,7 @@ def test_an_adversarial_pattern_does_not_stall_the_worker(shared_server: Server)
 
 
 def test_a_header_block_over_16_kib_gets_431(shared_server: Server) -> None:
-    head = upgrade_head(shared_server, "/", b"".join(
-        b"X-Padding-%d: %s\r\n" % (i, b"p" * 1000) for i in range(20)))
-    assert len(head) > 20_000
-    status_line, _, body = raw_exchange(shared_server, head)
-    assert status_line.startswith("HTTP/1.1 431 "), status_line
-    assert body.startswith(b"431 Request Header Fields Too Large")
+    assert_a_header_block_over_16_kib_gets_431(shared_server)
 
 
 def test_debug_logging_never_writes_a_token(start_server: Any) -> None:
@@ -154,12 +115,6 @@ def test_debug_logging_never_writes_a_token(start_server: Any) -> None:
 
 
 # The command line.
-
-def fastfan(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FASTFAN_")}
-    return subprocess.run([sys.executable, "-m", "fastfan", *args], capture_output=True,
-                          text=True, timeout=10, env={**clean, **(env or {})})
-
 
 def assert_one_line_refusal(result: subprocess.CompletedProcess[str], *words: str) -> None:
     assert result.returncode == 2, result

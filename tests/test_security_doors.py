@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Server, messages_of, token, wait_for
-from test_api import KEY, request, start_api
-from test_identity import KEY_TYPES, mint, refused_for
-from test_security_auth import raw_exchange, signed, upgrade_head
-from test_tls import pki, start_tls  # noqa: F401 - fixtures
+from support.api import KEY, request, start_api
+from support.auth import KEY_TYPES, mint, raw_exchange, refused_for, signed, upgrade_head
+from support.server import Server, messages_of, token
+from support.waiting import wait_for
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as websocket_connect
 
@@ -172,12 +171,6 @@ def test_past_128_api_connections_a_worker_answers_503(start_server: Any) -> Non
 
 # 10. TLS: the handshake gets 5 s, and a connection counts from its accept ----------------
 
-@pytest.fixture
-def start_wss(request: pytest.FixtureRequest) -> Any:
-    """test_tls's start_tls (imported above for pytest to find)."""
-    return request.getfixturevalue("start_tls")
-
-
 def seconds_until_closed(sock: socket.socket, limit: float) -> float:
     """How long the server takes to close a connection we never send anything on."""
     started = time.monotonic()
@@ -187,15 +180,15 @@ def seconds_until_closed(sock: socket.socket, limit: float) -> float:
     return time.monotonic() - started
 
 
-def test_a_tls_handshake_never_begun_is_dropped_after_5_s(start_wss: Any) -> None:
-    server = start_wss()
+def test_a_tls_handshake_never_begun_is_dropped_after_5_s(start_tls: Any) -> None:
+    server = start_tls()
     with socket.create_connection((server.host, server.port)) as idle:
         assert 4 < seconds_until_closed(idle, 15) < 7  # uvloop's own default was 60 s
 
 
 def test_connections_in_their_tls_handshake_count_against_max_connections(
-        start_wss: Any) -> None:
-    server = start_wss("--max-connections", "2")
+        start_tls: Any) -> None:
+    server = start_tls("--max-connections", "2")
     idle = [socket.create_connection((server.host, server.port)) for _ in range(2)]
     try:
         with pytest.raises(InvalidStatus) as refused:

@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, children, one_per_worker, wait_for
-from test_api import call, start_api
-from wire import RSV1, TEXT, RawClient, deflate
+from support.api import call, start_api
+from support.processes import children
+from support.redis import RedisServer
+from support.server import Server
+from support.waiting import wait_for
+from support.wire import RSV1, TEXT, RawClient, deflate
+from support.workers import one_per_worker
 
 BUSES = ["embedded", "mesh", "redis"]
 COMPRESSED = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServer, Server, children, process_holding, token, wait_for
-from wire import RawClient
+from support.processes import children, process_holding
+from support.redis import RedisServer
+from support.server import Server, token
+from support.waiting import wait_for
+from support.wire import RawClient
 
 BUSES = ["one worker", "two workers", "redis"]
 INFO = "x" * 1000  # near the 1 KiB an `info` claim may take

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import children, free_port, token, wait_for
-from test_api import KEY, request, start_api
-from test_cli import assert_usage_error, fastfan
-from wire import RawClient
+from support.api import KEY, request, start_api
+from support.cli import assert_usage_error, fastfan
+from support.processes import children
+from support.server import token
+from support.waiting import wait_for
+from support.wire import RawClient, free_port
 
 OTHER_SECRET = "another-secret-0123456789abcdef0123456789"
 
