@@ -156,6 +156,30 @@ def test_a_join_and_leave_in_one_turn_reach_no_watcher(start_server: Any, tmp_pa
 # Finding 8: repeated subscribes while the bus has not confirmed ------------------------
 
 
+
+
+@contextmanager
+def bus_away(server: Server, redis: RedisServer | None, bus: str,
+             subscriber: RawClient) -> Iterator[int]:
+    """The bus cannot confirm subscriptions meanwhile: Redis killed, or (two workers) the
+    worker not holding `subscriber` stopped; back at the end. Yields the pid of the worker
+    that holds `subscriber`."""
+    pid = worker_of(server, subscriber) if bus == "two workers" else children(
+        server.process.pid)[0]
+    stopped = [p for p in children(server.process.pid) if p != pid]
+    if redis is not None:
+        redis.kill()
+    else:
+        os.kill(stopped[0], signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        if redis is not None:
+            redis.start()
+        else:
+            os.kill(stopped[0], signal.SIGCONT)
+
+
 @pytest.mark.parametrize("bus", ["two workers", "redis"])
 def test_repeated_subscribes_while_the_bus_is_away_hold_one_reply(
         start_server: Any, tmp_path: Path, bus: str) -> None:
@@ -164,14 +188,7 @@ def test_repeated_subscribes_while_the_bus_is_away_hold_one_reply(
     not grow by the repeats' ids, and the first `subscribed` comes once the bus is back."""
     with servers_on(bus, start_server, tmp_path) as (server, redis):
         subscriber, _ = client(server, "subscriber")
-        pid = worker_of(server, subscriber) if bus == "two workers" else children(
-            server.process.pid)[0]
-        stopped = [p for p in children(server.process.pid) if p != pid]
-        if redis is not None:
-            redis.kill()
-        else:
-            os.kill(stopped[0], signal.SIGSTOP)
-        try:
+        with bus_away(server, redis, bus, subscriber) as pid:
             big_id = "i" * 20_000
             subscriber.send_json({"type": "subscribe", "channel": "room", "id": "first"})
             before = rss_kib(pid)
@@ -183,11 +200,6 @@ def test_repeated_subscribes_while_the_bus_is_away_hold_one_reply(
                     assert reply["message"].startswith("already subscribing to room")
             grown = rss_kib(pid) - before
             assert grown < 20_000, f"the worker grew {grown} KiB"  # 3,000 ids: 60 MB
-        finally:
-            if redis is not None:
-                redis.start()
-            else:
-                os.kill(stopped[0], signal.SIGCONT)
         assert subscriber.recv_json() == {"type": "subscribed", "channel": "room",
                                           "id": "first"}
 
@@ -200,14 +212,7 @@ def test_the_replies_held_for_the_bus_stay_within_max_buffer(
     (503, try again), and the held ones go out once the bus is back."""
     with servers_on(bus, start_server, tmp_path) as (server, redis):
         subscriber, _ = client(server, "subscriber")
-        pid = worker_of(server, subscriber) if bus == "two workers" else children(
-            server.process.pid)[0]
-        stopped = [p for p in children(server.process.pid) if p != pid]
-        if redis is not None:
-            redis.kill()
-        else:
-            os.kill(stopped[0], signal.SIGSTOP)
-        try:
+        with bus_away(server, redis, bus, subscriber) as pid:
             big_id = "i" * 20_000
             before = rss_kib(pid)
             refused = []
@@ -219,11 +224,6 @@ def test_the_replies_held_for_the_bus_stay_within_max_buffer(
                 (503, "message bus unavailable, try again")}
             grown = rss_kib(pid) - before
             assert grown < 10_000, f"the worker grew {grown} KiB"  # 600 ids: 12 MB
-        finally:
-            if redis is not None:
-                redis.start()
-            else:
-                os.kill(stopped[0], signal.SIGCONT)
         held = 600 - len(refused)
         assert 40 <= held <= 1_048_576 // 20_000
         subscriber.sock.settimeout(10)  # Redis reconnects within 2 s

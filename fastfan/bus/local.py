@@ -45,16 +45,8 @@ class LocalBus(Bus):
                         request_id: bytes, exclude: Outbox | None = None) -> int:
         """Numbered, kept and fanned out; acknowledged (if asked) with its position, or
         refused when the store is full."""
-        try:
-            offset, epoch, numbered = self.history.sequence(channel, payload)
-        except HistoryFullError as full:
-            if ack is not None:
-                ack.acknowledge(channel, request_id, False, refusal=str(full))
-            return PENDING
-        self._fanout(channel, numbered, exclude)
-        if ack is not None:
-            ack.acknowledge(channel, request_id, True, position(offset, epoch))
-        return PENDING
+        return sequence_here(self.history, channel, payload, ack, request_id,
+                             lambda numbered: self._fanout(channel, numbered, exclude))
 
     def read_history(self, channel: str, since: int, limit: int,
                      answer: Callable[[HistoryAnswer | None], None]) -> None:
@@ -91,6 +83,24 @@ class LocalBus(Bus):
 
     def health(self) -> BusHealth:
         return UP
+
+
+def sequence_here(history: HistoryStore, channel: str, payload: bytes,
+                  ack: Acknowledger | None, request_id: bytes,
+                  fanout: Callable[[bytes], object]) -> int:
+    """A publish on a channel whose history this worker keeps: numbered, kept, handed to
+    `fanout`, and acknowledged (if asked) with its position; or refused when the store is
+    full (HistoryFullError). PENDING: the acknowledgement is made."""
+    try:
+        offset, epoch, numbered = history.sequence(channel, payload)
+    except HistoryFullError as full:
+        if ack is not None:
+            ack.acknowledge(channel, request_id, False, refusal=str(full))
+        return PENDING
+    fanout(numbered)
+    if ack is not None:
+        ack.acknowledge(channel, request_id, True, position(offset, epoch))
+    return PENDING
 
 
 async def sweep_forever(history: HistoryStore) -> None:

@@ -36,7 +36,7 @@ from ..base import (
 )
 from ..commands import apply_command
 from ..gather import Gatherings
-from ..local import sweep_forever
+from ..local import sequence_here, sweep_forever
 from .peers import Incoming, Outgoing, address, peer_of, stranger
 from .wire import (
     ENVELOPE_MARGIN,
@@ -174,17 +174,11 @@ class MeshBus(Bus):
         """To the channel's owner, to be numbered; acknowledged with its position."""
         owner = owner_of(channel, self.workers)
         if owner == self.worker:
-            try:
-                offset, epoch, numbered = self.history.sequence(channel, payload)
-            except HistoryFullError as full:
-                if ack is not None:
-                    ack.acknowledge(channel, request_id, False, refusal=str(full))
-                return PENDING
-            self.hub.fanout(channel, numbered, exclude)
-            self._forward(channel, numbered)
-            if ack is not None:
-                ack.acknowledge(channel, request_id, True, position(offset, epoch))
-            return PENDING
+            def fanout(numbered: bytes) -> None:
+                self.hub.fanout(channel, numbered, exclude)
+                self._forward(channel, numbered)
+
+            return sequence_here(self.history, channel, payload, ack, request_id, fanout)
         peer = self.outgoing.get(owner)
         if peer is None:
             return REFUSED  # the owner is restarting: try again
