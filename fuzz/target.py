@@ -23,6 +23,7 @@ from pathlib import Path
 import uvloop
 
 from fastfan.config import Config
+from fastfan.master import listen
 from fastfan.metrics import SharedFigures
 from fastfan.worker import Placement, Worker
 
@@ -74,7 +75,8 @@ class Target:
         self.worker: Worker = self.loop.run_until_complete(self._start())
 
     async def _start(self) -> Worker:
-        worker = Worker(self.config, Placement(0, os.getppid(), SharedFigures(1)))
+        (sockets,) = listen(self.config.host, self.config.port, 1, ("--host", "--port"))
+        worker = Worker(self.config, Placement(0, os.getppid(), SharedFigures(1)), sockets, [])
         self._serving = self.loop.create_task(worker.serve())
         while not worker.accepting:
             await asyncio.sleep(0.01)
