@@ -206,6 +206,10 @@ cdef class Session(Outbox):
         double              tokens
         double              refill_at
         double              refused_since
+        # permessage-deflate: the bytes it may still inflate (INFLATED_PER_PUBLISH a second
+        # per publish a second of --publish-rate), below 0 after a message that took more
+        double              inflate_tokens
+        double              inflate_refill_at
         # history: `history` requests (a token bucket, READ_RATE a second), and the bytes
         # the connection may still add to history (history.BYTES_PER_PUBLISH)
         double              read_tokens

@@ -6,6 +6,11 @@
 # Outbox this class extends.
 
 
+# What one connection may inflate a second, per publish a second of --publish-rate: 4 MiB
+# by default, well within what a worker inflates in a few ms; a 108-byte frame inflating
+# to 64 KiB, sent at 350 KB/s, kept a core busy without it (issue #25, finding 11).
+cdef double INFLATED_PER_PUBLISH = 4096
+
 # Replies the server sends often enough to build once.
 cdef bytes PONG = b'{"type":"pong"}'
 
@@ -72,6 +77,7 @@ cdef class Session(Outbox):
         self.deflate_out = deflate_out
         self.subscriptions = {}
         self.tokens = 2 * hub.publish_rate
+        self.inflate_tokens = 2 * hub.publish_rate * INFLATED_PER_PUBLISH
         self.read_tokens = 2 * READ_RATE
         self.history_quota = 2 * hub.publish_rate * BYTES_PER_PUBLISH
         self.subscribe_tokens = hub.subscribe_burst()  # all its channels at connect
@@ -103,6 +109,7 @@ cdef class Session(Outbox):
         self.connected_at = now_ms()
         self.last_seen = monotonic()
         self.refill_at = self.read_refill_at = self.history_quota_at = self.last_seen
+        self.inflate_refill_at = self.last_seen
         self.subscribe_refill_at = self.presence_refill_at = self.last_seen
         hub.attach(self)
         if not self.echo:
@@ -266,9 +273,28 @@ cdef class Session(Outbox):
 
     cdef int _on_compressed(self, int kind, const char* payload, Py_ssize_t size) except -1:
         """A whole permessage-deflate message: inflated within --max-message-size (no
-        state kept: the client has no context takeover), checked, then handled."""
+        state kept: the client has no context takeover), checked, then handled.
+
+        Inflating is work the wire does not show (100 bytes inflate to 64 KiB): the bytes
+        inflated count against a bucket of INFLATED_PER_PUBLISH a second per publish a
+        second of --publish-rate; a message that comes while it is empty is refused (429)
+        without being inflated. (Not on --echo-path, a test endpoint.)"""
         cdef Deflate deflate = self.hub.deflate
-        cdef Py_ssize_t inflated = deflate.inflate(payload, size, self.hub.max_message_size)
+        cdef Py_ssize_t inflated
+        cdef double now, rate = self.hub.publish_rate * INFLATED_PER_PUBLISH
+        if not self.echo:
+            now = monotonic()
+            self.inflate_tokens = min(2 * rate, self.inflate_tokens
+                                      + (now - self.inflate_refill_at) * rate)
+            self.inflate_refill_at = now
+            if self.inflate_tokens <= 0:
+                return self._queue_error(
+                    429, f"compressed input rate limit exceeded: one connection may inflate "
+                    f"{rate:.0f} bytes a second (--publish-rate x {INFLATED_PER_PUBLISH}); "
+                    "the message was dropped", b"")
+        inflated = deflate.inflate(payload, size, self.hub.max_message_size)
+        if inflated > 0 and not self.echo:
+            self.inflate_tokens -= inflated
         if inflated == INFLATED_TOO_BIG:
             self.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
             return 0

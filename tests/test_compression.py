@@ -13,7 +13,17 @@ from typing import Any
 import pytest
 from browser import CHROMIUM, Browser
 from support.server import Server, messages_of, token
-from support.wire import BINARY, CONTINUATION, PING, RSV1, TEXT, RawClient, deflate, inflate
+from support.wire import (
+    BINARY,
+    CONTINUATION,
+    PING,
+    RSV1,
+    TEXT,
+    RawClient,
+    deflate,
+    frame,
+    inflate,
+)
 from websockets.sync.client import connect as websocket_connect
 
 JS = Path(__file__).parent / "js"
@@ -222,3 +232,26 @@ def test_chromium_compresses_both_ways(server: Server) -> None:
           }})""")
     assert report == {"extensions": ACCEPTED, "same": True,
                       "got": ["welcome", "subscribed", "message"]}
+
+
+def test_inflating_is_metered_a_flood_of_tiny_frames_that_inflate_large_is_refused(
+        server: Server) -> None:
+    """100 bytes on the wire inflate to 60 KB: past what one connection may inflate a
+    second (--publish-rate x 4 KiB, bursts of twice that) such messages are refused with
+    429, without being inflated, and the connection stays (issue #25, finding 11)."""
+    client = connect(server, "alice", OFFER)
+    padding = "a" * 60_000
+    bomb = frame(TEXT, deflate(json.dumps({"type": "ping", "id": 1, "pad": padding}).encode()),
+                 rsv=RSV1)
+    assert len(bomb) < 400
+    sent = 2_000  # 120 MB inflated; the burst allows 8 MiB, about 140 of them
+    client.sock.sendall(bomb * sent)
+    replies = [client.recv_json() for _ in range(sent)]
+    pongs = [reply for reply in replies if reply["type"] == "pong"]
+    refused = [reply for reply in replies if reply["type"] == "error"]
+    assert len(pongs) + len(refused) == sent
+    assert 100 <= len(pongs) <= 600, len(pongs)
+    assert {reply["code"] for reply in refused} == {429}
+    assert refused[0]["message"].startswith("compressed input rate limit exceeded")
+    client.send_json({"type": "ping", "id": 2})
+    assert client.recv_json() == {"type": "pong", "id": 2}

@@ -71,8 +71,9 @@ log = logging.getLogger("fastfan.redis")
 # Past this, publishes get 503 and /ready 503 rather than growing the worker: bounded by
 # count alone (100,000), 5000 publishes of 60 KB to a stopped Redis held 322 MiB. A
 # healthy Redis answers a pipeline in milliseconds, so only a Redis that has stopped
-# keeping up fills 32 MiB; the pipeline's own copy of the bytes can double it, no more.
-MAX_QUEUED_BYTES = 32 << 20
+# keeping up fills 16 MiB; the pipeline's own copy of the bytes can double it, no more
+# (at 32 MiB, 5,000 publishes of 60 KB to a stopped Redis grew a worker by ~64 MiB).
+MAX_QUEUED_BYTES = 16 << 20
 # Publishes with "echo":false (and join/leave events) on their way through Redis, on
 # channels this worker subscribes to (only those come back): payload -> the publisher to
 # skip when it comes back. One that never comes back (its channel unsubscribed meanwhile)
@@ -112,8 +113,10 @@ def _publishing_client(url: str, **pool: Any) -> aioredis.Redis:
                                    **pool)
 
 
-def _queued_cost(channel: bytes, payload: bytes) -> int:
-    return len(channel) + len(payload) + QUEUED_ENTRY_COST
+def _queued_cost(channel: bytes, payload: bytes, request_id: bytes) -> int:
+    """What a queued publish holds: its channel, payload and request id (a client's `id`
+    may be as large as its message), and the entry around them."""
+    return len(channel) + len(payload) + len(request_id) + QUEUED_ENTRY_COST
 
 
 def _command(*parts: bytes) -> bytes:
@@ -299,7 +302,7 @@ class RedisBus(Bus):
         if not self.up:
             return REFUSED
         redis_channel = self.prefix + channel.encode()
-        cost = _queued_cost(redis_channel, payload)
+        cost = _queued_cost(redis_channel, payload, request_id)
         if self._queued_bytes + cost > MAX_QUEUED_BYTES:
             self._full = True
             self._set_up()
@@ -352,7 +355,7 @@ class RedisBus(Bus):
                 self.dropped_total += len(batch)
             prefix = len(self.prefix)
             for index, (channel, payload, ack, request_id, history) in enumerate(batch):
-                self._queued_bytes -= _queued_cost(channel, payload)
+                self._queued_bytes -= _queued_cost(channel, payload, request_id)
                 if ack is None:
                     continue
                 if history and ok:
