@@ -11,6 +11,13 @@
 # to 64 KiB, sent at 350 KB/s, kept a core busy without it (issue #25, finding 11).
 cdef double INFLATED_PER_PUBLISH = 4096
 
+
+cdef inline double inflate_rate(Hub hub):
+    """Bytes a connection may inflate a second: INFLATED_PER_PUBLISH per publish a second,
+    and at least one message of --max-message-size (an operator who allows 16 MiB
+    messages allows inflating them)."""
+    return max(hub.publish_rate * INFLATED_PER_PUBLISH, <double>hub.max_message_size)
+
 # Replies the server sends often enough to build once.
 cdef bytes PONG = b'{"type":"pong"}'
 
@@ -77,7 +84,7 @@ cdef class Session(Outbox):
         self.deflate_out = deflate_out
         self.subscriptions = {}
         self.tokens = 2 * hub.publish_rate
-        self.inflate_tokens = 2 * hub.publish_rate * INFLATED_PER_PUBLISH
+        self.inflate_tokens = 2 * inflate_rate(hub)
         self.read_tokens = 2 * READ_RATE
         self.history_quota = 2 * hub.publish_rate * BYTES_PER_PUBLISH
         self.subscribe_tokens = hub.subscribe_burst()  # all its channels at connect
@@ -281,7 +288,7 @@ cdef class Session(Outbox):
         without being inflated. (Not on --echo-path, a test endpoint.)"""
         cdef Deflate deflate = self.hub.deflate
         cdef Py_ssize_t inflated
-        cdef double now, rate = self.hub.publish_rate * INFLATED_PER_PUBLISH
+        cdef double now, rate = inflate_rate(self.hub)
         if not self.echo:
             now = monotonic()
             self.inflate_tokens = min(2 * rate, self.inflate_tokens
@@ -290,7 +297,8 @@ cdef class Session(Outbox):
             if self.inflate_tokens <= 0:
                 return self._queue_error(
                     429, f"compressed input rate limit exceeded: one connection may inflate "
-                    f"{rate:.0f} bytes a second (--publish-rate x {INFLATED_PER_PUBLISH}); "
+                    f"{rate:.0f} bytes a second (--publish-rate x {INFLATED_PER_PUBLISH:.0f}, or "
+                    "--max-message-size if more); "
                     "the message was dropped", b"")
         inflated = deflate.inflate(payload, size, self.hub.max_message_size)
         if inflated > 0 and not self.echo:

@@ -44,22 +44,33 @@ def test_watchers_see_others_join_and_leave_in_order(start_server: Any, tmp_path
             server.wait_ready()
         watchers = [watcher(servers[0]) for _ in range(3)]
         plain = servers[0].connect("plain").subscribe("room")  # did not ask: gets none
+        events: list[list[dict[str, Any]]] = [[] for _ in watchers]
+
+        def seen_by_all(count: int) -> None:
+            """Each watcher's next events up to `count` of the guests' (the other watchers'
+            and `plain`'s joins come first). Each step waits for them: a join and a leave
+            of one client in one loop turn cancel out (docs/protocol.md)."""
+            for client, seen in zip(watchers, events, strict=True):
+                while len(seen) < count:
+                    event = client.recv_json()
+                    if event["data"]["user"] not in ("watcher", "plain"):
+                        seen.append(event)
+
         guest, guest_id = joining(servers[1], "guest")
+        seen_by_all(1)
         guest.send_json({"type": "unsubscribe", "channel": "room"})
         assert guest.recv_json()["type"] == "unsubscribed"
+        seen_by_all(2)
         again, again_id = joining(servers[1], "again")
+        seen_by_all(3)
         again.close()  # a disconnect is a leave too
+        seen_by_all(4)
         expected = [("join", guest_id, "guest"), ("leave", guest_id, "guest"),
                     ("join", again_id, "again"), ("leave", again_id, "again")]
-        for client in watchers:
-            events: list[dict[str, Any]] = []
-            while len(events) < 4:  # the other watchers' and `plain`'s joins come first
-                event = client.recv_json()
-                if event["data"]["user"] not in ("watcher", "plain"):
-                    events.append(event)
-            assert [(e["type"], e["data"]["clientId"], e["data"]["user"]) for e in events] \
+        for seen in events:
+            assert [(e["type"], e["data"]["clientId"], e["data"]["user"]) for e in seen] \
                 == expected
-            assert {e["channel"] for e in events} == {"room"}
+            assert {e["channel"] for e in seen} == {"room"}
         plain.send_json({"type": "ping"})
         assert plain.recv_json() == {"type": "pong"}  # no join or leave came before it
     finally:
