@@ -286,3 +286,23 @@ def test_a_worker_s_presence_answer_is_cut_at_the_limit(start_server: Any) -> No
         600, 600, 5, True)
     # not the other worker's half of the members, about 300 KiB
     assert bytes_read_by(pid) - read < 100_000
+
+
+def test_presence_gathers_never_take_the_connections_publishing_needs(
+        start_server: Any, redis_server: RedisServer) -> None:
+    """Thousands of presence requests on distinct channels at once, each a Redis read: a
+    bystander's acknowledged publishes still go through (the gathers read on a pool of
+    their own; on the publishing pool they made publishes 503, issue #25, finding 5)."""
+    server = start_server("--redis", redis_server.url)
+    server.wait_ready()
+    askers = [client(server, f"asker{n}")[0] for n in range(100)]
+    bystander, _ = client(server, "bystander")
+    for n, asker in enumerate(askers):
+        asker.send_json_burst([{"type": "presence_stats", "channel": f"room{n}-{k}"}
+                               for k in range(40)])  # within the bucket: all are asked
+    bystander.send_json_burst([{"type": "publish", "channel": "news", "data": n, "id": n}
+                               for n in range(50)])
+    answers = replies(bystander, 50)
+    assert [answer["type"] for answer in answers] == ["published"] * 50, answers[:3]
+    for asker in askers:  # every request answered: its stats, or 503 for a moment
+        assert {reply["type"] for reply in replies(asker, 40)} <= {"presence_stats", "error"}

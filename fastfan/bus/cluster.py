@@ -49,10 +49,10 @@ from redis.exceptions import AskError
 
 from .._core import Outbox
 from ..directory import Counts, Node
-from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch
+from ..history import HistoryAnswer, new_epoch
 from .base import REFUSED, Acknowledger, BusHealth, HubLink, Presence
 from .commands import COMMANDS
-from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command, _publishing_client
+from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command
 from .redis_directory import RedisDirectory
 from .redis_history import RedisHistory
 from .sharded import SETTLE, RoutedBus
@@ -101,8 +101,7 @@ class ClusterMaster(RedisBus):
         return RedisHistory(self._publisher, self.prefix, self.hub.history_size, ttl,
                             self.prefix + b"!history:" + new_epoch().encode(), b"SPUBLISH",
                             node=f"{where.hostname}:{where.port}".encode(), listen=self._listen,
-                            reader=_publishing_client(self.url,
-                                                      max_connections=READS_IN_FLIGHT))
+                            reader=self._reader)
 
     def _listen(self, reply: bytes, on: bool) -> bool:
         """SSUBSCRIBE (or leave) a reply channel of history reads."""

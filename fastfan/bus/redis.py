@@ -74,6 +74,9 @@ log = logging.getLogger("fastfan.redis")
 # keeping up fills 16 MiB; the pipeline's own copy of the bytes can double it, no more
 # (at 32 MiB, 5,000 publishes of 60 KB to a stopped Redis grew a worker by ~64 MiB).
 MAX_QUEUED_BYTES = 16 << 20
+# Presence gathers out at once per worker (each one channel's, shared by the requests that
+# come meanwhile, Hub.gather_presence): past it, presence answers 503 for a moment.
+PRESENCE_READS = 8
 # Publishes with "echo":false (and join/leave events) on their way through Redis, on
 # channels this worker subscribes to (only those come back): payload -> the publisher to
 # skip when it comes back. One that never comes back (its channel unsubscribed meanwhile)
@@ -240,10 +243,15 @@ class RedisBus(Bus):
         self._changes_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         self._publishing_again: asyncio.Task[None] | None = None  # after a failed pipeline
+        # History's reads, and presence's, each on a pool of its own, which publishing never
+        # waits for (5,000 reads on the shared pool once left a bystander's publishes 503).
+        self._reader = _publishing_client(url, max_connections=READS_IN_FLIGHT)
+        self._presence_reader = None if presence_client else _publishing_client(
+            url, max_connections=PRESENCE_READS)
         self.presence = RedisPresence(presence_client or self._publisher, hub, prefix,
                                       presence_ttl,
                                       announce=self._announce, predecessor=predecessor,
-                                      owns=owns)
+                                      owns=owns, reader=self._presence_reader)
         self.history = self._history(history_ttl)
         # channels and info across the nodes: this worker's `node` on the registry (with
         # several Redis, on the first of them only); or a cluster's `directory`, whose
@@ -256,12 +264,10 @@ class RedisBus(Bus):
                 send=lambda channel, payload: self.publish(channel, payload, None, b""))
 
     def _history(self, ttl: float) -> RedisHistory:
-        """History's answers on this worker's reply channel, subscribed from the start;
-        its reads on a pool of their own, which publishing never waits for."""
+        """History's answers on this worker's reply channel, subscribed from the start."""
         return RedisHistory(self._publisher, self.prefix, self.hub.history_size, ttl,
                             self.prefix + b"!history:" + new_epoch().encode(),
-                            reader=_publishing_client(self.url,
-                                                      max_connections=READS_IN_FLIGHT))
+                            reader=self._reader)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -283,7 +289,9 @@ class RedisBus(Bus):
         if self.directory is not None and self._announces:
             await self.directory.withdraw()
         await self._publisher.aclose()
-        await self.history.reader.aclose()
+        await self._reader.aclose()
+        if self._presence_reader is not None:
+            await self._presence_reader.aclose()
 
     # Publishing ---------------------------------------------------------------------
 

@@ -54,8 +54,9 @@ _decode_member = msgspec.json.Decoder(tuple[str, str]).decode
 class RedisPresence:
     def __init__(self, client: aioredis.Redis, hub: HubLink, prefix: str, ttl: float, *,
                  announce: Callable[[str, bytes], None], predecessor: str = "",
-                 owns: Callable[[str], bool] | None = None) -> None:
-        self.client = client
+                 owns: Callable[[str], bool] | None = None,
+                 reader: aioredis.Redis | None = None) -> None:
+        self.client = client  # writes and refreshes
         self.hub = hub
         self.prefix = prefix
         self.ttl = ttl
@@ -63,6 +64,9 @@ class RedisPresence:
         self._changes: list[tuple[bool, str, str, bytes]] = []
         self._written = asyncio.Event()
         self._expire = client.register_script(EXPIRE_PRESENCE)
+        # a gather's read, on the reads' pool: a burst of presence requests never takes the
+        # connections the publishes need (issue #25, finding 5)
+        self._read = (reader or client).register_script(EXPIRE_PRESENCE)
         self.announce = announce  # (channel, join/leave event) to every node
         # the clientId prefix of the worker this one replaces: its clients are gone
         self.predecessor = predecessor
@@ -152,8 +156,9 @@ class RedisPresence:
     async def _expired_and_present(self, channel: str, *, read: bool) -> list[bytes]:
         """Drop the channel's expired entries and announce their leave; with `read`, the
         flat [clientId, member, ...] of those present."""
-        expired, present = await self._expire(keys=list(self.keys(channel)),
-                                              args=[time.time(), "1" if read else "0"])
+        script = self._read if read else self._expire
+        expired, present = await script(keys=list(self.keys(channel)),
+                                        args=[time.time(), "1" if read else "0"])
         for index in range(0, len(expired), 2):
             try:
                 user, info = _decode_member(expired[index + 1])
