@@ -95,6 +95,10 @@ class MeshBus(Bus):
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != worker}
         self.dropped_total = 0
+        # Connected to every other worker once: until then a publish on a channel whose
+        # history another worker keeps would be refused, so /ready waits for it. (A worker
+        # that restarts later costs only its own channels' history publishes a moment.)
+        self.joined_all = workers == 1
         self._next_query = 0  # of history reads
         self._gatherings = Gatherings(PRESENCE_TIMEOUT)  # presence and channels queries
         self._listener: socket.socket | None = None
@@ -148,6 +152,7 @@ class MeshBus(Bus):
             for channel in self.hub.channels:
                 peer.subscribe(channel)
             self.outgoing[worker] = peer
+            self.joined_all = self.joined_all or len(self.outgoing) == len(self.interest)
             await peer.lost
             del self.outgoing[worker]
 
@@ -374,7 +379,8 @@ class MeshBus(Bus):
         return [self.node.describe()]
 
     def health(self) -> BusHealth:
-        return BusHealth(up=True, dropped=self.dropped_total)
+        return BusHealth(up=self.joined_all, dropped=self.dropped_total,
+                         down=() if self.joined_all else ("workers connecting",))
 
     def unsubscribe(self, channel: str) -> None:
         data = record(Kind.UNSUBSCRIBE, channel.encode())
