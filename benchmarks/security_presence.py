@@ -214,18 +214,24 @@ def repeat(bus: str, repeats: int) -> dict[str, Any]:
         return row
 
 
+def members_of_room(server: Any, members: int) -> list[Any]:
+    """`members` connections subscribed to "room", each with a 1 KiB info."""
+    room = []
+    for n in range(members):
+        member = connect(server, f"member{n}", info=INFO)
+        member.send_json({"type": "subscribe", "channel": "room"})
+        room.append(member)
+    for member in room:
+        member.recv_json()
+    return room
+
+
 def presence(bus: str, members: int, asked: int, kind: str, askers: int) -> dict[str, Any]:
     """Finding 9: `asked` presence (or presence_stats) requests, in bursts from `askers`
     connections, on a channel of `members` members with a 1 KiB info each."""
     with tempfile.TemporaryDirectory() as workdir, server_on(bus, Path(workdir)) as (server,
                                                                                      redis):
-        room = []
-        for n in range(members):
-            member = connect(server, f"member{n}", info=INFO)
-            member.send_json({"type": "subscribe", "channel": "room"})
-            room.append(member)
-        for member in room:
-            member.recv_json()
+        _room = members_of_room(server, members)  # open while measured
         time.sleep(1)
         asking = [connect(server, "asker") for _ in range(askers)]
         pids = children(server.process.pid)
@@ -256,13 +262,7 @@ def cut(members: int) -> dict[str, Any]:
     channel whose `members` have a 1 KiB info each (--presence-limit 100)."""
     with tempfile.TemporaryDirectory() as workdir, server_on(
             "two workers", Path(workdir), "--presence-limit", "100") as (server, _):
-        room = []
-        for n in range(members):
-            member = connect(server, f"member{n}", info=INFO)
-            member.send_json({"type": "subscribe", "channel": "room"})
-            room.append(member)
-        for member in room:
-            member.recv_json()
+        _room = members_of_room(server, members)  # open while measured
         asker = connect(server, "asker")
         pid = process_holding(asker.sock.getsockname()[1], children(server.process.pid))
         assert pid is not None
