@@ -112,9 +112,6 @@ class BusHealth:
     down: tuple[str, ...] = ()  # what is down, as /ready's 503 says it: "redis down"
 
 
-Answer = Callable[[Any], None]
-
-
 class Bus(ABC):
     """See the module's docstring."""
 
