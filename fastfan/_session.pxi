@@ -38,14 +38,19 @@ cdef dict _presence_client(list entry):
     return client
 
 
-cdef bint take_token(double* tokens, double* refill_at, double rate, double burst,
-                     double cost=1) noexcept:
-    """A token bucket (`rate` tokens a second, at most `burst` kept): True when it had
-    `cost` tokens to take."""
+cdef double refilled(double* tokens, double* refill_at, double rate, double burst) noexcept:
+    """A token bucket (`rate` tokens a second, at most `burst` kept), refilled to now: what
+    it holds."""
     cdef double now = monotonic()
     tokens[0] = min(burst, tokens[0] + (now - refill_at[0]) * rate)
     refill_at[0] = now
-    if tokens[0] >= cost:
+    return tokens[0]
+
+
+cdef bint take_token(double* tokens, double* refill_at, double rate, double burst,
+                     double cost=1) noexcept:
+    """True when the bucket had `cost` tokens to take (and they are taken)."""
+    if refilled(tokens, refill_at, rate, burst) >= cost:
         tokens[0] -= cost
         return True
     return False
@@ -288,18 +293,14 @@ cdef class Session(Outbox):
         without being inflated. (Not on --echo-path, a test endpoint.)"""
         cdef Deflate deflate = self.hub.deflate
         cdef Py_ssize_t inflated
-        cdef double now, rate = inflate_rate(self.hub)
-        if not self.echo:
-            now = monotonic()
-            self.inflate_tokens = min(2 * rate, self.inflate_tokens
-                                      + (now - self.inflate_refill_at) * rate)
-            self.inflate_refill_at = now
-            if self.inflate_tokens <= 0:
-                return self._queue_error(
-                    429, f"compressed input rate limit exceeded: one connection may inflate "
-                    f"{rate:.0f} bytes a second (--publish-rate x {INFLATED_PER_PUBLISH:.0f}, or "
-                    "--max-message-size if more); "
-                    "the message was dropped", b"")
+        cdef double rate = inflate_rate(self.hub)
+        # (the bucket may owe: a message is charged once inflated, its size unknown before)
+        if not self.echo and refilled(&self.inflate_tokens, &self.inflate_refill_at, rate,
+                                      2 * rate) <= 0:
+            return self._queue_error(
+                429, f"compressed input rate limit exceeded: one connection may inflate "
+                f"{rate:.0f} bytes a second (--publish-rate x {INFLATED_PER_PUBLISH:.0f}, or "
+                "--max-message-size if more); the message was dropped", b"")
         inflated = deflate.inflate(payload, size, self.hub.max_message_size)
         if inflated > 0 and not self.echo:
             self.inflate_tokens -= inflated
