@@ -306,3 +306,23 @@ def test_presence_gathers_never_take_the_connections_publishing_needs(
     assert [answer["type"] for answer in answers] == ["published"] * 50, answers[:3]
     for asker in askers:  # every request answered: its stats, or 503 for a moment
         assert {reply["type"] for reply in replies(asker, 40)} <= {"presence_stats", "error"}
+
+
+def test_a_presence_gather_through_a_stalled_redis_ends_with_503(
+        start_server: Any, redis_server: RedisServer) -> None:
+    """Redis stops answering (SIGSTOP): a presence request gets 503 within the gathers'
+    deadline (2 s; other mechanisms took 5 s), and the next one on the channel is answered
+    too, not left behind the first (one gather per channel serves those meanwhile)."""
+    server = start_server("--redis", redis_server.url)
+    server.wait_ready()
+    asker, _ = client(server, "asker")
+    assert redis_server.process is not None
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        asker.sock.settimeout(3.5)  # the deadline and a margin: a deadline, not a speed
+        for n in range(2):
+            asker.send_json({"type": "presence", "channel": "room", "id": n})
+            reply = asker.recv_json()
+            assert (reply["type"], reply["code"], reply["id"]) == ("error", 503, n), reply
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)

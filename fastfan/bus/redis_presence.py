@@ -22,6 +22,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from .._core import join_leave_event
+from ..directory import GATHER_TIMEOUT
 from .base import Entries, HubLink, Presence
 
 log = logging.getLogger("fastfan.redis")
@@ -185,8 +186,11 @@ class RedisPresence:
     async def _gather(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         """Every node's subscribers, from Redis, and ours (some may not be written yet)."""
         try:
-            flat = await self._expired_and_present(channel, read=True)
-        except (aioredis.RedisError, OSError):
+            # A deadline, as every gather has (bus/gather.py): a Redis that stalls must not
+            # keep the channel's gather, and every request waiting on it, open for good.
+            flat = await asyncio.wait_for(self._expired_and_present(channel, read=True),
+                                          GATHER_TIMEOUT)
+        except (aioredis.RedisError, OSError, TimeoutError):
             answer(None)
             return
         everyone = {client_id: [client_id, user, info]
