@@ -12,7 +12,7 @@ worker of every node applies them to its own clients. `presence` and `presence_s
 gather as the WebSocket requests do (the bus's gather_presence).
 
 `channels` gathers every worker's channel counts over the bus (gather_channels: the
-embedded bus's CHANNELS records, Redis's directory, fastfan.bus.redis_directory) and adds
+embedded bus's CHANNELS records, Redis's directory, fastfan.directory.redis) and adds
 them up; `info` describes this node from the figures its workers share and, with Redis,
 every node in the registry.
 
@@ -268,7 +268,7 @@ class Api:
 
     async def _info(self, body: bytes) -> dict[str, Any]:
         """Every node: this one from the figures its workers share, with Redis the others
-        from the registry (fastfan.bus.redis_directory)."""
+        from the registry (fastfan.directory.redis)."""
         _decode(body, InfoBody)
         try:
             return {"nodes": await asyncio.wait_for(self._hub.bus.nodes(),

@@ -142,7 +142,7 @@ class Master:
         self.pid = os.getpid()
         self.figures = SharedFigures(config.workers)
         self.children = [Child() for _ in range(config.workers)]
-        # The embedded bus's sockets, reachable by our uid only (see bus/mesh.py).
+        # The embedded bus's sockets, reachable by our uid only (see fastfan/bus/mesh).
         self.mesh_sockets = ""
         # Where a failing worker writes why, one line `index reason`, before it exits.
         self._reasons, self._reason_sink = os.pipe2(os.O_NONBLOCK)

@@ -3,9 +3,13 @@
 - base.py      the Bus every bus implements, and the HubLink it talks back through
 - factory.py   the bus the configuration names
 - local.py     one worker: a publish is fanned out on the spot
-- mesh.py      several workers of one node (the embedded bus), over unix sockets
+- mesh/        several workers of one node (the embedded bus), over unix sockets
 - redis.py     nodes sharing one Redis; sharded.py several; cluster.py a Redis Cluster
 - commands.py  the server API's commands, applied by every worker
+- gather.py    ask every worker or node, gather the answers with a deadline
+
+Each feature's own parts for each bus live with the feature: fastfan.history,
+fastfan.presence, fastfan.directory.
 """
 
 from .base import DONE, PENDING, REFUSED, Acknowledger, Bus, BusHealth, Entries, HubLink

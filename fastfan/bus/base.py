@@ -53,25 +53,10 @@ from typing import Any, Protocol
 from .._core import BusResult, Outbox
 from ..directory import Counts
 from ..history import HistoryAnswer
+from ..presence import Entries as Entries
+from ..presence import Presence as Presence
 
 REFUSED, DONE, PENDING = BusResult.REFUSED, BusResult.DONE, BusResult.PENDING
-
-# A presence entry: [clientId, user, info] (info the token's `info` claim as JSON text, or "").
-Entries = list[list[str]]
-# A channel's subscribers (on one worker, or everywhere): how many, their distinct users'
-# keys (fastfan._core.user_key), and at most --presence-limit of their entries.
-Presence = tuple[int, list[str], Entries]
-
-
-def merge_presence(parts: list[Presence], limit: int) -> Presence:
-    """Several workers' parts as one, its entries cut at `limit`."""
-    users: set[str] = set()
-    clients: Entries = []
-    for _, keys, entries in parts:
-        users.update(keys)
-        clients += entries[:limit - len(clients)]
-    return sum(part[0] for part in parts), list(users), clients
-
 
 class Acknowledger(Protocol):
     """Who waits for a publish's (or command's) late answer: a Session, or the server API."""

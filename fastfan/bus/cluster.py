@@ -23,10 +23,10 @@ History is on the channel's master too: its keys are hash-tagged by the Redis ch
 (EVALSHA, SPUBLISH) on the master's publishing connection, and a read is answered on a
 reply channel in C's slot, which the worker SSUBSCRIBEs on the master's subscribing
 connection for the read: behind every message of C before it, ahead of every one after
-(redis_history). A slot that moves (a failover, resharding) may have lost its last
+(fastfan.history.redis). A slot that moves (a failover, resharding) may have lost its last
 writes on the way: the first script on the new master starts a new epoch.
 
-`channels` and `info` (redis_directory): the registry through the cluster client (its
+`channels` and `info` (fastfan.directory.redis): the registry through the cluster client (its
 keys in one slot), the query and reply channels SSUBSCRIBEd on their slots' masters by
 every worker, like COMMANDS, and moved with their slots.
 """
@@ -49,12 +49,12 @@ from redis.exceptions import AskError
 
 from .._core import Outbox
 from ..directory import Counts, Node
+from ..directory.redis import RedisDirectory
 from ..history import HistoryAnswer, new_epoch
+from ..history.redis import RedisHistory
 from .base import REFUSED, Acknowledger, BusHealth, HubLink, Presence
 from .commands import COMMANDS
 from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command
-from .redis_directory import RedisDirectory
-from .redis_history import RedisHistory
 from .sharded import SETTLE, RoutedBus
 
 log = logging.getLogger("fastfan.redis")
@@ -221,7 +221,7 @@ class ClusterBus(RoutedBus):
         # redis-py's cluster client, for presence (keys of every slot); made once the map
         # is known: one made while no node answers keeps failing after they do
         self.client: RedisCluster | None = None
-        # `channels` and `info` across the nodes (redis_directory), through that client
+        # `channels` and `info` across the nodes (fastfan.directory.redis), through that client
         # and every master's connections; made with it
         self.directory: RedisDirectory | None = None
         self._node, self._worker = node, worker

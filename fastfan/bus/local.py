@@ -8,12 +8,10 @@ from typing import Any
 
 from .._core import Outbox
 from ..directory import Counts, Node
-from ..history import HistoryAnswer, HistoryFullError, HistoryStore, position
-from .base import DONE, PENDING, Acknowledger, Bus, BusHealth, HubLink, Presence
+from ..history import HistoryAnswer, HistoryStore
+from ..history.local import sequence_here, sweep_forever
+from .base import DONE, Acknowledger, Bus, BusHealth, HubLink, Presence
 from .commands import apply_command
-
-# How often the history store forgets what has expired.
-HISTORY_SWEEP_INTERVAL = 10.0
 
 UP = BusHealth(up=True)
 
@@ -84,26 +82,3 @@ class LocalBus(Bus):
     def health(self) -> BusHealth:
         return UP
 
-
-def sequence_here(history: HistoryStore, channel: str, payload: bytes,
-                  ack: Acknowledger | None, request_id: bytes,
-                  fanout: Callable[[bytes], object]) -> int:
-    """A publish on a channel whose history this worker keeps: numbered, kept, handed to
-    `fanout`, and acknowledged (if asked) with its position; or refused when the store is
-    full (HistoryFullError). PENDING: the acknowledgement is made."""
-    try:
-        offset, epoch, numbered = history.sequence(channel, payload)
-    except HistoryFullError as full:
-        if ack is not None:
-            ack.acknowledge(channel, request_id, False, refusal=str(full))
-        return PENDING
-    fanout(numbered)
-    if ack is not None:
-        ack.acknowledge(channel, request_id, True, position(offset, epoch))
-    return PENDING
-
-
-async def sweep_forever(history: HistoryStore) -> None:
-    while True:
-        await asyncio.sleep(HISTORY_SWEEP_INTERVAL)
-        history.sweep()

@@ -15,7 +15,7 @@ A worker SUBSCRIBEs to a channel while it has local subscribers for it (bursts g
 one command per loop turn), and after a reconnect (backoff min(attempt x 50 ms, 2 s))
 subscribes to all of them again. Until Redis answers, publishes get 503 and /ready 503.
 
-On a channel with history, a publish is the numbering script of redis_history instead of a
+On a channel with history, a publish is the numbering script of fastfan.history.redis instead of a
 PUBLISH, in the same pipeline, and its result acknowledges the publisher with the position;
 reads are answered on this worker's reply channel (`--redis-prefix` + "!history:" + a
 random name), which the subscribing connection subscribes to from the start, like COMMANDS.
@@ -58,12 +58,12 @@ import redis.asyncio as aioredis
 
 from .._core import WATCH_PREFIX, Outbox
 from ..directory import Counts, Node
+from ..directory.redis import RedisDirectory
 from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch, position
+from ..history.redis import RedisHistory
+from ..presence.redis import RedisPresence
 from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, HubLink, Presence
 from .commands import COMMANDS, apply_command
-from .redis_directory import RedisDirectory
-from .redis_history import RedisHistory
-from .redis_presence import RedisPresence
 
 log = logging.getLogger("fastfan.redis")
 

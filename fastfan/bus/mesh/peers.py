@@ -120,7 +120,7 @@ class Incoming(asyncio.Protocol):
         answers: list[bytes] = []
         while end - offset >= 6:
             size, kind, channel_length = HEADER.unpack_from(buffer, offset)
-            largest = bus.max_history_answer if kind == Kind.HISTORY_ANSWER else bus.max_record
+            largest = bus.history.max_answer if kind == Kind.HISTORY_ANSWER else bus.max_record
             if not channel_length + 2 <= size <= largest:
                 self._drop(f"a record of {size} bytes (channel {channel_length}, "
                            f"at most {largest})")
@@ -204,21 +204,21 @@ class Incoming(asyncio.Protocol):
     def _on_sequence(self, channel: str, body: bytes) -> bytes | None:
         assert self.worker is not None
         (token,), flags = TOKEN.unpack_from(body), body[TOKEN.size]
-        return self.bus.sequence(channel, body[TOKEN.size + 1:], self.worker, token,
+        return self.bus.history.sequence(channel, body[TOKEN.size + 1:], self.worker, token,
                                  flags & NO_ECHO) or None
 
     def _on_publish_excluding(self, channel: str, body: bytes) -> None:
         (token,) = TOKEN.unpack_from(body)
-        self.bus.returned(channel, token, body[TOKEN.size:])
+        self.bus.history.returned(channel, token, body[TOKEN.size:])
 
     def _on_history(self, channel: str, body: bytes) -> None:
         assert self.worker is not None
         query, since, limit = READ.unpack_from(body)
-        self.bus.read_for(self.worker, channel, query, since, limit)
+        self.bus.history.read_for(self.worker, channel, query, since, limit)
 
     def _on_history_answer(self, channel: str, body: bytes) -> None:
         (query,) = TOKEN.unpack_from(body)
-        self.bus.history_answered(query, body[TOKEN.size:])
+        self.bus.history.answered(query, body[TOKEN.size:])
 
     def _drop(self, what: str) -> None:
         log.warning("bus: dropped the connection of worker %s (pid %d): %s",
@@ -296,7 +296,7 @@ class Outgoing(asyncio.Protocol):
             if kind == Kind.SEQUENCED:
                 token, number, returned = SEQUENCED_ANSWER.unpack_from(answers, start)
                 epoch = answers[start + SEQUENCED_ANSWER.size:offset].decode("ascii", "replace")
-                self.bus.sequenced(channel, token, number, epoch, returned)
+                self.bus.history.sequenced(channel, token, number, epoch, returned)
                 continue
             if kind in (Kind.PRESENCE_ANSWER, Kind.CHANNELS_ANSWER):
                 (query,) = QUERY.unpack_from(answers, start)
@@ -345,6 +345,6 @@ class Outgoing(asyncio.Protocol):
         for channel in unanswered:  # a worker gone has no publishes to promise
             self.bus.answered(channel)
         self.bus.presence_answered_by_all(self.worker)  # nor subscribers
-        self.bus.owner_lost(self.worker)  # nor acknowledgements
+        self.bus.history.owner_lost(self.worker)  # nor acknowledgements
         if not self.lost.done():
             self.lost.set_result(None)

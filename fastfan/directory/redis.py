@@ -36,9 +36,9 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from ..directory import GATHER_TIMEOUT, MAX_LISTED, Counts, Node, channel_counts
-from .base import HubLink
-from .gather import Gatherings
+from ..bus.base import HubLink
+from ..bus.gather import Gatherings
+from . import GATHER_TIMEOUT, MAX_LISTED, Counts, Node, channel_counts
 
 log = logging.getLogger("fastfan.redis")
 

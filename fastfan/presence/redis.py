@@ -22,8 +22,9 @@ import msgspec
 import redis.asyncio as aioredis
 
 from .._core import join_leave_event
+from ..bus.base import HubLink
 from ..directory import GATHER_TIMEOUT
-from .base import Entries, HubLink, Presence
+from . import Entries, Presence
 
 log = logging.getLogger("fastfan.redis")
 

@@ -39,7 +39,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from ..history import ANSWER_MAX_BYTES, META_TTL, HistoryAnswer, ReadLimiter, new_epoch
+from . import ANSWER_MAX_BYTES, META_TTL, HistoryAnswer, ReadLimiter, new_epoch
 
 log = logging.getLogger("fastfan.redis")
 

@@ -9,7 +9,7 @@ every message is numbered by one sequencer per channel: `offset` 1, 2, 3... with
   channel, from any worker, goes through the owner, which numbers it, keeps it and sends it
   on. A worker that dies loses its channels' history: its successor starts new epochs.
 - Redis: a stream and a small hash per channel, and a script that numbers, keeps and
-  publishes a message in one atomic step (fastfan.bus.redis_history).
+  publishes a message in one atomic step (fastfan.history.redis).
 
 A message is numbered by appending `,"offset":N,"epoch":"E"` before its closing brace
 (`with_position`); nothing else of it changes.

@@ -3,7 +3,7 @@ deployment: a worker's channel counts, a node's description, and how answers add
 
 A worker's part of a `channels` answer is a list of [channel, subscribers] pairs; the
 buses gather every worker's part (the embedded bus over its sockets, Redis through a
-query channel, fastfan.bus.redis_directory) and `add_up` sums them per channel, as one
+query channel, fastfan.directory.redis) and `add_up` sums them per channel, as one
 channel may have subscribers on several workers.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import status
-from .auth import ChannelPatterns
+from .. import status
+from ..auth import ChannelPatterns
 
 # The most channels one worker lists in its part of an answer: bounds an answer (each
 # entry at most a 255-byte name and a count) to about 54 MB even on a worker holding
