@@ -45,7 +45,6 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import AskError
 
 from .._core import Outbox
 from ..directory import Counts, Node
@@ -84,7 +83,7 @@ class ClusterMaster(RedisBus):
     on this master is told to `moved`; history's reads are answered on a reply channel in
     the read channel's slot, subscribed for the read, and its epochs name this master."""
 
-    PUBLISH = "SPUBLISH"
+    PUBLISH = b"SPUBLISH"
 
     def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float,
                  predecessor: str, history_ttl: float, *, name: str,
@@ -98,7 +97,7 @@ class ClusterMaster(RedisBus):
 
     def _history(self, ttl: float) -> RedisHistory:
         where = urlsplit(self.url)
-        return RedisHistory(self._publisher, self.prefix, self.hub.history_size, ttl,
+        return RedisHistory(self._client, self.prefix, self.hub.history_size, ttl,
                             self.prefix + b"!history:" + new_epoch().encode(), b"SPUBLISH",
                             node=f"{where.hostname}:{where.port}".encode(), listen=self._listen,
                             reader=self._reader)
@@ -125,11 +124,11 @@ class ClusterMaster(RedisBus):
             self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
         return b"".join(_command(b"SUNSUBSCRIBE", channel) for channel in channels)
 
-    def _pipeline_failed(self, exc: aioredis.RedisError | OSError) -> None:
-        if isinstance(exc, AskError):  # MOVED (or ASK): a slot went elsewhere; 503, and
-            self.moved(b"")             # the map is read again
+    def _refused(self, error: Exception) -> None:
+        if str(error).startswith(("MOVED", "ASK")):  # a slot went elsewhere: this publish
+            self.moved(b"")                          # 503, and the map is read again
         else:
-            super()._pipeline_failed(exc)
+            super()._refused(error)
 
     def on_subscribed(self, channel: bytes) -> None:
         if self.history.is_reply(channel):

@@ -1,9 +1,11 @@
 """The Redis bus: nodes on many machines share channels through Redis pub/sub.
 
-Each worker holds two connections. Publishing goes through redis-py (hiredis parser): one
-task sends whatever was published during a loop turn as one pipeline, in order, on one
-connection. Subscribing is our own connection on uvloop whose bytes `hiredis.Reader`
-parses; each pushed message goes straight to `Hub.fanout`.
+Each worker holds two connections of its own on uvloop, their replies parsed by
+`hiredis.Reader`. Publishing (bus/resp.py): whatever was published during a loop turn is
+written as one batch of PUBLISH commands at its end, without waiting for the answers to
+the batch before (one connection: Redis keeps their order), and each answer acknowledges
+its publish. Subscribing: each pushed message goes straight to `Hub.fanout`. (redis-py's
+client serves presence, the directory and history's reads.)
 
 The Redis channel is `--redis-prefix` + channel, and the payload is the `message` object
 exactly as subscribers receive it, so any backend can `PUBLISH fastfan:news '{...}'`.
@@ -15,19 +17,21 @@ A worker SUBSCRIBEs to a channel while it has local subscribers for it (bursts g
 one command per loop turn), and after a reconnect (backoff min(attempt x 50 ms, 2 s))
 subscribes to all of them again. Until Redis answers, publishes get 503 and /ready 503.
 
-On a channel with history, a publish is the numbering script of fastfan.history.redis instead of a
-PUBLISH, in the same pipeline, and its result acknowledges the publisher with the position;
-reads are answered on this worker's reply channel (`--redis-prefix` + "!history:" + a
-random name), which the subscribing connection subscribes to from the start, like COMMANDS.
+On a channel with history, a publish is the numbering script of fastfan.history.redis
+(EVALSHA, loaded on the connection as it is made) instead of a PUBLISH, in the same batch,
+and its result acknowledges the publisher with the position; reads are answered on this
+worker's reply channel (`--redis-prefix` + "!history:" + a random name), which the
+subscribing connection subscribes to from the start, like COMMANDS.
 (On a cluster, on a reply channel in the read channel's slot, subscribed for the read.)
 
-What waits for Redis is bounded: publishes queue up to MAX_QUEUED_BYTES (then 503, and
-/ready 503 until the queue drains), and a pipeline Redis does not answer within
-PIPELINE_TIMEOUT fails its publishers (503) and drops both connections, so that only a
-Redis that answers again brings the bus back up. The subscribing connection PINGs every
-HEARTBEAT, and is dropped likewise when the answer does not come. A pipeline that fails
-(its connection closed, an error reply) fails its publishers and is not sent again; the
-bus is up again once Redis answers a PING on both connections (_publish_failed).
+What waits for Redis is bounded: publishes queued or unanswered up to MAX_QUEUED_BYTES
+(then 503, and /ready 503 until half of it drains), and publishes Redis leaves unanswered
+for PIPELINE_TIMEOUT fail (503) and drop both connections, so that only a Redis that
+answers again brings the bus back up. The subscribing connection PINGs every HEARTBEAT,
+and is dropped likewise when the answer does not come. A publish Redis answers with an
+error (maxmemory) fails alone. A publishing connection that is lost fails the publishes
+it carried (not sent again: Redis may have run them) and is replaced at once; the
+publishes made meanwhile wait for the new one.
 
 Several Redis (bus/sharded.py) and Redis Cluster (bus/cluster.py) hold a RedisBus per
 shard or master: `owns` says which channels are its own (subscribed again after a
@@ -62,8 +66,10 @@ from ..directory.redis import RedisDirectory
 from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch, position
 from ..history.redis import RedisHistory
 from ..presence.redis import RedisPresence
+from . import resp
 from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, HubLink, Presence
 from .commands import COMMANDS, apply_command
+from .resp import LOST, Pipeline, publish_command
 
 log = logging.getLogger("fastfan.redis")
 
@@ -122,12 +128,9 @@ def _queued_cost(channel: bytes, payload: bytes, request_id: bytes) -> int:
     return len(channel) + len(payload) + len(request_id) + QUEUED_ENTRY_COST
 
 
-def _command(*parts: bytes) -> bytes:
-    """A command in RESP, as Redis reads it."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return b"".join(out)
+_command = resp.command
+# The entry in the publishing connection's queue of a presence write's reply.
+PRESENCE_WRITE = None
 
 
 def reconnect_delay(attempt: int) -> float:
@@ -205,7 +208,7 @@ class Subscriber(asyncio.Protocol):
 
 
 class RedisBus(Bus):
-    PUBLISH = "PUBLISH"  # (a Redis Cluster's master, cluster.ClusterMaster: SPUBLISH)
+    PUBLISH = b"PUBLISH"  # (a Redis Cluster's master, cluster.ClusterMaster: SPUBLISH)
 
     def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0, *, name: str = "redis",
@@ -229,29 +232,34 @@ class RedisBus(Bus):
         self._reported: bool | None = None  # the state last logged
         self.dropped_total = 0       # messages Redis could not take (lost in a failed batch)
         self.invalid_total = 0       # payloads from Redis that were not a JSON object in UTF-8
-        self._publisher = _publishing_client(url)
+        # redis-py's client, for presence and the directory (and history's reads, on a pool
+        # of their own below); publishes go on a connection of our own (resp.Pipeline)
+        self._client = _publishing_client(url)
+        self._pipeline: Pipeline | None = None
+        self._replacing: asyncio.Task[None] | None = None  # the pipeline, after it was lost
+        self._refusals_logged_at = -60.0  # Redis's error replies to publishes: a line a minute
         # (redis channel, payload, session to acknowledge or None, its request id, whether
-        # the channel keeps history)
+        # the channel keeps history): queued for the next write, then waiting for Redis
         self._queue: deque[tuple[bytes, bytes, Acknowledger | None, bytes, bool]] = deque()
-        self._queued_bytes = 0       # of the queue and the pipeline in flight
+        self._queued_bytes = 0       # of the queue and the publishes Redis has not answered
+        self._send_scheduled = False
         self._unechoed: dict[bytes, Outbox] = {}
         # redis channel -> SUBSCRIBEs sent on this connection that Redis has not answered
         self._unanswered: dict[bytes, int] = {}
-        self._queued = asyncio.Event()
         self._subscriber: Subscriber | None = None
         self._changes: dict[bytes, bool] = {}  # channel -> subscribe (True) / unsubscribe
         self._changes_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._publishing_again: asyncio.Task[None] | None = None  # after a failed pipeline
         # History's reads, and presence's, each on a pool of its own, which publishing never
         # waits for (5,000 reads on the shared pool once left a bystander's publishes 503).
         self._reader = _publishing_client(url, max_connections=READS_IN_FLIGHT)
         self._presence_reader = None if presence_client else _publishing_client(
             url, max_connections=PRESENCE_READS)
-        self.presence = RedisPresence(presence_client or self._publisher, hub, prefix,
+        self.presence = RedisPresence(presence_client or self._client, hub, prefix,
                                       presence_ttl,
                                       announce=self._announce, predecessor=predecessor,
-                                      owns=owns, reader=self._presence_reader)
+                                      owns=owns, reader=self._presence_reader,
+                                      send=None if presence_client else self._schedule_send)
         self.history = self._history(history_ttl)
         # channels and info across the nodes: this worker's `node` on the registry (with
         # several Redis, on the first of them only); or a cluster's `directory`, whose
@@ -260,19 +268,18 @@ class RedisBus(Bus):
         self._announces = node is not None
         if node is not None:
             self.directory = RedisDirectory(
-                self._publisher, hub, prefix, node, worker,
+                self._client, hub, prefix, node, worker,
                 send=lambda channel, payload: self.publish(channel, payload, None, b""))
 
     def _history(self, ttl: float) -> RedisHistory:
         """History's answers on this worker's reply channel, subscribed from the start."""
-        return RedisHistory(self._publisher, self.prefix, self.hub.history_size, ttl,
+        return RedisHistory(self._client, self.prefix, self.hub.history_size, ttl,
                             self.prefix + b"!history:" + new_epoch().encode(),
                             reader=self._reader)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._stay_subscribed()),
-                       loop.create_task(self._publish_forever()),
                        loop.create_task(self.presence.write_forever()),
                        loop.create_task(self.presence.refresh_forever())]
         if self.directory is not None and self._announces:
@@ -281,14 +288,16 @@ class RedisBus(Bus):
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._publishing_again is not None:
-            self._publishing_again.cancel()
+        if self._replacing is not None:
+            self._replacing.cancel()
+        if self._pipeline is not None:
+            self._pipeline.close()
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.close()
         self.history.stop()
         if self.directory is not None and self._announces:
             await self.directory.withdraw()
-        await self._publisher.aclose()
+        await self._client.aclose()
         await self._reader.aclose()
         if self._presence_reader is not None:
             await self._presence_reader.aclose()
@@ -324,8 +333,14 @@ class RedisBus(Bus):
             # (numbered, it comes back with its position before the closing brace)
             self._unechoed[payload[:-1] if history else payload] = exclude
         self._queue.append((redis_channel, payload, ack, request_id, history))
-        self._queued.set()
+        self._schedule_send()
         return PENDING
+
+    def _schedule_send(self) -> None:
+        """_send_publishes at the end of this loop turn."""
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_publishes)
 
     def read_history(self, channel: str, since: int, limit: int,
                      answer: Callable[[HistoryAnswer | None], None]) -> None:
@@ -334,51 +349,102 @@ class RedisBus(Bus):
             return
         self.history.read(channel, since, limit, answer)
 
-    async def _publish_forever(self) -> None:
-        """One pipeline per batch, one batch at a time: the publishers' order is kept."""
-        while True:
-            await self._queued.wait()
-            self._queued.clear()
-            batch = list(self._queue)
-            self._queue.clear()
-            pipe = self._publisher.pipeline(transaction=False)
-            for channel, payload, _, _, history in batch:
-                if history:
-                    await self.history.add_publish(pipe, channel, payload)
-                else:
-                    pipe.execute_command(self.PUBLISH, channel, payload)
-            results: list[Any] = []
-            try:
-                results = await asyncio.wait_for(pipe.execute(), PIPELINE_TIMEOUT)
-                ok = True
-            except TimeoutError:
-                ok = False
-                batch += self._queue  # behind a stalled pipeline: fail them now, not later
-                self._queue.clear()
-                self._stalled(f"no answer to a pipeline in {PIPELINE_TIMEOUT:g} s")
-            except (aioredis.RedisError, OSError) as exc:
-                ok = False
-                self._pipeline_failed(exc)
-            if not ok:
-                self.dropped_total += len(batch)
-            prefix = len(self.prefix)
-            for index, (channel, payload, ack, request_id, history) in enumerate(batch):
-                self._queued_bytes -= _queued_cost(channel, payload, request_id)
-                if ack is None:
-                    continue
-                if history and ok:
-                    offset, epoch = results[index]
-                    ack.acknowledge(channel[prefix:].decode("ascii"), request_id, True,
-                                    position(offset, epoch.decode("ascii")))
-                else:
-                    ack.acknowledge(channel[prefix:].decode("ascii"), request_id, ok)
-            if self._full and self._queued_bytes <= MAX_QUEUED_BYTES // 2:
-                self._full = False
-                self._set_up()
-                log.info("the queue of publishes for redis has room again")
+    def _send_publishes(self) -> None:
+        """This loop turn's publishes, in one write, without waiting for the answers to
+        the last: Redis answers them in order, and each answer acknowledges its publish
+        (_published). While the publishing connection is being replaced they wait, within
+        MAX_QUEUED_BYTES; if it cannot be, they fail (_went_down)."""
+        self._send_scheduled = False
+        pipeline = self._pipeline
+        if pipeline is None or not pipeline.alive():
+            return
+        presence = self.presence.take_commands()  # first: see RedisPresence's `send`
+        if presence:
+            pipeline.send(b"".join(presence), [PRESENCE_WRITE] * len(presence))
+        if not self._queue:
+            return
+        batch = list(self._queue)
+        self._queue.clear()
+        verb = self.PUBLISH
+        history = self.history
+        pipeline.send(b"".join([
+            history.numbering_command(channel, payload) if numbered
+            else publish_command(verb, channel, payload)
+            for channel, payload, _, _, numbered in batch]), batch)
 
-    def _pipeline_failed(self, exc: aioredis.RedisError | OSError) -> None:
-        self._publish_failed(f"publish failed: {exc}")
+    def _published(self, entry: tuple[bytes, bytes, Acknowledger | None, bytes, bool] | None,
+                   reply: Any) -> None:
+        """Redis's answer to a publish (or LOST: the connection went first), or to a
+        presence write (entry PRESENCE_WRITE)."""
+        if entry is PRESENCE_WRITE:
+            self.presence.written(reply)
+            return
+        channel, payload, ack, request_id, history = entry
+        self._queued_bytes -= _queued_cost(channel, payload, request_id)
+        ok = not isinstance(reply, Exception)
+        if not ok:
+            self.dropped_total += 1
+            if reply is not LOST:
+                self._refused(reply)
+        if ack is not None:
+            name = channel[len(self.prefix):].decode("ascii")
+            if history and ok:
+                offset, epoch = reply
+                ack.acknowledge(name, request_id, True, position(offset, epoch.decode("ascii")))
+            else:
+                ack.acknowledge(name, request_id, ok)
+        if self._full and self._queued_bytes <= MAX_QUEUED_BYTES // 2:
+            self._full = False
+            self._set_up()
+            log.info("the queue of publishes for redis has room again")
+
+    def _refused(self, error: Exception) -> None:
+        """Redis answered a publish with an error (at maxmemory, a script it lost): that
+        publish alone fails (503). Logged once a minute at most."""
+        if str(error).startswith("NOSCRIPT") and self._pipeline is not None:
+            self._pipeline.send(self.history.load_command(), [self.loop_future()])
+        now = asyncio.get_running_loop().time()
+        if now - self._refusals_logged_at >= 60:
+            self._refusals_logged_at = now
+            log.warning("%s refused a publish: %s (at most one such line a minute)",
+                        self.name, error)
+
+    @staticmethod
+    def loop_future() -> asyncio.Future[Any]:
+        """A future for a reply nobody awaits."""
+        return asyncio.get_running_loop().create_future()
+
+    async def _connect_pipeline(self) -> Pipeline:
+        """The publishing connection, with history's numbering script loaded."""
+        pipeline = await resp.connect(self.url, self._published, CONNECT_TIMEOUT)
+        try:
+            await pipeline.call(*self.history.load_parts(), timeout=CONNECT_TIMEOUT)
+        except BaseException:
+            pipeline.close()
+            raise
+        pipeline.lost.add_done_callback(lambda _: self._pipeline_lost(pipeline))
+        return pipeline
+
+    def _pipeline_lost(self, pipeline: Pipeline) -> None:
+        """The publishing connection went (Redis closed it, a restart): its publishes in
+        flight failed (503: Redis may have run them, and one sent twice would break "at
+        most once"). While the bus is up, another is made at once and the publishes queued
+        meanwhile go on it; one that cannot be made takes the bus down."""
+        if pipeline is not self._pipeline:
+            return
+        self._pipeline = None
+        if self._connected and self._replacing is None:
+            self._replacing = asyncio.get_running_loop().create_task(self._replace_pipeline())
+
+    async def _replace_pipeline(self) -> None:
+        try:
+            self._pipeline = await self._connect_pipeline()
+        except (TimeoutError, OSError, hiredis.ReplyError) as exc:
+            self._stalled(f"cannot reconnect to publish: {exc}")
+        else:
+            self._send_publishes()
+        finally:
+            self._replacing = None
 
     def command(self, payload: bytes, ack: Acknowledger | None) -> int:
         """A server API command for every worker of every node, ours too: it comes back
@@ -509,11 +575,15 @@ class RedisBus(Bus):
             try:
                 subscriber = await self._connect()
                 await asyncio.wait_for(subscriber.ready, CONNECT_TIMEOUT)
-                await asyncio.wait_for(self._publisher.ping(), CONNECT_TIMEOUT)
-            except (TimeoutError, OSError, aioredis.RedisError) as exc:
+                if self._pipeline is None or not self._pipeline.alive():
+                    self._pipeline = await self._connect_pipeline()
+                await self._pipeline.call(b"PING", timeout=CONNECT_TIMEOUT)
+            except (TimeoutError, OSError, hiredis.ReplyError) as exc:
                 if self._subscriber is not None and self._subscriber.transport is not None:
                     self._subscriber.transport.close()
                 self._subscriber = None
+                if self._pipeline is not None:
+                    self._pipeline.close()
                 attempt += 1
                 self._went_down(f"cannot reach redis: {exc}")
                 await asyncio.sleep(reconnect_delay(attempt))
@@ -530,7 +600,8 @@ class RedisBus(Bus):
 
     async def _watch(self, subscriber: Subscriber) -> None:
         """Until the connection is lost, PING every HEARTBEAT; no answer in
-        PIPELINE_TIMEOUT drops it (and the bus goes down until Redis answers again)."""
+        PIPELINE_TIMEOUT drops it (and the bus goes down until Redis answers again), as
+        publishes Redis leaves unanswered that long do."""
         while not subscriber.lost.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(subscriber.lost), HEARTBEAT)
@@ -538,6 +609,10 @@ class RedisBus(Bus):
                 return
             if subscriber.loop.time() - subscriber.answered > PIPELINE_TIMEOUT:
                 self._stalled(f"no answer to a PING in {PIPELINE_TIMEOUT:g} s")
+                await subscriber.lost
+                return
+            if self._pipeline is not None and self._pipeline.stalled_for() > PIPELINE_TIMEOUT:
+                self._stalled(f"no answer to a pipeline in {PIPELINE_TIMEOUT:g} s")
                 await subscriber.lost
                 return
             subscriber.heartbeat()
@@ -573,47 +648,12 @@ class RedisBus(Bus):
 
     def _stalled(self, reason: str) -> None:
         """Drop both connections: only a Redis that answers again brings the bus back up.
-
-        (redis-py drops the publishing one itself when its pipeline is cancelled.)"""
+        The publishes Redis has not answered fail (503)."""
         self._went_down(reason)
         if self._subscriber is not None and self._subscriber.transport is not None:
             self._subscriber.transport.abort()
-
-    def _publish_failed(self, reason: str) -> None:
-        """A pipeline failed (its connection closed by Redis, or one from before a restart;
-        an error reply): down, and up again once Redis answers on both connections.
-
-        Not sent again: Redis may have run some of it before the connection went, and a
-        publish delivered twice breaks "at most once" (and numbers a history message twice),
-        where a 503 for a publish that was delivered is what a stalled pipeline gives too.
-        The subscribing connection may have lived through it, with nothing else to bring
-        the bus up: while it is the one watched, _publish_again does."""
-        watched = self._connected  # then _stay_subscribed is in _watch(self._subscriber)
-        self._went_down(reason)
-        if watched and self._subscriber is not None:
-            if self._publishing_again is not None:
-                self._publishing_again.cancel()  # (for an earlier subscribing connection)
-            self._publishing_again = asyncio.get_running_loop().create_task(
-                self._publish_again(self._subscriber))
-
-    async def _publish_again(self, subscriber: Subscriber) -> None:
-        """Up again (after `settle`) once Redis answers a PING on a publishing connection
-        and one sent on `subscriber` after the failure: the subscriptions made on it are
-        still Redis's, so publishes are delivered again. Until then, or until `subscriber`
-        is lost (then _stay_subscribed reconnects): at once, as a pooled connection from
-        before a restart fails while Redis answers on the others, then with the reconnect
-        backoff."""
-        attempt = 0
-        while not (self._connected or subscriber.lost.done()):
-            await asyncio.sleep(reconnect_delay(attempt))
-            attempt += 1
-            try:
-                await asyncio.wait_for(asyncio.gather(self._publisher.ping(), subscriber.ping()),
-                                       CONNECT_TIMEOUT)
-            except (TimeoutError, OSError, aioredis.RedisError):
-                continue
-            if not (self._connected or subscriber.lost.done()):
-                self._came_up("publishing again")
+        if self._pipeline is not None:
+            self._pipeline.close()
 
     def _came_up(self, detail: str) -> None:
         """Both connections answer: publishes are taken, after `settle` past the first time."""
@@ -638,6 +678,9 @@ class RedisBus(Bus):
             self._settling = None
         self._unechoed.clear()
         self._set_up()
+        unsent, self._queue = self._queue, deque()  # (waiting for a publishing connection)
+        for entry in unsent:
+            self._published(entry, LOST)
         self._report(False, f"{reason}; publishes answer 503 until it is back")
 
     def _report(self, up: bool, detail: str) -> None:

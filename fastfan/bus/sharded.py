@@ -113,7 +113,8 @@ class ShardedBus(RoutedBus):
                  predecessor: str = "", history_ttl: float = 300.0,
                  node: Node | None = None, worker: int = 0) -> None:
         self.prefix = prefix.encode()
-        # The registry of nodes and the channel queries (fastfan.directory.redis) on the first shard.
+        # The registry of nodes and the channel queries (fastfan.directory.redis) on the
+        # first shard.
         self.shards = [RedisBus(hub, url, prefix, presence_ttl, predecessor, history_ttl,
                                 name=f"redis shard {index} ({where(url)})",
                                 owns=self._owner(index, len(urls)), settle=SETTLE,

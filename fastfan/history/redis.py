@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
+from ..bus.resp import command
 from . import ANSWER_MAX_BYTES, META_TTL, HistoryAnswer, ReadLimiter, new_epoch
 
 log = logging.getLogger("fastfan.redis")
@@ -133,6 +135,8 @@ end
 return answer(top, epoch, parts)
 """
 
+PUBLISH_HISTORY_SHA = hashlib.sha1(PUBLISH_HISTORY.encode()).hexdigest().encode()
+
 # A read Redis has not answered in this long fails (503, try again).
 READ_TIMEOUT = 5.0
 
@@ -196,9 +200,10 @@ class RedisHistory:
         self.reply_channel = reply_channel
         self.suffix = reply_channel[len(prefix):]  # "!history:<worker>": every reply's end
         self.publish_command = publish_command
+        # the script's ARGV 3 to 5 (size, TTL, the hash's TTL): the same for every publish
+        self._fixed_arguments = (b"%d" % size, b"%d" % self.ttl, b"%d" % self.meta_ttl)
         self.node = node
         self.listen = listen
-        self._publish = client.register_script(PUBLISH_HISTORY)
         self._read = self.reader.register_script(READ_HISTORY)
         self._limiter = ReadLimiter()
         self._reads: dict[int, Callable[[HistoryAnswer | None], None]] = {}
@@ -218,14 +223,22 @@ class RedisHistory:
     def is_reply(self, redis_channel: bytes) -> bool:
         return redis_channel.endswith(self.suffix)
 
-    async def add_publish(self, pipe: aioredis.client.Pipeline, redis_channel: bytes,
-                          payload: bytes) -> None:
-        """Queue the numbering script for `payload` (a `message` object) in `pipe`: its
+    def numbering_command(self, redis_channel: bytes, payload: bytes) -> bytes:
+        """The numbering script for `payload` (a `message` object), as the publishing
+        connection sends it (EVALSHA: the script is loaded on it, `load_parts`); its
         result is [offset, epoch]."""
-        await self._publish(keys=self.keys(redis_channel),
-                      args=[redis_channel, payload[:-1], self.size, self.ttl, self.meta_ttl,
-                            new_epoch(), self.publish_command, self.node, new_epoch()],
-                      client=pipe)
+        return command(b"EVALSHA", PUBLISH_HISTORY_SHA, b"3", *self.keys(redis_channel),
+                       redis_channel, payload[:-1], *self._fixed_arguments, new_epoch().encode(),
+                       self.publish_command, self.node, new_epoch().encode())
+
+    @staticmethod
+    def load_parts() -> tuple[bytes, ...]:
+        """SCRIPT LOAD of the numbering script: on each publishing connection as it is made
+        (a Redis that restarted, or failed over, has forgotten it)."""
+        return (b"SCRIPT", b"LOAD", PUBLISH_HISTORY.encode())
+
+    def load_command(self) -> bytes:
+        return command(*self.load_parts())
 
     def read(self, channel: str, since: int, limit: int,
              answer: Callable[[HistoryAnswer | None], None]) -> None:

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 
 from .._core import join_leave_event
 from ..bus.base import HubLink
+from ..bus.resp import command
 from ..directory import GATHER_TIMEOUT
 from . import Entries, Presence
 
@@ -57,8 +58,15 @@ class RedisPresence:
     def __init__(self, client: aioredis.Redis, hub: HubLink, prefix: str, ttl: float, *,
                  announce: Callable[[str, bytes], None], predecessor: str = "",
                  owns: Callable[[str], bool] | None = None,
-                 reader: aioredis.Redis | None = None) -> None:
-        self.client = client  # writes and refreshes
+                 reader: aioredis.Redis | None = None,
+                 send: Callable[[], None] | None = None) -> None:
+        self.client = client  # refreshes, and writes without `send`
+        # With `send`, the changes go on the bus's publishing connection (`send` has the
+        # bus take them, `take_commands`, at the end of the loop turn), ahead of the turn's
+        # publishes: a join event never overtakes its entry, so a watcher that asks for
+        # presence on a join finds the joiner. Else write_forever writes them on `client`.
+        self._send = send
+        self._refused, self._refused_logged_at = 0, -60.0
         self.hub = hub
         self.prefix = prefix
         self.ttl = ttl
@@ -80,14 +88,52 @@ class RedisPresence:
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
         self._changes.append((True, channel, client_id.decode("ascii"), _encode([user, info])))
-        self._written.set()
+        self._wake()
 
     def left(self, channel: str, client_id: bytes) -> None:
         self._changes.append((False, channel, client_id.decode("ascii"), b""))
-        self._written.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._send is None:
+            self._written.set()
+        else:
+            self._send()
+
+    def take_commands(self) -> list[bytes]:
+        """The changes not written yet, as commands for the publishing connection, in
+        order; each command's reply goes to `written`."""
+        changes, self._changes = self._changes, []
+        expires = b"%.3f" % (time.time() + self.ttl)
+        ttl = b"%d" % (int(self.ttl) + 1)
+        commands = []
+        for joined, channel, client_id, member in changes:
+            entries, expiry = (key.encode() for key in self.keys(channel))
+            client = client_id.encode("ascii")
+            if joined:
+                commands += [command(b"HSET", entries, client, member),
+                             command(b"ZADD", expiry, expires, client),
+                             command(b"EXPIRE", entries, ttl), command(b"EXPIRE", expiry, ttl)]
+            else:
+                commands += [command(b"HDEL", entries, client), command(b"ZREM", expiry, client)]
+        return commands
+
+    def written(self, reply: Any) -> None:
+        """Redis's reply to one of take_commands' commands: an error is logged once a
+        minute at most, with how many there were. (A connection lost: the refresh writes
+        every present subscriber again.)"""
+        if isinstance(reply, Exception) and not isinstance(reply, ConnectionError):
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged_at >= 60:
+                log.warning("presence: %d writes refused by redis in the last minute: %s",
+                            self._refused, reply)
+                self._refused, self._refused_logged_at = 0, now
 
     async def write_forever(self) -> None:
         """What this loop turn's subscribers did, as one pipeline; the order is kept."""
+        if self._send is not None:
+            return  # the bus writes them (take_commands)
         while True:
             await self._written.wait()
             self._written.clear()
