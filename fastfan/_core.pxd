@@ -156,6 +156,10 @@ cdef class Outbox(WSListener):
     @cython.final
     cdef bint exceeds(self, Py_ssize_t size) noexcept
     @cython.final
+    cdef void _queued_more(self, Py_ssize_t size) noexcept
+    @cython.final
+    cdef void _unqueue(self) noexcept
+    @cython.final
     cdef bint refuses(self, Py_ssize_t size) noexcept
     @cython.final
     cdef int deliver(self, Channel channel, const char* frame, Py_ssize_t size) except -1
@@ -335,6 +339,13 @@ cdef class Hub:
         readonly unsigned long long deliveries_total
         readonly unsigned long long bytes_sent_total
         readonly unsigned long long dropped_slow_total
+        # The server's own backlog: bytes queued for connections it has not written yet
+        # (not those the kernel refused, which count against each one's --max-buffer).
+        # Past max_backlog it takes less input (hold_input) until half of it is written.
+        readonly Py_ssize_t backlog_bytes
+        Py_ssize_t          max_backlog
+        list                held_inputs     # transports whose reading is paused meanwhile
+        readonly unsigned long long inputs_held_total
         readonly unsigned long long dropped_conflated_total
         readonly unsigned long long slow_consumers_disconnected_total
         readonly unsigned long long publish_refused_total
@@ -364,6 +375,7 @@ cdef class Hub:
     cdef int _deliver_compressed(self, Channel channel, bytes shared,
                                  Outbox exclude) except -1
     cdef int schedule(self, Outbox outbox) except -1
+    cdef int _release_inputs(self) except -1
     cdef int _observe_written(self) except -1
     cpdef bint keeps_history(self, str channel)
     cdef int subscribe(self, Session session, str name) except -1

@@ -126,6 +126,9 @@ cdef enum:
 # connection before reading again (the yardstick's turn), it would first wait for the pass
 # in progress to end, then take a whole pass.
 cdef double FLUSH_SLICE_SECONDS = 0.0005
+# --max-backlog's default: output the server has queued and not yet written, past which
+# it reads no more input until half of it is (Hub.hold_input).
+DEFAULT_MAX_BACKLOG = 64 << 20
 # The first header byte's RSV1 bit: permessage-deflate's "this message is compressed".
 cdef uint8_t RSV1 = 0x40
 # The largest WebSocket frame header a server writes (no mask).

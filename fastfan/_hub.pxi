@@ -59,8 +59,10 @@ cdef class Hub:
                   Py_ssize_t history_size=0, history_channels=None,
                   Py_ssize_t compression_min_size=256,
                   Py_ssize_t history_max_bytes=DEFAULT_HISTORY_MAX_BYTES,
-                  double subscribe_rate=20):
+                  double subscribe_rate=20, Py_ssize_t max_backlog=DEFAULT_MAX_BACKLOG):
         self.loop = loop
+        self.max_backlog = max_backlog
+        self.held_inputs = []
         self.channels = {}
         self.sessions = set()
         self.users = {}
@@ -470,9 +472,35 @@ cdef class Hub:
             if written % FLUSH_CLOCK_EVERY == 0 and monotonic() >= deadline:
                 break
         self._observe_written()
+        if self.held_inputs and self.backlog_bytes <= self.max_backlog // 2:
+            self._release_inputs()
         if self.pending_count and not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
+
+    @property
+    def overloaded(self):
+        """The server is behind: past --max-backlog of output it has not written yet."""
+        return self.backlog_bytes > self.max_backlog
+
+    def hold_input(self, transport):
+        """Stop reading `transport` (a publisher's, a peer worker's) while overloaded: the
+        server takes less input rather than grow, or count its own backlog as its
+        subscribers' slowness. Read again once half the backlog is written."""
+        if self.backlog_bytes > self.max_backlog and not transport.is_closing():
+            transport.pause_reading()
+            self.held_inputs.append(transport)
+            self.inputs_held_total += 1
+            if not self.flush_scheduled:  # the flush that releases it
+                self.flush_scheduled = True
+                self.loop.call_soon(self._flush)
+
+    cdef int _release_inputs(self) except -1:
+        held, self.held_inputs = self.held_inputs, []
+        for transport in held:
+            if not transport.is_closing():
+                transport.resume_reading()
+        return 0
 
     cdef int _observe_written(self) except -1:
         """The latency of each fan-out whose subscribers are all written now."""
@@ -506,6 +534,8 @@ cdef class Hub:
             "dropped_conflated_total": self.dropped_conflated_total,
             "slow_consumers_disconnected_total": self.slow_consumers_disconnected_total,
             "publish_refused_total": self.publish_refused_total,
+            "backlog_bytes": self.backlog_bytes,
+            "inputs_held_total": self.inputs_held_total,
         }
 
     def sweep(self, double ping_interval, double ping_timeout):

@@ -23,12 +23,32 @@ cdef class Outbox(WSListener):
     cdef inline bint exceeds(self, Py_ssize_t size) noexcept:
         """Whether queueing `size` more bytes would pass --max-buffer.
 
+        Only a client the kernel has refused bytes (`paused`: a write did not take
+        everything) can: it does not read. Bytes queued because the server has not reached
+        this connection yet in its pass are the server's backlog (Hub.backlog_bytes, bounded
+        by taking less input), not the client's slowness: counted as such, a server behind
+        closed 960 of 1000 subscribers that were reading as fast as they could (issue #31).
         The bound applies to a backlog, not to one message in flight: a frame always fits
         an empty queue, however large, so a client that keeps up is never cut off (with
         --max-message-size above --max-buffer, every large message would otherwise be).
         """
-        cdef Py_ssize_t queued = self.queued()
+        cdef Py_ssize_t queued
+        if not self.paused:
+            return False
+        queued = self.queued()
         return queued > 0 and queued + size > self.hub.max_buffer
+
+    @cython.final
+    cdef inline void _queued_more(self, Py_ssize_t size) noexcept:
+        """`size` bytes queued: the server's backlog while the kernel takes our writes."""
+        if not self.paused:
+            self.hub.backlog_bytes += size
+
+    @cython.final
+    cdef inline void _unqueue(self) noexcept:
+        """Everything queued leaves the queue (written, handed on, or dropped)."""
+        if not self.paused:
+            self.hub.backlog_bytes -= self.out.size + self.shared_size
 
     @cython.final
     cdef inline bint refuses(self, Py_ssize_t size) noexcept:
@@ -41,6 +61,7 @@ cdef class Outbox(WSListener):
         if self.refuses(size):
             return self._overflow(channel, frame, size, None)
         buffer_append(&self.out, frame, size)
+        self._queued_more(size)
         self._count_sent(size)
         if not self.scheduled:
             self.hub.schedule(self)
@@ -53,6 +74,7 @@ cdef class Outbox(WSListener):
         if self.refuses(size):
             return self._overflow(channel, PyBytes_AS_STRING(frame), size, frame)
         self._append_shared(frame)
+        self._queued_more(size)
         self._count_sent(size)
         if not self.scheduled:
             self.hub.schedule(self)
@@ -148,6 +170,7 @@ cdef class Outbox(WSListener):
             return 0
         buffer_append(&self.out, head, head_size)
         buffer_append(&self.out, payload, size)
+        self._queued_more(head_size + size)
         if data:
             self._count_sent(head_size + size)
         if not self.scheduled:
@@ -160,6 +183,7 @@ cdef class Outbox(WSListener):
                                 PyBytes_GET_SIZE(payload))
 
     cdef int discard_output(self) except -1:
+        self._unqueue()
         buffer_release(&self.out)
         self.shared = None
         self.shared_size = 0
@@ -197,6 +221,7 @@ cdef class Outbox(WSListener):
         cdef bytes segment
         if self.fd < 0:
             return self._write_through()  # TLS: the transport encrypts
+        self._unqueue()  # all of it: sent, or left with the transport
         if shared is not None:
             for segment in shared:
                 if count == SHARED_IOV_MAX - 1:
@@ -243,6 +268,7 @@ cdef class Outbox(WSListener):
                     sent = 0
             if self.out.size > sent:  # `out` was not in this sendmsg() or only part of it
                 rest.append(PyBytes_FromStringAndSize(self.out.data + sent, self.out.size - sent))
+            buffer_clear(&self.out)  # (copied to `rest`: empty before the transport pauses us)
             tcp = self.transport.underlying_transport
             tcp.writelines(rest)
             self.backlog = tcp.get_write_buffer_size()
@@ -254,6 +280,7 @@ cdef class Outbox(WSListener):
         """Hand everything queued to the transport (large frames still by reference): the
         write path of TLS connections, and of the last frames before a CLOSE."""
         tcp = self.transport.underlying_transport
+        self._unqueue()
         if self.shared is not None:
             self.hub.bytes_sent_total += self.shared_size
             tcp.writelines(self.shared)
@@ -276,6 +303,7 @@ cdef class Outbox(WSListener):
                     self._append_shared(frame)
                 else:
                     buffer_append(&self.out, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+                self._queued_more(PyBytes_GET_SIZE(frame))
                 self._count_sent(PyBytes_GET_SIZE(frame))
             self.hub.deliveries_total += len(self.conflated)
             self.conflated = None
@@ -284,9 +312,13 @@ cdef class Outbox(WSListener):
         return 0
 
     cpdef pause_writing(self):
+        # (only ever from inside our own write of everything queued, already unqueued:
+        # from now on what is queued is the client's to take, `exceeds`)
         self.paused = True
 
     cpdef resume_writing(self):
+        if self.paused:  # the server's backlog again
+            self.hub.backlog_bytes += self.out.size + self.shared_size
         self.paused = False
         self.backlog = 0
         if (self.out.size or self.shared is not None or self.overflowing) and \

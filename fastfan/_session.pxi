@@ -281,6 +281,10 @@ cdef class Session(Outbox):
             self._handle(payload, size)
         finally:
             hub.handling.record(monotonic() - started)
+        if hub.backlog_bytes > hub.max_backlog and not self.closing:
+            # The server is behind: this client's next messages wait in its socket (and
+            # its publishes' `published` with them) until half the backlog is written.
+            hub.hold_input(self.transport.underlying_transport)
         return 0
 
     cdef int _on_compressed(self, int kind, const char* payload, Py_ssize_t size) except -1:

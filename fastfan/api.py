@@ -385,6 +385,10 @@ class Api:
         """Each channel gets the message through the bus, as a WebSocket publish does.
         Returns, for each, its offset and epoch on a channel with history, else {}."""
         hub = self._hub
+        if hub.overloaded:
+            # Behind its output (--max-backlog): the publisher waits, not the subscribers.
+            raise ApiError(503, "the server is behind its output (--max-backlog): try again "
+                                "in a moment", ((b"Retry-After", b"1"),))
         loop = asyncio.get_running_loop()
         pending = []
         confirmations = []

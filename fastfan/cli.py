@@ -132,7 +132,10 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--publish-rate", _positive_int, None, "publishes per second per connection (1000)"),
     ("--subscribe-rate", _positive_int, None,
      "subscribes, and presence requests, per second per connection (20)"),
-    ("--max-buffer", _positive_int, None, "bytes queued for one connection (1048576)"),
+    ("--max-buffer", _positive_int, None, "bytes queued for one connection that does not "
+     "read (1048576)"),
+    ("--max-backlog", _positive_int, None, "bytes queued for all connections and not yet "
+     "written, past which input is held back (67108864)"),
     ("--slow-consumer", str, SLOW_CONSUMER_POLICIES, "policy past --max-buffer (disconnect)"),
     ("--ping-interval", _seconds, None, "seconds of silence before a ping (30)"),
     ("--ping-timeout", _seconds, None, "seconds without an answer before closing (60)"),

@@ -59,6 +59,7 @@ class Config:
     publish_rate: int = 1000
     subscribe_rate: int = 20  # subscribes that change something, and presence requests
     max_buffer: int = 1048576
+    max_backlog: int = 64 << 20  # output queued and not yet written, all connections
     slow_consumer: str = "disconnect"
     ping_interval: float = 30.0
     ping_timeout: float = 60.0
@@ -87,7 +88,7 @@ class Config:
                               f"(docs/protocol.md); run more nodes with --redis instead")
         for name in ("max_message_size", "max_subscriptions", "max_subscription_bytes",
                      "presence_limit", "publish_rate", "subscribe_rate", "max_buffer",
-                     "history_max_bytes"):
+                     "max_backlog", "history_max_bytes"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")

@@ -44,6 +44,12 @@ METRICS = (
            "bytes_sent_total"),
     Metric("fastfan_slow_consumers_disconnected_total", "counter",
            "Connections closed with 4008 for not reading.", "slow_consumers_disconnected_total"),
+    Metric("fastfan_backlog_bytes", "gauge",
+           "Output queued for connections and not written yet: the server's own backlog.",
+           "backlog_bytes"),
+    Metric("fastfan_inputs_held_total", "counter",
+           "Times a connection's input was held back because the backlog passed "
+           "--max-backlog.", "inputs_held_total"),
     Metric("fastfan_auth_failures_total", "counter", "Upgrades refused with 401.",
            "auth_failures_total"),
     Metric("fastfan_connections_refused_total", "counter",

@@ -82,6 +82,7 @@ class Worker:
             history_max_bytes=config.history_max_bytes,
             compression_min_size=config.compression_min_size,
             subscribe_rate=float(config.subscribe_rate),
+            max_backlog=config.max_backlog,
         )
         self.node = Node(node_name(config.port), config.workers,
                          process_start_time(placement.master_pid), self.total_figures)

@@ -161,6 +161,8 @@ class Incoming(asyncio.Protocol):
         del buffer[:offset]
         if answers:
             self.transport.write(b"".join(answers))
+        if bus.hub.overloaded:  # behind: read this worker's records once it has caught up
+            bus.hub.hold_input(self.transport)
 
     def _on_hello(self, channel: str, body: bytes) -> bool | None:
         worker = int(channel) if channel.isdigit() else -1
