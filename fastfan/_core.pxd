@@ -346,6 +346,10 @@ cdef class Hub:
         Py_ssize_t          max_backlog
         list                held_inputs     # transports whose reading is paused meanwhile
         readonly unsigned long long inputs_held_total
+        # input that cannot be held back, meanwhile (fanout_or_shed): channel ->
+        # [its newest message, the publisher to leave out, how many it replaced]
+        dict                shed
+        readonly unsigned long long dropped_overload_total
         readonly unsigned long long dropped_conflated_total
         readonly unsigned long long slow_consumers_disconnected_total
         readonly unsigned long long publish_refused_total
@@ -362,6 +366,8 @@ cdef class Hub:
         dict                presence_answers
 
     cpdef Py_ssize_t fanout(self, str channel, object payload, Outbox exclude=*) except -1
+    cpdef Py_ssize_t fanout_or_shed(self, str channel, object payload,
+                                    Outbox exclude=*) except -1
     cdef int _note_fanout(self, double started) except -1
     cdef int _deliver(self, Channel channel, const char* frame, Py_ssize_t size,
                       Outbox exclude) except -1
@@ -375,6 +381,7 @@ cdef class Hub:
     cdef int _deliver_compressed(self, Channel channel, bytes shared,
                                  Outbox exclude) except -1
     cdef int schedule(self, Outbox outbox) except -1
+    cdef int schedule_flush(self) except -1
     cdef int _release_inputs(self) except -1
     cdef int _observe_written(self) except -1
     cpdef bint keeps_history(self, str channel)

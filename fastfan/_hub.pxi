@@ -445,6 +445,12 @@ cdef class Hub:
             self.loop.call_soon(self._flush)
         return 0
 
+    cdef int schedule_flush(self) except -1:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return 0
+
     def _flush(self):
         """End of the loop turn: write the waiting connections, each in one send, in the
         order they were scheduled, for about FLUSH_SLICE_SECONDS; then the loop reads again
@@ -472,7 +478,8 @@ cdef class Hub:
             if written % FLUSH_CLOCK_EVERY == 0 and monotonic() >= deadline:
                 break
         self._observe_written()
-        if self.held_inputs and self.backlog_bytes <= self.max_backlog // 2:
+        if (self.held_inputs or self.shed is not None) and \
+                self.backlog_bytes <= self.max_backlog // 2:
             self._release_inputs()
         if self.pending_count and not self.flush_scheduled:
             self.flush_scheduled = True
@@ -491,15 +498,47 @@ cdef class Hub:
             transport.pause_reading()
             self.held_inputs.append(transport)
             self.inputs_held_total += 1
-            if not self.flush_scheduled:  # the flush that releases it
-                self.flush_scheduled = True
-                self.loop.call_soon(self._flush)
+            self.schedule_flush()  # the flush that releases it
+
+    cpdef Py_ssize_t fanout_or_shed(self, str channel, object payload,
+                                    Outbox exclude=None) except -1:
+        """fanout() of input the server cannot hold back (Redis pub/sub: Redis disconnects
+        a subscriber that stops reading). While the server is behind (past --max-backlog,
+        until half of it is written) a channel's newest message is kept instead, the ones
+        it replaces dropped and counted; once caught up, the channel's subscribers are told
+        how many they missed, `{"type":"lagged","channel":C,"missed":N}`, then get it (a
+        client with history recovers the gap from the offset it holds). Joins and leaves
+        are never shed."""
+        cdef list kept
+        if self.shed is None and self.backlog_bytes <= self.max_backlog:
+            return self.fanout(channel, payload, exclude)
+        if channel.startswith(WATCH_PREFIX):
+            return self.fanout(channel, payload, exclude)
+        if self.shed is None:
+            self.shed = {}
+        kept = self.shed.get(channel)
+        if kept is None:
+            self.shed[channel] = [bytes(payload), exclude, 0]
+        else:
+            kept[0] = bytes(payload)
+            kept[1] = exclude
+            kept[2] += 1
+            self.dropped_overload_total += 1
+        return 0
 
     cdef int _release_inputs(self) except -1:
+        """Caught up: read the held inputs again, and deliver what was shed meanwhile."""
         held, self.held_inputs = self.held_inputs, []
         for transport in held:
             if not transport.is_closing():
                 transport.resume_reading()
+        if self.shed is not None:
+            shed, self.shed = self.shed, None
+            for channel, (payload, exclude, missed) in shed.items():
+                if missed:
+                    self.fanout(channel, b'{"type":"lagged","channel":"%s","missed":%d}' % (
+                        channel.encode("ascii"), missed))
+                self.fanout(channel, payload, exclude)
         return 0
 
     cdef int _observe_written(self) except -1:
@@ -536,6 +575,7 @@ cdef class Hub:
             "publish_refused_total": self.publish_refused_total,
             "backlog_bytes": self.backlog_bytes,
             "inputs_held_total": self.inputs_held_total,
+            "dropped_overload_total": self.dropped_overload_total,
         }
 
     def sweep(self, double ping_interval, double ping_timeout):

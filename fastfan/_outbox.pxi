@@ -184,6 +184,8 @@ cdef class Outbox(WSListener):
 
     cdef int discard_output(self) except -1:
         self._unqueue()
+        if self.hub.held_inputs or self.hub.shed is not None:
+            self.hub.schedule_flush()  # (which releases them if that was enough)
         buffer_release(&self.out)
         self.shared = None
         self.shared_size = 0

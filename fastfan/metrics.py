@@ -67,6 +67,7 @@ METRICS = (
                           ("conflated", "dropped_conflated_total"),
                           ("bus", "dropped_bus_total"),
                           ("invalid_payload", "dropped_invalid_total"),
+                          ("overload", "dropped_overload_total"),
                           ("rate_limited", "publish_refused_total"))),
 )
 # Gauges that are the whole server's when every worker has them, not their sum.

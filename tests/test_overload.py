@@ -8,7 +8,9 @@ import subprocess
 from typing import Any
 
 import pytest
+import redis
 from support.processes import loadgen
+from support.redis import RedisServer
 from support.server import token
 from support.waiting import wait_for
 
@@ -16,6 +18,7 @@ pytestmark = pytest.mark.slow  # a few seconds of flooding
 
 SUBSCRIBERS = 300
 PUBLISHES_PER_S = 20_000  # x 300 subscribers: 6M deliveries/s, several times one worker's
+MESSAGES = 20_000  # through Redis, as fast as a pipeline sends them
 
 
 def subscribers(port: int, channel: str, seconds: float) -> subprocess.Popen[str]:
@@ -68,3 +71,49 @@ def test_a_saturated_server_keeps_every_reading_subscriber_and_cuts_a_stalled_on
     assert wait_for(lambda: server.metrics()["fastfan_slow_consumers_disconnected_total"] == 1)
     assert server.metrics()["fastfan_backlog_bytes"] == 0  # all written once it is over
     del stalled
+
+
+def test_redis_input_is_shed_per_channel_newest_kept_and_each_subscriber_told(
+        start_server: Any, redis_server: RedisServer) -> None:
+    """Redis disconnects a subscriber that stops reading, so what comes from it while the
+    server is behind cannot be held back: each channel keeps its newest message, and its
+    subscribers get `lagged` with how many they missed before it. Nothing is lost
+    without a word: what a reader received plus what it was told it missed is everything,
+    in order, ending with the last message published."""
+    node = start_server("--redis", redis_server.url, "--max-backlog", str(256 << 10),
+                        "--max-buffer", str(64 << 20), "--ping-interval", "120",
+                        "--ping-timeout", "240")
+    node.wait_ready()
+    readers = subscribers(node.port, "flood", seconds=1)
+    try:
+        assert readers.stdout is not None and readers.stdin is not None
+        assert json.loads(readers.stdout.readline())["ready"]
+        watcher = node.connect().subscribe("flood")
+        wait_for(lambda: redis_server.subscribers("flood") == 1)
+        readers.stdin.write("go\n")
+        readers.stdin.flush()
+        with redis.Redis(port=redis_server.port) as backend:
+            for start in range(0, MESSAGES, 1000):
+                pipe = backend.pipeline(transaction=False)
+                for seq in range(start, start + 1000):
+                    pipe.publish("fastfan:flood", json.dumps(
+                        {"type": "message", "channel": "flood", "data": {"seq": seq}}))
+                pipe.execute()
+        received, missed = [], 0
+        while not received or received[-1] != MESSAGES - 1:
+            event = watcher.recv_json()
+            if event["type"] == "lagged":
+                assert event["channel"] == "flood"
+                missed += event["missed"]
+            else:
+                received.append(event["data"]["seq"])
+        out, err = readers.communicate(timeout=120)
+    finally:
+        if readers.poll() is None:
+            readers.kill()
+    assert readers.returncode == 0, err  # no subscriber closed
+    assert missed > 0  # the server was behind: some were shed
+    assert received == sorted(received) and len(received) + missed == MESSAGES
+    shed = node.metrics()['fastfan_dropped_total{reason="overload"}']
+    assert shed == missed  # each shed message counted once (one node, one channel)
+    assert json.loads(out)["lost"] == missed * SUBSCRIBERS  # each fast reader: the same

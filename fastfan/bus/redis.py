@@ -559,8 +559,9 @@ class RedisBus(Bus):
             self.directory.received(channel, payload)
             return
         name = channel[len(self.prefix):].decode("ascii")
-        self.hub.fanout(name, payload, self._unechoed_publisher(payload) if self._unechoed
-                        else None)
+        # (Redis cannot be held back while the server is behind: shed, Hub.fanout_or_shed)
+        self.hub.fanout_or_shed(name, payload, self._unechoed_publisher(payload)
+                                if self._unechoed else None)
 
     def _unechoed_publisher(self, payload: bytes) -> Outbox | None:
         """The publisher a message comes back to be kept from ("echo":false), if any."""
