@@ -12,7 +12,7 @@ from fastfan.metrics import CUMULATIVE, FIGURES, SharedFigures, latency_figures,
 # fastfan_dropped_total{reason}: the label each figure is exported under (the contract's).
 DROP_REASONS = {"slow_consumer": "dropped_slow_total", "conflated": "dropped_conflated_total",
                 "bus": "dropped_bus_total", "invalid_payload": "dropped_invalid_total",
-                "rate_limited": "publish_refused_total"}
+                "rate_limited": "publish_refused_total", "overload": "dropped_overload_total"}
 BUCKETS = sum(key.startswith("latency_bucket_") for key in FIGURES)
 
 
