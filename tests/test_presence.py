@@ -123,7 +123,7 @@ def test_presence_across_nodes_through_redis(start_server: Any, redis_server: Re
     assert presence(asker)["data"]["count"] == 4  # its client is not forgotten at once...
     wait_for(lambda: presence(asker)["data"]["count"] == 3, timeout=8)
     assert time.monotonic() - started < 3 + 2  # ...but within --presence-ttl (and a refresh)
-    assert redis_server.command("EXISTS", "fastfan:presence:{room}") == b":1\r\n"
+    assert redis_server.command("EXISTS", "{fastfan:room}:presence") == b":1\r\n"
 
 
 @pytest.mark.slow
@@ -174,7 +174,7 @@ def test_the_info_claim_is_what_others_see(start_server: Any, tmp_path: Any) -> 
         clients = {c["clientId"]: c for c in presence(watching)["data"]["clients"]}
         assert clients[ann_id] == {"clientId": ann_id, "user": "ann", "info": info}
         assert "info" not in clients[bo_id]
-        assert redis.command("HEXISTS", "fastfan:presence:{room}", ann_id) == b":1\r\n"
+        assert redis.command("HEXISTS", "{fastfan:room}:presence", ann_id) == b":1\r\n"
     finally:
         redis.kill()
 

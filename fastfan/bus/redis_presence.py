@@ -1,8 +1,10 @@
 """Presence in Redis, for nodes that share channels through it.
 
 Per channel, a hash of clientId -> [user, info] (JSON) and a sorted set of clientId by
-expiry time, both under one hash tag (`{prefix}presence:{channel}`,
-`{prefix}presence:expiry:{channel}`), so a cluster keeps them on one node. A worker writes
+expiry time, `{<prefix><channel>}:presence` and `{<prefix><channel>}:presence:expiry`:
+hash-tagged by the channel's Redis channel, as its history keys are, so that on a cluster
+everything naming a channel (its pub/sub, presence and history) is in one slot, on one
+master, and fails over in one step (a shard holds it all too). A worker writes
 what its subscribers do (joined, left) in one pipeline per loop turn, never a round trip
 per subscribe, and every TTL/3 seconds pushes the expiry of all its present subscribers
 forward: a node that dies without a word drops out of presence within --presence-ttl. A
@@ -117,8 +119,8 @@ class RedisPresence:
         self.outage = Outage()
 
     def keys(self, channel: str) -> tuple[str, str]:
-        return (f"{self.prefix}presence:{{{channel}}}",
-                f"{self.prefix}presence:expiry:{{{channel}}}")
+        tagged = f"{{{self.prefix}{channel}}}:presence"
+        return tagged, f"{tagged}:expiry"
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
         self._changes.append((True, channel, client_id.decode("ascii"), _encode([user, info])))
@@ -154,11 +156,11 @@ class RedisPresence:
         if not self.predecessor:
             return
         self.predecessor, predecessor = "", self.predecessor
-        pattern = f"{self.prefix}presence:{{*}}"
+        pattern = f"{{{self.prefix}*}}:presence"
         clients = f"{predecessor}-*"
         try:
             async for key in self.client.scan_iter(match=pattern, count=1000):
-                channel = key.decode()[len(self.prefix) + len("presence:{"):-1]
+                channel = key.decode()[len(self.prefix) + 1:-len("}:presence")]
                 entries, expiry = self.keys(channel)
                 async for client_id, member in self.client.hscan_iter(entries, match=clients):
                     if await self.client.hdel(entries, client_id):
