@@ -62,11 +62,12 @@ _decode_member = msgspec.json.Decoder(tuple[str, str]).decode
 
 class Outage:
     """Presence's writes while they fail: a warning when they start failing, the changes
-    not written once every OUTAGE_REPORT_PERIOD while they do (as the next failure comes),
+    not written once every `period` while they do (as the next failure comes),
     and a line when a write works again. With 1,000 subscribers coming and going, a line
     per failed write was 2,565 lines in 4 minutes (issue 26)."""
 
-    def __init__(self) -> None:
+    def __init__(self, period: float = OUTAGE_REPORT_PERIOD) -> None:
+        self.period = period
         self.since: float | None = None  # when writes began to fail; None while they work
         self.reported_at = 0.0
         self.unwritten = 0  # changes not written since the last line
@@ -82,7 +83,7 @@ class Outage:
                         exc, changes)
             return
         self.unwritten += changes
-        if now - self.reported_at >= OUTAGE_REPORT_PERIOD:
+        if now - self.reported_at >= self.period:
             log.warning("presence: writes to Redis still fail (%s): %d changes not written "
                         "in %.0f s", exc, self.unwritten, now - self.reported_at)
             self.reported_at, self.unwritten = now, 0
