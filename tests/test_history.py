@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from typing import Any
 
 import pytest
 from support.messages import HISTORY, drop_and_recover, interleaved, offsets, subscribe
 from support.processes import children
 from support.redis import RedisServer
-from support.server import token
+from support.server import Server, token
 from support.waiting import collect, wait_for
 from support.wire import RawClient
 from support.workers import every, one_per_worker, place
@@ -114,6 +115,41 @@ def test_one_order_across_nodes(server_with: Any, redis_server: RedisServer) -> 
     far.wait_ready()
     interleaved([near.connect(), far.connect()], [near.connect(), far.connect()], "orders",
                 300)
+
+
+@pytest.mark.slow
+def test_nodes_with_different_history_sizes_on_one_redis_say_so(
+        server_with: Any, redis_server: RedisServer) -> None:
+    """Offsets on one node's messages and none on the other's: each node logs one warning
+    naming both sizes, the one started second and the one running already (one line per
+    node, whatever its workers)."""
+    keeping = server_with("--redis", redis_server.url, "--history-size", "100")
+    keeping.wait_ready()
+    plain = server_with("--redis", redis_server.url, "--workers", "2")
+    plain.wait_ready()
+    name = {node: f"{socket.gethostname()}:{node.port}" for node in (keeping, plain)}
+
+    def warnings(node: Server) -> list[str]:
+        return [line for line in node.log().splitlines() if "--history-size" in line]
+
+    for node, other, sizes in ((plain, keeping, (100, 0)), (keeping, plain, (0, 100))):
+        (line,) = wait_for(lambda node=node: warnings(node))
+        assert (f"node {name[other]} runs with --history-size {sizes[0]}, this node "
+                f"({name[node]}) with --history-size {sizes[1]}") in line
+
+    def announced(node: Server) -> float:
+        """When the node's worker 0 last wrote its registry entry (and compared, after)."""
+        reply = redis_server.command("ZSCORE", "{fastfan:nodes}:seen", f"{name[node]}/0")
+        return float(reply.split(b"\r\n")[1])
+
+    for node in (keeping, plain):  # compared again and again since: still one line
+        seen = announced(node)
+        wait_for(lambda node=node, seen=seen: announced(node) > seen + 2)
+        assert len(warnings(node)) == 1
+    same = server_with("--redis", redis_server.url, "--history-size", "100")
+    same.wait_ready()
+    wait_for(lambda: len(warnings(same)) == 1)  # of plain only: keeping keeps the same
+    assert name[plain] in warnings(same)[0]
 
 
 @pytest.mark.slow

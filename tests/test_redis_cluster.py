@@ -190,6 +190,36 @@ def test_history_on_the_channels_master(start_server: Any, cluster: Cluster) -> 
         wait_for(lambda node=node: query(node, "PUBSUB", "SHARDCHANNELS", "*!history:*") == [])
 
 
+def test_everything_naming_a_channel_is_in_its_slot(start_server: Any, cluster: Cluster) -> None:
+    """A channel's pub/sub channel, presence keys and history keys are in one slot, on one
+    master: its state fails over in one step. (Presence was tagged by the bare name, `{C}`:
+    another slot, most often on another master.)"""
+    server = start_server("--redis", cluster.url, *HISTORY)
+    server.wait_ready()
+    member = server.connect()
+    subscribe(member, "ledger")  # present: its presence keys are written
+    assert publish(server.connect(), "ledger", 1, 1)["offset"] == 1  # its history's
+    owner = cluster.owner("ledger")
+    slot = query(owner, "CLUSTER", "KEYSLOT", "fastfan:ledger")
+    assert slot == key_slot(b"fastfan:ledger")
+    assert query(owner, "PUBSUB", "SHARDCHANNELS", "*ledger*") == [b"fastfan:ledger"]
+
+    def named() -> list[bytes] | None:
+        """The keys naming the channel, wherever they are: its history's two and presence's
+        two, once written."""
+        found = {key for node in cluster.nodes if node.process is not None
+                 for key in query(node, "KEYS", "*ledger*")}
+        return sorted(found) if len(found) == 4 else None
+
+    keys = wait_for(named)
+    assert {key: query(owner, "CLUSTER", "KEYSLOT", key) for key in keys} == {
+        key: slot for key in keys}
+    assert sorted(query(owner, "KEYS", "*ledger*")) == keys == [
+        b"{fastfan:ledger}:epoch", b"{fastfan:ledger}:history", b"{fastfan:ledger}:presence",
+        b"{fastfan:ledger}:presence:expiry"]
+    member.close()
+
+
 def test_a_master_failover_starts_a_new_epoch(start_server: Any, cluster: Cluster) -> None:
     """Its replica may have missed the master's last writes (replication is asynchronous):
     a client is never told `recovered:true` across it, even when it missed none."""

@@ -65,7 +65,7 @@ def test_each_channel_its_pub_sub_and_presence_on_its_shard(
     for name in names:
         wait_for(lambda name=name: [s.subscribers(name) for s in shards] == [
             2 if index == home(name) else 0 for index in range(SHARDS)])
-        presence = f"fastfan:presence:{{{name}}}"
+        presence = f"{{fastfan:{name}}}:presence"
         assert [s.command("EXISTS", presence) for s in shards] == [
             b":1\r\n" if index == home(name) else b":0\r\n" for index in range(SHARDS)]
     publisher = near.connect()

@@ -244,7 +244,7 @@ def test_presence_requests_are_rate_limited_and_share_one_gather(
         asker, _ = client(server, "asker")
         pid = worker_of(server, asker) if bus == "two workers" else 0
         if redis is not None:
-            wait_for(lambda: redis.command("HLEN", "fastfan:presence:{room}") == b":200\r\n")
+            wait_for(lambda: redis.command("HLEN", "{fastfan:room}:presence") == b":200\r\n")
         scripts = redis.command("INFO", "commandstats") if redis is not None else b""
         read = bytes_read_by(pid) if pid else 0
         asked = 1000

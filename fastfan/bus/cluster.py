@@ -6,7 +6,8 @@ backend publishes with one `SPUBLISH prefix+C` through any cluster client. Per m
 a RedisBus in its `sharded` mode holds a publishing and a subscribing connection, as a
 shard of ShardedBus does; the slot map is CLUSTER SLOTS from the first node that answers
 (the URL's, then any the map named), and redis-py's cluster client carries presence,
-whose keys are hash-tagged by channel.
+whose keys are hash-tagged by the Redis channel (`{prefix+C}:presence`, fastfan.presence.redis):
+in C's slot, with its pub/sub and history.
 
 The map is read again every MAP_PERIOD, at once when a node answers MOVED or pushes a
 `sunsubscribe` (the slot has gone elsewhere: resharding, or a failover), and every

@@ -65,7 +65,7 @@ from ..directory import Counts, Node
 from ..directory.redis import RedisDirectory
 from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch, position
 from ..history.redis import RedisHistory
-from ..presence.redis import RedisPresence
+from ..presence.redis import CHANGE, RedisPresence
 from . import resp
 from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, HubLink, Presence
 from .commands import COMMANDS, apply_command
@@ -129,8 +129,6 @@ def _queued_cost(channel: bytes, payload: bytes, request_id: bytes) -> int:
 
 
 _command = resp.command
-# The entry in the publishing connection's queue of a presence write's reply.
-PRESENCE_WRITE = None
 
 
 def reconnect_delay(attempt: int) -> float:
@@ -357,10 +355,11 @@ class RedisBus(Bus):
         self._send_scheduled = False
         pipeline = self._pipeline
         if pipeline is None or not pipeline.alive():
+            self.presence.not_written(LOST)  # (what waits for it: publishes, not these)
             return
-        presence = self.presence.take_commands()  # first: see RedisPresence's `send`
+        presence, waiting = self.presence.take_commands()  # first: see RedisPresence's `send`
         if presence:
-            pipeline.send(b"".join(presence), [PRESENCE_WRITE] * len(presence))
+            pipeline.send(presence, waiting)
         if not self._queue:
             return
         batch = list(self._queue)
@@ -372,12 +371,13 @@ class RedisBus(Bus):
             else publish_command(verb, channel, payload)
             for channel, payload, _, _, numbered in batch]), batch)
 
-    def _published(self, entry: tuple[bytes, bytes, Acknowledger | None, bytes, bool] | None,
+    def _published(self, entry: tuple[bytes, bytes, Acknowledger | None, bytes, bool] | str,
                    reply: Any) -> None:
         """Redis's answer to a publish (or LOST: the connection went first), or to a
-        presence write (entry PRESENCE_WRITE)."""
-        if entry is PRESENCE_WRITE:
-            self.presence.written(reply)
+        presence write (presence.redis.CHANGE, FOLLOWING)."""
+        if entry.__class__ is not tuple:
+            if entry is CHANGE:
+                self.presence.written(reply)
             return
         channel, payload, ack, request_id, history = entry
         self._queued_bytes -= _queued_cost(channel, payload, request_id)

@@ -8,6 +8,14 @@ died without a word), then reads the hash, in one script. `info` lists one entry
 node name. A worker that stops removes its id; both keys expire if every node is gone.
 The registry holds one small entry per worker, whatever the clients do.
 
+An entry also says the node's --history-size (`historySize`, not part of `info`): every
+node on one Redis must keep the same history, or one node's messages carry offsets and
+another's none (or are kept fewer). Worker 0 of each node reads the registry after each
+write and logs one warning per node and size that differs from its own, naming both: a
+node that starts with another size says so at once, and the nodes already running say so
+too. A warning, not a refusal: a rolling restart that changes --history-size passes
+through such a mix (docs/protocol.md, History and recovery).
+
 `channels`: the asking worker reads the live ids from the registry, then PUBLISHes a query
 `{"query":N,"from":ID,"pattern":P,"limit":L}` on `{prefix}!directory`, which every worker
 subscribes to; each other worker PUBLISHes its part `{"query":N,"from":ID,"channels":
@@ -82,9 +90,17 @@ class Description(msgspec.Struct, forbid_unknown_fields=False):
     uptime: int
 
 
+class Keeps(msgspec.Struct, forbid_unknown_fields=False):
+    """What a registry entry says of the node's history (None: a node that does not say)."""
+
+    name: str
+    history_size: int | None = msgspec.field(name="historySize", default=None)
+
+
 _decode_query = msgspec.json.Decoder(Query).decode
 _decode_part = msgspec.json.Decoder(Part).decode
 _decode_description = msgspec.json.Decoder(Description).decode
+_decode_keeps = msgspec.json.Decoder(Keeps).decode
 _encode = msgspec.json.encode
 
 
@@ -95,6 +111,8 @@ class RedisDirectory:
         self.hub = hub
         self.node = node
         self.id = f"{node.name}/{worker}"
+        self.compares_history = worker == 0  # one warning per node, not one per worker
+        self._differing: set[tuple[str, int]] = set()  # (node, its size) warned of
         self.send = send  # (channel after the prefix, payload): a PUBLISH through the bus
         self.keys = [f"{{{prefix}nodes}}", f"{{{prefix}nodes}}:seen"]
         self.reply_channel = f"{QUERIES}:{self.id}"
@@ -110,13 +128,35 @@ class RedisDirectory:
     async def announce_forever(self) -> None:
         while True:
             pipe = self.client.pipeline(transaction=False)
-            pipe.hset(self.keys[0], self.id, _encode(self.node.describe()))
+            pipe.hset(self.keys[0], self.id, _encode(
+                {**self.node.describe(), "historySize": self.hub.history_size}))
             pipe.zadd(self.keys[1], {self.id: time.time()})
             for key in self.keys:
                 pipe.expire(key, REGISTRY_TTL)
-            with contextlib.suppress(aioredis.RedisError, OSError):
+            with contextlib.suppress(aioredis.RedisError, OSError):  # ConnectionError too
                 await pipe.execute()
+                if self.compares_history:
+                    self._compare_history(await self._live_entries())
             await asyncio.sleep(ANNOUNCE_PERIOD)
+
+    def _compare_history(self, entries: dict[str, bytes]) -> None:
+        """One warning for each live node (and size) whose --history-size is not ours."""
+        ours = self.hub.history_size
+        for entry in entries.values():
+            try:
+                keeps = _decode_keeps(entry)
+            except msgspec.DecodeError:
+                continue  # not written by fastfan
+            theirs = keeps.history_size
+            if (theirs is None or theirs == ours or keeps.name == self.node.name
+                    or (keeps.name, theirs) in self._differing):
+                continue
+            self._differing.add((keeps.name, theirs))
+            log.warning("history: node %s runs with --history-size %d, this node (%s) with "
+                        "--history-size %d: every node on one Redis needs the same (whether "
+                        "a message carries an offset and is kept for recovery depends on the "
+                        "node it was published through)", keeps.name, theirs, self.node.name,
+                        ours)
 
     async def withdraw(self) -> None:
         """This worker stops: out of the registry now, not STALE_AFTER later."""

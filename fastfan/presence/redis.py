@@ -1,12 +1,18 @@
 """Presence in Redis, for nodes that share channels through it.
 
 Per channel, a hash of clientId -> [user, info] (JSON) and a sorted set of clientId by
-expiry time, both under one hash tag (`{prefix}presence:{channel}`,
-`{prefix}presence:expiry:{channel}`), so a cluster keeps them on one node. A worker writes
+expiry time, `{<prefix><channel>}:presence` and `{<prefix><channel>}:presence:expiry`:
+hash-tagged by the channel's Redis channel, as its history keys are, so that on a cluster
+everything naming a channel (its pub/sub, presence and history) is in one slot, on one
+master, and fails over in one step (a shard holds it all too). A worker writes
 what its subscribers do (joined, left) in one pipeline per loop turn, never a round trip
 per subscribe, and every TTL/3 seconds pushes the expiry of all its present subscribers
 forward: a node that dies without a word drops out of presence within --presence-ttl. A
 query runs one script that first removes the expired entries, then reads the hash.
+
+While Redis is unreachable every write fails: the log says so once when they start
+failing, then once a minute how many changes were not written, and once when writes work
+again (Outage), never a line per change.
 """
 
 from __future__ import annotations
@@ -49,9 +55,54 @@ return {expired, {}}
 """
 # How many entries one refresh pipeline carries.
 REFRESH_BATCH = 5000
+# While writes fail: how often the changes not written are counted in the log.
+OUTAGE_REPORT_PERIOD = 60.0
+
+# What waits for the replies to a change's commands on the publishing connection
+# (take_commands): its first command's (the change's outcome), and the others'.
+CHANGE, FOLLOWING = "presence change", "presence write"
+JOIN_REPLIES = [CHANGE, FOLLOWING, FOLLOWING, FOLLOWING]
+LEAVE_REPLIES = [CHANGE, FOLLOWING]
 
 _encode = msgspec.json.encode
 _decode_member = msgspec.json.Decoder(tuple[str, str]).decode
+
+
+class Outage:
+    """Presence's writes while they fail: a warning when they start failing, the changes
+    not written once every `period` while they do (as the next failure comes),
+    and a line when a write works again. With 1,000 subscribers coming and going, a line
+    per failed write was 2,565 lines in 4 minutes (issue 26)."""
+
+    def __init__(self, period: float = OUTAGE_REPORT_PERIOD) -> None:
+        self.period = period
+        self.since: float | None = None  # when writes began to fail; None while they work
+        self.reported_at = 0.0
+        self.unwritten = 0  # changes not written since the last line
+        self.unwritten_total = 0  # since writes began to fail
+
+    def failed(self, changes: int, exc: BaseException) -> None:
+        now = time.monotonic()
+        self.unwritten_total += changes
+        if self.since is None:
+            self.since = self.reported_at = now
+            log.warning("presence: writes to Redis fail (%s): %d changes not written; the "
+                        "changes not written are counted once a minute until it is back",
+                        exc, changes)
+            return
+        self.unwritten += changes
+        if now - self.reported_at >= self.period:
+            log.warning("presence: writes to Redis still fail (%s): %d changes not written "
+                        "in %.0f s", exc, self.unwritten, now - self.reported_at)
+            self.reported_at, self.unwritten = now, 0
+
+    def worked(self) -> None:
+        if self.since is not None:
+            log.warning("presence: writes to Redis work again after %.0f s; %d changes were "
+                        "not written meanwhile: the next refresh (every --presence-ttl/3) "
+                        "writes every present subscriber again, and those that left expire",
+                        time.monotonic() - self.since, self.unwritten_total)
+            self.since, self.unwritten, self.unwritten_total = None, 0, 0
 
 
 class RedisPresence:
@@ -66,7 +117,6 @@ class RedisPresence:
         # publishes: a join event never overtakes its entry, so a watcher that asks for
         # presence on a join finds the joiner. Else write_forever writes them on `client`.
         self._send = send
-        self._refused, self._refused_logged_at = 0, -60.0
         self.hub = hub
         self.prefix = prefix
         self.ttl = ttl
@@ -81,10 +131,11 @@ class RedisPresence:
         # the clientId prefix of the worker this one replaces: its clients are gone
         self.predecessor = predecessor
         self.owns = owns  # with several Redis: the channels whose presence is kept here
+        self.outage = Outage()
 
     def keys(self, channel: str) -> tuple[str, str]:
-        return (f"{self.prefix}presence:{{{channel}}}",
-                f"{self.prefix}presence:expiry:{{{channel}}}")
+        tagged = f"{{{self.prefix}{channel}}}:presence"
+        return tagged, f"{tagged}:expiry"
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
         self._changes.append((True, channel, client_id.decode("ascii"), _encode([user, info])))
@@ -100,13 +151,15 @@ class RedisPresence:
         else:
             self._send()
 
-    def take_commands(self) -> list[bytes]:
+    def take_commands(self) -> tuple[bytes, list[str]]:
         """The changes not written yet, as commands for the publishing connection, in
-        order; each command's reply goes to `written`."""
+        order, and what waits for each command's reply: CHANGE for a change's first (its
+        reply goes to `written`), FOLLOWING for the others."""
         changes, self._changes = self._changes, []
         expires = b"%.3f" % (time.time() + self.ttl)
         ttl = b"%d" % (int(self.ttl) + 1)
-        commands = []
+        commands: list[bytes] = []
+        waiting: list[str] = []
         for joined, channel, client_id, member in changes:
             entries, expiry = (key.encode() for key in self.keys(channel))
             client = client_id.encode("ascii")
@@ -114,21 +167,25 @@ class RedisPresence:
                 commands += [command(b"HSET", entries, client, member),
                              command(b"ZADD", expiry, expires, client),
                              command(b"EXPIRE", entries, ttl), command(b"EXPIRE", expiry, ttl)]
+                waiting += JOIN_REPLIES
             else:
                 commands += [command(b"HDEL", entries, client), command(b"ZREM", expiry, client)]
-        return commands
+                waiting += LEAVE_REPLIES
+        return b"".join(commands), waiting
+
+    def not_written(self, reason: BaseException) -> None:
+        """The changes waiting cannot be written (the bus is down): dropped, counted; the
+        refresh after the outage writes every present subscriber again."""
+        if self._changes:
+            self.outage.failed(len(self._changes), reason)
+            self._changes = []
 
     def written(self, reply: Any) -> None:
-        """Redis's reply to one of take_commands' commands: an error is logged once a
-        minute at most, with how many there were. (A connection lost: the refresh writes
-        every present subscriber again.)"""
-        if isinstance(reply, Exception) and not isinstance(reply, ConnectionError):
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._refused_logged_at >= 60:
-                log.warning("presence: %d writes refused by redis in the last minute: %s",
-                            self._refused, reply)
-                self._refused, self._refused_logged_at = 0, now
+        """Redis's reply to a change's first command (see take_commands)."""
+        if isinstance(reply, Exception):
+            self.outage.failed(1, reply)
+        else:
+            self.outage.worked()
 
     async def write_forever(self) -> None:
         """What this loop turn's subscribers did, as one pipeline; the order is kept."""
@@ -150,11 +207,7 @@ class RedisPresence:
                 else:
                     pipe.hdel(entries, client_id)
                     pipe.zrem(expiry, client_id)
-            try:
-                await pipe.execute()
-            except (aioredis.RedisError, OSError) as exc:
-                # Lost with Redis: the refresh writes every present subscriber again.
-                log.warning("presence: %d changes not written: %s", len(changes), exc)
+            await self._execute(pipe, len(changes))
 
     async def forget_predecessor(self) -> None:
         """The worker this one replaces died: its clients leave presence now, not within
@@ -162,11 +215,11 @@ class RedisPresence:
         if not self.predecessor:
             return
         self.predecessor, predecessor = "", self.predecessor
-        pattern = f"{self.prefix}presence:{{*}}"
+        pattern = f"{{{self.prefix}*}}:presence"
         clients = f"{predecessor}-*"
         try:
             async for key in self.client.scan_iter(match=pattern, count=1000):
-                channel = key.decode()[len(self.prefix) + len("presence:{"):-1]
+                channel = key.decode()[len(self.prefix) + 1:-len("}:presence")]
                 entries, expiry = self.keys(channel)
                 async for client_id, member in self.client.hscan_iter(entries, match=clients):
                     if await self.client.hdel(entries, client_id):
@@ -194,9 +247,9 @@ class RedisPresence:
                 pipe.expire(entry_key, int(self.ttl) + 1)
                 pipe.expire(expiry_key, int(self.ttl) + 1)
                 if pending >= REFRESH_BATCH:
-                    await self._execute(pipe)
+                    await self._execute(pipe, 0)
                     pipe, pending = self.client.pipeline(transaction=False), 0
-            await self._execute(pipe)
+            await self._execute(pipe, 0)
             for channel, _ in self.local_presence():  # others' clients gone without a word
                 with contextlib.suppress(aioredis.RedisError, OSError):
                     await self._expired_and_present(channel, read=False)
@@ -221,11 +274,17 @@ class RedisPresence:
         return [(name, self.hub.presence_of(name)) for name in self.hub.subscriber_counts()
                 if allows(name) and (owns is None or owns(name))]
 
-    async def _execute(self, pipe: Any) -> None:
+    async def _execute(self, pipe: Any, changes: int) -> None:
+        """A pipeline of writes: `changes` joins and leaves (0: a refresh, which a change
+        not written waits for)."""
+        if not len(pipe):
+            return  # sends nothing: says nothing of Redis
         try:
             await pipe.execute()
         except (aioredis.RedisError, OSError) as exc:
-            log.warning("presence: refresh failed: %s", exc)
+            self.outage.failed(changes, exc)
+        else:
+            self.outage.worked()
 
     def gather(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         asyncio.get_running_loop().create_task(self._gather(channel, answer))

@@ -19,6 +19,12 @@ SUBSCRIBE to every other worker, and each answers SUBSCRIBED on the same connect
 it forwards that channel; the Hub holds the client's `subscribed` reply until every
 connected worker has answered (a worker that goes away owes nothing).
 
+join and leave travel as publishes on the join/leave channel `#C`. A worker that begins to
+watch `#C` (its SUBSCRIBE) is told by each other worker, on that worker's stream of
+publishes to it, which subscribers of C it has (PRESENT), and then hears their joins and
+leaves: when that worker dies, the watcher's worker sends its watchers the leave of every
+one it still has (a client that joined before anyone watched leaves too).
+
 History (fastfan.history): each channel with history has one owner, `owner_of(channel)`,
 whose HistoryStore numbers and keeps its messages. A publish on it goes to the owner
 (SEQUENCE; its acknowledgement comes back as SEQUENCED), which numbers it, fans it out

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from ..._core import Outbox
+from ..._core import WATCH_PREFIX, Outbox
 from ...directory import Counts, Node
 from ...history import HistoryAnswer, HistoryStore
 from ...history import mesh as mesh_history
@@ -31,12 +31,15 @@ from ..gather import Gatherings
 from .peers import Incoming, Outgoing, address, peer_of, stranger
 from .wire import (
     ENVELOPE_MARGIN,
+    FIRST_PART,
     LIMIT,
     MAX_COMMAND,
     MAX_PRESENCE_ANSWER,
     PRESENCE_ENTRY,
+    PRESENT_PART_BYTES,
     QUERY,
     Kind,
+    encode,
     record,
 )
 
@@ -123,9 +126,35 @@ class MeshBus(Bus):
             for channel in self.hub.channels:
                 peer.subscribe(channel)
             self.outgoing[worker] = peer
+            for channel in [c for c in self.interest[worker] if c.startswith(WATCH_PREFIX)]:
+                self.send_present(worker, channel)  # it watched them before we connected
             self.joined_all = self.joined_all or len(self.outgoing) == len(self.interest)
             await peer.lost
             del self.outgoing[worker]
+
+    def send_present(self, worker: int, watch: str) -> None:
+        """Our subscribers of the channel that `watch` (its join/leave channel) is about, to a
+        worker that begins to watch it (or that we connect to, watching it): their joins
+        may have come before it watched, and should we die, it sends its watchers the leave
+        of every one (peers.Incoming.connection_lost). On the stream of our joins and
+        leaves to it, so that those after this come after it."""
+        peer = self.outgoing.get(worker)
+        if peer is None:
+            return  # sent once we are connected to it (_stay_connected)
+        channel = watch[len(WATCH_PREFIX):]
+        present = (self.hub.presence_of(channel) if self.hub.presence_channels.allows(channel)
+                   else [])
+        parts: list[bytes] = []
+        size, flag = 0, FIRST_PART
+        for index, entry in enumerate(present):
+            parts.append(encode(entry))
+            size += len(parts[-1])
+            if size >= PRESENT_PART_BYTES or index == len(present) - 1:
+                peer.send(record(Kind.PRESENT, watch.encode(),
+                                 bytes((flag,)) + b"[" + b",".join(parts) + b"]"))
+                parts, size, flag = [], 0, 0
+        if flag:  # nobody: what it knew of the channel from us is gone
+            peer.send(record(Kind.PRESENT, watch.encode(), bytes((flag,)) + b"[]"))
 
     def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
                 request_id: bytes, exclude: Outbox | None = None) -> int:
@@ -228,6 +257,8 @@ class MeshBus(Bus):
         data = record(Kind.UNSUBSCRIBE, channel.encode())
         for peer in self.outgoing.values():
             peer.send(data)
+        for incoming in self.incoming.values():  # nobody here watches it to need them
+            incoming.joined.pop(channel, None)
 
     async def stop(self) -> None:
         for task in self._tasks:

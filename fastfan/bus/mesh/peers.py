@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..._core import WATCH_PREFIX
+from ..._core import WATCH_PREFIX, join_leave_event
 from ...directory import MAX_LISTED, channel_counts
 from ..commands import apply_command
 from .wire import (
+    FIRST_PART,
     HEADER,
     LIMIT,
     MAX_ANSWER,
@@ -40,6 +41,7 @@ from .wire import (
     Kind,
     decode_counts,
     decode_presence,
+    decode_present,
     encode,
     join_or_leave,
     record,
@@ -97,16 +99,18 @@ class Incoming(asyncio.Protocol):
         self.worker: int | None = None  # its index, once its HELLO came
         self.transport: Any = None
         self.buffer = bytearray()
-        # The joins this worker's watchers saw from that worker's clients, not yet left:
-        # (channel, clientId) -> the leave to send them if that worker dies.
-        self.joined: dict[tuple[str, str], bytes] = {}
+        # That worker's clients on the channels our watchers watch, as it told us (its
+        # PRESENT when we began to watch, then its joins and leaves): join/leave channel ->
+        # clientId -> the leave to send our watchers if that worker dies.
+        self.joined: dict[str, dict[str, bytes]] = {}
         # Every kind but PUBLISH (the per-message path, taken first) and HELLO (the first).
         self.handlers: dict[int, Handler] = {
             Kind.SUBSCRIBE: self._on_subscribe, Kind.UNSUBSCRIBE: self._on_unsubscribe,
             Kind.PRESENCE: self._on_presence, Kind.CHANNELS: self._on_channels,
             Kind.COMMAND: self._on_command, Kind.SEQUENCE: self._on_sequence,
             Kind.PUBLISH_EXCLUDING: self._on_publish_excluding,
-            Kind.HISTORY: self._on_history, Kind.HISTORY_ANSWER: self._on_history_answer}
+            Kind.HISTORY: self._on_history, Kind.HISTORY_ANSWER: self._on_history_answer,
+            Kind.PRESENT: self._on_present}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -177,6 +181,8 @@ class Incoming(asyncio.Protocol):
     def _on_subscribe(self, channel: str, body: bytes) -> bytes:
         assert self.worker is not None
         self.bus.interest[self.worker].add(channel)
+        if channel.startswith(WATCH_PREFIX):
+            self.bus.send_present(self.worker, channel)
         # From now on our publishes on `channel` go to that worker: tell it, so that its
         # subscriber's `subscribed` promises them.
         return record(Kind.SUBSCRIBED, channel.encode())
@@ -222,6 +228,22 @@ class Incoming(asyncio.Protocol):
         (query,) = TOKEN.unpack_from(body)
         self.bus.history.answered(query, body[TOKEN.size:])
 
+    def _on_present(self, channel: str, body: bytes) -> bool | None:
+        try:
+            entries = decode_present(body[1:])
+        except msgspec.DecodeError:
+            self._drop("a PRESENT that is not a list of [clientId, user, info]")
+            return False
+        if body[0] & FIRST_PART:
+            self.joined.pop(channel, None)  # the joins and leaves before it are in it
+        if entries:
+            name = channel[len(WATCH_PREFIX):]
+            known = self.joined.setdefault(channel, {})
+            for client_id, user, info in entries:
+                known[client_id] = join_leave_event(b"leave", name, client_id.encode(), user,
+                                                    info)
+        return None
+
     def _drop(self, what: str) -> None:
         log.warning("bus: dropped the connection of worker %s (pid %d): %s",
                     "?" if self.worker is None else self.worker, self.pid, what)
@@ -234,10 +256,12 @@ class Incoming(asyncio.Protocol):
         except msgspec.DecodeError:
             return
         if kind == "join":
-            self.joined[channel, client_id] = event.replace(b'"type":"join"', b'"type":"leave"',
-                                                            1)
-        else:
-            self.joined.pop((channel, client_id), None)
+            self.joined.setdefault(channel, {})[client_id] = event.replace(
+                b'"type":"join"', b'"type":"leave"', 1)
+        elif (known := self.joined.get(channel)) is not None:
+            known.pop(client_id, None)
+            if not known:
+                del self.joined[channel]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker is not None and self.bus.incoming.get(self.worker) is self:
@@ -245,8 +269,9 @@ class Incoming(asyncio.Protocol):
             self.bus.interest[self.worker].clear()
         # That worker died (or stops): its clients left, though it cannot say so.
         joined, self.joined = self.joined, {}
-        for (channel, _), leave in joined.items():
-            self.bus.hub.fanout(channel, leave)
+        for channel, leaves in joined.items():
+            for leave in leaves.values():
+                self.bus.hub.fanout(channel, leave)
 
 
 class Outgoing(asyncio.Protocol):

@@ -22,9 +22,12 @@ class Kind(IntEnum):
     (a server API command, bus.commands' JSON, no channel), SEQUENCE (a publish for the
     channel's owner to number: token, flags, message), PUBLISH_EXCLUDING (a numbered
     message back to its publisher's worker: token, message), HISTORY (a read: query,
-    since, limit). Answers, back on the same connection: SUBSCRIBED, PRESENCE_ANSWER and
-    CHANNELS_ANSWER (query, JSON), SEQUENCED (token, offset, sent back, then the epoch; an
-    offset of 0 is a refusal: the owner's store is full), HISTORY_ANSWER (query, JSON)."""
+    since, limit), PRESENT (on a join/leave channel the receiver began to watch: the
+    sender's subscribers of its channel, in parts, each a flag byte, FIRST_PART on the
+    first, and JSON [[clientId, user, info]...]). Answers, back on the same connection:
+    SUBSCRIBED, PRESENCE_ANSWER and CHANNELS_ANSWER (query, JSON), SEQUENCED (token,
+    offset, sent back, then the epoch; an offset of 0 is a refusal: the owner's store is
+    full), HISTORY_ANSWER (query, JSON)."""
 
     HELLO = 1
     PUBLISH = 2
@@ -41,6 +44,7 @@ class Kind(IntEnum):
     HISTORY_ANSWER = 13
     CHANNELS = 14
     CHANNELS_ANSWER = 15
+    PRESENT = 16
 
 
 TOKEN = struct.Struct("!I")
@@ -52,7 +56,11 @@ NO_ECHO = 1  # SEQUENCE's flag: the publisher is not to receive its message
 MAX_SEQUENCED = 2 + 255 + SEQUENCED_ANSWER.size + 64
 # What a record of each history kind carries at least, after its channel.
 MIN_BODY = {Kind.SEQUENCE: TOKEN.size + 1, Kind.PUBLISH_EXCLUDING: TOKEN.size,
-            Kind.HISTORY: READ.size, Kind.HISTORY_ANSWER: TOKEN.size}
+            Kind.HISTORY: READ.size, Kind.HISTORY_ANSWER: TOKEN.size, Kind.PRESENT: 1}
+FIRST_PART = 1  # PRESENT's flag: what the receiver knew of that channel is replaced
+# A PRESENT part holds entries until it passes this many bytes: one entry more is at most
+# a token's user and info, so a part stays within the smallest record a worker takes.
+PRESENT_PART_BYTES = 4096
 LIMIT = struct.Struct("!I")
 # A SUBSCRIBED record (the answer to a SUBSCRIBE, back on the same connection) is no
 # longer than its header and a channel name.
@@ -97,6 +105,7 @@ def join_or_leave(event: bytes) -> tuple[str, str]:
 
 _decode_join_or_leave = msgspec.json.Decoder(JoinOrLeave).decode
 encode = msgspec.json.encode
+decode_present = msgspec.json.Decoder(list[tuple[str, str, str]]).decode
 decode_presence = msgspec.json.Decoder(tuple[int, list[str], list[list[str]]]).decode
 decode_counts = msgspec.json.Decoder(list[tuple[str, int]]).decode
 decode_history = msgspec.json.Decoder(tuple[int, str, list[tuple[int, msgspec.Raw]]]).decode
