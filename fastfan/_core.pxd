@@ -151,6 +151,11 @@ cdef class Outbox(WSListener):
         readonly unsigned long long messages_sent
         readonly unsigned long long bytes_sent
 
+        # how the connection ended, for the connection_closed webhook: the first CLOSE
+        # either side sent (0: none, the connection dropped)
+        int                 close_code
+        str                 close_reason
+
     @cython.final
     cdef Py_ssize_t queued(self) noexcept
     @cython.final
@@ -288,6 +293,11 @@ cdef class Hub:
         bint                flush_scheduled
         object              loop
         public object       bus             # fastfan.bus.Bus
+        # webhooks (fastfan.webhooks.Webhooks), None when off: (channel, user, clientId,
+        # data) of a client's publish, and (user, clientId, code, reason) of a closed
+        # connection
+        public object       publish_webhook
+        public object       close_webhook
         public object       verify_token    # token -> auth.Identity, or AuthError; None:
                                             # --insecure, no token is checked
         object              ready_callback

@@ -32,18 +32,23 @@ from ..base import (
     BusHealth,
     HubLink,
     Presence,
+    Transitions,
     merge_presence,
 )
 from ..commands import apply_command
 from ..gather import Gatherings
 from ..local import sequence_here, sweep_forever
+from ..occupancy import Holders, LocalOccupancy, tell
 from .peers import Incoming, Outgoing, address, peer_of, stranger
 from .wire import (
+    ALREADY,
     ENVELOPE_MARGIN,
+    HOLDS,
     LIMIT,
     MAX_COMMAND,
     MAX_PRESENCE_ANSWER,
     MAX_READ_LIMIT,
+    MEMBER,
     NO_ECHO,
     PRESENCE_ENTRY,
     QUERY,
@@ -103,6 +108,11 @@ class MeshBus(Bus):
         self._gatherings = Gatherings(PRESENCE_TIMEOUT)  # presence and channels queries
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # With webhooks: this worker's holdings, every worker's, and who hears the
+        # transitions (on the lowest-numbered worker alive: leads())
+        self.occupancy: LocalOccupancy | None = None
+        self.holders = Holders()
+        self.transitions: Transitions | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -151,6 +161,9 @@ class MeshBus(Bus):
             peer.send(record(Kind.HELLO, str(self.worker).encode()))
             for channel in self.hub.channels:
                 peer.subscribe(channel)
+            if self.occupancy is not None:  # what it may not know yet (it is new)
+                for channel, user in self.occupancy.holdings():
+                    peer.send(occupancy_record(channel, user, True, ALREADY))
             self.outgoing[worker] = peer
             self.joined_all = self.joined_all or len(self.outgoing) == len(self.interest)
             await peer.lost
@@ -324,6 +337,8 @@ class MeshBus(Bus):
 
     def subscribe(self, channel: str) -> bool:
         """Tell every worker; True: Hub.confirm(channel) follows once they have all answered."""
+        if self.occupancy is not None:
+            self.occupancy.subscribed(channel)
         waiting = False
         for peer in self.outgoing.values():
             waiting = peer.subscribe(channel) or waiting
@@ -336,9 +351,47 @@ class MeshBus(Bus):
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
         """Presence is the subscriber arrays: gather_presence asks for them."""
+        if self.occupancy is not None:
+            self.occupancy.joined(channel, client_id, user)
 
     def left(self, channel: str, client_id: bytes) -> None:
         """See joined."""
+        if self.occupancy is not None:
+            self.occupancy.left(channel, client_id)
+
+    # Transitions (webhooks) -------------------------------------------------------------
+
+    def watch_transitions(self, listener: Transitions) -> None:
+        """Every worker sends its edges to every other one (OCCUPANCY), so that each knows
+        every worker's holdings (Holders); the lowest-numbered worker alive tells the
+        listener. When a worker dies the others withdraw its holdings: if it led, the next
+        one leads and tells what that empties."""
+        self.transitions = listener
+        self.occupancy = LocalOccupancy(self._edge)
+
+    def leads(self) -> bool:
+        """Whether this worker is the lowest-numbered one alive, as far as it can see."""
+        return all(worker > self.worker for worker in self.incoming)
+
+    def _edge(self, channel: str, user: str | None, on: bool) -> None:
+        data = occupancy_record(channel, user, on)
+        for peer in self.outgoing.values():
+            peer.send(data)
+        self.edge_of(self.worker, channel, user, on)
+
+    def edge_of(self, worker: int, channel: str, user: str | None, on: bool,
+                news: bool = True) -> None:
+        """Worker `worker`'s edge; `news`: not something it held before we knew it."""
+        if self.holders.apply(worker, channel, user, on) and news and self.leads() \
+                and self.transitions is not None:
+            tell(self.transitions, channel, user, on)
+
+    def withdraw(self, worker: int) -> None:
+        """Worker `worker` is gone (or back as a new process): its holdings go."""
+        emptied = self.holders.withdraw(worker)
+        if self.transitions is not None and self.leads():
+            for channel, user in emptied:
+                tell(self.transitions, channel, user, False)
 
     def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         """Ask every other worker for its part of `channel`'s presence (each lists at most
@@ -383,6 +436,8 @@ class MeshBus(Bus):
                          down=() if self.joined_all else ("workers connecting",))
 
     def unsubscribe(self, channel: str) -> None:
+        if self.occupancy is not None:
+            self.occupancy.unsubscribed(channel)
         data = record(Kind.UNSUBSCRIBE, channel.encode())
         for peer in self.outgoing.values():
             peer.send(data)
@@ -395,3 +450,10 @@ class MeshBus(Bus):
             with contextlib.suppress(OSError):
                 os.unlink(address(self.sockets, self.worker))
                 os.rmdir(self.sockets)  # the last worker out, if the master cannot
+
+
+def occupancy_record(channel: str, user: str | None, on: bool, flags: int = 0) -> bytes:
+    flags |= HOLDS if on else 0
+    if user is None:
+        return record(Kind.OCCUPANCY, channel.encode(), bytes((flags,)))
+    return record(Kind.OCCUPANCY, channel.encode(), bytes((flags | MEMBER,)) + user.encode())

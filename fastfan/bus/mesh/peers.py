@@ -27,10 +27,13 @@ from ..._core import WATCH_PREFIX
 from ...directory import MAX_LISTED, channel_counts
 from ..commands import apply_command
 from .wire import (
+    ALREADY,
     HEADER,
+    HOLDS,
     LIMIT,
     MAX_ANSWER,
     MAX_SEQUENCED,
+    MEMBER,
     MIN_BODY,
     NO_ECHO,
     QUERY,
@@ -106,7 +109,8 @@ class Incoming(asyncio.Protocol):
             Kind.PRESENCE: self._on_presence, Kind.CHANNELS: self._on_channels,
             Kind.COMMAND: self._on_command, Kind.SEQUENCE: self._on_sequence,
             Kind.PUBLISH_EXCLUDING: self._on_publish_excluding,
-            Kind.HISTORY: self._on_history, Kind.HISTORY_ANSWER: self._on_history_answer}
+            Kind.HISTORY: self._on_history, Kind.HISTORY_ANSWER: self._on_history_answer,
+            Kind.OCCUPANCY: self._on_occupancy}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -170,6 +174,7 @@ class Incoming(asyncio.Protocol):
         self.worker = worker
         self.bus.incoming[worker] = self
         self.bus.interest[worker].clear()
+        self.bus.withdraw(worker)  # what its predecessor held, if its end was not seen yet
         return None
 
     def _on_subscribe(self, channel: str, body: bytes) -> bytes:
@@ -220,6 +225,13 @@ class Incoming(asyncio.Protocol):
         (query,) = TOKEN.unpack_from(body)
         self.bus.history_answered(query, body[TOKEN.size:])
 
+    def _on_occupancy(self, channel: str, body: bytes) -> None:
+        assert self.worker is not None
+        flags = body[0]
+        user = body[1:].decode("utf-8", "replace") if flags & MEMBER else None
+        self.bus.edge_of(self.worker, channel, user, bool(flags & HOLDS),
+                         news=not flags & ALREADY)
+
     def _drop(self, what: str) -> None:
         log.warning("bus: dropped the connection of worker %s (pid %d): %s",
                     "?" if self.worker is None else self.worker, self.pid, what)
@@ -241,6 +253,7 @@ class Incoming(asyncio.Protocol):
         if self.worker is not None and self.bus.incoming.get(self.worker) is self:
             del self.bus.incoming[self.worker]
             self.bus.interest[self.worker].clear()
+            self.bus.withdraw(self.worker)  # what it held, nobody holds for it now
         # That worker died (or stops): its clients left, though it cannot say so.
         joined, self.joined = self.joined, {}
         for (channel, _), leave in joined.items():

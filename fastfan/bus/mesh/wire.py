@@ -22,9 +22,11 @@ class Kind(IntEnum):
     (a server API command, bus.commands' JSON, no channel), SEQUENCE (a publish for the
     channel's owner to number: token, flags, message), PUBLISH_EXCLUDING (a numbered
     message back to its publisher's worker: token, message), HISTORY (a read: query,
-    since, limit). Answers, back on the same connection: SUBSCRIBED, PRESENCE_ANSWER and
-    CHANNELS_ANSWER (query, JSON), SEQUENCED (token, offset, sent back, then the epoch; an
-    offset of 0 is a refusal: the owner's store is full), HISTORY_ANSWER (query, JSON)."""
+    since, limit), OCCUPANCY (with webhooks: an edge of the sender's holdings,
+    bus/occupancy.py: flags, then the user of a member). Answers, back on the same
+    connection: SUBSCRIBED, PRESENCE_ANSWER and CHANNELS_ANSWER (query, JSON), SEQUENCED
+    (token, offset, sent back, then the epoch; an offset of 0 is a refusal: the owner's
+    store is full), HISTORY_ANSWER (query, JSON)."""
 
     HELLO = 1
     PUBLISH = 2
@@ -41,6 +43,7 @@ class Kind(IntEnum):
     HISTORY_ANSWER = 13
     CHANNELS = 14
     CHANNELS_ANSWER = 15
+    OCCUPANCY = 16
 
 
 TOKEN = struct.Struct("!I")
@@ -48,11 +51,14 @@ SEQUENCED_ANSWER = struct.Struct("!IqB")  # token, offset, sent back (then epoch
 READ = struct.Struct("!Iqi")  # query, since, limit
 MAX_READ_LIMIT = (1 << 31) - 1  # READ's limit (a --history-size may be larger)
 NO_ECHO = 1  # SEQUENCE's flag: the publisher is not to receive its message
+# OCCUPANCY's flags: the holding starts (else it stops); it is a member (the user follows);
+# it is part of what the sender held when it connected (told to no listener: it is not news)
+HOLDS, MEMBER, ALREADY = 1, 2, 4
 # A SEQUENCED record: its header, a channel and an epoch.
 MAX_SEQUENCED = 2 + 255 + SEQUENCED_ANSWER.size + 64
 # What a record of each history kind carries at least, after its channel.
 MIN_BODY = {Kind.SEQUENCE: TOKEN.size + 1, Kind.PUBLISH_EXCLUDING: TOKEN.size,
-            Kind.HISTORY: READ.size, Kind.HISTORY_ANSWER: TOKEN.size}
+            Kind.HISTORY: READ.size, Kind.HISTORY_ANSWER: TOKEN.size, Kind.OCCUPANCY: 1}
 LIMIT = struct.Struct("!I")
 # A SUBSCRIBED record (the answer to a SUBSCRIBE, back on the same connection) is no
 # longer than its header and a channel name.
