@@ -24,6 +24,7 @@ from support.waiting import wait_for
 from support.wire import RawClient, free_port
 from support.workers import every, place
 
+from fastfan.bus.mesh.bus import SETTLE
 from fastfan.webhooks import SIGNATURE_HEADER, verify
 
 WEBHOOK_SECRET = "webhook-secret"
@@ -197,6 +198,40 @@ def test_a_dead_workers_clients_are_removed_by_the_others(start_server: Any,
     wait_for(lambda: len(receiver.names()) >= 4)
     assert quiet(receiver)[2:] == [("member_removed", "room", "alice"),
                                    ("channel_vacated", "room")]
+
+
+def test_the_first_worker_dies_and_comes_back_without_doubles(start_server: Any,
+                                                               receiver: Receiver) -> None:
+    """Worker 0 leads; it dies, the next one leads, and the new worker 0 takes over again
+    once it knows what the others hold: still one event per transition."""
+    server = start_server("--workers", "3",
+                          *webhook_args(receiver, "--webhook-vacated-delay", "0"))
+    server.wait_ready()
+    placed = place(server, sub="alice", channels=("room",))
+    wait_for(lambda: len(receiver.names()) >= 2)
+    first = min(placed)  # forked first: worker 0
+    os.kill(first, signal.SIGKILL)  # alice stays on the others: nothing to tell
+    wait_for(lambda: len(server.workers()) == 3 and first not in server.workers())
+    back_at = time.monotonic()
+    server.wait_ready()
+    clients = subscribe_everywhere([server], "bob", "room")  # worker 1 still leads
+    for held in placed.values():
+        held[0].close()
+    for client in clients:
+        client.close()
+    expected = [("channel_occupied", "room"), ("member_added", "room", "alice"),
+                ("member_added", "room", "bob"), ("member_removed", "room", "alice"),
+                ("member_removed", "room", "bob"), ("channel_vacated", "room")]
+    wait_for(lambda: len(receiver.names()) >= len(expected), timeout=20)
+    assert quiet(receiver) == expected
+    wait_for(lambda: time.monotonic() - back_at > SETTLE, timeout=SETTLE + 1)
+    clients = subscribe_everywhere([server], "carol", "room")  # the new worker 0 leads
+    for client in clients:
+        client.close()
+    expected += [("channel_occupied", "room"), ("member_added", "room", "carol"),
+                 ("member_removed", "room", "carol"), ("channel_vacated", "room")]
+    wait_for(lambda: len(receiver.names()) >= len(expected), timeout=20)
+    assert quiet(receiver) == expected
 
 
 def test_a_dead_nodes_clients_are_removed_through_redis(start_server: Any, receiver: Receiver,

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,7 @@ from .wire import (
     QUERY,
     READ,
     SEQUENCED_ANSWER,
+    STARTED,
     TOKEN,
     Kind,
     decode_history,
@@ -72,6 +74,9 @@ MAX_UNACKNOWLEDGED = 10_000
 # A worker that has not answered a presence or channels query in this long fails it (503).
 PRESENCE_TIMEOUT = 2.0
 RECONNECT_DELAY_MAX = 1.0
+# A worker tells the deployment's transitions only once it has run this long, by when the
+# others have reconnected to it and told it what they hold (see MeshBus.leads).
+SETTLE = 2 * RECONNECT_DELAY_MAX + 0.5
 
 
 class MeshBus(Bus):
@@ -113,6 +118,7 @@ class MeshBus(Bus):
         self.occupancy: LocalOccupancy | None = None
         self.holders = Holders()
         self.transitions: Transitions | None = None
+        self.started_at = time.time()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -158,7 +164,8 @@ class MeshBus(Bus):
                 continue
             delay = 0.01
             _, peer = await loop.create_unix_connection(lambda: Outgoing(self, worker), sock=sock)
-            peer.send(record(Kind.HELLO, str(self.worker).encode()))
+            peer.send(record(Kind.HELLO, str(self.worker).encode(),
+                             STARTED.pack(self.started_at)))
             for channel in self.hub.channels:
                 peer.subscribe(channel)
             if self.occupancy is not None:  # what it may not know yet (it is new)
@@ -369,9 +376,21 @@ class MeshBus(Bus):
         self.transitions = listener
         self.occupancy = LocalOccupancy(self._edge)
 
-    def leads(self) -> bool:
-        """Whether this worker is the lowest-numbered one alive, as far as it can see."""
-        return all(worker > self.worker for worker in self.incoming)
+    def leads(self, without: int = -1) -> bool:
+        """Whether this worker tells the transitions: once it has reached every other
+        worker, the lowest-numbered of the workers alive (but `without`, just gone) that
+        have run SETTLE, or of all of them if none has. A worker back from a restart so
+        leads only once it knows what the others hold; until then the one before goes on.
+        (A worker we reach but have not heard from yet counts as settled.)"""
+        if not self.joined_all:
+            return False
+        started = {worker: 0.0 for worker in self.outgoing}
+        started.update((worker, peer.started_at) for worker, peer in self.incoming.items())
+        started[self.worker] = self.started_at
+        started.pop(without, None)
+        now = time.time()
+        settled = [worker for worker, at in started.items() if now - at >= SETTLE]
+        return self.worker == min(settled or started)
 
     def _edge(self, channel: str, user: str | None, on: bool) -> None:
         data = occupancy_record(channel, user, on)
@@ -386,10 +405,10 @@ class MeshBus(Bus):
                 and self.transitions is not None:
             tell(self.transitions, channel, user, on)
 
-    def withdraw(self, worker: int) -> None:
-        """Worker `worker` is gone (or back as a new process): its holdings go."""
+    def withdraw(self, worker: int, gone: bool = False) -> None:
+        """Worker `worker` is `gone` (or back as a new process): its holdings go."""
         emptied = self.holders.withdraw(worker)
-        if self.transitions is not None and self.leads():
+        if self.transitions is not None and self.leads(worker if gone else -1):
             for channel, user in emptied:
                 tell(self.transitions, channel, user, False)
 

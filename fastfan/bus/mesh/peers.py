@@ -39,6 +39,7 @@ from .wire import (
     QUERY,
     READ,
     SEQUENCED_ANSWER,
+    STARTED,
     TOKEN,
     Kind,
     decode_counts,
@@ -98,6 +99,7 @@ class Incoming(asyncio.Protocol):
         self.bus = bus
         self.pid = pid
         self.worker: int | None = None  # its index, once its HELLO came
+        self.started_at = 0.0  # when it started (time.time()), as its HELLO says
         self.transport: Any = None
         self.buffer = bytearray()
         # The joins this worker's watchers saw from that worker's clients, not yet left:
@@ -172,6 +174,8 @@ class Incoming(asyncio.Protocol):
             self._drop(f"HELLO from worker {channel!r}")
             return False
         self.worker = worker
+        if len(body) == STARTED.size:
+            (self.started_at,) = STARTED.unpack(body)
         self.bus.incoming[worker] = self
         self.bus.interest[worker].clear()
         self.bus.withdraw(worker)  # what its predecessor held, if its end was not seen yet
@@ -253,7 +257,7 @@ class Incoming(asyncio.Protocol):
         if self.worker is not None and self.bus.incoming.get(self.worker) is self:
             del self.bus.incoming[self.worker]
             self.bus.interest[self.worker].clear()
-            self.bus.withdraw(self.worker)  # what it held, nobody holds for it now
+            self.bus.withdraw(self.worker, gone=True)  # what it held, nobody holds now
         # That worker died (or stops): its clients left, though it cannot say so.
         joined, self.joined = self.joined, {}
         for (channel, _), leave in joined.items():

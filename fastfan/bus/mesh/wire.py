@@ -17,13 +17,13 @@ from ...auth import MAX_TOKEN_LENGTH
 
 class Kind(IntEnum):
     """The kinds of record. Worker to worker, on the asker's outgoing connection: HELLO (the
-    channel is the sender's worker index), PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PRESENCE and
-    CHANNELS (queries: a query number, then for CHANNELS a limit and the pattern), COMMAND
-    (a server API command, bus.commands' JSON, no channel), SEQUENCE (a publish for the
-    channel's owner to number: token, flags, message), PUBLISH_EXCLUDING (a numbered
-    message back to its publisher's worker: token, message), HISTORY (a read: query,
-    since, limit), OCCUPANCY (with webhooks: an edge of the sender's holdings,
-    bus/occupancy.py: flags, then the user of a member). Answers, back on the same
+    channel is the sender's worker index, the body when it started: STARTED), PUBLISH,
+    SUBSCRIBE, UNSUBSCRIBE, PRESENCE and CHANNELS (queries: a query number, then for
+    CHANNELS a limit and the pattern), COMMAND (a server API command, bus.commands' JSON, no
+    channel), SEQUENCE (a publish for the channel's owner to number: token, flags, message),
+    PUBLISH_EXCLUDING (a numbered message back to its publisher's worker: token, message),
+    HISTORY (a read: query, since, limit), OCCUPANCY (with webhooks: an edge of the sender's
+    holdings, bus/occupancy.py: flags, then the user of a member). Answers, back on the same
     connection: SUBSCRIBED, PRESENCE_ANSWER and CHANNELS_ANSWER (query, JSON), SEQUENCED
     (token, offset, sent back, then the epoch; an offset of 0 is a refusal: the owner's
     store is full), HISTORY_ANSWER (query, JSON)."""
@@ -47,6 +47,7 @@ class Kind(IntEnum):
 
 
 TOKEN = struct.Struct("!I")
+STARTED = struct.Struct("!d")  # a HELLO's body: when its worker started, time.time()
 SEQUENCED_ANSWER = struct.Struct("!IqB")  # token, offset, sent back (then epoch)
 READ = struct.Struct("!Iqi")  # query, since, limit
 MAX_READ_LIMIT = (1 << 31) - 1  # READ's limit (a --history-size may be larger)
