@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from support.redis import RedisServer
+from support.redis import Cluster, RedisServer
 from support.server import Server, kill
 from support.waiting import wait_for
 from support.wire import RawClient, free_port
@@ -42,6 +42,7 @@ class Receiver:
         self.headers: list[dict[str, str]] = []
         self.attempts = 0
         self.failing = False
+        self.hanging = False  # answers nothing, for as long as it is set
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self.thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
@@ -61,6 +62,8 @@ class Receiver:
     async def _take(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.attempts += 1
+        while self.hanging:
+            await asyncio.sleep(0.05)
         if self.failing:
             return web.Response(status=500)
         self.signed.append(verify(body, request.headers, WEBHOOK_SECRET))
@@ -183,6 +186,30 @@ def test_each_event_once_across_two_nodes_on_redis(start_server: Any, receiver: 
     transitions_once(servers, receiver)
 
 
+def test_each_event_once_across_two_nodes_on_two_redis_shards(
+        start_server: Any, receiver: Receiver, tmp_path: Any) -> None:
+    shards = [RedisServer(tmp_path / f"redis-{index}.log") for index in range(2)]
+    try:
+        args = ("--redis", ",".join(shard.url for shard in shards),
+                *webhook_args(receiver, "--webhook-vacated-delay", "0"))
+        servers = [start_server(*args), start_server(*args)]
+        for server in servers:
+            server.wait_ready()
+        transitions_once(servers, receiver)
+    finally:
+        for shard in shards:
+            shard.kill()
+
+
+def test_each_event_once_across_two_nodes_on_a_redis_cluster(
+        start_server: Any, receiver: Receiver, cluster: Cluster) -> None:
+    args = ("--redis", cluster.url, *webhook_args(receiver, "--webhook-vacated-delay", "0"))
+    servers = [start_server(*args), start_server(*args)]
+    for server in servers:
+        server.wait_ready(timeout=30)
+    transitions_once(servers, receiver)
+
+
 def test_a_dead_workers_clients_are_removed_by_the_others(start_server: Any,
                                                           receiver: Receiver) -> None:
     server = start_server("--workers", "3",
@@ -217,6 +244,7 @@ def test_the_first_worker_dies_and_comes_back_without_doubles(start_server: Any,
     clients = subscribe_everywhere([server], "bob", "room")  # worker 1 still leads
     for held in placed.values():
         held[0].close()
+    wait_for(lambda: ("member_removed", "room", "alice") in receiver.names())
     for client in clients:
         client.close()
     expected = [("channel_occupied", "room"), ("member_added", "room", "alice"),
@@ -313,6 +341,39 @@ def test_the_queue_is_bounded_in_bytes(start_server: Any, receiver: Receiver) ->
     dropped = server.metrics()["fastfan_webhook_dropped_total"]
     assert 0 < len(delivered) < 200 and len(delivered) + dropped == 200
     assert ("channel_occupied", "channel-000") not in delivered  # the oldest went
+
+
+def test_an_event_not_taken_within_the_retry_time_is_dropped_never_late(
+        start_server: Any, receiver: Receiver) -> None:
+    receiver.failing = True
+    server = start_server(*webhook_args(receiver, "--webhook-retry", "1",
+                                        "--presence-channels", "none"))
+    client = server.connect("alice").subscribe("old")
+    wait_for(lambda: server.metrics()["fastfan_webhook_dropped_total"] == 1)
+    assert server.metrics()["fastfan_webhook_failures_total"] >= 2
+    receiver.failing = False
+    client.subscribe("new")
+    wait_for(lambda: receiver.names() == [("channel_occupied", "new")])
+    assert quiet(receiver) == [("channel_occupied", "new")]
+    client.close()
+
+
+def test_a_receiver_that_hangs_does_not_hold_up_messages(start_server: Any,
+                                                         receiver: Receiver) -> None:
+    receiver.hanging = True
+    server = start_server(*webhook_args(receiver, "--webhook-publish", "*"))
+    subscriber = server.connect("alice").subscribe("room")
+    publisher = server.connect("bob")
+    wait_for(lambda: receiver.attempts >= 1)  # a request hangs: every event waits behind it
+    started = time.monotonic()
+    for index in range(200):
+        publisher.publish("room", index)
+    assert [subscriber.recv_json()["data"] for _ in range(200)] == list(range(200))
+    assert time.monotonic() - started < 2
+    receiver.hanging = False
+    wait_for(lambda: len([n for n in receiver.names() if n[0] == "client_publish"]) == 200)
+    subscriber.close()
+    publisher.close()
 
 
 def test_verify_checks_the_body_and_the_secret() -> None:

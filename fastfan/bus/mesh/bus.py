@@ -168,7 +168,7 @@ class MeshBus(Bus):
                              STARTED.pack(self.started_at)))
             for channel in self.hub.channels:
                 peer.subscribe(channel)
-            if self.occupancy is not None:  # what it may not know yet (it is new)
+            if self.occupancy is not None:  # what it may not know yet (one of us is new)
                 for channel, user in self.occupancy.holdings():
                     peer.send(occupancy_record(channel, user, True, ALREADY))
             self.outgoing[worker] = peer

@@ -233,8 +233,10 @@ class Incoming(asyncio.Protocol):
         assert self.worker is not None
         flags = body[0]
         user = body[1:].decode("utf-8", "replace") if flags & MEMBER else None
+        # What a worker held when it reached us is news if it started after us (we knew
+        # it held nothing), not if we are the newcomer (the transition was told before us).
         self.bus.edge_of(self.worker, channel, user, bool(flags & HOLDS),
-                         news=not flags & ALREADY)
+                         news=not flags & ALREADY or self.started_at > self.bus.started_at)
 
     def _drop(self, what: str) -> None:
         log.warning("bus: dropped the connection of worker %s (pid %d): %s",

@@ -53,7 +53,8 @@ READ = struct.Struct("!Iqi")  # query, since, limit
 MAX_READ_LIMIT = (1 << 31) - 1  # READ's limit (a --history-size may be larger)
 NO_ECHO = 1  # SEQUENCE's flag: the publisher is not to receive its message
 # OCCUPANCY's flags: the holding starts (else it stops); it is a member (the user follows);
-# it is part of what the sender held when it connected (told to no listener: it is not news)
+# it is part of what the sender held when it connected (news only if the sender is the
+# younger worker)
 HOLDS, MEMBER, ALREADY = 1, 2, 4
 # A SEQUENCED record: its header, a channel and an epoch.
 MAX_SEQUENCED = 2 + 255 + SEQUENCED_ANSWER.size + 64
