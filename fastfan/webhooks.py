@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from ._core import Hub
 from .auth import ChannelPatterns
 from .config import Config
 
@@ -205,7 +206,7 @@ class Webhooks:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    def hook(self, hub: Any) -> None:
+    def hook(self, hub: Hub) -> None:
         """Give the Hub the hooks it needs (only those: an unused one costs a call)."""
         if self.publish_patterns is not None:
             hub.publish_webhook = self.client_publish

@@ -326,6 +326,26 @@ def test_a_receiver_that_fails_then_recovers_gets_every_event_in_order(
     assert server.metrics()["fastfan_webhook_dropped_total"] == 0
 
 
+def test_every_url_gets_every_event_a_failing_one_holding_back_no_other(
+        start_server: Any, receiver: Receiver) -> None:
+    failing = Receiver()
+    failing.failing = True
+    try:
+        server = start_server("--webhook-url", f"{failing.url},{receiver.url}",
+                              "--webhook-secret", WEBHOOK_SECRET,
+                              "--presence-channels", "none")
+        client = server.connect("alice").subscribe("a", "b")
+        expected = [("channel_occupied", "a"), ("channel_occupied", "b")]
+        wait_for(lambda: receiver.names() == expected)
+        assert failing.attempts >= 1 and not failing.events
+        failing.failing = False
+        wait_for(lambda: failing.names() == expected)
+        assert [e["id"] for e in failing.unique()] == [e["id"] for e in receiver.unique()]
+        client.close()
+    finally:
+        failing.stop()
+
+
 def test_the_queue_is_bounded_in_bytes(start_server: Any, receiver: Receiver) -> None:
     receiver.failing = True
     server = start_server(*webhook_args(receiver, "--webhook-queue-bytes", "2000",

@@ -81,7 +81,9 @@ _decode_member = msgspec.json.Decoder(tuple[str, str]).decode
 
 class RedisOccupancy:
     def __init__(self, client: Any, prefix: str, ttl: float, listener: Transitions) -> None:
-        self.client = client  # None until a cluster's client is made (ClusterBus)
+        self.client: Any = None  # and its scripts: None until a cluster's client is made
+        self._apply_edges: Any = None
+        self._withdraw_gone: Any = None
         self.ttl = ttl
         self.listener = listener
         self.id = secrets.token_hex(8)
@@ -93,6 +95,8 @@ class RedisOccupancy:
         self._edges: list[tuple[str, bool]] = []  # (holding's key, holds) until written
         self._queued = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        if client is not None:
+            self.use(client)
 
     def key(self, channel: str, user: str | None) -> str:
         if user is None:
@@ -111,6 +115,8 @@ class RedisOccupancy:
     def use(self, client: Any) -> None:
         """The client made at last (a cluster's): the edges kept meanwhile go out."""
         self.client = client
+        self._apply_edges = client.register_script(APPLY_EDGES)
+        self._withdraw_gone = client.register_script(WITHDRAW_GONE)
         self._queued.set()
 
     def start(self) -> None:
@@ -135,11 +141,10 @@ class RedisOccupancy:
             if self.client is None:
                 continue  # kept until the client exists (the next edge wakes us)
             edges, self._edges = self._edges, []
-            script = self.client.register_script(APPLY_EDGES)
             for start in range(0, len(edges), EDGES_PER_SCRIPT):
                 batch = edges[start:start + EDGES_PER_SCRIPT]
                 try:
-                    transitions = await script(
+                    transitions = await self._apply_edges(
                         keys=[self.held_prefix + self.id, *(key for key, _ in batch)],
                         args=[self.id, *("1" if on else "0" for _, on in batch)])
                 except (aioredis.RedisError, OSError) as exc:
@@ -170,7 +175,7 @@ class RedisOccupancy:
         return not await self.client.exists(self.held_prefix + self.id)
 
     async def _withdraw(self, id_: str) -> None:
-        emptied = await self.client.register_script(WITHDRAW_GONE)(
+        emptied = await self._withdraw_gone(
             keys=[self.alive], args=[time.time() - self.ttl, self.held_prefix, id_])
         holdings = sorted(map(self.holding, (key.decode() for key in emptied)),
                           key=lambda holding: holding[1] is None)
