@@ -280,6 +280,21 @@ def test_a_dead_nodes_clients_are_removed_through_redis(start_server: Any, recei
     held.close()
 
 
+def test_a_redis_that_forgets_is_told_again_who_holds_what(
+        start_server: Any, receiver: Receiver, redis_server: RedisServer) -> None:
+    server = start_server("--redis", redis_server.url,
+                          *webhook_args(receiver, "--webhook-vacated-delay", "0"))
+    server.wait_ready()
+    client = server.connect("alice").subscribe("room")
+    joined = [("channel_occupied", "room"), ("member_added", "room", "alice")]
+    wait_for(lambda: receiver.names() == joined)
+    redis_server.command("FLUSHALL")  # as a restart without persistence
+    wait_for(lambda: receiver.names() == joined * 2)  # written again, told again
+    client.close()
+    left = [("member_removed", "room", "alice"), ("channel_vacated", "room")]
+    wait_for(lambda: receiver.names() == joined * 2 + left)
+
+
 def test_vacated_waits_and_is_forgotten_if_the_channel_fills_again(
         start_server: Any, receiver: Receiver) -> None:
     server = start_server(*webhook_args(receiver, "--webhook-vacated-delay", "1",

@@ -11,8 +11,11 @@ tells its listener.
 A worker that dies without a word: every worker writes the time into the sorted set
 `{prefix}webhooks:alive` every TTL/3 and runs a script that withdraws the holdings of the
 ids not seen for --presence-ttl; the worker whose script withdrew them tells what that
-emptied. A worker that stops withdraws its own. One whose writes stopped long enough to be
-withdrawn while alive writes its holdings again (its `occupied` come again).
+emptied. A worker that stops withdraws its own. A worker whose writes failed (Redis down),
+or whose id was withdrawn while it lived (Redis thought it dead, or lost its data), writes
+the differences between what it holds and what its held set says once Redis answers:
+what that starts or stops is told as any edge is (so, after a Redis that lost its data,
+its `occupied` come again).
 
 Every key shares one hash tag, so a Redis Cluster keeps them on one node and the scripts
 run there.
@@ -95,6 +98,8 @@ class RedisOccupancy:
         self._edges: list[tuple[str, bool]] = []  # (holding's key, holds) until written
         self._queued = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._resync = False  # Redis may not hold what we do: write the differences
+        self._failing = False  # Redis did not answer, until it does (logged once)
         if client is not None:
             self.use(client)
 
@@ -134,45 +139,64 @@ class RedisOccupancy:
             await asyncio.wait_for(self._withdraw(self.id), WITHDRAW_TIMEOUT)
 
     async def _write_forever(self) -> None:
-        """Each loop turn's edges, in order, in as few scripts as EDGES_PER_SCRIPT allows."""
+        """Each loop turn's edges, in order, in as few scripts as EDGES_PER_SCRIPT allows;
+        after a failure, the differences between what we hold and what Redis says we do."""
         while True:
             await self._queued.wait()
             self._queued.clear()
             if self.client is None:
-                continue  # kept until the client exists (the next edge wakes us)
+                continue  # kept until the client exists (use() wakes us)
             edges, self._edges = self._edges, []
-            for start in range(0, len(edges), EDGES_PER_SCRIPT):
-                batch = edges[start:start + EDGES_PER_SCRIPT]
-                try:
+            try:
+                if self._resync:  # what we hold now includes the edges queued meanwhile
+                    edges = await self._differences()
+                    self._resync = False
+                for start in range(0, len(edges), EDGES_PER_SCRIPT):
+                    batch = edges[start:start + EDGES_PER_SCRIPT]
                     transitions = await self._apply_edges(
                         keys=[self.held_prefix + self.id, *(key for key, _ in batch)],
                         args=[self.id, *("1" if on else "0" for _, on in batch)])
-                except (aioredis.RedisError, OSError) as exc:
-                    log.warning("webhooks: %d changes of who holds what not written: %s",
-                                len(batch), exc)
-                    continue
-                for index in transitions:
-                    key, on = batch[index - 1]
-                    tell(self.listener, *self.holding(key), on)
+                    for index in transitions:
+                        key, on = batch[index - 1]
+                        tell(self.listener, *self.holding(key), on)
+            except (aioredis.RedisError, OSError) as exc:
+                self._resync = True  # once Redis answers again (_stay_alive wakes us)
+                self._unreachable(exc)
+
+    async def _differences(self) -> list[tuple[str, bool]]:
+        """The edges that make Redis hold for us what we hold: stops (members first), then
+        starts (channels first)."""
+        held = {key.decode() for key in await self.client.smembers(self.held_prefix + self.id)}
+        here = {self.key(channel, user): user is None
+                for channel, user in self.local.holdings()}
+        stops = sorted(held - here.keys(), key=lambda key: key.startswith(self.channel_prefix))
+        starts = sorted(here.keys() - held, key=lambda key: not here[key])
+        return [(key, False) for key in stops] + [(key, True) for key in starts]
 
     async def _stay_alive(self) -> None:
-        """Say we are alive; withdraw the ids that stopped saying so."""
+        """Say we are alive; withdraw the ids that stopped saying so. If ours was withdrawn
+        (Redis thought us dead, or lost its data), write what we hold again."""
         period = min(1.0, self.ttl / 3)
         while True:
             if self.client is not None:
                 try:
-                    if await self.client.zadd(self.alive, {self.id: time.time()}) and \
-                            self.local.holdings() and await self._was_withdrawn():
-                        for channel, user in self.local.holdings():
-                            self._queue(channel, user, True)
+                    if await self.client.zadd(self.alive, {self.id: time.time()}):
+                        self._resync = True  # (the first time too: nothing to write then)
                     await self._withdraw("")
+                    if self._resync:
+                        self._queued.set()
+                    if self._failing:
+                        log.info("webhooks: Redis answers again")
+                        self._failing = False
                 except (aioredis.RedisError, OSError) as exc:
-                    log.warning("webhooks: cannot reach Redis: %s", exc)
+                    self._unreachable(exc)
             await asyncio.sleep(period)
 
-    async def _was_withdrawn(self) -> bool:
-        """Whether our held set is gone though we hold something (withdrawn as dead)."""
-        return not await self.client.exists(self.held_prefix + self.id)
+    def _unreachable(self, exc: Exception) -> None:
+        if not self._failing:
+            log.warning("webhooks: cannot reach Redis (%s): who holds what is written again "
+                        "once it answers", exc)
+            self._failing = True
 
     async def _withdraw(self, id_: str) -> None:
         emptied = await self._withdraw_gone(
