@@ -4,6 +4,7 @@ on, and with them on, the events and requests a real receiver (aiohttp.web, in t
 process) got and how long after the storm the last one came.
 
     nice .venv/bin/python benchmarks/webhooks_storm.py [--clients 10000] [--workers 1]
+        [--redis redis://127.0.0.1:6379/0]
 
 Prints one JSON line per run ("off", then "on").
 """
@@ -60,9 +61,11 @@ class Receiver:
         return self.last_at
 
 
-def storm(clients: int, workers: int, receiver: Receiver | None) -> dict[str, Any]:
+def storm(clients: int, workers: int, redis: str | None,
+          receiver: Receiver | None) -> dict[str, Any]:
     port = free_port()
-    extra = ["--workers", str(workers), "--max-subscriptions", "8"]
+    extra = ["--workers", str(workers), "--max-subscriptions", "8",
+             *(["--redis", redis] if redis else [])]
     if receiver is not None:
         extra += ["--webhook-url", f"http://127.0.0.1:{receiver.port}/",
                   "--webhook-secret", SECRET, "--webhook-vacated-delay", "0"]
@@ -85,6 +88,7 @@ def storm(clients: int, workers: int, receiver: Receiver | None) -> dict[str, An
         leave_cpu = cpu_seconds(server.pid) - before
         figures = metrics(port)
         return {"webhooks": "on" if receiver else "off", "clients": clients, "workers": workers,
+                "bus": "redis" if redis else "embedded",
                 "join_s": round(joined_s, 2), "join_cpu_s": round(join_cpu, 2),
                 "leave_cpu_s": round(leave_cpu, 2),
                 "join_events_after_s": round(max(0.0, joined_events_at - started - joined_s), 2),
@@ -102,9 +106,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--redis", help="a running Redis's URL: the Redis bus")
     args = parser.parse_args()
-    print(json.dumps(storm(args.clients, args.workers, None)), flush=True)
-    print(json.dumps(storm(args.clients, args.workers, Receiver())), flush=True)
+    print(json.dumps(storm(args.clients, args.workers, args.redis, None)), flush=True)
+    print(json.dumps(storm(args.clients, args.workers, args.redis, Receiver())), flush=True)
 
 
 if __name__ == "__main__":
