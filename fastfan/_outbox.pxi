@@ -307,7 +307,7 @@ cdef class Outbox(WSListener):
         self._write_all()
         self.closing = True
         if not self.close_code:
-            self.close_code, self.close_reason = code, reason
+            self.hub.note_close(self, code, reason)
         self.transport.send_close(<WSCloseCode>code, reason.encode())
         return 0
 

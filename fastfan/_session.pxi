@@ -134,7 +134,7 @@ cdef class Session(Outbox):
         if self.hub.close_webhook is not None:
             self.hub.close_webhook(self.identity.user, self.client_id,
                                    self.close_code or WSCloseCode.ABNORMAL_CLOSURE,
-                                   self.close_reason or "")
+                                   self.hub.close_reasons.pop(self, ""))
         self.discard_output()
         self._forget_fragments()
         self.conflated = None
@@ -235,8 +235,8 @@ cdef class Session(Outbox):
         """Answer the peer's CLOSE with its own code, then hang up."""
         cdef int code = frame.get_close_code() if frame.payload_size >= 2 else WSCloseCode.OK
         if not self.close_code:  # the client's code and reason, for connection_closed
-            self.close_code = code
-            self.close_reason = frame.get_close_message().decode("utf-8", "replace")
+            self.hub.note_close(self, code,
+                                frame.get_close_message().decode("utf-8", "replace"))
         if not self.closing:
             if is_valid_close_code(code):
                 self._send_close(code, "")
