@@ -3,7 +3,7 @@
 # CloseCode`), so Python and Cython never keep a copy of a code of their own.
 
 cimport cython
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from fastfan._picows.picows cimport WSListener, WSTransport, WSFrame
 
 
@@ -135,6 +135,9 @@ cdef class Outbox(WSListener):
         # the fields the per-delivery loop touches keep their offsets.
         uint8_t             deflate_in
         uint8_t             deflate_out
+        # the first CLOSE either side sent (0: none, the connection dropped), for the
+        # connection_closed webhook; its reason waits in Hub.close_reasons
+        uint16_t            close_code
 
         ByteBuffer          out             # small frames, copied in
         list                shared          # large frames by reference, ahead of `out`
@@ -292,6 +295,13 @@ cdef class Hub:
         bint                flush_scheduled
         object              loop
         public object       bus             # fastfan.bus.Bus
+        # webhooks (fastfan.webhooks.Webhooks), None when off: (channel, user, clientId,
+        # data) of a client's publish, and (user, clientId, code, reason) of a closed
+        # connection
+        public object       publish_webhook
+        public object       close_webhook
+        dict                close_reasons   # Session -> its first CLOSE's reason, kept only
+                                            # for close_webhook (no field in every Session)
         public object       verify_token    # token -> auth.Identity, or AuthError; None:
                                             # --insecure, no token is checked
         object              ready_callback
@@ -398,5 +408,6 @@ cdef class Hub:
     cdef double subscribe_burst(self) noexcept
     cdef int _announce(self, bytes kind, str channel, Session session) except -1
     cdef int attach(self, Session session) except -1
+    cdef int note_close(self, Outbox outbox, int code, str reason) except -1
     cdef int detach(self, Session session) except -1
     cdef bytes _new_client_id(self)

@@ -82,6 +82,8 @@ class Session(Outbox):
 
 class Hub:
     bus: Any  # fastfan.bus.Bus
+    publish_webhook: Callable[[str, str, bytes, Any], None] | None
+    close_webhook: Callable[[str, bytes, int, str], None] | None
     verify_token: Callable[[str], Any] | None
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_message_size: int,
                  max_subscriptions: int, max_subscription_bytes: int, max_buffer: int,

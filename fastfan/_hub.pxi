@@ -70,6 +70,7 @@ cdef class Hub:
         self.held_events = {}
         self.held_joins = {}
         self.presence_answers = {}
+        self.close_reasons = {}
         self.subscribe_rate = subscribe_rate
         self.max_message_size = max_message_size
         self.max_subscriptions = max_subscriptions
@@ -601,6 +602,13 @@ cdef class Hub:
         self.connections_total += 1
         user = session.identity.user
         self.users[user] = self.users.get(user, 0) + 1
+        return 0
+
+    cdef int note_close(self, Outbox outbox, int code, str reason) except -1:
+        """The first CLOSE of a connection, sent or received: for connection_closed."""
+        outbox.close_code = code
+        if reason and self.close_webhook is not None:
+            self.close_reasons[outbox] = reason
         return 0
 
     cdef int detach(self, Session session) except -1:

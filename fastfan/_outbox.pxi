@@ -340,6 +340,8 @@ cdef class Outbox(WSListener):
         """Flush what is queued, then CLOSE; from here on only the peer's CLOSE matters."""
         self._write_all()
         self.closing = True
+        if not self.close_code:
+            self.hub.note_close(self, code, reason)
         self.transport.send_close(<WSCloseCode>code, reason.encode())
         return 0
 

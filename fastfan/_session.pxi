@@ -131,6 +131,10 @@ cdef class Session(Outbox):
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.hub.detach(self)
+        if self.hub.close_webhook is not None:
+            self.hub.close_webhook(self.identity.user, self.client_id,
+                                   self.close_code or WSCloseCode.ABNORMAL_CLOSURE,
+                                   self.hub.close_reasons.pop(self, ""))
         self.discard_output()
         self._forget_fragments()
         self.conflated = None
@@ -230,6 +234,9 @@ cdef class Session(Outbox):
     cdef int _on_close_frame(self, WSFrame frame) except -1:
         """Answer the peer's CLOSE with its own code, then hang up."""
         cdef int code = frame.get_close_code() if frame.payload_size >= 2 else WSCloseCode.OK
+        if not self.close_code:  # the client's code and reason, for connection_closed
+            self.hub.note_close(self, code,
+                                frame.get_close_message().decode("utf-8", "replace"))
         if not self.closing:
             if is_valid_close_code(code):
                 self._send_close(code, "")
@@ -468,6 +475,8 @@ cdef class Session(Outbox):
                           None if request.echo else self)
         if outcome == BusResult.REFUSED:
             return self._refuse(errors.BUS_UNAVAILABLE, request_id)
+        if hub.publish_webhook is not None:
+            hub.publish_webhook(channel, self.identity.user, self.client_id, request.data)
         if outcome == BusResult.DONE and request_id:
             return self.queue_bytes(_reply(b"published", channel, request_id))
         return 0  # PENDING: the bus calls acknowledge() once it knows

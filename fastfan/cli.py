@@ -78,6 +78,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    """Seconds, or 0 for none."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # _seconds says what is wrong
+    return _seconds(text)
+
+
 def _on_off(text: str) -> bool:
     if text in ("on", "off"):
         return text == "on"
@@ -161,6 +171,21 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
      "smallest message in bytes sent compressed (256)"),
     ("--tls-cert", str, None, "PEM certificate (chain): the port speaks TLS only (wss, https)"),
     ("--tls-key", str, None, "PEM private key of --tls-cert"),
+    ("--webhook-url", str, None,
+     "URL(s), comma-separated, that get every webhook event as signed JSON POSTs"),
+    ("--webhook-secret", str, None, "the secret signing webhook requests (X-Fastfan-Signature)"),
+    ("--webhook-secret-file", str, None, "a file holding the webhook secret"),
+    ("--webhook-vacated-delay", _non_negative_seconds, None,
+     "seconds channel_vacated waits, dropped if the channel fills again (5)"),
+    ("--webhook-publish", str, None,
+     "comma-separated channel patterns whose client publishes are sent (default: none)"),
+    ("--webhook-connections", _on_off, None, "send connection_closed events (off)"),
+    ("--webhook-batch", _positive_int, None, "most events in one webhook request (100)"),
+    ("--webhook-retry", _seconds, None,
+     "seconds a failed webhook request is retried; older events are dropped (300)"),
+    ("--webhook-queue-bytes", _positive_int, None,
+     "bytes of undelivered events per URL; past it the oldest are dropped (16777216)"),
+    ("--webhook-format", str, ("native", "pusher"), "webhook events' format (native)"),
 ]
 
 _TRUE = ("1", "true", "yes", "on")

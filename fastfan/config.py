@@ -78,6 +78,16 @@ class Config:
     compression_min_size: int = 256  # smaller messages go out uncompressed
     tls_cert: str | None = None  # PEM files: with both, the port speaks TLS only
     tls_key: str | None = None
+    webhook_url: str | None = None  # comma-separated URLs; None: no webhooks
+    webhook_secret: str | None = None
+    webhook_secret_file: str | None = None  # read once, here: its content becomes the secret
+    webhook_vacated_delay: float = 5.0
+    webhook_publish: str = ""  # comma-separated channel patterns; "": none
+    webhook_connections: bool = False
+    webhook_batch: int = 100
+    webhook_retry: float = 300.0
+    webhook_queue_bytes: int = 16777216
+    webhook_format: str = "native"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -88,7 +98,8 @@ class Config:
                               f"(docs/protocol.md); run more nodes with --redis instead")
         for name in ("max_message_size", "max_subscriptions", "max_subscription_bytes",
                      "presence_limit", "publish_rate", "subscribe_rate", "max_buffer",
-                     "max_backlog", "history_max_bytes"):
+                     "max_backlog", "history_max_bytes", "webhook_batch",
+                     "webhook_queue_bytes"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {getattr(self, name)}")
@@ -99,7 +110,7 @@ class Config:
         if self.max_connections_per_user < 0:
             raise ConfigError("--max-connections-per-user must be 0 (no limit) or more")
         for name in ("ping_interval", "ping_timeout", "shutdown_grace", "stats_interval",
-                     "presence_ttl", "history_ttl"):
+                     "presence_ttl", "history_ttl", "webhook_retry"):
             if getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive number of seconds")
@@ -123,6 +134,7 @@ class Config:
         self._check_token_key()
         self._check_api()
         self._check_tls()
+        self._check_webhooks()
 
     def _check_redis(self, value: str) -> None:
         """One redis:// or rediss:// URL, or several comma-separated (shards), or a
@@ -207,6 +219,33 @@ class Config:
                               "wss:// and https://, or neither")
         if self.tls_cert is not None:
             tls_context(self)
+
+    def _check_webhooks(self) -> None:
+        """URLs and a secret (--webhook-secret or --webhook-secret-file) together; the
+        native format."""
+        if self.webhook_secret is not None and self.webhook_secret_file is not None:
+            raise ConfigError("give --webhook-secret or --webhook-secret-file, not both")
+        if self.webhook_secret_file is not None:
+            try:
+                with open(self.webhook_secret_file, encoding="utf-8") as file:
+                    secret = file.read().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read --webhook-secret-file: {exc}") from None
+            object.__setattr__(self, "webhook_secret", secret)  # frozen: set once, here
+        if self.webhook_url is None:
+            return
+        for url in self.webhook_url.split(","):
+            if not url.strip().startswith(("http://", "https://")):
+                raise ConfigError(f"--webhook-url takes http:// or https:// URLs, "
+                                  f"comma-separated, got {url.strip()!r}")
+        if not self.webhook_secret:
+            raise ConfigError("--webhook-url needs --webhook-secret (or --webhook-secret-file): "
+                              "every request is signed with it, for the receiver to check")
+        if self.webhook_vacated_delay < 0:
+            raise ConfigError("--webhook-vacated-delay must be 0 or more seconds")
+        if self.webhook_format != "native":
+            raise ConfigError(f"--webhook-format {self.webhook_format}: only 'native' for now "
+                              "(the 'pusher' format comes with the Pusher protocol)")
 
     def require_auth_choice(self) -> None:
         """`run` needs a way to check tokens, or an explicit decision to skip them."""

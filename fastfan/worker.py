@@ -23,6 +23,7 @@ from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
 from .logs import PicowsLog
 from .metrics import SharedFigures
+from .webhooks import Webhooks
 
 log = logging.getLogger("fastfan.worker")
 
@@ -91,6 +92,10 @@ class Worker:
                             mesh_sockets=placement.mesh_sockets,
                             predecessor=placement.previous_client_id_prefix)
         self.hub.bus = self.bus
+        self.webhooks = None if config.webhook_url is None else Webhooks(config)
+        if self.webhooks is not None:
+            self.bus.watch_transitions(self.webhooks)
+            self.webhooks.hook(self.hub)
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,
@@ -116,6 +121,8 @@ class Worker:
         figures["auth_failures_total"] = self.factory.auth_failures_total
         figures["connections_refused_total"] = self.factory.refused_full_total
         figures.update(self.bus.figures())
+        if self.webhooks is not None:
+            figures.update(self.webhooks.figures())
         latency = self.hub.publish_latency
         figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
         self.placement.figures.write(self.placement.index, figures)
@@ -134,6 +141,8 @@ class Worker:
 
     async def serve(self) -> None:
         config = self.config
+        if self.webhooks is not None:
+            await self.webhooks.start()
         await self.bus.start()
         # picows's ws_create_server, but with our protocol factory: it counts connections
         # from the accept, and answers HEAD (ListenerFactory.accept).
@@ -194,6 +203,8 @@ class Worker:
         if self.hub.connections:
             log.warning("shutdown grace over with %d connections open", self.hub.connections)
         await self.bus.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         log.info("worker %d stopped", self.placement.index)
 
 

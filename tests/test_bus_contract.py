@@ -67,6 +67,7 @@ def deployment(request: pytest.FixtureRequest, start_server: Any,
     if bus in ("local", "mesh"):
         node, port = start_api(start_server, *OPTIONS,
                                "--workers", "1" if bus == "local" else "2")
+        node.wait_ready()  # (the mesh: once each worker has reached the other)
         return Deployment(bus, [node], port)
     if bus == "cluster":
         url = request.getfixturevalue("cluster").url

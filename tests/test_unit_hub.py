@@ -16,7 +16,7 @@ import uvloop
 from fastfan import _picows as picows
 from fastfan._core import Hub, Outbox, Session, SlowConsumerPolicy
 from fastfan.auth import ALLOW_ALL, ChannelPatterns, Identity
-from fastfan.bus.base import DONE, Acknowledger, Bus, BusHealth, Presence
+from fastfan.bus.base import DONE, Acknowledger, Bus, BusHealth, Presence, Transitions
 from fastfan.directory import Counts
 from fastfan.history import HistoryAnswer
 
@@ -75,6 +75,9 @@ class RecordingBus(Bus):
 
     def health(self) -> BusHealth:
         return BusHealth(up=True)
+
+    def watch_transitions(self, listener: Transitions) -> None:
+        raise AssertionError("no webhooks here")
 
     async def start(self) -> None:
         pass

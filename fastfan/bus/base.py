@@ -39,6 +39,17 @@ this worker's own part, added in.
 of every node, this one included, each of which applies it to its own Hub; it answers as
 `publish` does.
 
+Transitions (webhooks): `watch_transitions(listener)`, called before `start`, has the bus
+tell `listener` (a Transitions) of every change across the whole deployment, on exactly
+one worker of it: a channel's first subscriber anywhere (`occupied`), its last one gone
+anywhere (`vacated`), a user's first connection in a presence channel anywhere
+(`member_added`), their last one gone (`member_removed`). The bus learns this worker's part
+from the calls it already has (subscribe, unsubscribe, joined, left; fastfan.bus.occupancy
+counts them), and decides with the others who speaks: the worker itself (LocalBus), the
+lowest-numbered worker alive (MeshBus), an atomic script in Redis (the Redis buses). A
+worker or node that dies: its part is withdrawn by the others, and what that empties is
+told. Without a listener a bus does none of this.
+
 `health()` is what /ready and /metrics say of the bus; `figures()` the bus's rows of
 /metrics.
 """
@@ -94,6 +105,15 @@ class HubLink(Protocol):
     def unsubscribe_user(self, user: str, channel: str) -> int: ...
 
 
+class Transitions(Protocol):
+    """Who hears of the deployment's transitions (see the module's docstring)."""
+
+    def occupied(self, channel: str) -> None: ...
+    def vacated(self, channel: str) -> None: ...
+    def member_added(self, channel: str, user: str) -> None: ...
+    def member_removed(self, channel: str, user: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class BusHealth:
     up: bool                    # publishes are taken (/ready)
@@ -147,6 +167,11 @@ class Bus(ABC):
     async def nodes(self) -> list[dict[str, Any]]:
         """Every node's description (directory.Node.describe); ConnectionError when the
         nodes cannot be asked."""
+
+    @abstractmethod
+    def watch_transitions(self, listener: Transitions) -> None:
+        """From now on (called before start), tell `listener` of the deployment's
+        transitions, each on exactly one worker (see the module's docstring)."""
 
     @abstractmethod
     def health(self) -> BusHealth: ...

@@ -52,9 +52,10 @@ from ..directory import Counts, Node
 from ..directory.redis import RedisDirectory
 from ..history import HistoryAnswer, new_epoch
 from ..history.redis import RedisHistory
-from .base import REFUSED, Acknowledger, BusHealth, HubLink, Presence
+from .base import REFUSED, Acknowledger, BusHealth, HubLink, Presence, Transitions
 from .commands import COMMANDS
 from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command
+from .redis_occupancy import RedisOccupancy
 from .sharded import SETTLE, RoutedBus
 
 log = logging.getLogger("fastfan.redis")
@@ -297,12 +298,21 @@ class ClusterBus(RoutedBus):
                          dropped=self._retired[0] + sum(bus.dropped_total for bus in self.shards),
                          invalid=self._retired[1] + sum(bus.invalid_total for bus in self.shards))
 
+    def watch_transitions(self, listener: Transitions) -> None:
+        """Decided in the cluster, its keys in one slot, through the cluster's client once
+        the slot map is known (edges wait for it)."""
+        self.occupancy = RedisOccupancy(None, self._prefix, self._presence_ttl, listener)
+
     async def start(self) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_mapped()))
+        if self.occupancy is not None:
+            self.occupancy.start()
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.occupancy is not None:
+            await self.occupancy.stop()
         if self.directory is not None:
             await self.directory.withdraw()
         for bus in self.masters.values():
@@ -374,6 +384,8 @@ class ClusterBus(RoutedBus):
                     send=lambda channel, payload: self.publish(channel, payload, None, b""))
                 self._tasks.append(asyncio.get_running_loop().create_task(
                     self.directory.announce_forever()))
+            if self.occupancy is not None:
+                self.occupancy.use(self.client)
         if owners == self.owners and not self._lost:
             return
         channels = [*self.hub.channels, COMMANDS,

@@ -10,8 +10,9 @@ from .._core import Outbox
 from ..directory import Counts, Node
 from ..history import HistoryAnswer, HistoryStore
 from ..history.local import sequence_here, sweep_forever
-from .base import DONE, Acknowledger, Bus, BusHealth, HubLink, Presence
+from .base import DONE, Acknowledger, Bus, BusHealth, HubLink, Presence, Transitions
 from .commands import apply_command
+from .occupancy import LocalOccupancy, tell
 
 UP = BusHealth(up=True)
 
@@ -23,6 +24,7 @@ class LocalBus(Bus):
         self._node = node
         self.history = HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes)
         self._sweeper: asyncio.Task[None] | None = None
+        self.occupancy: LocalOccupancy | None = None  # with webhooks
 
     async def start(self) -> None:
         """Nothing to connect to; the history store's sweep, if there is history."""
@@ -53,10 +55,14 @@ class LocalBus(Bus):
 
     def subscribe(self, channel: str) -> bool:
         """Every message already passes through this process: nothing to wait for."""
+        if self.occupancy is not None:
+            self.occupancy.subscribed(channel)
         return False
 
     def unsubscribe(self, channel: str) -> None:
         """See subscribe."""
+        if self.occupancy is not None:
+            self.occupancy.unsubscribed(channel)
 
     def command(self, payload: bytes, ack: Acknowledger | None) -> int:
         """This worker's clients are all there are."""
@@ -65,9 +71,18 @@ class LocalBus(Bus):
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
         """Presence is the subscriber arrays: gather_presence asks for them."""
+        if self.occupancy is not None:
+            self.occupancy.joined(channel, client_id, user)
 
     def left(self, channel: str, client_id: bytes) -> None:
         """See joined."""
+        if self.occupancy is not None:
+            self.occupancy.left(channel, client_id)
+
+    def watch_transitions(self, listener: Transitions) -> None:
+        """This worker is the deployment: each of its edges is a transition."""
+        self.occupancy = LocalOccupancy(
+            lambda channel, user, on: tell(listener, channel, user, on))
 
     def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         answer(self._hub.presence_part(channel, self._hub.presence_limit))

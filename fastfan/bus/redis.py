@@ -67,8 +67,9 @@ from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch, position
 from ..history.redis import RedisHistory
 from ..presence.redis import CHANGE, RedisPresence
 from . import resp
-from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, HubLink, Presence
+from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, HubLink, Presence, Transitions
 from .commands import COMMANDS, apply_command
+from .redis_occupancy import RedisOccupancy
 from .resp import LOST, Pipeline, publish_command
 
 log = logging.getLogger("fastfan.redis")
@@ -264,6 +265,8 @@ class RedisBus(Bus):
         # channels each master bus subscribes to where they are its own
         self.directory = directory
         self._announces = node is not None
+        self._presence_ttl = presence_ttl
+        self.occupancy: RedisOccupancy | None = None  # with webhooks
         if node is not None:
             self.directory = RedisDirectory(
                 self._client, hub, prefix, node, worker,
@@ -282,10 +285,14 @@ class RedisBus(Bus):
                        loop.create_task(self.presence.refresh_forever())]
         if self.directory is not None and self._announces:
             self._tasks.append(loop.create_task(self.directory.announce_forever()))
+        if self.occupancy is not None:
+            self.occupancy.start()
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.occupancy is not None:
+            await self.occupancy.stop()
         if self._replacing is not None:
             self._replacing.cancel()
         if self._pipeline is not None:
@@ -459,9 +466,22 @@ class RedisBus(Bus):
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
         self.presence.joined(channel, client_id, user, info)
+        if self.occupancy is not None:
+            self.occupancy.local.joined(channel, client_id, user)
 
     def left(self, channel: str, client_id: bytes) -> None:
         self.presence.left(channel, client_id)
+        if self.occupancy is not None:
+            self.occupancy.local.left(channel, client_id)
+
+    def watch_transitions(self, listener: Transitions) -> None:
+        """Decided in Redis (redis_occupancy), within --presence-ttl for a node that dies."""
+        self.occupancy = self.occupancy_for(listener)
+
+    def occupancy_for(self, listener: Transitions) -> RedisOccupancy:
+        """Transitions decided in this Redis (several Redis decide in their first)."""
+        return RedisOccupancy(self._client, self.prefix.decode(), self._presence_ttl,
+                              listener)
 
     def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         self.presence.gather(channel, answer)
@@ -492,10 +512,14 @@ class RedisBus(Bus):
     def subscribe(self, channel: str) -> bool:
         """True: Hub.confirm(channel) follows once Redis answers the SUBSCRIBE (after a
         reconnect, when it answers the SUBSCRIBE of every channel)."""
+        if self.occupancy is not None:
+            self.occupancy.local.subscribed(channel)
         self._change(channel, True)
         return True
 
     def unsubscribe(self, channel: str) -> None:
+        if self.occupancy is not None:
+            self.occupancy.local.unsubscribed(channel)
         self._change(channel, False)
 
     def _change(self, channel: str, subscribe: bool) -> None:

@@ -26,9 +26,10 @@ from redis.crc import key_slot
 from .._core import WATCH_PREFIX, Outbox
 from ..directory import Counts, Node
 from ..history import HistoryAnswer
-from .base import Acknowledger, Bus, BusHealth, HubLink, Presence
+from .base import Acknowledger, Bus, BusHealth, HubLink, Presence, Transitions
 from .commands import COMMANDS
 from .redis import RedisBus, reconnect_delay, redis_figures
+from .redis_occupancy import RedisOccupancy
 
 # A shard back after an outage takes publishes again only once every node has had time
 # to subscribe to it again: the longest wait between two reconnect attempts, and a margin.
@@ -59,6 +60,8 @@ class RoutedBus(Bus):
 
     prefix: bytes
     shards: Sequence[RedisBus]  # every Redis it holds a bus on
+    # with webhooks: the transitions, decided in one Redis (its subclass's choice)
+    occupancy: RedisOccupancy | None = None
 
     @abstractmethod
     def shard(self, channel: str) -> Any:
@@ -89,15 +92,23 @@ class RoutedBus(Bus):
         self.publish(WATCH_PREFIX + channel, event, None, b"")
 
     def subscribe(self, channel: str) -> bool:
+        if self.occupancy is not None:
+            self.occupancy.local.subscribed(channel)
         return bool(self.shard(channel).subscribe(channel))
 
     def unsubscribe(self, channel: str) -> None:
+        if self.occupancy is not None:
+            self.occupancy.local.unsubscribed(channel)
         self.shard(channel).unsubscribe(channel)
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+        if self.occupancy is not None:
+            self.occupancy.local.joined(channel, client_id, user)
         self.shard(channel).joined(channel, client_id, user, info)
 
     def left(self, channel: str, client_id: bytes) -> None:
+        if self.occupancy is not None:
+            self.occupancy.local.left(channel, client_id)
         self.shard(channel).left(channel, client_id)
 
     def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
@@ -138,11 +149,19 @@ class ShardedBus(RoutedBus):
                                     for index, shard in enumerate(self.shards)
                                     if not shard.up))
 
+    def watch_transitions(self, listener: Transitions) -> None:
+        """Decided in the first shard, as the node registry is."""
+        self.occupancy = self.shards[0].occupancy_for(listener)
+
     async def start(self) -> None:
         for shard in self.shards:
             await shard.start()
+        if self.occupancy is not None:
+            self.occupancy.start()
 
     async def stop(self) -> None:
+        if self.occupancy is not None:
+            await self.occupancy.stop()
         for shard in self.shards:
             await shard.stop()
 

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,19 +26,25 @@ from ..base import (
     BusHealth,
     HubLink,
     Presence,
+    Transitions,
 )
 from ..commands import apply_command
 from ..gather import Gatherings
+from ..occupancy import Holders, LocalOccupancy, tell
 from .peers import Incoming, Outgoing, address, peer_of, stranger
 from .wire import (
+    ALREADY,
     ENVELOPE_MARGIN,
     FIRST_PART,
+    HOLDS,
     LIMIT,
     MAX_COMMAND,
     MAX_PRESENCE_ANSWER,
+    MEMBER,
     PRESENCE_ENTRY,
     PRESENT_PART_BYTES,
     QUERY,
+    STARTED,
     Kind,
     encode,
     record,
@@ -48,6 +55,9 @@ log = logging.getLogger("fastfan.bus")
 # A worker that has not answered a presence or channels query in this long fails it (503).
 PRESENCE_TIMEOUT = 2.0
 RECONNECT_DELAY_MAX = 1.0
+# A worker tells the deployment's transitions only once it has run this long, by when the
+# others have reconnected to it and told it what they hold (see MeshBus.leads).
+SETTLE = 2 * RECONNECT_DELAY_MAX + 0.5
 
 
 class MeshBus(Bus):
@@ -77,6 +87,12 @@ class MeshBus(Bus):
         self._gatherings = Gatherings(PRESENCE_TIMEOUT)  # presence and channels queries
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # With webhooks: this worker's holdings, every worker's, and who hears the
+        # transitions (on the lowest-numbered worker alive: leads())
+        self.occupancy: LocalOccupancy | None = None
+        self.holders = Holders()
+        self.transitions: Transitions | None = None
+        self.started_at = time.time()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,9 +138,13 @@ class MeshBus(Bus):
                 continue
             delay = 0.01
             _, peer = await loop.create_unix_connection(lambda: Outgoing(self, worker), sock=sock)
-            peer.send(record(Kind.HELLO, str(self.worker).encode()))
+            peer.send(record(Kind.HELLO, str(self.worker).encode(),
+                             STARTED.pack(self.started_at)))
             for channel in self.hub.channels:
                 peer.subscribe(channel)
+            if self.occupancy is not None:  # what it may not know yet (one of us is new)
+                for channel, user in self.occupancy.holdings():
+                    peer.send(occupancy_record(channel, user, True, ALREADY))
             self.outgoing[worker] = peer
             for channel in [c for c in self.interest[worker] if c.startswith(WATCH_PREFIX)]:
                 self.send_present(worker, channel)  # it watched them before we connected
@@ -195,6 +215,8 @@ class MeshBus(Bus):
 
     def subscribe(self, channel: str) -> bool:
         """Tell every worker; True: Hub.confirm(channel) follows once they have all answered."""
+        if self.occupancy is not None:
+            self.occupancy.subscribed(channel)
         waiting = False
         for peer in self.outgoing.values():
             waiting = peer.subscribe(channel) or waiting
@@ -207,9 +229,59 @@ class MeshBus(Bus):
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
         """Presence is the subscriber arrays: gather_presence asks for them."""
+        if self.occupancy is not None:
+            self.occupancy.joined(channel, client_id, user)
 
     def left(self, channel: str, client_id: bytes) -> None:
         """See joined."""
+        if self.occupancy is not None:
+            self.occupancy.left(channel, client_id)
+
+    # Transitions (webhooks) -------------------------------------------------------------
+
+    def watch_transitions(self, listener: Transitions) -> None:
+        """Every worker sends its edges to every other one (OCCUPANCY), so that each knows
+        every worker's holdings (Holders); the lowest-numbered worker alive tells the
+        listener. When a worker dies the others withdraw its holdings: if it led, the next
+        one leads and tells what that empties."""
+        self.transitions = listener
+        self.occupancy = LocalOccupancy(self._edge)
+
+    def leads(self, without: int = -1) -> bool:
+        """Whether this worker tells the transitions: once it has reached every other
+        worker, the lowest-numbered of the workers alive (but `without`, just gone) that
+        have run SETTLE, or of all of them if none has. A worker back from a restart so
+        leads only once it knows what the others hold; until then the one before goes on.
+        (A worker we reach but have not heard from yet counts as settled.)"""
+        if not self.joined_all:
+            return False
+        started = {worker: 0.0 for worker in self.outgoing}
+        started.update((worker, peer.started_at) for worker, peer in self.incoming.items())
+        started[self.worker] = self.started_at
+        started.pop(without, None)
+        now = time.time()
+        settled = [worker for worker, at in started.items() if now - at >= SETTLE]
+        return self.worker == min(settled or started)
+
+    def _edge(self, channel: str, user: str | None, on: bool) -> None:
+        data = occupancy_record(channel, user, on)
+        for peer in self.outgoing.values():
+            peer.send(data)
+        self.edge_of(self.worker, channel, user, on)
+
+    def edge_of(self, worker: int, channel: str, user: str | None, on: bool,
+                news: bool = True) -> None:
+        """Worker `worker`'s edge; `news`: not something it held before we knew it."""
+        if self.holders.apply(worker, channel, user, on) and news and self.leads() \
+                and self.transitions is not None:
+            tell(self.transitions, channel, user, on)
+
+    def withdraw(self, worker: int, gone: bool = False) -> None:
+        """Worker `worker` is `gone` (or back as a new process): its holdings go."""
+        emptied = self.holders.withdraw(worker)
+        if self.transitions is not None and self.leads(worker if gone else -1):
+            for channel, user in emptied:
+                tell(self.transitions, channel, user, False)
 
     def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         """Ask every other worker for its part of `channel`'s presence (each lists at most
@@ -254,6 +326,8 @@ class MeshBus(Bus):
                          down=() if self.joined_all else ("workers connecting",))
 
     def unsubscribe(self, channel: str) -> None:
+        if self.occupancy is not None:
+            self.occupancy.unsubscribed(channel)
         data = record(Kind.UNSUBSCRIBE, channel.encode())
         for peer in self.outgoing.values():
             peer.send(data)
@@ -268,3 +342,10 @@ class MeshBus(Bus):
             with contextlib.suppress(OSError):
                 os.unlink(address(self.sockets, self.worker))
                 os.rmdir(self.sockets)  # the last worker out, if the master cannot
+
+
+def occupancy_record(channel: str, user: str | None, on: bool, flags: int = 0) -> bytes:
+    flags |= HOLDS if on else 0
+    if user is None:
+        return record(Kind.OCCUPANCY, channel.encode(), bytes((flags,)))
+    return record(Kind.OCCUPANCY, channel.encode(), bytes((flags | MEMBER,)) + user.encode())

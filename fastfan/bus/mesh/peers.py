@@ -27,16 +27,20 @@ from ..._core import WATCH_PREFIX, join_leave_event
 from ...directory import MAX_LISTED, channel_counts
 from ..commands import apply_command
 from .wire import (
+    ALREADY,
     FIRST_PART,
     HEADER,
+    HOLDS,
     LIMIT,
     MAX_ANSWER,
     MAX_SEQUENCED,
+    MEMBER,
     MIN_BODY,
     NO_ECHO,
     QUERY,
     READ,
     SEQUENCED_ANSWER,
+    STARTED,
     TOKEN,
     Kind,
     decode_counts,
@@ -97,6 +101,7 @@ class Incoming(asyncio.Protocol):
         self.bus = bus
         self.pid = pid
         self.worker: int | None = None  # its index, once its HELLO came
+        self.started_at = 0.0  # when it started (time.time()), as its HELLO says
         self.transport: Any = None
         self.buffer = bytearray()
         # That worker's clients on the channels our watchers watch, as it told us (its
@@ -110,7 +115,8 @@ class Incoming(asyncio.Protocol):
             Kind.COMMAND: self._on_command, Kind.SEQUENCE: self._on_sequence,
             Kind.PUBLISH_EXCLUDING: self._on_publish_excluding,
             Kind.HISTORY: self._on_history, Kind.HISTORY_ANSWER: self._on_history_answer,
-            Kind.PRESENT: self._on_present}
+            Kind.PRESENT: self._on_present,
+            Kind.OCCUPANCY: self._on_occupancy}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -174,8 +180,11 @@ class Incoming(asyncio.Protocol):
             self._drop(f"HELLO from worker {channel!r}")
             return False
         self.worker = worker
+        if len(body) == STARTED.size:
+            (self.started_at,) = STARTED.unpack(body)
         self.bus.incoming[worker] = self
         self.bus.interest[worker].clear()
+        self.bus.withdraw(worker)  # what its predecessor held, if its end was not seen yet
         return None
 
     def _on_subscribe(self, channel: str, body: bytes) -> bytes:
@@ -244,6 +253,15 @@ class Incoming(asyncio.Protocol):
                                                     info)
         return None
 
+    def _on_occupancy(self, channel: str, body: bytes) -> None:
+        assert self.worker is not None
+        flags = body[0]
+        user = body[1:].decode("utf-8", "replace") if flags & MEMBER else None
+        # What a worker held when it reached us is news if it started after us (we knew
+        # it held nothing), not if we are the newcomer (the transition was told before us).
+        self.bus.edge_of(self.worker, channel, user, bool(flags & HOLDS),
+                         news=not flags & ALREADY or self.started_at > self.bus.started_at)
+
     def _drop(self, what: str) -> None:
         log.warning("bus: dropped the connection of worker %s (pid %d): %s",
                     "?" if self.worker is None else self.worker, self.pid, what)
@@ -267,6 +285,7 @@ class Incoming(asyncio.Protocol):
         if self.worker is not None and self.bus.incoming.get(self.worker) is self:
             del self.bus.incoming[self.worker]
             self.bus.interest[self.worker].clear()
+            self.bus.withdraw(self.worker, gone=True)  # what it held, nobody holds now
         # That worker died (or stops): its clients left, though it cannot say so.
         joined, self.joined = self.joined, {}
         for channel, leaves in joined.items():

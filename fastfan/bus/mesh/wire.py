@@ -17,17 +17,18 @@ from ...auth import MAX_TOKEN_LENGTH
 
 class Kind(IntEnum):
     """The kinds of record. Worker to worker, on the asker's outgoing connection: HELLO (the
-    channel is the sender's worker index), PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PRESENCE and
-    CHANNELS (queries: a query number, then for CHANNELS a limit and the pattern), COMMAND
-    (a server API command, bus.commands' JSON, no channel), SEQUENCE (a publish for the
-    channel's owner to number: token, flags, message), PUBLISH_EXCLUDING (a numbered
-    message back to its publisher's worker: token, message), HISTORY (a read: query,
-    since, limit), PRESENT (on a join/leave channel the receiver began to watch: the
-    sender's subscribers of its channel, in parts, each a flag byte, FIRST_PART on the
-    first, and JSON [[clientId, user, info]...]). Answers, back on the same connection:
-    SUBSCRIBED, PRESENCE_ANSWER and CHANNELS_ANSWER (query, JSON), SEQUENCED (token,
-    offset, sent back, then the epoch; an offset of 0 is a refusal: the owner's store is
-    full), HISTORY_ANSWER (query, JSON)."""
+    channel is the sender's worker index, the body when it started: STARTED), PUBLISH,
+    SUBSCRIBE, UNSUBSCRIBE, PRESENCE and CHANNELS (queries: a query number, then for
+    CHANNELS a limit and the pattern), COMMAND (a server API command, bus.commands' JSON, no
+    channel), SEQUENCE (a publish for the channel's owner to number: token, flags, message),
+    PUBLISH_EXCLUDING (a numbered message back to its publisher's worker: token, message),
+    HISTORY (a read: query, since, limit), PRESENT (on a join/leave channel the receiver
+    began to watch: the sender's subscribers of its channel, in parts, each a flag byte,
+    FIRST_PART on the first, and JSON [[clientId, user, info]...]), OCCUPANCY (with
+    webhooks: an edge of the sender's holdings, bus/occupancy.py: flags, then the user of a
+    member). Answers, back on the same connection: SUBSCRIBED, PRESENCE_ANSWER and
+    CHANNELS_ANSWER (query, JSON), SEQUENCED (token, offset, sent back, then the epoch; an
+    offset of 0 is a refusal: the owner's store is full), HISTORY_ANSWER (query, JSON)."""
 
     HELLO = 1
     PUBLISH = 2
@@ -45,18 +46,25 @@ class Kind(IntEnum):
     CHANNELS = 14
     CHANNELS_ANSWER = 15
     PRESENT = 16
+    OCCUPANCY = 17
 
 
 TOKEN = struct.Struct("!I")
+STARTED = struct.Struct("!d")  # a HELLO's body: when its worker started, time.time()
 SEQUENCED_ANSWER = struct.Struct("!IqB")  # token, offset, sent back (then epoch)
 READ = struct.Struct("!Iqi")  # query, since, limit
 MAX_READ_LIMIT = (1 << 31) - 1  # READ's limit (a --history-size may be larger)
 NO_ECHO = 1  # SEQUENCE's flag: the publisher is not to receive its message
+# OCCUPANCY's flags: the holding starts (else it stops); it is a member (the user follows);
+# it is part of what the sender held when it connected (news only if the sender is the
+# younger worker)
+HOLDS, MEMBER, ALREADY = 1, 2, 4
 # A SEQUENCED record: its header, a channel and an epoch.
 MAX_SEQUENCED = 2 + 255 + SEQUENCED_ANSWER.size + 64
 # What a record of each history kind carries at least, after its channel.
 MIN_BODY = {Kind.SEQUENCE: TOKEN.size + 1, Kind.PUBLISH_EXCLUDING: TOKEN.size,
-            Kind.HISTORY: READ.size, Kind.HISTORY_ANSWER: TOKEN.size, Kind.PRESENT: 1}
+            Kind.HISTORY: READ.size, Kind.HISTORY_ANSWER: TOKEN.size, Kind.PRESENT: 1,
+            Kind.OCCUPANCY: 1}
 FIRST_PART = 1  # PRESENT's flag: what the receiver knew of that channel is replaced
 # A PRESENT part holds entries until it passes this many bytes: one entry more is at most
 # a token's user and info, so a part stays within the smallest record a worker takes.
