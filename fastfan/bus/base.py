@@ -44,7 +44,7 @@ tell `listener` (a Transitions) of every change across the whole deployment, on 
 one worker of it: a channel's first subscriber anywhere (`occupied`), its last one gone
 anywhere (`vacated`), a user's first connection in a presence channel anywhere
 (`member_added`), their last one gone (`member_removed`). The bus learns this worker's part
-from the calls it already has (subscribe, unsubscribe, joined, left; fastfan.bus.occupancy
+from the calls it already has (subscribe, unsubscribe, joined, left; fastfan.webhooks.occupancy
 counts them), and decides with the others who speaks: the worker itself (LocalBus), the
 lowest-numbered worker alive (MeshBus), an atomic script in Redis (the Redis buses). A
 worker or node that dies: its part is withdrawn by the others, and what that empties is

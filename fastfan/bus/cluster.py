@@ -52,10 +52,10 @@ from ..directory import Counts, Node
 from ..directory.redis import RedisDirectory
 from ..history import HistoryAnswer, new_epoch
 from ..history.redis import RedisHistory
+from ..webhooks.redis import RedisOccupancy
 from .base import REFUSED, Acknowledger, BusHealth, HubLink, Presence, Transitions
 from .commands import COMMANDS
 from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command
-from .redis_occupancy import RedisOccupancy
 from .sharded import SETTLE, RoutedBus
 
 log = logging.getLogger("fastfan.redis")

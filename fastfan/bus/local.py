@@ -10,9 +10,9 @@ from .._core import Outbox
 from ..directory import Counts, Node
 from ..history import HistoryAnswer, HistoryStore
 from ..history.local import sequence_here, sweep_forever
+from ..webhooks.occupancy import LocalOccupancy, tell
 from .base import DONE, Acknowledger, Bus, BusHealth, HubLink, Presence, Transitions
 from .commands import apply_command
-from .occupancy import LocalOccupancy, tell
 
 UP = BusHealth(up=True)
 

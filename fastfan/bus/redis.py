@@ -66,10 +66,10 @@ from ..directory.redis import RedisDirectory
 from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch, position
 from ..history.redis import RedisHistory
 from ..presence.redis import CHANGE, RedisPresence
+from ..webhooks.redis import RedisOccupancy
 from . import resp
 from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, HubLink, Presence, Transitions
 from .commands import COMMANDS, apply_command
-from .redis_occupancy import RedisOccupancy
 from .resp import LOST, Pipeline, publish_command
 
 log = logging.getLogger("fastfan.redis")
@@ -475,7 +475,7 @@ class RedisBus(Bus):
             self.occupancy.local.left(channel, client_id)
 
     def watch_transitions(self, listener: Transitions) -> None:
-        """Decided in Redis (redis_occupancy), within --presence-ttl for a node that dies."""
+        """Decided in Redis (fastfan.webhooks.redis), within --presence-ttl for a node that dies."""
         self.occupancy = self.occupancy_for(listener)
 
     def occupancy_for(self, listener: Transitions) -> RedisOccupancy:

@@ -26,10 +26,10 @@ from redis.crc import key_slot
 from .._core import WATCH_PREFIX, Outbox
 from ..directory import Counts, Node
 from ..history import HistoryAnswer
+from ..webhooks.redis import RedisOccupancy
 from .base import Acknowledger, Bus, BusHealth, HubLink, Presence, Transitions
 from .commands import COMMANDS
 from .redis import RedisBus, reconnect_delay, redis_figures
-from .redis_occupancy import RedisOccupancy
 
 # A shard back after an outage takes publishes again only once every node has had time
 # to subscribe to it again: the longest wait between two reconnect attempts, and a margin.

@@ -18,6 +18,7 @@ from ...history import HistoryAnswer, HistoryStore
 from ...history import mesh as mesh_history
 from ...history.local import sweep_forever
 from ...presence import merge_presence
+from ...webhooks.occupancy import Holders, LocalOccupancy, tell
 from ..base import (
     DONE,
     REFUSED,
@@ -30,7 +31,6 @@ from ..base import (
 )
 from ..commands import apply_command
 from ..gather import Gatherings
-from ..occupancy import Holders, LocalOccupancy, tell
 from .peers import Incoming, Outgoing, address, peer_of, stranger
 from .wire import (
     ALREADY,

@@ -1,6 +1,6 @@
 """The deployment's transitions decided in Redis, for the nodes that share it (webhooks).
 
-Each worker (an `id` of its own, new with each process) writes its edges (bus/occupancy.py)
+Each worker (an `id` of its own, new with each process) writes its edges (occupancy.py)
 to Redis: per holding a set of the ids that hold it (`{prefix}webhooks:c:CHANNEL` for a
 channel, `{prefix}webhooks:m:["CHANNEL","USER"]` for a member), and per id the set of
 holdings it holds (`{prefix}webhooks:held:ID`). One script per loop turn applies the turn's
@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from .base import Transitions
+from ..bus.base import Transitions
 from .occupancy import Holding, LocalOccupancy, tell
 
 log = logging.getLogger("fastfan.redis")

@@ -40,9 +40,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from ._core import Hub
-from .auth import ChannelPatterns
-from .config import Config
+from .._core import Hub
+from ..auth import ChannelPatterns
+from ..config import Config
 
 log = logging.getLogger("fastfan.webhooks")
 

@@ -7,7 +7,7 @@ first and last local subscriber; joined and left: a subscriber of a presence cha
 this worker's *edges*: a holding it starts or stops. Whether an edge is a transition of the
 whole deployment (nobody else holds it) is for the bus to decide: Holders is that decision
 made from every worker's edges (the embedded bus replicates them to every worker), and
-bus/redis_occupancy.py makes it in Redis. `tell` hands a transition to the listener.
+webhooks/redis.py makes it in Redis. `tell` hands a transition to the listener.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._core import WATCH_PREFIX
-from .base import Transitions
+from ..bus.base import Transitions
 
 # (channel, user or None for the channel itself)
 Holding = tuple[str, str | None]
