@@ -25,8 +25,8 @@ class Kind(IntEnum):
     HISTORY (a read: query, since, limit), PRESENT (on a join/leave channel the receiver
     began to watch: the sender's subscribers of its channel, in parts, each a flag byte,
     FIRST_PART on the first, and JSON [[clientId, user, info]...]), OCCUPANCY (with
-    webhooks: an edge of the sender's holdings, fastfan.webhooks.occupancy: flags, then the user of a
-    member). Answers, back on the same connection: SUBSCRIBED, PRESENCE_ANSWER and
+    webhooks: an edge of the sender's holdings, fastfan.webhooks.occupancy: flags, then
+    the user of a member). Answers, back on the same connection: SUBSCRIBED, PRESENCE_ANSWER and
     CHANNELS_ANSWER (query, JSON), SEQUENCED (token, offset, sent back, then the epoch; an
     offset of 0 is a refusal: the owner's store is full), HISTORY_ANSWER (query, JSON)."""
 
