@@ -102,6 +102,7 @@ class MeshBus(Bus):
         self._next_query = 0  # of history reads
         self._gatherings = Gatherings(PRESENCE_TIMEOUT)  # presence and channels queries
         self._listener: socket.socket | None = None
+        self._bound = 0  # the inode of the socket file we bound
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -111,6 +112,9 @@ class MeshBus(Bus):
             os.unlink(path)  # left by the worker this one replaces
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
+        # A rolling restart's replacement binds the path again while this worker still
+        # runs: stop() unlinks it only while it is still ours.
+        self._bound = os.stat(path).st_ino
         listener.listen(self.workers * 2)
         listener.setblocking(False)
         self._listener = listener
@@ -392,6 +396,8 @@ class MeshBus(Bus):
             task.cancel()
         if self._listener is not None:
             self._listener.close()
+            path = address(self.sockets, self.worker)
             with contextlib.suppress(OSError):
-                os.unlink(address(self.sockets, self.worker))
+                if os.stat(path).st_ino == self._bound:
+                    os.unlink(path)
                 os.rmdir(self.sockets)  # the last worker out, if the master cannot
