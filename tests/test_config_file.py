@@ -124,3 +124,19 @@ def test_config_check_refuses_a_file_run_would_refuse(tmp_path: Path) -> None:
     """Keys and types fine, but no token key: `run` would not start with it."""
     config = write(tmp_path, "port = 8080\n")
     assert_usage_error(fastfan("config", "check", str(config)), "no token key")
+
+
+def test_the_deploy_examples_check(tmp_path: Path) -> None:
+    """deploy/fastfan.toml and the Kubernetes ConfigMap's file, with the secret from the
+    environment (which replaces their jwt_secret_file, as compose.yaml does)."""
+    deploy = Path(__file__).parent.parent / "deploy"
+    manifest = (deploy / "kubernetes" / "fastfan.yaml").read_text().splitlines()
+    start = manifest.index("  fastfan.toml: |") + 1
+    embedded = []
+    for line in manifest[start:]:
+        if line and not line.startswith("    "):
+            break
+        embedded.append(line[4:])
+    for config in (deploy / "fastfan.toml", write(tmp_path, "\n".join(embedded))):
+        result = fastfan("config", "check", str(config), env={"FASTFAN_JWT_SECRET": SECRET})
+        assert result.returncode == 0, result.stderr
