@@ -32,7 +32,14 @@ in_root apt-get install -y --no-install-recommends ca-certificates python3 pytho
   python3-dev gcc libc6-dev
 mkdir -p "$root/src"
 git -C "$source_tree" archive HEAD | tar -x -C "$root/src"
-in_root sh -c 'cd /src && deploy/install.sh /opt/fastfan'
+# Where this host reaches PyPI through a TLS-inspecting proxy (pip's PIP_CERT names its CA
+# bundle), pip in the root needs that bundle too; an image build elsewhere does not.
+if [ -n "${PIP_CERT:-}" ]; then
+  cp "$PIP_CERT" "$root/host-ca.crt"
+  in_root PIP_CERT=/host-ca.crt sh -c 'cd /src && deploy/install.sh /opt/fastfan'
+else
+  in_root sh -c 'cd /src && deploy/install.sh /opt/fastfan'
+fi
 
 echo "== the runtime stage: its user (gcc stays, unlike the image's second stage)"
 in_root useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin fastfan
