@@ -388,8 +388,10 @@ class Master:
                 or (self._replacing and self._replacing[0]):
             received = signal.sigtimedwait(SIGNALS, max(0.0, deadline - time.monotonic()))
             self._reap(restart=False)
-            forced = received is None or received.si_signo != signal.SIGCHLD
-            if forced and any(child.pid for child in self.children):
+            # A second SIGTERM or SIGINT, or the deadline; a reload or a worker that says
+            # it serves meanwhile changes nothing.
+            forced = received is None or received.si_signo in STOPPING
+            if forced:
                 log.warning("killing workers that did not stop")
                 self._signal_workers(signal.SIGKILL)
                 deadline = time.monotonic() + EXIT_MARGIN

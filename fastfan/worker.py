@@ -160,7 +160,10 @@ class Worker:
         log.info("worker %d: reloaded", self.placement.index)
 
     def publish_figures(self) -> None:
-        """Write this worker's row of the figures every worker shares."""
+        """Write this worker's row of the figures every worker shares (not once it is
+        replaced: the row is its replacement's)."""
+        if self.leaving == RESTARTING:
+            return
         figures: dict[str, float] = dict(self.hub.stats())
         figures["auth_failures_total"] = self.factory.auth_failures_total
         figures["connections_refused_total"] = self.factory.refused_full_total

@@ -92,6 +92,10 @@ class MeshBus(Bus):
         self._reads: dict[int, Callable[[HistoryAnswer | None], None]] = {}
         self._read_limiter = ReadLimiter()  # of the reads sent to other workers
         self.outgoing: dict[int, Outgoing] = {}
+        # Links to workers a rolling restart replaced, while they still serve: they go on
+        # getting our publishes on their channels until they go (see replaced).
+        self.retiring: list[Outgoing] = []
+        self._replaced: dict[int, asyncio.Future[None]] = {}
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != worker}
         self.dropped_total = 0
@@ -157,8 +161,23 @@ class MeshBus(Bus):
                 peer.subscribe(channel)
             self.outgoing[worker] = peer
             self.joined_all = self.joined_all or len(self.outgoing) == len(self.interest)
-            await peer.lost
+            replaced = self._replaced[worker] = loop.create_future()
+            await asyncio.wait((peer.lost, replaced), return_when=asyncio.FIRST_COMPLETED)
             del self.outgoing[worker]
+            if not peer.lost.done():
+                self.retiring.append(peer)
+                peer.lost.add_done_callback(functools.partial(self._retired, peer))
+
+    def _retired(self, peer: Outgoing, _: asyncio.Future[None]) -> None:
+        self.retiring.remove(peer)
+
+    def replaced(self, worker: int) -> None:
+        """A new worker took `worker`'s place (a rolling restart) while the old one still
+        serves: connect to the new one, at the same path, and keep the old link until the
+        old worker goes, so that the clients of both hear ours meanwhile."""
+        future = self._replaced.get(worker)
+        if future is not None and not future.done():
+            future.set_result(None)
 
     def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
                 request_id: bytes, exclude: Outbox | None = None) -> int:
@@ -175,6 +194,9 @@ class MeshBus(Bus):
                     data = record(Kind.PUBLISH, channel.encode(), payload)
                 if not peer.send(data):
                     self.dropped_total += 1
+        for peer in self.retiring:
+            if peer.worker != skip and channel in self.interest[peer.worker]:
+                peer.send(record(Kind.PUBLISH, channel.encode(), payload))
 
     # History ----------------------------------------------------------------------------
 
@@ -329,13 +351,14 @@ class MeshBus(Bus):
     def subscribe(self, channel: str) -> bool:
         """Tell every worker; True: Hub.confirm(channel) follows once they have all answered."""
         waiting = False
-        for peer in self.outgoing.values():
+        for peer in [*self.outgoing.values(), *self.retiring]:
             waiting = peer.subscribe(channel) or waiting
         return waiting
 
     def answered(self, channel: str) -> None:
         """A worker answered (or left): confirm once no worker still owes an answer."""
-        if not any(channel in peer.unanswered for peer in self.outgoing.values()):
+        if not any(channel in peer.unanswered
+                   for peer in [*self.outgoing.values(), *self.retiring]):
             self.hub.confirm(channel)
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
