@@ -119,3 +119,12 @@ def test_a_file_that_does_not_check_changes_nothing(tmp_path: Path, start_server
     assert refused_with(server, SECRET) is None  # the old secret still lets clients in
     assert refused_with(server, NEW_SECRET) == 401
     client.subscribe("still-here")
+
+
+def test_reload_without_a_running_master_says_so(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "fastfan", "reload", "--pid-file",
+                             str(tmp_path / "absent.pid")], capture_output=True, text=True,
+                            timeout=10)
+    assert result.returncode == 1
+    assert "cannot send SIGHUP to the master of" in result.stderr
+    assert "No such file" in result.stderr
