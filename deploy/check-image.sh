@@ -13,7 +13,7 @@ source_tree=$(cd "$(dirname "$0")/.." && pwd)
 port=18080
 secret=$(head -c 32 /dev/urandom | base64)
 
-in_root() { chroot "$root" /usr/bin/env -i PATH=/opt/fastfan/bin:/usr/bin:/bin "$@"; }
+in_root() { chroot "$root" /usr/bin/env -i PATH=/opt/fastfan/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
 cleanup() {
   [ -n "${server:-}" ] && kill "$server" 2>/dev/null || true
   umount "$root/proc" "$root/dev" 2>/dev/null || true
