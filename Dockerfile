@@ -16,7 +16,7 @@ RUN deploy/install.sh /opt/fastfan
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 passwd \
+ && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin fastfan
 COPY --from=build /opt/fastfan /opt/fastfan

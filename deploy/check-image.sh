@@ -42,7 +42,6 @@ else
 fi
 
 echo "== the runtime stage: its user (gcc stays, unlike the image's second stage)"
-in_root apt-get install -y --no-install-recommends passwd
 in_root useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin fastfan
 
 echo "== fastfan run --workers auto, as that user"

@@ -5,6 +5,5 @@
 set -eu
 prefix=${1:-/opt/fastfan}
 python3 -m venv "$prefix"
-"$prefix/bin/pip" install --no-cache-dir --upgrade pip
 "$prefix/bin/pip" install --no-cache-dir .
 "$prefix/bin/fastfan" --version
