@@ -306,12 +306,12 @@ cdef class Hub:
                                             # --insecure, no token is checked
         object              ready_callback
 
-        # limits and policy, copied from Config once
+        # limits and policy, copied from Config (the public ones again on a reload)
         readonly Py_ssize_t max_message_size
-        readonly Py_ssize_t max_subscriptions
-        readonly Py_ssize_t max_subscription_bytes
-        readonly Py_ssize_t max_buffer
-        readonly double     publish_rate
+        public Py_ssize_t   max_subscriptions
+        public Py_ssize_t   max_subscription_bytes
+        public Py_ssize_t   max_buffer
+        public double       publish_rate
         readonly SlowConsumerPolicy slow_consumer
         readonly object     presence_channels  # auth.ChannelPatterns: channels with presence
         readonly Py_ssize_t presence_limit
@@ -368,7 +368,7 @@ cdef class Hub:
         Py_ssize_t          frame_size      # of the frame in `frame`
         readonly Deflate    deflate         # compresses each message once for every client
                                             # that negotiated permessage-deflate
-        readonly double     subscribe_rate  # --subscribe-rate
+        public double       subscribe_rate  # --subscribe-rate
         # the joins held in held_events, to cancel against a leave of the same client in
         # the same loop turn: (Channel, clientId) -> its index in the channel's events
         dict                held_joins

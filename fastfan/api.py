@@ -168,6 +168,12 @@ class Api:
             "history": self._history,
         }
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the new API key from the next request on."""
+        assert config.api_key is not None
+        self._config = config
+        self._key = config.api_key.encode()
+
     async def start(self, backlog: int) -> None:
         config = self._config
         await self._http.start(self._sockets, backlog)

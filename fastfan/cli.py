@@ -1,7 +1,9 @@
-"""Arguments and environment → Config; the `run`, `token` and `publish` commands.
+"""Arguments, environment and the config file → Config; the `run`, `token`, `publish`,
+`config`, `reload` and `restart` commands.
 
-Every `run` option also reads FASTFAN_<OPTION> (upper case, dashes as underscores); a flag
-given on the command line wins over the environment.
+Every `run` option also reads FASTFAN_<OPTION> (upper case, dashes as underscores) and the
+key <option> (underscores) of the `--config` file: a flag given on the command line wins
+over the environment, which wins over the file, which wins over the defaults.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -26,6 +30,7 @@ from .config import (
     check_jwt_secret,
     cpu_count,
 )
+from .config_file import FileOption, read_config_file
 
 
 def _workers(text: str) -> int:
@@ -81,11 +86,12 @@ def _seconds(text: str) -> float:
 def _non_negative_seconds(text: str) -> float:
     """Seconds, or 0 for none."""
     try:
-        if float(text) == 0:
-            return 0.0
+        value = float(text)
     except ValueError:
-        pass  # _seconds says what is wrong
-    return _seconds(text)
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {text!r}")
+    return value
 
 
 def _on_off(text: str) -> bool:
@@ -104,8 +110,8 @@ _SECRET_HELP = ("HS256 secret for client tokens, at least 32 bytes; a flag is vi
                 "every user in `ps`: prefer FASTFAN_JWT_SECRET or --jwt-secret-file")
 _SECRET_FILE_HELP = "file holding the HS256 secret (trailing newline ignored)"
 
-# (flag, parse, choices, help). The Config field is the flag without dashes; the
-# --jwt-secret-file's secret goes to jwt_secret (see _jwt_secret).
+# (flag, parse, choices, help). The Config field, and the config file's key, is the flag
+# without dashes; the --jwt-secret-file's secret goes to jwt_secret (see _jwt_secret).
 _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] = [
     ("--host", str, None, "listen address (default 0.0.0.0)"),
     ("--port", _port, None, "port for WebSocket, health and metrics (default 8080)"),
@@ -149,7 +155,12 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--slow-consumer", str, SLOW_CONSUMER_POLICIES, "policy past --max-buffer (disconnect)"),
     ("--ping-interval", _seconds, None, "seconds of silence before a ping (30)"),
     ("--ping-timeout", _seconds, None, "seconds without an answer before closing (60)"),
-    ("--shutdown-grace", _seconds, None, "seconds to drain on SIGTERM (10)"),
+    ("--shutdown-grace", _seconds, None,
+     "seconds to close every client (1001) on SIGTERM, spread over its first half (10)"),
+    ("--drain-delay", _non_negative_seconds, None,
+     "seconds between SIGTERM and the first close, /ready answering 503 meanwhile (0)"),
+    ("--pid-file", str, None, "a file to write the master's pid to, for fastfan reload "
+                              "and fastfan restart"),
     ("--max-connections", _positive_int, None,
      "connections per worker before upgrades get 503 (default: the open-files limit less 256)"),
     ("--max-connections-per-user", _non_negative_int, None,
@@ -190,6 +201,21 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
+# What each parser takes in the config file (config_file.FileOption): a TOML type first.
+_FILE_KINDS: dict[Callable[[str], Any], type] = {
+    _on_off: bool, _port: int, _positive_int: int, _non_negative_int: int, _workers: int,
+    _seconds: float, _non_negative_seconds: float, str: str, _path: str}
+# The config file's keys: every `run` option, --insecure too.
+FILE_OPTIONS = {
+    **{flag[2:].replace("-", "_"): FileOption(parse, choices, _FILE_KINDS[parse],
+                                              ("auto",) if parse is _workers else ())
+       for flag, parse, choices, _ in _RUN_OPTIONS},
+    "insecure": FileOption(str, None, bool)}
+# Options given two ways (the value, or a file holding it): a layer that gives either one
+# decides for both, so FASTFAN_JWT_SECRET replaces the file's jwt_secret_file.
+_ONE_OF = (("jwt_secret", "jwt_secret_file"), ("api_key", "api_key_file"))
+# Printed as *** by `fastfan config show`.
+SECRETS = ("jwt_secret", "api_key")
 
 
 def _env_name(flag: str) -> str:
@@ -218,13 +244,44 @@ def _env_default(parser: argparse.ArgumentParser, flag: str, parse: Callable[[st
     return value
 
 
-def _env_flag(parser: argparse.ArgumentParser, flag: str) -> bool:
-    raw = os.environ.get(_env_name(flag), "").strip().lower()
+def _env_flag(parser: argparse.ArgumentParser, flag: str) -> bool | None:
+    """A switch's environment variable: True, False, or None when it is not set."""
+    if _env_name(flag) not in os.environ:
+        return None
+    raw = os.environ[_env_name(flag)].strip().lower()
     if raw in _TRUE:
         return True
     if raw in _FALSE:
         return False
     parser.error(f"{_env_name(flag)}: expected true or false, got {raw!r}")
+
+
+def _environment(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """`run`'s options as the environment gives them (None: not set)."""
+    given = {flag[2:].replace("-", "_"): _env_default(parser, flag, parse, choices)
+             for flag, parse, choices, _ in _RUN_OPTIONS}
+    return {**given, "insecure": _env_flag(parser, "--insecure")}
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """`run`'s options, each defaulting to its environment variable (None when unset)."""
+    parser.add_argument("--config", metavar="FILE", default=os.environ.get("FASTFAN_CONFIG"),
+                        help="a TOML file of these options, keys with '_' for '-' "
+                             "(flags and FASTFAN_* win over it) [FASTFAN_CONFIG]")
+    for flag, parse, choices, help_text in _RUN_OPTIONS:
+        parser.add_argument(flag, type=parse, choices=choices, metavar=_values(parse, choices),
+                            help=f"{help_text} [{_env_name(flag)}]",
+                            default=_env_default(parser, flag, parse, choices))
+    parser.add_argument("--insecure", action="store_true",
+                        default=_env_flag(parser, "--insecure"),
+                        help="accept connections without a token (local development only; "
+                             "not with a token key) [FASTFAN_INSECURE=true]")
+
+
+def _add_pid_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pid-file", required=_env_name("--pid-file") not in os.environ,
+                        default=os.environ.get(_env_name("--pid-file")),
+                        help="the file `fastfan run --pid-file` wrote [FASTFAN_PID_FILE]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,13 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each command's errors show that command's usage (args.parser).
     run = commands.add_parser("run", help="start the server")
     run.set_defaults(parser=run)
-    for flag, parse, choices, help_text in _RUN_OPTIONS:
-        run.add_argument(flag, type=parse, choices=choices, metavar=_values(parse, choices),
-                         help=f"{help_text} [{_env_name(flag)}]",
-                         default=_env_default(run, flag, parse, choices))
-    run.add_argument("--insecure", action="store_true", default=_env_flag(run, "--insecure"),
-                     help="accept connections without a token (local development only; "
-                          "not with a token key) [FASTFAN_INSECURE=true]")
+    _add_run_options(run)
 
     token = commands.add_parser("token", help="print a signed client token")
     token.set_defaults(parser=token)
@@ -267,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the server's API key (or FASTFAN_API_KEY)")
     publish.add_argument("channel", help="the channel to publish to")
     publish.add_argument("data", metavar="JSON", help="the message's data, any JSON value")
+
+    config = commands.add_parser("config", help="check a config file, or show the "
+                                                "configuration run would use")
+    config.set_defaults(parser=config)
+    actions = config.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    check = actions.add_parser("check", help="exit 0 if `run --config FILE` would take the "
+                                             "file (in this environment), else 2 and why")
+    check.set_defaults(parser=check)
+    check.add_argument("file")
+    show = actions.add_parser("show", help="print the effective configuration as TOML "
+                                           "(secrets as ***); takes run's options")
+    show.set_defaults(parser=show)
+    _add_run_options(show)
+
+    for name, signal_name, what in (
+            ("reload", "SIGHUP", "re-read the config file and apply what can change live"),
+            ("restart", "SIGUSR2", "replace the workers one at a time (clients reconnect)")):
+        command = commands.add_parser(name, help=f"{what}: {signal_name} to the master")
+        command.set_defaults(parser=command, signal=getattr(signal, signal_name))
+        _add_pid_file(command)
     return parser
 
 
@@ -277,15 +348,15 @@ def _values(parse: Callable[[str], Any], choices: Sequence[str] | None) -> str |
     return "|".join(choices) if choices else None
 
 
-def _jwt_secret(args: argparse.Namespace) -> str | None:
-    """The secret from --jwt-secret or --jwt-secret-file (flag or environment), not both."""
-    secret: str | None = args.jwt_secret
-    if args.jwt_secret_file is None:
+def _jwt_secret(secret: str | None, secret_file: str | None) -> str | None:
+    """The secret from --jwt-secret or --jwt-secret-file, not both."""
+    if secret_file is None:
         return secret
     if secret is not None:
         raise ConfigError("give the secret once: --jwt-secret or --jwt-secret-file "
-                          "(FASTFAN_JWT_SECRET or FASTFAN_JWT_SECRET_FILE), not both")
-    return _read_secret_file(args.jwt_secret_file)
+                          "(FASTFAN_JWT_SECRET or FASTFAN_JWT_SECRET_FILE, jwt_secret or "
+                          "jwt_secret_file), not both")
+    return _read_secret_file(secret_file)
 
 
 def _read_secret_file(path: str) -> str:
@@ -301,10 +372,36 @@ def _read_secret_file(path: str) -> str:
                           "secret, e.g. `openssl rand -base64 32 > FILE`") from None
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    values = {f.name: getattr(args, f.name) for f in fields(Config)}
-    values["jwt_secret"] = _jwt_secret(args)
-    return Config(**{name: value for name, value in values.items() if value is not None})
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where `run`'s options come from: the flags and the environment, fixed for the
+    process's life, over the config file, read again at every `load` (a reload)."""
+
+    given: dict[str, Any]  # by Config field (and *_file); None: not given
+    path: str | None  # --config
+
+    @staticmethod
+    def of(args: argparse.Namespace) -> ConfigSource:
+        return ConfigSource({key: getattr(args, key) for key in FILE_OPTIONS}, args.config)
+
+    def options(self) -> dict[str, Any]:
+        """Config's keyword arguments: flags over environment over file (ConfigError)."""
+        options = {} if self.path is None else read_config_file(self.path, FILE_OPTIONS)
+        for pair in _ONE_OF:
+            if any(self.given[key] is not None for key in pair):
+                for key in pair:
+                    options.pop(key, None)
+        options.update({key: value for key, value in self.given.items() if value is not None})
+        options["jwt_secret"] = _jwt_secret(options.get("jwt_secret"),
+                                            options.pop("jwt_secret_file", None))
+        return options
+
+    def load(self) -> Config:
+        """The Config `run` starts with, or reloads (ConfigError if it would not run)."""
+        config = Config(**{key: value for key, value in self.options().items()
+                           if value is not None})
+        config.require_auth_choice()
+        return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,21 +411,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token(parser, args)
     if args.command == "publish":
         return _publish(parser, args)
-    from .master import serve
-
+    if args.command in ("reload", "restart"):
+        return _signal_master(args.pid_file, args.signal)
     try:
-        config = config_from_args(args)
-        config.require_auth_choice()
-        return serve(config)  # ConfigError only before the first fork: ports, addresses
+        if args.command == "config" and args.action == "check":
+            ConfigSource(_environment(parser), args.file).load()
+            print(f"{args.file}: ok")
+            return 0
+        source = ConfigSource.of(args)
+        config = source.load()
+        if args.command == "config":
+            print(show_config(config), end="")
+            return 0
+        from .master import serve
+
+        return serve(config, source.load)  # ConfigError only before the first fork
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+# A URL's password, a secret too: redis://user:***@host.
+_URL_PASSWORD = re.compile(r"//([^:/@]*):[^@/]*@")
+
+
+def show_config(config: Config) -> str:
+    """The configuration as TOML a --config file could hold, secrets as ***."""
+    lines = ["# fastfan's effective configuration (flags, FASTFAN_*, --config file, defaults)"]
+    for field in fields(Config):
+        value = getattr(config, field.name)
+        if value is None:
+            lines.append(f"# {field.name} is unset")
+        elif field.name in SECRETS:
+            lines.append(f'{field.name} = "***"')
+        elif field.name == "redis":
+            masked = _URL_PASSWORD.sub(r"//\1:***@", value)
+            lines.append(f"{field.name} = {json.dumps(masked)}")
+        elif isinstance(value, bool):
+            lines.append(f"{field.name} = {'true' if value else 'false'}")
+        else:
+            lines.append(f"{field.name} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _signal_master(pid_file: str, signo: int) -> int:
+    """`fastfan reload` and `restart`: the signal to the master whose pid `pid_file` holds."""
+    name = signal.Signals(signo).name
+    try:
+        with open(pid_file) as file:
+            pid = int(file.read().strip())
+        os.kill(pid, signo)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a pid"
+        print(f"fastfan: cannot send {name} to the master of {pid_file}: {reason}",
+              file=sys.stderr)
+        return 1
+    print(f"sent {name} to fastfan (pid {pid}); its log says what it did")
+    return 0
 
 
 def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .auth import mint_token
 
     try:
-        secret = _jwt_secret(args)
+        secret = _jwt_secret(args.jwt_secret, args.jwt_secret_file)
         if secret is None:
             raise ConfigError("token needs the server's secret: FASTFAN_JWT_SECRET, "
                               "--jwt-secret-file or --jwt-secret")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from redis.connection import parse_url as parse_redis_url
@@ -64,6 +64,7 @@ class Config:
     ping_interval: float = 30.0
     ping_timeout: float = 60.0
     shutdown_grace: float = 10.0
+    drain_delay: float = 0.0  # SIGTERM to the first close: /ready 503 meanwhile
     stats_interval: float = 60.0
     max_connections: int | None = None  # per worker; None: what the open-files limit allows
     max_connections_per_user: int = 0  # per worker and token user; 0: no limit
@@ -88,6 +89,7 @@ class Config:
     webhook_retry: float = 300.0
     webhook_queue_bytes: int = 16777216
     webhook_format: str = "native"
+    pid_file: str | None = None  # the master's pid, for `fastfan reload` and `restart`
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -114,6 +116,8 @@ class Config:
             if getattr(self, name) <= 0:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive number of seconds")
+        if self.drain_delay < 0:
+            raise ConfigError("--drain-delay must be 0 or more seconds")
         if self.slow_consumer not in SLOW_CONSUMER_POLICIES:
             raise ConfigError(
                 f"--slow-consumer must be one of {', '.join(SLOW_CONSUMER_POLICIES)}, "
@@ -265,6 +269,40 @@ class Config:
     @property
     def slow_consumer_policy(self) -> SlowConsumerPolicy:
         return SlowConsumerPolicy[self.slow_consumer.upper()]
+
+
+# What a reload (SIGHUP) changes in running workers; any other option keeps its value
+# until a restart. Not max_message_size or presence_limit: the embedded bus sizes its
+# records by them once, and a larger record from a reloaded worker would drop the link.
+LIVE = frozenset({
+    "jwt_secret", "jwt_public_key", "jwks_url", "jwt_audience", "jwt_issuer", "insecure",
+    "api_key", "api_key_file", "log_level", "log_format", "max_subscriptions",
+    "max_subscription_bytes", "max_buffer", "publish_rate", "subscribe_rate",
+    "max_connections", "max_connections_per_user", "ping_interval", "ping_timeout",
+    "stats_interval", "shutdown_grace", "drain_delay"})
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What a reload does: the Config to run with, and which options changed."""
+
+    config: Config  # the new options, those not in LIVE kept as they run
+    changed: list[str]  # options now in force
+    need_restart: list[str]  # options the file changed that keep their running value
+
+
+def reload(running: Config, loaded: Config) -> Reload:
+    """`loaded` (a Config read anew) applied to `running` (ConfigError if the mix of new
+    live options and running others does not hold together, e.g. an API key without the
+    API port that needs a restart)."""
+    names = [f.name for f in fields(Config)]
+    differ = [name for name in names if getattr(running, name) != getattr(loaded, name)]
+    kept = {name: getattr(running, name) for name in names if name not in LIVE}
+    options = {name: getattr(loaded, name) for name in names if name in LIVE}
+    if options["api_key_file"] is not None:
+        options["api_key"] = None  # read from the file again, by Config
+    return Reload(Config(**kept, **options), [n for n in differ if n in LIVE],
+                  [n for n in differ if n not in LIVE])
 
 
 def check_jwt_secret(secret: str) -> None:

@@ -98,6 +98,17 @@ class ListenerFactory:
             None if verifier is None else verifier.verify)
         hub.verify_token = self.verify_token
         self.refused_full_total = 0
+        # Set when the worker leaves (SIGTERM, or replaced): upgrades get 503 from then on.
+        self.draining = False
+
+    def reconfigure(self, config: Config, verify_token: Callable[[str], Identity] | None,
+                    max_connections: int) -> None:
+        """A reload: new upgrades (and `refresh`) check tokens with `verify_token`, and
+        the new limits; open connections keep the identity they have."""
+        self._config = config
+        self._max_connections = max_connections
+        self.verify_token = verify_token
+        self._hub.verify_token = verify_token
 
     def accept(self) -> Any:
         """The protocol of a connection the port just accepted, counted until it is gone.
@@ -152,6 +163,9 @@ class ListenerFactory:
             return _response(426, b"426 Upgrade Required: this is a WebSocket endpoint; "
                                   b"open it with a WebSocket client (ws:// or wss://)\n",
                              {"Upgrade": "websocket"})
+        if self.draining:
+            return _response(503, b"503 Service Unavailable: this server is shutting down; "
+                                  b"connect again (to another node)\n", {"Retry-After": "1"})
         if self.open_connections > self._max_connections:  # this one counted too
             self.refused_full_total += 1
             return _response(503, b"503 Service Unavailable: connection limit reached, "

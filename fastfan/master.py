@@ -1,10 +1,18 @@
 """The process `fastfan run` starts: it binds the ports, forks the workers and keeps them
 alive.
 
-It does no WebSocket work. Its loop waits for signals (SIGCHLD, SIGTERM, SIGINT) with
-`sigtimedwait`, so it needs no threads, no event loop, and nothing to clean up in a child
-after `os.fork`. It forks one worker per turn of that loop, so a signal is honoured between
-two forks as at any other time.
+It does no WebSocket work. Its loop waits for signals (SIGCHLD, SIGTERM, SIGINT, SIGHUP,
+SIGUSR1, SIGUSR2) with `sigtimedwait`, so it needs no threads, no event loop, and nothing
+to clean up in a child after `os.fork`. It forks one worker per turn of that loop, so a
+signal is honoured between two forks as at any other time.
+
+SIGHUP reloads: the master reads the configuration again (`load`: the config file under
+the same flags and environment) and, if it holds, sends SIGHUP to every worker, which
+reads it too and applies what can change live (config.LIVE); a file that does not hold
+changes nothing. SIGUSR2 replaces the workers one at a time: a new worker in the old
+one's place, on the same listening sockets; once it serves (it says so on a pipe, and
+wakes the master with SIGUSR1), the old one gets SIGUSR2, stops accepting, closes its
+clients with 1012 and exits; then the next.
 
 The listening sockets are made here, before the first fork (`listen`), so a port that is
 not ours is a usage error (exit 2) and not a worker dying over and over. Each worker gets
@@ -31,17 +39,21 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ._picows.version import __version__ as picows_version
-from .config import Config, ConfigError
+from .config import Config, ConfigError, reload
 from .logs import configure
 from .metrics import SharedFigures
 from .worker import LISTEN_BACKLOG, Placement, run_worker
 
 log = logging.getLogger("fastfan.master")
 
-SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+           signal.SIGUSR2}
+STOPPING = {signal.SIGTERM, signal.SIGINT}
 # A worker that lived this long before dying is replaced at once; one that dies sooner
 # may keep dying, and waits 0.1 s, 0.2 s, 0.4 s, 0.8 s between tries. At its sixth quick
 # death in a row it will not start (a bad host, a bug): the server stops, exit status 1,
@@ -137,8 +149,9 @@ class Child:
 
 
 class Master:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, load: Callable[[], Config]) -> None:
         self.config = config
+        self._load = load  # the configuration read again, for a reload
         self.pid = os.getpid()
         self.figures = SharedFigures(config.workers)
         self.children = [Child() for _ in range(config.workers)]
@@ -146,7 +159,15 @@ class Master:
         self.mesh_sockets = ""
         # Where a failing worker writes why, one line `index reason`, before it exits.
         self._reasons, self._reason_sink = os.pipe2(os.O_NONBLOCK)
+        # Where a worker writes its pid once it serves (then SIGUSR1 wakes us): a pipe
+        # keeps every line, where two signals at once would be one.
+        self._serving, self._serving_sink = os.pipe2(os.O_NONBLOCK)
         self._failed = ""  # a worker that will not start: the server stops with this
+        # A rolling restart: the indexes still to replace, the old worker's pid and index
+        # while its replacement starts, and the old workers told to leave.
+        self._to_replace: list[int] = []
+        self._replacing: tuple[int, int] | None = None
+        self._leaving: dict[int, int] = {}
 
     def listen(self) -> None:
         """Bind every port before the first fork: ConfigError if one is not ours to take."""
@@ -173,21 +194,85 @@ class Master:
             while True:
                 received = signal.sigtimedwait(SIGNALS, self._wait_time())
                 self._reap()
-                if received is not None and received.si_signo != signal.SIGCHLD:
-                    self._shut_down(signal.Signals(received.si_signo).name)
+                signo = None if received is None else received.si_signo
+                if signo in STOPPING:
+                    self._shut_down(signal.Signals(signo).name)
                     return 0
                 if self._failed:
                     log.error("%s", self._failed)
                     self._shut_down("a worker will not start")
                     return 1
+                if signo == signal.SIGHUP:
+                    self._reload()
+                elif signo == signal.SIGUSR2:
+                    self._start_rolling_restart()
+                self._roll()
                 self._restart_due()
         finally:
             if self.mesh_sockets:
                 shutil.rmtree(self.mesh_sockets, ignore_errors=True)
 
-    def _spawn(self, index: int) -> None:
+    def _reload(self) -> None:
+        """SIGHUP: the configuration read again, applied here and in every worker."""
+        try:
+            done = reload(self.config, self._load())
+        except ConfigError as exc:
+            log.error("reload refused, nothing changed: %s", exc)
+            return
+        self.config = done.config  # what workers forked from now on start with
+        configure(done.config.log_level, done.config.log_format)
+        log.info("reload: %s", ", ".join(done.changed) or "nothing changed")
+        if done.need_restart:
+            log.warning("reload: %s changed in the file; a restart applies %s",
+                        ", ".join(done.need_restart),
+                        "it" if len(done.need_restart) == 1 else "them")
+        self._signal_workers(signal.SIGHUP)
+
+    def _start_rolling_restart(self) -> None:
+        if self._to_replace or self._replacing or self._leaving:
+            log.warning("SIGUSR2: a rolling restart is under way already")
+            return
+        log.info("SIGUSR2: replacing %d workers one at a time", len(self.children))
+        self._to_replace = list(range(len(self.children)))
+
+    def _roll(self) -> None:
+        """The rolling restart's next step, if its last one is done."""
+        self._read_serving()
+        if self._replacing is not None or self._leaving or not self._to_replace:
+            return
+        index = self._to_replace.pop(0)
+        old = self.children[index].pid
+        if not old:
+            return  # dead: its replacement comes as any dead worker's does
+        self._spawn(index, replacing=True)
+        self._replacing = (old, index)
+
+    def _read_serving(self) -> None:
+        """Pids of workers that serve now: the one a rolling restart waits for sends the
+        worker it replaces away (SIGUSR2)."""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._serving, 65536):
+                for line in chunk.decode().split():
+                    if self._replacing is None:
+                        continue
+                    old, index = self._replacing
+                    if line.isdigit() and int(line) == self.children[index].pid:
+                        self._replacing = None
+                        if old:  # 0: it died meanwhile
+                            self._leaving[old] = index
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(old, signal.SIGUSR2)
+                        log.info("worker %d: pid %s serves; pid %d leaves", index, line, old)
+                        if not self._to_replace:
+                            log.info("rolling restart: the last worker is replaced")
+
+    def _spawn(self, index: int, *, replacing: bool = False) -> None:
+        """A worker forked in `index`'s place: after one died, or `replacing` one that
+        still runs (and clears its own presence as it leaves)."""
         child = self.children[index]
         previous, child.client_id_prefix = child.client_id_prefix, secrets.token_hex(6)
+        if replacing:
+            previous = ""
         # Frozen, the master's objects are never walked by a worker's collections, whose
         # writes to their headers would copy the pages the workers share with the master.
         gc.freeze()
@@ -201,6 +286,9 @@ class Master:
     def _child(self, index: int, previous_prefix: str) -> int:
         """The worker's life, in the forked child; returns its exit status."""
         try:
+            # A reload before the worker's loop handles SIGHUP must not end it (the
+            # default action); it starts with the master's configuration as reloaded.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             # If the master dies, even by SIGKILL, the kernel sends us SIGTERM.
             libc = ctypes.CDLL(None, use_errno=True)
@@ -211,8 +299,8 @@ class Master:
             run_worker(self.config, Placement(
                 index, self.pid, self.figures, self.mesh_sockets,
                 client_id_prefix=child.client_id_prefix,
-                previous_client_id_prefix=previous_prefix),
-                child.sockets, child.api_sockets)
+                previous_client_id_prefix=previous_prefix, serving_fd=self._serving_sink,
+                load=self._load), child.sockets, child.api_sockets)
             return 0
         except BaseException as exc:
             log.exception("worker %d failed", index)
@@ -230,12 +318,21 @@ class Master:
                 return
             if pid == 0:
                 return
+            if pid in self._leaving or (self._replacing and self._replacing[0] == pid):
+                self._left(pid)
+                continue
             for index, child in enumerate(self.children):
                 if child.pid == pid:
                     if restart:
                         self._died(index, pid, status)
                     else:
                         child.pid = 0
+
+    def _left(self, pid: int) -> None:
+        """A worker a rolling restart replaced is gone (or died while replaced)."""
+        if self._replacing and self._replacing[0] == pid:
+            self._replacing = (0, self._replacing[1])  # the replacement still starts
+        self._leaving.pop(pid, None)
 
     def _died(self, index: int, pid: int, status: int) -> None:
         child = self.children[index]
@@ -285,31 +382,40 @@ class Master:
         """SIGTERM to every worker; a second signal, or the deadline, kills what is left."""
         log.info("%s: stopping %d workers", why, sum(1 for child in self.children if child.pid))
         self._signal_workers(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.shutdown_grace + EXIT_MARGIN
-        while any(child.pid for child in self.children):
+        deadline = time.monotonic() + self.config.drain_delay + self.config.shutdown_grace \
+            + EXIT_MARGIN
+        while any(child.pid for child in self.children) or self._leaving \
+                or (self._replacing and self._replacing[0]):
             received = signal.sigtimedwait(SIGNALS, max(0.0, deadline - time.monotonic()))
             self._reap(restart=False)
-            forced = received is None or received.si_signo != signal.SIGCHLD
-            if forced and any(child.pid for child in self.children):
+            # A second SIGTERM or SIGINT, or the deadline; a reload or a worker that says
+            # it serves meanwhile changes nothing.
+            forced = received is None or received.si_signo in STOPPING
+            if forced:
                 log.warning("killing workers that did not stop")
                 self._signal_workers(signal.SIGKILL)
                 deadline = time.monotonic() + EXIT_MARGIN
         log.info("stopped")
 
     def _signal_workers(self, signo: int) -> None:
-        for child in self.children:
-            if child.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signo)
+        """`signo` to every worker, those a rolling restart sends away too."""
+        replaced = [self._replacing[0]] if self._replacing and self._replacing[0] else []
+        for pid in [child.pid for child in self.children if child.pid] + replaced \
+                + list(self._leaving):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signo)
 
 
-def serve(config: Config) -> int:
-    """Run the server; ConfigError, before anything is logged, if a port is not ours."""
+def serve(config: Config, load: Callable[[], Config]) -> int:
+    """Run the server; ConfigError, before anything is logged, if a port is not ours.
+    `load` reads the configuration again (for a reload, SIGHUP)."""
     # From here a signal waits for the master's loop, which honours it between two forks;
     # the workers unblock them (Master._child).
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    master = Master(config)
+    master = Master(config, load)
     master.listen()
+    if config.pid_file is not None:
+        _write_pid_file(config.pid_file)
     configure(config.log_level, config.log_format)
     limit = raise_open_files_limit()
     if config.insecure:
@@ -317,4 +423,18 @@ def serve(config: Config) -> int:
     log.info("fastfan on %s:%d, %d worker(s), bus %s, open files limit %d", config.host,
              config.port, config.workers, "embedded" if config.redis is None else "redis", limit)
     log.info("WebSocket layer: picows %s (vendored)", picows_version)
-    return master.run()
+    try:
+        return master.run()
+    finally:
+        if config.pid_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(config.pid_file)
+
+
+def _write_pid_file(path: str) -> None:
+    """The master's pid, for `fastfan reload` and `fastfan restart` (ConfigError if the
+    file cannot be written)."""
+    try:
+        Path(path).write_text(f"{os.getpid()}\n")
+    except OSError as exc:
+        raise ConfigError(f"--pid-file {path}: cannot write it: {exc.strerror}") from None

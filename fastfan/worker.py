@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvloop
@@ -16,12 +17,12 @@ import uvloop
 from . import metrics
 from ._core import Hub
 from .api import Api
-from .auth import ChannelPatterns
+from .auth import ChannelPatterns, token_verifier
 from .bus.factory import make_bus
-from .config import Config, tls_context
+from .config import Config, ConfigError, reload, tls_context
 from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
-from .logs import PicowsLog
+from .logs import PicowsLog, configure
 from .metrics import SharedFigures
 from .webhooks import Webhooks
 
@@ -38,8 +39,17 @@ READ_BUFFER_INIT_SIZE = 512
 HANDSHAKE_TIMEOUT = 5.0
 # File descriptors a worker keeps for itself (listening socket, bus, logs, /proc reads).
 FILES_RESERVED = 256
-
-
+# How a worker leaves: on SIGTERM (the server stops) or SIGUSR2 (a rolling restart
+# replaced it), each with its close code, the contract's.
+SHUTTING_DOWN = (1001, "Server shutting down")
+RESTARTING = (1012, "Server restarting")
+# The closes of a shutdown are spread over this share of --shutdown-grace, so clients do
+# not all reconnect elsewhere in the same millisecond; the rest of the grace is for their
+# closing handshakes.
+CLOSE_SPREAD = 0.5
+# How often a starting worker asks itself whether it serves yet (a rolling restart waits
+# for that before it sends the worker it replaces away).
+SERVING_POLL = 0.02
 
 def max_connections(config: Config) -> int:
     """Past the open-files limit accept() fails anyway: refuse clearly a little before it."""
@@ -58,6 +68,8 @@ class Placement:
     mesh_sockets: str = ""  # the master's private folder of the embedded bus's sockets
     client_id_prefix: str = ""  # this worker's clientIds begin with it (random if empty)
     previous_client_id_prefix: str = ""  # the worker's this one replaces, if it died
+    serving_fd: int = -1  # the master's pipe: our pid once we serve (Master._read_serving)
+    load: Callable[[], Config] | None = None  # the configuration read again, on SIGHUP
 
 
 class Worker:
@@ -97,6 +109,7 @@ class Worker:
             self.bus.watch_transitions(self.webhooks)
             self.webhooks.hook(self.hub)
         self.accepting = False
+        self.leaving: tuple[int, str] | None = None  # the close code and reason, once told
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,
                                        max_connections=max_connections(config),
@@ -111,12 +124,52 @@ class Worker:
 
     def why_not_ready(self) -> list[str]:
         """What keeps /ready from 200, as its 503 says it: nothing when ready."""
+        if self.leaving is not None:
+            return ["draining"]
         if not self.accepting:
-            return ["draining" if self._stop.is_set() else "starting"]
+            return ["starting"]
         return list(self.bus.health().down)
 
+    def leave(self, how: tuple[int, str]) -> None:
+        """SIGTERM or SIGUSR2: /ready and new upgrades answer 503 from now on, then
+        serve() closes the clients with `how`."""
+        if self.leaving is None or how == SHUTTING_DOWN:
+            self.leaving = how
+        self.factory.draining = True
+        self._stop.set()
+
+    async def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can change live (the
+        master has checked it; read again here, it is checked again)."""
+        assert self.placement.load is not None
+        try:
+            loaded = self.placement.load()
+            done = reload(self.config, loaded)
+            # With --jwks-url, building the verifier fetches the keys: not on the loop.
+            verifier = await self.loop.run_in_executor(None, token_verifier, done.config)
+        except ConfigError as exc:
+            log.error("worker %d: reload refused, nothing changed: %s",
+                      self.placement.index, exc)
+            return
+        config = self.config = done.config
+        configure(config.log_level, config.log_format)
+        self.factory.reconfigure(config, None if verifier is None else verifier.verify,
+                                 max_connections(config))
+        if self.api is not None:
+            self.api.reconfigure(config)
+        hub = self.hub
+        hub.max_subscriptions = config.max_subscriptions
+        hub.max_subscription_bytes = config.max_subscription_bytes
+        hub.max_buffer = config.max_buffer
+        hub.publish_rate = float(config.publish_rate)
+        hub.subscribe_rate = float(config.subscribe_rate)
+        log.info("worker %d: reloaded", self.placement.index)
+
     def publish_figures(self) -> None:
-        """Write this worker's row of the figures every worker shares."""
+        """Write this worker's row of the figures every worker shares (not once it is
+        replaced: the row is its replacement's)."""
+        if self.leaving == RESTARTING:
+            return
         figures: dict[str, float] = dict(self.hub.stats())
         figures["auth_failures_total"] = self.factory.auth_failures_total
         figures["connections_refused_total"] = self.factory.refused_full_total
@@ -154,7 +207,11 @@ class Worker:
         if self.api is not None:
             await self.api.start(LISTEN_BACKLOG)
         for signum in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(signum, self._stop.set)
+            self.loop.add_signal_handler(signum, self.leave, SHUTTING_DOWN)
+        self.loop.add_signal_handler(signal.SIGUSR2, self.leave, RESTARTING)
+        if self.placement.load is not None:
+            self.loop.add_signal_handler(
+                signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
         self.accepting = True
         # What the worker built to get here lives as long as it does: a full collection
         # (one comes every so many new connections) need not walk it. 45,000 objects after
@@ -162,17 +219,26 @@ class Worker:
         gc.freeze()
         log.info("worker %d listening on %s:%d", self.placement.index, config.host, config.port)
         tasks = [self.loop.create_task(self._sweep_forever()),
-                 self.loop.create_task(self._log_stats_forever())]
+                 self.loop.create_task(self._log_stats_forever()),
+                 self.loop.create_task(self._announce_serving())]
         await self._stop.wait()
-        for task in tasks:
+        for task in tasks[1:]:  # the sweep goes on: a client that never answers our CLOSE
             task.cancel()
         await self._shut_down(servers)
+        tasks[0].cancel()
+
+    async def _announce_serving(self) -> None:
+        """Tell the master once /ready would answer 200 (a rolling restart waits for it)."""
+        while self.why_not_ready():
+            await asyncio.sleep(SERVING_POLL)
+        if self.placement.serving_fd >= 0:
+            os.write(self.placement.serving_fd, f"{os.getpid()}\n".encode())
+            os.kill(self.placement.master_pid, signal.SIGUSR1)
 
     async def _sweep_forever(self) -> None:
-        config = self.config
-        period = min(1.0, config.ping_interval / 2, config.ping_timeout / 4)
         while True:
-            await asyncio.sleep(period)
+            config = self.config  # a reload may change it
+            await asyncio.sleep(min(1.0, config.ping_interval / 2, config.ping_timeout / 4))
             self.hub.sweep(config.ping_interval, config.ping_timeout)
             self.publish_figures()
             if os.getppid() != self.placement.master_pid:
@@ -190,14 +256,31 @@ class Worker:
                      extra={"fields": {"stats": figures, "worker": self.placement.index}})
 
     async def _shut_down(self, servers: list[asyncio.Server]) -> None:
-        """Stop accepting, close every client with 1001, wait for them within the grace."""
-        self.accepting = False
-        for server in servers:
-            server.close()
-        if self.api is not None:
-            self.api.close()
-        self.hub.close_all(1001, "Server shutting down")
-        deadline = self.loop.time() + self.config.shutdown_grace
+        """Leave as `leaving` says: on SIGTERM, keep answering /ready (503 draining) and
+        refusing upgrades for --drain-delay, then close the clients with 1001 spread over
+        the grace's first half; replaced by a rolling restart, stop accepting at once (the
+        replacement accepts on the same sockets) and close them with 1012 the same way.
+        Then wait for the clients within the grace and stop the bus."""
+        config = self.config
+        assert self.leaving is not None
+        if self.leaving == RESTARTING:
+            self._close_servers(servers)
+        else:
+            await asyncio.sleep(config.drain_delay)
+        start = self.loop.time()
+        sessions = list(self.hub.sessions)
+        spread = config.shutdown_grace * CLOSE_SPREAD
+        code, reason = self.leaving
+        for number, session in enumerate(sessions):
+            due = start + spread * number / len(sessions)
+            if due > self.loop.time():
+                await asyncio.sleep(due - self.loop.time())
+            if self.leaving != (code, reason):  # a SIGTERM while restarting: 1001 from here
+                code, reason = self.leaving
+            session.close(code, reason)
+        self.hub.close_all(code, reason)  # any upgrade that was under way meanwhile
+        self._close_servers(servers)
+        deadline = start + config.shutdown_grace
         while self.hub.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         if self.hub.connections:
@@ -206,6 +289,15 @@ class Worker:
         if self.webhooks is not None:
             await self.webhooks.stop()
         log.info("worker %d stopped", self.placement.index)
+
+    def _close_servers(self, servers: list[asyncio.Server]) -> None:
+        if not self.accepting:
+            return  # closed already
+        self.accepting = False
+        for server in servers:
+            server.close()
+        if self.api is not None:
+            self.api.close()
 
 
 def run_worker(config: Config, placement: Placement, sockets: list[socket.socket],

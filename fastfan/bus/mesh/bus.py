@@ -77,6 +77,10 @@ class MeshBus(Bus):
             self, HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes),
             max_message_size, ENVELOPE_MARGIN)
         self.outgoing: dict[int, Outgoing] = {}
+        # Links to workers a rolling restart replaced, while they still serve: they go on
+        # getting our publishes on their channels until they go (see replaced).
+        self.retiring: list[Outgoing] = []
+        self._replaced: dict[int, asyncio.Future[None]] = {}
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != worker}
         self.dropped_total = 0
@@ -86,6 +90,7 @@ class MeshBus(Bus):
         self.joined_all = workers == 1
         self._gatherings = Gatherings(PRESENCE_TIMEOUT)  # presence and channels queries
         self._listener: socket.socket | None = None
+        self._bound = 0  # the inode of the socket file we bound
         self._tasks: list[asyncio.Task[None]] = []
         # With webhooks: this worker's holdings, every worker's, and who hears the
         # transitions (on the lowest-numbered worker alive: leads())
@@ -101,6 +106,9 @@ class MeshBus(Bus):
             os.unlink(path)  # left by the worker this one replaces
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
+        # A rolling restart's replacement binds the path again while this worker still
+        # runs: stop() unlinks it only while it is still ours.
+        self._bound = os.stat(path).st_ino
         listener.listen(self.workers * 2)
         listener.setblocking(False)
         self._listener = listener
@@ -149,8 +157,23 @@ class MeshBus(Bus):
             for channel in [c for c in self.interest[worker] if c.startswith(WATCH_PREFIX)]:
                 self.send_present(worker, channel)  # it watched them before we connected
             self.joined_all = self.joined_all or len(self.outgoing) == len(self.interest)
-            await peer.lost
+            replaced = self._replaced[worker] = loop.create_future()
+            await asyncio.wait((peer.lost, replaced), return_when=asyncio.FIRST_COMPLETED)
             del self.outgoing[worker]
+            if not peer.lost.done():
+                self.retiring.append(peer)
+                peer.lost.add_done_callback(functools.partial(self._retired, peer))
+
+    def _retired(self, peer: Outgoing, _: asyncio.Future[None]) -> None:
+        self.retiring.remove(peer)
+
+    def replaced(self, worker: int) -> None:
+        """A new worker took `worker`'s place (a rolling restart) while the old one still
+        serves: connect to the new one, at the same path, and keep the old link until the
+        old worker goes, so that the clients of both hear ours meanwhile."""
+        future = self._replaced.get(worker)
+        if future is not None and not future.done():
+            future.set_result(None)
 
     def send_present(self, worker: int, watch: str) -> None:
         """Our subscribers of the channel that `watch` (its join/leave channel) is about, to a
@@ -191,6 +214,9 @@ class MeshBus(Bus):
                     data = record(Kind.PUBLISH, channel.encode(), payload)
                 if not peer.send(data):
                     self.dropped_total += 1
+        for peer in self.retiring:
+            if peer.worker != skip and channel in self.interest[peer.worker]:
+                peer.send(record(Kind.PUBLISH, channel.encode(), payload))
 
     def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
                         request_id: bytes, exclude: Outbox | None = None) -> int:
@@ -218,13 +244,14 @@ class MeshBus(Bus):
         if self.occupancy is not None:
             self.occupancy.subscribed(channel)
         waiting = False
-        for peer in self.outgoing.values():
+        for peer in [*self.outgoing.values(), *self.retiring]:
             waiting = peer.subscribe(channel) or waiting
         return waiting
 
     def answered(self, channel: str) -> None:
         """A worker answered (or left): confirm once no worker still owes an answer."""
-        if not any(channel in peer.unanswered for peer in self.outgoing.values()):
+        if not any(channel in peer.unanswered
+                   for peer in [*self.outgoing.values(), *self.retiring]):
             self.hub.confirm(channel)
 
     def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
@@ -339,8 +366,10 @@ class MeshBus(Bus):
             task.cancel()
         if self._listener is not None:
             self._listener.close()
+            path = address(self.sockets, self.worker)
             with contextlib.suppress(OSError):
-                os.unlink(address(self.sockets, self.worker))
+                if os.stat(path).st_ino == self._bound:
+                    os.unlink(path)
                 os.rmdir(self.sockets)  # the last worker out, if the master cannot
 
 

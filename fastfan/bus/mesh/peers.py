@@ -179,12 +179,19 @@ class Incoming(asyncio.Protocol):
         if worker not in self.bus.interest:
             self._drop(f"HELLO from worker {channel!r}")
             return False
+        previous = self.bus.incoming.get(worker)
         self.worker = worker
         if len(body) == STARTED.size:
             (self.started_at,) = STARTED.unpack(body)
         self.bus.incoming[worker] = self
-        self.bus.interest[worker].clear()
-        self.bus.withdraw(worker)  # what its predecessor held, if its end was not seen yet
+        if previous is not None and previous.pid != self.pid \
+                and not previous.transport.is_closing():
+            # A rolling restart's replacement, the worker it replaces still serving: its
+            # channels still count until it goes.
+            self.bus.replaced(worker)
+        else:
+            self.bus.interest[worker].clear()
+            self.bus.withdraw(worker)  # what its predecessor held, if its end was not seen yet
         return None
 
     def _on_subscribe(self, channel: str, body: bytes) -> bytes:
@@ -390,7 +397,8 @@ class Outgoing(asyncio.Protocol):
         unanswered, self.unanswered = self.unanswered, {}
         for channel in unanswered:  # a worker gone has no publishes to promise
             self.bus.answered(channel)
-        self.bus.presence_answered_by_all(self.worker)  # nor subscribers
-        self.bus.history.owner_lost(self.worker)  # nor acknowledgements
+        if self.bus.outgoing.get(self.worker) is self:  # not a replaced one's (retiring)
+            self.bus.presence_answered_by_all(self.worker)  # nor subscribers
+            self.bus.history.owner_lost(self.worker)  # nor acknowledgements
         if not self.lost.done():
             self.lost.set_result(None)
