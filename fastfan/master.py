@@ -421,14 +421,37 @@ def serve(config: Config, load: Callable[[], Config]) -> int:
     if config.insecure:
         log.warning("--insecure: accepting every client without a token; never in production")
     log.info("fastfan on %s:%d, %d worker(s), bus %s, open files limit %d", config.host,
-             config.port, config.workers, "embedded" if config.redis is None else "redis", limit)
+             config.port, config.workers, bus_name(config), limit)
     log.info("WebSocket layer: picows %s (vendored)", picows_version)
+    log.info("%s", features_on(config))
     try:
         return master.run()
     finally:
         if config.pid_file is not None:
             with contextlib.suppress(OSError):
                 os.unlink(config.pid_file)
+
+
+def bus_name(config: Config) -> str:
+    if config.redis is None:
+        return "embedded"
+    if config.redis.startswith("redis+cluster://"):
+        return "redis cluster"
+    shards = len(config.redis.split(","))
+    return "redis" if shards == 1 else f"redis, {shards} shards"
+
+
+def features_on(config: Config) -> str:
+    """What is on, in one line for the start-up log: TLS, compression, history, webhooks."""
+    tls = f"TLS on ({config.tls_cert})" if config.tls_cert else "TLS off"
+    compression = (f"compression on (messages of {config.compression_min_size} bytes or more)"
+                   if config.compression else "compression off")
+    history = (f"history on ({config.history_size} messages per channel matching "
+               f"{config.history_channels}, {config.history_ttl:g} s)"
+               if config.history_size else "history off")
+    webhooks = (f"webhooks on ({len(config.webhook_url.split(','))} URL(s))"
+                if config.webhook_url else "webhooks off")
+    return f"{tls}; {compression}; {history}; {webhooks}"
 
 
 def _write_pid_file(path: str) -> None:

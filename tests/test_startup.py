@@ -145,3 +145,16 @@ def test_the_api_port_answers_ready_and_head(start_server: Any) -> None:
         assert int(headers["Content-Length"]) > 0
     status, headers, _ = request(server.host, api_port, "PUT", "/ready")
     assert (status, headers["Allow"]) == (405, "GET, HEAD")
+
+
+def test_the_start_up_log_says_what_is_on(start_server: Any) -> None:
+    plain = start_server("--workers", "2")
+    plain.wait_ready()
+    assert "2 worker(s), bus embedded" in plain.log()
+    assert "TLS off; compression on (messages of 256 bytes or more); history off; " \
+           "webhooks off" in plain.log()
+    keeping = start_server("--history-size", "50", "--history-channels", "chat.*",
+                           "--compression", "off")
+    keeping.wait_ready()
+    assert "compression off; history on (50 messages per channel matching chat.*, " \
+           "300 s)" in keeping.log()
