@@ -122,9 +122,7 @@ cdef class Hub:
         cdef list entries = []
         if target is not None:
             for i in range(target.count):
-                session = <Session>target.subscribers[i]
-                entries.append([session.client_id.decode("ascii"), session.identity.user,
-                                session.identity.info])
+                entries.append(presence_entry(<Session>target.subscribers[i]))
         return entries
 
     cdef double subscribe_burst(self) noexcept:
@@ -146,8 +144,7 @@ cdef class Hub:
             session = <Session>target.subscribers[i]
             users.add(session.identity.user)
             if i < limit:
-                clients.append([session.client_id.decode("ascii"), session.identity.user,
-                                session.identity.info])
+                clients.append(presence_entry(session))
         return (target.count, [user_key(user) for user in users], clients)
 
     def gather_presence(self, str channel, answer):
@@ -569,7 +566,7 @@ cdef class Hub:
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
             self.presence_answers.pop(name, None)
             self.bus.joined(name, session.client_id, session.identity.user,
-                            session.identity.info)
+                            session.identity.info, session.metadata_text())
             self._announce(b"join", name, session)
         return 0
 

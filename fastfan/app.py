@@ -19,7 +19,12 @@ core calls Python for a request only when a hook wants it.
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
 import re
+import sys
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
@@ -40,6 +45,13 @@ __all__ = [
     "Request",
     "ValidationError",
 ]
+
+
+log = logging.getLogger("fastfan.hooks")
+
+# What connection.metadata may hold, as JSON, to show in presence: every presence answer
+# carries it, for each client listed (the token's `info` has 1 KiB).
+MAX_METADATA_BYTES = 4096
 
 
 class Refuse(Exception):  # noqa: N818 (a verb: `raise fastfan.Refuse(403, "...")`)
@@ -161,8 +173,8 @@ class Connection:
     """One client connection, as hooks see it. `metadata` is the application's to change
     at any time: it shows in `presence` as "metadata" beside "info" within a second."""
 
-    __slots__ = ("__weakref__", "_metadata", "_session", "client_id", "info", "request",
-                 "user")
+    __slots__ = ("__weakref__", "_closed_with", "_metadata", "_session", "client_id", "info",
+                 "pending_channels", "request", "user", "waiting")
 
     def __init__(self, session: Any, user: str, client_id: str, info: Any,
                  request: Request | None) -> None:
@@ -172,6 +184,21 @@ class Connection:
         self.info = info
         self.request = request  # the upgrade request (the proxies forward its headers)
         self._metadata = _Metadata(self)
+        # fastfan.hooks' own: the requests that wait behind a hook of this connection,
+        # the channels authenticate named (until subscribed), how it closed
+        self.waiting: deque[Callable[[], None]] = deque()
+        self.pending_channels: tuple[str, ...] = ()
+        self._closed_with: tuple[int, str] = (1006, "")
+
+    def closed_with(self, code: int, reason: str | bytes) -> None:
+        """The close code and reason on_disconnect gets (the first CLOSE, either side's)."""
+        if self._closed_with[0] == 1006:
+            if isinstance(reason, bytes):
+                reason = reason.decode(errors="replace")
+            self._closed_with = (code, reason)
+
+    def closed_code_and_reason(self) -> tuple[int, str]:
+        return self._closed_with
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -181,6 +208,22 @@ class Connection:
     def metadata(self, value: Mapping[str, Any]) -> None:
         self._metadata = _Metadata(self, value)
         self._session.metadata_changed()
+
+    def metadata_text(self) -> str:
+        """The metadata as presence carries it: JSON text, "" when empty. Past
+        MAX_METADATA_BYTES (or not JSON) it is left out of presence, with a warning."""
+        if not self._metadata:
+            return ""
+        try:
+            text = msgspec.json.encode(self._metadata)
+        except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:
+            log.warning("%r: metadata left out of presence, it is not JSON: %s", self, exc)
+            return ""
+        if len(text) > MAX_METADATA_BYTES:
+            log.warning("%r: metadata left out of presence, %d bytes of JSON (at most %d)",
+                        self, len(text), MAX_METADATA_BYTES)
+            return ""
+        return text.decode()
 
     @property
     def heartbeat(self) -> Heartbeat:
@@ -239,6 +282,17 @@ class _Metadata(dict[str, Any]):
     def clear(self) -> None:
         super().clear()
         self._changed()
+
+
+# fastfan_hook_errors_total{hook,cause}: the hooks, and what went wrong with one.
+HOOK_NAMES = ("authenticate", "can_subscribe", "can_publish", "rpc", "refresh", "on_connect",
+              "on_disconnect", "on_message")
+FAULT_CAUSES = ("exception", "timeout", "bad_return", "http_status", "bad_body")
+
+
+def hook_error_key(hook: str, cause: str) -> str:
+    """The worker's figure of fastfan_hook_errors_total{hook,cause} (fastfan.metrics)."""
+    return f"hook_errors_{hook}_{cause}_total"
 
 
 Hook = TypeVar("Hook", bound=Callable[..., Awaitable[Any]])
@@ -330,3 +384,22 @@ class App:
             raise RuntimeError("app.publish works in a running server (fastfan run --app)")
         result: dict[str, Any] = await self.runner.publish(channel, data)
         return result
+
+
+def load_app(spec: str) -> App:
+    """The App `package.module:attribute` names; ValueError saying why not, in one line."""
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError("expected package.module:attribute, e.g. myapp.hooks:app")
+    if os.getcwd() not in sys.path:  # as `python -m` would: the application is here
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # whatever the module raises while it loads
+        raise ValueError(f"module {module_name} does not import: {type(exc).__name__}: "
+                         + " ".join(str(exc).split())) from None
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        found = "nothing" if app is None else f"a {type(app).__name__}"
+        raise ValueError(f"{module_name} has {found} named {attribute}, not a fastfan.App")
+    return app

@@ -158,6 +158,9 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
      "smallest message in bytes sent compressed (256)"),
     ("--tls-cert", str, None, "PEM certificate (chain): the port speaks TLS only (wss, https)"),
     ("--tls-key", str, None, "PEM private key of --tls-cert"),
+    ("--app", str, None,
+     "the application's hooks: package.module:attribute naming a fastfan.App (docs/hooks.md)"),
+    ("--hook-timeout", _seconds, None, "seconds each hook may take (default 1)"),
 ]
 
 _TRUE = ("1", "true", "yes", "on")

@@ -16,11 +16,13 @@ import uvloop
 from . import metrics
 from ._core import Hub
 from .api import Api
+from .app import load_app
 from .auth import ChannelPatterns
 from .bus.factory import make_bus
 from .config import Config, tls_context
 from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
+from .hooks import Hooks
 from .logs import PicowsLog
 from .metrics import SharedFigures
 
@@ -90,6 +92,9 @@ class Worker:
                             mesh_sockets=placement.mesh_sockets,
                             predecessor=placement.previous_client_id_prefix)
         self.hub.bus = self.bus
+        # --app: the application's hooks (loaded and checked by the master already)
+        self.hooks = None if config.app is None else Hooks(load_app(config.app), self.hub,
+                                                           config.hook_timeout)
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,
@@ -115,6 +120,8 @@ class Worker:
         figures["auth_failures_total"] = self.factory.auth_failures_total
         figures["connections_refused_total"] = self.factory.refused_full_total
         figures.update(self.bus.figures())
+        if self.hooks is not None:
+            figures.update(self.hooks.figures())
         latency = self.hub.publish_latency
         figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
         self.placement.figures.write(self.placement.index, figures)

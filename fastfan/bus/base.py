@@ -137,9 +137,11 @@ class Bus(ABC):
     def command(self, payload: bytes, ack: Acknowledger | None) -> int: ...
 
     @abstractmethod
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         """A local subscriber of a presence channel (the Hub's arrays are presence enough
-        for a bus that asks the other workers)."""
+        for a bus that asks the other workers); again when its `metadata` (JSON text, ""
+        for none) changes."""
 
     @abstractmethod
     def left(self, channel: str, client_id: bytes) -> None:

@@ -183,7 +183,8 @@ class Nowhere:
     def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         answer(None)
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         pass  # written by the owner's next refresh
 
     def left(self, channel: str, client_id: bytes) -> None:

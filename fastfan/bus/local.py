@@ -65,7 +65,8 @@ class LocalBus(Bus):
         apply_command(self._hub, payload)
         return DONE
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         """Presence is the subscriber arrays: gather_presence asks for them."""
 
     def left(self, channel: str, client_id: bytes) -> None:

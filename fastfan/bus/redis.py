@@ -391,8 +391,9 @@ class RedisBus(Bus):
 
     # Presence, and what the other nodes have ----------------------------------------
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
-        self.presence.joined(channel, client_id, user, info)
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
+        self.presence.joined(channel, client_id, user, info, metadata)
 
     def left(self, channel: str, client_id: bytes) -> None:
         self.presence.left(channel, client_id)

@@ -94,8 +94,9 @@ class RoutedBus(Bus):
     def unsubscribe(self, channel: str) -> None:
         self.shard(channel).unsubscribe(channel)
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
-        self.shard(channel).joined(channel, client_id, user, info)
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
+        self.shard(channel).joined(channel, client_id, user, info, metadata)
 
     def left(self, channel: str, client_id: bytes) -> None:
         self.shard(channel).left(channel, client_id)

@@ -334,7 +334,8 @@ class MeshBus(Bus):
         if not any(channel in peer.unanswered for peer in self.outgoing.values()):
             self.hub.confirm(channel)
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         """Presence is the subscriber arrays: gather_presence asks for them."""
 
     def left(self, channel: str, client_id: bytes) -> None:
