@@ -284,6 +284,8 @@ class _Metadata(dict[str, Any]):
         self._changed()
 
 
+_PATTERN = re.compile(r"[A-Za-z0-9_\-.:@/*]{1,255}")
+
 # fastfan_hook_errors_total{hook,cause}: the hooks, and what went wrong with one.
 HOOK_NAMES = ("authenticate", "can_subscribe", "can_publish", "rpc", "refresh", "on_connect",
               "on_disconnect", "on_message")
@@ -372,6 +374,10 @@ class App:
     def on_message(self, pattern: str) -> Callable[[Hook], Hook]:
         """`(message)`: once per node for every message of a channel matching `pattern`
         (`*` matches any run of characters), whatever published it."""
+        if not pattern or not _PATTERN.fullmatch(pattern):
+            raise ValueError(f"on_message({pattern!r}): a channel pattern is channel "
+                             "characters (A-Z a-z 0-9 _ - . : @ /) and '*'")
+
         def register(hook: Hook) -> Hook:
             self.message_handlers.append((pattern, hook))
             return hook

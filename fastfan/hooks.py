@@ -35,6 +35,7 @@ from .app import (
     HookError,
     HookFailure,
     Identity,
+    Message,
     Publish,
     Refuse,
     Request,
@@ -84,6 +85,11 @@ class Hooks:
         hub.hook_subscribe = app.can_subscribe_hook is not None
         hub.hook_publish = app.can_publish_hook is not None
         app.runner = self
+        self._message_handlers = [(auth.ChannelPatterns([pattern]), handler)
+                                  for pattern, handler in app.message_handlers]
+        if self._message_handlers:
+            hub.bus.tap_messages([pattern for pattern, _ in app.message_handlers],
+                                 self.tapped)
 
     # Running one hook ---------------------------------------------------------------------
 
@@ -272,6 +278,24 @@ class Hooks:
         self.run("rpc", call, answered, functools.partial(_refuse, session, request_id),
                  session)
 
+    def tapped(self, channel: str, payload: bytes) -> None:
+        """A message the bus taps for @app.on_message (once per node): each handler whose
+        pattern matches its channel sees it."""
+        handlers = [handler for patterns, handler in self._message_handlers
+                    if patterns.allows(channel)]
+        if not handlers:
+            return
+        try:
+            encoded = _decode_message(payload)
+            message = Message(channel, msgspec.json.decode(encoded.data), encoded.sender,
+                              encoded.timestamp, encoded.offset, encoded.epoch)
+        except (msgspec.DecodeError, RecursionError):
+            log.warning("on_message: a message on %s is not fastfan's; not handled", channel)
+            return
+        for handler in handlers:
+            self.run("on_message", functools.partial(handler, message), _ignore,
+                     _ignore_failure)
+
     # app.publish ------------------------------------------------------------------------
 
     async def publish(self, channel: str, data: Any) -> dict[str, Any]:
@@ -303,6 +327,19 @@ class Hooks:
 
     def figures(self) -> dict[str, float]:
         return {key: float(value) for key, value in self.errors.items()}
+
+
+class _EncodedMessage(msgspec.Struct):
+    """A `message` as the bus carries it (Hub.encode_message)."""
+
+    data: msgspec.Raw
+    sender: str | None = msgspec.field(name="from", default=None)
+    timestamp: int = 0
+    offset: int | None = None
+    epoch: str | None = None
+
+
+_decode_message = msgspec.json.Decoder(_EncodedMessage).decode
 
 
 async def _resumed(rest: _Resume) -> Any:

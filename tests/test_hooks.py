@@ -395,3 +395,53 @@ def test_app_publish_on_a_history_channel_gives_the_position(start_server: Any) 
     first = call(client, "publish", {"channel": "news", "data": 1})
     second = call(client, "publish", {"channel": "news", "data": 2})
     assert (first["offset"], second["offset"]) == (1, 2) and first["epoch"] == second["epoch"]
+
+
+# on_message ---------------------------------------------------------------------------------
+
+def test_on_message_runs_once_per_node_for_every_message_whoever_published_it(
+        deployment: Deployment) -> None:
+    alice, watcher = deployment.apart("alice", "watcher")
+    watcher.subscribe("receipts")
+    nodes = len(deployment.servers)
+    wait_for(lambda: ask(alice, {"type": "presence_stats", "channel": "receipts"})
+             ["data"]["count"] == 1)
+    alice.publish("orders.tea", {"item": "sencha"})  # nobody subscribes to orders.tea
+    call(alice, "publish", {"channel": "orders.cake", "data": {"item": "scone"}})
+    receipts = [watcher.recv_json()["data"] for _ in range(2 * nodes)]
+    assert collect(watcher, quiet=0.5) == []
+    assert sorted((r["channel"], r["from"]) for r in receipts) == sorted(
+        [("orders.cake", "server"), ("orders.tea", alice_id(alice))] * nodes)
+    assert {"item": "sencha", "by": "alice"} in [r["order"] for r in receipts]
+
+
+def alice_id(client: RawClient) -> str:
+    client_id: str = call(client, "whoami")["clientId"]
+    return client_id
+
+
+def test_on_message_hears_a_bare_redis_publish(start_server: Any,
+                                               redis_server: RedisServer) -> None:
+    node = start_server(*APP, "--redis", redis_server.url, env=ON_PATH)
+    node.wait_ready()
+    watcher = join(node, "watcher")
+    watcher.subscribe("receipts")
+    redis_server.command("PUBLISH", "fastfan:orders.x",
+                         '{"type":"message","channel":"orders.x","data":{"item":"bare"},'
+                         '"from":"backend","timestamp":1}')
+    assert watcher.recv_json()["data"] == {"channel": "orders.x", "order": {"item": "bare"},
+                                           "from": "backend", "offset": None}
+
+
+def test_on_message_sees_the_offset_on_a_history_channel(start_server: Any) -> None:
+    server = start_server(*APP, "--history-size", "10", "--history-channels", "orders.*",
+                          "--workers", "2", env=ON_PATH)
+    server.wait_ready()
+    watcher = join(server, "watcher")
+    watcher.subscribe("receipts")
+    watcher.send_json_burst([{"type": "rpc", "method": "publish",
+                              "data": {"channel": "orders.x", "data": {"item": n}}}
+                             for n in range(3)])
+    offsets = [m["data"]["offset"] for m in collect(watcher, quiet=0.5)
+               if m.get("channel") == "receipts"]
+    assert sorted(offsets) == [1, 2, 3]

@@ -115,6 +115,20 @@ class BusHealth:
 class Bus(ABC):
     """See the module's docstring."""
 
+    # @app.on_message (fastfan.hooks): `tap(channel, payload)` for every message of the
+    # channels `tap_messages` names, once per node; None (no call at all) without it
+    message_tap: Callable[[str, bytes], None] | None = None
+
+    def tap_messages(self, patterns: list[str], tap: Callable[[str, bytes], None]) -> None:
+        """Call `tap(channel, payload)` once per node for every message published on a
+        channel matching one of `patterns` (`*`: any run of characters; `tap` may see
+        other channels too, and checks), whoever published it.
+
+        The embedded buses: every message passes through the worker that published it
+        (with history, the channel's owner, which numbers it) before any other: that
+        worker taps it, on its own, and no pattern needs telling anyone."""
+        self.message_tap = tap
+
     @abstractmethod
     def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
                 request_id: bytes, exclude: Outbox | None = None) -> int: ...

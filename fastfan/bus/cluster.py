@@ -203,6 +203,11 @@ NOWHERE = Nowhere()
 
 
 class ClusterBus(RoutedBus):
+    def tap_messages(self, patterns: list[str], tap: Callable[[str, bytes], None]) -> None:
+        """Not here: a cluster's sharded pub/sub (SPUBLISH) has no pattern subscriptions."""
+        log.warning("@app.on_message does not run with Redis Cluster: its sharded pub/sub "
+                    "has no patterns (use one Redis, or shards)")
+
     def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0,
                  node: Node | None = None, worker: int = 0) -> None:

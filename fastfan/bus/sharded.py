@@ -126,6 +126,11 @@ class ShardedBus(RoutedBus):
     def _owner(self, index: int, shards: int) -> Callable[[str], bool]:
         return lambda channel: shard_of(self.prefix, channel, shards) == index
 
+    def tap_messages(self, patterns: list[str], tap: Callable[[str, bytes], None]) -> None:
+        """A pattern spans the shards: each one's."""
+        for shard in self.shards:
+            shard.tap_messages(patterns, tap)
+
     def shard(self, channel: str) -> RedisBus:
         return self.shards[shard_of(self.prefix, channel, len(self.shards))]
 

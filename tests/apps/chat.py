@@ -148,3 +148,10 @@ async def on_disconnect(connection: fastfan.Connection, code: int, reason: str) 
 @app.rpc("release")
 async def release(connection: fastfan.Connection, data: Any) -> None:
     sloth_gate.set()
+
+
+@app.on_message("orders.*")
+async def receipt(message: fastfan.Message) -> None:
+    """Every order, once per node: a receipt on `receipts`."""
+    await app.publish("receipts", {"channel": message.channel, "order": message.data,
+                                   "from": message.from_, "offset": message.offset})

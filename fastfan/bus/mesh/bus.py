@@ -160,6 +160,8 @@ class MeshBus(Bus):
                 request_id: bytes, exclude: Outbox | None = None) -> int:
         self.hub.fanout(channel, payload, exclude)
         self._forward(channel, payload)
+        if self.message_tap is not None:
+            self.message_tap(channel, payload)
         return DONE
 
     def _forward(self, channel: str, payload: bytes, skip: int = -1) -> None:
@@ -182,6 +184,8 @@ class MeshBus(Bus):
             def fanout(numbered: bytes) -> None:
                 self.hub.fanout(channel, numbered, exclude)
                 self._forward(channel, numbered)
+                if self.message_tap is not None:
+                    self.message_tap(channel, numbered)
 
             return sequence_here(self.history, channel, payload, ack, request_id, fanout)
         peer = self.outgoing.get(owner)
@@ -225,6 +229,8 @@ class MeshBus(Bus):
             self._forward(channel, numbered, skip=origin)
         else:
             self._forward(channel, numbered)
+        if self.message_tap is not None:
+            self.message_tap(channel, numbered)
         if not token:
             return b""
         return record(Kind.SEQUENCED, channel.encode(),
