@@ -271,6 +271,10 @@ cdef class Session(Outbox):
         if self.closing:
             return 0
         if self.expires_at and wall >= self.expires_at:
+            if self.connection is not None and self.hub.hooks.app.refresh_hook is not None:
+                self.expires_at = 0  # until the App's refresh answers (renew)
+                self.hub.hooks.refresh(self)
+                return 0
             self.close(CloseCode.TOKEN_EXPIRED, "token expired")
             return 0
         if self.fragment_type and now - self.fragments.started >= FRAGMENT_TIMEOUT:
@@ -558,6 +562,10 @@ cdef class Session(Outbox):
     @property
     def closed(self):
         return self.closing
+
+    def renew(self, double expires_at):
+        """The App's refresh gave the connection a new expiry (epoch seconds)."""
+        self.expires_at = expires_at
 
     def metadata_text(self):
         """connection.metadata as JSON text, "" when empty or without an App."""

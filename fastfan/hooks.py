@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
@@ -212,6 +213,30 @@ class Hooks:
             code, reason = connection.closed_code_and_reason()
             self.run("on_disconnect", lambda: hook(connection, code, reason), _ignore,
                      _ignore_failure)
+
+    def refresh(self, session: Session) -> None:
+        """The connection's expiry passed: the App's refresh gives it a new one, or it
+        closes with 4001."""
+        hook = self.app.refresh_hook
+        assert hook is not None
+
+        def refreshed(expires_at: Any) -> None:
+            if expires_at is None:
+                session.close(4001, "token expired")
+            elif isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool):
+                if expires_at <= time.time():
+                    session.close(4001, "token expired")
+                else:
+                    session.renew(float(expires_at))
+            else:
+                session.close(4001, "token expired")
+                raise BadReturn(f"refresh must return seconds since the epoch or None, not "
+                                f"{expires_at!r:.100}")
+
+        def failed(code: int, message: str, shape: dict[str, Any] | None) -> None:
+            session.close(4001, "token expired")
+
+        self.run("refresh", lambda: hook(session.connection), refreshed, failed)
 
     def can_subscribe(self, session: Session, channel: str, request_id: bytes,
                       join_leave: bool, recover: Any) -> None:

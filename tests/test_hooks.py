@@ -445,3 +445,12 @@ def test_on_message_sees_the_offset_on_a_history_channel(start_server: Any) -> N
     offsets = [m["data"]["offset"] for m in collect(watcher, quiet=0.5)
                if m.get("channel") == "receipts"]
     assert sorted(offsets) == [1, 2, 3]
+
+
+# refresh -----------------------------------------------------------------------------------
+
+def test_an_expiring_connection_is_refreshed_by_the_app_or_closed(chat: Server) -> None:
+    renewed, expiring = join(chat, "renewed"), join(chat, "expiring")
+    assert expiring.recv_close() == (4001, "token expired")
+    assert ask(renewed, {"type": "ping"})["type"] == "pong"  # past its first expiry
+    assert call(renewed, "metadata", {}) == {"renewed": True}

@@ -4,6 +4,7 @@ the timeout, `crash.*` raises, `bad.*` answers what the hook cannot answer."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import fastfan
@@ -43,8 +44,8 @@ async def authenticate(request: fastfan.Request) -> fastfan.Identity:
     return fastfan.Identity(
         user=user, info={"name": user.title(), "agent": request.headers.get("user-agent"),
                          "host": host},
-        channels=[f"inbox.{user}"], publish=["*"] if user != "reader" else [],
-        expires_at=None)
+        channels=[f"inbox.{user}"],
+        expires_at=time.time() + 1 if user.startswith(("renewed", "expiring")) else None)
 
 
 @app.can_subscribe
@@ -155,3 +156,12 @@ async def receipt(message: fastfan.Message) -> None:
     """Every order, once per node: a receipt on `receipts`."""
     await app.publish("receipts", {"channel": message.channel, "order": message.data,
                                    "from": message.from_, "offset": message.offset})
+
+
+@app.refresh
+async def refresh(connection: fastfan.Connection) -> float | None:
+    """`renewed` users get a minute more once; the others close with 4001."""
+    if connection.user.startswith("renewed") and not connection.metadata.get("renewed"):
+        connection.metadata["renewed"] = True
+        return time.time() + 60
+    return None
