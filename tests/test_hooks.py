@@ -457,3 +457,8 @@ def test_an_expiring_connection_is_refreshed_by_the_app_or_closed(chat: Server) 
     assert expiring.recv_close() == (4001, "token expired")
     assert ask(renewed, {"type": "ping"})["type"] == "pong"  # past its first expiry
     assert call(renewed, "metadata", {}) == {"renewed": True}
+
+
+def test_run_logs_the_apps_hooks_at_start(chat: Server) -> None:
+    assert "hooks: --app apps.chat:app (authenticate, can_subscribe, can_publish, refresh, " \
+           "on_connect, on_disconnect, rpc whoami," in chat.log()
