@@ -220,7 +220,7 @@ class Hooks:
 
     def disconnected(self, session: Session) -> None:
         connection: Connection = session.connection
-        _queue(session).clear()
+        connection.waiting = None
         hook = self.app.on_disconnect_hook
         if hook is not None:
             code, reason = connection.closed_code_and_reason()
@@ -404,6 +404,8 @@ async def _resumed(rest: _Resume) -> Any:
 
 def _queue(session: Session) -> deque[Callable[[], None]]:
     connection: Connection = session.connection
+    if connection.waiting is None:
+        connection.waiting = deque()
     return connection.waiting
 
 
