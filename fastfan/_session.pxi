@@ -406,11 +406,13 @@ cdef class Session(Outbox):
 
     cdef int _subscribe(self, channel, bytes request_id, bint join_leave,
                         recover, bint hooked=False) except -1:
+        """A subscribe; `hooked`: the App's can_subscribe allowed it (the permission was
+        checked before), or its authenticate named the channel (the server's decision)."""
         cdef Hub hub = self.hub
         cdef bint history
         if not self._check_channel(channel, request_id):
             return 0
-        if not self.identity.subscribe.allows(channel):
+        if not hooked and not self.identity.subscribe.allows(channel):
             return self._queue_error(403, f"not permitted to subscribe to {channel}", request_id)
         if recover is not None and recover.offset < 0:
             return self._queue_error(400, "'recover' needs an offset of 0 or more", request_id)

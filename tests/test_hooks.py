@@ -142,6 +142,14 @@ def test_authenticate_names_the_user_its_info_and_channels_subscribed_before_wel
     assert infos == {"alice": "Alice", "bob": "Bob"}
 
 
+def test_authenticates_patterns_replace_the_tokens_but_not_for_its_own_channels(
+        chat: Server) -> None:
+    """The Identity's `subscribe` leaves out every inbox: the client's own subscribe to one
+    is refused, the one authenticate named is subscribed all the same."""
+    alice = join(chat, "alice")  # inbox.alice: subscribed
+    assert ask(alice, {"type": "subscribe", "channel": "inbox.bob"})["code"] == 403
+
+
 def test_authenticate_sees_the_request_and_may_answer_later(chat: Server) -> None:
     later = join(chat, "later-one", **{"User-Agent": "tests/1"})
     assert call(later, "whoami")["info"]["agent"] == "tests/1"
@@ -453,8 +461,10 @@ def test_on_message_sees_the_offset_on_a_history_channel(start_server: Any) -> N
     watcher.send_json_burst([{"type": "rpc", "method": "publish",
                               "data": {"channel": "orders.x", "data": {"item": n}}}
                              for n in range(3)])
-    offsets = [m["data"]["offset"] for m in collect(watcher, quiet=0.5)
-               if m.get("channel") == "receipts"]
+    offsets = []
+    while len(offsets) < 3:
+        if (message := watcher.recv_json()).get("channel") == "receipts":
+            offsets.append(message["data"]["offset"])
     assert sorted(offsets) == [1, 2, 3]
 
 

@@ -44,7 +44,9 @@ async def authenticate(request: fastfan.Request) -> fastfan.Identity:
     return fastfan.Identity(
         user=user, info={"name": user.title(), "agent": request.headers.get("user-agent"),
                          "host": host},
-        channels=[f"inbox.{user}"],
+        channels=[f"inbox.{user}"], subscribe=["room", "orders.*", "secret.*", "crash.*",
+                                              "slow.*", "bad.*", "wait.*", "quiet.*",
+                                              "audit", "news", "receipts"],
         expires_at=time.time() + 1 if user.startswith(("renewed", "expiring")) else None)
 
 
