@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.api import call as api_call
+from support.api import start_api
 from support.cli import assert_usage_error, fastfan
 from support.redis import RedisServer
 from support.server import SECRET, Server, token
@@ -480,3 +482,13 @@ def test_an_expiring_connection_is_refreshed_by_the_app_or_closed(chat: Server) 
 def test_run_logs_the_apps_hooks_at_start(chat: Server) -> None:
     assert "hooks: --app apps.chat:app (authenticate, can_subscribe, can_publish, refresh, " \
            "on_connect, on_disconnect, rpc whoami," in chat.log()
+
+
+def test_on_message_hears_the_server_apis_publish(start_server: Any) -> None:
+    server, api_port = start_api(start_server, *APP, env=ON_PATH)
+    watcher = join(server, "watcher")
+    watcher.subscribe("receipts")
+    assert api_call(api_port, "publish", {"channel": "orders.api", "data": {"item": 1}}) == (
+        200, {"result": {}})
+    assert watcher.recv_json()["data"] == {"channel": "orders.api", "order": {"item": 1},
+                                           "from": "api", "offset": None}
