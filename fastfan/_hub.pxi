@@ -117,7 +117,6 @@ cdef class Hub:
         getGroupMembers; info the token's `info` claim as JSON text, or ""), read from the
         subscriber array: nothing is kept for it."""
         cdef Channel target = self.channels.get(channel)
-        cdef Session session
         cdef Py_ssize_t i
         cdef list entries = []
         if target is not None:
@@ -566,7 +565,8 @@ cdef class Hub:
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
             self.presence_answers.pop(name, None)
             self.bus.joined(name, session.client_id, session.identity.user,
-                            session.identity.info, session.metadata_text())
+                            session.identity.info,
+                            "" if session.connection is None else session.metadata_text())
             self._announce(b"join", name, session)
         return 0
 
