@@ -28,9 +28,10 @@ Studies, run only when named (fastfan alone; options under "studies" in --help):
 connections, churn, storm, slow-consumer, soak, accept-spread, presence, api, shards (one Redis
 against three shards and a three-master cluster, two nodes, many channels), wire
 (permessage-deflate and TLS: CPU and bytes per delivery against plain), history (history and
-recovery on against off), join-storm (join/leave in bursts), redis-channels (one node
-through one Redis, 1000 channels of one subscriber: fastfan, with history too, beside the
-seed and Socket.IO and under redis-benchmark's PUBLISH rate; --servers names them).
+recovery on against off), join-storm (join/leave in bursts), hooks (publishes/s through a
+Python can_publish against none), redis-channels (one node through one Redis, 1000
+channels of one subscriber: fastfan, with history too, beside the seed and Socket.IO and
+under redis-benchmark's PUBLISH rate; --servers names them).
 
 Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
 article's Node ws design), websockets (Python's websockets with its broadcast), socketio
@@ -78,6 +79,7 @@ from studies.churn import churn
 from studies.connections import connections
 from studies.deflate_tls import wire
 from studies.history import history
+from studies.hooks import hooks
 from studies.join_storm import join_storm
 from studies.presence import presence
 from studies.redis_channels import redis_channels
@@ -326,6 +328,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "wire": (wire, ("subscribers", "duration")),
     "history": (history, ("rates", "duration", "connections", "processes", "repeat")),
     "redis-channels": (redis_channels, ("servers", "rates", "duration", "baseline")),
+    "hooks": (hooks, ("duration", "repeat")),
 }
 
 

@@ -234,18 +234,29 @@ cdef class Session(Outbox):
         double              pinged_at       # monotonic seconds of our last heartbeat ping
         double              expires_at      # the token's exp, epoch seconds; 0 = never
 
+        # --app (fastfan.hooks): how hooks see this connection (fastfan.app.Connection;
+        # None without an App), and whether a hook of its runs: then its later requests
+        # wait behind it in fastfan.hooks, so that they keep their order
+        public object       connection
+        public bint         hooks_pending
+
     cdef int _on_continuation(self, WSFrame frame) except -1
     cdef int _on_close_frame(self, WSFrame frame) except -1
+    cdef int _send_close(self, int code, str reason) except -1
     cdef int _on_message(self, int kind, const char* payload, Py_ssize_t size) except -1
     cdef int _on_compressed(self, int kind, const char* payload, Py_ssize_t size) except -1
     cdef int _handle(self, const char* payload, Py_ssize_t size) except -1
     cdef int _check_channel(self, object channel, bytes request_id) except -1
     cdef int _subscribe(self, object channel, bytes request_id, bint join_leave,
-                        object recover) except -1
+                        object recover, bint hooked=*) except -1
     cdef int _history(self, object request, bytes request_id) except -1
     cdef int _leave(self, str channel) except -1
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1
     cdef int _publish(self, object request, bytes request_id) except -1
+    cdef int _publish_allowed(self, str channel, object data, bytes request_id, bint echo,
+                              bint history) except -1
+    cdef int _dispatch(self, object request, bytes request_id) except -1
+    cdef int _rpc(self, object request, bytes request_id) except -1
     cdef int _stats(self, bytes request_id) except -1
     cdef int _refresh(self, object token, bytes request_id) except -1
     cdef int _presence(self, object channel, bytes request_id, bint stats_only) except -1
@@ -374,6 +385,11 @@ cdef class Hub:
         dict                held_joins
         # channel -> (monotonic time, Presence) gathered, or [answer...] while a gather is out
         dict                presence_answers
+        # --app: the worker's fastfan.hooks.Hooks (None without an App), and whether its
+        # App has the hooks a subscribe or a publish asks (else they cost nothing)
+        public object       hooks
+        public bint         hook_subscribe
+        public bint         hook_publish
 
     cpdef Py_ssize_t fanout(self, str channel, object payload, Outbox exclude=*) except -1
     cpdef Py_ssize_t fanout_or_shed(self, str channel, object payload,

@@ -120,14 +120,11 @@ cdef class Hub:
         getGroupMembers; info the token's `info` claim as JSON text, or ""), read from the
         subscriber array: nothing is kept for it."""
         cdef Channel target = self.channels.get(channel)
-        cdef Session session
         cdef Py_ssize_t i
         cdef list entries = []
         if target is not None:
             for i in range(target.count):
-                session = <Session>target.subscribers[i]
-                entries.append([session.client_id.decode("ascii"), session.identity.user,
-                                session.identity.info])
+                entries.append(presence_entry(<Session>target.subscribers[i]))
         return entries
 
     cdef double subscribe_burst(self) noexcept:
@@ -149,8 +146,7 @@ cdef class Hub:
             session = <Session>target.subscribers[i]
             users.add(session.identity.user)
             if i < limit:
-                clients.append([session.client_id.decode("ascii"), session.identity.user,
-                                session.identity.info])
+                clients.append(presence_entry(session))
         return (target.count, [user_key(user) for user in users], clients)
 
     def gather_presence(self, str channel, answer):
@@ -647,7 +643,8 @@ cdef class Hub:
         if not name.startswith(WATCH_PREFIX) and self.presence_channels.allows(name):
             self.presence_answers.pop(name, None)
             self.bus.joined(name, session.client_id, session.identity.user,
-                            session.identity.info)
+                            session.identity.info,
+                            "" if session.connection is None else session.metadata_text())
             self._announce(b"join", name, session)
         return 0
 

@@ -31,11 +31,25 @@ cdef bytes _reply(bytes kind, str channel, bytes request_id):
 
 
 cdef dict _presence_client(list entry):
-    """[clientId, user, info] as a presence answer lists it; no `info` without one."""
+    """[clientId, user, info(, metadata)] as a presence answer lists it; no `info` without
+    one, no `metadata` when it is empty."""
     client = {"clientId": entry[0], "user": entry[1]}
     if entry[2]:
         client["info"] = msgspec.Raw(entry[2].encode())
+    if len(entry) > 3 and entry[3]:
+        client["metadata"] = msgspec.Raw(entry[3].encode())
     return client
+
+
+cdef list presence_entry(Session session):
+    """A subscriber as presence lists it (fastfan.bus.base.Entries): [clientId, user, info],
+    and the metadata hooks gave it, if any."""
+    entry = [session.client_id.decode("ascii"), session.identity.user, session.identity.info]
+    if session.connection is not None:
+        metadata = session.metadata_text()
+        if metadata:
+            entry.append(metadata)
+    return entry
 
 
 cdef double refilled(double* tokens, double* refill_at, double rate, double burst) noexcept:
@@ -128,6 +142,8 @@ cdef class Session(Outbox):
             welcome = b'{"type":"welcome","data":{"clientId":"%s","user":%s,"timestamp":%d}}' % (
                 self.client_id, encode_json(self.identity.user), now_ms())
             self.queue_bytes(welcome)
+            if self.connection is not None:
+                hub.hooks.connected(self)
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.hub.detach(self)
@@ -139,6 +155,8 @@ cdef class Session(Outbox):
         self._forget_fragments()
         self.conflated = None
         self.closing = True
+        if self.connection is not None and self.client_id is not None:
+            self.hub.hooks.disconnected(self)
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType kind = frame.msg_type
@@ -237,6 +255,8 @@ cdef class Session(Outbox):
         if not self.close_code:  # the client's code and reason, for connection_closed
             self.hub.note_close(self, code,
                                 frame.get_close_message().decode("utf-8", "replace"))
+        if self.connection is not None and not self.closing:
+            self.connection.closed_with(code, frame.get_close_message() or b"")
         if not self.closing:
             if is_valid_close_code(code):
                 self._send_close(code, "")
@@ -244,6 +264,11 @@ cdef class Session(Outbox):
                 self._send_close(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
         self.transport.disconnect()
         return 0
+
+    cdef int _send_close(self, int code, str reason) except -1:
+        if self.connection is not None:
+            self.connection.closed_with(code, reason)
+        return Outbox._send_close(self, code, reason)
 
     cdef int check_deadlines(self, double now, double wall, double ping_interval,
                              double ping_timeout) except -1:
@@ -253,6 +278,10 @@ cdef class Session(Outbox):
         if self.closing:
             return 0
         if self.expires_at and wall >= self.expires_at:
+            if self.connection is not None and self.hub.hooks.app.refresh_hook is not None:
+                self.expires_at = 0  # until the App's refresh answers (renew)
+                self.hub.hooks.refresh(self)
+                return 0
             self.close(CloseCode.TOKEN_EXPIRED, "token expired")
             return 0
         if self.fragment_type and now - self.fragments.started >= FRAGMENT_TIMEOUT:
@@ -339,6 +368,17 @@ cdef class Session(Outbox):
             return self._queue_error(400, "invalid JSON: nested too deeply", b"")
         if request.id:
             request_id = bytes(request.id)
+        if self.hooks_pending:  # behind a hook of this connection's, in its order
+            self.hub.hooks.later(self, request, request_id)
+            return 0
+        return self._dispatch(request, request_id)
+
+    def dispatch(self, request, bytes request_id):
+        """A request that waited behind a hook (fastfan.hooks), handled now."""
+        if not self.closing:
+            self._dispatch(request, request_id)
+
+    cdef int _dispatch(self, request, bytes request_id) except -1:
         kind_name = request.type
         if kind_name == "publish":
             return self._publish(request, request_id)
@@ -361,6 +401,8 @@ cdef class Session(Outbox):
             return self._presence(request.channel, request_id, True)
         if kind_name == "history":
             return self._history(request, request_id)
+        if kind_name == "rpc":
+            return self._rpc(request, request_id)
         return self._queue_error(400, f"unknown message type {kind_name!r}", request_id)
 
     cdef int _check_channel(self, channel, bytes request_id) except -1:
@@ -374,15 +416,21 @@ cdef class Session(Outbox):
         return 1
 
     cdef int _subscribe(self, channel, bytes request_id, bint join_leave,
-                        recover) except -1:
+                        recover, bint hooked=False) except -1:
+        """A subscribe; `hooked`: the App's can_subscribe allowed it (the permission was
+        checked before), or its authenticate named the channel (the server's decision)."""
         cdef Hub hub = self.hub
         cdef bint history
         if not self._check_channel(channel, request_id):
             return 0
-        if not self.identity.subscribe.allows(channel):
+        if not hooked and not self.identity.subscribe.allows(channel):
             return self._queue_error(403, f"not permitted to subscribe to {channel}", request_id)
         if recover is not None and recover.offset < 0:
             return self._queue_error(400, "'recover' needs an offset of 0 or more", request_id)
+        if hub.hook_subscribe and not hooked:
+            # can_subscribe decides; subscribe_allowed goes on from here
+            hub.hooks.can_subscribe(self, channel, request_id, join_leave, recover)
+            return 0
         history = hub.keeps_history(channel)
         new = channel not in self.subscriptions
         watch = join_leave and WATCH_PREFIX + channel not in self.subscriptions
@@ -423,6 +471,11 @@ cdef class Session(Outbox):
             return 0  # `subscribed` is a promise: it goes once the bus has the subscription
         return self.queue_bytes(_reply(b"subscribed", channel, request_id))
 
+    def subscribe_allowed(self, str channel, bytes request_id, bint join_leave, recover):
+        """A subscribe its hook allowed (or a channel authenticate named: no hook asked)."""
+        if not self.closing:
+            self._subscribe(channel, request_id, join_leave, recover, True)
+
     cdef int _unsubscribe(self, channel, bytes request_id) except -1:
         if not self._check_channel(channel, request_id):
             return 0
@@ -446,6 +499,8 @@ cdef class Session(Outbox):
         return 0
 
     cdef int _publish(self, request, bytes request_id) except -1:
+        """A client's publish: checked, rate-limited (before any hook: a flood costs the
+        application nothing), then decided by the App's can_publish if it has one."""
         cdef Hub hub = self.hub
         channel = request.channel
         if not self._check_channel(channel, request_id):
@@ -461,8 +516,18 @@ cdef class Session(Outbox):
                 return 0
             return self._queue_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
                                     request_id)
-        payload = hub.encode_message(channel, request.data, self.client_id)
-        history = hub.keeps_history(channel)
+        if hub.hook_publish:
+            hub.hooks.can_publish(self, request, request_id)  # publish_allowed goes on
+            return 0
+        return self._publish_allowed(channel, request.data, request_id, request.echo, True)
+
+    cdef int _publish_allowed(self, str channel, data, bytes request_id, bint echo,
+                              bint history) except -1:
+        """A publish checked and allowed: `data` (the JSON bytes) to the bus, kept in
+        history (on a channel that has it) unless `history` is false."""
+        cdef Hub hub = self.hub
+        payload = hub.encode_message(channel, data, self.client_id)
+        history = history and hub.keeps_history(channel)
         if history and not self._take_history_quota(len(payload) + CHANNEL_COST):
             return self._queue_error(
                 429, f"history quota exceeded: one connection may add "
@@ -472,7 +537,7 @@ cdef class Session(Outbox):
         # its position: PENDING, or REFUSED).
         publish = hub.bus.publish_history if history else hub.bus.publish
         outcome = publish(channel, payload, self if request_id else None, request_id,
-                          None if request.echo else self)
+                          None if echo else self)
         if outcome == BusResult.REFUSED:
             return self._refuse(errors.BUS_UNAVAILABLE, request_id)
         if hub.publish_webhook is not None:
@@ -480,6 +545,72 @@ cdef class Session(Outbox):
         if outcome == BusResult.DONE and request_id:
             return self.queue_bytes(_reply(b"published", channel, request_id))
         return 0  # PENDING: the bus calls acknowledge() once it knows
+
+    def publish_allowed(self, request, bytes request_id, data, bint history):
+        """A publish its hook allowed: `data` (JSON bytes) replaces the client's unless
+        None; `history` false keeps it out of history."""
+        if not self.closing:
+            self._publish_allowed(request.channel, request.data if data is None else data,
+                                  request_id, request.echo, history)
+
+    cdef int _rpc(self, request, bytes request_id) except -1:
+        """`{"type":"rpc","method":M,"data":D}`: the App's method answers, in fastfan.hooks."""
+        if not isinstance(request.method, str) or not request.method:
+            return self._queue_error(400, "rpc needs 'method'", request_id)
+        if self.hub.hooks is None:
+            return self._queue_error(404, f"unknown method {request.method!r}", request_id)
+        self.hub.hooks.rpc(self, request, request_id)
+        return 0
+
+    def reply(self, bytes body):
+        """A reply (an encoded JSON object) from fastfan.hooks."""
+        if not self.closing:
+            self.queue_bytes(body)
+
+    def send_data(self, bytes data):
+        """connection.send: a `message` to this connection alone."""
+        if not self.closing:
+            self.queue_bytes(b'{"type":"message","channel":null,"data":%s,"from":"server",'
+                             b'"timestamp":%d}' % (data, now_ms()))
+
+    def heartbeat(self):
+        """The seed's HeartbeatManager.getStatus: (last heard, ms since the epoch; pings
+        unanswered; alive)."""
+        cdef double now = monotonic()
+        return (now_ms() - <long long>((now - self.last_seen) * 1000),
+                1 if self.pinged_at > self.last_seen else 0, not self.closing)
+
+    @property
+    def closed(self):
+        return self.closing
+
+    def pause_reading(self):
+        """Read nothing more from the client for now (its requests wait for a hook)."""
+        if not self.closing and self.transport is not None:
+            self.transport.underlying_transport.pause_reading()
+
+    def resume_reading(self):
+        if not self.closing and self.transport is not None:
+            self.transport.underlying_transport.resume_reading()
+
+    def renew(self, double expires_at):
+        """The App's refresh gave the connection a new expiry (epoch seconds)."""
+        self.expires_at = expires_at
+
+    def metadata_text(self):
+        """connection.metadata as JSON text, "" when empty or without an App."""
+        return "" if self.connection is None else self.connection.metadata_text()
+
+    def metadata_changed(self):
+        """connection.metadata changed: presence shows it from now on (a bus that keeps
+        presence elsewhere writes it there again)."""
+        cdef Hub hub = self.hub
+        metadata = self.metadata_text()
+        for channel in self.subscriptions:
+            if not channel.startswith(WATCH_PREFIX) and hub.presence_channels.allows(channel):
+                hub.presence_answers.pop(channel, None)
+                hub.bus.joined(channel, self.client_id, self.identity.user,
+                               self.identity.info, metadata)
 
     def acknowledge(self, str channel, bytes request_id, bint ok, bytes position=b"",
                     str refusal=None):
@@ -502,6 +633,9 @@ cdef class Session(Outbox):
             "messagesSent": self.messages_sent, "bytesReceived": self.bytes_received,
             "bytesSent": self.bytes_sent,
             "channels": [c for c in self.subscriptions if not c.startswith(WATCH_PREFIX)]}}
+        last_seen, unanswered, alive = self.heartbeat()
+        reply["data"]["heartbeat"] = {"lastSeen": last_seen, "unanswered": unanswered,
+                                      "alive": alive}
         return self.queue_bytes(_with_id(encode_json(reply), request_id))
 
     cdef int _refresh(self, token, bytes request_id) except -1:

@@ -388,37 +388,42 @@ class Api:
             channels_everywhere=everywhere)
 
     async def _send(self, channels: list[str], data: msgspec.Raw) -> list[dict[str, Any]]:
-        """Each channel gets the message through the bus, as a WebSocket publish does.
-        Returns, for each, its offset and epoch on a channel with history, else {}."""
-        hub = self._hub
-        if hub.overloaded:
-            # Behind its output (--max-backlog): the publisher waits, not the subscribers.
-            raise ApiError(503, "the server is behind its output (--max-backlog): try again "
-                                "in a moment", ((b"Retry-After", b"1"),))
-        loop = asyncio.get_running_loop()
-        pending = []
-        confirmations = []
-        for sent, channel in enumerate(channels):
-            confirmation = _Confirmation(loop)
-            confirmations.append(confirmation)
-            payload = hub.encode_message(channel, data, SENDER)
-            publish = (hub.bus.publish_history if hub.keeps_history(channel)
-                       else hub.bus.publish)
-            outcome = publish(channel, payload, confirmation, b"")
-            if outcome == BusResult.REFUSED:
-                raise ApiError(503, "message bus unavailable, try again" + (
-                    f" ({sent} of {len(channels)} channels were published)" if sent else ""))
-            if outcome == BusResult.PENDING:
-                pending.append(confirmation.done)
-        if pending:
-            try:
-                await _confirmed(pending, "the message")
-            except ApiError:
-                for confirmation in confirmations:
-                    if confirmation.refusal is not None:  # a full history store's
-                        raise ApiError(507, confirmation.refusal) from None
-                raise
-        return [confirmation.position for confirmation in confirmations]
+        return await send(self._hub, channels, data, SENDER)
+
+
+async def send(hub: Hub, channels: list[str], data: bytes,
+               sender: bytes) -> list[dict[str, Any]]:
+    """Each channel gets the message through the bus, as a WebSocket publish does, from
+    `sender` ("api"; "server" for app.publish). Returns, for each, its offset and epoch
+    on a channel with history, else {}."""
+    if hub.overloaded:
+        # Behind its output (--max-backlog): the publisher waits, not the subscribers.
+        raise ApiError(503, "the server is behind its output (--max-backlog): try again "
+                            "in a moment", ((b"Retry-After", b"1"),))
+    loop = asyncio.get_running_loop()
+    pending = []
+    confirmations = []
+    for sent, channel in enumerate(channels):
+        confirmation = _Confirmation(loop)
+        confirmations.append(confirmation)
+        payload = hub.encode_message(channel, data, sender)
+        publish = (hub.bus.publish_history if hub.keeps_history(channel)
+                   else hub.bus.publish)
+        outcome = publish(channel, payload, confirmation, b"")
+        if outcome == BusResult.REFUSED:
+            raise ApiError(503, "message bus unavailable, try again" + (
+                f" ({sent} of {len(channels)} channels were published)" if sent else ""))
+        if outcome == BusResult.PENDING:
+            pending.append(confirmation.done)
+    if pending:
+        try:
+            await _confirmed(pending, "the message")
+        except ApiError:
+            for confirmation in confirmations:
+                if confirmation.refusal is not None:  # a full history store's
+                    raise ApiError(507, confirmation.refusal) from None
+            raise
+    return [confirmation.position for confirmation in confirmations]
 
 
 async def _confirmed(pending: list[asyncio.Future[bool]], what: str) -> None:

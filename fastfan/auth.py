@@ -124,13 +124,21 @@ def _info_claim(claims: dict[str, Any]) -> str:
     """The `info` claim, any JSON value of at most MAX_INFO_BYTES, as JSON text."""
     if "info" not in claims:
         return ""
+    return info_text(claims["info"], "claim 'info'")
+
+
+def info_text(info: Any, what: str) -> str:
+    """`info` (a token's claim, or an `authenticate` hook's Identity.info) as JSON text of
+    at most MAX_INFO_BYTES, or AuthError naming `what`."""
     try:
-        text = msgspec.json.encode(claims["info"])
+        text = msgspec.json.encode(info)
     except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate has no UTF-8
-        raise AuthError("claim 'info' holds a lone surrogate (\\ud800-\\udfff), "
+        raise AuthError(f"{what} holds a lone surrogate (\\ud800-\\udfff), "
                         "which is not Unicode text") from None
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise AuthError(f"{what} is not JSON: {exc}") from None
     if len(text) > MAX_INFO_BYTES:
-        raise AuthError(f"claim 'info' is {len(text)} bytes of JSON; at most {MAX_INFO_BYTES}")
+        raise AuthError(f"{what} is {len(text)} bytes of JSON; at most {MAX_INFO_BYTES}")
     return text.decode()
 
 
@@ -332,6 +340,10 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Identity:
         """The identity a token grants, or AuthError with the reason it is refused."""
+        return self.verify_claims(token)[0]
+
+    def verify_claims(self, token: str) -> tuple[Identity, dict[str, Any]]:
+        """verify, with the token's claims (an `authenticate` hook sees them)."""
         if len(token) > MAX_TOKEN_LENGTH:
             raise AuthError(f"token is longer than {MAX_TOKEN_LENGTH} bytes")
         if not token.isascii():
@@ -358,7 +370,7 @@ class TokenVerifier:
             raise AuthError(f"token is malformed: {exc}") from None
         except Exception:
             raise AuthError("token is malformed") from None
-        return self._identity(claims)
+        return self._identity(claims), claims
 
     def _identity(self, claims: dict[str, Any]) -> Identity:
         if "sub" not in claims:

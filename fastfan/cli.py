@@ -197,6 +197,9 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--webhook-queue-bytes", _positive_int, None,
      "bytes of undelivered events per URL; past it the oldest are dropped (16777216)"),
     ("--webhook-format", str, ("native", "pusher"), "webhook events' format (native)"),
+    ("--app", str, None,
+     "the application's hooks: package.module:attribute naming a fastfan.App (docs/hooks.md)"),
+    ("--hook-timeout", _seconds, None, "seconds each hook may take (default 1)"),
 ]
 
 _TRUE = ("1", "true", "yes", "on")

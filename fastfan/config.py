@@ -11,6 +11,7 @@ from pathlib import Path
 from redis.connection import parse_url as parse_redis_url
 
 from ._core import SlowConsumerPolicy
+from .app import load_app
 from .history import DEFAULT_MAX_BYTES
 from .keys import PublicKey
 
@@ -90,6 +91,8 @@ class Config:
     webhook_queue_bytes: int = 16777216
     webhook_format: str = "native"
     pid_file: str | None = None  # the master's pid, for `fastfan reload` and `restart`
+    app: str | None = None  # --app package.module:attribute, a fastfan.App
+    hook_timeout: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -136,6 +139,13 @@ class Config:
         if self.compression_min_size < 0:
             raise ConfigError("--compression-min-size must be 0 or more bytes")
         self._check_token_key()
+        if self.hook_timeout <= 0:
+            raise ConfigError("--hook-timeout must be a positive number of seconds")
+        if self.app is not None:
+            try:
+                load_app(self.app)
+            except ValueError as exc:
+                raise ConfigError(f"--app {self.app}: {exc}") from None
         self._check_api()
         self._check_tls()
         self._check_webhooks()
@@ -254,12 +264,17 @@ class Config:
     def require_auth_choice(self) -> None:
         """`run` needs a way to check tokens, or an explicit decision to skip them."""
         if self.jwt_secret is None and self.jwt_public_key is None and self.jwks_url is None \
-                and not self.insecure:
+                and not self.insecure and not self.app_authenticates:
             raise ConfigError(
                 "no token key given: set --jwt-secret-file (or FASTFAN_JWT_SECRET), "
                 "--jwt-public-key or --jwks-url to require client tokens, or pass "
                 "--insecure to accept any client (local development only)"
             )
+
+    @property
+    def app_authenticates(self) -> bool:
+        """--app has an `authenticate` hook: it may replace tokens altogether."""
+        return self.app is not None and load_app(self.app).authenticate_hook is not None
 
     @property
     def api_listen_host(self) -> str:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from importlib import resources
 from typing import Any, TypeAlias
 from urllib.parse import parse_qs
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ._core import Hub, Session
 from ._picows import (
@@ -30,8 +31,11 @@ from ._picows import (
     WSUpgradeResponseWithListener,
 )
 from ._picows.picows import WSProtocol  # type: ignore[attr-defined]
+from .app import Identity as HookIdentity
+from .app import Request as HookRequest
 from .auth import ANONYMOUS, AuthError, Identity, token_verifier
 from .config import Config
+from .hooks import BadReturn, Hooks, identity_of
 
 log = logging.getLogger("fastfan.handshake")
 
@@ -96,6 +100,11 @@ class ListenerFactory:
         verifier = token_verifier(config)
         self.verify_token: Callable[[str], Identity] | None = (
             None if verifier is None else verifier.verify)
+        self.verify_claims: Callable[[str], tuple[Identity, dict[str, Any]]] | None = (
+            None if verifier is None else verifier.verify_claims)
+        # (host, port) of the connection whose upgrade request the factory is answering
+        # (FirstRequest hands each request over whole, so the factory runs within it)
+        self.peer: tuple[str, int] | None = None
         hub.verify_token = self.verify_token
         self.refused_full_total = 0
         # Set when the worker leaves (SIGTERM, or replaced): upgrades get 503 from then on.
@@ -133,7 +142,7 @@ class ListenerFactory:
         if protocol.transport is None:
             self.open_connections -= 1
 
-    def __call__(self, request: WSUpgradeRequest) -> Route:
+    def __call__(self, request: WSUpgradeRequest) -> Route | asyncio.Future[Route]:
         try:
             return self._route(request)
         except Exception:
@@ -141,7 +150,7 @@ class ListenerFactory:
             log.exception("handshake failed")
             return _response(500, b"500 Internal Server Error\n")
 
-    def _route(self, request: WSUpgradeRequest) -> Route:
+    def _route(self, request: WSUpgradeRequest) -> Route | asyncio.Future[Route]:
         path, _, query = request.path.partition(b"?")
         if path == b"/health":
             return _response(200, b"ok\n")
@@ -170,13 +179,24 @@ class ListenerFactory:
             self.refused_full_total += 1
             return _response(503, b"503 Service Unavailable: connection limit reached, "
                                   b"try another node or later\n", {"Retry-After": "1"})
+        hooks = self._hub.hooks
         try:
+            if hooks is not None and hooks.app.authenticate_hook is not None and not echo:
+                return self._ask_authenticate(hooks, request, path, query)
             identity = self._authenticate(request, query)
         except AuthError as exc:
-            self.auth_failures_total += 1
-            reason = " ".join(str(exc).split())  # one line, whatever a library put in it
-            return _response(401, f"401 Unauthorized: {reason}\n".encode(errors="replace"),
-                             {"WWW-Authenticate": "Bearer"})
+            return self._unauthorized(exc)
+        return self._session(request, identity, echo, None, None)
+
+    def _unauthorized(self, exc: AuthError) -> Route:
+        self.auth_failures_total += 1
+        reason = " ".join(str(exc).split())  # one line, whatever a library put in it
+        return _response(401, f"401 Unauthorized: {reason}\n".encode(errors="replace"),
+                         {"WWW-Authenticate": "Bearer"})
+
+    def _session(self, request: WSUpgradeRequest, identity: Identity, echo: bool,
+                 hook_request: HookRequest | None, hook_identity: HookIdentity | None) -> Route:
+        """The Session of an authenticated upgrade (with --app, its Connection too)."""
         per_user = self._config.max_connections_per_user
         if per_user and identity is not ANONYMOUS and \
                 self._hub.connections_of(identity.user) >= per_user:
@@ -188,16 +208,74 @@ class ListenerFactory:
         deflate = self._config.compression and _accept_deflate(
             request.headers.getall("Sec-WebSocket-Extensions", ()))
         if not deflate:
-            return Session(self._hub, identity, echo)  # picows's own 101, as ever
-        extension, compressed = deflate
-        session = Session(self._hub, identity, echo, True, compressed)
-        response = WSUpgradeResponse.create_101_response(
-            {"Sec-WebSocket-Extensions": extension})
-        return WSUpgradeResponseWithListener(response, session)
+            session = Session(self._hub, identity, echo)  # picows's own 101, as ever
+            route: Route = session
+        else:
+            extension, compressed = deflate
+            session = Session(self._hub, identity, echo, True, compressed)
+            response = WSUpgradeResponse.create_101_response(
+                {"Sec-WebSocket-Extensions": extension})
+            route = WSUpgradeResponseWithListener(response, session)
+        if self._hub.hooks is not None and not echo:
+            self._hub.hooks.attach(session, identity, hook_identity,
+                                   hook_request or self._hook_request(request, None, None))
+        return route
+
+    def _hook_request(self, request: WSUpgradeRequest, token: str | None,
+                      claims: dict[str, Any] | None) -> HookRequest:
+        """The upgrade request as hooks see it (fastfan.Request)."""
+        path, _, query = request.path.partition(b"?")
+        return HookRequest(
+            path=path.decode(errors="replace"),
+            query={name: values[0] for name, values in
+                   parse_qs(query.decode("latin-1")).items()},
+            headers=CIMultiDictProxy(request.headers), peer=self.peer, token=token,
+            claims=claims)
+
+    def _ask_authenticate(self, hooks: Hooks, request: WSUpgradeRequest, path: bytes,
+                          query: bytes) -> Route | asyncio.Future[Route]:
+        """The App's authenticate decides: with a token key a bad token is a 401 before it,
+        a good one reaches it as `claims`. Its answer now, or a future picows waits for
+        (the patched picows: patches/README.md)."""
+        token = _token_from(request, query)
+        claims = None
+        token_identity = None
+        if token is not None and self.verify_claims is not None:
+            token_identity, claims = self.verify_claims(token)
+        hook_request = self._hook_request(request, token, claims)
+        hook = hooks.app.authenticate_hook
+        assert hook is not None
+        answer: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
+
+        def identified(result: Any) -> None:
+            if result is None and token_identity is not None:
+                result = HookIdentity(user=token_identity.user)
+            if not isinstance(result, HookIdentity):
+                raise BadReturn("authenticate must return a fastfan.Identity, not "
+                                f"{result!r:.100}")
+            try:
+                identity = identity_of(result, token_identity)
+            except (AuthError, TypeError, ValueError) as exc:
+                raise BadReturn(f"authenticate's Identity: {exc}") from None
+            answer.set_result(self._session(request, identity, False, hook_request, result))
+
+        def refused(code: int, message: str, shape: dict[str, Any] | None) -> None:
+            status = code if 400 <= code <= 599 else 403
+            if status == 401:
+                self.auth_failures_total += 1
+            reason = " ".join(message.split())
+            phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ \
+                else "Refused"
+            answer.set_result(_response(
+                status, f"{status} {phrase}: {reason}\n".encode(errors="replace"),
+                {"WWW-Authenticate": "Bearer"} if status == 401 else None))
+
+        hooks.run("authenticate", lambda: hook(hook_request), identified, refused)
+        return answer.result() if answer.done() else answer
 
     def _authenticate(self, request: WSUpgradeRequest, query: bytes) -> Identity:
         if self.verify_token is None:
-            return ANONYMOUS  # --insecure (never with a secret): nobody is checked
+            return ANONYMOUS  # --insecure, or --app's authenticate alone: nobody is checked
         token = _token_from(request, query)
         if token is None:
             raise AuthError("missing token: send 'Authorization: Bearer <token>' or ?token=")
@@ -249,19 +327,26 @@ class FirstRequest(asyncio.BufferedProtocol):
         self._received += _SCRATCH[:nbytes]
         if self._received.startswith(b"HEAD "):
             self._answer_head()
-        elif not (len(self._received) < 5 and b"HEAD ".startswith(self._received)):
+        elif not (len(self._received) < 5 and b"HEAD ".startswith(self._received)) and (
+                b"\r\n\r\n" in self._received or len(self._received) > MAX_HEAD_REQUEST):
             self._hand_over()
 
     def _hand_over(self) -> None:
-        """picows's protocol reads from here on, starting with what came so far."""
+        """picows's protocol reads from here on, starting with the whole request head (or
+        more than picows takes): the factory answers it within this call, knowing the
+        peer."""
         self._transport.set_protocol(self._protocol)
         received = memoryview(self._received)
-        while received and not self._transport.is_closing():
-            buffer = self._protocol.get_buffer(-1)
-            size = min(len(buffer), len(received))
-            buffer[:size] = received[:size]
-            received = received[size:]
-            self._protocol.buffer_updated(size)
+        self._factory.peer = self._transport.get_extra_info("peername")
+        try:
+            while received and not self._transport.is_closing():
+                buffer = self._protocol.get_buffer(-1)
+                size = min(len(buffer), len(received))
+                buffer[:size] = received[:size]
+                received = received[size:]
+                self._protocol.buffer_updated(size)
+        finally:
+            self._factory.peer = None
 
     def _answer_head(self) -> None:
         end = self._received.find(b"\r\n\r\n")

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._picows.version import __version__ as picows_version
+from .app import load_app
 from .config import Config, ConfigError, reload
 from .logs import configure
 from .metrics import SharedFigures
@@ -424,6 +425,9 @@ def serve(config: Config, load: Callable[[], Config]) -> int:
              config.port, config.workers, bus_name(config), limit)
     log.info("WebSocket layer: picows %s (vendored)", picows_version)
     log.info("%s", features_on(config))
+    if config.app is not None:
+        log.info("hooks: --app %s (%s), --hook-timeout %g s", config.app,
+                 ", ".join(load_app(config.app).hooks()) or "none", config.hook_timeout)
     try:
         return master.run()
     finally:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ._core import LATENCY_BOUNDS
+from .app import FAULT_CAUSES, HOOK_NAMES, hook_error_key
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ METRICS = (
                           ("invalid_payload", "dropped_invalid_total"),
                           ("overload", "dropped_overload_total"),
                           ("rate_limited", "publish_refused_total"))),
+    *(Metric("fastfan_hook_errors_total", "counter",
+             "Faults of the application's hooks (--app) and proxies, by hook and cause.",
+             hook_error_key(hook, cause), f'hook="{hook}",cause="{cause}"')
+      for hook in HOOK_NAMES for cause in FAULT_CAUSES),
 )
 # Gauges that are the whole server's when every worker has them, not their sum.
 LEAST_OF_WORKERS = ("redis_up",)

@@ -42,6 +42,8 @@ class Request(msgspec.Struct):
     limit: Position | None = None
     since: Position | None = None
     epoch: str | None = None
+    # rpc: the App's method to call (with `data`)
+    method: str | None = None
 
 
 decode_request = msgspec.json.Decoder(Request).decode

@@ -17,11 +17,13 @@ import uvloop
 from . import metrics
 from ._core import Hub
 from .api import Api
+from .app import load_app
 from .auth import ChannelPatterns, token_verifier
 from .bus.factory import make_bus
 from .config import Config, ConfigError, reload, tls_context
 from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
+from .hooks import Hooks
 from .logs import PicowsLog, configure
 from .metrics import SharedFigures
 from .webhooks import Webhooks
@@ -108,6 +110,9 @@ class Worker:
         if self.webhooks is not None:
             self.bus.watch_transitions(self.webhooks)
             self.webhooks.hook(self.hub)
+        # --app: the application's hooks (loaded and checked by the master already)
+        self.hooks = None if config.app is None else Hooks(load_app(config.app), self.hub,
+                                                           config.hook_timeout)
         self.accepting = False
         self.leaving: tuple[int, str] | None = None  # the close code and reason, once told
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
@@ -176,6 +181,8 @@ class Worker:
         figures.update(self.bus.figures())
         if self.webhooks is not None:
             figures.update(self.webhooks.figures())
+        if self.hooks is not None:
+            figures.update(self.hooks.figures())
         latency = self.hub.publish_latency
         figures.update(metrics.latency_figures(latency.buckets(), latency.total, latency.count))
         self.placement.figures.write(self.placement.index, figures)

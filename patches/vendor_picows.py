@@ -21,8 +21,9 @@ from pathlib import Path
 
 UPSTREAM = "2.3.1"
 # Bump the number after `fastfan.` with every change to a patch: `fastfan run` logs it.
-PATCHED_VERSION = f"{UPSTREAM}+fastfan.3"
-PATCHES = ["picows-2.3.1-idle-memory.patch", "picows-2.3.1-close-ends-parsing.patch"]
+PATCHED_VERSION = f"{UPSTREAM}+fastfan.4"
+PATCHES = ["picows-2.3.1-idle-memory.patch", "picows-2.3.1-close-ends-parsing.patch",
+           "picows-2.3.1-listener-factory-may-answer-later.patch"]
 # picows/websockets (a websockets-compatible API) and the examples are left out: unused.
 FILES = ["__init__.py", "api.py", "common.py", "url.py", "proxy.py", "version.py", "py.typed",
          "picows.pyx", "picows.pxd", "picows.pyi", "compat.h", "mask_dispatch.c",

@@ -28,7 +28,7 @@ from support.processes import children
 from support.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
-VENDORED = "picows 2.3.1+fastfan.3 (vendored)"
+VENDORED = "picows 2.3.1+fastfan.4 (vendored)"
 
 pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]  # the build: minutes
 

@@ -57,7 +57,8 @@ class RecordingBus(Bus):
     def command(self, payload: bytes, ack: Acknowledger | None) -> int:
         return DONE
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         self.calls.append(("joined", channel, user))
 
     def left(self, channel: str, client_id: bytes) -> None:

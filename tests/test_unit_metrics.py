@@ -7,6 +7,7 @@ import os
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastfan.app import FAULT_CAUSES, HOOK_NAMES, hook_error_key
 from fastfan.metrics import CUMULATIVE, FIGURES, SharedFigures, latency_figures, render
 
 # fastfan_dropped_total{reason}: the label each figure is exported under (the contract's).
@@ -73,7 +74,13 @@ def test_every_figure_is_rendered_under_its_name_with_its_value() -> None:
                if name == "fastfan_dropped_total"}
     assert plain == {key: figures[key] for key in plain}
     assert dropped == {reason: figures[key] for reason, key in DROP_REASONS.items()}
-    exported = set(plain) | set(DROP_REASONS.values())
+    hook_errors = {(dict(labels)["hook"], dict(labels)["cause"]): value
+                   for (name, labels), value in read.items()
+                   if name == "fastfan_hook_errors_total"}
+    faults = {(hook, cause): hook_error_key(hook, cause)
+              for hook in HOOK_NAMES for cause in FAULT_CAUSES}
+    assert hook_errors == {fault: figures[key] for fault, key in faults.items()}
+    exported = set(plain) | set(DROP_REASONS.values()) | set(faults.values())
     assert exported | {k for k in FIGURES if k.startswith("latency_")} == set(FIGURES)
 
 

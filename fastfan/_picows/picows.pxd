@@ -16,6 +16,7 @@ cdef enum WSParserState:
     READ_PAYLOAD_LENGTH = 2
     READ_PAYLOAD_MASK = 3
     READ_PAYLOAD = 4
+    WAIT_LISTENER = 5
 
 
 cpdef enum WSMsgType:

@@ -1492,6 +1492,9 @@ cdef class WSProtocol(WSProtocolBase, asyncio.BufferedProtocol):
         if self._state == WSParserState.WAIT_UPGRADE_RESPONSE:
             if not self._negotiate():
                 return NoResult.SUCCESS
+        elif self._state == WSParserState.WAIT_LISTENER:
+            # The listener factory answers later: what comes meanwhile waits in the buffer.
+            return NoResult.SUCCESS
 
         self._last_data_time = picows_get_monotonic_time()
 
@@ -1567,45 +1570,81 @@ cdef class WSProtocol(WSProtocolBase, asyncio.BufferedProtocol):
             try:
                 self.transport.request = upgrade_request
                 listener_or_response_with_listener = listener_factory(upgrade_request)
-                if isinstance(listener_or_response_with_listener, WSUpgradeResponseWithListener):
-                    self.listener = listener_or_response_with_listener.listener
-                    response = listener_or_response_with_listener.response
-                elif isinstance(listener_or_response_with_listener, WSListener):
-                    self.listener = listener_or_response_with_listener
-                    response = WSUpgradeResponse.create_101_response()
-                elif listener_or_response_with_listener is None:
-                    self.listener = None
-                    response = WSUpgradeResponse.create_error_response(
-                        HTTPStatus.NOT_FOUND, b"404 Not Found"
-                    )
-                else:
-                    raise TypeError("user listener_factory returned wrong listener type")
-
             except Exception as ex:
+                listener_or_response_with_listener = ex
+            if isinstance(listener_or_response_with_listener, asyncio.Future):
+                # The factory answers later (it asks an application): the upgrade waits,
+                # and what the client sends meanwhile stays in the buffer.
+                self._state = WSParserState.WAIT_LISTENER
+                listener_or_response_with_listener.add_done_callback(self._listener_answered)
+                return False
+            if not self._upgrade(upgrade_request, listener_or_response_with_listener):
+                return False
+
+        self._handshake_done()
+        return True
+
+    def _listener_answered(self, future):
+        """The listener factory's late answer: the upgrade goes on as if it came at once,
+        then the frames that arrived meanwhile are handled."""
+        if self.transport.is_disconnected:
+            return
+        self._state = WSParserState.WAIT_UPGRADE_RESPONSE
+        try:
+            answer = future.result()
+        except BaseException as ex:
+            answer = ex
+        if self._upgrade(self.transport.request, answer):
+            self._handshake_done()
+            self._process_new_data()
+
+    cdef _upgrade(self, upgrade_request, listener_or_response_with_listener):
+        """Answer the upgrade request as the listener factory says (an exception it raised
+        is a 500); True when it is upgraded."""
+        try:
+            if isinstance(listener_or_response_with_listener, BaseException):
+                raise listener_or_response_with_listener
+            if isinstance(listener_or_response_with_listener, WSUpgradeResponseWithListener):
+                self.listener = listener_or_response_with_listener.listener
+                response = listener_or_response_with_listener.response
+            elif isinstance(listener_or_response_with_listener, WSListener):
+                self.listener = listener_or_response_with_listener
+                response = WSUpgradeResponse.create_101_response()
+            elif listener_or_response_with_listener is None:
+                self.listener = None
                 response = WSUpgradeResponse.create_error_response(
-                    HTTPStatus.INTERNAL_SERVER_ERROR, str(ex).encode())
-                self.transport._send_http_handshake_response(response, None)
-                self.transport.disconnect()
-                return False
+                    HTTPStatus.NOT_FOUND, b"404 Not Found"
+                )
+            else:
+                raise TypeError("user listener_factory returned wrong listener type")
 
-            if response.status != HTTPStatus.SWITCHING_PROTOCOLS:
-                self.transport._send_http_handshake_response(response, None)
-                self.transport.disconnect()
-                return False
+        except Exception as ex:
+            response = WSUpgradeResponse.create_error_response(
+                HTTPStatus.INTERNAL_SERVER_ERROR, str(ex).encode())
+            self.transport._send_http_handshake_response(response, None)
+            self.transport.disconnect()
+            return False
 
-            try:
-                accept_val = _validate_upgrade_request(upgrade_request)
-            except RuntimeError as ex:
-                response = WSUpgradeResponse.create_error_response(
-                    HTTPStatus.BAD_REQUEST, str(ex).encode())
-                self.transport._send_http_handshake_response(response, None)
-                self.transport.disconnect()
-                return False
+        if response.status != HTTPStatus.SWITCHING_PROTOCOLS:
+            self.transport._send_http_handshake_response(response, None)
+            self.transport.disconnect()
+            return False
 
-            self.transport.listener_proxy = weakref.proxy(self.listener)
-            self._state = WSParserState.READ_HEADER
-            self.transport._send_http_handshake_response(response, accept_val)
+        try:
+            accept_val = _validate_upgrade_request(upgrade_request)
+        except RuntimeError as ex:
+            response = WSUpgradeResponse.create_error_response(
+                HTTPStatus.BAD_REQUEST, str(ex).encode())
+            self.transport._send_http_handshake_response(response, None)
+            self.transport.disconnect()
+            return False
 
+        self.transport.listener_proxy = weakref.proxy(self.listener)
+        self._state = WSParserState.READ_HEADER
+        self.transport._send_http_handshake_response(response, accept_val)
+        return True
+
+    cdef _handshake_done(self):
         if self._handshake_timeout_handle is not None:
             self._handshake_timeout_handle.cancel()
             self._handshake_timeout_handle = None
@@ -1614,7 +1653,6 @@ cdef class WSProtocol(WSProtocolBase, asyncio.BufferedProtocol):
         self._last_data_time = picows_get_monotonic_time()
         if self._enable_auto_ping:
             self._auto_ping_loop_task = self._loop.create_task(self._auto_ping_loop())
-        return True
 
     async def _auto_ping_loop(self):
         cdef double now

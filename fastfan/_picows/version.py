@@ -1,2 +1,2 @@
 __author__ = "Taras Kozlov"
-__version__ = "2.3.1+fastfan.3"
+__version__ = "2.3.1+fastfan.4"

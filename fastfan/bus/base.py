@@ -125,6 +125,20 @@ class BusHealth:
 class Bus(ABC):
     """See the module's docstring."""
 
+    # @app.on_message (fastfan.hooks): `tap(channel, payload)` for every message of the
+    # channels `tap_messages` names, once per node; None (no call at all) without it
+    message_tap: Callable[[str, bytes], None] | None = None
+
+    def tap_messages(self, patterns: list[str], tap: Callable[[str, bytes], None]) -> None:
+        """Call `tap(channel, payload)` once per node for every message published on a
+        channel matching one of `patterns` (`*`: any run of characters; `tap` may see
+        other channels too, and checks), whoever published it.
+
+        The embedded buses: every message passes through the worker that published it
+        (with history, the channel's owner, which numbers it) before any other: that
+        worker taps it, on its own, and no pattern needs telling anyone."""
+        self.message_tap = tap
+
     @abstractmethod
     def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
                 request_id: bytes, exclude: Outbox | None = None) -> int: ...
@@ -147,9 +161,11 @@ class Bus(ABC):
     def command(self, payload: bytes, ack: Acknowledger | None) -> int: ...
 
     @abstractmethod
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         """A local subscriber of a presence channel (the Hub's arrays are presence enough
-        for a bus that asks the other workers)."""
+        for a bus that asks the other workers); again when its `metadata` (JSON text, ""
+        for none) changes."""
 
     @abstractmethod
     def left(self, channel: str, client_id: bytes) -> None:

@@ -184,7 +184,8 @@ class Nowhere:
     def gather_presence(self, channel: str, answer: Callable[[Presence | None], None]) -> None:
         answer(None)
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         pass  # written by the owner's next refresh
 
     def left(self, channel: str, client_id: bytes) -> None:
@@ -203,6 +204,11 @@ NOWHERE = Nowhere()
 
 
 class ClusterBus(RoutedBus):
+    def tap_messages(self, patterns: list[str], tap: Callable[[str, bytes], None]) -> None:
+        """Not here: a cluster's sharded pub/sub (SPUBLISH) has no pattern subscriptions."""
+        log.warning("@app.on_message does not run with Redis Cluster: its sharded pub/sub "
+                    "has no patterns (use one Redis, or shards)")
+
     def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0,
                  node: Node | None = None, worker: int = 0) -> None:

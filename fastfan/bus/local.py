@@ -39,14 +39,20 @@ class LocalBus(Bus):
     def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
                 request_id: bytes, exclude: Outbox | None = None) -> int:
         self._fanout(channel, payload, exclude)
+        if self.message_tap is not None:
+            self.message_tap(channel, payload)
         return DONE
 
     def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
                         request_id: bytes, exclude: Outbox | None = None) -> int:
         """Numbered, kept and fanned out; acknowledged (if asked) with its position, or
         refused when the store is full."""
-        return sequence_here(self.history, channel, payload, ack, request_id,
-                             lambda numbered: self._fanout(channel, numbered, exclude))
+        def fanout(numbered: bytes) -> None:
+            self._fanout(channel, numbered, exclude)
+            if self.message_tap is not None:
+                self.message_tap(channel, numbered)
+
+        return sequence_here(self.history, channel, payload, ack, request_id, fanout)
 
     def read_history(self, channel: str, since: int, limit: int,
                      answer: Callable[[HistoryAnswer | None], None]) -> None:
@@ -69,7 +75,8 @@ class LocalBus(Bus):
         apply_command(self._hub, payload)
         return DONE
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         """Presence is the subscriber arrays: gather_presence asks for them."""
         if self.occupancy is not None:
             self.occupancy.joined(channel, client_id, user)

@@ -60,7 +60,7 @@ import hiredis
 import msgspec
 import redis.asyncio as aioredis
 
-from .._core import WATCH_PREFIX, Outbox
+from .._core import WATCH_PREFIX, Outbox, is_valid_channel
 from ..directory import Counts, Node
 from ..directory.redis import RedisDirectory
 from ..history import READS_IN_FLIGHT, HistoryAnswer, new_epoch, position
@@ -161,6 +161,8 @@ class Subscriber(asyncio.Protocol):
             if isinstance(reply, list) and (reply[0] == b"message"
                                             or reply[0] == b"smessage"):  # Redis Cluster's
                 self.bus.on_message(reply[1], reply[2])
+            elif isinstance(reply, list) and reply[0] == b"pmessage":
+                self.bus.on_tapped(reply[2], reply[3])
             elif isinstance(reply, list) and reply[0] in (b"subscribe", b"ssubscribe"):
                 self.bus.on_subscribed(reply[1])
             elif isinstance(reply, list) and reply[0] == b"sunsubscribe":
@@ -267,6 +269,8 @@ class RedisBus(Bus):
         self._announces = node is not None
         self._presence_ttl = presence_ttl
         self.occupancy: RedisOccupancy | None = None  # with webhooks
+        self.worker = worker
+        self._tapped: list[bytes] = []  # @app.on_message's patterns, PSUBSCRIBEd
         if node is not None:
             self.directory = RedisDirectory(
                 self._client, hub, prefix, node, worker,
@@ -464,8 +468,9 @@ class RedisBus(Bus):
 
     # Presence, and what the other nodes have ----------------------------------------
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
-        self.presence.joined(channel, client_id, user, info)
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
+        self.presence.joined(channel, client_id, user, info, metadata)
         if self.occupancy is not None:
             self.occupancy.local.joined(channel, client_id, user)
 
@@ -565,13 +570,33 @@ class RedisBus(Bus):
             del self._unanswered[channel]
             self.hub.confirm(channel[len(self.prefix):].decode("ascii"))
 
-    def on_message(self, channel: bytes, payload: bytes) -> None:
+    def tap_messages(self, patterns: list[str], tap: Callable[[str, bytes], None]) -> None:
+        """Every node's first worker PSUBSCRIBEs to the patterns: whatever publishes on
+        Redis (another node, the server API, a bare PUBLISH), it hears it once."""
+        if self.worker == 0:
+            self.message_tap = tap
+            self._tapped = [self.prefix + pattern.encode() for pattern in patterns]
+
+    def on_tapped(self, channel: bytes, payload: bytes) -> None:
+        """A message of a pattern tap_messages named (the clients' channels only)."""
+        name = channel[len(self.prefix):].decode("ascii", errors="replace")
+        if self.message_tap is not None and is_valid_channel(name) \
+                and self._well_formed(payload):
+            self.message_tap(name, payload)
+
+    def _well_formed(self, payload: bytes) -> bool:
+        """A JSON object in UTF-8, as every payload from Redis must be (else counted)."""
         try:
             _is_json_object(payload)
             if not payload.isascii():
                 payload.decode("utf-8")  # msgspec.Raw lets strings through unchecked
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             self.invalid_total += 1
+            return False
+        return True
+
+    def on_message(self, channel: bytes, payload: bytes) -> None:
+        if not self._well_formed(payload):
             return
         if channel == self._commands:
             apply_command(self.hub, payload)
@@ -660,6 +685,8 @@ class RedisBus(Bus):
                     if owns is None or owns(name)]
         self._unanswered = dict.fromkeys(channels, 1)
         commands.append(self._subscribe_command([*self._standing_channels(), *channels]))
+        if self._tapped:
+            commands.append(_command(b"PSUBSCRIBE", *self._tapped))
         commands.append(_command(b"PING"))  # answered only once the above are done
         subscriber.transport.write(b"".join(commands))
         self._subscriber = subscriber  # from here on, channel changes go to this connection

@@ -101,10 +101,11 @@ class RoutedBus(Bus):
             self.occupancy.local.unsubscribed(channel)
         self.shard(channel).unsubscribe(channel)
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         if self.occupancy is not None:
             self.occupancy.local.joined(channel, client_id, user)
-        self.shard(channel).joined(channel, client_id, user, info)
+        self.shard(channel).joined(channel, client_id, user, info, metadata)
 
     def left(self, channel: str, client_id: bytes) -> None:
         if self.occupancy is not None:
@@ -136,6 +137,11 @@ class ShardedBus(RoutedBus):
 
     def _owner(self, index: int, shards: int) -> Callable[[str], bool]:
         return lambda channel: shard_of(self.prefix, channel, shards) == index
+
+    def tap_messages(self, patterns: list[str], tap: Callable[[str, bytes], None]) -> None:
+        """A pattern spans the shards: each one's."""
+        for shard in self.shards:
+            shard.tap_messages(patterns, tap)
 
     def shard(self, channel: str) -> RedisBus:
         return self.shards[shard_of(self.prefix, channel, len(self.shards))]

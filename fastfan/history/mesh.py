@@ -71,6 +71,8 @@ class MeshHistory:
             def fanout(numbered: bytes) -> None:
                 self._bus.hub.fanout(channel, numbered, exclude)
                 self._bus._forward(channel, numbered)
+                if self._bus.message_tap is not None:
+                    self._bus.message_tap(channel, numbered)
 
             return sequence_here(self.store, channel, payload, ack, request_id, fanout)
         peer = self._bus.outgoing.get(owner)
@@ -114,6 +116,8 @@ class MeshHistory:
             self._bus._forward(channel, numbered, skip=origin)
         else:
             self._bus._forward(channel, numbered)
+        if self._bus.message_tap is not None:
+            self._bus.message_tap(channel, numbered)
         if not token:
             return b""
         return record(Kind.SEQUENCED, channel.encode(),

@@ -65,7 +65,16 @@ JOIN_REPLIES = [CHANGE, FOLLOWING, FOLLOWING, FOLLOWING]
 LEAVE_REPLIES = [CHANGE, FOLLOWING]
 
 _encode = msgspec.json.encode
-_decode_member = msgspec.json.Decoder(tuple[str, str]).decode
+# [user, info] or [user, info, metadata]: connection.metadata, as JSON text
+_decode_list = msgspec.json.Decoder(list[str]).decode
+
+
+def _decode_member(member: bytes) -> list[str]:
+    """A hash value of fastfan's: [user, info] or [user, info, metadata]."""
+    decoded = _decode_list(member)
+    if not 2 <= len(decoded) <= 3:
+        raise msgspec.DecodeError("not a presence member")
+    return decoded
 
 
 class Outage:
@@ -137,8 +146,10 @@ class RedisPresence:
         tagged = f"{{{self.prefix}{channel}}}:presence"
         return tagged, f"{tagged}:expiry"
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
-        self._changes.append((True, channel, client_id.decode("ascii"), _encode([user, info])))
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
+        member = [user, info, metadata] if metadata else [user, info]
+        self._changes.append((True, channel, client_id.decode("ascii"), _encode(member)))
         self._wake()
 
     def left(self, channel: str, client_id: bytes) -> None:
@@ -224,7 +235,7 @@ class RedisPresence:
                 async for client_id, member in self.client.hscan_iter(entries, match=clients):
                     if await self.client.hdel(entries, client_id):
                         await self.client.zrem(expiry, client_id)
-                        user, info = _decode_member(member)
+                        user, info, *_ = _decode_member(member)
                         self.announce(channel, join_leave_event(b"leave", channel, client_id,
                                                                 user, info))
         except (aioredis.RedisError, OSError, msgspec.DecodeError) as exc:
@@ -240,8 +251,8 @@ class RedisPresence:
             expires = time.time() + self.ttl
             for channel, entries in self.local_presence():
                 entry_key, expiry_key = self.keys(channel)
-                for client_id, user, info in entries:
-                    pipe.hset(entry_key, client_id, _encode([user, info]))
+                for client_id, *member in entries:
+                    pipe.hset(entry_key, client_id, _encode(member))
                     pipe.zadd(expiry_key, {client_id: expires})
                     pending += 1
                 pipe.expire(entry_key, int(self.ttl) + 1)
@@ -262,7 +273,7 @@ class RedisPresence:
                                         args=[time.time(), "1" if read else "0"])
         for index in range(0, len(expired), 2):
             try:
-                user, info = _decode_member(expired[index + 1])
+                user, info, *_ = _decode_member(expired[index + 1])
             except msgspec.DecodeError:
                 continue  # not written by fastfan
             self.announce(channel, join_leave_event(b"leave", channel, expired[index], user,
@@ -299,16 +310,15 @@ class RedisPresence:
         except (aioredis.RedisError, OSError, TimeoutError):
             answer(None)
             return
-        everyone = {client_id: [client_id, user, info]
-                    for client_id, user, info in self.hub.presence_of(channel)}
+        everyone = {entry[0]: entry for entry in self.hub.presence_of(channel)}
         for index in range(0, len(flat), 2):
             client_id = flat[index].decode()
             if client_id not in everyone:
                 try:
-                    user, info = _decode_member(flat[index + 1])
+                    member = _decode_member(flat[index + 1])
                 except msgspec.DecodeError:
                     continue  # not written by fastfan
-                everyone[client_id] = [client_id, user, info]
+                everyone[client_id] = [client_id, *member]
         entries = list(everyone.values())
         answer((len(entries), list({entry[1] for entry in entries}),
                 entries[:self.hub.presence_limit]))

@@ -203,6 +203,8 @@ class MeshBus(Bus):
                 request_id: bytes, exclude: Outbox | None = None) -> int:
         self.hub.fanout(channel, payload, exclude)
         self._forward(channel, payload)
+        if self.message_tap is not None:
+            self.message_tap(channel, payload)
         return DONE
 
     def _forward(self, channel: str, payload: bytes, skip: int = -1) -> None:
@@ -254,7 +256,8 @@ class MeshBus(Bus):
                    for peer in [*self.outgoing.values(), *self.retiring]):
             self.hub.confirm(channel)
 
-    def joined(self, channel: str, client_id: bytes, user: str, info: str) -> None:
+    def joined(self, channel: str, client_id: bytes, user: str, info: str,
+               metadata: str = "") -> None:
         """Presence is the subscriber arrays: gather_presence asks for them."""
         if self.occupancy is not None:
             self.occupancy.joined(channel, client_id, user)

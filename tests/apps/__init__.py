@@ -1,0 +1,1 @@
+"""Small applications (fastfan.App) the hook tests run with `--app apps.NAME:app`."""
