@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import uvloop
 
-from . import metrics
+from . import metrics, proxy
 from ._core import Hub
 from .api import Api
 from .app import load_app
@@ -25,6 +25,7 @@ from .handshake import ListenerFactory
 from .hooks import Hooks
 from .logs import PicowsLog
 from .metrics import SharedFigures
+from .proxy import Proxies
 
 log = logging.getLogger("fastfan.worker")
 
@@ -92,9 +93,13 @@ class Worker:
                             mesh_sockets=placement.mesh_sockets,
                             predecessor=placement.previous_client_id_prefix)
         self.hub.bus = self.bus
-        # --app: the application's hooks (loaded and checked by the master already)
-        self.hooks = None if config.app is None else Hooks(load_app(config.app), self.hub,
-                                                           config.hook_timeout)
+        # --app: the application's hooks (loaded and checked by the master already), and
+        # the proxies' (--proxy-*), which are hooks too
+        app = None if config.app is None else load_app(config.app)
+        self.proxies = Proxies(config) if proxy.configured(config) else None
+        if self.proxies is not None:
+            app = self.proxies.install(app)
+        self.hooks = None if app is None else Hooks(app, self.hub, config.hook_timeout)
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,
@@ -200,6 +205,8 @@ class Worker:
         if self.hub.connections:
             log.warning("shutdown grace over with %d connections open", self.hub.connections)
         await self.bus.stop()
+        if self.proxies is not None:
+            await self.proxies.close()
         log.info("worker %d stopped", self.placement.index)
 
 
