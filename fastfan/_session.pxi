@@ -563,6 +563,15 @@ cdef class Session(Outbox):
     def closed(self):
         return self.closing
 
+    def pause_reading(self):
+        """Read nothing more from the client for now (its requests wait for a hook)."""
+        if not self.closing and self.transport is not None:
+            self.transport.underlying_transport.pause_reading()
+
+    def resume_reading(self):
+        if not self.closing and self.transport is not None:
+            self.transport.underlying_transport.resume_reading()
+
     def renew(self, double expires_at):
         """The App's refresh gave the connection a new expiry (epoch seconds)."""
         self.expires_at = expires_at

@@ -325,6 +325,15 @@ class App:
     # Set by the worker that runs this App (fastfan.hooks.Hooks): app.publish's way out.
     runner: Any = field(default=None, repr=False, compare=False)
 
+    def hooks(self) -> list[str]:
+        """The names of the hooks this App has, as `fastfan run` logs them."""
+        named = [name for name in ("authenticate", "can_subscribe", "can_publish", "refresh",
+                                   "on_connect", "on_disconnect")
+                 if getattr(self, f"{name}_hook") is not None]
+        named += [f"rpc {method}" for method in self.rpc_methods]
+        named += [f"on_message {pattern}" for pattern, _ in self.message_handlers]
+        return named
+
     def authenticate(self, hook: Hook) -> Hook:
         """`(request) -> Identity`, or raise Refuse(status, reason): before the upgrade."""
         self.authenticate_hook = hook

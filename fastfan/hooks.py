@@ -47,6 +47,9 @@ from .http_server import HttpError
 log = logging.getLogger("fastfan.hooks")
 
 INTERNAL_ERROR = (500, "internal error")
+# Requests of one connection that may wait behind its hook before the server stops reading
+# from it (and reads on once they are handled): a client cannot grow the queue further.
+MAX_WAITING = 64
 
 
 class BadReturn(Exception):  # noqa: N818 (a fault of the hook's, not an error of ours)
@@ -182,14 +185,20 @@ class Hooks:
 
     def later(self, session: Session, request: Any, request_id: bytes) -> None:
         """A request that came while a hook of its connection runs: after it, in order."""
-        _queue(session).append(functools.partial(session.dispatch, request, request_id))
+        queue = _queue(session)
+        queue.append(functools.partial(session.dispatch, request, request_id))
+        if len(queue) == MAX_WAITING:
+            session.pause_reading()
 
     def _go_on(self, session: Session) -> None:
         """The connection's hook is done: what waited behind it, until the next that waits."""
         queue = _queue(session)
         session.hooks_pending = False
+        paused = len(queue) >= MAX_WAITING
         while queue and not session.hooks_pending:
             queue.popleft()()
+        if paused and len(queue) < MAX_WAITING:
+            session.resume_reading()
 
     # What the core hands over --------------------------------------------------------------
 

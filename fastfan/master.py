@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from ._picows.version import __version__ as picows_version
+from .app import load_app
 from .config import Config, ConfigError
 from .logs import configure
 from .metrics import SharedFigures
@@ -317,4 +318,7 @@ def serve(config: Config) -> int:
     log.info("fastfan on %s:%d, %d worker(s), bus %s, open files limit %d", config.host,
              config.port, config.workers, "embedded" if config.redis is None else "redis", limit)
     log.info("WebSocket layer: picows %s (vendored)", picows_version)
+    if config.app is not None:
+        log.info("hooks: --app %s (%s), --hook-timeout %g s", config.app,
+                 ", ".join(load_app(config.app).hooks()) or "none", config.hook_timeout)
     return master.run()

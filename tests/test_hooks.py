@@ -283,14 +283,17 @@ def test_a_slow_hook_for_one_user_delays_that_user_only(start_server: Any) -> No
     sloth, alice = join(server, "sloth"), join(server, "alice")
     listener = join(server, "listener")
     listener.subscribe("room")
-    sloth.send_json_burst([{"type": "publish", "channel": "room", "data": f"sloth {n}"}
-                           for n in range(3)])
+    # far more than wait behind a hook before the server stops reading (hooks.MAX_WAITING),
+    # and in more than one read: then it reads on as they are handled
+    pad = "." * 100
+    sent = [f"sloth {n} {pad}" for n in range(1500)]
+    sloth.send_json_burst([{"type": "publish", "channel": "room", "data": data}
+                           for data in sent])
     for n in range(20):
         alice.publish("room", f"alice {n}")
         assert listener.recv_json()["data"] == f"alice {n}"
     call(alice, "release")
-    assert [listener.recv_json()["data"] for _ in range(3)] == ["sloth 0", "sloth 1",
-                                                                "sloth 2"]
+    assert [listener.recv_json()["data"] for _ in sent] == sent
 
 
 # rpc ---------------------------------------------------------------------------------------
@@ -454,3 +457,8 @@ def test_an_expiring_connection_is_refreshed_by_the_app_or_closed(chat: Server) 
     assert expiring.recv_close() == (4001, "token expired")
     assert ask(renewed, {"type": "ping"})["type"] == "pong"  # past its first expiry
     assert call(renewed, "metadata", {}) == {"renewed": True}
+
+
+def test_run_logs_the_apps_hooks_at_start(chat: Server) -> None:
+    assert "hooks: --app apps.chat:app (authenticate, can_subscribe, can_publish, refresh, " \
+           "on_connect, on_disconnect, rpc whoami," in chat.log()
