@@ -6,11 +6,14 @@ worker, two workers and two nodes on Redis, and each fault a backend can have.""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import CHROMIUM, Browser
 from support.cli import assert_usage_error, fastfan
 from support.proxy_backend import ProxyBackend
 from support.redis import RedisServer
@@ -21,6 +24,7 @@ from support.workers import worker_of
 
 from fastfan.client import Client, ServerError
 
+TESTS = Path(__file__).parent
 TIMEOUT = ("--proxy-timeout", "0.5")
 EVERY_FIELD = {"transport": "websocket", "protocol": "json", "encoding": "json"}
 
@@ -123,6 +127,22 @@ def proxied(start_server: Any, backend: ProxyBackend) -> Server:
 ])
 def test_a_bad_proxy_option_is_a_usage_error(args: tuple[str, ...], reason: str) -> None:
     assert_usage_error(fastfan("run", "--insecure", *args), reason)
+
+
+def test_a_proxy_and_an_app_hook_that_decide_the_same_are_a_usage_error() -> None:
+    result = fastfan("run", "--insecure", "--app", "apps.chat:app", "--proxy-publish",
+                     "http://127.0.0.1:9/publish", env={"PYTHONPATH": str(TESTS)})
+    assert_usage_error(result, "--proxy-publish and --app's can_publish would both decide")
+
+
+def test_an_app_and_the_rpc_proxy_share_the_methods(start_server: Any,
+                                                    backend: ProxyBackend) -> None:
+    server = start_server("--app", "apps.chat:app", *backend.options("rpc"), *TIMEOUT,
+                          env={"PYTHONPATH": str(TESTS)})
+    alice = RawClient(server.host, server.port, "/?user=alice")
+    assert ask(alice, {"type": "rpc", "method": "sum", "data": [2, 3]})["data"] == 5  # proxy
+    assert ask(alice, {"type": "rpc", "method": "whoami"})["data"]["user"] == "alice"  # app
+    assert [body["method"] for _, body in backend.received("rpc")] == ["sum"]
 
 
 def test_without_a_token_key_the_connect_proxy_is_enough_to_start(proxied: Server) -> None:
@@ -330,3 +350,20 @@ def test_the_python_clients_rpc(proxied: Server) -> None:
                 await client.rpc("nope")
             assert refused.value.code == 404
     asyncio.run(main())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (./dev test installs it)")
+def test_the_browser_clients_rpc(start_server: Any, backend: ProxyBackend) -> None:
+    server = start_server(*backend.options("rpc"), *TIMEOUT)  # a token lets the page in
+    with Browser.showing("about:blank") as page:
+        answers = page.evaluate(f"""(async () => {{
+            const ff = await import('http://{server.host}:{server.port}/fastfan.js')
+            const client = new ff.Client({json.dumps(server.url())}, {{
+                token: {json.dumps(token("ana"))} }})
+            await new Promise((resolve) => client.on('connected', resolve))
+            const sum = await client.rpc('sum', [1, 2, 3])
+            const refused = await client.rpc('nope').catch((error) => error.code)
+            client.close()
+            return [sum, refused]
+        }})()""")
+    assert answers == [6, 404]
