@@ -176,7 +176,7 @@ class Proxies:
         answer = await self._ask("connect", {"client": secrets.token_hex(8)}, request.headers)
         result: _ConnectResult = _result(answer, "connect")
         for channel in result.channels:
-            if not isinstance(channel, str) or not is_valid_channel(channel):
+            if not is_valid_channel(channel):
                 raise _bad_body("connect", f"channels: {channel!r:.100} is not a channel name")
         if result.info is not msgspec.UNSET:
             try:

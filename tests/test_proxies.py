@@ -211,7 +211,8 @@ def test_a_faulty_connect_proxy_is_a_5xx_counted_by_cause(proxied: Server, fault
 
 def test_refresh_extends_a_connection_or_ends_it_with_4001(deployment: Deployment,
                                                            backend: ProxyBackend) -> None:
-    brief = join(deployment.servers[-1], "brief")  # expire_at in 2 s; the backend extends it 2 s each time
+    # expire_at in 2 s; the backend extends it 2 s each time
+    brief = join(deployment.servers[-1], "brief")
     wait_for(lambda: len(backend.received("refresh")) >= 2, timeout=10)
     assert still_open(brief)
     ((headers, body), *_) = backend.received("refresh")
