@@ -33,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from . import proxy
 from ._picows.version import __version__ as picows_version
 from .app import load_app
 from .config import Config, ConfigError
@@ -321,4 +322,7 @@ def serve(config: Config) -> int:
     if config.app is not None:
         log.info("hooks: --app %s (%s), --hook-timeout %g s", config.app,
                  ", ".join(load_app(config.app).hooks()) or "none", config.hook_timeout)
+    if proxy.configured(config):
+        log.info("proxies: %s, --proxy-timeout %g s, forwarding %s", proxy.describe(config),
+                 config.proxy_timeout, config.proxy_headers or "no header")
     return master.run()

@@ -112,6 +112,11 @@ def configured(config: Config) -> bool:
     return any(_urls(config).values())
 
 
+def describe(config: Config) -> str:
+    """The configured proxies, as `fastfan run` logs them: `connect http://…, rpc http://…`."""
+    return ", ".join(f"{kind} {url}" for kind, url in _urls(config).items() if url)
+
+
 def check(config: Config, app: App | None) -> None:
     """ValueError naming the option when a proxy and --app's hook would decide the same."""
     if app is None:

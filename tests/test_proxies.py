@@ -145,8 +145,13 @@ def test_an_app_and_the_rpc_proxy_share_the_methods(start_server: Any,
     assert [body["method"] for _, body in backend.received("rpc")] == ["sum"]
 
 
-def test_without_a_token_key_the_connect_proxy_is_enough_to_start(proxied: Server) -> None:
+def test_without_a_token_key_the_connect_proxy_is_enough_to_start(
+        proxied: Server, backend: ProxyBackend) -> None:
     join(proxied, "alice").close()
+    assert (f"proxies: connect {backend.url}/connect, refresh {backend.url}/refresh, "
+            f"subscribe {backend.url}/subscribe, publish {backend.url}/publish, rpc "
+            f"{backend.url}/rpc, --proxy-timeout 0.5 s, forwarding Cookie,Authorization,"
+            "User-Agent,X-Forwarded-For,X-Real-Ip") in proxied.log()
 
 
 # connect -----------------------------------------------------------------------------------
