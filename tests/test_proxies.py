@@ -227,6 +227,17 @@ def test_refresh_extends_a_connection_or_ends_it_with_4001(deployment: Deploymen
     assert brief.recv_close()[0] == 4001
 
 
+def test_a_tokens_expiry_asks_the_refresh_proxy_too(start_server: Any,
+                                                     backend: ProxyBackend) -> None:
+    server = start_server(*backend.options("refresh"), *TIMEOUT)
+    client = RawClient(server.host, server.port,
+                       f"/?token={token('tom', ttl=2)}")
+    assert client.recv_json()["data"]["user"] == "tom"
+    wait_for(lambda: backend.received("refresh"), timeout=10)
+    assert backend.received("refresh")[0][1]["user"] == "tom"
+    assert still_open(client)
+
+
 def test_without_a_refresh_proxy_expire_at_closes_with_4001(start_server: Any,
                                                             backend: ProxyBackend) -> None:
     server = start_server(*backend.options("connect"), *TIMEOUT, secret=None)
