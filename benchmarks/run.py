@@ -28,7 +28,8 @@ Studies, run only when named (fastfan alone; options under "studies" in --help):
 connections, churn, storm, slow-consumer, soak, accept-spread, presence, api, shards (one Redis
 against three shards and a three-master cluster, two nodes, many channels), wire
 (permessage-deflate and TLS: CPU and bytes per delivery against plain), history (history and
-recovery on against off), join-storm (join/leave in bursts).
+recovery on against off), join-storm (join/leave in bursts), hooks (publishes/s through a
+Python can_publish against none).
 
 Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
 article's Node ws design), websockets (Python's websockets with its broadcast), socketio
@@ -76,6 +77,7 @@ from studies.churn import churn
 from studies.connections import connections
 from studies.deflate_tls import wire
 from studies.history import history
+from studies.hooks import hooks
 from studies.join_storm import join_storm
 from studies.presence import presence
 from studies.redis_path import redis
@@ -322,6 +324,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "shards": (shards, ("rates", "duration", "channels")),
     "wire": (wire, ("subscribers", "duration")),
     "history": (history, ("rates", "duration", "connections", "processes", "repeat")),
+    "hooks": (hooks, ("duration", "repeat")),
 }
 
 

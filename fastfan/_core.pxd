@@ -245,8 +245,9 @@ cdef class Session(Outbox):
     cdef int _history(self, object request, bytes request_id) except -1
     cdef int _leave(self, str channel) except -1
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1
-    cdef int _publish(self, object request, bytes request_id, bint hooked=*,
-                      object data=*, bint history=*) except -1
+    cdef int _publish(self, object request, bytes request_id) except -1
+    cdef int _publish_allowed(self, str channel, object data, bytes request_id, bint echo,
+                              bint history) except -1
     cdef int _dispatch(self, object request, bytes request_id) except -1
     cdef int _rpc(self, object request, bytes request_id) except -1
     cdef int _stats(self, bytes request_id) except -1

@@ -24,7 +24,7 @@ One extension, four parts included below (as uvloop splits its loop):
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
-from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -34,6 +34,7 @@ from fastfan._picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListe
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 import functools
+from types import CoroutineType
 import logging
 import hashlib
 import secrets
@@ -226,6 +227,29 @@ def join_leave_event(bytes kind, str channel, bytes client_id, str user, str inf
 # How long a gathered presence answer serves again (Hub.gather_presence): what a client
 # sees of other workers and nodes may be that old.
 cdef double PRESENCE_FRESH = 0.5
+
+
+cdef extern from "Python.h":
+    # PYGEN_ERROR (-1, with the exception set), PYGEN_RETURN (0) or PYGEN_NEXT (1)
+    int PyIter_Send(object iterator, object value, PyObject** result) except? -1
+
+
+def first_step(coroutine, waiting):
+    """Run an application hook's coroutine (fastfan.hooks) until it answers or waits: its
+    answer, or `waiting(coroutine, what it waits for)`; what it raises, raised. The answer
+    comes without the StopIteration a Python `send` raises: most hooks answer at once,
+    and this is the per-publish cost of a can_publish."""
+    cdef PyObject* result = NULL
+    cdef int outcome
+    if type(coroutine) is not CoroutineType and not hasattr(coroutine, "send"):
+        raise TypeError(f"a hook must be async (async def): it returned "
+                        f"{type(coroutine).__name__}, not a coroutine")
+    outcome = PyIter_Send(coroutine, None, &result)
+    answer = <object>result
+    Py_DECREF(answer)  # PyIter_Send gave us a new reference; `answer` holds its own
+    if outcome == 0:
+        return answer
+    return waiting(coroutine, answer)
 
 
 def user_key(str user):

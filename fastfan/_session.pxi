@@ -485,10 +485,9 @@ cdef class Session(Outbox):
             self.hub.unsubscribe(self, WATCH_PREFIX + channel)
         return 0
 
-    cdef int _publish(self, request, bytes request_id, bint hooked=False, data=None,
-                      bint history=True) except -1:
-        """A client's publish; `hooked`: can_publish allowed it, with `data` (bytes: JSON)
-        in place of the client's when given, and out of history when `history` is false."""
+    cdef int _publish(self, request, bytes request_id) except -1:
+        """A client's publish: checked, rate-limited (before any hook: a flood costs the
+        application nothing), then decided by the App's can_publish if it has one."""
         cdef Hub hub = self.hub
         channel = request.channel
         if not self._check_channel(channel, request_id):
@@ -497,9 +496,6 @@ cdef class Session(Outbox):
             return self._queue_error(400, "publish needs 'data'", request_id)
         if not self.identity.publish.allows(channel):
             return self._queue_error(403, f"not permitted to publish to {channel}", request_id)
-        if hub.hook_publish and not hooked:
-            hub.hooks.can_publish(self, request, request_id)  # publish_allowed goes on
-            return 0
         if not self._take_token():
             hub.publish_refused_total += 1
             if self.refused_since and monotonic() - self.refused_since > RATE_LIMIT_PATIENCE:
@@ -507,8 +503,17 @@ cdef class Session(Outbox):
                 return 0
             return self._queue_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
                                     request_id)
-        payload = hub.encode_message(channel, request.data if data is None else data,
-                                     self.client_id)
+        if hub.hook_publish:
+            hub.hooks.can_publish(self, request, request_id)  # publish_allowed goes on
+            return 0
+        return self._publish_allowed(channel, request.data, request_id, request.echo, True)
+
+    cdef int _publish_allowed(self, str channel, data, bytes request_id, bint echo,
+                              bint history) except -1:
+        """A publish checked and allowed: `data` (the JSON bytes) to the bus, kept in
+        history (on a channel that has it) unless `history` is false."""
+        cdef Hub hub = self.hub
+        payload = hub.encode_message(channel, data, self.client_id)
         history = history and hub.keeps_history(channel)
         if history and not self._take_history_quota(len(payload) + CHANNEL_COST):
             return self._queue_error(
@@ -519,7 +524,7 @@ cdef class Session(Outbox):
         # its position: PENDING, or REFUSED).
         publish = hub.bus.publish_history if history else hub.bus.publish
         outcome = publish(channel, payload, self if request_id else None, request_id,
-                          None if request.echo else self)
+                          None if echo else self)
         if outcome == BusResult.REFUSED:
             return self._refuse(errors.BUS_UNAVAILABLE, request_id)
         if outcome == BusResult.DONE and request_id:
@@ -530,7 +535,8 @@ cdef class Session(Outbox):
         """A publish its hook allowed: `data` (JSON bytes) replaces the client's unless
         None; `history` false keeps it out of history."""
         if not self.closing:
-            self._publish(request, request_id, True, data, history)
+            self._publish_allowed(request.channel, request.data if data is None else data,
+                                  request_id, request.echo, history)
 
     cdef int _rpc(self, request, bytes request_id) except -1:
         """`{"type":"rpc","method":M,"data":D}`: the App's method answers, in fastfan.hooks."""

@@ -183,10 +183,11 @@ class Connection:
         self.client_id = client_id
         self.info = info
         self.request = request  # the upgrade request (the proxies forward its headers)
-        self._metadata = _Metadata(self)
-        # fastfan.hooks' own: the requests that wait behind a hook of this connection,
-        # the channels authenticate named (until subscribed), how it closed
-        self.waiting: deque[Callable[[], None]] = deque()
+        self._metadata: _Metadata | None = None  # made when first asked for
+        # fastfan.hooks' own: the requests that wait behind a hook of this connection
+        # (a deque once one waits: an empty one is 600 bytes), the channels authenticate
+        # named (until subscribed), how it closed
+        self.waiting: deque[Callable[[], None]] | None = None
         self.pending_channels: tuple[str, ...] = ()
         self._closed_with: tuple[int, str] = (1006, "")
 
@@ -202,6 +203,8 @@ class Connection:
 
     @property
     def metadata(self) -> dict[str, Any]:
+        if self._metadata is None:
+            self._metadata = _Metadata(self)
         return self._metadata
 
     @metadata.setter

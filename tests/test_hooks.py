@@ -310,6 +310,14 @@ def test_rpc_answers_with_the_methods_result(deployment: Deployment) -> None:
     assert (reply["code"], reply["message"]) == (500, "internal error")
 
 
+def test_a_hook_that_is_not_async_is_a_fault_said_in_the_log(chat: Server) -> None:
+    client = join(chat, "alice")
+    reply = ask(client, {"type": "rpc", "method": "plain"})
+    assert (reply["code"], reply["message"]) == (500, "internal error")
+    assert "hook rpc failed (exception): TypeError: a hook must be async (async def): " \
+           "it returned str, not a coroutine" in chat.log()
+
+
 def test_rpc_without_an_app_is_an_unknown_method(server: Server) -> None:
     client = server.connect()
     assert ask(client, {"type": "rpc", "method": "add"}) == {

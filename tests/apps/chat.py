@@ -165,3 +165,8 @@ async def refresh(connection: fastfan.Connection) -> float | None:
         connection.metadata["renewed"] = True
         return time.time() + 60
     return None
+
+
+@app.rpc("plain")
+def plain(connection: fastfan.Connection, data: Any) -> str:  # not async: a fault
+    return "plain"

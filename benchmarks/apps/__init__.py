@@ -1,0 +1,1 @@
+"""Applications (fastfan.App) the hooks study runs with `--app apps.NAME:app`."""
