@@ -20,7 +20,7 @@ from support.redis import RedisServer
 from support.server import Server, token
 from support.waiting import wait_for
 from support.wire import HandshakeRefusedError, RawClient
-from support.workers import worker_of
+from support.workers import apart
 
 from fastfan.client import Client, ServerError
 
@@ -79,19 +79,7 @@ class Deployment:
         self.servers = servers
 
     def apart(self, one: str, other: str) -> tuple[RawClient, RawClient]:
-        first = join(self.servers[0], one)
-        if len(self.servers) > 1:
-            return first, join(self.servers[1], other)
-        server = self.servers[0]
-        if len(server.workers()) == 1:
-            return first, join(server, other)
-        held = worker_of(server, first)
-        for _ in range(100):
-            second = join(server, other)
-            if worker_of(server, second) != held:
-                return first, second
-            second.close()
-        raise AssertionError("the kernel never put the second client on the other worker")
+        return apart(self.servers, join, one, other)
 
 
 @pytest.fixture(params=["one worker", "two workers", "two nodes on Redis"])
