@@ -541,7 +541,7 @@ cdef class Session(Outbox):
         if outcome == BusResult.REFUSED:
             return self._refuse(errors.BUS_UNAVAILABLE, request_id)
         if hub.publish_webhook is not None:
-            hub.publish_webhook(channel, self.identity.user, self.client_id, request.data)
+            hub.publish_webhook(channel, self.identity.user, self.client_id, data)
         if outcome == BusResult.DONE and request_id:
             return self.queue_bytes(_reply(b"published", channel, request_id))
         return 0  # PENDING: the bus calls acknowledge() once it knows

@@ -200,6 +200,16 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--app", str, None,
      "the application's hooks: package.module:attribute naming a fastfan.App (docs/hooks.md)"),
     ("--hook-timeout", _seconds, None, "seconds each hook may take (default 1)"),
+    ("--proxy-connect", str, None,
+     "URL: decides connections without a valid token, as Centrifugo's connect proxy"),
+    ("--proxy-refresh", str, None, "URL: extends a connection whose expire_at passes"),
+    ("--proxy-subscribe", str, None, "URL: decides each subscribe"),
+    ("--proxy-publish", str, None, "URL: decides, and may rewrite, each client publish"),
+    ("--proxy-rpc", str, None, "URL: answers each rpc no --app method answers"),
+    ("--proxy-headers", str, None,
+     "headers of the client's upgrade forwarded on every proxy request "
+     "(default Cookie,Authorization,User-Agent,X-Forwarded-For,X-Real-Ip)"),
+    ("--proxy-timeout", _seconds, None, "seconds a proxy has for its whole answer (1)"),
 ]
 
 _TRUE = ("1", "true", "yes", "on")

@@ -29,7 +29,7 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -270,7 +270,8 @@ class Client(_Events):
 
     `token` (sent as `Authorization: Bearer`) or `get_token`, an async function called for
     each connection and before the current token expires; `ssl`, an SSLContext for
-    `wss://` (e.g. one that trusts a self-signed certificate). Events: `connected` (the
+    `wss://` (e.g. one that trusts a self-signed certificate); `headers`, more headers of
+    each upgrade request (a session `Cookie` for a connect proxy, say). Events: `connected` (the
     `welcome` dict), `disconnected` (the close code; 1006 when the connection just went),
     `error` (a ServerError the server sent unasked, a failed token refresh, or the
     ConnectionRefused that ended reconnecting: a static token the server refuses).
@@ -283,7 +284,8 @@ class Client(_Events):
                  reconnect_base: float = 0.5, reconnect_cap: float = 30.0,
                  max_message_size: int = MAX_MESSAGE_SIZE, request_timeout: float = 10.0,
                  refresh_margin: float = 10.0, ping_interval: float | None = 15.0,
-                 rng: random.Random | None = None, ssl: ssl.SSLContext | None = None) -> None:
+                 rng: random.Random | None = None, ssl: ssl.SSLContext | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__()
         if token is not None and get_token is not None:
             raise ValueError("give token or get_token, not both")
@@ -298,6 +300,7 @@ class Client(_Events):
         self.ping_interval = ping_interval
         self.rng = rng or random.Random()
         self.ssl = ssl
+        self.headers = dict(headers or {})
         self.welcome: Message | None = None
         self._subscriptions: dict[str, Subscription] = {}
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -397,6 +400,15 @@ class Client(_Events):
                 request[name] = value
         return await self._request(request)
 
+    async def rpc(self, method: str, data: Any = None) -> Any:
+        """Call the server application's `method` (an `@app.rpc` of --app, or the rpc
+        proxy) with `data` (any JSON value): its answer, the `rpc_result`'s `data`, or
+        ServerError (404 for a method nobody answers)."""
+        if not isinstance(method, str) or not method:
+            raise ValueError("rpc needs a method name")
+        reply = await self._request({"type": "rpc", "method": method, "data": data})
+        return reply.get("data")
+
     async def _request(self, request: Message) -> Message:
         """Send `request` with a fresh `id` once connected; its reply, or ServerError."""
         if self._refused is not None:
@@ -461,7 +473,7 @@ class Client(_Events):
     async def _open(self) -> None:
         """One connection: handshake, welcome, every held subscription asked for again."""
         token = await self.get_token() if self.get_token is not None else self.token
-        headers = {"Authorization": f"Bearer {token}"} if token else None
+        headers = {**self.headers, **({"Authorization": f"Bearer {token}"} if token else {})}
         try:
             transport, listener = await ws_connect(
                 lambda: _Listener(self), self.url, extra_headers=headers,

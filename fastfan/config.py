@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import ssl
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from redis.connection import parse_url as parse_redis_url
 
+from . import proxy
 from ._core import SlowConsumerPolicy
 from .app import load_app
 from .history import DEFAULT_MAX_BYTES
@@ -27,6 +30,8 @@ MIN_JWT_SECRET_BYTES = 32
 # (and a 2-core machine took minutes to fork a thousand); scale out with more nodes and
 # --redis instead. `auto` stops here too.
 MAX_WORKERS = 64
+# RFC 9110's token: what --proxy-headers may name
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class ConfigError(ValueError):
@@ -93,6 +98,14 @@ class Config:
     pid_file: str | None = None  # the master's pid, for `fastfan reload` and `restart`
     app: str | None = None  # --app package.module:attribute, a fastfan.App
     hook_timeout: float = 1.0
+    # the same hooks over HTTP (fastfan.proxy): a URL each, Centrifugo's proxy shapes
+    proxy_connect: str | None = None
+    proxy_refresh: str | None = None
+    proxy_subscribe: str | None = None
+    proxy_publish: str | None = None
+    proxy_rpc: str | None = None
+    proxy_headers: str = proxy.DEFAULT_HEADERS  # the upgrade's headers each request forwards
+    proxy_timeout: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -146,6 +159,7 @@ class Config:
                 load_app(self.app)
             except ValueError as exc:
                 raise ConfigError(f"--app {self.app}: {exc}") from None
+        self._check_proxies()
         self._check_api()
         self._check_tls()
         self._check_webhooks()
@@ -264,12 +278,32 @@ class Config:
     def require_auth_choice(self) -> None:
         """`run` needs a way to check tokens, or an explicit decision to skip them."""
         if self.jwt_secret is None and self.jwt_public_key is None and self.jwks_url is None \
-                and not self.insecure and not self.app_authenticates:
+                and not self.insecure and not self.app_authenticates \
+                and self.proxy_connect is None:
             raise ConfigError(
                 "no token key given: set --jwt-secret-file (or FASTFAN_JWT_SECRET), "
                 "--jwt-public-key or --jwks-url to require client tokens, or pass "
                 "--insecure to accept any client (local development only)"
             )
+
+    def _check_proxies(self) -> None:
+        """The proxies' URLs, header names and timeout; and that no proxy and no hook of
+        --app decide the same."""
+        for name in ("connect", "refresh", "subscribe", "publish", "rpc"):
+            url = getattr(self, f"proxy_{name}")
+            if url is not None and not (url.startswith(("http://", "https://"))
+                                        and urlsplit(url).hostname):
+                raise ConfigError(f"--proxy-{name} must be an http:// or https:// URL, "
+                                  f"got {url!r}")
+        if self.proxy_timeout <= 0:
+            raise ConfigError("--proxy-timeout must be a positive number of seconds")
+        for header in self.proxy_headers.split(","):
+            if header.strip() and not _HEADER_NAME.fullmatch(header.strip()):
+                raise ConfigError(f"--proxy-headers: {header.strip()!r} is not a header name")
+        try:
+            proxy.check(self, None if self.app is None else load_app(self.app))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def app_authenticates(self) -> bool:

@@ -393,6 +393,20 @@ export class Client extends Events {
     return this._request(request)
   }
 
+  /**
+   * Call the server application's `method` (an `@app.rpc` of --app, or the rpc proxy) with
+   * `data` (any JSON value): resolves with its answer, the `rpc_result`'s `data`, or rejects
+   * with the ServerError (404 for a method nobody answers).
+   * @param {string} method
+   * @param {any} [data]
+   * @returns {Promise<any>}
+   */
+  async rpc (method, data = null) {
+    if (typeof method !== 'string' || method === '') throw new Error('rpc needs a method name')
+    const reply = await this._request({ type: 'rpc', method, data })
+    return reply.data
+  }
+
   /** Close the connection, end every subscription, and stop reconnecting. */
   close () {
     if (this._closing) return

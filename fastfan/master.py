@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import proxy
 from ._picows.version import __version__ as picows_version
 from .app import load_app
 from .config import Config, ConfigError, reload
@@ -428,6 +429,9 @@ def serve(config: Config, load: Callable[[], Config]) -> int:
     if config.app is not None:
         log.info("hooks: --app %s (%s), --hook-timeout %g s", config.app,
                  ", ".join(load_app(config.app).hooks()) or "none", config.hook_timeout)
+    if proxy.configured(config):
+        log.info("proxies: %s, --proxy-timeout %g s, forwarding %s", proxy.describe(config),
+                 config.proxy_timeout, config.proxy_headers or "no header")
     try:
         return master.run()
     finally:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import uvloop
 
-from . import metrics
+from . import metrics, proxy
 from ._core import Hub
 from .api import Api
 from .app import load_app
@@ -26,6 +26,7 @@ from .handshake import ListenerFactory
 from .hooks import Hooks
 from .logs import PicowsLog, configure
 from .metrics import SharedFigures
+from .proxy import Proxies
 from .webhooks import Webhooks
 
 log = logging.getLogger("fastfan.worker")
@@ -110,9 +111,13 @@ class Worker:
         if self.webhooks is not None:
             self.bus.watch_transitions(self.webhooks)
             self.webhooks.hook(self.hub)
-        # --app: the application's hooks (loaded and checked by the master already)
-        self.hooks = None if config.app is None else Hooks(load_app(config.app), self.hub,
-                                                           config.hook_timeout)
+        # --app: the application's hooks (loaded and checked by the master already), and
+        # the proxies' (--proxy-*), which are hooks too
+        app = None if config.app is None else load_app(config.app)
+        self.proxies = Proxies(config) if proxy.configured(config) else None
+        if self.proxies is not None:
+            app = self.proxies.install(app)
+        self.hooks = None if app is None else Hooks(app, self.hub, config.hook_timeout)
         self.accepting = False
         self.leaving: tuple[int, str] | None = None  # the close code and reason, once told
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
@@ -295,6 +300,8 @@ class Worker:
         await self.bus.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self.proxies is not None:
+            await self.proxies.close()
         log.info("worker %d stopped", self.placement.index)
 
     def _close_servers(self, servers: list[asyncio.Server]) -> None:

@@ -55,3 +55,22 @@ def one_per_worker(server: Server, sub: str = "alice") -> dict[int, RawClient]:
 
 def every(placed: dict[int, list[RawClient]]) -> list[RawClient]:
     return [client for held in placed.values() for client in held]
+
+
+def apart(servers: list[Server], connect: Callable[[Server, str], RawClient], one: str,
+          other: str) -> tuple[RawClient, RawClient]:
+    """Clients `one` and `other` (made by `connect(server, user)`) held by different
+    workers of the one server, or by different servers (nodes); one worker: both on it."""
+    first = connect(servers[0], one)
+    if len(servers) > 1:
+        return first, connect(servers[1], other)
+    server = servers[0]
+    if len(server.workers()) == 1:
+        return first, connect(server, other)
+    held = worker_of(server, first)
+    for _ in range(100):
+        second = connect(server, other)
+        if worker_of(server, second) != held:
+            return first, second
+        second.close()
+    raise AssertionError("the kernel never put the second client on the other worker")
