@@ -252,11 +252,11 @@ cdef class Session(Outbox):
     cdef int _on_close_frame(self, WSFrame frame) except -1:
         """Answer the peer's CLOSE with its own code, then hang up."""
         cdef int code = frame.get_close_code() if frame.payload_size >= 2 else WSCloseCode.OK
+        reason = frame.get_close_message() or b""  # (None for a CLOSE without a body)
         if not self.close_code:  # the client's code and reason, for connection_closed
-            self.hub.note_close(self, code,
-                                frame.get_close_message().decode("utf-8", "replace"))
+            self.hub.note_close(self, code, reason.decode("utf-8", "replace"))
         if self.connection is not None and not self.closing:
-            self.connection.closed_with(code, frame.get_close_message() or b"")
+            self.connection.closed_with(code, reason)
         if not self.closing:
             if is_valid_close_code(code):
                 self._send_close(code, "")

@@ -274,7 +274,8 @@ class Worker:
         replacement accepts on the same sockets) and close them with 1012 the same way.
         Then wait for the clients within the grace and stop the bus."""
         config = self.config
-        assert self.leaving is not None
+        if self.leaving is None:  # stopped without being told why (its master is gone)
+            self.leaving = SHUTTING_DOWN
         if self.leaving == RESTARTING:
             self._close_servers(servers)
         else:
