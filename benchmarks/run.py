@@ -31,7 +31,8 @@ against three shards and a three-master cluster, two nodes, many channels), wire
 recovery on against off), join-storm (join/leave in bursts), hooks (publishes/s through a
 Python can_publish against none), redis-channels (one node through one Redis, 1000
 channels of one subscriber: fastfan, with history too, beside the seed and Socket.IO and
-under redis-benchmark's PUBLISH rate; --servers names them).
+under redis-benchmark's PUBLISH rate; --servers names them), connect-hooks (a connect
+storm through a JWT, an authenticate hook and the connect proxy).
 
 Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
 article's Node ws design), websockets (Python's websockets with its broadcast), socketio
@@ -76,6 +77,7 @@ from lib import (
 from studies.accept_spread import accept_spread
 from studies.api import api
 from studies.churn import churn
+from studies.connect_hooks import connect_hooks
 from studies.connections import connections
 from studies.deflate_tls import wire
 from studies.history import history
@@ -328,6 +330,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "wire": (wire, ("subscribers", "duration")),
     "history": (history, ("rates", "duration", "connections", "processes", "repeat")),
     "redis-channels": (redis_channels, ("servers", "rates", "duration", "baseline")),
+    "connect-hooks": (connect_hooks, ("connections", "processes")),
     "hooks": (hooks, ("duration", "repeat")),
 }
 
