@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the server API, e.g. http://127.0.0.1:9090")
     publish.add_argument("--api-key", default=os.environ.get(_env_name("--api-key")),
                          help="the server's API key (or FASTFAN_API_KEY)")
+    publish.add_argument("--api-key-file", metavar="FILE",
+                         help="a file holding the API key, as `run` takes it")
     publish.add_argument("channel", help="the channel to publish to")
     publish.add_argument("data", metavar="JSON", help="the message's data, any JSON value")
 
@@ -418,8 +420,10 @@ class ConfigSource:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
     parser: argparse.ArgumentParser = args.parser  # the command's, for its usage line
+    if unknown:  # said by the command, with its usage, not by `fastfan`'s
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "token":
         return _token(parser, args)
     if args.command == "publish":
@@ -505,8 +509,15 @@ def _publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from .api_client import ApiCallError, call
 
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file) as file:
+                args.api_key = file.read().strip()
+        except OSError as exc:
+            parser.error(f"--api-key-file {args.api_key_file}: {exc.strerror}")
     if not args.api_key:
-        parser.error("publish needs --api-key (or FASTFAN_API_KEY), the server's API key")
+        parser.error("publish needs --api-key, --api-key-file or FASTFAN_API_KEY, the "
+                     "server's API key")
     if urlsplit(args.api).scheme not in ("http", "https"):
         parser.error(f"--api {args.api} needs its scheme: http://{args.api} (or https://)")
     try:

@@ -352,7 +352,8 @@ def test_the_key_from_a_file_or_the_environment(start_server: Any, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_fastfan_publish_from_a_shell(start_server: Any, clients: ExitStack) -> None:
+def test_fastfan_publish_from_a_shell(start_server: Any, clients: ExitStack,
+                                      tmp_path: Path) -> None:
     server, port = start_api(start_server)
     client = subscriber(clients, server, "shell")
     api = f"http://127.0.0.1:{port}"
@@ -363,6 +364,11 @@ def test_fastfan_publish_from_a_shell(start_server: Any, clients: ExitStack) -> 
     result = fastfan("publish", "--api", api, "shell", "[1]", env={"FASTFAN_API_KEY": KEY})
     assert result.returncode == 0
     assert messages_of(client, 1)[0]["data"] == [1]
+    key_file = tmp_path / "api.key"
+    key_file.write_text(KEY + "\n")  # the file `run --api-key-file` reads
+    result = fastfan("publish", "--api", api, "--api-key-file", str(key_file), "shell", "2")
+    assert result.returncode == 0
+    assert messages_of(client, 1)[0]["data"] == 2
 
     wrong = fastfan("publish", "--api", api, "--api-key", "nope", "shell", "1")
     assert wrong.returncode == 1

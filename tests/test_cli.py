@@ -123,6 +123,14 @@ def test_publish_says_what_to_write_instead(args: list[str], words: list[str]) -
     assert result.stderr.startswith("usage: fastfan publish ")
 
 
+@pytest.mark.parametrize("command", [["run"], ["publish", "--api", "http://x", "c", "1"],
+                                     ["token", "--sub", "alice"]])
+def test_an_unknown_option_is_the_command_s_usage_error(command: list[str]) -> None:
+    result = fastfan(*command, "--no-such-option")
+    assert_usage_error(result, "unrecognized arguments: --no-such-option")
+    assert result.stderr.startswith(f"usage: fastfan {command[0]} ")
+
+
 def test_python_dash_m_and_the_script_are_the_same_program() -> None:
     script = os.path.join(os.path.dirname(sys.executable), "fastfan")
     result = subprocess.run([script, "run", "--help"], capture_output=True, text=True, timeout=10)
