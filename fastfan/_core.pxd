@@ -233,6 +233,10 @@ cdef class Session(Outbox):
         readonly double     last_seen       # monotonic seconds of the last frame from the peer
         double              pinged_at       # monotonic seconds of our last heartbeat ping
         double              expires_at      # the token's exp, epoch seconds; 0 = never
+        # another protocol on this connection (fastfan.pusher.protocol), None for fastfan's:
+        # it gets each whole text message (handle) instead of _handle, and says its own
+        # welcome (connected); fastfan's frames, RFC 6455 rules and fan-out stay as they are
+        public object       dialect
 
     cdef int _on_continuation(self, WSFrame frame) except -1
     cdef int _on_close_frame(self, WSFrame frame) except -1
