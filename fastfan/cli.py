@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(flag, type=parse, choices=choices, metavar=_values(parse, choices),
                          help=f"{help_text} [{_env_name(flag)}]",
                          default=_env_default(run, flag, parse, choices))
+    run.add_argument("--pusher-app", action="append", metavar="ID:KEY:SECRET",
+                     help="a Pusher app served on /app/KEY and /apps/ID (repeatable); a flag "
+                          "is visible in `ps`: prefer --pusher-app-file")
+    run.add_argument("--pusher-app-file", metavar="FILE",
+                     default=os.environ.get(_env_name("--pusher-app-file")),
+                     help="a file of Pusher apps, one ID:KEY:SECRET a line "
+                          "[FASTFAN_PUSHER_APP_FILE]")
     run.add_argument("--insecure", action="store_true", default=_env_flag(run, "--insecure"),
                      help="accept connections without a token (local development only; "
                           "not with a token key) [FASTFAN_INSECURE=true]")
@@ -304,6 +311,7 @@ def _read_secret_file(path: str) -> str:
 def config_from_args(args: argparse.Namespace) -> Config:
     values = {f.name: getattr(args, f.name) for f in fields(Config)}
     values["jwt_secret"] = _jwt_secret(args)
+    values["pusher_app"] = tuple(args.pusher_app or ())
     return Config(**{name: value for name, value in values.items() if value is not None})
 
 

@@ -13,6 +13,7 @@ from redis.connection import parse_url as parse_redis_url
 from ._core import SlowConsumerPolicy
 from .history import DEFAULT_MAX_BYTES
 from .keys import PublicKey
+from .pusher import PusherAppError, parse_apps, read_app_file
 
 # The --slow-consumer names: the core's policies, lower case.
 SLOW_CONSUMER_POLICIES = tuple(policy.name.lower() for policy in SlowConsumerPolicy)
@@ -88,6 +89,8 @@ class Config:
     webhook_retry: float = 300.0
     webhook_queue_bytes: int = 16777216
     webhook_format: str = "native"
+    pusher_app: tuple[str, ...] = ()  # ID:KEY:SECRET each (fastfan.pusher)
+    pusher_app_file: str | None = None  # read once, here: its lines join pusher_app
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -135,6 +138,7 @@ class Config:
         self._check_api()
         self._check_tls()
         self._check_webhooks()
+        self._check_pusher()
 
     def _check_redis(self, value: str) -> None:
         """One redis:// or rediss:// URL, or several comma-separated (shards), or a
@@ -247,10 +251,25 @@ class Config:
             raise ConfigError(f"--webhook-format {self.webhook_format}: only 'native' for now "
                               "(the 'pusher' format comes with the Pusher protocol)")
 
+    def _check_pusher(self) -> None:
+        """Every --pusher-app (and --pusher-app-file's lines) is ID:KEY:SECRET."""
+        apps = tuple(self.pusher_app)
+        if self.pusher_app_file is not None:
+            try:
+                apps += tuple(read_app_file(self.pusher_app_file))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read --pusher-app-file: {exc}") from None
+        try:
+            parse_apps(apps)
+        except PusherAppError as exc:
+            raise ConfigError(str(exc)) from None
+        object.__setattr__(self, "pusher_app", apps)  # frozen: set once, while validating
+
     def require_auth_choice(self) -> None:
-        """`run` needs a way to check tokens, or an explicit decision to skip them."""
+        """`run` needs a way to check tokens, or an explicit decision to skip them (or only
+        Pusher apps, whose channels are signed by their own secrets)."""
         if self.jwt_secret is None and self.jwt_public_key is None and self.jwks_url is None \
-                and not self.insecure:
+                and not self.insecure and not self.pusher_app:
             raise ConfigError(
                 "no token key given: set --jwt-secret-file (or FASTFAN_JWT_SECRET), "
                 "--jwt-public-key or --jwks-url to require client tokens, or pass "

@@ -23,6 +23,8 @@ from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
 from .logs import PicowsLog
 from .metrics import SharedFigures
+from .pusher import PRESENCE_PATTERN, Pusher, parse_apps
+from .pusher.api import PusherApi
 from .webhooks import Webhooks
 
 log = logging.getLogger("fastfan.worker")
@@ -75,7 +77,8 @@ class Worker:
             max_buffer=config.max_buffer,
             publish_rate=float(config.publish_rate),
             slow_consumer=config.slow_consumer_policy,
-            presence_channels=ChannelPatterns(config.presence_channels.split(",")),
+            presence_channels=ChannelPatterns(config.presence_channels.split(",") + (
+                [PRESENCE_PATTERN] if config.pusher_app else [])),
             presence_limit=config.presence_limit,
             client_id_prefix=placement.client_id_prefix,
             history_size=config.history_size,
@@ -96,13 +99,18 @@ class Worker:
         if self.webhooks is not None:
             self.bus.watch_transitions(self.webhooks)
             self.webhooks.hook(self.hub)
+        self.pusher_api = None if not config.pusher_app else PusherApi(
+            Pusher(parse_apps(config.pusher_app), self.hub,
+                   activity_timeout=max(1, int(config.ping_interval))),
+            max_message_size=config.max_message_size)
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,
                                        max_connections=max_connections(config),
                                        logger=PicowsLog(),
                                        handshake_timeout=HANDSHAKE_TIMEOUT,
-                                       read_buffer_init_size=READ_BUFFER_INIT_SIZE)
+                                       read_buffer_init_size=READ_BUFFER_INIT_SIZE,
+                                       pusher_api=self.pusher_api)
         self.api = None if config.api_port is None else Api(
             config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
             node=self.node, worker=placement.index, why_not_ready=self.why_not_ready,
@@ -196,6 +204,8 @@ class Worker:
             server.close()
         if self.api is not None:
             self.api.close()
+        if self.pusher_api is not None:
+            self.pusher_api.http.close()
         self.hub.close_all(1001, "Server shutting down")
         deadline = self.loop.time() + self.config.shutdown_grace
         while self.hub.connections and self.loop.time() < deadline:

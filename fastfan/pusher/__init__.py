@@ -1,0 +1,117 @@
+"""Pusher Channels protocol 7 on fastfan's core: pusher-js, Laravel Echo and the Pusher server
+libraries talk to fastfan unchanged.
+
+The protocol is a dialect of the connection, not a part of the Session: a Session with a
+`dialect` hands it each whole text message (fastfan.pusher.protocol), and the core keeps
+the framing, the RFC 6455 rules and the fan-out. A Pusher channel C of app ID is the bus
+channel `pusher.ID.C` (bus_channel): its events are encoded once per channel as Pusher
+frames (`{"event":E,"channel":C,"data":D}`) and every bus (embedded, Redis, shards,
+Cluster) carries them as it carries fastfan's messages.
+
+Here: the apps (`--pusher-app ID:KEY:SECRET`) and the worker's Pusher side (Pusher): its
+connections by socket id, the ids, the encoding. The signatures are fastfan.pusher.auth's,
+the HTTP API fastfan.pusher.api's.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from .._core import BusResult, Hub, Session
+
+# Pusher's channel names: these characters, at most this long.
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,164}")
+# An app's id and key as the URL paths carry them.
+APP_FIELD = re.compile(r"[A-Za-z0-9_\-.]{1,100}")
+# A bus channel of a Pusher app begins with this, then the app's id and a dot.
+BUS_PREFIX = "pusher."
+# Presence channels of every app, for the worker's presence patterns.
+PRESENCE_PATTERN = BUS_PREFIX + "*.presence-*"
+
+
+class PusherAppError(ValueError):
+    """An --pusher-app that is not ID:KEY:SECRET."""
+
+
+@dataclass(frozen=True)
+class PusherApp:
+    id: str
+    key: str
+    secret: str
+
+    def bus_channel(self, channel: str) -> str:
+        """The fastfan channel that carries Pusher channel `channel` of this app."""
+        return f"{BUS_PREFIX}{self.id}.{channel}"
+
+
+def parse_app(text: str) -> PusherApp:
+    """`ID:KEY:SECRET` (the secret may hold colons)."""
+    app_id, _, rest = text.strip().partition(":")
+    key, _, secret = rest.partition(":")
+    if not APP_FIELD.fullmatch(app_id) or not APP_FIELD.fullmatch(key) or not secret:
+        raise PusherAppError(
+            f"--pusher-app takes ID:KEY:SECRET (id and key of letters, digits, '_-.'; a "
+            f"secret), got {text.split(':', 2)[0]!r}:…")
+    return PusherApp(app_id, key, secret)
+
+
+def parse_apps(specs: Iterable[str]) -> list[PusherApp]:
+    """Every app, each id and each key once."""
+    apps = [parse_app(spec) for spec in specs]
+    for field in ("id", "key"):
+        values = [getattr(app, field) for app in apps]
+        if len(set(values)) != len(values):
+            raise PusherAppError(f"--pusher-app: two apps have the same {field}")
+    return apps
+
+
+def read_app_file(path: str) -> list[str]:
+    """The ID:KEY:SECRET lines of a file (blank lines and `#` comments skipped)."""
+    with open(path, encoding="utf-8") as file:
+        return [line.strip() for line in file
+                if line.strip() and not line.lstrip().startswith("#")]
+
+
+def encode_event(event: str, channel: str | None, data: Any,
+                 user_id: str | None = None) -> bytes:
+    """A Pusher frame; `data` as it goes on the wire (a JSON string where Pusher's is)."""
+    frame: dict[str, Any] = {"event": event}
+    if channel is not None:
+        frame["channel"] = channel
+    frame["data"] = data
+    if user_id is not None:
+        frame["user_id"] = user_id
+    return msgspec.json.encode(frame)
+
+
+class Pusher:
+    """One worker's Pusher side: the apps, and its connections by socket id."""
+
+    def __init__(self, apps: Iterable[PusherApp], hub: Hub, *, activity_timeout: int,
+                 client_event_rate: float = 10.0) -> None:
+        self.apps_by_key = {app.key: app for app in apps}
+        self.apps_by_id = {app.id: app for app in self.apps_by_key.values()}
+        self.hub = hub
+        self.activity_timeout = activity_timeout
+        self.client_event_rate = client_event_rate
+        # socket ids are "worker.n": a random number per worker process, then a counter
+        self._worker_number = secrets.randbelow(10**9) + 1
+        self._next = 0
+        self.sockets: dict[str, Session] = {}
+
+    def new_socket_id(self) -> str:
+        self._next += 1
+        return f"{self._worker_number}.{self._next}"
+
+    def publish(self, app: PusherApp, channel: str, payload: bytes,
+                exclude: Session | None = None) -> bool:
+        """`payload` (a Pusher frame) to every subscriber of `channel` everywhere but
+        `exclude`; False when the bus refused it."""
+        outcome = self.hub.bus.publish(app.bus_channel(channel), payload, None, b"", exclude)
+        return bool(outcome != BusResult.REFUSED)

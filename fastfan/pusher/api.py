@@ -1,0 +1,219 @@
+"""Pusher's HTTP API, signed as Pusher signs it, on the client port under `/apps/{ID}/…`
+(where the Pusher server libraries look for it: the host and port of the WebSocket
+server). fastfan.handshake hands a connection whose first request is for `/apps/` to
+fastfan.http_server; this module answers its requests.
+
+    POST /apps/{ID}/events            one event to up to 100 channels; `socket_id` leaves
+                                      that connection out
+    POST /apps/{ID}/batch_events      up to 10 events, each to its channel
+    GET  /apps/{ID}/channels          occupied channels (filter_by_prefix, info=user_count)
+    GET  /apps/{ID}/channels/{C}      occupied, subscription_count, user_count
+    GET  /apps/{ID}/channels/{C}/users  a presence channel's users
+
+Counts are every worker's and node's (the bus's gather_channels and gather_presence), as
+fastfan's own API counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import msgspec
+
+from .. import directory
+from .._core import Hub, Session
+from ..bus.base import Presence
+from ..bus.gather import gathered
+from ..http_server import HttpServer, Request, Response
+from . import CHANNEL_NAME, Pusher, PusherApp, encode_event
+from .auth import SignatureError, check_request
+from .protocol import PRESENCE
+
+log = logging.getLogger("fastfan.pusher")
+
+# Pusher's limits: channels of one event, events of one batch, an event name's length.
+MAX_CHANNELS = 100
+MAX_BATCH = 10
+MAX_EVENT_NAME = 200
+# Connections this port's HTTP side holds open at once, per worker (as fastfan's API).
+MAX_CONNECTIONS = 128
+# Room beyond --max-message-size in a request body: the JSON around the data.
+BODY_ENVELOPE = 64 * 1024
+
+_TEXT = b"text/plain; charset=utf-8"
+
+
+class PusherApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Event(msgspec.Struct, forbid_unknown_fields=False):
+    name: str
+    data: str
+    channels: list[str] | None = None
+    channel: str | None = None
+    socket_id: str | None = None
+
+
+class _Batch(msgspec.Struct, forbid_unknown_fields=False):
+    batch: list[_Event]
+
+
+class PusherApi:
+    def __init__(self, pusher: Pusher, *, max_message_size: int) -> None:
+        self.pusher = pusher
+        self.max_message_size = max_message_size
+        self.http = HttpServer(self.handle, max_body=max_message_size + BODY_ENVELOPE,
+                               body_limit=f"--max-message-size plus {BODY_ENVELOPE}",
+                               max_connections=MAX_CONNECTIONS)
+
+    @property
+    def hub(self) -> Hub:
+        return self.pusher.hub
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            return Response(200, msgspec.json.encode(await self._route(request)))
+        except PusherApiError as exc:
+            return Response(exc.status, str(exc).encode() + b"\n", _TEXT)
+        except Exception:
+            log.exception("Pusher API request %s failed", request.method.decode())
+            return Response(500, b"internal error; the server's log says more\n", _TEXT)
+
+    async def _route(self, request: Request) -> dict[str, Any]:
+        raw_path, _, query = request.url.partition(b"?")
+        path = raw_path.decode("latin-1")
+        parts = path.split("/")  # "", "apps", ID, ...
+        app = self.pusher.apps_by_id.get(parts[2]) if len(parts) > 3 else None
+        if app is None:
+            raise PusherApiError(404, f"no such app or path: {path}")
+        params = {key.lower(): value for key, value in
+                  parse_qsl(query.decode("latin-1"), keep_blank_values=True)}
+        method = request.method.decode()
+        try:
+            check_request(app, method, path, params, bytes(request.body), time.time())
+        except SignatureError as exc:
+            raise PusherApiError(401, str(exc)) from None
+        resource = parts[3:]
+        if method == "POST" and resource == ["events"]:
+            return self._events(app, [_decode(request.body, _Event)])
+        if method == "POST" and resource == ["batch_events"]:
+            batch = _decode(request.body, _Batch).batch
+            if len(batch) > MAX_BATCH:
+                raise PusherApiError(400, f"at most {MAX_BATCH} events in a batch")
+            return self._events(app, batch)
+        if method == "GET" and resource == ["channels"]:
+            return await self._channels(app, params)
+        if method == "GET" and len(resource) in (2, 3) and resource[0] == "channels":
+            channel = unquote(resource[1])
+            _check_channel(channel)
+            if len(resource) == 2:
+                return await self._channel(app, channel, params)
+            if resource[2] == "users":
+                return await self._users(app, channel)
+        raise PusherApiError(404, f"no such path: {method} {path}")
+
+    # Events -------------------------------------------------------------------------------
+
+    def _events(self, app: PusherApp, events: list[_Event]) -> dict[str, Any]:
+        """Checked first, then published: a bad event publishes none of the request's."""
+        for event in events:
+            channels = event.channels if event.channels is not None else (
+                [event.channel] if event.channel is not None else [])
+            if not channels or len(channels) > MAX_CHANNELS:
+                raise PusherApiError(400, f"an event goes to 1 to {MAX_CHANNELS} channels")
+            for channel in channels:
+                _check_channel(channel)
+            if not event.name or len(event.name) > MAX_EVENT_NAME:
+                raise PusherApiError(400, f"event name of 1 to {MAX_EVENT_NAME} characters")
+            if len(event.data) > self.max_message_size:
+                raise PusherApiError(413, f"event data over {self.max_message_size} bytes "
+                                          "(--max-message-size)")
+            event.channels = channels
+        for event in events:
+            exclude = self._local_socket(event.socket_id)
+            for channel in event.channels or ():
+                frame = encode_event(event.name, channel, event.data)
+                if not self.pusher.publish(app, channel, frame, exclude):
+                    raise PusherApiError(503, "message bus unavailable, try again")
+        return {}
+
+    def _local_socket(self, socket_id: str | None) -> Session | None:
+        """The connection `socket_id` names, if it is this worker's."""
+        return None if socket_id is None else self.pusher.sockets.get(socket_id)
+
+    # Queries ------------------------------------------------------------------------------
+
+    async def _channels(self, app: PusherApp, params: dict[str, str]) -> dict[str, Any]:
+        prefix = params.get("filter_by_prefix", "")
+        info = _info(params)
+        if "user_count" in info and not prefix.startswith(PRESENCE):
+            raise PusherApiError(400, "info=user_count needs filter_by_prefix=presence-")
+        counts = await self._counts(app.bus_channel(prefix) + "*")
+        start = len(app.bus_channel(""))
+        channels: dict[str, dict[str, int]] = {}
+        for name, count in counts.items():
+            entry = channels[name[start:]] = {}
+            if "subscription_count" in info:
+                entry["subscription_count"] = count
+            if "user_count" in info:
+                entry["user_count"] = len((await self._presence(name))[1])
+        return {"channels": channels}
+
+    async def _channel(self, app: PusherApp, channel: str,
+                       params: dict[str, str]) -> dict[str, Any]:
+        info = _info(params)
+        if "user_count" in info and not channel.startswith(PRESENCE):
+            raise PusherApiError(400, "user_count is only for presence channels")
+        count = (await self._counts(app.bus_channel(channel))).get(app.bus_channel(channel), 0)
+        answer: dict[str, Any] = {"occupied": count > 0}
+        if "subscription_count" in info:
+            answer["subscription_count"] = count
+        if "user_count" in info:
+            answer["user_count"] = len((await self._presence(app.bus_channel(channel)))[1])
+        return answer
+
+    async def _users(self, app: PusherApp, channel: str) -> dict[str, Any]:
+        if not channel.startswith(PRESENCE):
+            raise PusherApiError(400, "users are only for presence channels")
+        clients = (await self._presence(app.bus_channel(channel)))[2]
+        users = list(dict.fromkeys(user for _, user, _ in clients))
+        return {"users": [{"id": user} for user in users]}
+
+    async def _counts(self, pattern: str) -> dict[str, int]:
+        hub = self.hub
+        limit = directory.MAX_LISTED
+        local = directory.channel_counts(hub.subscriber_counts(), pattern, limit)
+        parts: directory.Counts | None = await gathered(
+            lambda answer: hub.bus.gather_channels(pattern, limit, local, answer))
+        if parts is None:
+            raise PusherApiError(503, "a worker or node did not answer, try again")
+        return directory.add_up(parts)
+
+    async def _presence(self, channel: str) -> Presence:
+        presence: Presence | None = await gathered(
+            lambda answer: self.hub.gather_presence(channel, answer))
+        if presence is None:
+            raise PusherApiError(503, "a worker or node did not answer, try again")
+        return presence
+
+
+def _check_channel(channel: str) -> None:
+    if not CHANNEL_NAME.fullmatch(channel):
+        raise PusherApiError(400, f"invalid channel name {channel[:200]!r}")
+
+
+def _info(params: dict[str, str]) -> set[str]:
+    return {item for item in params.get("info", "").split(",") if item}
+
+
+def _decode(body: bytearray, kind: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise PusherApiError(400, f"bad request body: {exc}") from None
