@@ -1,0 +1,277 @@
+"""Pusher's protocol with Pusher's own libraries, unchanged: pusher-js 8 in Node as the
+client, the `pusher` server library for Node and for Python as the backend (triggers,
+channel queries, the signatures of authorizeChannel), on one worker and on two."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pusher
+import pytest
+from support.server import Server
+from support.waiting import wait_for
+from support.wire import HandshakeRefusedError, RawClient
+
+JS = Path(__file__).parent / "js"
+APP_ID, KEY, SECRET = "1", "app-key", "app-secret"
+APP = f"{APP_ID}:{KEY}:{SECRET}"
+
+
+class PusherJs:
+    """pusher-js in Node (tests/js/pusher_client.js): commands in, events out."""
+
+    def __init__(self, server: Server, user: str = "u1", secret: str = SECRET) -> None:
+        self.process = subprocess.Popen(
+            ["node", str(JS / "pusher_client.js"), server.host, str(server.port), APP_ID, KEY,
+             secret, user], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.events: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.socket_id: str = self.wait(event="connected")["socket_id"]
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.events.append(json.loads(line))
+
+    def send(self, **command: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    def seen(self, **fields: Any) -> list[dict[str, Any]]:
+        return [event for event in list(self.events)
+                if all(event.get(name) == value for name, value in fields.items())]
+
+    def wait(self, **fields: Any) -> dict[str, Any]:
+        return wait_for(lambda: next(iter(self.seen(**fields)), None))
+
+    def subscribe(self, channel: str) -> dict[str, Any]:
+        self.send(op="subscribe", channel=channel)
+        return wait_for(lambda: next(iter(self.seen(event="subscribed", channel=channel)
+                                          + self.seen(event="subscription_error",
+                                                      channel=channel)), None))
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def pusher_js() -> Any:
+    """pusher_js(server, user=...) -> a connected PusherJs, killed at the end."""
+    started: list[PusherJs] = []
+
+    def start(server: Server, user: str = "u1", secret: str = SECRET) -> PusherJs:
+        started.append(PusherJs(server, user, secret))
+        return started[-1]
+
+    yield start
+    for client in started:
+        client.close()
+
+
+def node_backend(server: Server, **command: Any) -> dict[str, Any]:
+    """One call of the `pusher` Node library (tests/js/pusher_server.js): status and body."""
+    result = subprocess.run(
+        ["node", str(JS / "pusher_server.js"), server.host, str(server.port), APP_ID, KEY,
+         SECRET, json.dumps(command)], capture_output=True, text=True, timeout=30, check=True)
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def python_backend(server: Server, secret: str = SECRET) -> Any:
+    return pusher.Pusher(app_id=APP_ID, key=KEY, secret=secret, host=server.host,
+                         port=server.port, ssl=False)
+
+
+def start_pusher(start_server: Any, *args: str) -> Server:
+    """A server with one Pusher app and no token key: --pusher-app alone is enough."""
+    server: Server = start_server("--pusher-app", APP, *args, secret=None)
+    return server
+
+
+def test_pusher_js_subscribes_and_receives_what_both_libraries_trigger(
+        start_server: Any, pusher_js: Any) -> None:
+    server = start_pusher(start_server)
+    client = pusher_js(server, "u1")
+    for channel in ("news", "private-orders", "private-encrypted-x", "presence-room"):
+        assert client.subscribe(channel)["event"] == "subscribed"
+    assert client.seen(event="subscribed", channel="presence-room")[0]["members"] == ["u1"]
+
+    answer = node_backend(server, op="trigger", channels=["news", "private-orders"],
+                          name="created", data={"id": 1})
+    assert answer == {"status": 200, "body": {}}
+    python_backend(server).trigger(["presence-room"], "moved", {"to": "b"})
+    node_backend(server, op="triggerBatch", batch=[
+        {"channel": "news", "name": "batched", "data": "plain text"}])
+
+    assert client.wait(event="message", channel="news", name="created")["data"] == {"id": 1}
+    assert client.wait(event="message", channel="private-orders",
+                       name="created")["data"] == {"id": 1}
+    assert client.wait(event="message", channel="presence-room",
+                       name="moved")["data"] == {"to": "b"}
+    assert client.wait(event="message", channel="news", name="batched")["data"] == "plain text"
+    node_backend(server, op="trigger", channels=["private-encrypted-x"], name="secret",
+                 data={"pin": 1234})  # encrypted by the library, decrypted by pusher-js
+    assert client.wait(event="message", channel="private-encrypted-x",
+                       name="secret")["data"] == {"pin": 1234}
+
+
+def test_a_bad_signature_is_a_subscription_error_and_the_connection_stays(
+        start_server: Any, pusher_js: Any) -> None:
+    server = start_pusher(start_server)
+    forger = pusher_js(server, "u1", secret="not-the-app-secret")
+    assert forger.subscribe("private-orders") == {
+        "event": "subscription_error", "channel": "private-orders", "status": 401}
+    assert forger.subscribe("presence-room")["event"] == "subscription_error"
+    assert forger.subscribe("news")["event"] == "subscribed"
+    python_backend(server).trigger(["news", "private-orders"], "created", {"id": 2})
+    forger.wait(event="message", channel="news", name="created")
+    assert not forger.seen(channel="private-orders", event="message")
+    assert not forger.seen(event="state", state="disconnected")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_members_are_added_and_removed_once_per_user(
+        start_server: Any, pusher_js: Any, workers: str) -> None:
+    server = start_pusher(start_server, "--workers", workers)
+    backend = python_backend(server)
+    alice = pusher_js(server, "alice")
+    assert alice.subscribe("presence-room")["members"] == ["alice"]
+    bob = pusher_js(server, "bob")
+    assert bob.subscribe("presence-room")["members"] == ["alice", "bob"]
+    assert alice.wait(event="member_added", id="bob")["info"] == {"name": "user bob"}
+    bob_again = pusher_js(server, "bob")  # a second tab: bob is there already
+    assert bob_again.subscribe("presence-room")["members"] == ["alice", "bob"]
+    assert sorted(user["id"] for user in backend.users_info("presence-room")["users"]) == [
+        "alice", "bob"]
+    info = backend.channel_info("presence-room", ["user_count", "subscription_count"])
+    assert info == {"occupied": True, "user_count": 2, "subscription_count": 3}
+
+    bob.send(op="unsubscribe", channel="presence-room")  # bob's other tab stays
+    wait_for(lambda: backend.channel_info(
+        "presence-room", ["subscription_count"])["subscription_count"] == 2)
+    bob_again.close()  # the last of bob's connections
+    alice.wait(event="member_removed", id="bob")
+    backend.trigger(["presence-room"], "marker", {})
+    alice.wait(event="message", name="marker")
+    assert len(alice.seen(event="member_added", id="bob")) == 1
+    assert len(alice.seen(event="member_removed", id="bob")) == 1
+    assert not alice.seen(event="member_added", id="alice")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_client_events_reach_the_others_never_the_sender(
+        start_server: Any, pusher_js: Any, workers: str) -> None:
+    server = start_pusher(start_server, "--workers", workers)
+    clients = [pusher_js(server, f"u{i}") for i in range(3)]
+    if workers == "2":  # socket ids begin with their worker's number
+        while len({client.socket_id.split(".")[0] for client in clients}) < 2:
+            clients.append(pusher_js(server, f"u{len(clients)}"))
+    for client in clients:
+        assert client.subscribe("private-chat")["event"] == "subscribed"
+        assert client.subscribe("presence-chat")["event"] == "subscribed"
+    sender, *others = clients
+    sender.send(op="trigger", channel="private-chat", name="client-typing", data={"on": 1})
+    sender.send(op="trigger", channel="presence-chat", name="client-typing", data={"on": 2})
+    for other in others:
+        assert other.wait(event="message", channel="private-chat",
+                          name="client-typing")["data"] == {"on": 1}
+        other.wait(event="message", channel="presence-chat", name="client-typing")
+    python_backend(server).trigger(["private-chat"], "marker", {})
+    sender.wait(event="message", name="marker")
+    assert not sender.seen(event="message", name="client-typing")
+
+
+def test_socket_id_leaves_the_sender_out(start_server: Any, pusher_js: Any) -> None:
+    server = start_pusher(start_server)
+    sender, other = pusher_js(server, "u1"), pusher_js(server, "u2")
+    for client in (sender, other):
+        client.subscribe("news")
+    node_backend(server, op="trigger", channels=["news"], name="saved", data={},
+                 socket_id=sender.socket_id)
+    python_backend(server).trigger(["news"], "saved-too", {}, socket_id=sender.socket_id)
+    python_backend(server).trigger(["news"], "marker", {})
+    for name in ("saved", "saved-too", "marker"):
+        other.wait(event="message", name=name)
+    sender.wait(event="message", name="marker")
+    assert [event["name"] for event in sender.seen(event="message")] == ["marker"]
+
+
+def test_channel_queries_through_the_libraries(start_server: Any, pusher_js: Any) -> None:
+    server = start_pusher(start_server, "--workers", "2")
+    for user in ("u1", "u2"):
+        client = pusher_js(server, user)
+        for channel in ("news", "presence-a", "private-b"):
+            client.subscribe(channel)
+    backend = python_backend(server)
+    assert backend.channels_info() == {"channels": {"news": {}, "presence-a": {},
+                                                    "private-b": {}}}
+    # (a worker's presence answer serves for half a second: counts may be that old)
+    wait_for(lambda: backend.channels_info(prefix_filter="presence-",
+                                           attributes=["user_count"]) == {
+        "channels": {"presence-a": {"user_count": 2}}})
+    answer = node_backend(server, op="get", path="/channels",
+                          params={"filter_by_prefix": "private-",
+                                  "info": "subscription_count"})
+    assert answer == {"status": 200,
+                      "body": {"channels": {"private-b": {"subscription_count": 2}}}}
+    assert backend.channel_info("gone", ["subscription_count"]) == {
+        "occupied": False, "subscription_count": 0}
+    with pytest.raises(pusher.errors.PusherBadRequest):
+        backend.channel_info("news", ["user_count"])  # presence channels only
+
+
+def test_the_http_api_wants_pusher_signatures(start_server: Any) -> None:
+    server = start_pusher(start_server)
+    with pytest.raises(pusher.errors.PusherBadAuth):
+        python_backend(server, secret="wrong").trigger(["news"], "e", {})
+    assert server.get(f"/apps/{APP_ID}/channels")[0] == 401  # unsigned
+
+
+def test_an_unknown_key_upgrades_then_gets_4001(start_server: Any) -> None:
+    server = start_pusher(start_server)
+    client = RawClient(server.host, server.port, "/app/no-such-key?protocol=7")
+    error = client.recv_json()
+    assert error["event"] == "pusher:error" and error["data"]["code"] == 4001
+    assert client.recv_close()[0] == 4001
+
+
+def test_client_events_on_public_channels_are_refused_and_the_connection_stays(
+        start_server: Any) -> None:
+    server = start_pusher(start_server)
+    client = RawClient(server.host, server.port, f"/app/{KEY}?protocol=7")
+    assert client.recv_json()["event"] == "pusher:connection_established"
+    client.send_json({"event": "pusher:subscribe", "data": {"channel": "news"}})
+    assert client.recv_json() == {"event": "pusher_internal:subscription_succeeded",
+                                  "channel": "news", "data": "{}"}
+    client.send_json({"event": "client-x", "channel": "news", "data": {}})
+    assert client.recv_json()["event"] == "pusher:error"
+    client.send_json({"event": "pusher:ping", "data": {}})
+    assert client.recv_json()["event"] == "pusher:pong"
+
+
+def test_client_events_past_the_rate_get_4301(start_server: Any, pusher_js: Any) -> None:
+    server = start_pusher(start_server)
+    client = RawClient(server.host, server.port, f"/app/{KEY}?protocol=7")
+    socket_id = json.loads(client.recv_json()["data"])["socket_id"]
+    auth = python_backend(server).authenticate(channel="private-x", socket_id=socket_id)
+    client.send_json({"event": "pusher:subscribe",
+                      "data": {"channel": "private-x", "auth": auth["auth"]}})
+    assert client.recv_json()["event"] == "pusher_internal:subscription_succeeded"
+    client.send_json_burst([{"event": "client-x", "channel": "private-x", "data": i}
+                            for i in range(50)])
+    error = client.recv_json()
+    assert error["event"] == "pusher:error" and error["data"]["code"] == 4301
+
+
+def test_fastfan_protocol_needs_a_token_key_when_only_pusher_apps_are_given(
+        start_server: Any) -> None:
+    server = start_pusher(start_server)
+    with pytest.raises(HandshakeRefusedError) as refused:
+        RawClient(server.host, server.port, "/")
+    assert refused.value.status == 401
