@@ -187,17 +187,25 @@ def test_client_events_reach_the_others_never_the_sender(
     assert not sender.seen(event="message", name="client-typing")
 
 
-def test_socket_id_leaves_the_sender_out(start_server: Any, pusher_js: Any) -> None:
-    server = start_pusher(start_server)
-    sender, other = pusher_js(server, "u1"), pusher_js(server, "u2")
-    for client in (sender, other):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_socket_id_leaves_the_sender_out(start_server: Any, pusher_js: Any,
+                                         workers: str) -> None:
+    server = start_pusher(start_server, "--workers", workers)
+    clients = [pusher_js(server, "u1"), pusher_js(server, "u2")]
+    if workers == "2":  # socket ids begin with their worker's number
+        while len({client.socket_id.split(".")[0] for client in clients}) < 2:
+            clients.append(pusher_js(server, f"u{len(clients)}"))
+    for client in clients:
         client.subscribe("news")
-    node_backend(server, op="trigger", channels=["news"], name="saved", data={},
-                 socket_id=sender.socket_id)
-    python_backend(server).trigger(["news"], "saved-too", {}, socket_id=sender.socket_id)
+    sender, *others = clients
+    for _ in range(4):  # each API request lands on a worker the kernel picks
+        node_backend(server, op="trigger", channels=["news"], name="saved", data={},
+                     socket_id=sender.socket_id)
+        python_backend(server).trigger(["news"], "saved-too", {}, socket_id=sender.socket_id)
     python_backend(server).trigger(["news"], "marker", {})
-    for name in ("saved", "saved-too", "marker"):
-        other.wait(event="message", name=name)
+    for other in others:
+        wait_for(lambda other=other: len(other.seen(event="message", name="saved")) == 4
+                 and len(other.seen(event="message", name="saved-too")) == 4)
     sender.wait(event="message", name="marker")
     assert [event["name"] for event in sender.seen(event="message")] == ["marker"]
 

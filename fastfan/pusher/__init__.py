@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from .._core import BusResult, Hub, Session
+from ..bus.commands import EXTENSIONS, Command, encode_command
 
 # Pusher's channel names: these characters, at most this long.
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,164}")
@@ -33,6 +34,8 @@ APP_FIELD = re.compile(r"[A-Za-z0-9_\-.]{1,100}")
 BUS_PREFIX = "pusher."
 # Presence channels of every app, for the worker's presence patterns.
 PRESENCE_PATTERN = BUS_PREFIX + "*.presence-*"
+# The bus command of an event that leaves out a connection of another worker (socket_id).
+PUBLISH_EXCEPT = "pusher_publish_except"
 
 
 class PusherAppError(ValueError):
@@ -104,6 +107,7 @@ class Pusher:
         self._worker_number = secrets.randbelow(10**9) + 1
         self._next = 0
         self.sockets: dict[str, Session] = {}
+        EXTENSIONS[PUBLISH_EXCEPT] = self._publish_except
 
     def new_socket_id(self) -> str:
         self._next += 1
@@ -115,3 +119,20 @@ class Pusher:
         `exclude`; False when the bus refused it."""
         outcome = self.hub.bus.publish(app.bus_channel(channel), payload, None, b"", exclude)
         return bool(outcome != BusResult.REFUSED)
+
+    def publish_except(self, app: PusherApp, channel: str, payload: bytes,
+                       socket_id: str) -> int:
+        """`payload` to every subscriber of `channel` but the connection `socket_id`,
+        wherever it is: here, a publish that leaves it out; else a bus command, which each
+        worker fans out leaving out its own connection of that id (the bus keeps it in
+        order with the publishes of this worker). A BusResult."""
+        session = self.sockets.get(socket_id)
+        if session is not None:
+            return int(self.hub.bus.publish(app.bus_channel(channel), payload, None, b"",
+                                            session))
+        return int(self.hub.bus.command(encode_command(
+            PUBLISH_EXCEPT, socket_id, app.bus_channel(channel), payload.decode()), None))
+
+    def _publish_except(self, command: Command) -> None:
+        self.hub.fanout(command.channel, command.data.encode(),
+                        self.sockets.get(command.user))

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, unquote
 import msgspec
 
 from .. import directory
-from .._core import Hub, Session
+from .._core import BusResult, Hub
 from ..bus.base import Presence
 from ..bus.gather import gathered
 from ..http_server import HttpServer, Request, Response
@@ -136,16 +136,15 @@ class PusherApi:
                                           "(--max-message-size)")
             event.channels = channels
         for event in events:
-            exclude = self._local_socket(event.socket_id)
             for channel in event.channels or ():
                 frame = encode_event(event.name, channel, event.data)
-                if not self.pusher.publish(app, channel, frame, exclude):
+                published = self.pusher.publish(app, channel, frame) \
+                    if event.socket_id is None else \
+                    self.pusher.publish_except(app, channel, frame, event.socket_id) \
+                    != BusResult.REFUSED
+                if not published:
                     raise PusherApiError(503, "message bus unavailable, try again")
         return {}
-
-    def _local_socket(self, socket_id: str | None) -> Session | None:
-        """The connection `socket_id` names, if it is this worker's."""
-        return None if socket_id is None else self.pusher.sockets.get(socket_id)
 
     # Queries ------------------------------------------------------------------------------
 
