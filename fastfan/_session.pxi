@@ -665,9 +665,13 @@ cdef class Session(Outbox):
 
     def subscribe_to(self, str channel):
         """Subscribe to `channel` on the bus, unchecked (the dialect checked): its messages
-        reach this connection by the core's fan-out, as they are; presence hears of it."""
-        if channel not in self.subscriptions:
-            self.hub.subscribe(self, channel)
+        reach this connection by the core's fan-out, as they are; presence hears of it.
+        True when the bus has yet to confirm it: dialect.confirmed(session, channel)
+        follows once every message published anywhere reaches it."""
+        if channel in self.subscriptions:
+            return False
+        self.hub.subscribe(self, channel)
+        return self.hub.awaits_confirmation(self, channel, b"")
 
     def unsubscribe_from(self, str channel):
         if channel in self.subscriptions:

@@ -2,10 +2,11 @@
 its `dialect` (fastfan._core.Session.dialect).
 
 The Session gives it each whole text message (`handle`) and tells it of the connection's
-start and end; it answers through the Session (`send_text`, `close`) and subscribes it to
-the bus channels of the Pusher channels (`subscribe_to`), whose events the core fans out
-as they are. Presence is fastfan's: the connection takes the presence user as its identity
-(`take_identity`), and the members are the channel's subscribers on every worker and node
+start and end, the Hub of a subscription the bus confirmed (`confirmed`); it answers
+through the Session (`send_text`, `close`) and subscribes it to the bus channels of the
+Pusher channels (`subscribe_to`), whose events the core fans out as they are. Presence
+is fastfan's: the connection takes the presence user as its identity (`take_identity`),
+and the members are the channel's subscribers on every worker and node
 (Hub.gather_presence).
 """
 
@@ -138,11 +139,23 @@ class PusherConnection:
             if not self._take_presence_user(session, channel, channel_data):
                 return
         self.channels.add(channel)
-        session.subscribe_to(self.app.bus_channel(channel))
+        if not session.subscribe_to(self.app.bus_channel(channel)):
+            self._succeeded(session, channel)
+
+    def confirmed(self, session: Session, bus_channel: str) -> None:
+        """The bus has the subscription (the Hub calls): every event published from now on,
+        anywhere, reaches this connection."""
+        assert self.app is not None
+        channel = bus_channel[len(self.app.bus_channel("")):]
+        if channel in self.channels:
+            self._succeeded(session, channel)
+
+    def _succeeded(self, session: Session, channel: str) -> None:
+        assert self.app is not None
         if channel.startswith(PRESENCE):
-            hub.gather_presence(self.app.bus_channel(channel),
-                                lambda presence: self._presence_succeeded(session, channel,
-                                                                          presence))
+            self.pusher.hub.gather_presence(
+                self.app.bus_channel(channel),
+                lambda presence: self._presence_succeeded(session, channel, presence))
         else:
             session.send_text(encode_event("pusher_internal:subscription_succeeded",
                                            channel, "{}"))
