@@ -12,6 +12,7 @@ from typing import Any
 
 import pusher
 import pytest
+from support.redis import RedisServer
 from support.server import Server
 from support.waiting import wait_for
 from support.wire import HandshakeRefusedError, RawClient
@@ -208,6 +209,31 @@ def test_socket_id_leaves_the_sender_out(start_server: Any, pusher_js: Any,
                  and len(other.seen(event="message", name="saved-too")) == 4)
     sender.wait(event="message", name="marker")
     assert [event["name"] for event in sender.seen(event="message")] == ["marker"]
+
+
+def test_two_nodes_on_redis_share_channels_members_and_client_events(
+        start_server: Any, redis_server: RedisServer, pusher_js: Any) -> None:
+    nodes = [start_pusher(start_server, "--redis", redis_server.url, "--workers", workers)
+             for workers in ("1", "2")]
+    for node in nodes:
+        node.wait_ready()
+    alice, bob = pusher_js(nodes[0], "alice"), pusher_js(nodes[1], "bob")
+    assert alice.subscribe("presence-room")["members"] == ["alice"]
+    assert bob.subscribe("presence-room")["members"] == ["alice", "bob"]
+    alice.wait(event="member_added", id="bob")
+    python_backend(nodes[1]).trigger(["presence-room"], "from-node-1", {"n": 1})
+    node_backend(nodes[0], op="trigger", channels=["presence-room"], name="from-node-0",
+                 data={"n": 0})
+    for client in (alice, bob):
+        client.wait(event="message", name="from-node-1")
+        client.wait(event="message", name="from-node-0")
+    bob.send(op="trigger", channel="presence-room", name="client-wave", data={})
+    alice.wait(event="message", name="client-wave")
+    wait_for(lambda: python_backend(nodes[0]).channel_info(
+        "presence-room", ["user_count"])["user_count"] == 2, timeout=3)
+    bob.close()
+    alice.wait(event="member_removed", id="bob")
+    assert not bob.seen(event="message", name="client-wave")
 
 
 def test_channel_queries_through_the_libraries(start_server: Any, pusher_js: Any) -> None:
