@@ -218,7 +218,7 @@ class ListenerFactory:
 
 # The Pusher HTTP API's requests, and the starts FirstRequest waits to see whole before it
 # knows whose a connection is.
-_PUSHER_API_STARTS = (b"GET /apps/", b"POST /apps/")
+_PUSHER_API_STARTS = (b"GET /apps/", b"POST /apps/", b"POST /users/")
 _WAIT_FOR_HEAD = (b"HEAD ",)
 _WAIT_FOR = (*_WAIT_FOR_HEAD, *_PUSHER_API_STARTS)
 # The longest request head a HEAD may have, as picows's limit for a GET's.

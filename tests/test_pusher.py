@@ -236,6 +236,45 @@ def test_two_nodes_on_redis_share_channels_members_and_client_events(
     assert not bob.seen(event="message", name="client-wave")
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_signed_in_users_get_what_is_sent_to_them_until_terminated(
+        start_server: Any, pusher_js: Any, workers: str) -> None:
+    server = start_pusher(start_server, "--workers", workers)
+    tabs = [pusher_js(server, "ada"), pusher_js(server, "ada")]
+    other = pusher_js(server, "bea")
+    for client in (*tabs, other):
+        client.send(op="signin")
+        client.wait(event="signed_in")
+        client.wait(event="user_channel")  # pusher-js subscribes to its user's own channel
+    assert node_backend(server, op="sendToUser", user="ada", name="note", data={"n": 1}) == {
+        "status": 200, "body": {}}
+    python_backend(server).send_to_user("ada", "note", {"n": 2})
+    for tab in tabs:
+        tab.wait(event="user_message", name="note", data={"n": 2})
+        assert tab.seen(event="user_message", name="note", data={"n": 1})
+
+    python_backend(server).terminate_user_connections("ada")  # without /apps/ID
+    for tab in tabs:
+        tab.wait(event="state", state="disconnected")
+    assert node_backend(server, op="terminate", user="bea") == {"status": 200, "body": {}}
+    other.wait(event="state", state="disconnected")
+    assert not other.seen(event="user_message")
+
+
+def test_a_forged_signin_is_closed_with_4009(start_server: Any) -> None:
+    server = start_pusher(start_server)
+    client = RawClient(server.host, server.port, f"/app/{KEY}?protocol=7")
+    socket_id = json.loads(client.recv_json()["data"])["socket_id"]
+    forged = pusher.Pusher(app_id=APP_ID, key=KEY, secret="wrong").authenticate_user(
+        socket_id, {"id": "ada"})
+    client.send_json({"event": "pusher:subscribe",
+                      "data": {"channel": "#server-to-user-ada"}})
+    assert client.recv_json()["event"] == "pusher:subscription_error"  # not signed in
+    client.send_json({"event": "pusher:signin", "data": forged})
+    assert client.recv_json()["data"]["code"] == 4009
+    assert client.recv_close()[0] == 4009
+
+
 def test_channel_queries_through_the_libraries(start_server: Any, pusher_js: Any) -> None:
     server = start_pusher(start_server, "--workers", "2")
     for user in ("u1", "u2"):

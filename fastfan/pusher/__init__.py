@@ -28,6 +28,9 @@ from ..bus.commands import EXTENSIONS, Command, encode_command
 
 # Pusher's channel names: these characters, at most this long.
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_\-=@,.;]{1,164}")
+# A signed-in user's own channel (pusher:signin): only that user's connections subscribe,
+# the backend sends to it (sendToUser).
+SERVER_TO_USER = "#server-to-user-"
 # An app's id and key as the URL paths carry them.
 APP_FIELD = re.compile(r"[A-Za-z0-9_\-.]{1,100}")
 # A bus channel of a Pusher app begins with this, then the app's id and a dot.
@@ -36,6 +39,10 @@ BUS_PREFIX = "pusher."
 PRESENCE_PATTERN = BUS_PREFIX + "*.presence-*"
 # The bus command of an event that leaves out a connection of another worker (socket_id).
 PUBLISH_EXCEPT = "pusher_publish_except"
+# The bus command that closes a signed-in user's connections on every worker.
+TERMINATE = "pusher_terminate"
+# The close code of a connection terminated by the API (Pusher's: do not reconnect as is).
+TERMINATED = 4009
 
 
 class PusherAppError(ValueError):
@@ -51,6 +58,13 @@ class PusherApp:
     def bus_channel(self, channel: str) -> str:
         """The fastfan channel that carries Pusher channel `channel` of this app."""
         return f"{BUS_PREFIX}{self.id}.{channel}"
+
+
+def is_channel_name(name: str) -> bool:
+    """A Pusher channel's name, or a signed-in user's own channel."""
+    if name.startswith(SERVER_TO_USER):
+        name = name[len(SERVER_TO_USER):]
+    return CHANNEL_NAME.fullmatch(name) is not None
 
 
 def parse_app(text: str) -> PusherApp:
@@ -108,6 +122,7 @@ class Pusher:
         self._next = 0
         self.sockets: dict[str, Session] = {}
         EXTENSIONS[PUBLISH_EXCEPT] = self._publish_except
+        EXTENSIONS[TERMINATE] = self._terminate
 
     def new_socket_id(self) -> str:
         self._next += 1
@@ -136,3 +151,14 @@ class Pusher:
     def _publish_except(self, command: Command) -> None:
         self.hub.fanout(command.channel, command.data.encode(),
                         self.sockets.get(command.user))
+
+    def terminate(self, app: PusherApp, user: str) -> int:
+        """Close every connection signed in as `user` of `app`, on every worker and node
+        (a bus command). A BusResult."""
+        return int(self.hub.bus.command(encode_command(TERMINATE, user, data=app.id), None))
+
+    def _terminate(self, command: Command) -> None:
+        for session in list(self.sockets.values()):
+            connection = session.dialect
+            if connection.user == command.user and connection.app.id == command.data:
+                session.close(TERMINATED, "Connection terminated by the server")

@@ -9,6 +9,8 @@ fastfan.http_server; this module answers its requests.
     GET  /apps/{ID}/channels          occupied channels (filter_by_prefix, info=user_count)
     GET  /apps/{ID}/channels/{C}      occupied, subscription_count, user_count
     GET  /apps/{ID}/channels/{C}/users  a presence channel's users
+    POST /apps/{ID}/users/{U}/terminate_connections  (also without `/apps/{ID}`, the app
+                                      then known by auth_key: the Python library's path)
 
 Counts are every worker's and node's (the bus's gather_channels and gather_presence), as
 fastfan's own API counts them.
@@ -28,7 +30,7 @@ from .._core import BusResult, Hub
 from ..bus.base import Presence
 from ..bus.gather import gathered
 from ..http_server import HttpServer, Request, Response
-from . import CHANNEL_NAME, Pusher, PusherApp, encode_event
+from . import Pusher, PusherApp, encode_event, is_channel_name
 from .auth import SignatureError, check_request
 from .protocol import PRESENCE
 
@@ -88,18 +90,23 @@ class PusherApi:
     async def _route(self, request: Request) -> dict[str, Any]:
         raw_path, _, query = request.url.partition(b"?")
         path = raw_path.decode("latin-1")
-        parts = path.split("/")  # "", "apps", ID, ...
-        app = self.pusher.apps_by_id.get(parts[2]) if len(parts) > 3 else None
-        if app is None:
-            raise PusherApiError(404, f"no such app or path: {path}")
         params = {key.lower(): value for key, value in
                   parse_qsl(query.decode("latin-1"), keep_blank_values=True)}
+        parts = path.split("/")  # "", "apps", ID, ... or "", "users", U, ...
+        if parts[1] == "users":
+            app = next((app for app in self.pusher.apps_by_id.values()
+                        if app.key == params.get("auth_key")), None)
+            resource = parts[1:]
+        else:
+            app = self.pusher.apps_by_id.get(parts[2]) if len(parts) > 3 else None
+            resource = parts[3:]
+        if app is None:
+            raise PusherApiError(404, f"no such app or path: {path}")
         method = request.method.decode()
         try:
             check_request(app, method, path, params, bytes(request.body), time.time())
         except SignatureError as exc:
             raise PusherApiError(401, str(exc)) from None
-        resource = parts[3:]
         if method == "POST" and resource == ["events"]:
             return self._events(app, [_decode(request.body, _Event)])
         if method == "POST" and resource == ["batch_events"]:
@@ -116,6 +123,11 @@ class PusherApi:
                 return await self._channel(app, channel, params)
             if resource[2] == "users":
                 return await self._users(app, channel)
+        if method == "POST" and len(resource) == 3 and resource[0] == "users" \
+                and resource[2] == "terminate_connections" and resource[1]:
+            if self.pusher.terminate(app, unquote(resource[1])) == BusResult.REFUSED:
+                raise PusherApiError(503, "message bus unavailable, try again")
+            return {}
         raise PusherApiError(404, f"no such path: {method} {path}")
 
     # Events -------------------------------------------------------------------------------
@@ -157,6 +169,8 @@ class PusherApi:
         start = len(app.bus_channel(""))
         channels: dict[str, dict[str, int]] = {}
         for name, count in counts.items():
+            if name[start:].startswith("#"):
+                continue  # a signed-in user's own channel is not the app's
             entry = channels[name[start:]] = {}
             if "subscription_count" in info:
                 entry["subscription_count"] = count
@@ -203,7 +217,7 @@ class PusherApi:
 
 
 def _check_channel(channel: str) -> None:
-    if not CHANNEL_NAME.fullmatch(channel):
+    if not is_channel_name(channel):
         raise PusherApiError(400, f"invalid channel name {channel[:200]!r}")
 
 

@@ -36,6 +36,21 @@ def check_channel_auth(app: PusherApp, socket_id: str, channel: str, auth: objec
                              "must sign it with this app's key and secret")
 
 
+def check_user_auth(app: PusherApp, socket_id: str, auth: object, user_data: object) -> None:
+    """pusher:signin's `auth`: `key:HMAC(secret, socket_id::user::user_data)` (what any
+    Pusher server library's authenticateUser makes)."""
+    if not isinstance(user_data, str):
+        raise SignatureError("pusher:signin needs 'user_data' from the app's user endpoint")
+    if not isinstance(auth, str) or ":" not in auth:
+        raise SignatureError("pusher:signin needs 'auth' from the app's user endpoint")
+    key, _, signature = auth.partition(":")
+    expected = sign(app.secret, f"{socket_id}::user::{user_data}")
+    if not hmac.compare_digest(key.encode(), app.key.encode()) or not hmac.compare_digest(
+            signature.encode(), expected.encode()):
+        raise SignatureError("invalid signature: the app's user endpoint must sign it with "
+                             "this app's key and secret")
+
+
 def check_request(app: PusherApp, method: str, path: str, params: Mapping[str, str],
                   body: bytes, now: float) -> None:
     """An HTTP API request signed as the Pusher libraries sign it: `auth_key`,

@@ -20,8 +20,8 @@ import msgspec
 from .. import auth as fastfan_auth
 from .._core import Session
 from ..bus.base import Presence
-from . import CHANNEL_NAME, Pusher, PusherApp, encode_event
-from .auth import SignatureError, check_channel_auth
+from . import SERVER_TO_USER, TERMINATED, Pusher, PusherApp, encode_event, is_channel_name
+from .auth import SignatureError, check_channel_auth, check_user_auth
 
 # Pusher's close and error codes (pusher.com/docs/channels/library_auth_reference/pusher-
 # websockets-protocol): 4001 no such app, 4009 unauthorized, 4301 client events too fast.
@@ -51,7 +51,7 @@ def _signed(channel: str) -> bool:
 class PusherConnection:
     """One Pusher connection: its app, socket id, Pusher channels and client-event bucket."""
 
-    __slots__ = ("app", "channels", "key", "pusher", "refill_at", "socket_id", "tokens")
+    __slots__ = ("app", "channels", "key", "pusher", "refill_at", "socket_id", "tokens", "user")
 
     def __init__(self, pusher: Pusher, key: str) -> None:
         self.pusher = pusher
@@ -61,6 +61,7 @@ class PusherConnection:
         self.channels: set[str] = set()  # Pusher channel names subscribed
         self.tokens = 2 * pusher.client_event_rate
         self.refill_at = time.monotonic()
+        self.user = ""  # signed in as (pusher:signin), "" until then
 
     # The Session's calls ------------------------------------------------------------
 
@@ -99,6 +100,8 @@ class PusherConnection:
             session.send_text(b'{"event":"pusher:pong","data":"{}"}')
         elif event == "pusher:subscribe":
             self._subscribe(session, message.data)
+        elif event == "pusher:signin":
+            self._signin(session, message.data)
         elif event == "pusher:unsubscribe":
             channel = message.data.get("channel") if isinstance(message.data, dict) else None
             if isinstance(channel, str) and channel in self.channels:
@@ -113,10 +116,15 @@ class PusherConnection:
     def _subscribe(self, session: Session, data: Any) -> None:
         assert self.app is not None
         channel = data.get("channel") if isinstance(data, dict) else None
-        if not isinstance(channel, str) or not CHANNEL_NAME.fullmatch(channel):
+        if not isinstance(channel, str) or not is_channel_name(channel):
             self._error(session, None, "pusher:subscribe needs a valid 'channel' name")
             return
         if channel in self.channels:
+            return
+        if channel.startswith(SERVER_TO_USER) and (
+                not self.user or channel != SERVER_TO_USER + self.user):
+            self._subscription_error(session, channel, 403, "only the user signed in as "
+                                     f"{channel[len(SERVER_TO_USER):]} may subscribe")
             return
         channel_data = data.get("channel_data")
         if _signed(channel):
@@ -159,6 +167,32 @@ class PusherConnection:
         else:
             session.send_text(encode_event("pusher_internal:subscription_succeeded",
                                            channel, "{}"))
+
+    def _signin(self, session: Session, data: Any) -> None:
+        """User authentication: `auth` signs `socket_id::user::user_data` (any Pusher
+        server library's authenticateUser); the connection is that user from now on. A bad
+        one closes the connection with 4009, as Pusher does."""
+        assert self.app is not None
+        user_data = data.get("user_data") if isinstance(data, dict) else None
+        try:
+            check_user_auth(self.app, self.socket_id, data.get("auth") if isinstance(
+                data, dict) else None, user_data)
+            assert isinstance(user_data, str)
+            user = msgspec.json.decode(user_data)["id"]
+            if not isinstance(user, str) or not user:
+                raise SignatureError("user_data needs an 'id', a non-empty string")
+        except (SignatureError, msgspec.DecodeError, TypeError, KeyError) as exc:
+            message = str(exc) if isinstance(exc, SignatureError) else \
+                "user_data must be JSON with an 'id'"
+            self._error(session, TERMINATED, f"Invalid signin: {message}")
+            session.close(TERMINATED, "Invalid signin")
+            return
+        self.user = user
+        if session.identity.user != user:
+            session.take_identity(fastfan_auth.Identity(
+                user, fastfan_auth.ALLOW_ALL, fastfan_auth.ALLOW_ALL, None, ""))
+        session.send_text(encode_event("pusher:signin_success", None,
+                                       {"user_data": user_data}))
 
     def _take_presence_user(self, session: Session, channel: str, channel_data: str) -> bool:
         """The connection is the user its channel_data names (one user per connection)."""

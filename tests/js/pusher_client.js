@@ -3,7 +3,7 @@
 // server library's authorizeChannel, as an application's auth endpoint would.
 //   node pusher_client.js HOST PORT APP_ID KEY SECRET [USER_ID]
 // Commands: {"op":"subscribe","channel":C} {"op":"unsubscribe","channel":C}
-//           {"op":"trigger","channel":C,"name":E,"data":D} {"op":"disconnect"}
+//           {"op":"trigger","channel":C,"name":E,"data":D} {"op":"signin"} {"op":"disconnect"}
 "use strict";
 // private-encrypted- channels: the libraries encrypt, fastfan relays as it is.
 const MASTER_KEY = Buffer.alloc(32, 7).toString("base64");
@@ -18,6 +18,10 @@ const emit = (event) => process.stdout.write(JSON.stringify(event) + "\n");
 const client = new Pusher(key, {
   cluster: "fastfan", wsHost: host, wsPort: Number(port), forceTLS: false,
   enabledTransports: ["ws"], disableStats: true,
+  userAuthentication: {
+    customHandler: ({ socketId }, callback) =>
+      callback(null, backend.authenticateUser(socketId, { id: userId, name: `user ${userId}` })),
+  },
   channelAuthorization: {
     customHandler: ({ socketId, channelName }, callback) => {
       const presence = channelName.startsWith("presence-")
@@ -31,6 +35,12 @@ client.connection.bind("state_change", ({ current }) => {
   else emit({ event: "state", state: current });
 });
 client.connection.bind("error", (error) => emit({ event: "error", error: error && error.data }));
+client.connection.bind("message", (message) => {
+  if (message.event === "pusher:signin_success") emit({ event: "signed_in" });
+  if (message.event === "pusher_internal:subscription_succeeded" &&
+      message.channel.startsWith("#server-to-user-")) emit({ event: "user_channel" });
+});
+client.user.bind_global((eventName, data) => emit({ event: "user_message", name: eventName, data }));
 
 function subscribe(name) {
   const channel = client.subscribe(name);
@@ -52,5 +62,6 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
   if (command.op === "subscribe") subscribe(command.channel);
   else if (command.op === "unsubscribe") { client.unsubscribe(command.channel); emit({ event: "unsubscribed", channel: command.channel }); }
   else if (command.op === "trigger") emit({ event: "triggered", ok: client.channel(command.channel).trigger(command.name, command.data) });
+  else if (command.op === "signin") client.signin();
   else if (command.op === "disconnect") { client.disconnect(); process.exit(0); }
 });

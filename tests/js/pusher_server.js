@@ -3,6 +3,7 @@
 // COMMAND: {"op":"trigger","channels":[C],"name":E,"data":D[,"socket_id":S]}
 //          {"op":"triggerBatch","batch":[{"channel":C,"name":E,"data":D}]}
 //          {"op":"get","path":P[,"params":{...}]}
+//          {"op":"sendToUser","user":U,"name":E,"data":D} {"op":"terminate","user":U}
 "use strict";
 // private-encrypted- channels: the libraries encrypt, fastfan relays as it is.
 const MASTER_KEY = Buffer.alloc(32, 7).toString("base64");
@@ -18,6 +19,8 @@ async function call() {
     return backend.trigger(command.channels, command.name, command.data, params);
   }
   if (command.op === "triggerBatch") return backend.triggerBatch(command.batch);
+  if (command.op === "sendToUser") return backend.sendToUser(command.user, command.name, command.data);
+  if (command.op === "terminate") return backend.terminateUserConnections(command.user);
   return backend.get({ path: command.path, params: command.params || {} });
 }
 
