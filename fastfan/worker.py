@@ -23,7 +23,7 @@ from .directory import Node, node_name, process_start_time
 from .handshake import ListenerFactory
 from .logs import PicowsLog
 from .metrics import SharedFigures
-from .pusher import PRESENCE_PATTERN, Pusher, parse_apps
+from .pusher import CACHE_PATTERNS, PRESENCE_PATTERN, Pusher, parse_apps
 from .pusher.api import PusherApi
 from .webhooks import Webhooks
 
@@ -81,8 +81,11 @@ class Worker:
                 [PRESENCE_PATTERN] if config.pusher_app else [])),
             presence_limit=config.presence_limit,
             client_id_prefix=placement.client_id_prefix,
-            history_size=config.history_size,
-            history_channels=ChannelPatterns(config.history_channels.split(",")),
+            # Pusher's cache channels keep at least their latest event, whatever else does.
+            history_size=config.history_size or (1 if config.pusher_app else 0),
+            history_channels=ChannelPatterns(
+                (config.history_channels.split(",") if config.history_size else [])
+                + (CACHE_PATTERNS if config.pusher_app else [])),
             history_max_bytes=config.history_max_bytes,
             compression_min_size=config.compression_min_size,
             subscribe_rate=float(config.subscribe_rate),

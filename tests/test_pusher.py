@@ -275,6 +275,31 @@ def test_a_forged_signin_is_closed_with_4009(start_server: Any) -> None:
     assert client.recv_close()[0] == 4009
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_cache_channels_give_a_subscriber_the_latest_event_or_a_miss(
+        start_server: Any, pusher_js: Any, workers: str) -> None:
+    server = start_pusher(start_server, "--workers", workers)
+    server.wait_ready()
+    backend = python_backend(server)
+    backend.trigger(["cache-price"], "price", {"eur": 1})  # nobody subscribed yet
+    backend.trigger(["cache-price"], "price", {"eur": 2})
+    client = pusher_js(server, "u1")
+    client.subscribe("cache-price")
+    assert client.wait(event="message", channel="cache-price")["data"] == {"eur": 2}
+    client.subscribe("cache-nothing-yet")
+    client.wait(event="cache_miss", channel="cache-nothing-yet")
+    backend.trigger(["cache-price"], "price", {"eur": 3})
+    client.wait(event="message", channel="cache-price", data={"eur": 3})
+    assert not client.seen(event="cache_miss", channel="cache-price")
+    assert [e["data"] for e in client.seen(event="message", channel="cache-price")] == [
+        {"eur": 2}, {"eur": 3}]
+    plain = pusher_js(server, "u2")
+    plain.subscribe("news")
+    backend.trigger(["news"], "marker", {})
+    plain.wait(event="message", name="marker")
+    assert not plain.seen(event="cache_miss")
+
+
 def test_channel_queries_through_the_libraries(start_server: Any, pusher_js: Any) -> None:
     server = start_pusher(start_server, "--workers", "2")
     for user in ("u1", "u2"):

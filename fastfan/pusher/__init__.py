@@ -37,6 +37,10 @@ APP_FIELD = re.compile(r"[A-Za-z0-9_\-.]{1,100}")
 BUS_PREFIX = "pusher."
 # Presence channels of every app, for the worker's presence patterns.
 PRESENCE_PATTERN = BUS_PREFIX + "*.presence-*"
+# Cache channels keep their latest event (fastfan's history, at least one message, for
+# --history-ttl): a subscriber gets it at once, or pusher:cache_miss.
+CACHE_PREFIXES = ("cache-", "private-cache-", "private-encrypted-cache-", "presence-cache-")
+CACHE_PATTERNS = [f"{BUS_PREFIX}*.{prefix}*" for prefix in CACHE_PREFIXES]
 # The bus command of an event that leaves out a connection of another worker (socket_id).
 PUBLISH_EXCEPT = "pusher_publish_except"
 # The bus command that closes a signed-in user's connections on every worker.
@@ -132,8 +136,13 @@ class Pusher:
                 exclude: Session | None = None) -> bool:
         """`payload` (a Pusher frame) to every subscriber of `channel` everywhere but
         `exclude`; False when the bus refused it."""
-        outcome = self.hub.bus.publish(app.bus_channel(channel), payload, None, b"", exclude)
-        return bool(outcome != BusResult.REFUSED)
+        return self._publish(app.bus_channel(channel), payload, exclude) != BusResult.REFUSED
+
+    def _publish(self, bus_channel: str, payload: bytes, exclude: Session | None) -> int:
+        """On a channel with history (a cache channel), numbered and kept."""
+        bus = self.hub.bus
+        publish = bus.publish_history if self.hub.keeps_history(bus_channel) else bus.publish
+        return int(publish(bus_channel, payload, None, b"", exclude))
 
     def publish_except(self, app: PusherApp, channel: str, payload: bytes,
                        socket_id: str) -> int:
@@ -143,8 +152,7 @@ class Pusher:
         order with the publishes of this worker). A BusResult."""
         session = self.sockets.get(socket_id)
         if session is not None:
-            return int(self.hub.bus.publish(app.bus_channel(channel), payload, None, b"",
-                                            session))
+            return self._publish(app.bus_channel(channel), payload, session)
         return int(self.hub.bus.command(encode_command(
             PUBLISH_EXCEPT, socket_id, app.bus_channel(channel), payload.decode()), None))
 

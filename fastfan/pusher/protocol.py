@@ -20,7 +20,16 @@ import msgspec
 from .. import auth as fastfan_auth
 from .._core import Session
 from ..bus.base import Presence
-from . import SERVER_TO_USER, TERMINATED, Pusher, PusherApp, encode_event, is_channel_name
+from ..history import HistoryAnswer
+from . import (
+    CACHE_PREFIXES,
+    SERVER_TO_USER,
+    TERMINATED,
+    Pusher,
+    PusherApp,
+    encode_event,
+    is_channel_name,
+)
 from .auth import SignatureError, check_channel_auth, check_user_auth
 
 # Pusher's close and error codes (pusher.com/docs/channels/library_auth_reference/pusher-
@@ -164,9 +173,27 @@ class PusherConnection:
             self.pusher.hub.gather_presence(
                 self.app.bus_channel(channel),
                 lambda presence: self._presence_succeeded(session, channel, presence))
-        else:
-            session.send_text(encode_event("pusher_internal:subscription_succeeded",
-                                           channel, "{}"))
+            return
+        session.send_text(encode_event("pusher_internal:subscription_succeeded",
+                                       channel, "{}"))
+        self._send_cached(session, channel)
+
+    def _send_cached(self, session: Session, channel: str) -> None:
+        """On a cache channel, its latest event (kept for --history-ttl), or
+        pusher:cache_miss."""
+        assert self.app is not None
+        if not channel.startswith(CACHE_PREFIXES):
+            return
+
+        def answer(kept: HistoryAnswer | None) -> None:
+            if channel not in self.channels:
+                return
+            if kept is not None and kept[2]:
+                session.send_text(kept[2][-1][1])
+            else:
+                session.send_text(encode_event("pusher:cache_miss", channel, "{}"))
+
+        self.pusher.hub.bus.read_history(self.app.bus_channel(channel), -1, 1, answer)
 
     def _signin(self, session: Session, data: Any) -> None:
         """User authentication: `auth` signs `socket_id::user::user_data` (any Pusher
@@ -236,6 +263,7 @@ class PusherConnection:
             "ids": list(members), "hash": members, "count": len(members)}})
         session.send_text(encode_event("pusher_internal:subscription_succeeded", channel,
                                        data.decode()))
+        self._send_cached(session, channel)
         if connections_of_user <= 1:
             added = msgspec.json.encode({"user_id": user, "user_info": members[user]})
             self.pusher.publish(self.app, channel, encode_event(

@@ -50,6 +50,7 @@ function subscribe(name) {
     emit({ event: "subscribed", channel: name, members: ids.sort(), count: members && members.count });
   });
   channel.bind("pusher:subscription_error", (error) => emit({ event: "subscription_error", channel: name, status: error.status }));
+  channel.bind("pusher:cache_miss", () => emit({ event: "cache_miss", channel: name }));
   channel.bind("pusher:member_added", (m) => emit({ event: "member_added", channel: name, id: m.id, info: m.info }));
   channel.bind("pusher:member_removed", (m) => emit({ event: "member_removed", channel: name, id: m.id }));
   channel.bind_global((eventName, data) => {
