@@ -44,6 +44,8 @@ from .history import HistoryAnswer
 from .http_server import JSON as _JSON
 from .http_server import HttpError, HttpServer, Request, Response, error_response
 from .protocol import NO_VALUE, Position
+from .pusher import BUS_PREFIX as PUSHER_PREFIX
+from .pusher import event_from_api
 
 log = logging.getLogger("fastfan.api")
 
@@ -392,10 +394,14 @@ class Api:
         loop = asyncio.get_running_loop()
         pending = []
         confirmations = []
-        for sent, channel in enumerate(channels):
+        # (each made first: a Pusher channel's bad data refuses the request before any
+        # channel has the message)
+        payloads = [self._pusher_event(channel, data)
+                    if self._config.pusher_app and channel.startswith(PUSHER_PREFIX)
+                    else hub.encode_message(channel, data, SENDER) for channel in channels]
+        for sent, (channel, payload) in enumerate(zip(channels, payloads, strict=True)):
             confirmation = _Confirmation(loop)
             confirmations.append(confirmation)
-            payload = hub.encode_message(channel, data, SENDER)
             publish = (hub.bus.publish_history if hub.keeps_history(channel)
                        else hub.bus.publish)
             outcome = publish(channel, payload, confirmation, b"")
@@ -413,6 +419,15 @@ class Api:
                         raise ApiError(507, confirmation.refusal) from None
                 raise
         return [confirmation.position for confirmation in confirmations]
+
+
+    @staticmethod
+    def _pusher_event(channel: str, data: msgspec.Raw) -> bytes:
+        """A Pusher channel's subscribers get a Pusher event (fastfan.pusher)."""
+        try:
+            return event_from_api(channel, bytes(data))
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
 
 
 async def _confirmed(pending: list[asyncio.Future[bool]], what: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pusher
 import pytest
+from support.api import call, start_api
 from support.redis import RedisServer
 from support.server import Server
 from support.waiting import wait_for
@@ -298,6 +299,33 @@ def test_cache_channels_give_a_subscriber_the_latest_event_or_a_miss(
     backend.trigger(["news"], "marker", {})
     plain.wait(event="message", name="marker")
     assert not plain.seen(event="cache_miss")
+
+
+def test_pusher_and_fastfan_clients_share_a_channel_through_the_mapping(
+        start_server: Any, pusher_js: Any) -> None:
+    """Pusher channel C of app ID is fastfan channel pusher.ID.C: fastfan's server API
+    publishes to it as a Pusher event, and a fastfan client subscribed to it receives the
+    Pusher frames."""
+    server, api_port = start_api(start_server, "--pusher-app", APP)  # and a token key
+    client = pusher_js(server, "u1")
+    client.subscribe("news")
+    native = server.connect("reader")
+    native.send_json({"type": "subscribe", "channel": f"pusher.{APP_ID}.news"})
+    assert native.recv_json()["type"] == "subscribed"
+
+    assert call(api_port, "publish", {"channel": f"pusher.{APP_ID}.news",
+                                      "data": {"event": "created", "data": {"id": 7}}}) == (
+        200, {"result": {}})
+    assert client.wait(event="message", name="created")["data"] == {"id": 7}
+    assert native.recv_json() == {"event": "created", "channel": "news",
+                                  "data": '{"id":7}'}
+    python_backend(server).trigger(["news"], "updated", {"id": 7})
+    frame = native.recv_json()  # as the library encoded the data
+    assert (frame["event"], frame["channel"], json.loads(frame["data"])) == (
+        "updated", "news", {"id": 7})
+    status, answer = call(api_port, "publish", {"channel": f"pusher.{APP_ID}.news",
+                                                "data": {"no": "event"}})
+    assert status == 400 and "event" in answer["error"]["message"]
 
 
 def test_channel_queries_through_the_libraries(start_server: Any, pusher_js: Any) -> None:

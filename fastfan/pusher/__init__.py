@@ -111,6 +111,25 @@ def encode_event(event: str, channel: str | None, data: Any,
     return msgspec.json.encode(frame)
 
 
+def event_from_api(bus_channel: str, data: bytes) -> bytes:
+    """What fastfan's server API publishes to `pusher.ID.C`, as the Pusher event its
+    clients expect: `data` is `{"event":E,"data":D}` (D a string, or any JSON value, sent
+    as its JSON text). ValueError says what is wrong."""
+    channel = bus_channel[len(BUS_PREFIX):].partition(".")[2]
+    try:
+        message = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        raise ValueError("'data' is not JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("event"), str) \
+            or not message["event"]:
+        raise ValueError(f"a publish to {bus_channel} (a Pusher channel) needs 'data' "
+                         '{"event":NAME,"data":...}')
+    payload = message.get("data")
+    if not isinstance(payload, str):
+        payload = msgspec.json.encode(payload).decode()
+    return encode_event(message["event"], channel, payload)
+
+
 class Pusher:
     """One worker's Pusher side: the apps, and its connections by socket id."""
 
