@@ -24,11 +24,13 @@ APP = f"{APP_ID}:{KEY}:{SECRET}"
 
 
 class PusherJs:
-    """pusher-js in Node (tests/js/pusher_client.js): commands in, events out."""
+    """pusher-js in Node (tests/js/pusher_client.js, or Laravel Echo on it:
+    echo_client.mjs): commands in, events out."""
 
-    def __init__(self, server: Server, user: str = "u1", secret: str = SECRET) -> None:
+    def __init__(self, server: Server, user: str = "u1", secret: str = SECRET,
+                 script: str = "pusher_client.js") -> None:
         self.process = subprocess.Popen(
-            ["node", str(JS / "pusher_client.js"), server.host, str(server.port), APP_ID, KEY,
+            ["node", str(JS / script), server.host, str(server.port), APP_ID, KEY,
              secret, user], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.events: list[dict[str, Any]] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -67,8 +69,9 @@ def pusher_js() -> Any:
     """pusher_js(server, user=...) -> a connected PusherJs, killed at the end."""
     started: list[PusherJs] = []
 
-    def start(server: Server, user: str = "u1", secret: str = SECRET) -> PusherJs:
-        started.append(PusherJs(server, user, secret))
+    def start(server: Server, user: str = "u1", secret: str = SECRET,
+              script: str = "pusher_client.js") -> PusherJs:
+        started.append(PusherJs(server, user, secret, script))
         return started[-1]
 
     yield start
@@ -326,6 +329,36 @@ def test_pusher_and_fastfan_clients_share_a_channel_through_the_mapping(
     status, answer = call(api_port, "publish", {"channel": f"pusher.{APP_ID}.news",
                                                 "data": {"no": "event"}})
     assert status == 400 and "event" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_laravel_echo_listens_joins_and_whispers(
+        start_server: Any, pusher_js: Any, workers: str) -> None:
+    server = start_pusher(start_server, "--workers", workers)
+    alice, bob = (pusher_js(server, user, script="echo_client.mjs") for user in ("1", "2"))
+    alice.send(op="listen", kind="channel", channel="orders", event="OrderShipped")
+    alice.send(op="listen", kind="private", channel="App.Models.User.1", event="Paid")
+    alice.wait(event="subscribed", channel="orders")
+    alice.wait(event="subscribed", channel="App.Models.User.1")
+    alice.send(op="join", channel="chat")
+    assert alice.wait(event="here", channel="chat")["users"] == ["1"]
+    bob.send(op="join", channel="chat")
+    assert bob.wait(event="here", channel="chat")["users"] == ["1", "2"]
+    alice.wait(event="joining", id="2")
+
+    backend = python_backend(server)  # as Laravel broadcasts: the event's class name
+    backend.trigger(["orders"], "App\\Events\\OrderShipped", {"order": 5})
+    backend.trigger(["private-App.Models.User.1"], "App\\Events\\Paid", {"total": 9})
+    assert alice.wait(event="heard", name="OrderShipped")["data"] == {"order": 5}
+    assert alice.wait(event="heard", name="Paid")["data"] == {"total": 9}
+
+    for client in (alice, bob):
+        client.send(op="listenForWhisper", kind="join", channel="chat", name="typing")
+    bob.send(op="whisper", kind="join", channel="chat", name="typing", data={"who": "2"})
+    assert alice.wait(event="whisper", name="typing")["data"] == {"who": "2"}
+    bob.send(op="leave", channel="chat")
+    alice.wait(event="leaving", id="2")
+    assert not bob.seen(event="whisper")
 
 
 def test_channel_queries_through_the_libraries(start_server: Any, pusher_js: Any) -> None:
