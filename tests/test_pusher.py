@@ -7,14 +7,18 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pusher
 import pytest
+from browser import CHROMIUM, Browser
 from support.api import call, start_api
 from support.redis import RedisServer
-from support.server import Server
+from support.server import Server, kill_and_restart
 from support.waiting import wait_for
 from support.wire import HandshakeRefusedError, RawClient
 
@@ -434,3 +438,73 @@ def test_fastfan_protocol_needs_a_token_key_when_only_pusher_apps_are_given(
     with pytest.raises(HandshakeRefusedError) as refused:
         RawClient(server.host, server.port, "/")
     assert refused.value.status == 401
+
+
+@pytest.fixture
+def auth_endpoint() -> Iterator[str]:
+    """An application's auth endpoint, as apps write it with the Python library: POST
+    socket_id and channel_name (form-encoded, what pusher-js sends), its signature back."""
+    backend = pusher.Pusher(app_id=APP_ID, key=KEY, secret=SECRET)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            channel, socket_id = form["channel_name"][0], form["socket_id"][0]
+            member = {"user_id": "browser", "user_info": {"name": "Chromium"}} \
+                if channel.startswith("presence-") else None
+            body = json.dumps(backend.authenticate(channel, socket_id, member)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Access-Control-Allow-Origin", "*")  # the page is another origin
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{http.server_address[1]}/pusher/auth"
+    http.shutdown()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (./dev test installs it)")
+def test_pusher_js_in_chromium_subscribes_receives_and_reconnects(
+        start_server: Any, auth_endpoint: str) -> None:
+    server = start_pusher(start_server)
+    script = (JS / "node_modules/pusher-js/dist/web/pusher.min.js").read_text()
+    channels = ["news", "private-orders", "presence-room"]
+    with Browser.showing("about:blank") as page:
+        page.evaluate(script + "; true")
+        page.evaluate(f"""(async () => {{
+            window.log = []
+            const client = window.client = new Pusher({json.dumps(KEY)}, {{
+              cluster: "fastfan", wsHost: {json.dumps(server.host)}, wsPort: {server.port},
+              forceTLS: false, enabledTransports: ["ws"], disableStats: true,
+              channelAuthorization: {{ endpoint: {json.dumps(auth_endpoint)} }} }})
+            client.connection.bind("state_change", ({{ current }}) => log.push(["state", current]))
+            for (const name of {json.dumps(channels)}) {{
+              const channel = client.subscribe(name)
+              channel.bind("pusher:subscription_succeeded", () => log.push(["subscribed", name]))
+              channel.bind("update", (data) => log.push(["update", name, data]))
+            }}
+            return true }})()""")
+
+        def logged(*entry: Any) -> bool:
+            return list(entry) in page.evaluate("window.log")
+
+        for channel in channels:
+            wait_for(lambda channel=channel: logged("subscribed", channel))
+        python_backend(server).trigger(channels, "update", {"n": 1})
+        for channel in channels:
+            wait_for(lambda channel=channel: logged("update", channel, {"n": 1}))
+
+        kill_and_restart(server)  # pusher-js reconnects and subscribes again
+        wait_for(lambda: page.evaluate("window.log.filter(e => e[1] === 'connected')"
+                                       ".length") == 2, timeout=30)
+        wait_for(lambda: python_backend(server).channels_info() == {
+            "channels": {channel: {} for channel in channels}})
+        python_backend(server).trigger(channels, "update", {"n": 2})
+        for channel in channels:
+            wait_for(lambda channel=channel: logged("update", channel, {"n": 2}))
