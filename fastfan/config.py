@@ -137,8 +137,8 @@ class Config:
         self._check_token_key()
         self._check_api()
         self._check_tls()
-        self._check_webhooks()
         self._check_pusher()
+        self._check_webhooks()
 
     def _check_redis(self, value: str) -> None:
         """One redis:// or rediss:// URL, or several comma-separated (shards), or a
@@ -225,8 +225,9 @@ class Config:
             tls_context(self)
 
     def _check_webhooks(self) -> None:
-        """URLs and a secret (--webhook-secret or --webhook-secret-file) together; the
-        native format."""
+        """URLs and a secret (--webhook-secret or --webhook-secret-file) together; in
+        Pusher's format, Pusher apps instead (each app's events are signed with its
+        secret)."""
         if self.webhook_secret is not None and self.webhook_secret_file is not None:
             raise ConfigError("give --webhook-secret or --webhook-secret-file, not both")
         if self.webhook_secret_file is not None:
@@ -242,14 +243,18 @@ class Config:
             if not url.strip().startswith(("http://", "https://")):
                 raise ConfigError(f"--webhook-url takes http:// or https:// URLs, "
                                   f"comma-separated, got {url.strip()!r}")
-        if not self.webhook_secret:
+        if self.webhook_format == "pusher":
+            if not self.pusher_app:
+                raise ConfigError("--webhook-format pusher needs --pusher-app: each app's "
+                                  "events are signed with its secret")
+        elif not self.webhook_secret:
             raise ConfigError("--webhook-url needs --webhook-secret (or --webhook-secret-file): "
                               "every request is signed with it, for the receiver to check")
         if self.webhook_vacated_delay < 0:
             raise ConfigError("--webhook-vacated-delay must be 0 or more seconds")
-        if self.webhook_format != "native":
-            raise ConfigError(f"--webhook-format {self.webhook_format}: only 'native' for now "
-                              "(the 'pusher' format comes with the Pusher protocol)")
+        if self.webhook_format not in ("native", "pusher"):
+            raise ConfigError(f"--webhook-format is 'native' or 'pusher', got "
+                              f"{self.webhook_format!r}")
 
     def _check_pusher(self) -> None:
         """Every --pusher-app (and --pusher-app-file's lines) is ID:KEY:SECRET."""

@@ -106,6 +106,9 @@ class Worker:
             Pusher(parse_apps(config.pusher_app), self.hub,
                    activity_timeout=max(1, int(config.ping_interval))),
             max_message_size=config.max_message_size)
+        if self.pusher_api is not None and self.webhooks is not None \
+                and config.webhook_format == "pusher":
+            self.pusher_api.pusher.client_event_webhook = self.webhooks.client_event
         self.accepting = False
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
                                        metrics=self.render_metrics,

@@ -441,6 +441,72 @@ def test_fastfan_protocol_needs_a_token_key_when_only_pusher_apps_are_given(
 
 
 @pytest.fixture
+def webhook_receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
+    """A backend's webhook URL, and the (headers, body) of every request it took."""
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers.items()), body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{http.server_address[1]}/pusher/webhooks", received
+    http.shutdown()
+
+
+def test_webhooks_in_pusher_format_pass_the_libraries_checks(
+        start_server: Any, pusher_js: Any,
+        webhook_receiver: tuple[str, list[tuple[dict[str, str], bytes]]]) -> None:
+    url, received = webhook_receiver
+    other_app = "2:other-key:other-secret"  # its events go signed with its own secret
+    server = start_pusher(start_server, "--pusher-app", other_app, "--webhook-url", url,
+                          "--webhook-format", "pusher", "--webhook-vacated-delay", "0",
+                          "--webhook-publish", "private-*")
+    alice, bob = pusher_js(server, "alice"), pusher_js(server, "bob")
+    alice.subscribe("presence-room")
+    for client in (alice, bob):
+        client.subscribe("private-chat")
+    bob.send(op="trigger", channel="private-chat", name="client-typing", data={"on": True})
+    alice.wait(event="message", name="client-typing")
+    alice.close()
+
+    def events() -> list[dict[str, Any]]:
+        checked = [python_backend(server).validate_webhook(
+            headers["X-Pusher-Key"], headers["X-Pusher-Signature"], body)
+            for headers, body in list(received)]
+        assert None not in checked  # each one signed with the app's secret
+        return [event for check in checked if check for event in check["events"]]
+
+    expected = [
+        {"name": "channel_occupied", "channel": "presence-room"},
+        {"name": "member_added", "channel": "presence-room", "user_id": "alice"},
+        {"name": "channel_occupied", "channel": "private-chat"},
+        {"name": "client_event", "channel": "private-chat", "event": "client-typing",
+         "data": '{"on":true}', "socket_id": bob.socket_id},
+        {"name": "member_removed", "channel": "presence-room", "user_id": "alice"},
+        {"name": "channel_vacated", "channel": "presence-room"}]
+    wait_for(lambda: len(events()) >= len(expected))
+    assert sorted(({k: v for k, v in event.items() if k != "id"} for event in events()),
+                  key=json.dumps) == sorted(expected, key=json.dumps)
+    headers, body = received[0]
+    assert headers["X-Pusher-Key"] == KEY
+    headers = {name.lower(): value for name, value in headers.items()}  # as Node's http has
+    node_check = node_backend(server, op="webhook", headers=headers, body=body.decode())
+    assert node_check["valid"] is True
+    forged = {**headers, "x-pusher-signature": "0" * 64}
+    assert node_backend(server, op="webhook", headers=forged, body=body.decode()) == {
+        "valid": False, "events": None}
+
+
+@pytest.fixture
 def auth_endpoint() -> Iterator[str]:
     """An application's auth endpoint, as apps write it with the Python library: POST
     socket_id and channel_name (form-encoded, what pusher-js sends), its signature back."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +144,10 @@ class Pusher:
         self._worker_number = secrets.randbelow(10**9) + 1
         self._next = 0
         self.sockets: dict[str, Session] = {}
+        # --webhook-format pusher: (bus channel, event, data, socket_id, user_id or None)
+        # of each client event; None when off
+        self.client_event_webhook: Callable[[str, str, Any, str, str | None], None] | None \
+            = None
         EXTENSIONS[PUBLISH_EXCEPT] = self._publish_except
         EXTENSIONS[TERMINATE] = self._terminate
 

@@ -310,8 +310,10 @@ class PusherConnection:
             return
         data = msgspec.json.decode(text).get("data")
         user_id = session.identity.user if channel.startswith(PRESENCE) else None
-        self.pusher.publish(self.app, channel, encode_event(event, channel, data, user_id),
-                            session)
+        if self.pusher.publish(self.app, channel, encode_event(event, channel, data, user_id),
+                               session) and self.pusher.client_event_webhook is not None:
+            self.pusher.client_event_webhook(self.app.bus_channel(channel), event, data,
+                                             self.socket_id, user_id)
 
     def _take_token(self) -> bool:
         rate = self.pusher.client_event_rate

@@ -4,6 +4,7 @@
 //          {"op":"triggerBatch","batch":[{"channel":C,"name":E,"data":D}]}
 //          {"op":"get","path":P[,"params":{...}]}
 //          {"op":"sendToUser","user":U,"name":E,"data":D} {"op":"terminate","user":U}
+//          {"op":"webhook","headers":{...},"body":B}: the library's own check of a webhook
 "use strict";
 // private-encrypted- channels: the libraries encrypt, fastfan relays as it is.
 const MASTER_KEY = Buffer.alloc(32, 7).toString("base64");
@@ -22,6 +23,12 @@ async function call() {
   if (command.op === "sendToUser") return backend.sendToUser(command.user, command.name, command.data);
   if (command.op === "terminate") return backend.terminateUserConnections(command.user);
   return backend.get({ path: command.path, params: command.params || {} });
+}
+
+if (command.op === "webhook") {
+  const webhook = backend.webhook({ headers: command.headers, rawBody: command.body });
+  console.log(JSON.stringify({ valid: webhook.isValid(), events: webhook.isValid() ? webhook.getEvents() : null }));
+  process.exit(0);
 }
 
 call().then(async (response) => {
