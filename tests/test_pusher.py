@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,8 +18,9 @@ import pusher
 import pytest
 from browser import CHROMIUM, Browser
 from support.api import call, start_api
+from support.patched import BROWSER_HEADERS
 from support.redis import RedisServer
-from support.server import Server, kill_and_restart
+from support.server import Server, kill_and_restart, worker_rss_kib
 from support.waiting import wait_for
 from support.wire import HandshakeRefusedError, RawClient
 
@@ -574,3 +576,32 @@ def test_pusher_js_in_chromium_subscribes_receives_and_reconnects(
         python_backend(server).trigger(channels, "update", {"n": 2})
         for channel in channels:
             wait_for(lambda channel=channel: logged("update", channel, {"n": 2}))
+
+
+def pusher_subscribed(server: Server, channel: str) -> RawClient:
+    """A raw Pusher connection, as a browser's (permessage-deflate offered), subscribed."""
+    client = RawClient(server.host, server.port, f"/app/{KEY}?protocol=7&client=js",
+                       headers=BROWSER_HEADERS, source="127.0.0.2")
+    assert client.recv_json()["event"] == "pusher:connection_established"
+    client.send_json({"event": "pusher:subscribe", "data": {"channel": channel}})
+    assert client.recv_json()["event"] == "pusher_internal:subscription_succeeded"
+    return client
+
+
+@pytest.mark.slow
+def test_an_idle_pusher_connection_costs_little_more_than_a_fastfan_one(
+        start_server: Any) -> None:
+    """fastfan's own connection costs about 4 KiB (test_idle_memory); a Pusher one adds its
+    PusherConnection and its socket id."""
+    server = start_pusher(start_server, "--ping-interval", "600", "--ping-timeout", "1200")
+    warm = [pusher_subscribed(server, "idle") for _ in range(300)]  # allocator arenas
+    time.sleep(1.5)  # a heartbeat sweep releases the output buffers of the idle
+    before = worker_rss_kib(server)
+    count = 3000
+    clients = [pusher_subscribed(server, "idle") for _ in range(count)]
+    time.sleep(1.5)
+    per_connection = (worker_rss_kib(server) - before) / count
+    print(f"worker RSS per idle subscribed Pusher connection: {per_connection:.2f} KiB")
+    assert per_connection < 5.5
+    for client in warm + clients:
+        client.close()
