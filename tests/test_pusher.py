@@ -434,6 +434,23 @@ def test_client_events_past_the_rate_get_4301(start_server: Any, pusher_js: Any)
     assert error["event"] == "pusher:error" and error["data"]["code"] == 4301
 
 
+def test_subscribe_churn_is_held_to_the_subscribe_rate(start_server: Any) -> None:
+    server = start_pusher(start_server, "--max-subscriptions", "5", "--subscribe-rate", "1")
+    client = RawClient(server.host, server.port, f"/app/{KEY}?protocol=7")
+    assert client.recv_json()["event"] == "pusher:connection_established"
+    answers = []
+    for _ in range(3):  # a burst of 5 (all its channels), then one a second
+        for name in ("a", "b", "c"):
+            client.send_json({"event": "pusher:subscribe", "data": {"channel": name}})
+            answers.append(client.recv_json())
+            client.send_json({"event": "pusher:unsubscribe", "data": {"channel": name}})
+    assert [answer["event"] for answer in answers[:5]] == [
+        "pusher_internal:subscription_succeeded"] * 5
+    refused = answers[5]
+    assert refused["event"] == "pusher:subscription_error"
+    assert refused["data"]["status"] == 429
+
+
 def test_fastfan_protocol_needs_a_token_key_when_only_pusher_apps_are_given(
         start_server: Any) -> None:
     server = start_pusher(start_server)

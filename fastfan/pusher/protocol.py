@@ -60,7 +60,8 @@ def _signed(channel: str) -> bool:
 class PusherConnection:
     """One Pusher connection: its app, socket id, Pusher channels and client-event bucket."""
 
-    __slots__ = ("app", "channels", "key", "pusher", "refill_at", "socket_id", "tokens", "user")
+    __slots__ = ("app", "channels", "key", "pusher", "refill_at", "socket_id",
+                 "subscribe_refill_at", "subscribe_tokens", "tokens", "user")
 
     def __init__(self, pusher: Pusher, key: str) -> None:
         self.pusher = pusher
@@ -71,6 +72,9 @@ class PusherConnection:
         self.tokens = 2 * pusher.client_event_rate
         self.refill_at = time.monotonic()
         self.user = ""  # signed in as (pusher:signin), "" until then
+        # --subscribe-rate, as fastfan's clients have it: bursts of all its channels
+        self.subscribe_tokens = self._subscribe_burst()
+        self.subscribe_refill_at = self.refill_at
 
     # The Session's calls ------------------------------------------------------------
 
@@ -150,6 +154,11 @@ class PusherConnection:
         hub = self.pusher.hub
         if len(session.subscriptions) >= hub.max_subscriptions:
             self._subscription_error(session, channel, 429, "subscription limit reached")
+            return
+        if not self._may_subscribe():
+            # Each subscribe is bus traffic, and presence's gathers: bounded per connection.
+            self._subscription_error(session, channel, 429, "subscribe rate limit "
+                                     f"({hub.subscribe_rate:g}/s) exceeded")
             return
         if channel.startswith(PRESENCE):
             assert isinstance(channel_data, str)
@@ -322,6 +331,21 @@ class PusherConnection:
         self.refill_at = now
         if self.tokens >= 1:
             self.tokens -= 1
+            return True
+        return False
+
+    def _subscribe_burst(self) -> float:
+        hub = self.pusher.hub
+        return max(float(hub.max_subscriptions), 2 * hub.subscribe_rate)
+
+    def _may_subscribe(self) -> bool:
+        rate = self.pusher.hub.subscribe_rate
+        now = time.monotonic()
+        self.subscribe_tokens = min(self._subscribe_burst(), self.subscribe_tokens
+                                    + (now - self.subscribe_refill_at) * rate)
+        self.subscribe_refill_at = now
+        if self.subscribe_tokens >= 1:
+            self.subscribe_tokens -= 1
             return True
         return False
 
