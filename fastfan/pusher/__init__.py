@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from .._core import BusResult, Hub, Session
+from ..bus.base import Acknowledger
 from ..bus.commands import EXTENSIONS, Command, encode_command
 
 # Pusher's channel names: these characters, at most this long.
@@ -161,32 +162,35 @@ class Pusher:
         `exclude`; False when the bus refused it."""
         return self._publish(app.bus_channel(channel), payload, exclude) != BusResult.REFUSED
 
-    def _publish(self, bus_channel: str, payload: bytes, exclude: Session | None) -> int:
-        """On a channel with history (a cache channel), numbered and kept."""
+    def _publish(self, bus_channel: str, payload: bytes, exclude: Session | None,
+                 ack: Acknowledger | None = None) -> int:
+        """On a channel with history (a cache channel), numbered and kept. A BusResult;
+        PENDING: `ack` hears once the bus has it."""
         bus = self.hub.bus
         publish = bus.publish_history if self.hub.keeps_history(bus_channel) else bus.publish
-        return int(publish(bus_channel, payload, None, b"", exclude))
+        return int(publish(bus_channel, payload, ack, b"", exclude))
 
-    def publish_except(self, app: PusherApp, channel: str, payload: bytes,
-                       socket_id: str) -> int:
-        """`payload` to every subscriber of `channel` but the connection `socket_id`,
-        wherever it is: here, a publish that leaves it out; else a bus command, which each
-        worker fans out leaving out its own connection of that id (the bus keeps it in
-        order with the publishes of this worker). A BusResult."""
-        session = self.sockets.get(socket_id)
-        if session is not None:
-            return self._publish(app.bus_channel(channel), payload, session)
+    def publish_for_api(self, app: PusherApp, channel: str, payload: bytes,
+                        socket_id: str | None, ack: Acknowledger) -> int:
+        """`payload` to every subscriber of `channel`, but the connection `socket_id` if
+        given, wherever it is: here, a publish that leaves it out; else a bus command,
+        which each worker fans out leaving out its own connection of that id (the bus
+        keeps it in order with the publishes of this worker). A BusResult; PENDING: `ack`
+        hears once the bus has it."""
+        session = None if socket_id is None else self.sockets.get(socket_id)
+        if socket_id is None or session is not None:
+            return self._publish(app.bus_channel(channel), payload, session, ack)
         return int(self.hub.bus.command(encode_command(
-            PUBLISH_EXCEPT, socket_id, app.bus_channel(channel), payload.decode()), None))
+            PUBLISH_EXCEPT, socket_id, app.bus_channel(channel), payload.decode()), ack))
 
     def _publish_except(self, command: Command) -> None:
         self.hub.fanout(command.channel, command.data.encode(),
                         self.sockets.get(command.user))
 
-    def terminate(self, app: PusherApp, user: str) -> int:
+    def terminate(self, app: PusherApp, user: str, ack: Acknowledger) -> int:
         """Close every connection signed in as `user` of `app`, on every worker and node
-        (a bus command). A BusResult."""
-        return int(self.hub.bus.command(encode_command(TERMINATE, user, data=app.id), None))
+        (a bus command). A BusResult, as publish_for_api's."""
+        return int(self.hub.bus.command(encode_command(TERMINATE, user, data=app.id), ack))
 
     def _terminate(self, command: Command) -> None:
         for session in list(self.sockets.values()):

@@ -18,8 +18,11 @@ fastfan's own API counts them.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -27,7 +30,7 @@ import msgspec
 
 from .. import directory
 from .._core import BusResult, Hub
-from ..bus.base import Presence
+from ..bus.base import Acknowledger, Presence
 from ..bus.gather import gathered
 from ..http_server import HttpServer, Request, Response
 from . import Pusher, PusherApp, encode_event, is_channel_name
@@ -44,6 +47,8 @@ MAX_EVENT_NAME = 200
 MAX_CONNECTIONS = 128
 # Room beyond --max-message-size in a request body: the JSON around the data.
 BODY_ENVELOPE = 64 * 1024
+# How long an event waits for a bus that takes it later (Redis) before answering 503.
+CONFIRM_TIMEOUT = 5.0
 
 _TEXT = b"text/plain; charset=utf-8"
 
@@ -64,6 +69,18 @@ class _Event(msgspec.Struct, forbid_unknown_fields=False):
 
 class _Batch(msgspec.Struct, forbid_unknown_fields=False):
     batch: list[_Event]
+
+
+class _Acknowledgement:
+    """Stands in for a Session: a bus that takes a publish later calls acknowledge()."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.done: asyncio.Future[bool] = loop.create_future()
+
+    def acknowledge(self, channel: str, request_id: bytes, ok: bool,
+                    position: bytes = b"", refusal: str | None = None) -> None:
+        if not self.done.done():
+            self.done.set_result(ok)
 
 
 class PusherApi:
@@ -87,6 +104,21 @@ class PusherApi:
             log.exception("Pusher API request %s failed", request.method.decode())
             return Response(500, b"internal error; the server's log says more\n", _TEXT)
 
+    async def _handed(self, publish: Callable[[Acknowledger], int]) -> None:
+        """`publish(ack)` (a BusResult) done: 503 if the bus refuses it, or has not taken it
+        (Redis, a cache channel's history owner) within CONFIRM_TIMEOUT."""
+        acknowledgement = _Acknowledgement(asyncio.get_running_loop())
+        outcome = publish(acknowledgement)
+        if outcome == BusResult.PENDING:
+            try:
+                ok = await asyncio.wait_for(acknowledgement.done, CONFIRM_TIMEOUT)
+            except TimeoutError:
+                ok = False
+        else:
+            ok = outcome == BusResult.DONE
+        if not ok:
+            raise PusherApiError(503, "message bus unavailable, try again")
+
     async def _route(self, request: Request) -> dict[str, Any]:
         raw_path, _, query = request.url.partition(b"?")
         path = raw_path.decode("latin-1")
@@ -108,12 +140,12 @@ class PusherApi:
         except SignatureError as exc:
             raise PusherApiError(401, str(exc)) from None
         if method == "POST" and resource == ["events"]:
-            return self._events(app, [_decode(request.body, _Event)])
+            return await self._events(app, [_decode(request.body, _Event)])
         if method == "POST" and resource == ["batch_events"]:
             batch = _decode(request.body, _Batch).batch
             if len(batch) > MAX_BATCH:
                 raise PusherApiError(400, f"at most {MAX_BATCH} events in a batch")
-            return self._events(app, batch)
+            return await self._events(app, batch)
         if method == "GET" and resource == ["channels"]:
             return await self._channels(app, params)
         if method == "GET" and len(resource) in (2, 3) and resource[0] == "channels":
@@ -125,15 +157,17 @@ class PusherApi:
                 return await self._users(app, channel)
         if method == "POST" and len(resource) == 3 and resource[0] == "users" \
                 and resource[2] == "terminate_connections" and resource[1]:
-            if self.pusher.terminate(app, unquote(resource[1])) == BusResult.REFUSED:
-                raise PusherApiError(503, "message bus unavailable, try again")
+            user = unquote(resource[1])
+            await self._handed(lambda ack: self.pusher.terminate(app, user, ack))
             return {}
         raise PusherApiError(404, f"no such path: {method} {path}")
 
     # Events -------------------------------------------------------------------------------
 
-    def _events(self, app: PusherApp, events: list[_Event]) -> dict[str, Any]:
-        """Checked first, then published: a bad event publishes none of the request's."""
+    async def _events(self, app: PusherApp, events: list[_Event]) -> dict[str, Any]:
+        """Checked first, then published: a bad event publishes none of the request's.
+        Answered once the bus has each (a cache channel's keeps it in order with the
+        next request's)."""
         for event in events:
             channels = event.channels if event.channels is not None else (
                 [event.channel] if event.channel is not None else [])
@@ -150,12 +184,8 @@ class PusherApi:
         for event in events:
             for channel in event.channels or ():
                 frame = encode_event(event.name, channel, event.data)
-                published = self.pusher.publish(app, channel, frame) \
-                    if event.socket_id is None else \
-                    self.pusher.publish_except(app, channel, frame, event.socket_id) \
-                    != BusResult.REFUSED
-                if not published:
-                    raise PusherApiError(503, "message bus unavailable, try again")
+                await self._handed(functools.partial(
+                    self.pusher.publish_for_api, app, channel, frame, event.socket_id))
         return {}
 
     # Queries ------------------------------------------------------------------------------
