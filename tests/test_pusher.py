@@ -391,6 +391,13 @@ def test_channel_queries_through_the_libraries(start_server: Any, pusher_js: Any
         "occupied": False, "subscription_count": 0}
     with pytest.raises(pusher.errors.PusherBadRequest):
         backend.channel_info("news", ["user_count"])  # presence channels only
+    answer = node_backend(server, op="trigger", channels=["news", "gone"], name="e", data={},
+                          info="subscription_count")
+    assert answer == {"status": 200, "body": {"channels": {
+        "news": {"subscription_count": 2}, "gone": {"subscription_count": 0}}}}
+    wait_for(lambda: backend.trigger_batch([  # (counts may be half a second old)
+        {"channel": "presence-a", "name": "e", "data": {}, "info": "user_count"},
+        {"channel": "news", "name": "e", "data": {}}]) == {"batch": [{"user_count": 2}, {}]})
 
 
 def test_the_http_api_wants_pusher_signatures(start_server: Any) -> None:

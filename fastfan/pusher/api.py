@@ -65,6 +65,7 @@ class _Event(msgspec.Struct, forbid_unknown_fields=False):
     channels: list[str] | None = None
     channel: str | None = None
     socket_id: str | None = None
+    info: str | None = None  # "subscription_count,user_count": the channels' after it
 
 
 class _Batch(msgspec.Struct, forbid_unknown_fields=False):
@@ -140,12 +141,21 @@ class PusherApi:
         except SignatureError as exc:
             raise PusherApiError(401, str(exc)) from None
         if method == "POST" and resource == ["events"]:
-            return await self._events(app, [_decode(request.body, _Event)])
+            event = _decode(request.body, _Event)
+            await self._events(app, [event])
+            if event.info is None:
+                return {}
+            return {"channels": {channel: await self._info_of(app, channel, event.info)
+                                 for channel in event.channels or ()}}
         if method == "POST" and resource == ["batch_events"]:
             batch = _decode(request.body, _Batch).batch
             if len(batch) > MAX_BATCH:
                 raise PusherApiError(400, f"at most {MAX_BATCH} events in a batch")
-            return await self._events(app, batch)
+            await self._events(app, batch)
+            if all(event.info is None for event in batch):
+                return {}
+            return {"batch": [{} if event.info is None else await self._info_of(
+                app, (event.channels or [""])[0], event.info) for event in batch]}
         if method == "GET" and resource == ["channels"]:
             return await self._channels(app, params)
         if method == "GET" and len(resource) in (2, 3) and resource[0] == "channels":
@@ -164,7 +174,7 @@ class PusherApi:
 
     # Events -------------------------------------------------------------------------------
 
-    async def _events(self, app: PusherApp, events: list[_Event]) -> dict[str, Any]:
+    async def _events(self, app: PusherApp, events: list[_Event]) -> None:
         """Checked first, then published: a bad event publishes none of the request's.
         Answered once the bus has each (a cache channel's keeps it in order with the
         next request's)."""
@@ -180,13 +190,21 @@ class PusherApi:
             if len(event.data) > self.max_message_size:
                 raise PusherApiError(413, f"event data over {self.max_message_size} bytes "
                                           "(--max-message-size)")
+            if "user_count" in _info({"info": event.info or ""}) and not all(
+                    channel.startswith(PRESENCE) for channel in channels):
+                raise PusherApiError(400, "info=user_count is only for presence channels")
             event.channels = channels
         for event in events:
             for channel in event.channels or ():
                 frame = encode_event(event.name, channel, event.data)
                 await self._handed(functools.partial(
                     self.pusher.publish_for_api, app, channel, frame, event.socket_id))
-        return {}
+
+    async def _info_of(self, app: PusherApp, channel: str, info: str) -> dict[str, int]:
+        """An event's `info` attributes of one of its channels, once it is published."""
+        answer = await self._channel(app, channel, {"info": info})
+        answer.pop("occupied")
+        return answer
 
     # Queries ------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ const command = JSON.parse(commandText);
 
 async function call() {
   if (command.op === "trigger") {
-    const params = command.socket_id ? { socket_id: command.socket_id } : undefined;
+    const params = command.socket_id || command.info
+      ? { socket_id: command.socket_id, info: command.info } : undefined;
     return backend.trigger(command.channels, command.name, command.data, params);
   }
   if (command.op === "triggerBatch") return backend.triggerBatch(command.batch);
