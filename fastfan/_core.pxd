@@ -233,6 +233,10 @@ cdef class Session(Outbox):
         readonly double     last_seen       # monotonic seconds of the last frame from the peer
         double              pinged_at       # monotonic seconds of our last heartbeat ping
         double              expires_at      # the token's exp, epoch seconds; 0 = never
+        # another protocol on this connection (fastfan.pusher.protocol), None for fastfan's:
+        # it gets each whole text message (handle) instead of _handle, and says its own
+        # welcome (connected); fastfan's frames, RFC 6455 rules and fan-out stay as they are
+        public object       dialect
 
         # --app (fastfan.hooks): how hooks see this connection (fastfan.app.Connection;
         # None without an App), and whether a hook of its runs: then its later requests

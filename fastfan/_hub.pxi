@@ -662,7 +662,10 @@ cdef class Hub:
         cdef Session session
         for session, request_id in self.unconfirmed.pop(channel, {}).items():
             session.held_bytes -= len(request_id)
-            session.queue_bytes(_reply(b"subscribed", channel, request_id))
+            if session.dialect is not None:
+                session.dialect.confirmed(session, channel)
+            else:
+                session.queue_bytes(_reply(b"subscribed", channel, request_id))
         self._schedule_read(channel)  # the history subscriptions that waited for it
 
     cdef bint awaits_confirmation(self, Session session, str channel,

@@ -138,7 +138,9 @@ cdef class Session(Outbox):
         self.inflate_refill_at = self.last_seen
         self.subscribe_refill_at = self.presence_refill_at = self.last_seen
         hub.attach(self)
-        if not self.echo:
+        if self.dialect is not None:
+            self.dialect.connected(self)
+        elif not self.echo:
             welcome = b'{"type":"welcome","data":{"clientId":"%s","user":%s,"timestamp":%d}}' % (
                 self.client_id, encode_json(self.identity.user), now_ms())
             self.queue_bytes(welcome)
@@ -147,6 +149,8 @@ cdef class Session(Outbox):
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.hub.detach(self)
+        if self.dialect is not None:
+            self.dialect.disconnected(self)
         if self.hub.close_webhook is not None:
             self.hub.close_webhook(self.identity.user, self.client_id,
                                    self.close_code or WSCloseCode.ABNORMAL_CLOSURE,
@@ -314,7 +318,10 @@ cdef class Session(Outbox):
         self.messages_received += 1
         self.bytes_received += size
         try:
-            self._handle(payload, size)
+            if self.dialect is None:
+                self._handle(payload, size)
+            else:
+                self.dialect.handle(self, PyBytes_FromStringAndSize(payload, size))
         finally:
             hub.handling.record(monotonic() - started)
         if hub.backlog_bytes > hub.max_backlog and not self.closing:
@@ -783,6 +790,38 @@ cdef class Session(Outbox):
 
     cdef int _queue_error(self, int code, str message, bytes request_id) except -1:
         return self.queue_bytes(_error(code, message, request_id))
+
+    # What a dialect (another protocol, Python) does with the connection --------------
+
+    def send_text(self, bytes payload):
+        """Queue `payload` as one text message, behind what is queued."""
+        self.queue_bytes(payload)
+
+    def subscribe_to(self, str channel):
+        """Subscribe to `channel` on the bus, unchecked (the dialect checked): its messages
+        reach this connection by the core's fan-out, as they are; presence hears of it.
+        True when the bus has yet to confirm it: dialect.confirmed(session, channel)
+        follows once every message published anywhere reaches it."""
+        if channel in self.subscriptions:
+            return False
+        self.hub.subscribe(self, channel)
+        return self.hub.awaits_confirmation(self, channel, b"")
+
+    def unsubscribe_from(self, str channel):
+        if channel in self.subscriptions:
+            self.hub.unsubscribe(self, channel)
+
+    def take_identity(self, identity):
+        """Who the connection is from now on (a dialect learns it after the upgrade): its
+        next subscriptions show it in presence."""
+        cdef dict users = self.hub.users
+        old = self.identity.user
+        if users[old] == 1:
+            del users[old]
+        else:
+            users[old] -= 1
+        self.identity = identity
+        users[identity.user] = users.get(identity.user, 0) + 1
 
     def __repr__(self):
         return f"<Session {self.client_id!r} user={self.identity.user!r}>"

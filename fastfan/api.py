@@ -44,6 +44,8 @@ from .history import HistoryAnswer
 from .http_server import JSON as _JSON
 from .http_server import HttpError, HttpServer, Request, Response, error_response
 from .protocol import NO_VALUE, Position
+from .pusher import BUS_PREFIX as PUSHER_PREFIX
+from .pusher import event_from_api
 
 log = logging.getLogger("fastfan.api")
 
@@ -388,14 +390,15 @@ class Api:
             channels_everywhere=everywhere)
 
     async def _send(self, channels: list[str], data: msgspec.Raw) -> list[dict[str, Any]]:
-        return await send(self._hub, channels, data, SENDER)
+        return await send(self._hub, channels, data, SENDER, pusher=bool(self._config.pusher_app))
 
 
-async def send(hub: Hub, channels: list[str], data: bytes,
-               sender: bytes) -> list[dict[str, Any]]:
+async def send(hub: Hub, channels: list[str], data: bytes, sender: bytes, *,
+               pusher: bool = False) -> list[dict[str, Any]]:
     """Each channel gets the message through the bus, as a WebSocket publish does, from
-    `sender` ("api"; "server" for app.publish). Returns, for each, its offset and epoch
-    on a channel with history, else {}."""
+    `sender` ("api"; "server" for app.publish); with `pusher` (Pusher apps served), a
+    Pusher channel's as a Pusher event. Returns, for each, its offset and epoch on a
+    channel with history, else {}."""
     if hub.overloaded:
         # Behind its output (--max-backlog): the publisher waits, not the subscribers.
         raise ApiError(503, "the server is behind its output (--max-backlog): try again "
@@ -403,10 +406,14 @@ async def send(hub: Hub, channels: list[str], data: bytes,
     loop = asyncio.get_running_loop()
     pending = []
     confirmations = []
-    for sent, channel in enumerate(channels):
+    # (each made first: a Pusher channel's bad data refuses the request before any
+    # channel has the message)
+    payloads = [_pusher_event(channel, data)
+                if pusher and channel.startswith(PUSHER_PREFIX)
+                else hub.encode_message(channel, data, sender) for channel in channels]
+    for sent, (channel, payload) in enumerate(zip(channels, payloads, strict=True)):
         confirmation = _Confirmation(loop)
         confirmations.append(confirmation)
-        payload = hub.encode_message(channel, data, sender)
         publish = (hub.bus.publish_history if hub.keeps_history(channel)
                    else hub.bus.publish)
         outcome = publish(channel, payload, confirmation, b"")
@@ -424,6 +431,14 @@ async def send(hub: Hub, channels: list[str], data: bytes,
                     raise ApiError(507, confirmation.refusal) from None
             raise
     return [confirmation.position for confirmation in confirmations]
+
+
+def _pusher_event(channel: str, data: bytes) -> bytes:
+    """A Pusher channel's subscribers get a Pusher event (fastfan.pusher)."""
+    try:
+        return event_from_api(channel, bytes(data))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 async def _confirmed(pending: list[asyncio.Future[bool]], what: str) -> None:

@@ -197,6 +197,8 @@ _RUN_OPTIONS: list[tuple[str, Callable[[str], Any], Sequence[str] | None, str]] 
     ("--webhook-queue-bytes", _positive_int, None,
      "bytes of undelivered events per URL; past it the oldest are dropped (16777216)"),
     ("--webhook-format", str, ("native", "pusher"), "webhook events' format (native)"),
+    ("--pusher-app-file", _path, None,
+     "a file of Pusher apps, one ID:KEY:SECRET a line (see --pusher-app)"),
     ("--app", str, None,
      "the application's hooks: package.module:attribute naming a fastfan.App (docs/hooks.md)"),
     ("--hook-timeout", _seconds, None, "seconds each hook may take (default 1)"),
@@ -285,6 +287,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=parse, choices=choices, metavar=_values(parse, choices),
                             help=f"{help_text} [{_env_name(flag)}]",
                             default=_env_default(parser, flag, parse, choices))
+    parser.add_argument("--pusher-app", action="append", metavar="ID:KEY:SECRET",
+                        help="a Pusher app served on /app/KEY and /apps/ID (repeatable); a "
+                             "flag is visible in `ps`: prefer --pusher-app-file")
     parser.add_argument("--insecure", action="store_true",
                         default=_env_flag(parser, "--insecure"),
                         help="accept connections without a token (local development only; "
@@ -397,7 +402,9 @@ class ConfigSource:
 
     @staticmethod
     def of(args: argparse.Namespace) -> ConfigSource:
-        return ConfigSource({key: getattr(args, key) for key in FILE_OPTIONS}, args.config)
+        given = {key: getattr(args, key) for key in FILE_OPTIONS}
+        given["pusher_app"] = tuple(args.pusher_app) if args.pusher_app else None
+        return ConfigSource(given, args.config)
 
     def options(self) -> dict[str, Any]:
         """Config's keyword arguments: flags over environment over file (ConfigError)."""

@@ -17,6 +17,7 @@ from ._core import SlowConsumerPolicy
 from .app import load_app
 from .history import DEFAULT_MAX_BYTES
 from .keys import PublicKey
+from .pusher import PusherAppError, parse_apps, read_app_file
 
 # The --slow-consumer names: the core's policies, lower case.
 SLOW_CONSUMER_POLICIES = tuple(policy.name.lower() for policy in SlowConsumerPolicy)
@@ -106,6 +107,8 @@ class Config:
     proxy_rpc: str | None = None
     proxy_headers: str = proxy.DEFAULT_HEADERS  # the upgrade's headers each request forwards
     proxy_timeout: float = 1.0
+    pusher_app: tuple[str, ...] = ()  # ID:KEY:SECRET each (fastfan.pusher)
+    pusher_app_file: str | None = None  # read once, here: its lines join pusher_app
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -162,6 +165,7 @@ class Config:
         self._check_proxies()
         self._check_api()
         self._check_tls()
+        self._check_pusher()
         self._check_webhooks()
 
     def _check_redis(self, value: str) -> None:
@@ -249,8 +253,9 @@ class Config:
             tls_context(self)
 
     def _check_webhooks(self) -> None:
-        """URLs and a secret (--webhook-secret or --webhook-secret-file) together; the
-        native format."""
+        """URLs and a secret (--webhook-secret or --webhook-secret-file) together; in
+        Pusher's format, Pusher apps instead (each app's events are signed with its
+        secret)."""
         if self.webhook_secret is not None and self.webhook_secret_file is not None:
             raise ConfigError("give --webhook-secret or --webhook-secret-file, not both")
         if self.webhook_secret_file is not None:
@@ -266,20 +271,39 @@ class Config:
             if not url.strip().startswith(("http://", "https://")):
                 raise ConfigError(f"--webhook-url takes http:// or https:// URLs, "
                                   f"comma-separated, got {url.strip()!r}")
-        if not self.webhook_secret:
+        if self.webhook_format == "pusher":
+            if not self.pusher_app:
+                raise ConfigError("--webhook-format pusher needs --pusher-app: each app's "
+                                  "events are signed with its secret")
+        elif not self.webhook_secret:
             raise ConfigError("--webhook-url needs --webhook-secret (or --webhook-secret-file): "
                               "every request is signed with it, for the receiver to check")
         if self.webhook_vacated_delay < 0:
             raise ConfigError("--webhook-vacated-delay must be 0 or more seconds")
-        if self.webhook_format != "native":
-            raise ConfigError(f"--webhook-format {self.webhook_format}: only 'native' for now "
-                              "(the 'pusher' format comes with the Pusher protocol)")
+        if self.webhook_format not in ("native", "pusher"):
+            raise ConfigError(f"--webhook-format is 'native' or 'pusher', got "
+                              f"{self.webhook_format!r}")
+
+    def _check_pusher(self) -> None:
+        """Every --pusher-app (and --pusher-app-file's lines) is ID:KEY:SECRET."""
+        apps = tuple(self.pusher_app)
+        if self.pusher_app_file is not None:
+            try:
+                apps += tuple(read_app_file(self.pusher_app_file))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read --pusher-app-file: {exc}") from None
+        try:
+            parse_apps(apps)
+        except PusherAppError as exc:
+            raise ConfigError(str(exc)) from None
+        object.__setattr__(self, "pusher_app", apps)  # frozen: set once, while validating
 
     def require_auth_choice(self) -> None:
-        """`run` needs a way to check tokens, or an explicit decision to skip them."""
+        """`run` needs a way to check tokens, or an explicit decision to skip them (or only
+        Pusher apps, whose channels are signed by their own secrets)."""
         if self.jwt_secret is None and self.jwt_public_key is None and self.jwks_url is None \
                 and not self.insecure and not self.app_authenticates \
-                and self.proxy_connect is None:
+                and self.proxy_connect is None and not self.pusher_app:
             raise ConfigError(
                 "no token key given: set --jwt-secret-file (or FASTFAN_JWT_SECRET), "
                 "--jwt-public-key or --jwks-url to require client tokens, or pass "

@@ -1,5 +1,6 @@
 """The picows listener factory: plain GETs (/health, /ready, /metrics, /fastfan.js), auth →
-Session; and FirstRequest, which answers HEAD before picows sees it.
+Session; and FirstRequest, which answers HEAD before picows sees it, and hands the Pusher
+HTTP API's requests (`/apps/…`, with --pusher-app) to fastfan.http_server.
 
 picows calls the factory once per HTTP request, synchronously, before it validates the
 upgrade headers. It returns a Session (101), a response without listener (health, metrics,
@@ -36,6 +37,9 @@ from .app import Request as HookRequest
 from .auth import ANONYMOUS, AuthError, Identity, token_verifier
 from .config import Config
 from .hooks import BadReturn, Hooks, identity_of
+from .http_server import HttpConnection
+from .pusher.api import PusherApi
+from .pusher.protocol import PusherConnection
 
 log = logging.getLogger("fastfan.handshake")
 
@@ -66,8 +70,10 @@ def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -
 class ListenerFactory:
     def __init__(self, config: Config, hub: Hub, *, why_not_ready: Callable[[], list[str]],
                  metrics: Callable[[], bytes], max_connections: int, logger: Any,
-                 handshake_timeout: float, read_buffer_init_size: int) -> None:
+                 handshake_timeout: float, read_buffer_init_size: int,
+                 pusher_api: PusherApi | None = None) -> None:
         self._config = config
+        self.pusher_api = pusher_api  # --pusher-app: /app/KEY and the HTTP API on /apps/
         self._hub = hub
         self._max_connections = max_connections
         # WSProtocol's arguments, as picows 2.3.1's ws_create_server passes them (the
@@ -166,7 +172,9 @@ class ListenerFactory:
             response = WSUpgradeResponse.create_ok_response(_BROWSER_CLIENT, _JAVASCRIPT)
             return WSUpgradeResponseWithListener(response, None)
         echo = path == self._echo_path
-        if path not in self._socket_paths and not echo:
+        pusher_key = path[5:] if self.pusher_api is not None and path.startswith(b"/app/") \
+            else None
+        if path not in self._socket_paths and not echo and pusher_key is None:
             return None
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return _response(426, b"426 Upgrade Required: this is a WebSocket endpoint; "
@@ -179,6 +187,13 @@ class ListenerFactory:
             self.refused_full_total += 1
             return _response(503, b"503 Service Unavailable: connection limit reached, "
                                   b"try another node or later\n", {"Retry-After": "1"})
+        if pusher_key is not None:
+            # Pusher's clients are not authenticated at the upgrade: private and presence
+            # channels are, each by its signature. An unknown key upgrades, then gets
+            # pusher:error 4001 (what pusher-js understands).
+            assert self.pusher_api is not None
+            return self._session(request, ANONYMOUS, False, None, None, PusherConnection(
+                self.pusher_api.pusher, pusher_key.decode("latin-1")))
         hooks = self._hub.hooks
         try:
             if hooks is not None and hooks.app.authenticate_hook is not None and not echo:
@@ -195,8 +210,11 @@ class ListenerFactory:
                          {"WWW-Authenticate": "Bearer"})
 
     def _session(self, request: WSUpgradeRequest, identity: Identity, echo: bool,
-                 hook_request: HookRequest | None, hook_identity: HookIdentity | None) -> Route:
-        """The Session of an authenticated upgrade (with --app, its Connection too)."""
+                 hook_request: HookRequest | None, hook_identity: HookIdentity | None,
+                 dialect: PusherConnection | None = None) -> Route:
+        """The Session of an authenticated upgrade, with permessage-deflate if the client
+        offers it (with --app, its Connection too; with a `dialect`, another protocol's
+        connection, which hooks do not see)."""
         per_user = self._config.max_connections_per_user
         if per_user and identity is not ANONYMOUS and \
                 self._hub.connections_of(identity.user) >= per_user:
@@ -216,7 +234,8 @@ class ListenerFactory:
             response = WSUpgradeResponse.create_101_response(
                 {"Sec-WebSocket-Extensions": extension})
             route = WSUpgradeResponseWithListener(response, session)
-        if self._hub.hooks is not None and not echo:
+        session.dialect = dialect
+        if self._hub.hooks is not None and not echo and dialect is None:
             self._hub.hooks.attach(session, identity, hook_identity,
                                    hook_request or self._hook_request(request, None, None))
         return route
@@ -275,6 +294,9 @@ class ListenerFactory:
 
     def _authenticate(self, request: WSUpgradeRequest, query: bytes) -> Identity:
         if self.verify_token is None:
+            if self._config.pusher_app and not self._config.insecure:
+                raise AuthError("this server takes Pusher connections only (/app/KEY): "
+                                "fastfan's protocol needs a token key")
             return ANONYMOUS  # --insecure, or --app's authenticate alone: nobody is checked
         token = _token_from(request, query)
         if token is None:
@@ -282,6 +304,11 @@ class ListenerFactory:
         return self.verify_token(token)
 
 
+# The Pusher HTTP API's requests, and the starts FirstRequest waits to see whole before it
+# knows whose a connection is.
+_PUSHER_API_STARTS = (b"GET /apps/", b"POST /apps/", b"POST /users/")
+_WAIT_FOR_HEAD = (b"HEAD ",)
+_WAIT_FOR = (*_WAIT_FOR_HEAD, *_PUSHER_API_STARTS)
 # The longest request head a HEAD may have, as picows's limit for a GET's.
 MAX_HEAD_REQUEST = 16 * 1024
 # Where every FirstRequest reads: uvloop (and its TLS layer) calls get_buffer and, at
@@ -325,11 +352,24 @@ class FirstRequest(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._received += _SCRATCH[:nbytes]
+        pusher_api = self._factory.pusher_api
         if self._received.startswith(b"HEAD "):
             self._answer_head()
-        elif not (len(self._received) < 5 and b"HEAD ".startswith(self._received)) and (
-                b"\r\n\r\n" in self._received or len(self._received) > MAX_HEAD_REQUEST):
+        elif pusher_api is not None and self._received.startswith(_PUSHER_API_STARTS):
+            self._hand_to_http(pusher_api)
+        elif not any(len(self._received) < len(start) and start.startswith(self._received)
+                     for start in (_WAIT_FOR if pusher_api is not None else _WAIT_FOR_HEAD)) \
+                and (b"\r\n\r\n" in self._received or len(self._received) > MAX_HEAD_REQUEST):
             self._hand_over()
+
+    def _hand_to_http(self, pusher_api: PusherApi) -> None:
+        """A request of the Pusher HTTP API: fastfan.http_server's from here on (POST
+        bodies, keep-alive). picows's protocol ends here: its handshake timer and count."""
+        self._protocol.connection_lost(None)
+        connection = HttpConnection(pusher_api.http)
+        self._transport.set_protocol(connection)
+        connection.connection_made(self._transport)
+        connection.data_received(bytes(self._received))
 
     def _hand_over(self) -> None:
         """picows's protocol reads from here on, starting with the whole request head (or

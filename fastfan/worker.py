@@ -27,6 +27,8 @@ from .hooks import Hooks
 from .logs import PicowsLog, configure
 from .metrics import SharedFigures
 from .proxy import Proxies
+from .pusher import CACHE_PATTERNS, PRESENCE_PATTERN, Pusher, parse_apps
+from .pusher.api import PusherApi
 from .webhooks import Webhooks
 
 log = logging.getLogger("fastfan.worker")
@@ -90,11 +92,15 @@ class Worker:
             max_buffer=config.max_buffer,
             publish_rate=float(config.publish_rate),
             slow_consumer=config.slow_consumer_policy,
-            presence_channels=ChannelPatterns(config.presence_channels.split(",")),
+            presence_channels=ChannelPatterns(config.presence_channels.split(",") + (
+                [PRESENCE_PATTERN] if config.pusher_app else [])),
             presence_limit=config.presence_limit,
             client_id_prefix=placement.client_id_prefix,
-            history_size=config.history_size,
-            history_channels=ChannelPatterns(config.history_channels.split(",")),
+            # Pusher's cache channels keep at least their latest event, whatever else does.
+            history_size=config.history_size or (1 if config.pusher_app else 0),
+            history_channels=ChannelPatterns(
+                (config.history_channels.split(",") if config.history_size else [])
+                + (CACHE_PATTERNS if config.pusher_app else [])),
             history_max_bytes=config.history_max_bytes,
             compression_min_size=config.compression_min_size,
             subscribe_rate=float(config.subscribe_rate),
@@ -118,6 +124,13 @@ class Worker:
         if self.proxies is not None:
             app = self.proxies.install(app)
         self.hooks = None if app is None else Hooks(app, self.hub, config.hook_timeout)
+        self.pusher_api = None if not config.pusher_app else PusherApi(
+            Pusher(parse_apps(config.pusher_app), self.hub,
+                   activity_timeout=max(1, int(config.ping_interval))),
+            max_message_size=config.max_message_size)
+        if self.pusher_api is not None and self.webhooks is not None \
+                and config.webhook_format == "pusher":
+            self.pusher_api.pusher.client_event_webhook = self.webhooks.client_event
         self.accepting = False
         self.leaving: tuple[int, str] | None = None  # the close code and reason, once told
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,
@@ -125,7 +138,8 @@ class Worker:
                                        max_connections=max_connections(config),
                                        logger=PicowsLog(),
                                        handshake_timeout=HANDSHAKE_TIMEOUT,
-                                       read_buffer_init_size=READ_BUFFER_INIT_SIZE)
+                                       read_buffer_init_size=READ_BUFFER_INIT_SIZE,
+                                       pusher_api=self.pusher_api)
         self.api = None if config.api_port is None else Api(
             config, self.hub, metrics=self.render_metrics, figure_rows=self.figure_rows,
             node=self.node, worker=placement.index, why_not_ready=self.why_not_ready,
@@ -313,6 +327,8 @@ class Worker:
             server.close()
         if self.api is not None:
             self.api.close()
+        if self.pusher_api is not None:
+            self.pusher_api.http.close()
 
 
 def run_worker(config: Config, placement: Placement, sockets: list[socket.socket],

@@ -423,13 +423,14 @@ def test_verify_checks_the_body_and_the_secret() -> None:
     assert not verify(body, {}, WEBHOOK_SECRET)
 
 
-def test_the_pusher_format_is_refused_for_now(receiver: Receiver) -> None:
+def test_the_pusher_format_needs_a_pusher_app(receiver: Receiver) -> None:
+    """Its events are signed with each app's secret (tests/test_pusher.py has them)."""
     done = subprocess.run([sys.executable, "-m", "fastfan", "run", "--insecure",
                            "--port", str(free_port()),
                            *webhook_args(receiver, "--webhook-format", "pusher")],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
-    assert "--webhook-format pusher" in done.stderr and "native" in done.stderr
+    assert "--webhook-format pusher needs --pusher-app" in done.stderr
 
 
 def test_a_webhook_url_needs_a_secret() -> None:

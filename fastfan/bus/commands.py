@@ -1,9 +1,11 @@
 """Server API commands (`disconnect`, `unsubscribe`), carried by the bus to every worker of
-every node, each of which applies them to its own clients."""
+every node, each of which applies them to its own clients. A protocol beside fastfan's
+(fastfan.pusher) adds its own commands to EXTENSIONS."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import msgspec
 
@@ -21,13 +23,17 @@ class Command(msgspec.Struct, forbid_unknown_fields=False):
     command: str
     user: str
     channel: str = ""
+    data: str = ""  # an extension's payload
 
 
 _decode_command = msgspec.json.Decoder(Command).decode
 
+# Commands of other protocols, by name: the worker's handler of each (one hub per process).
+EXTENSIONS: dict[str, Callable[[Command], None]] = {}
 
-def encode_command(command: str, user: str, channel: str = "") -> bytes:
-    return msgspec.json.encode(Command(command, user, channel))
+
+def encode_command(command: str, user: str, channel: str = "", data: str = "") -> bytes:
+    return msgspec.json.encode(Command(command, user, channel, data))
 
 
 def apply_command(hub: HubLink, payload: bytes) -> None:
@@ -43,5 +49,7 @@ def apply_command(hub: HubLink, payload: bytes) -> None:
     elif (command.command == "unsubscribe" and command.user
           and is_valid_channel(command.channel)):
         hub.unsubscribe_user(command.user, command.channel)
+    elif command.command in EXTENSIONS:
+        EXTENSIONS[command.command](command)
     else:
         log.warning("bus: dropped an unknown command %r", command.command[:100])

@@ -19,6 +19,12 @@ events arrive in order (per channel, and in all). An event not taken within
 --webhook-queue-bytes of events: past it the oldest go, counted and logged at most once a
 minute.
 
+With --webhook-format pusher (fastfan.pusher), the events are Pusher's: only those of
+Pusher channels, each app's to its own queue per URL, named as Pusher names them
+(`user_id`; `client_event` for a client event on a channel matching --webhook-publish),
+channel names without `pusher.ID.`, and signed with the app's secret (`X-Pusher-Key`,
+`X-Pusher-Signature`: hex, no prefix), as the Pusher server libraries check them.
+
 Nothing of it is on the fan-out path: the bus and the Hub append to a deque; the POSTs run
 in their own task; a receiver that is down costs the bounded queue, nothing more.
 """
@@ -43,6 +49,8 @@ import msgspec
 from .._core import Hub
 from ..auth import ChannelPatterns
 from ..config import Config
+from ..pusher import BUS_PREFIX as PUSHER_PREFIX
+from ..pusher import PusherApp, parse_apps
 
 log = logging.getLogger("fastfan.webhooks")
 
@@ -94,9 +102,11 @@ class Endpoint:
     same ids, less those dropped meanwhile.
     """
 
-    def __init__(self, url: str, config: Config, secret: str, counters: Counters) -> None:
+    def __init__(self, url: str, config: Config, secret: str, counters: Counters,
+                 pusher_key: str | None = None) -> None:
         self.url = url
         self.secret = secret
+        self.pusher_key = pusher_key  # Pusher's format: this app's key, its secret signs
         self.batch = config.webhook_batch
         self.retry = config.webhook_retry
         self.max_bytes = config.webhook_queue_bytes
@@ -167,7 +177,11 @@ class Endpoint:
     async def _post(self, session: aiohttp.ClientSession, events: list[bytes]) -> bool:
         """One POST of `events`; whether a receiver took them (2xx)."""
         body = b'{"time_ms":%d,"events":[%s]}' % (time.time() * 1000, b",".join(events))
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, self.secret)}
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, self.secret)} \
+            if self.pusher_key is None else {
+                "Content-Type": "application/json", "X-Pusher-Key": self.pusher_key,
+                "X-Pusher-Signature": hmac.new(self.secret.encode(), body,
+                                               hashlib.sha256).hexdigest()}
         try:
             async with session.post(self.url, data=body, headers=headers) as response:
                 await response.read()
@@ -192,10 +206,22 @@ class Webhooks:
     """A worker's webhooks: a Transitions for its bus, and its Hub's two hooks."""
 
     def __init__(self, config: Config) -> None:
-        assert config.webhook_url is not None and config.webhook_secret is not None
+        assert config.webhook_url is not None
         self.counters = Counters()
-        self.endpoints = [Endpoint(url.strip(), config, config.webhook_secret, self.counters)
-                          for url in config.webhook_url.split(",") if url.strip()]
+        urls = [url.strip() for url in config.webhook_url.split(",") if url.strip()]
+        # Pusher's format: each app's endpoints, by app id; else None
+        self.pusher_endpoints: dict[str, list[Endpoint]] | None = None
+        if config.webhook_format == "pusher":
+            apps: list[PusherApp] = parse_apps(config.pusher_app)
+            self.pusher_endpoints = {app.id: [
+                Endpoint(url, config, app.secret, self.counters, app.key) for url in urls]
+                for app in apps}
+            self.endpoints = [endpoint for endpoints in self.pusher_endpoints.values()
+                              for endpoint in endpoints]
+        else:
+            assert config.webhook_secret is not None
+            self.endpoints = [Endpoint(url, config, config.webhook_secret, self.counters)
+                              for url in urls]
         self.vacated_delay = config.webhook_vacated_delay
         self.publish_patterns = ChannelPatterns(config.webhook_publish.split(",")) \
             if config.webhook_publish else None
@@ -208,6 +234,8 @@ class Webhooks:
 
     def hook(self, hub: Hub) -> None:
         """Give the Hub the hooks it needs (only those: an unused one costs a call)."""
+        if self.pusher_endpoints is not None:
+            return  # fastfan's clients' publishes and closes are not Pusher events
         if self.publish_patterns is not None:
             hub.publish_webhook = self.client_publish
         if self.connections:
@@ -242,9 +270,22 @@ class Webhooks:
                 "webhook_dropped_total": float(self.counters.dropped)}
 
     def _emit(self, event: dict[str, Any]) -> None:
+        endpoints = self.endpoints
+        if self.pusher_endpoints is not None:
+            # Pusher's: only a Pusher channel's, to its app's endpoints, under its own name
+            app_id, _, channel = event["channel"].removeprefix(PUSHER_PREFIX).partition(".")
+            if not event["channel"].startswith(PUSHER_PREFIX) \
+                    or app_id not in self.pusher_endpoints:
+                return
+            endpoints = self.pusher_endpoints[app_id]
+            event = {**event, "channel": channel}
+            if "user" in event:
+                if not channel.startswith("presence-"):
+                    return  # members of a channel fastfan has presence on, Pusher not
+                event["user_id"] = event.pop("user")
         encoded = _encode({"id": f"{self._id_prefix}-{next(self._ids)}", **event})
         now = time.monotonic()
-        for endpoint in self.endpoints:
+        for endpoint in endpoints:
             endpoint.put(encoded, now)
 
     # Transitions (fastfan.bus.base.Transitions) ---------------------------------------
@@ -281,6 +322,20 @@ class Webhooks:
         if self.publish_patterns.allows(channel):
             self._emit({"name": "client_publish", "channel": channel, "user": user,
                         "client": client_id.decode("ascii"), "data": data})
+
+    def client_event(self, bus_channel: str, event: str, data: Any, socket_id: str,
+                     user_id: str | None) -> None:
+        """A Pusher client event (fastfan.pusher.protocol), in Pusher's format, on a channel
+        whose Pusher name matches --webhook-publish."""
+        channel = bus_channel.removeprefix(PUSHER_PREFIX).partition(".")[2]
+        if self.publish_patterns is None or not self.publish_patterns.allows(channel):
+            return
+        fields = {"name": "client_event", "channel": bus_channel, "event": event,
+                  "data": data if isinstance(data, str) else _encode(data).decode(),
+                  "socket_id": socket_id}
+        if user_id is not None:
+            fields["user_id"] = user_id
+        self._emit(fields)
 
     def connection_closed(self, user: str, client_id: bytes, code: int, reason: str) -> None:
         self._emit({"name": "connection_closed", "user": user,
