@@ -86,6 +86,10 @@ class Publisher(threading.Thread):
                 continue  # refused or reset meanwhile: connect again
 
 
+class UnavailableError(Exception):
+    """The server answered 503: try again."""
+
+
 class Subscriber(threading.Thread):
     """Receives `channel`; closed by its worker, it connects again and, with `recover`,
     recovers from the last message it has; `received` the data, `closes` the codes."""
@@ -106,6 +110,9 @@ class Subscriber(threading.Thread):
             request["recover"] = position
         client.send_json(request)
         answer = client.recv_json()
+        if answer.get("code") == 503:  # the store not answering yet, mid-restart: again,
+            client.close()              # as a client does
+            raise UnavailableError(answer["message"])
         assert answer["type"] == "subscribed", answer
         if position is not None:
             self.recovered.append(answer["recovered"])
@@ -136,7 +143,7 @@ class Subscriber(threading.Thread):
     def _try_subscribe(self, position: dict[str, Any] | None) -> RawClient | None:
         try:
             return self.subscribe(position)
-        except (OSError, HandshakeRefusedError):
+        except (OSError, HandshakeRefusedError, UnavailableError):
             return None
 
 

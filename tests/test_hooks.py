@@ -361,6 +361,9 @@ def test_connection_close_closes_it_with_its_code_and_on_disconnect_hears(
              ["data"]["count"] == 1)
     alice.send_json({"type": "rpc", "method": "close"})
     assert alice.recv_close() == (4100, "bye")
+    # Answered, as a client does: else the server hangs up only after its 5 s wait for
+    # the answer, and on_disconnect's publish raced the watcher's 5 s of patience.
+    alice.send_frame(0x8, (4100).to_bytes(2, "big"))
     assert watcher.recv_json()["data"] == {"left": "alice", "code": 4100, "reason": "bye"}
 
 

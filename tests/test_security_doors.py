@@ -191,8 +191,9 @@ def test_connections_in_their_tls_handshake_count_against_max_connections(
     server = start_tls("--max-connections", "2")
     idle = [socket.create_connection((server.host, server.port)) for _ in range(2)]
     try:
-        with pytest.raises(InvalidStatus) as refused:
-            websocket_connect(server.url(token=token()), ssl=server.context, open_timeout=5)
+        with pytest.raises(InvalidStatus) as refused:  # (15 s: a TLS handshake on a busy
+            websocket_connect(server.url(token=token()), ssl=server.context,  # machine)
+                              open_timeout=15)
         assert refused.value.response.status_code == 503
     finally:
         for sock in idle:
