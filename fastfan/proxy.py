@@ -23,7 +23,6 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import aiohttp
 import msgspec
 from multidict import CIMultiDict
 
@@ -31,7 +30,9 @@ from ._core import is_valid_channel
 from .app import App, Connection, HookFailure, Identity, Publish, Refuse, Request, hook_error_key
 from .auth import ANONYMOUS, AuthError, info_text
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # aiohttp is imported where used: without proxies a worker never loads it
+    import aiohttp
+
     from .config import Config
 
 log = logging.getLogger("fastfan.proxy")
@@ -235,6 +236,8 @@ class Proxies:
     async def _ask(self, kind: str, fields: dict[str, Any],
                    client_headers: Mapping[str, str] | None) -> Any:
         """POST the request to the `kind` proxy; its answer, decoded, or HookFailure."""
+        import aiohttp
+
         url = self.urls[kind]
         assert url is not None
         headers: CIMultiDict[str] = CIMultiDict()
@@ -266,6 +269,8 @@ class Proxies:
             raise _bad_body(kind, str(exc)) from None
 
     def _pool(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=POOL_SIZE),

@@ -41,9 +41,8 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import msgspec
 
 from .._core import Hub
@@ -51,6 +50,9 @@ from ..auth import ChannelPatterns
 from ..config import Config
 from ..pusher import BUS_PREFIX as PUSHER_PREFIX
 from ..pusher import PusherApp, parse_apps
+
+if TYPE_CHECKING:  # aiohttp is imported where used: without webhooks a worker never loads it
+    import aiohttp
 
 log = logging.getLogger("fastfan.webhooks")
 
@@ -176,6 +178,8 @@ class Endpoint:
 
     async def _post(self, session: aiohttp.ClientSession, events: list[bytes]) -> bool:
         """One POST of `events`; whether a receiver took them (2xx)."""
+        import aiohttp
+
         body = b'{"time_ms":%d,"events":[%s]}' % (time.time() * 1000, b",".join(events))
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, self.secret)} \
             if self.pusher_key is None else {
@@ -242,6 +246,8 @@ class Webhooks:
             hub.close_webhook = self.connection_closed
 
     async def start(self) -> None:
+        import aiohttp
+
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
             connector=aiohttp.TCPConnector())  # kept alive: one connection per URL, reused
