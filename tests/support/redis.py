@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import redis
 from redis.crc import key_slot
 
 from support.waiting import wait_for
-from support.wire import free_port, resp
+from support.wire import free_port, port_slice, resp
 
 NODE_TIMEOUT_MS = 1000  # a dead master's replica takes over within a few seconds
 
@@ -71,13 +71,20 @@ def query(node: RedisServer, *args: str) -> Any:
         return client.execute_command(*args)
 
 
+_CLUSTER_PORTS = port_slice(12000, 22700)
+_next_cluster_port = _CLUSTER_PORTS.start + os.getpid() % len(_CLUSTER_PORTS)
+
+
 def cluster_ports(count: int) -> list[int]:
     """`count` ports free with their cluster bus port (+10000), both below the kernel's
-    ephemeral range (32768 on): there an outgoing connection may take one meanwhile."""
+    ephemeral range (32768 on), from this test process's own slice (as free_port)."""
+    global _next_cluster_port
     found: list[int] = []
-    port = 12000 + (time.monotonic_ns() // 1000) % 10000
-    while len(found) < count:
-        port = port + 1 if port < 22700 else 12000
+    for _ in range(len(_CLUSTER_PORTS)):
+        if len(found) == count:
+            break
+        port = _next_cluster_port
+        _next_cluster_port = port + 1 if port + 1 < _CLUSTER_PORTS.stop else _CLUSTER_PORTS.start
         try:
             for candidate in (port, port + 10000):
                 with socket.socket() as sock:

@@ -99,11 +99,35 @@ def resp(*parts: str | bytes) -> bytes:
     return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded)
 
 
+def port_slice(first: int, last: int) -> range:
+    """This test process's share of the ports first..last: under pytest-xdist each process
+    (gw0, gw1...) takes its own slice, so two never hand out the same port."""
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = (last - first) // count
+    return range(first + index * size, first + (index + 1) * size)
+
+
+_GIVEN = port_slice(2000, 11999)  # below the cluster's ports (support.redis.cluster_ports)
+_next_port = _GIVEN.start + os.getpid() % len(_GIVEN)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now, for a server about to start."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, for a server about to start: the next one of this
+    process's slice below the kernel's ephemeral range (32768 on). The kernel's own pick
+    (bind to 0) may come back twice in a row, or be taken meanwhile by another process's
+    test or by an outgoing connection; these are never handed out twice in a run."""
+    global _next_port
+    for _ in range(len(_GIVEN)):
+        port = _next_port
+        _next_port = port + 1 if port + 1 < _GIVEN.stop else _GIVEN.start
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise OSError(f"no free port in {_GIVEN}")
 
 
 class HandshakeRefusedError(Exception):

@@ -84,9 +84,11 @@ class MeshBus(Bus):
         self.incoming: dict[int, Incoming] = {}
         self.interest: dict[int, set[str]] = {s: set() for s in range(workers) if s != worker}
         self.dropped_total = 0
-        # Connected to every other worker once: until then a publish on a channel whose
-        # history another worker keeps would be refused, so /ready waits for it. (A worker
-        # that restarts later costs only its own channels' history publishes a moment.)
+        # Linked both ways with every other worker once (our connection to it, and its
+        # HELLO on its connection to us): until then a publish on a channel whose history
+        # another worker keeps would be refused, and a message another worker publishes
+        # (an on_message hook's, say) could not reach our subscribers, so /ready waits for
+        # it. (A worker that restarts later costs only its own channels a moment.)
         self.joined_all = workers == 1
         self._gatherings = Gatherings(PRESENCE_TIMEOUT)  # presence and channels queries
         self._listener: socket.socket | None = None
@@ -156,13 +158,18 @@ class MeshBus(Bus):
             self.outgoing[worker] = peer
             for channel in [c for c in self.interest[worker] if c.startswith(WATCH_PREFIX)]:
                 self.send_present(worker, channel)  # it watched them before we connected
-            self.joined_all = self.joined_all or len(self.outgoing) == len(self.interest)
+            self.check_joined()
             replaced = self._replaced[worker] = loop.create_future()
             await asyncio.wait((peer.lost, replaced), return_when=asyncio.FIRST_COMPLETED)
             del self.outgoing[worker]
             if not peer.lost.done():
                 self.retiring.append(peer)
                 peer.lost.add_done_callback(functools.partial(self._retired, peer))
+
+    def check_joined(self) -> None:
+        """joined_all, once linked both ways with every other worker (see __init__)."""
+        self.joined_all = self.joined_all or (len(self.outgoing) == len(self.interest)
+                                              and len(self.incoming) == len(self.interest))
 
     def _retired(self, peer: Outgoing, _: asyncio.Future[None]) -> None:
         self.retiring.remove(peer)

@@ -184,6 +184,7 @@ class Incoming(asyncio.Protocol):
         if len(body) == STARTED.size:
             (self.started_at,) = STARTED.unpack(body)
         self.bus.incoming[worker] = self
+        self.bus.check_joined()
         if previous is not None and previous.pid != self.pid \
                 and not previous.transport.is_closing():
             # A rolling restart's replacement, the worker it replaces still serving: its
