@@ -25,6 +25,15 @@
  * --sync 2 it also waits for a line after printing its summary, before it closes its
  * connections: the runner reads the server's CPU time for the publishing alone.
  *
+ * For overload (benchmarks/studies/overload.py): --then RATE:SECONDS[,RATE:SECONDS...]
+ * publishes in further phases after the first (--rate for --duration), each on its own
+ * schedule: what a phase could not send because the server held the publisher back is not
+ * sent later. --tolerate-close 1 counts a subscriber the server closes ("closed") instead
+ * of exiting, and stops expecting its messages; --stall N subscribes N more connections
+ * that never read (a 4 KiB receive buffer): the truly slow consumers, counted apart
+ * ("stalled_closed"). --window-ms W adds "windows": for each W ms of send time from
+ * "origin_ns" (the first message's ts), [count, p99 ms] of the messages sent in it.
+ *
  * Build: cc -O2 -o loadgen loadgen.c
  */
 #define _GNU_SOURCE
@@ -52,6 +61,7 @@ typedef struct {
     size_t len;
     int64_t *next_seq;      /* per channel it subscribed to: the seq it expects next */
     uint64_t received;
+    int closed;             /* --tolerate-close: the server closed it */
 } conn_t;
 
 /* Subscriber i takes per_conn channels, (i + j * stride) % nchannels for j < per_conn,
@@ -67,6 +77,58 @@ static char *event_scratch;
 static uint64_t *latency_us;
 static uint64_t latency_count, latency_over;
 static uint64_t lost, reordered, delivered;
+
+/* --window-ms: per window of send time, a latency histogram in log buckets (20 per
+   decade from 1 us to 100 s), so that a p99 per window costs little memory */
+#define WINDOW_BUCKETS 160
+#define MAX_WINDOWS 4096
+static int64_t window_ns, origin_ns;
+static uint32_t (*windows)[WINDOW_BUCKETS];
+static int nwindows;
+
+static double bucket_top[WINDOW_BUCKETS]; /* bucket b: latencies below 10^((b+1)/20) us */
+
+static void make_buckets(void) {
+    double top = 1.1220184543019633; /* 10^(1/20): no libm needed */
+    for (int b = 0; b < WINDOW_BUCKETS; b++, top *= 1.1220184543019633) bucket_top[b] = top;
+}
+
+static int log_bucket(uint64_t us) {
+    int low = 0, high = WINDOW_BUCKETS - 1; /* the first bucket whose top is above us */
+    while (low < high) {
+        int mid = (low + high) / 2;
+        if ((double)us < bucket_top[mid]) high = mid;
+        else low = mid + 1;
+    }
+    return low;
+}
+
+static void window_record(int64_t ts, uint64_t us) {
+    if (!origin_ns) origin_ns = ts;
+    int64_t w = (ts - origin_ns) / window_ns;
+    if (w < 0 || w >= MAX_WINDOWS) return;
+    if (w >= nwindows) nwindows = (int)w + 1;
+    windows[w][log_bucket(us)]++;
+}
+
+static void print_windows(void) {
+    printf(",\"origin_ns\":%lld,\"window_ms\":%lld,\"windows\":[", (long long)origin_ns,
+           (long long)(window_ns / 1000000));
+    for (int w = 0; w < nwindows; w++) {
+        uint64_t count = 0, seen = 0;
+        for (int b = 0; b < WINDOW_BUCKETS; b++) count += windows[w][b];
+        double p99 = 0;
+        for (int b = 0; b < WINDOW_BUCKETS && count; b++) {
+            seen += windows[w][b];
+            if (seen * 100 >= count * 99) { /* the bucket's upper edge, in ms */
+                p99 = bucket_top[b] / 1000.0;
+                break;
+            }
+        }
+        printf("%s[%llu,%.3f]", w ? "," : "", (unsigned long long)count, p99);
+    }
+    printf("]");
+}
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -151,12 +213,16 @@ static void drop_http_head(conn_t *c) {
     c->len -= head;
 }
 
+static int receive_buffer; /* SO_RCVBUF of the next connections, when not 0 (--stall) */
+
 static void open_conn(conn_t *c, const char *source, const char *host, int port,
                       const char *path) {
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, host, &addr.sin_addr);
     c->fd = socket(AF_INET, SOCK_STREAM, 0);
     if (c->fd < 0) die("socket");
+    if (receive_buffer) /* before connect: the window it offers is this small from the start */
+        setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof receive_buffer);
     if (source) {
         struct sockaddr_in src = {.sin_family = AF_INET};
         inet_pton(AF_INET, source, &src.sin_addr);
@@ -235,6 +301,7 @@ static void record(conn_t *c, const char *payload, size_t n, int64_t now) {
     if (us < LATENCY_BUCKETS) latency_us[us]++;
     else latency_over++;
     latency_count++;
+    if (window_ns) window_record(ts, us);
 }
 
 /* Parse every whole frame in the buffer; keep a partial one for the next read. */
@@ -278,9 +345,30 @@ static double percentile(double q) {
     return (double)LATENCY_BUCKETS / 1000.0;
 }
 
+/* --tolerate-close: a subscriber the server closed; its messages are no longer expected */
+static int closed_count;
+
+static void subscriber_closed(int ep, conn_t *c) {
+    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->closed = 1;
+    closed_count++;
+}
+
+/* Whether the server has closed (or reset) a connection we never read: its TCP state. */
+static int peer_gone(int fd) {
+    struct tcp_info info;
+    socklen_t n = sizeof info;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &n) < 0) return 1;
+    return info.tcpi_state != TCP_ESTABLISHED;
+}
+
+#define MAX_PHASES 16
+
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *path = NULL, *channel = "bench", *sources = NULL;
-    int port = 8080, subs = 1000, size = 100;
+    const char *then = NULL;
+    int port = 8080, subs = 1000, size = 100, tolerate_close = 0, stall = 0, window_ms = 0;
     double rate = 1000, duration = 5, drain = 3;
     int sync_start = 0; /* 1: say "ready" on stdout once subscribed, wait for a line on stdin;
                            2: and wait for another after the summary, before closing */
@@ -298,6 +386,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--sync")) sync_start = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--channels")) nchannels = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--per-conn")) per_conn = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--then")) then = argv[i + 1];
+        else if (!strcmp(argv[i], "--tolerate-close")) tolerate_close = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--stall")) stall = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--window-ms")) window_ms = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--protocol") && !strcmp(argv[i + 1], "seed")) socketio = 0;
         else if (!strcmp(argv[i], "--protocol") && !strcmp(argv[i + 1], "socketio")) socketio = 1;
         else { fprintf(stderr, "loadgen: unknown option %s\n", argv[i]); return 2; }
@@ -307,6 +399,24 @@ int main(int argc, char **argv) {
         return 2;
     }
     stride = nchannels / per_conn;
+    /* the publishing phases: --rate for --duration, then --then's */
+    double phase_rate[MAX_PHASES] = {rate}, phase_s[MAX_PHASES] = {duration};
+    int nphases = 1;
+    if (then) {
+        char *copy = strdup(then);
+        for (char *s = strtok(copy, ","); s && nphases < MAX_PHASES; s = strtok(NULL, ",")) {
+            if (sscanf(s, "%lf:%lf", &phase_rate[nphases], &phase_s[nphases]) != 2) {
+                fprintf(stderr, "loadgen: --then wants RATE:SECONDS[,RATE:SECONDS...]\n");
+                return 2;
+            }
+            duration += phase_s[nphases++];
+        }
+    }
+    if (window_ms > 0) {
+        window_ns = (int64_t)window_ms * 1000000;
+        windows = calloc(MAX_WINDOWS, sizeof *windows);
+        make_buckets();
+    }
     if (!path) path = socketio ? "/socket.io/?EIO=4&transport=websocket" : "/";
     event_scratch = malloc((size_t)size + 1024);
     latency_us = calloc(LATENCY_BUCKETS, sizeof(uint64_t));
@@ -331,6 +441,14 @@ int main(int argc, char **argv) {
         subscribe(&conns[i], channel);
     }
     double connect_s = (double)(now_ns() - t0) / 1e9;
+    conn_t *stalled = calloc((size_t)stall + 1, sizeof(conn_t));
+    receive_buffer = 4096;
+    for (int i = 0; i < stall; i++) { /* subscribed, then never read */
+        stalled[i].index = i;
+        open_conn(&stalled[i], NULL, host, port, path);
+        subscribe(&stalled[i], channel);
+    }
+    receive_buffer = 0;
     conn_t *pub = &conns[subs];
     if (rate > 0) open_conn(pub, NULL, host, port, path);
     if (sync_start) {
@@ -359,10 +477,21 @@ int main(int argc, char **argv) {
     int64_t start = now_ns(), end = start + (int64_t)(duration * 1e9);
     int64_t stop = end + (int64_t)(drain * 1e9), sent = 0, last_rx = start;
     int64_t expected_total, busy_ns = 0; /* time spent publishing, reading and parsing */
+    int phase = 0;
+    int64_t phase_start = start, phase_sent = 0, phase_end = start + (int64_t)(phase_s[0] * 1e9);
+    int64_t sent_in[MAX_PHASES] = {0};
     while (1) {
         int64_t now = now_ns();
+        while (now >= phase_end && phase + 1 < nphases) { /* the next phase, on its own clock */
+            sent_in[phase] = sent - phase_sent;
+            phase++;
+            phase_start = phase_end;
+            phase_sent = sent;
+            phase_end = phase_start + (int64_t)(phase_s[phase] * 1e9);
+            rate = phase_rate[phase];
+        }
         if (now < end && rate > 0) {
-            int64_t due = (int64_t)((double)(now - start) * rate / 1e9) + 1;
+            int64_t due = phase_sent + (int64_t)((double)(now - phase_start) * rate / 1e9) + 1;
             while (sent < due) { /* batch what is due into one write */
                 size_t o = 0;
                 for (int k = 0; k < 64 && sent < due; k++, sent++) {
@@ -385,12 +514,13 @@ int main(int argc, char **argv) {
                 }
                 send_all(pub->fd, out, o);
             }
-        } else if (rate > 0 ? delivered >= (uint64_t)(sent * subs * per_conn / nchannels) ||
-                                  now > stop
+        } else if (rate > 0 ? delivered >= (uint64_t)(sent * (subs - closed_count) * per_conn /
+                                                      nchannels) || now > stop
                             : now > end && now - last_rx > (int64_t)(drain * 1e9)) {
             break; /* all arrived, or (subscribers only) quiet for the drain time */
         }
-        int64_t next = start + (int64_t)((double)(sent) * 1e9 / (rate > 0 ? rate : 1));
+        int64_t next = phase_start + (int64_t)((double)(sent - phase_sent) * 1e9 /
+                                               (rate > 0 ? rate : 1));
         /* Publishing ticks at least every millisecond (what is due then goes in one write;
            each message's ts is taken as it is written), so the loop never spins. */
         int timeout_ms = now < end && rate > 0 ? (int)((next - now_ns()) / 1000000) : 10;
@@ -413,16 +543,22 @@ int main(int argc, char **argv) {
                     if ((size_t)r < room) break;
                     continue;
                 }
+                if (errno == EAGAIN && r < 0) break;
+                if (tolerate_close && c != pub) {
+                    subscriber_closed(ep, c);
+                    break;
+                }
                 if (r == 0) { fprintf(stderr, "loadgen: server closed a subscriber\n"); exit(1); }
-                if (errno == EAGAIN) break;
                 die("recv");
             }
         }
         busy_ns += now_ns() - woke;
     }
     /* each channel got sent / nchannels messages, the first sent % nchannels one more */
+    sent_in[phase] = sent - phase_sent;
     expected_total = 0;
     for (int i = 0; i < subs; i++) {
+        if (conns[i].closed) continue; /* counted in "closed" */
         for (int j = 0; j < per_conn; j++) {
             int64_t mine = sent / nchannels + (channel_of(i, j) < sent % nchannels ? 1 : 0);
             expected_total += mine;
@@ -433,13 +569,29 @@ int main(int argc, char **argv) {
     printf("{\"subs\":%d,\"size\":%d,\"rate\":%.0f,\"offered_per_s\":%.0f,\"sent\":%lld,"
            "\"expected\":%lld,\"delivered\":%llu,\"lost\":%llu,\"reordered\":%llu,"
            "\"delivered_per_s\":%.0f,\"connect_s\":%.3f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,"
-           "\"p999_ms\":%.3f,\"max_ms\":%.3f,\"over_10s\":%llu,\"busy\":%.3f}\n",
-           subs, size, rate, rate * subs * per_conn / nchannels, (long long)sent,
+           "\"p999_ms\":%.3f,\"max_ms\":%.3f,\"over_10s\":%llu,\"busy\":%.3f",
+           subs, size, phase_rate[0], phase_rate[0] * subs * per_conn / nchannels,
+           (long long)sent,
            (long long)expected_total,
            (unsigned long long)delivered, (unsigned long long)lost,
            (unsigned long long)reordered, (double)delivered / (active_s > 0 ? active_s : 1),
            connect_s, percentile(0.5), percentile(0.99), percentile(0.999), percentile(1.0),
            (unsigned long long)latency_over, (double)busy_ns / (double)(now_ns() - start));
+    if (tolerate_close || stall) {
+        int stalled_closed = 0;
+        for (int i = 0; i < stall; i++) stalled_closed += peer_gone(stalled[i].fd);
+        printf(",\"closed\":%d,\"stalled\":%d,\"stalled_closed\":%d", closed_count, stall,
+               stalled_closed);
+    }
+    if (nphases > 1) {
+        printf(",\"start_ns\":%lld,\"phases\":[", (long long)start);
+        for (int k = 0; k < nphases; k++)
+            printf("%s{\"rate\":%.0f,\"seconds\":%.3f,\"sent\":%lld}", k ? "," : "",
+                   phase_rate[k], phase_s[k], (long long)sent_in[k]);
+        printf("]");
+    }
+    if (window_ns) print_windows();
+    printf("}\n");
     if (sync_start == 2) {
         char line[16];
         fflush(stdout);

@@ -32,7 +32,9 @@ recovery on against off), join-storm (join/leave in bursts), hooks (publishes/s 
 Python can_publish against none), redis-channels (one node through one Redis, 1000
 channels of one subscriber: fastfan, with history too, beside the seed and Socket.IO and
 under redis-benchmark's PUBLISH rate; --servers names them), connect-hooks (a connect
-storm through a JWT, an authenticate hook and the connect proxy).
+storm through a JWT, an authenticate hook and the connect proxy), overload (a burst of
+1.3x and 2x capacity beside the yardstick: who is closed, what is delivered, peak memory,
+how long p99 takes to come back; --servers yardstick,fastfan).
 
 Servers: yardstick (benchmarks/yardstick.c), fastfan, uws (uWebSockets.js), seed (the
 article's Node ws design), websockets (Python's websockets with its broadcast), socketio
@@ -83,6 +85,7 @@ from studies.deflate_tls import wire
 from studies.history import history
 from studies.hooks import hooks
 from studies.join_storm import join_storm
+from studies.overload import overload
 from studies.presence import presence
 from studies.redis_channels import redis_channels
 from studies.redis_path import redis
@@ -332,6 +335,7 @@ STUDIES: dict[str, tuple[Callable[..., list[dict[str, Any]]], tuple[str, ...]]] 
     "redis-channels": (redis_channels, ("servers", "rates", "duration", "baseline")),
     "connect-hooks": (connect_hooks, ("connections", "processes")),
     "hooks": (hooks, ("duration", "repeat")),
+    "overload": (overload, ("servers", "rates", "duration")),
 }
 
 
