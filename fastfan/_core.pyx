@@ -28,6 +28,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memmove, memset
 from fastfan._picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListener,
                                     WSMsgType, WSTransport)
@@ -152,6 +153,10 @@ cdef Py_UCS4 WATCH_MARK = WATCH_PREFIX[0]
 cdef Py_ssize_t WAITING = -1
 
 cdef bytes MESSAGE_PREFIX = b'{"type":"message","channel":"'
+# and the rest of a `message` (Hub.encode_message): data, from, timestamp
+cdef bytes DATA_PART = b'","data":'
+cdef bytes FROM_PART = b',"from":"'
+cdef bytes TIMESTAMP_PART = b'","timestamp":'
 
 # Upper bounds (seconds) of fastfan_publish_latency_seconds's buckets; +Inf is implied.
 LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -160,6 +165,12 @@ cdef enum:
     N_BOUNDS = 15  # len(LATENCY_BOUNDS); Histogram's arrays in _core.pxd have this size
     # How many message handling times the per-minute stats keep for their percentiles.
     MAX_SAMPLES = 65536
+
+
+cdef inline char *_put(char *at, bytes part) noexcept:
+    """Copy `part` to `at`; where the next part goes."""
+    memcpy(at, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
+    return at + PyBytes_GET_SIZE(part)
 
 
 cdef inline int64_t now_ms() noexcept nogil:

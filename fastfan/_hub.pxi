@@ -183,10 +183,32 @@ cdef class Hub:
         self.next_client_number += 1
         return self.client_id_prefix + (b"%x" % self.next_client_number)
 
-    def encode_message(self, str channel, data, bytes sender):
-        """The `message` object subscribers receive: `data` is copied byte for byte."""
-        return b"".join((MESSAGE_PREFIX, channel.encode("ascii"), b'","data":', data,
-                         b',"from":"', sender, b'","timestamp":', b"%d}" % now_ms()))
+    cpdef bytes encode_message(self, str channel, object data, bytes sender):
+        """The `message` object subscribers receive: `data` (any bytes-like object) is
+        copied byte for byte. One allocation and seven copies: it runs for every publish."""
+        cdef bytes name = channel.encode("ascii")
+        cdef char stamp[24]
+        cdef int stamp_size = snprintf(stamp, sizeof(stamp), b"%lld}", <long long>now_ms())
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        cdef bytes out
+        cdef char *at
+        try:
+            out = PyBytes_FromStringAndSize(
+                NULL, PyBytes_GET_SIZE(MESSAGE_PREFIX) + PyBytes_GET_SIZE(name)
+                + PyBytes_GET_SIZE(DATA_PART) + view.len + PyBytes_GET_SIZE(FROM_PART)
+                + PyBytes_GET_SIZE(sender) + PyBytes_GET_SIZE(TIMESTAMP_PART) + stamp_size)
+            at = _put(PyBytes_AS_STRING(out), MESSAGE_PREFIX)
+            at = _put(at, name)
+            at = _put(at, DATA_PART)
+            memcpy(at, view.buf, view.len)
+            at = _put(at + view.len, FROM_PART)
+            at = _put(at, sender)
+            at = _put(at, TIMESTAMP_PART)
+            memcpy(at, stamp, stamp_size)
+        finally:
+            PyBuffer_Release(&view)
+        return out
 
     # Fan-out ---------------------------------------------------------------------------
 
