@@ -49,6 +49,12 @@ core = Extension(
     libraries=["z"],  # permessage-deflate (fastfan/_deflate.pxi)
     extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
 )
+# The Redis bus's per-message work (fastfan/bus/_resp.pyx); it cimports the core's Hub.
+redis_path = Extension(
+    "fastfan.bus._resp",
+    ["fastfan/bus/_resp.pyx"],
+    extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
+)
 picows = Extension(
     "fastfan._picows.picows",
     [PICOWS + "picows.pyx", PICOWS + "mask_dispatch.c"],
@@ -59,7 +65,7 @@ picows = Extension(
 
 setup(
     ext_modules=cythonize(
-        [core],
+        [core, redis_path],
         annotate=os.environ.get("FASTFAN_ANNOTATE") == "1",
         compiler_directives={
             "language_level": 3,

@@ -23,11 +23,12 @@ MESSAGES = 20_000  # through Redis, as fast as a pipeline sends them
 
 def subscribers(port: int, channel: str, seconds: float) -> subprocess.Popen[str]:
     """The C load generator's subscribers (it reads as fast as it can), subscribed once it
-    says `ready`, counting for `seconds` after `go` and until 3 s of quiet."""
+    says `ready`, counting for `seconds` after `go` and until 6 s of quiet (a server starved
+    of CPU by other processes may pause that long)."""
     return subprocess.Popen(
         [str(loadgen()), "--port", str(port), "--path", f"/?token={token()}",
          "--subs", str(SUBSCRIBERS), "--rate", "0", "--sync", "1", "--channel", channel,
-         "--duration", str(seconds), "--drain", "3"],
+         "--duration", str(seconds), "--drain", "6"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

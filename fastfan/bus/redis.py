@@ -68,9 +68,10 @@ from ..history.redis import RedisHistory
 from ..presence.redis import CHANGE, RedisPresence
 from ..webhooks.redis import RedisOccupancy
 from . import resp
-from .base import PENDING, REFUSED, Acknowledger, Bus, BusHealth, HubLink, Presence, Transitions
+from ._resp import Publishes, Pushes, publish_cost
+from .base import Acknowledger, Bus, BusHealth, HubLink, Presence, Transitions
 from .commands import COMMANDS, apply_command
-from .resp import LOST, Pipeline, publish_command
+from .resp import LOST, Pipeline
 
 log = logging.getLogger("fastfan.redis")
 
@@ -84,15 +85,6 @@ MAX_QUEUED_BYTES = 16 << 20
 # Presence gathers out at once per worker (each one channel's, shared by the requests that
 # come meanwhile, Hub.gather_presence): past it, presence answers 503 for a moment.
 PRESENCE_READS = 8
-# Publishes with "echo":false (and join/leave events) on their way through Redis, on
-# channels this worker subscribes to (only those come back): payload -> the publisher to
-# skip when it comes back. One that never comes back (its channel unsubscribed meanwhile)
-# would stay: past this many the oldest are forgotten (and all when Redis goes down), and
-# such a publisher may receive its own message, never lose one.
-MAX_UNECHOED = 10_000
-# What one queued publish holds beyond its channel and payload: the tuple, the deque
-# slot, the objects' headers. So that many small publishes count too.
-QUEUED_ENTRY_COST = 200
 # A pipeline Redis has not answered in this long means it is stalled (stopped, swapping, a
 # long script), not slow: DEBUG SLEEP 2 in the tests is slow, and is waited for.
 PIPELINE_TIMEOUT = 5.0
@@ -123,12 +115,6 @@ def _publishing_client(url: str, **pool: Any) -> aioredis.Redis:
                                    **pool)
 
 
-def _queued_cost(channel: bytes, payload: bytes, request_id: bytes) -> int:
-    """What a queued publish holds: its channel, payload and request id (a client's `id`
-    may be as large as its message), and the entry around them."""
-    return len(channel) + len(payload) + len(request_id) + QUEUED_ENTRY_COST
-
-
 _command = resp.command
 
 
@@ -157,30 +143,31 @@ class Subscriber(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        while (reply := self.reader.gets()) is not False:
-            if isinstance(reply, list) and (reply[0] == b"message"
-                                            or reply[0] == b"smessage"):  # Redis Cluster's
-                self.bus.on_message(reply[1], reply[2])
-            elif isinstance(reply, list) and reply[0] == b"pmessage":
-                self.bus.on_tapped(reply[2], reply[3])
-            elif isinstance(reply, list) and reply[0] in (b"subscribe", b"ssubscribe"):
-                self.bus.on_subscribed(reply[1])
-            elif isinstance(reply, list) and reply[0] == b"sunsubscribe":
-                self.bus.on_sunsubscribed(reply[1])
-            elif reply == b"PONG" or (isinstance(reply, list) and reply[0] == b"pong"):
-                # PING's answer: a list once subscribed to something, else a status
-                self.answered = self.loop.time()
-                if not self.ready.done():
-                    self.ready.set_result(None)
-                elif (self._pings and (answer := self._pings.popleft()) is not None
-                      and not answer.done()):
-                    answer.set_result(None)
-            elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED"):
-                self.bus.on_moved(str(reply))  # an SSUBSCRIBE to a node without the slot
-            elif isinstance(reply, hiredis.ReplyError):
-                if not self.ready.done():
-                    self.ready.set_exception(ConnectionError(f"redis refused us: {reply}"))
-                self.transport.close()
+        # messages (and Redis Cluster's smessages) in C; the rest in on_reply
+        self.bus.pushes.take(self.reader, self.on_reply)
+
+    def on_reply(self, reply: Any) -> None:
+        """What Redis pushes or answers on this connection, but a message."""
+        if isinstance(reply, list) and reply[0] == b"pmessage":
+            self.bus.on_tapped(reply[2], reply[3])
+        elif isinstance(reply, list) and reply[0] in (b"subscribe", b"ssubscribe"):
+            self.bus.on_subscribed(reply[1])
+        elif isinstance(reply, list) and reply[0] == b"sunsubscribe":
+            self.bus.on_sunsubscribed(reply[1])
+        elif reply == b"PONG" or (isinstance(reply, list) and reply[0] == b"pong"):
+            # PING's answer: a list once subscribed to something, else a status
+            self.answered = self.loop.time()
+            if not self.ready.done():
+                self.ready.set_result(None)
+            elif (self._pings and (answer := self._pings.popleft()) is not None
+                  and not answer.done()):
+                answer.set_result(None)
+        elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("MOVED"):
+            self.bus.on_moved(str(reply))  # an SSUBSCRIBE to a node without the slot
+        elif isinstance(reply, hiredis.ReplyError):
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionError(f"redis refused us: {reply}"))
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
@@ -229,21 +216,14 @@ class RedisBus(Bus):
         self._commands = self.prefix + COMMANDS.encode()
         self.up = False              # connected and not full: publishes are taken
         self._connected = False      # both connections answer
-        self._full = False           # MAX_QUEUED_BYTES reached; until half of it drains
         self._reported: bool | None = None  # the state last logged
         self.dropped_total = 0       # messages Redis could not take (lost in a failed batch)
-        self.invalid_total = 0       # payloads from Redis that were not a JSON object in UTF-8
         # redis-py's client, for presence and the directory (and history's reads, on a pool
         # of their own below); publishes go on a connection of our own (resp.Pipeline)
         self._client = _publishing_client(url)
         self._pipeline: Pipeline | None = None
         self._replacing: asyncio.Task[None] | None = None  # the pipeline, after it was lost
         self._refusals_logged_at = -60.0  # Redis's error replies to publishes: a line a minute
-        # (redis channel, payload, session to acknowledge or None, its request id, whether
-        # the channel keeps history): queued for the next write, then waiting for Redis
-        self._queue: deque[tuple[bytes, bytes, Acknowledger | None, bytes, bool]] = deque()
-        self._queued_bytes = 0       # of the queue and the publishes Redis has not answered
-        self._send_scheduled = False
         self._unechoed: dict[bytes, Outbox] = {}
         # redis channel -> SUBSCRIBEs sent on this connection that Redis has not answered
         self._unanswered: dict[bytes, int] = {}
@@ -262,6 +242,14 @@ class RedisBus(Bus):
                                       owns=owns, reader=self._presence_reader,
                                       send=None if presence_client else self._schedule_send)
         self.history = self._history(history_ttl)
+        # What runs per message, compiled (bus/_resp.pyx): publishes queued, encoded and
+        # answered; messages Redis pushes, checked and fanned out
+        self._publishes = Publishes(hub, self.prefix, self.PUBLISH, MAX_QUEUED_BYTES,
+                                    self._unechoed, self.history, self._call_send,
+                                    self._overflowed, self._room)
+        self.pushes = Pushes(hub, self.prefix, self._commands, self.history.suffix,
+                             self._on_own_channel, self._unechoed, self._unechoed_publisher,
+                             _is_json_object)
         # channels and info across the nodes: this worker's `node` on the registry (with
         # several Redis, on the first of them only); or a cluster's `directory`, whose
         # channels each master bus subscribes to where they are its own
@@ -275,6 +263,13 @@ class RedisBus(Bus):
             self.directory = RedisDirectory(
                 self._client, hub, prefix, node, worker,
                 send=lambda channel, payload: self.publish(channel, payload, None, b""))
+        if self.directory is not None:
+            self.pushes.directory_channels = set(self.directory.channels)
+
+    @property
+    def invalid_total(self) -> int:
+        """Payloads from Redis that were not a JSON object in UTF-8."""
+        return self.pushes.invalid_total
 
     def _history(self, ttl: float) -> RedisHistory:
         """History's answers on this worker's reply channel, subscribed from the start."""
@@ -315,41 +310,32 @@ class RedisBus(Bus):
 
     def publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
                 request_id: bytes, exclude: Outbox | None = None) -> int:
-        """Queued for the next pipeline; a `published` reply waits for Redis's answer."""
-        return self._queue_publish(channel, payload, ack, request_id, exclude, False)
+        """Queued for the next pipeline; a `published` reply waits for Redis's answer.
+        Past MAX_QUEUED_BYTES waiting, REFUSED (_overflowed)."""
+        return self._publishes.publish(channel, payload, ack, request_id, exclude, False)
 
     def publish_history(self, channel: str, payload: bytes, ack: Acknowledger | None,
                         request_id: bytes, exclude: Outbox | None = None) -> int:
         """Through the numbering script, in the publishes' pipeline."""
-        return self._queue_publish(channel, payload, ack, request_id, exclude, True)
+        return self._publishes.publish(channel, payload, ack, request_id, exclude, True)
 
-    def _queue_publish(self, channel: str, payload: bytes, ack: Acknowledger | None,
-                       request_id: bytes, exclude: Outbox | None, history: bool) -> int:
-        if not self.up:
-            return REFUSED
-        redis_channel = self.prefix + channel.encode()
-        cost = _queued_cost(redis_channel, payload, request_id)
-        if self._queued_bytes + cost > MAX_QUEUED_BYTES:
-            self._full = True
-            self._set_up()
-            log.warning("redis is not keeping up: %d MiB of publishes wait; publishes answer "
-                        "503 until half of it is through", MAX_QUEUED_BYTES >> 20)
-            return REFUSED
-        self._queued_bytes += cost
-        if exclude is not None and channel in self.hub.channels:
-            if len(self._unechoed) >= MAX_UNECHOED:
-                del self._unechoed[next(iter(self._unechoed))]  # the oldest
-            # (numbered, it comes back with its position before the closing brace)
-            self._unechoed[payload[:-1] if history else payload] = exclude
-        self._queue.append((redis_channel, payload, ack, request_id, history))
-        self._schedule_send()
-        return PENDING
+    def _overflowed(self) -> None:
+        self._set_up()
+        log.warning("redis is not keeping up: %d MiB of publishes wait; publishes answer "
+                    "503 until half of it is through", MAX_QUEUED_BYTES >> 20)
+
+    def _room(self) -> None:
+        self._set_up()
+        log.info("the queue of publishes for redis has room again")
 
     def _schedule_send(self) -> None:
         """_send_publishes at the end of this loop turn."""
-        if not self._send_scheduled:
-            self._send_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_publishes)
+        if not self._publishes.scheduled:
+            self._publishes.scheduled = True
+            self._call_send()
+
+    def _call_send(self) -> None:
+        asyncio.get_running_loop().call_soon(self._send_publishes)
 
     def read_history(self, channel: str, since: int, limit: int,
                      answer: Callable[[HistoryAnswer | None], None]) -> None:
@@ -361,9 +347,10 @@ class RedisBus(Bus):
     def _send_publishes(self) -> None:
         """This loop turn's publishes, in one write, without waiting for the answers to
         the last: Redis answers them in order, and each answer acknowledges its publish
-        (_published). While the publishing connection is being replaced they wait, within
-        MAX_QUEUED_BYTES; if it cannot be, they fail (_went_down)."""
-        self._send_scheduled = False
+        (_published, or bus/_resp.pyx for a publish nobody waits for). While the
+        publishing connection is being replaced they wait, within MAX_QUEUED_BYTES; if it
+        cannot be, they fail (_went_down)."""
+        self._publishes.scheduled = False
         pipeline = self._pipeline
         if pipeline is None or not pipeline.alive():
             self.presence.not_written(LOST)  # (what waits for it: publishes, not these)
@@ -371,27 +358,27 @@ class RedisBus(Bus):
         presence, waiting = self.presence.take_commands()  # first: see RedisPresence's `send`
         if presence:
             pipeline.send(presence, waiting)
-        if not self._queue:
-            return
-        batch = list(self._queue)
-        self._queue.clear()
-        verb = self.PUBLISH
-        history = self.history
-        pipeline.send(b"".join([
-            history.numbering_command(channel, payload) if numbered
-            else publish_command(verb, channel, payload)
-            for channel, payload, _, _, numbered in batch]), batch)
+        if self._publishes.waiting():
+            commands, entries = self._publishes.take()
+            pipeline.send(commands, entries)
 
-    def _published(self, entry: tuple[bytes, bytes, Acknowledger | None, bytes, bool] | str,
-                   reply: Any) -> None:
+    def _published(self, entry: tuple[bytes, bytes, Acknowledger | None, bytes, bool] | int
+                   | str, reply: Any) -> None:
         """Redis's answer to a publish (or LOST: the connection went first), or to a
-        presence write (presence.redis.CHANGE, FOLLOWING)."""
+        presence write (presence.redis.CHANGE, FOLLOWING). A publish nobody waits for
+        (its entry is its cost) comes here only when it failed."""
+        if entry.__class__ is int:
+            self._publishes.answered(entry)
+            self.dropped_total += 1
+            if reply is not LOST:
+                self._refused(reply)
+            return
         if entry.__class__ is not tuple:
             if entry is CHANGE:
                 self.presence.written(reply)
             return
         channel, payload, ack, request_id, history = entry
-        self._queued_bytes -= _queued_cost(channel, payload, request_id)
+        self._publishes.answered(publish_cost(channel, payload, request_id))
         ok = not isinstance(reply, Exception)
         if not ok:
             self.dropped_total += 1
@@ -404,10 +391,6 @@ class RedisBus(Bus):
                 ack.acknowledge(name, request_id, True, position(offset, epoch.decode("ascii")))
             else:
                 ack.acknowledge(name, request_id, ok)
-        if self._full and self._queued_bytes <= MAX_QUEUED_BYTES // 2:
-            self._full = False
-            self._set_up()
-            log.info("the queue of publishes for redis has room again")
 
     def _refused(self, error: Exception) -> None:
         """Redis answered a publish with an error (at maxmemory, a script it lost): that
@@ -427,7 +410,8 @@ class RedisBus(Bus):
 
     async def _connect_pipeline(self) -> Pipeline:
         """The publishing connection, with history's numbering script loaded."""
-        pipeline = await resp.connect(self.url, self._published, CONNECT_TIMEOUT)
+        pipeline = await resp.connect(self.url, self._published, CONNECT_TIMEOUT,
+                                      self._publishes)
         try:
             await pipeline.call(*self.history.load_parts(), timeout=CONNECT_TIMEOUT)
         except BaseException:
@@ -581,36 +565,18 @@ class RedisBus(Bus):
         """A message of a pattern tap_messages named (the clients' channels only)."""
         name = channel[len(self.prefix):].decode("ascii", errors="replace")
         if self.message_tap is not None and is_valid_channel(name) \
-                and self._well_formed(payload):
+                and self.pushes.well_formed(payload):
             self.message_tap(name, payload)
 
-    def _well_formed(self, payload: bytes) -> bool:
-        """A JSON object in UTF-8, as every payload from Redis must be (else counted)."""
-        try:
-            _is_json_object(payload)
-            if not payload.isascii():
-                payload.decode("utf-8")  # msgspec.Raw lets strings through unchecked
-        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-            self.invalid_total += 1
-            return False
-        return True
-
-    def on_message(self, channel: bytes, payload: bytes) -> None:
-        if not self._well_formed(payload):
-            return
+    def _on_own_channel(self, channel: bytes, payload: bytes) -> None:
+        """A message on one of the server's own channels (Pushes.message): the server
+        API's commands, this worker's history answers, the directory's queries."""
         if channel == self._commands:
             apply_command(self.hub, payload)
-            return
-        if self.history.is_reply(channel):
+        elif self.history.is_reply(channel):
             self.history.answered(payload)
-            return
-        if self.directory is not None and channel in self.directory.channels:
+        elif self.directory is not None:
             self.directory.received(channel, payload)
-            return
-        name = channel[len(self.prefix):].decode("ascii")
-        # (Redis cannot be held back while the server is behind: shed, Hub.fanout_or_shed)
-        self.hub.fanout_or_shed(name, payload, self._unechoed_publisher(payload)
-                                if self._unechoed else None)
 
     def _unechoed_publisher(self, payload: bytes) -> Outbox | None:
         """The publisher a message comes back to be kept from ("echo":false), if any."""
@@ -717,7 +683,8 @@ class RedisBus(Bus):
         self._report(True, detail)
 
     def _set_up(self) -> None:
-        self.up = self._connected and not self._full and self._settling is None
+        self.up = self._publishes.up = (self._connected and not self._publishes.full
+                                        and self._settling is None)
 
     def _settled(self) -> None:
         self._settling = None
@@ -730,7 +697,7 @@ class RedisBus(Bus):
             self._settling = None
         self._unechoed.clear()
         self._set_up()
-        unsent, self._queue = self._queue, deque()  # (waiting for a publishing connection)
+        _, unsent = self._publishes.take()  # (waiting for a publishing connection)
         for entry in unsent:
             self._published(entry, LOST)
         self._report(False, f"{reason}; publishes answer 503 until it is back")

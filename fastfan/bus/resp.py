@@ -1,14 +1,13 @@
-"""Redis's wire (RESP) for the publishing path: commands encoded here, written straight to
-one connection, replies parsed by hiredis and handed back in order.
+"""Redis's wire for the publishing path: commands encoded here, written straight to one
+connection, replies parsed by hiredis and handed back in order.
 
 Publishing went through redis-py's pipeline, about 20 µs of Python per PUBLISH (its
 command packing, its response callbacks, a coroutine per batch): one node topped out at
-20-26k messages/s through a Redis that takes 267k PUBLISH/s (issue #31). Here a publish
-costs its encoding (`command`) and one entry in a deque; a batch is one write, sent as
-soon as the loop turn that queued it ends, without waiting for the previous batch's
-answer (Redis answers one connection's commands in order, so the publishers' order
-holds); each reply acknowledges its publish as it arrives.
-"""
+20-26k messages/s through a Redis that takes 267k PUBLISH/s (issue #31). Here a batch is
+one write, sent as soon as the loop turn that queued it ends, without waiting for the
+previous batch's answer (Redis answers one connection's commands in order, so the
+publishers' order holds); each reply acknowledges its publish as it arrives. What runs per
+publish (its encoding, the answer to one nobody waits for) is compiled: bus/_resp.pyx."""
 
 from __future__ import annotations
 
@@ -21,6 +20,8 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 
+from ._resp import Publishes, answer_replies
+
 
 def command(*parts: bytes) -> bytes:
     """A command in RESP, as Redis reads it."""
@@ -28,12 +29,6 @@ def command(*parts: bytes) -> bytes:
     for part in parts:
         out.append(b"$%d\r\n%s\r\n" % (len(part), part))
     return b"".join(out)
-
-
-def publish_command(verb: bytes, channel: bytes, payload: bytes) -> bytes:
-    """PUBLISH (or SPUBLISH) in one formatting step: the per-message cost of the path."""
-    return b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-        len(verb), verb, len(channel), channel, len(payload), payload)
 
 
 # What a command still waiting gets when the connection goes before its reply.
@@ -45,8 +40,10 @@ class Pipeline(asyncio.Protocol):
     comes with what waits for its reply (an entry `answer(entry, reply)` is called with,
     or a future), and gets its reply, an hiredis.ReplyError, or LOST."""
 
-    def __init__(self, answer: Callable[[Any, Any], None]) -> None:
+    def __init__(self, answer: Callable[[Any, Any], None],
+                 publishes: Publishes | None = None) -> None:
         self._answer = answer
+        self._publishes = publishes  # whose publishes nobody waits for are answered in C
         self.reader = hiredis.Reader()
         self.transport: Any = None  # uvloop's, which is no asyncio.Transport subclass
         self.loop = asyncio.get_running_loop()
@@ -61,18 +58,9 @@ class Pipeline(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        answer = self._answer
-        waiting = self.waiting
-        while (reply := self.reader.gets()) is not False:
-            if not waiting:  # a reply to nothing: not a Redis we can talk to
-                self.close()
-                return
-            entry = waiting.popleft()
-            if isinstance(entry, asyncio.Future):
-                if not entry.done():
-                    entry.set_result(reply)
-            else:
-                answer(entry, reply)
+        if not answer_replies(self.reader, self.waiting, self._answer, self._publishes):
+            self.close()  # a reply to nothing: not a Redis we can talk to
+            return
         self._progress = self.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,14 +102,15 @@ class Pipeline(asyncio.Protocol):
             self.transport.abort()  # connection_lost fails whatever waits
 
 
-async def connect(url: str, answer: Callable[[Any, Any], None], timeout: float) -> Pipeline:
+async def connect(url: str, answer: Callable[[Any, Any], None], timeout: float,
+                  publishes: Publishes | None = None) -> Pipeline:
     """A Pipeline to the Redis of `url` (redis:// or rediss://), logged in (AUTH) and on
     its database (SELECT), as redis-py's client would be."""
     loop = asyncio.get_running_loop()
     parts = urlsplit(url)
     tls = ssl.create_default_context() if parts.scheme == "rediss" else None
     _, pipeline = await asyncio.wait_for(loop.create_connection(
-        lambda: Pipeline(answer), parts.hostname or "localhost", parts.port or 6379,
+        lambda: Pipeline(answer, publishes), parts.hostname or "localhost", parts.port or 6379,
         ssl=tls), timeout)
     try:
         if parts.password is not None:
