@@ -262,6 +262,7 @@ class RedisBus(Bus):
                                       owns=owns, reader=self._presence_reader,
                                       send=None if presence_client else self._schedule_send)
         self.history = self._history(history_ttl)
+        self.history.limits = hub.namespace_table
         # channels and info across the nodes: this worker's `node` on the registry (with
         # several Redis, on the first of them only); or a cluster's `directory`, whose
         # channels each master bus subscribes to where they are its own
