@@ -828,7 +828,8 @@ cdef class Hub:
                        answer):
         """A cache channel's `subscribed` at its position, then its latest message marked
         `"cached":true`, unless the client holds it already (it recovers from the offset
-        of the latest). `recovered`: whether it holds the latest message now."""
+        of the latest). `recovered`: whether it holds the latest message now (never when
+        its namespace refuses recovery)."""
         top, epoch, messages = answer
         reply = _reply(b"subscribed", channel.name, request_id)[:-1] + position(top, epoch)
         holds = recover is not None and recover.epoch == epoch and recover.offset == top
@@ -837,8 +838,8 @@ cdef class Hub:
             message = messages[len(messages) - 1][1]
             latest = message[:len(message) - 1] + b',"cached":true}'
         if recover is not None:
-            reply += b',"recovered":true}' if holds or latest is not None \
-                else b',"recovered":false}'
+            recovered = (holds or latest is not None) and recover is not NO_RECOVERY
+            reply += b',"recovered":true}' if recovered else b',"recovered":false}'
         else:
             reply += b"}"
         session.queue_bytes(reply)

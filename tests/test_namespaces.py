@@ -11,6 +11,7 @@ from typing import Any
 from support.api import call, start_api
 from support.cli import fastfan
 from support.messages import subscribe
+from support.proxy_backend import ProxyBackend
 from support.server import SECRET, Server, token
 from support.waiting import collect, wait_for
 from support.wire import RawClient
@@ -128,6 +129,31 @@ def test_hooks_off_in_a_namespace(tmp_path: Path, start_server: Any) -> None:
         403, "members only")
     client.publish("crash.1", "fine", id=1)
     assert client.recv_json() == {"type": "published", "channel": "crash.1", "id": 1}
+
+
+def test_proxies_off_in_a_namespace(tmp_path: Path, start_server: Any) -> None:
+    """The backend lets only its boss into secret.* and wants {"text": ...} published:
+    namespaces with proxy_subscribe / proxy_publish = false are not asked about."""
+    backend = ProxyBackend()
+    try:
+        server, _ = start(start_server, tmp_path,
+                          '[[namespace]]\nchannels = ["secret.open.*"]\n'
+                          'proxy_subscribe = false\n'
+                          '[[namespace]]\nchannels = ["free.*"]\nproxy_publish = false\n',
+                          *backend.options("subscribe", "publish"))
+        client = server.connect()
+        assert subscribe(client, "secret.open.1")["type"] == "subscribed"
+        assert error(client, {"type": "subscribe", "channel": "secret.shut"}) == (
+            403, "members only")
+        client.publish("free.1", "no text", id=1)
+        assert client.recv_json() == {"type": "published", "channel": "free.1", "id": 1}
+        assert error(client, {"type": "publish", "channel": "other", "data": "no text"}) \
+            == (400, "a message needs text")
+        assert [body["channel"] for _, body in backend.received("subscribe")] == [
+            "secret.shut"]
+        assert [body["channel"] for _, body in backend.received("publish")] == ["other"]
+    finally:
+        backend.stop()
 
 
 def test_config_show_prints_the_namespaces(tmp_path: Path) -> None:

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from test_reload import reload
 from support.redis import Cluster, RedisServer
 from support.server import Server, kill
 from support.waiting import wait_for
 from support.wire import RawClient, free_port
 from support.workers import every, place
+from test_reload import reload
 
 from fastfan.bus.mesh.bus import SETTLE
 from fastfan.webhooks import SIGNATURE_HEADER, verify
