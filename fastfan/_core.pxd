@@ -252,7 +252,7 @@ cdef class Session(Outbox):
     cdef int _handle(self, const char* payload, Py_ssize_t size) except -1
     cdef int _check_channel(self, object channel, bytes request_id) except -1
     cdef int _subscribe(self, object channel, bytes request_id, bint join_leave,
-                        object recover, bint hooked=*) except -1
+                        object recover, bint hooked=*, bint admitted=*) except -1
     cdef int _history(self, object request, bytes request_id) except -1
     cdef int _leave(self, str channel) except -1
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1
@@ -328,10 +328,13 @@ cdef class Hub:
         public Py_ssize_t   max_buffer
         public double       publish_rate
         readonly SlowConsumerPolicy slow_consumer
-        readonly object     presence_channels  # auth.ChannelPatterns: channels with presence
+        public object       presence_channels  # auth.ChannelPatterns: channels with presence
+                                               # (with namespaces, NamespaceTable.presence)
         readonly Py_ssize_t presence_limit
-        readonly Py_ssize_t history_size    # 0: no channel keeps history
-        readonly object     history_channels  # auth.ChannelPatterns: channels with history
+        readonly Py_ssize_t history_size    # 0: no channel keeps history; else the most
+                                            # any keeps
+        public object       history_channels  # auth.ChannelPatterns: channels with history
+                                              # (with namespaces, NamespaceTable.history)
         readonly Py_ssize_t history_max_bytes  # what history keeps per worker at most
         dict                recoveries      # channel -> [Recovery] waiting for its next read
         set                 reading         # channels with a history read scheduled or out
@@ -394,6 +397,11 @@ cdef class Hub:
         public object       hooks
         public bint         hook_subscribe
         public bint         hook_publish
+        # fastfan.namespaces.NamespaceTable when namespaces are configured, else None:
+        # then nothing of them is looked at; and the same table for the worker's life,
+        # whether or not any are (the history stores ask it what a channel keeps)
+        public object       namespaces
+        public object       namespace_table
 
     cpdef Py_ssize_t fanout(self, str channel, object payload, Outbox exclude=*) except -1
     cpdef Py_ssize_t fanout_or_shed(self, str channel, object payload,

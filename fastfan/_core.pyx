@@ -46,8 +46,8 @@ from . import errors
 from .auth import AuthError
 from .history import BYTES_PER_PUBLISH, CHANNEL_COST, READ_RATE
 from .history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_MAX_BYTES
-from .history import position
-from .protocol import decode_request, encode_json
+from .history import MAX_POSITION, position
+from .protocol import Recover, decode_request, encode_json
 
 log = logging.getLogger("fastfan")
 

@@ -779,17 +779,22 @@ cdef class Hub:
         # Those that recover need every kept message after the lowest position; the
         # others only the position itself.
         wanted = [recover.offset for _, _, recover in batch if recover is not None]
-        answer = functools.partial(self._history_read, name, batch)
+        # A cache channel's subscribers get its latest message, and recover only that.
+        cache = self.namespaces is not None and self.namespaces.caches(name)
+        answer = functools.partial(self._history_read, name, batch, cache)
         try:
-            self.bus.read_history(name, min(wanted) if wanted else -1,
-                                  self.history_size if wanted else 0, answer)
+            if cache:
+                self.bus.read_history(name, -1, 1, answer)
+            else:
+                self.bus.read_history(name, min(wanted) if wanted else -1,
+                                      self.history_size if wanted else 0, answer)
         except Exception:
             # Whatever failed, the read ends: else the channel stays in `reading` and no
             # later subscriber of it on this worker would ever be answered.
             log.exception("history read of %s failed", name)
             answer(None)
 
-    def _history_read(self, str name, list batch, answer):
+    def _history_read(self, str name, list batch, bint cache, answer):
         """The channel's history, read for `batch`: each still waiting gets its seam."""
         cdef Session session
         cdef Channel channel
@@ -806,7 +811,10 @@ cdef class Hub:
                 continue
             channel = self.channels[name]
             channel.recovering -= 1
-            self._resume(session, channel, recovery[1], recovery[2], answer)
+            if cache:
+                self._resume_cached(session, channel, recovery[1], recovery[2], answer)
+            else:
+                self._resume(session, channel, recovery[1], recovery[2], answer)
             session.subscriptions[name] = channel.add(session)
         if name in self.channels and name not in self.unconfirmed:
             self._schedule_read(name)  # those who came while this read was out
@@ -836,6 +844,30 @@ cdef class Hub:
         for message in missed:
             session.queue_bytes(message)
         self.deliveries_total += len(missed)
+        return 0
+
+    def _resume_cached(self, Session session, Channel channel, bytes request_id, recover,
+                       answer):
+        """A cache channel's `subscribed` at its position, then its latest message marked
+        `"cached":true`, unless the client holds it already (it recovers from the offset
+        of the latest). `recovered`: whether it holds the latest message now (never when
+        its namespace refuses recovery)."""
+        top, epoch, messages = answer
+        reply = _reply(b"subscribed", channel.name, request_id)[:-1] + position(top, epoch)
+        holds = recover is not None and recover.epoch == epoch and recover.offset == top
+        latest = None
+        if messages and not holds:
+            message = messages[len(messages) - 1][1]
+            latest = message[:len(message) - 1] + b',"cached":true}'
+        if recover is not None:
+            recovered = (holds or latest is not None) and recover is not NO_RECOVERY
+            reply += b',"recovered":true}' if recovered else b',"recovered":false}'
+        else:
+            reply += b"}"
+        session.queue_bytes(reply)
+        if latest is not None:
+            session.queue_bytes(latest)
+            self.deliveries_total += 1
         return 0
 
     # The server API's commands (a bus brings each to every worker) ---------------------

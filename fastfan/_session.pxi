@@ -20,6 +20,9 @@ cdef inline double inflate_rate(Hub hub):
 
 # Replies the server sends often enough to build once.
 cdef bytes PONG = b'{"type":"pong"}'
+# A `recover` its namespace refuses: no epoch matches "", so the subscriber is told
+# `"recovered":false` at the channel's position; its offset asks the store for nothing.
+NO_RECOVERY = Recover(offset=MAX_POSITION, epoch="")
 
 
 cdef bytes _reply(bytes kind, str channel, bytes request_id):
@@ -423,21 +426,36 @@ cdef class Session(Outbox):
         return 1
 
     cdef int _subscribe(self, channel, bytes request_id, bint join_leave,
-                        recover, bint hooked=False) except -1:
+                        recover, bint hooked=False, bint admitted=False) except -1:
         """A subscribe; `hooked`: the App's can_subscribe allowed it (the permission was
-        checked before), or its authenticate named the channel (the server's decision)."""
+        checked before), or its authenticate named the channel (the server's decision);
+        `admitted`: its namespace's subscriber bound let it in."""
         cdef Hub hub = self.hub
         cdef bint history
+        rules = None
         if not self._check_channel(channel, request_id):
             return 0
         if not hooked and not self.identity.subscribe.allows(channel):
             return self._queue_error(403, f"not permitted to subscribe to {channel}", request_id)
         if recover is not None and recover.offset < 0:
             return self._queue_error(400, "'recover' needs an offset of 0 or more", request_id)
-        if hub.hook_subscribe and not hooked:
+        if hub.namespaces is not None:
+            rules = hub.namespaces.of(channel)
+        if hub.hook_subscribe and not hooked and (rules is None or rules.ask_subscribe):
             # can_subscribe decides; subscribe_allowed goes on from here
             hub.hooks.can_subscribe(self, channel, request_id, join_leave, recover)
             return 0
+        if rules is not None:
+            if join_leave and not rules.join_leave:
+                return self._queue_error(403, f"join and leave are off for {channel} (its "
+                                         "namespace's join_leave)", request_id)
+            if recover is not None and not rules.recover:
+                recover = NO_RECOVERY  # subscribed at the channel's position, recovered:false
+            if rules.max_subscribers and not admitted and channel not in self.subscriptions:
+                # counted across the deployment first; subscribe_admitted goes on
+                hub.namespaces.admit(self, channel, rules.max_subscribers, request_id,
+                                     join_leave, recover)
+                return 0
         history = hub.keeps_history(channel)
         new = channel not in self.subscriptions
         watch = join_leave and WATCH_PREFIX + channel not in self.subscriptions
@@ -483,6 +501,17 @@ cdef class Session(Outbox):
         if not self.closing:
             self._subscribe(channel, request_id, join_leave, recover, True)
 
+    def subscribe_admitted(self, str channel, bytes request_id, bint join_leave, recover):
+        """A subscribe its namespace's subscriber bound let in (its permission and hook
+        passed before)."""
+        if not self.closing:
+            self._subscribe(channel, request_id, join_leave, recover, True, True)
+
+    def refuse(self, int code, str message, bytes request_id):
+        """An `error` reply to a request decided outside the core."""
+        if not self.closing:
+            self._queue_error(code, message, request_id)
+
     cdef int _unsubscribe(self, channel, bytes request_id) except -1:
         if not self._check_channel(channel, request_id):
             return 0
@@ -514,8 +543,18 @@ cdef class Session(Outbox):
             return 0
         if not request.data:
             return self._queue_error(400, "publish needs 'data'", request_id)
-        if not self.identity.publish.allows(channel):
-            return self._queue_error(403, f"not permitted to publish to {channel}", request_id)
+        rules = None if hub.namespaces is None else hub.namespaces.of(channel)
+        if rules is None or rules.publish == "token":
+            if not self.identity.publish.allows(channel):
+                return self._queue_error(403, f"not permitted to publish to {channel}",
+                                         request_id)
+        elif rules.publish == "subscribers":
+            if channel not in self.subscriptions:
+                return self._queue_error(403, f"only subscribers of {channel} may publish to "
+                                         "it", request_id)
+        else:
+            return self._queue_error(403, f"{channel} takes publishes from the server API "
+                                     "only", request_id)
         if not self._take_token():
             hub.publish_refused_total += 1
             if self.refused_since and monotonic() - self.refused_since > RATE_LIMIT_PATIENCE:
@@ -523,7 +562,7 @@ cdef class Session(Outbox):
                 return 0
             return self._queue_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
                                     request_id)
-        if hub.hook_publish:
+        if hub.hook_publish and (rules is None or rules.ask_publish):
             hub.hooks.can_publish(self, request, request_id)  # publish_allowed goes on
             return 0
         return self._publish_allowed(channel, request.data, request_id, request.echo, True)
@@ -679,7 +718,8 @@ cdef class Session(Outbox):
         if not self.identity.subscribe.allows(channel):
             return self._queue_error(403, f"not permitted to see who is in {channel}",
                                      request_id)
-        if not hub.presence_channels.allows(channel):
+        if not (hub.presence_channels if hub.namespaces is None
+                else hub.namespaces.presence_asked).allows(channel):
             return self._refuse(errors.no_presence(channel), request_id)
         if not self._may_ask_presence():
             return self._queue_error(429, f"presence rate limit ({hub.subscribe_rate:g}/s) "

@@ -296,7 +296,8 @@ class Api:
         channel = _decode(body, ChannelBody).channel
         _check_channel(channel)
         hub = self._hub
-        if not hub.presence_channels.allows(channel):
+        if not (hub.presence_channels if hub.namespaces is None
+                else hub.namespaces.presence_asked).allows(channel):
             raise ApiError(*errors.no_presence(channel))
         presence: Presence | None = await gathered(
             lambda answer: hub.gather_presence(channel, answer), PRESENCE_TIMEOUT)

@@ -463,6 +463,8 @@ def show_config(config: Config) -> str:
     lines = ["# fastfan's effective configuration (flags, FASTFAN_*, --config file, defaults)"]
     for field in fields(Config):
         value = getattr(config, field.name)
+        if field.name == "namespaces":
+            continue  # tables: after every top-level key, as TOML wants them
         if value is None:
             lines.append(f"# {field.name} is unset")
         elif field.name in SECRETS:
@@ -474,7 +476,8 @@ def show_config(config: Config) -> str:
             lines.append(f"{field.name} = {'true' if value else 'false'}")
         else:
             lines.append(f"{field.name} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
+    lines += ["", *(namespace.toml() + "\n" for namespace in config.namespaces)]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _signal_master(pid_file: str, signo: int) -> int:

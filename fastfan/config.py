@@ -17,6 +17,7 @@ from ._core import SlowConsumerPolicy
 from .app import load_app
 from .history import DEFAULT_MAX_BYTES
 from .keys import PublicKey
+from .namespaces import Namespace, history_capacity
 from .pusher import PusherAppError, parse_apps, read_app_file
 
 # The --slow-consumer names: the core's policies, lower case.
@@ -109,6 +110,7 @@ class Config:
     proxy_timeout: float = 1.0
     pusher_app: tuple[str, ...] = ()  # ID:KEY:SECRET each (fastfan.pusher)
     pusher_app_file: str | None = None  # read once, here: its lines join pusher_app
+    namespaces: tuple[Namespace, ...] = ()  # --config's [[namespace]] tables, in order
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -167,6 +169,10 @@ class Config:
         self._check_tls()
         self._check_pusher()
         self._check_webhooks()
+        for number, namespace in enumerate(self.namespaces, 1):
+            problem = namespace.check()
+            if problem is not None:
+                raise ConfigError(f"namespace {number}: {problem}")
 
     def _check_redis(self, value: str) -> None:
         """One redis:// or rediss:// URL, or several comma-separated (shards), or a
@@ -352,7 +358,13 @@ LIVE = frozenset({
     "api_key", "api_key_file", "log_level", "log_format", "max_subscriptions",
     "max_subscription_bytes", "max_buffer", "publish_rate", "subscribe_rate",
     "max_connections", "max_connections_per_user", "ping_interval", "ping_timeout",
-    "stats_interval", "shutdown_grace", "drain_delay"})
+    "stats_interval", "shutdown_grace", "drain_delay", "namespaces"})
+# Live too when webhooks were on and stay on (turning them on or off needs a restart: the
+# bus tells them of transitions from its start).
+WEBHOOKS = frozenset({
+    "webhook_url", "webhook_secret", "webhook_secret_file", "webhook_vacated_delay",
+    "webhook_publish", "webhook_connections", "webhook_batch", "webhook_retry",
+    "webhook_queue_bytes", "webhook_format"})
 
 
 @dataclass(frozen=True)
@@ -370,12 +382,20 @@ def reload(running: Config, loaded: Config) -> Reload:
     API port that needs a restart)."""
     names = [f.name for f in fields(Config)]
     differ = [name for name in names if getattr(running, name) != getattr(loaded, name)]
-    kept = {name: getattr(running, name) for name in names if name not in LIVE}
-    options = {name: getattr(loaded, name) for name in names if name in LIVE}
+    live = set(LIVE)
+    if running.webhook_url is not None and loaded.webhook_url is not None:
+        live |= WEBHOOKS
+    if history_capacity(loaded.history_size, loaded.namespaces) > history_capacity(
+            running.history_size, running.namespaces):
+        live.discard("namespaces")  # the history stores are sized at start
+    kept = {name: getattr(running, name) for name in names if name not in live}
+    options = {name: getattr(loaded, name) for name in names if name in live}
     if options["api_key_file"] is not None:
         options["api_key"] = None  # read from the file again, by Config
-    return Reload(Config(**kept, **options), [n for n in differ if n in LIVE],
-                  [n for n in differ if n not in LIVE])
+    if options.get("webhook_secret_file") is not None:
+        options["webhook_secret"] = None
+    return Reload(Config(**kept, **options), [n for n in differ if n in live],
+                  [n for n in differ if n not in live])
 
 
 def check_jwt_secret(secret: str) -> None:

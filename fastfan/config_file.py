@@ -2,9 +2,8 @@
 
 Its top-level keys are the long option names with `_` for `-` (`max_buffer = 1048576`),
 each value checked by the same parser as the flag's, so a bad value is refused with the
-key, its line and the reason. `[[namespace]]` tables are recognised (each must hold a
-`channels` list of patterns) and then refused: namespaces are not supported yet, and a file
-that names them must not run as if they were applied.
+key, its line and the reason. `[[namespace]]` tables become the `namespaces` option
+(fastfan.namespaces), each key checked there, an error naming the table's line.
 
 tomllib keeps no positions, so the lines come from a scan of the text: the first line
 that sets a top-level key (before any table header), and each `[[namespace]]` header.
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ConfigError
+from .namespaces import namespace_from_table
 
 # Options whose flag takes comma-separated items: in the file, a string or a list of them.
 LIST_OPTIONS = frozenset({"redis", "presence_channels", "history_channels"})
@@ -56,7 +56,8 @@ def read_config_file(path: str, options: Mapping[str, FileOption]) -> dict[str, 
     for key, value in document.items():
         where = f"{path}:{lines.get(key, '?')}: {key}"
         if key == NAMESPACE:
-            _refuse_namespaces(path, value, lines)
+            values["namespaces"] = _namespaces(path, value, lines)
+            continue
         option = options.get(key)
         if option is None:
             raise ConfigError(f"{where}: unknown key (the keys are run's long options with "
@@ -105,21 +106,20 @@ def _toml(value: Any) -> str:
     return str(value)
 
 
-def _refuse_namespaces(path: str, tables: Any, lines: dict[str, int]) -> None:
-    """`[[namespace]]`: each a table with `channels`, a list of patterns; then refused,
-    since no namespace option is applied yet."""
+def _namespaces(path: str, tables: Any, lines: dict[str, int]) -> tuple[Any, ...]:
+    """`[[namespace]]` tables as fastfan.namespaces.Namespace, in order; ConfigError naming
+    the table's line and the key."""
     first = lines.get(NAMESPACE, "?")
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{path}:{first}: namespace: expected [[namespace]] tables")
+    namespaces = []
     for number, table in enumerate(tables):
         line = lines.get(f"{NAMESPACE}#{number}", first)
-        channels = table.get("channels")
-        if not isinstance(channels, list) or not channels \
-                or not all(isinstance(c, str) and c for c in channels):
-            raise ConfigError(f"{path}:{line}: namespace: expected channels = [\"pattern\", "
-                              f"...], a list of channel patterns")
-    raise ConfigError(f"{path}:{first}: namespace: namespaces are not supported yet; use "
-                      f"the global options (history_channels, presence_channels, ...)")
+        try:
+            namespaces.append(namespace_from_table(table))
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{line}: namespace.{exc}") from None
+    return tuple(namespaces)
 
 
 _HEADER = re.compile(r"\s*(\[\[?)\s*([^\]]*?)\s*\]")

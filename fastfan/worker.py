@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import uvloop
 
 from . import metrics, proxy
-from ._core import Hub
+from ._core import WATCH_PREFIX, Hub
 from .api import Api
 from .app import load_app
 from .auth import ChannelPatterns, token_verifier
@@ -26,6 +26,7 @@ from .handshake import ListenerFactory
 from .hooks import Hooks
 from .logs import PicowsLog, configure
 from .metrics import SharedFigures
+from .namespaces import Defaults, NamespaceTable, describe_changes, history_capacity
 from .proxy import Proxies
 from .pusher import CACHE_PATTERNS, PRESENCE_PATTERN, Pusher, parse_apps
 from .pusher.api import PusherApi
@@ -56,6 +57,21 @@ CLOSE_SPREAD = 0.5
 # for that before it sends the worker it replaces away).
 SERVING_POLL = 0.02
 
+def namespace_defaults(config: Config) -> Defaults:
+    """What a channel no namespace takes has: the global options."""
+    return Defaults(
+        presence=ChannelPatterns(config.presence_channels.split(",") + (
+            [PRESENCE_PATTERN] if config.pusher_app else [])),
+        # Pusher's cache channels keep at least their latest event, whatever else does.
+        history=ChannelPatterns(
+            (config.history_channels.split(",") if config.history_size else [])
+            + (CACHE_PATTERNS if config.pusher_app else [])),
+        history_size=config.history_size or (1 if config.pusher_app else 0),
+        history_ttl=config.history_ttl,
+        proxy_subscribe=config.proxy_subscribe is not None,
+        proxy_publish=config.proxy_publish is not None)
+
+
 def max_connections(config: Config) -> int:
     """Past the open-files limit accept() fails anyway: refuse clearly a little before it."""
     if config.max_connections is not None:
@@ -84,6 +100,7 @@ class Worker:
         self.placement = placement
         self.sockets = sockets  # listening already, bound by the master (master.listen)
         self.loop = asyncio.get_running_loop()
+        defaults = namespace_defaults(config)
         self.hub = Hub(
             self.loop,
             max_message_size=config.max_message_size,
@@ -92,20 +109,20 @@ class Worker:
             max_buffer=config.max_buffer,
             publish_rate=float(config.publish_rate),
             slow_consumer=config.slow_consumer_policy,
-            presence_channels=ChannelPatterns(config.presence_channels.split(",") + (
-                [PRESENCE_PATTERN] if config.pusher_app else [])),
+            presence_channels=defaults.presence,
             presence_limit=config.presence_limit,
             client_id_prefix=placement.client_id_prefix,
-            # Pusher's cache channels keep at least their latest event, whatever else does.
-            history_size=config.history_size or (1 if config.pusher_app else 0),
-            history_channels=ChannelPatterns(
-                (config.history_channels.split(",") if config.history_size else [])
-                + (CACHE_PATTERNS if config.pusher_app else [])),
+            # what the history stores are sized for: the most any channel keeps
+            history_size=history_capacity(defaults.history_size, config.namespaces),
+            history_channels=defaults.history,
             history_max_bytes=config.history_max_bytes,
             compression_min_size=config.compression_min_size,
             subscribe_rate=float(config.subscribe_rate),
             max_backlog=config.max_backlog,
         )
+        self.namespace_table = self.hub.namespace_table = NamespaceTable(
+            config.namespaces, defaults, self.hub)
+        self._use_namespaces()
         self.node = Node(node_name(config.port), config.workers,
                          process_start_time(placement.master_pid), self.total_figures)
         self.bus = make_bus(config, self.hub, self.node, worker=placement.index,
@@ -177,6 +194,11 @@ class Worker:
             return
         config = self.config = done.config
         configure(config.log_level, config.log_format)
+        if "namespaces" in done.changed:
+            self._reload_namespaces(config)
+        if self.webhooks is not None and any(name.startswith("webhook_")
+                                             for name in done.changed):
+            self.webhooks.reconfigure(config, self.hub)
         self.factory.reconfigure(config, None if verifier is None else verifier.verify,
                                  max_connections(config))
         if self.api is not None:
@@ -188,6 +210,35 @@ class Worker:
         hub.publish_rate = float(config.publish_rate)
         hub.subscribe_rate = float(config.subscribe_rate)
         log.info("worker %d: reloaded", self.placement.index)
+
+    def _use_namespaces(self) -> None:
+        """The Hub looks at the namespaces only when there are some: else its presence and
+        history patterns are the global ones, as without namespaces at all."""
+        table, hub = self.namespace_table, self.hub
+        hub.namespaces = table if table.active else None
+        hub.presence_channels = table.presence if table.active else table.defaults.presence
+        hub.history_channels = table.history if table.active else table.defaults.history
+
+    def _reload_namespaces(self, config: Config) -> None:
+        """New namespaces, for every channel from now on, those with subscribers too: a
+        channel that gains presence has its subscribers counted there now, one that loses
+        it has them taken out."""
+        hub, table = self.hub, self.namespace_table
+        channels = [name for name in hub.channels if not name.startswith(WATCH_PREFIX)]
+        had_presence = {name: hub.presence_channels.allows(name) for name in channels}
+        for change in describe_changes(table.namespaces, config.namespaces):
+            log.info("worker %d: %s", self.placement.index, change)
+        table.apply(config.namespaces, namespace_defaults(config))
+        self._use_namespaces()
+        for name in channels:
+            if hub.presence_channels.allows(name) == had_presence[name]:
+                continue
+            for entry in hub.presence_of(name):
+                if had_presence[name]:
+                    self.bus.left(name, entry[0].encode())
+                else:
+                    self.bus.joined(name, entry[0].encode(), entry[1], entry[2],
+                                    entry[3] if len(entry) > 3 else "")
 
     def publish_figures(self) -> None:
         """Write this worker's row of the figures every worker shares (not once it is

@@ -33,6 +33,22 @@ from support.workers import every, place
 
 # history on the channels the tests below give it (drop_and_recover's is "ticks"), no other
 OPTIONS = ("--history-size", "2000", "--history-channels", "h.*,ticks")
+# namespaces for the channels the namespace tests give them (every other channel keeps the
+# global options, so the other tests run with namespaces configured and unused)
+NAMESPACES = """
+[[namespace]]
+channels = ["cached.*"]
+cache = true
+
+[[namespace]]
+channels = ["short.*"]
+history_size = 3
+
+[[namespace]]
+channels = ["bounded.*"]
+max_subscribers = 2
+"""
+BOUND = 2
 
 
 @dataclass
@@ -64,8 +80,11 @@ def redis_servers(request: pytest.FixtureRequest, tmp_path: Path, count: int) ->
 def deployment(request: pytest.FixtureRequest, start_server: Any,
                tmp_path: Path) -> Deployment:
     bus = request.param
+    namespaces = tmp_path / "namespaces.toml"
+    namespaces.write_text(NAMESPACES)
+    options = (*OPTIONS, "--config", str(namespaces))
     if bus in ("local", "mesh"):
-        node, port = start_api(start_server, *OPTIONS,
+        node, port = start_api(start_server, *options,
                                "--workers", "1" if bus == "local" else "2")
         node.wait_ready()  # (the mesh: once each worker has reached the other)
         return Deployment(bus, [node], port)
@@ -73,8 +92,8 @@ def deployment(request: pytest.FixtureRequest, start_server: Any,
         url = request.getfixturevalue("cluster").url
     else:
         url = ",".join(redis_servers(request, tmp_path, 1 if bus == "redis" else 2))
-    near, port = start_api(start_server, "--redis", url, *OPTIONS)
-    far = start_server("--redis", url, *OPTIONS)
+    near, port = start_api(start_server, "--redis", url, *options)
+    far = start_server("--redis", url, *options)
     for node in (near, far):
         node.wait_ready()
     return Deployment(bus, [near, far], port)
@@ -215,3 +234,98 @@ def test_ready(deployment: Deployment) -> None:
     for node in deployment.nodes:
         status, _, body = node.get("/ready")
         assert (status, body) == (200, b"ready\n")
+
+
+def test_a_cache_channel_gives_its_latest_message_on_subscribe_and_on_recovery(
+        deployment: Deployment) -> None:
+    # kept with nobody subscribed: a publish from the server API, then one from a client
+    assert call(deployment.api_port, "publish", {"channel": "cached.price", "data": 1})[0] \
+        == 200
+    publisher = deployment.clients("bob")[-1]
+    answer = publish(publisher, "cached.price", 2, "p")
+    assert answer["offset"] == 2
+    epoch = answer["epoch"]
+    # a subscriber on each worker of each node: `subscribed`, then the latest, marked
+    subscribers = deployment.clients("alice")
+    for client in subscribers:
+        reply = subscribe(client, "cached.price")
+        assert (reply["offset"], reply["epoch"]) == (2, epoch) and "recovered" not in reply
+        cached = client.recv_json()
+        assert {key: cached[key] for key in ("type", "channel", "data", "offset", "cached")} \
+            == {"type": "message", "channel": "cached.price", "data": 2, "offset": 2,
+                "cached": True}
+        assert collect(client, 0.1) == []
+    publish(publisher, "cached.price", 3, "q")
+    for client in subscribers:
+        assert "cached" not in client.recv_json()  # what comes live is not marked
+    # recovering: one that holds an older offset gets the latest only, marked; one that
+    # holds the latest gets nothing
+    for client in deployment.clients("carol"):
+        reply = subscribe(client, "cached.price", recover={"offset": 1, "epoch": epoch})
+        assert (reply["offset"], reply["recovered"]) == (3, True)
+        message = client.recv_json()
+        assert (message["data"], message["offset"], message["cached"]) == (3, 3, True)
+        assert collect(client, 0.1) == []
+    for client in deployment.clients("dave"):
+        reply = subscribe(client, "cached.price", recover={"offset": 3, "epoch": epoch})
+        assert (reply["offset"], reply["recovered"]) == (3, True)
+        assert collect(client, 0.1) == []
+    # an empty cache channel: subscribed at 0, nothing follows
+    client = deployment.clients("erin")[0]
+    assert subscribe(client, "cached.empty")["offset"] == 0
+    assert collect(client, 0.1) == []
+
+
+def test_a_namespace_keeps_its_own_history_size(deployment: Deployment) -> None:
+    publisher = deployment.clients("bob")[-1]
+    for n in range(5):
+        publish(publisher, "short.log", n, n)
+        publish(publisher, "h.long", n, n)  # the global 2000
+    for reader in deployment.clients("alice"):
+        for channel, kept in (("short.log", [3, 4, 5]), ("h.long", [1, 2, 3, 4, 5])):
+            reader.send_json({"type": "history", "channel": channel, "limit": 10})
+            assert offsets(reader.recv_json()["data"]["messages"]) == kept
+    status, read = call(deployment.api_port, "history", {"channel": "short.log"})
+    assert status == 200 and offsets(read["result"]["messages"]) == [3, 4, 5]
+
+
+def test_a_namespace_bounds_the_subscribers_of_a_channel_across_the_deployment(
+        deployment: Deployment) -> None:
+    pool = deployment.clients("alice") + deployment.clients("bob") + deployment.clients("carol")
+    inside = pool[:BOUND]  # on different workers or nodes where there are several
+    for client in inside:
+        assert subscribe(client, "bounded.room") == {"type": "subscribed",
+                                                     "channel": "bounded.room"}
+    # (counted once presence has them: on Redis, within the loop turn's write)
+    wait_for(lambda: _subscribers(inside[0], "bounded.room") == BOUND)
+    for client in pool[BOUND:]:
+        client.send_json({"type": "subscribe", "channel": "bounded.room", "id": 1})
+        assert client.recv_json() == {
+            "type": "error", "code": 429, "id": 1,
+            "message": "bounded.room is full: 2 subscribers (its namespace's max_subscribers)"}
+    # another channel of the namespace has its own bound; a repeat subscribe is no more
+    assert subscribe(pool[-1], "bounded.other")["type"] == "subscribed"
+    assert subscribe(inside[0], "bounded.room")["type"] == "subscribed"
+    # one leaves: one more may come in, and only one, though several try at once
+    inside[0].send_json({"type": "unsubscribe", "channel": "bounded.room"})
+    assert inside[0].recv_json()["type"] == "unsubscribed"
+
+    def one_more_in() -> bool:
+        pool[-1].send_json({"type": "subscribe", "channel": "bounded.room"})
+        return bool(pool[-1].recv_json()["type"] == "subscribed")
+
+    wait_for(one_more_in)
+    # one place free again, and four clients of one worker ask for it at once
+    inside[1].send_json({"type": "unsubscribe", "channel": "bounded.room"})
+    assert inside[1].recv_json()["type"] == "unsubscribed"
+    wait_for(lambda: _subscribers(inside[1], "bounded.room") == BOUND - 1)
+    burst = next(iter(place(deployment.nodes[0], 4, "grace").values()))
+    for client in burst:
+        client.send_json({"type": "subscribe", "channel": "bounded.room"})
+    assert sorted(client.recv_json()["type"] for client in burst) == [
+        "error", "error", "error", "subscribed"]
+
+
+def _subscribers(client: RawClient, channel: str) -> int:
+    client.send_json({"type": "presence_stats", "channel": channel})
+    return int(client.recv_json()["data"]["count"])

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from fastfan.config import Config, ConfigError
+from fastfan.config import Config, ConfigError, reload
+from fastfan.namespaces import Namespace
 
 # (the one option that differs from the defaults, words the error must hold)
 REFUSED: list[tuple[dict[str, Any], list[str]]] = [
@@ -81,3 +82,28 @@ def test_run_needs_a_secret_or_insecure() -> None:
         Config().require_auth_choice()
     Config(jwt_secret="s" * 32).require_auth_choice()
     Config(insecure=True).require_auth_choice()
+
+
+def test_a_reload_applies_namespaces_unless_they_keep_more_history_than_at_start() -> None:
+    running = Config(insecure=True, history_size=10,
+                     namespaces=(Namespace(("chat.*",), history_size=5),))
+    smaller = Config(insecure=True, history_size=10,
+                     namespaces=(Namespace(("chat.*",), history_size=10, cache=True),))
+    done = reload(running, smaller)
+    assert (done.changed, done.need_restart) == (["namespaces"], [])
+    assert done.config.namespaces == smaller.namespaces
+    larger = Config(insecure=True, history_size=10,
+                    namespaces=(Namespace(("chat.*",), history_size=11),))
+    done = reload(running, larger)
+    assert (done.changed, done.need_restart) == ([], ["namespaces"])
+    assert done.config.namespaces == running.namespaces
+
+
+def test_a_reload_applies_webhooks_only_if_they_were_on_and_stay_on() -> None:
+    hooks = {"webhook_url": "http://127.0.0.1:1/a", "webhook_secret": "s"}
+    on = Config(insecure=True, **hooks)
+    moved = Config(insecure=True, **{**hooks, "webhook_url": "http://127.0.0.1:1/b"})
+    assert reload(on, moved).changed == ["webhook_url"]
+    off = Config(insecure=True)
+    assert reload(off, on).need_restart == ["webhook_url", "webhook_secret"]
+    assert reload(on, off).need_restart == ["webhook_url", "webhook_secret"]

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from support.server import Server, kill
 from support.waiting import wait_for
 from support.wire import RawClient, free_port
 from support.workers import every, place
+from test_reload import reload
 
 from fastfan.bus.mesh.bus import SETTLE
 from fastfan.webhooks import SIGNATURE_HEADER, verify
@@ -43,6 +45,7 @@ class Receiver:
         self.attempts = 0
         self.failing = False
         self.hanging = False  # answers nothing, for as long as it is set
+        self.secret = WEBHOOK_SECRET  # what `signed` checks the requests against
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self.thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
@@ -66,7 +69,7 @@ class Receiver:
             await asyncio.sleep(0.05)
         if self.failing:
             return web.Response(status=500)
-        self.signed.append(verify(body, request.headers, WEBHOOK_SECRET))
+        self.signed.append(verify(body, request.headers, self.secret))
         self.headers.append(dict(request.headers))
         self.events += json.loads(body)["events"]
         return web.Response(status=204)
@@ -439,3 +442,34 @@ def test_a_webhook_url_needs_a_secret() -> None:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--webhook-secret" in done.stderr
 
+
+
+def test_a_reload_changes_the_urls_secret_and_options_on_every_worker(
+        tmp_path: Path, start_server: Any) -> None:
+    first, second = Receiver(), Receiver()
+    try:
+        config, pid_file = tmp_path / "fastfan.toml", tmp_path / "fastfan.pid"
+        config.write_text(f'webhook_url = "{first.url}"\nwebhook_secret = "{WEBHOOK_SECRET}"\n'
+                          'webhook_publish = "chat.*"\nworkers = 2\n')
+        server = start_server("--config", str(config), "--pid-file", str(pid_file))
+        server.wait_ready()
+        clients = every(place(server, 1, "bob"))
+        for client in clients:
+            client.publish("chat.1", "before")
+        wait_for(lambda: first.names().count(("client_publish", "chat.1", "bob")) == 2)
+        second.secret = "the-rotated-webhook-secret"
+        config.write_text(f'webhook_url = "{second.url}"\nwebhook_secret = "{second.secret}"\n'
+                          'webhook_publish = "news.*"\nworkers = 2\n')
+        reload(server, pid_file)
+        wait_for(lambda: server.log().count("reloaded") == 2)
+        assert "reload: webhook_url, webhook_secret, webhook_publish" in server.log()
+        for client in clients:  # the same connections, on each worker
+            client.publish("chat.1", "after")
+            client.publish("news.1", "after")
+        wait_for(lambda: second.names().count(("client_publish", "news.1", "bob")) == 2)
+        assert quiet(second) == [("client_publish", "news.1", "bob")] * 2
+        assert second.signed == [True] * len(second.signed)
+        assert first.names() == [("client_publish", "chat.1", "bob")] * 2
+    finally:
+        first.stop()
+        second.stop()

@@ -89,6 +89,8 @@ class HubLink(Protocol):
     @property
     def presence_channels(self) -> Any: ...  # auth.ChannelPatterns
     @property
+    def namespace_table(self) -> Any: ...  # fastfan.namespaces.NamespaceTable
+    @property
     def presence_limit(self) -> int: ...
     def fanout(self, channel: str, payload: bytes | bytearray | memoryview,
                exclude: Outbox | None = None) -> int: ...

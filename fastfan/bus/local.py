@@ -22,7 +22,8 @@ class LocalBus(Bus):
         self._hub = hub
         self._fanout = hub.fanout
         self._node = node
-        self.history = HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes)
+        self.history = HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes,
+                                    hub.namespace_table)
         self._sweeper: asyncio.Task[None] | None = None
         self.occupancy: LocalOccupancy | None = None  # with webhooks
 

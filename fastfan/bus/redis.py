@@ -242,6 +242,7 @@ class RedisBus(Bus):
                                       owns=owns, reader=self._presence_reader,
                                       send=None if presence_client else self._schedule_send)
         self.history = self._history(history_ttl)
+        self.history.limits = hub.namespace_table
         # What runs per message, compiled (bus/_resp.pyx): publishes queued, encoded and
         # answered; messages Redis pushes, checked and fanned out
         self._publishes = Publishes(hub, self.prefix, self.PUBLISH, MAX_QUEUED_BYTES,

@@ -35,7 +35,10 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from ..namespaces import NamespaceTable
 
 # A channel's offset and epoch are kept this long after its last message, even when its
 # messages have expired (--history-ttl): a client that comes back later is still told
@@ -148,9 +151,11 @@ class HistoryStore:
     """The embedded bus's sequencer and store: in memory, for the channels this worker
     owns. Each message is held once (the bytes every subscriber received)."""
 
-    def __init__(self, size: int, ttl: float, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, size: int, ttl: float, max_bytes: int = DEFAULT_MAX_BYTES,
+                 limits: NamespaceTable | None = None) -> None:
         self.size = size
         self.ttl = ttl
+        self.limits = limits  # each channel's size and TTL, while namespaces are active
         self.max_bytes = max_bytes
         self.channels: dict[str, ChannelHistory] = {}
         self.kept_bytes = 0  # the messages' and the channels' (CHANNEL_COST each)
@@ -165,13 +170,20 @@ class HistoryStore:
         history.touched = now
         return history
 
-    def _room_for(self, channel: str, size: int, now: float) -> bool:
+    def _limits(self, channel: str) -> tuple[int, float]:
+        """What `channel` keeps: messages, seconds (its namespace's, if it has one)."""
+        if self.limits is None or not self.limits.active:
+            return self.size, self.ttl
+        return self.limits.history_limits(channel)
+
+    def _room_for(self, channel: str, size: int, now: float, kept: int) -> bool:
         """Whether `size` more bytes on `channel` stay within max_bytes: counting what the
-        channel's own size limit drops for them and, once a second, what has expired."""
+        channel's own size limit (`kept` messages) drops for them and, once a second,
+        what has expired."""
         history = self.channels.get(channel)
         if history is None:
             size += CHANNEL_COST
-        elif len(history.messages) >= self.size:
+        elif len(history.messages) >= kept:
             size -= len(history.messages[0][2])
         if self.kept_bytes + size <= self.max_bytes:
             return True
@@ -181,23 +193,25 @@ class HistoryStore:
         self.sweep()
         return self.kept_bytes + size <= self.max_bytes
 
-    def _expire(self, history: ChannelHistory, now: float) -> None:
+    def _expire(self, history: ChannelHistory, now: float, limits: tuple[int, float]) -> None:
         messages = history.messages
-        while messages and (len(messages) > self.size or messages[0][1] <= now - self.ttl):
+        size, ttl = limits
+        while messages and (len(messages) > size or messages[0][1] <= now - ttl):
             self.kept_bytes -= len(messages.popleft()[2])
 
     def sequence(self, channel: str, message: bytes) -> tuple[int, str, bytes]:
         """Number `message`, keep it, and return its offset, epoch and numbered bytes;
         HistoryFullError if keeping it would pass max_bytes."""
         now = time.monotonic()
-        if not self._room_for(channel, len(message) + 64, now):  # 64: its position at most
+        limits = self._limits(channel)
+        if not self._room_for(channel, len(message) + 64, now, limits[0]):  # 64: its position
             raise HistoryFullError(self.max_bytes)
         history = self._channel(channel, now)
         history.top += 1
         numbered = with_position(message, history.top, history.epoch)
         history.messages.append((history.top, now, numbered))
         self.kept_bytes += len(numbered)
-        self._expire(history, now)
+        self._expire(history, now, limits)
         return history.top, history.epoch, numbered
 
     def read(self, channel: str, since: int, limit: int) -> HistoryAnswer:
@@ -208,7 +222,7 @@ class HistoryStore:
         if history is None:
             return HistoryAnswer(0, first_epoch(self.base, channel, now), [])
         history.touched = now
-        self._expire(history, now)
+        self._expire(history, now, self._limits(channel))
         return HistoryAnswer(history.top, history.epoch,
                              select(history.messages, since, limit))
 
@@ -217,7 +231,7 @@ class HistoryStore:
         META_TTL (their next message starts a new epoch)."""
         now = time.monotonic()
         for name, history in list(self.channels.items()):
-            self._expire(history, now)
+            self._expire(history, now, self._limits(name))
             if not history.messages and history.touched <= now - META_TTL:
                 del self.channels[name]
                 self.kept_bytes -= CHANNEL_COST

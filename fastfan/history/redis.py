@@ -35,6 +35,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 import redis.asyncio as aioredis
@@ -42,6 +43,9 @@ from redis.crc import key_slot
 
 from ..bus.resp import command
 from . import ANSWER_MAX_BYTES, META_TTL, HistoryAnswer, ReadLimiter, new_epoch
+
+if TYPE_CHECKING:
+    from ..namespaces import NamespaceTable
 
 log = logging.getLogger("fastfan.redis")
 
@@ -201,7 +205,9 @@ class RedisHistory:
         self.suffix = reply_channel[len(prefix):]  # "!history:<worker>": every reply's end
         self.publish_command = publish_command
         # the script's ARGV 3 to 5 (size, TTL, the hash's TTL): the same for every publish
+        # but on a channel of a namespace (`limits`, while namespaces are active)
         self._fixed_arguments = (b"%d" % size, b"%d" % self.ttl, b"%d" % self.meta_ttl)
+        self.limits: NamespaceTable | None = None
         self.node = node
         self.listen = listen
         self._read = self.reader.register_script(READ_HISTORY)
@@ -228,8 +234,17 @@ class RedisHistory:
         connection sends it (EVALSHA: the script is loaded on it, `load_parts`); its
         result is [offset, epoch]."""
         return command(b"EVALSHA", PUBLISH_HISTORY_SHA, b"3", *self.keys(redis_channel),
-                       redis_channel, payload[:-1], *self._fixed_arguments, new_epoch().encode(),
+                       redis_channel, payload[:-1], *self._arguments(redis_channel),
+                       new_epoch().encode(),
                        self.publish_command, self.node, new_epoch().encode())
+
+    def _arguments(self, redis_channel: bytes) -> tuple[bytes, bytes, bytes]:
+        """The numbering script's size, TTL and the hash's TTL for the channel."""
+        if self.limits is None or not self.limits.active:
+            return self._fixed_arguments
+        size, ttl = self.limits.history_limits(redis_channel[len(self.prefix):].decode())
+        seconds = max(1, round(ttl))
+        return b"%d" % size, b"%d" % seconds, b"%d" % max(seconds, round(META_TTL))
 
     @staticmethod
     def load_parts() -> tuple[bytes, ...]:
@@ -296,11 +311,12 @@ class RedisHistory:
     async def _run_read(self, channel: str, since: int, limit: int, query: int,
                         reply: bytes) -> None:
         redis_channel = self.prefix + channel.encode()
+        _, ttl, meta_ttl = self._arguments(redis_channel)
         for attempt in range(2):
             try:
                 await asyncio.wait_for(self._read(
                     keys=self.keys(redis_channel),
-                    args=[since, limit, new_epoch(), self.meta_ttl, self.ttl, reply, query,
+                    args=[since, limit, new_epoch(), meta_ttl, ttl, reply, query,
                           self.publish_command, self.node, new_epoch(), redis_channel,
                           ANSWER_MAX_BYTES]), READ_TIMEOUT)
                 break

@@ -107,11 +107,8 @@ class Endpoint:
     def __init__(self, url: str, config: Config, secret: str, counters: Counters,
                  pusher_key: str | None = None) -> None:
         self.url = url
-        self.secret = secret
         self.pusher_key = pusher_key  # Pusher's format: this app's key, its secret signs
-        self.batch = config.webhook_batch
-        self.retry = config.webhook_retry
-        self.max_bytes = config.webhook_queue_bytes
+        self.configure(config, secret)
         self.counters = counters
         self.queue: deque[tuple[float, int, bytes]] = deque()  # (queued at, number, event)
         self.queued_bytes = 0
@@ -121,6 +118,13 @@ class Endpoint:
         self.unlogged_drops = 0
         self.drops_logged_at = -DROP_LOG_PERIOD
         self.failing = False  # since the last POST that failed, until one succeeds
+
+    def configure(self, config: Config, secret: str) -> None:
+        """Its secret and options, at start and on a reload (the next batch has them)."""
+        self.secret = secret
+        self.batch = config.webhook_batch
+        self.retry = config.webhook_retry
+        self.max_bytes = config.webhook_queue_bytes
 
     def put(self, event: bytes, now: float) -> None:
         self.queue.append((now, next(self.numbers), event))
@@ -210,31 +214,55 @@ class Webhooks:
     """A worker's webhooks: a Transitions for its bus, and its Hub's two hooks."""
 
     def __init__(self, config: Config) -> None:
-        assert config.webhook_url is not None
         self.counters = Counters()
-        urls = [url.strip() for url in config.webhook_url.split(",") if url.strip()]
-        # Pusher's format: each app's endpoints, by app id; else None
-        self.pusher_endpoints: dict[str, list[Endpoint]] | None = None
-        if config.webhook_format == "pusher":
-            apps: list[PusherApp] = parse_apps(config.pusher_app)
-            self.pusher_endpoints = {app.id: [
-                Endpoint(url, config, app.secret, self.counters, app.key) for url in urls]
-                for app in apps}
-            self.endpoints = [endpoint for endpoints in self.pusher_endpoints.values()
-                              for endpoint in endpoints]
-        else:
-            assert config.webhook_secret is not None
-            self.endpoints = [Endpoint(url, config, config.webhook_secret, self.counters)
-                              for url in urls]
-        self.vacated_delay = config.webhook_vacated_delay
-        self.publish_patterns = ChannelPatterns(config.webhook_publish.split(",")) \
-            if config.webhook_publish else None
-        self.connections = config.webhook_connections
+        self.endpoints: list[Endpoint] = []
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(6)  # this process's: ids unique everywhere
         self._vacating: dict[str, asyncio.TimerHandle] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
+        self._configure(config)
+
+    def _configure(self, config: Config) -> None:
+        """The URLs, secrets and options of `config`: at start, and on a reload, where an
+        endpoint (a URL, and in Pusher's format an app) kept keeps its queue."""
+        assert config.webhook_url is not None
+        urls = [url.strip() for url in config.webhook_url.split(",") if url.strip()]
+        kept = {(endpoint.url, endpoint.pusher_key): endpoint for endpoint in self.endpoints}
+
+        def endpoint(url: str, secret: str, key: str | None = None) -> Endpoint:
+            existing = kept.get((url, key))
+            if existing is None:
+                return Endpoint(url, config, secret, self.counters, key)
+            existing.configure(config, secret)
+            return existing
+
+        # Pusher's format: each app's endpoints, by app id; else None
+        self.pusher_endpoints: dict[str, list[Endpoint]] | None = None
+        if config.webhook_format == "pusher":
+            apps: list[PusherApp] = parse_apps(config.pusher_app)
+            self.pusher_endpoints = {app.id: [endpoint(url, app.secret, app.key)
+                                              for url in urls] for app in apps}
+            self.endpoints = [endpoint for endpoints in self.pusher_endpoints.values()
+                              for endpoint in endpoints]
+        else:
+            assert config.webhook_secret is not None
+            self.endpoints = [endpoint(url, config.webhook_secret) for url in urls]
+        self.vacated_delay = config.webhook_vacated_delay
+        self.publish_patterns = ChannelPatterns(config.webhook_publish.split(",")) \
+            if config.webhook_publish else None
+        self.connections = config.webhook_connections
+
+    def reconfigure(self, config: Config, hub: Hub) -> None:
+        """A reload: the URLs, secrets and options in force from now on. A URL kept keeps
+        its queue and its task; a new one starts empty; one no longer named stops, what
+        its queue held dropped."""
+        self._configure(config)
+        hub.publish_webhook = hub.close_webhook = None
+        self.hook(hub)
+        for gone in [endpoint for endpoint in self._tasks if endpoint not in self.endpoints]:
+            self._tasks.pop(gone).cancel()
+        self._start_tasks()
 
     def hook(self, hub: Hub) -> None:
         """Give the Hub the hooks it needs (only those: an unused one costs a call)."""
@@ -251,9 +279,16 @@ class Webhooks:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
             connector=aiohttp.TCPConnector())  # kept alive: one connection per URL, reused
+        self._start_tasks()
+
+    def _start_tasks(self) -> None:
+        """One task per endpoint, POSTing (once started)."""
+        if self._session is None:
+            return
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(endpoint.send_forever(self._session))
-                       for endpoint in self.endpoints]
+        for endpoint in self.endpoints:
+            if endpoint not in self._tasks:
+                self._tasks[endpoint] = loop.create_task(endpoint.send_forever(self._session))
 
     async def stop(self) -> None:
         """The vacated still held back go now (the channels did empty); the queues get
@@ -264,7 +299,7 @@ class Webhooks:
         deadline = time.monotonic() + STOP_GRACE
         while any(endpoint.queue for endpoint in self.endpoints) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
         if self._session is not None:
             await self._session.close()

@@ -74,7 +74,8 @@ class MeshBus(Bus):
         # the channels this worker owns: their history; and the publishes and reads sent
         # to the other owners
         self.history = mesh_history.MeshHistory(
-            self, HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes),
+            self, HistoryStore(hub.history_size, history_ttl, hub.history_max_bytes,
+                               hub.namespace_table),
             max_message_size, ENVELOPE_MARGIN)
         self.outgoing: dict[int, Outgoing] = {}
         # Links to workers a rolling restart replaced, while they still serve: they go on
