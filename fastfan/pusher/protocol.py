@@ -7,7 +7,8 @@ through the Session (`send_text`, `close`) and subscribes it to the bus channels
 Pusher channels (`subscribe_to`), whose events the core fans out as they are. Presence
 is fastfan's: the connection takes the presence user as its identity (`take_identity`),
 and the members are the channel's subscribers on every worker and node
-(Hub.gather_presence).
+(Hub.gather_presence); member_added and member_removed are the bus's transitions
+(fastfan.pusher.Pusher.member_added).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from . import (
     PusherApp,
     encode_event,
     is_channel_name,
+    unwrapped,
 )
 from .auth import SignatureError, check_channel_auth, check_user_auth
 
@@ -94,10 +96,11 @@ class PusherConnection:
         """The Session has left every bus channel already: the presence channels it was in
         may have lost a member."""
         self.pusher.sockets.pop(self.socket_id, None)
-        user = session.identity.user
         for channel in self.channels:
             if channel.startswith(PRESENCE):
-                self._member_left(channel, user)
+                assert self.app is not None
+                self.pusher.member_gone(self.app.bus_channel(channel), session.identity.user,
+                                        session)
         self.channels = set()
 
     def handle(self, session: Session, text: bytes) -> None:
@@ -164,6 +167,8 @@ class PusherConnection:
             assert isinstance(channel_data, str)
             if not self._take_presence_user(session, channel, channel_data):
                 return
+            self.pusher.member_here(self.app.bus_channel(channel), session.identity.user,
+                                    session)
         self.channels.add(channel)
         if not session.subscribe_to(self.app.bus_channel(channel)):
             self._succeeded(session, channel)
@@ -198,7 +203,7 @@ class PusherConnection:
             if channel not in self.channels:
                 return
             if kept is not None and kept[2]:
-                session.send_text(kept[2][-1][1])
+                session.send_text(unwrapped(kept[2][-1][1]))
             else:
                 session.send_text(encode_event("pusher:cache_miss", channel, "{}"))
 
@@ -256,16 +261,13 @@ class PusherConnection:
     def _presence_succeeded(self, session: Session, channel: str,
                             presence: Presence | None) -> None:
         """The members everywhere, this connection among them: to it, with
-        subscription_succeeded; to the others, member_added if it is its user's first."""
-        assert self.app is not None
+        subscription_succeeded."""
         if channel not in self.channels:
             return  # unsubscribed meanwhile
         members: dict[str, Any] = {}
-        connections_of_user = 0
         user = session.identity.user
         for _client, member, info in presence[2] if presence is not None else ():
             members[member] = msgspec.Raw(info.encode()) if info else None
-            connections_of_user += member == user
         members.setdefault(user, msgspec.Raw(session.identity.info.encode())
                            if session.identity.info else None)
         data = msgspec.json.encode({"presence": {
@@ -273,31 +275,14 @@ class PusherConnection:
         session.send_text(encode_event("pusher_internal:subscription_succeeded", channel,
                                        data.decode()))
         self._send_cached(session, channel)
-        if connections_of_user <= 1:
-            added = msgspec.json.encode({"user_id": user, "user_info": members[user]})
-            self.pusher.publish(self.app, channel, encode_event(
-                "pusher_internal:member_added", channel, added.decode()), session)
 
     def _unsubscribe(self, session: Session, channel: str) -> None:
         assert self.app is not None
         self.channels.discard(channel)
         session.unsubscribe_from(self.app.bus_channel(channel))
         if channel.startswith(PRESENCE):
-            self._member_left(channel, session.identity.user)
-
-    def _member_left(self, channel: str, user: str) -> None:
-        """member_removed once no connection of `user` is left in `channel` anywhere."""
-        app = self.app
-        assert app is not None
-
-        def gathered(presence: Presence | None) -> None:
-            if presence is not None and any(member == user for _, member, _ in presence[2]):
-                return
-            removed = msgspec.json.encode({"user_id": user}).decode()
-            self.pusher.publish(app, channel, encode_event("pusher_internal:member_removed",
-                                                           channel, removed))
-
-        self.pusher.hub.gather_presence(app.bus_channel(channel), gathered)
+            self.pusher.member_gone(self.app.bus_channel(channel), session.identity.user,
+                                    session)
 
     # Client events --------------------------------------------------------------------
 
