@@ -560,6 +560,18 @@ def test_an_unknown_key_upgrades_then_gets_4001(start_server: Any) -> None:
     assert client.recv_close()[0] == 4001
 
 
+@pytest.mark.parametrize(("query", "code"), [
+    ("?protocol=6&client=js&version=8.4.0", 4007), ("?protocol=8", 4007),
+    ("?protocol=seven", 4006), ("?client=js&version=8.4.0", 4008), ("", 4008)])
+def test_a_protocol_other_than_7_gets_pusher_s_error_and_a_close(
+        start_server: Any, query: str, code: int) -> None:
+    server = start_pusher(start_server)
+    client = RawClient(server.host, server.port, f"/app/{KEY}{query}")
+    error = client.recv_json()
+    assert error["event"] == "pusher:error" and error["data"]["code"] == code
+    assert client.recv_close()[0] == code
+
+
 def test_client_events_on_public_channels_are_refused_and_the_connection_stays(
         start_server: Any) -> None:
     server = start_pusher(start_server)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -35,9 +36,16 @@ from . import (
 from .auth import SignatureError, check_channel_auth, check_user_auth
 
 # Pusher's close and error codes (pusher.com/docs/channels/library_auth_reference/pusher-
-# websockets-protocol): 4001 no such app, 4009 unauthorized, 4301 client events too fast.
+# websockets-protocol): 4001 no such app, 4006-4008 the `protocol` of the URL's query is
+# not a number, not one spoken here, or missing; 4009 unauthorized, 4301 client events
+# too fast.
 APP_DOES_NOT_EXIST = 4001
+INVALID_VERSION = 4006
+UNSUPPORTED_PROTOCOL = 4007
+NO_PROTOCOL = 4008
 OVER_RATE_LIMIT = 4301
+# The protocol version spoken here (pusher-js 8 connects with ?protocol=7).
+PROTOCOL = "7"
 # Channel kinds by prefix; `private-encrypted-` is a private channel whose data the
 # clients encrypt: it is relayed as it is.
 PRIVATE = "private-"
@@ -55,6 +63,19 @@ class _Message(msgspec.Struct, forbid_unknown_fields=False):
 _decode = msgspec.json.Decoder(_Message).decode
 
 
+def _protocol_refusal(query: bytes) -> tuple[int, str] | None:
+    """What Pusher answers a `protocol` it does not speak, or None for PROTOCOL."""
+    versions = parse_qs(query.decode("latin-1")).get("protocol")
+    if not versions:
+        return NO_PROTOCOL, "No protocol version supplied"
+    if not versions[0].isdigit():
+        return INVALID_VERSION, "Invalid version string format"
+    if versions[0].lstrip("0") != PROTOCOL:
+        return UNSUPPORTED_PROTOCOL, (f"Unsupported protocol version {versions[0][:20]}: "
+                                      f"this server speaks {PROTOCOL}")
+    return None
+
+
 def _signed(channel: str) -> bool:
     return channel.startswith((PRIVATE, PRESENCE))
 
@@ -62,13 +83,15 @@ def _signed(channel: str) -> bool:
 class PusherConnection:
     """One Pusher connection: its app, socket id, Pusher channels and client-event bucket."""
 
-    __slots__ = ("app", "channels", "key", "pusher", "refill_at", "socket_id",
+    __slots__ = ("app", "channels", "key", "pusher", "refill_at", "refusal", "socket_id",
                  "subscribe_refill_at", "subscribe_tokens", "tokens", "user")
 
-    def __init__(self, pusher: Pusher, key: str) -> None:
+    def __init__(self, pusher: Pusher, key: str, query: bytes = b"") -> None:
         self.pusher = pusher
         self.key = key
         self.app: PusherApp | None = pusher.apps_by_key.get(key)
+        # the pusher:error code and message that close it once connected, if any
+        self.refusal = _protocol_refusal(query)
         self.socket_id = ""
         self.channels: set[str] = set()  # Pusher channel names subscribed
         self.tokens = 2 * pusher.client_event_rate
@@ -85,6 +108,12 @@ class PusherConnection:
             self._error(session, APP_DOES_NOT_EXIST,
                         f"App key {self.key} does not exist on this server")
             session.close(APP_DOES_NOT_EXIST, "App does not exist")
+            return
+        if self.refusal is not None:
+            code, message = self.refusal
+            self._error(session, code, message)
+            session.close(code, message)
+            self.app = None  # nothing it sends is handled
             return
         self.socket_id = self.pusher.new_socket_id()
         self.pusher.sockets[self.socket_id] = session
