@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 import pusher
 import pytest
-from browser import CHROMIUM, Browser
+from browser import CHROMIUM, FIREFOX, Browser, Firefox
 from support.api import call, start_api
 from support.patched import BROWSER_HEADERS
 from support.redis import RedisServer
@@ -720,14 +720,18 @@ def auth_endpoint() -> Iterator[str]:
     http.shutdown()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (./dev test installs it)")
-def test_pusher_js_in_chromium_subscribes_receives_and_reconnects(
-        start_server: Any, auth_endpoint: str) -> None:
+@pytest.mark.parametrize("browser", ["chromium", "firefox"])
+def test_pusher_js_in_a_browser_subscribes_receives_and_reconnects(
+        start_server: Any, auth_endpoint: str, browser: str) -> None:
+    program, kind = {"chromium": (CHROMIUM, Browser), "firefox": (FIREFOX, Firefox)}[browser]
+    if program is None:
+        pytest.skip(f"{browser} is not on PATH (./dev test installs it)")
     server = start_pusher(start_server)
     script = (JS / "node_modules/pusher-js/dist/web/pusher.min.js").read_text()
     channels = ["news", "private-orders", "presence-room"]
-    with Browser.showing("about:blank") as page:
-        page.evaluate(script + "; true")
+    with kind.showing("about:blank") as page:
+        # (an indirect eval runs it as a page's script: `Pusher` on window)
+        page.evaluate(f"(0, eval)({json.dumps(script)}), true")
         page.evaluate(f"""(async () => {{
             window.log = []
             const client = window.client = new Pusher({json.dumps(KEY)}, {{
