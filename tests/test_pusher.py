@@ -340,7 +340,7 @@ def test_socket_id_travels_with_the_event_on_redis_shards(
     sender, other = RawPusher(nodes[0]), RawPusher(nodes[1])
     for client in (sender, other):
         client.subscribe("cache-news")
-        client.next("pusher_internal:subscription_succeeded")
+        client.next("pusher:cache_miss")  # (after subscription_succeeded)
     backend = python_backend(nodes[1])  # the sender's connection is on the other node
     for n in range(10):
         backend.trigger(["cache-news"], "n", {"n": n},
