@@ -19,6 +19,18 @@
  * peers/socketio.js): Engine.IO's open packet, the namespace CONNECT "40", each message as
  * an event named by its type, 42["publish",{...}], and a pong "3" for each ping "2".
  *
+ * With --protocol pusher its subscribers speak Pusher's protocol 7 (fastfan --pusher-app,
+ * on --path /app/KEY?protocol=7...): pusher:subscribe, pusher_internal:subscription_succeeded,
+ * and events whose `data` is a JSON string, where seq, ch and ts read \"seq\":N. A Pusher
+ * client cannot publish on a public channel: the publisher is then the server API.
+ *
+ * With --publish api --api-port P --api-key K the publisher is fastfan's server API: one
+ * keep-alive HTTP connection, POST /api/publish pipelined on the same open-loop schedule
+ * (the answers are read as they come; any but 200 counts in "api_refused"), each to
+ * --publish-prefix + the channel; with --api-event NAME the data is the Pusher event
+ * {"event":NAME,"data":{...}} (what fastfan's API publishes to a channel pusher.ID.C), and
+ * every subscriber, Pusher's or fastfan's, receives its data as a JSON string.
+ *
  * With --rate 0 it only subscribes and counts (the publisher is another loadgen); with
  * --sync 1 it prints {"ready":...} once subscribed and waits for a line on stdin, so that
  * a runner can measure idle memory and start many loadgen processes together. With
@@ -72,7 +84,15 @@ static int nchannels = 1, per_conn = 1, stride = 1;
 static int channel_of(int subscriber, int j) { return (subscriber + j * stride) % nchannels; }
 
 static int socketio = 0; /* --protocol socketio */
+static int pusher = 0;   /* --protocol pusher */
 static char *event_scratch;
+/* --publish api: the publisher is the server API (HTTP), on api_port with api_key; its
+   publishes go to publish_prefix + channel, as the Pusher event api_event if given */
+static int publish_api = 0, api_port = 0;
+static const char *api_key = "", *publish_prefix = "", *api_event = NULL;
+static uint64_t api_answered, api_refused;
+/* The data reaches the subscribers as a JSON string (a Pusher event): \"seq\":N */
+static int escaped = 0;
 
 static uint64_t *latency_us;
 static uint64_t latency_count, latency_over;
@@ -215,8 +235,7 @@ static void drop_http_head(conn_t *c) {
 
 static int receive_buffer; /* SO_RCVBUF of the next connections, when not 0 (--stall) */
 
-static void open_conn(conn_t *c, const char *source, const char *host, int port,
-                      const char *path) {
+static void tcp_connect(conn_t *c, const char *source, const char *host, int port) {
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, host, &addr.sin_addr);
     c->fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -233,6 +252,11 @@ static void open_conn(conn_t *c, const char *source, const char *host, int port,
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->buf = malloc(READ_BUFFER);
     c->len = 0;
+}
+
+static void open_conn(conn_t *c, const char *source, const char *host, int port,
+                      const char *path) {
+    tcp_connect(c, source, host, port);
     char request[2048];
     int n = snprintf(request, sizeof request,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
@@ -246,7 +270,7 @@ static void open_conn(conn_t *c, const char *source, const char *host, int port,
         read_until(c, "\"sid\"");
         send_all(c->fd, connect, frame(connect, "40", 2));
     }
-    read_until(c, "\"welcome\"");
+    read_until(c, pusher ? "pusher:connection_established" : "\"welcome\"");
     c->len = 0; /* nothing else is sent before we ask */
 }
 
@@ -262,16 +286,20 @@ static void subscribe(conn_t *c, const char *channel) {
     char msg[512], *out = malloc((size_t)per_conn * 600);
     size_t o = 0;
     for (int j = 0; j < per_conn; j++) {
-        int n = nchannels > 1
-            ? snprintf(msg, sizeof msg, "{\"type\":\"subscribe\",\"channel\":\"%s.%d\"}",
-                       channel, channel_of(c->index, j))
-            : snprintf(msg, sizeof msg, "{\"type\":\"subscribe\",\"channel\":\"%s\"}", channel);
+        char name[300];
+        if (nchannels > 1) snprintf(name, sizeof name, "%s.%d", channel, channel_of(c->index, j));
+        else snprintf(name, sizeof name, "%s", channel);
+        int n = pusher
+            ? snprintf(msg, sizeof msg,
+                       "{\"event\":\"pusher:subscribe\",\"data\":{\"channel\":\"%s\"}}", name)
+            : snprintf(msg, sizeof msg, "{\"type\":\"subscribe\",\"channel\":\"%s\"}", name);
         o += frame_message(out + o, "subscribe", msg, (size_t)n);
     }
     send_all(c->fd, out, o);
     free(out);
     /* one "subscribed" per reply; Socket.IO's event name says it a second time */
-    const char *reply = socketio ? "42[\"subscribed\"" : "\"subscribed\"";
+    const char *reply = pusher ? "pusher_internal:subscription_succeeded"
+                      : socketio ? "42[\"subscribed\"" : "\"subscribed\"";
     while (count_of(c->buf, c->len, reply) < (size_t)per_conn) {
         ssize_t r = recv(c->fd, c->buf + c->len, READ_BUFFER - c->len, 0);
         if (r <= 0) die("subscribe recv");
@@ -280,18 +308,28 @@ static void subscribe(conn_t *c, const char *channel) {
     c->len = 0;
 }
 
+/* Where the number of field `key` ("seq":, or \"seq\": when escaped) begins, or NULL. */
+static const char *number_of(const char *p, size_t n, const char *key) {
+    char needle[16];
+    size_t k = (size_t)(escaped ? snprintf(needle, sizeof needle, "\\\"%s\\\":", key)
+                                : snprintf(needle, sizeof needle, "\"%s\":", key));
+    const char *at = memmem(p, n, needle, k);
+    return at ? at + k : NULL;
+}
+
 static void record(conn_t *c, const char *payload, size_t n, int64_t now) {
-    const char *p = memmem(payload, n, "\"seq\":", 6);
+    const char *p = number_of(payload, n, "seq");
     if (!p) return; /* not one of ours */
     char *end;
-    int64_t seq = strtoll(p + 6, &end, 10);
+    int64_t seq = strtoll(p, &end, 10);
     int j = 0;
     if (per_conn > 1) { /* which of its channels: data is {"seq":N,"ch":K,...} */
-        int ch = (int)strtol(end + 6, &end, 10);
+        const char *ch_at = number_of(end, n - (size_t)(end - payload), "ch");
+        int ch = ch_at ? (int)strtol(ch_at, &end, 10) : 0;
         j = ((ch - c->index) % nchannels + nchannels) % nchannels / stride;
     }
-    const char *t = memmem(payload, n, "\"ts\":", 5);
-    int64_t ts = t ? strtoll(t + 5, NULL, 10) : now;
+    const char *t = number_of(payload, n, "ts");
+    int64_t ts = t ? strtoll(t, NULL, 10) : now;
     if (seq > c->next_seq[j]) lost += (uint64_t)(seq - c->next_seq[j]);
     if (seq < c->next_seq[j]) reordered++;
     else c->next_seq[j] = seq + 1;
@@ -331,6 +369,31 @@ static void parse(conn_t *c, int64_t now) {
             }
         }
         pos += hl + n;
+    }
+    memmove(c->buf, c->buf + pos, c->len - pos);
+    c->len -= pos;
+}
+
+/* The server API's answers to the pipelined publishes: each whole one counted (any status
+   but 200 as refused); a partial one kept for the next read. */
+static void parse_answers(conn_t *c) {
+    size_t pos = 0;
+    while (1) {
+        char *head_end = memmem(c->buf + pos, c->len - pos, "\r\n\r\n", 4);
+        if (!head_end) break;
+        size_t head = (size_t)(head_end - (c->buf + pos)) + 4, body = 0;
+        char *length = memmem(c->buf + pos, head, "Content-Length:", 15);
+        if (!length) length = memmem(c->buf + pos, head, "content-length:", 15);
+        if (length) body = (size_t)strtoul(length + 15, NULL, 10);
+        if (c->len - pos < head + body) break;
+        if (strncmp(c->buf + pos, "HTTP/1.1 200", 12) != 0) {
+            if (!api_refused)
+                fprintf(stderr, "loadgen: the API refused a publish: %.*s\n",
+                        (int)(head + body), c->buf + pos);
+            api_refused++;
+        }
+        api_answered++;
+        pos += head + body;
     }
     memmove(c->buf, c->buf + pos, c->len - pos);
     c->len -= pos;
@@ -392,6 +455,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--window-ms")) window_ms = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--protocol") && !strcmp(argv[i + 1], "seed")) socketio = 0;
         else if (!strcmp(argv[i], "--protocol") && !strcmp(argv[i + 1], "socketio")) socketio = 1;
+        else if (!strcmp(argv[i], "--protocol") && !strcmp(argv[i + 1], "pusher")) pusher = 1;
+        else if (!strcmp(argv[i], "--publish") && !strcmp(argv[i + 1], "websocket")) publish_api = 0;
+        else if (!strcmp(argv[i], "--publish") && !strcmp(argv[i + 1], "api")) publish_api = 1;
+        else if (!strcmp(argv[i], "--api-port")) api_port = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--api-key")) api_key = argv[i + 1];
+        else if (!strcmp(argv[i], "--publish-prefix")) publish_prefix = argv[i + 1];
+        else if (!strcmp(argv[i], "--api-event")) api_event = argv[i + 1];
         else { fprintf(stderr, "loadgen: unknown option %s\n", argv[i]); return 2; }
     }
     if (per_conn < 1 || nchannels % per_conn) {
@@ -417,7 +487,13 @@ int main(int argc, char **argv) {
         windows = calloc(MAX_WINDOWS, sizeof *windows);
         make_buckets();
     }
-    if (!path) path = socketio ? "/socket.io/?EIO=4&transport=websocket" : "/";
+    if (pusher && rate > 0 && !publish_api) {
+        fprintf(stderr, "loadgen: a Pusher client cannot publish: --publish api\n");
+        return 2;
+    }
+    escaped = pusher || api_event != NULL;
+    if (!path) path = socketio ? "/socket.io/?EIO=4&transport=websocket"
+                    : pusher ? "/app/bench-key?protocol=7&client=js&version=8.4.0" : "/";
     event_scratch = malloc((size_t)size + 1024);
     latency_us = calloc(LATENCY_BUCKETS, sizeof(uint64_t));
 
@@ -450,7 +526,8 @@ int main(int argc, char **argv) {
     }
     receive_buffer = 0;
     conn_t *pub = &conns[subs];
-    if (rate > 0) open_conn(pub, NULL, host, port, path);
+    if (rate > 0 && publish_api) tcp_connect(pub, NULL, host, api_port);
+    else if (rate > 0) open_conn(pub, NULL, host, port, path);
     if (sync_start) {
         char line[16];
         printf("{\"ready\":true,\"connect_s\":%.3f}\n", connect_s);
@@ -500,17 +577,31 @@ int main(int argc, char **argv) {
                     if (nchannels > 1)
                         snprintf(name, sizeof name, "%s.%lld", channel,
                                  (long long)(sent % nchannels));
-                    int n = snprintf(msg, 768, "{\"type\":\"publish\",\"channel\":\"%s\",\"data\":"
-                                     "{\"seq\":%lld,\"ch\":%d,\"ts\":%lld,\"pad\":\"",
+                    int n = snprintf(msg, 768, "{\"type\":\"publish\",\"channel\":\"%s%s\","
+                                     "\"data\":%s%s%s{\"seq\":%lld,\"ch\":%d,\"ts\":%lld,"
+                                     "\"pad\":\"", publish_api ? publish_prefix : "",
                                      nchannels > 1 ? name : channel,
+                                     api_event ? "{\"event\":\"" : "", api_event ? api_event : "",
+                                     api_event ? "\",\"data\":" : "",
                                      (long long)(sent / nchannels), (int)(sent % nchannels),
                                      (long long)now_ns());
-                    int data_start = (int)(strstr(msg, "\"data\":") - msg) + 7;
+                    int data_start = (int)(strstr(msg, "{\"seq\":") - msg);
                     int pad = size - (n - data_start) - 2;
                     if (pad < 0) pad = 0;
                     memset(msg + n, 'x', (size_t)pad);
-                    memcpy(msg + n + pad, "\"}}", 3);
-                    o += frame_message(out + o, "publish", msg, (size_t)(n + pad + 3));
+                    size_t m = (size_t)(n + pad);
+                    memcpy(msg + m, "\"}}}", api_event ? 4 : 3);
+                    m += api_event ? 4 : 3;
+                    if (publish_api) { /* the body: the message less its "type" */
+                        size_t type = strlen("{\"type\":\"publish\",");
+                        int h = snprintf(out + o, 512, "POST /api/publish HTTP/1.1\r\n"
+                                         "Host: bench\r\nAuthorization: apikey %s\r\n"
+                                         "Content-Length: %zu\r\n\r\n{", api_key, m - type + 1);
+                        memcpy(out + o + h, msg + type, m - type);
+                        o += (size_t)h + m - type;
+                    } else {
+                        o += frame_message(out + o, "publish", msg, m);
+                    }
                 }
                 send_all(pub->fd, out, o);
             }
@@ -536,6 +627,11 @@ int main(int argc, char **argv) {
                 int64_t rx = now_ns(); /* per read: what a read returns was sent before it */
                 if (r > 0) {
                     c->len += (size_t)r;
+                    if (c == pub && publish_api) {
+                        parse_answers(c);
+                        if ((size_t)r < room) break;
+                        continue;
+                    }
                     parse(c, rx);
                     last_rx = rx;
                     /* A short read emptied the socket: skip the recv that would say EAGAIN
@@ -569,14 +665,16 @@ int main(int argc, char **argv) {
     printf("{\"subs\":%d,\"size\":%d,\"rate\":%.0f,\"offered_per_s\":%.0f,\"sent\":%lld,"
            "\"expected\":%lld,\"delivered\":%llu,\"lost\":%llu,\"reordered\":%llu,"
            "\"delivered_per_s\":%.0f,\"connect_s\":%.3f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,"
-           "\"p999_ms\":%.3f,\"max_ms\":%.3f,\"over_10s\":%llu,\"busy\":%.3f",
+           "\"p999_ms\":%.3f,\"max_ms\":%.3f,\"over_10s\":%llu,\"busy\":%.3f,"
+           "\"api_answered\":%llu,\"api_refused\":%llu",
            subs, size, phase_rate[0], phase_rate[0] * subs * per_conn / nchannels,
            (long long)sent,
            (long long)expected_total,
            (unsigned long long)delivered, (unsigned long long)lost,
            (unsigned long long)reordered, (double)delivered / (active_s > 0 ? active_s : 1),
            connect_s, percentile(0.5), percentile(0.99), percentile(0.999), percentile(1.0),
-           (unsigned long long)latency_over, (double)busy_ns / (double)(now_ns() - start));
+           (unsigned long long)latency_over, (double)busy_ns / (double)(now_ns() - start),
+           (unsigned long long)api_answered, (unsigned long long)api_refused);
     if (tolerate_close || stall) {
         int stalled_closed = 0;
         for (int i = 0; i < stall; i++) stalled_closed += peer_gone(stalled[i].fd);

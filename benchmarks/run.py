@@ -1,11 +1,12 @@
 """The benchmark suite: fastfan, its peers and the C yardstick, side by side in one run;
 and the studies (benchmarks/studies/) beside it. docs/benchmarks.md has the figures.
 
-    ./dev bench --duration 3        # every suite scenario, every server (about 18 minutes)
+    ./dev bench --duration 3        # every suite scenario, every server (about 20 minutes)
     ./dev bench --quick             # CI: a load every server sustains; fails on a crash or loss
     ./dev bench --servers fastfan,yardstick --scenarios fanout --duration 10
     ./dev bench --servers yardstick,fastfan,uws --scenarios fanout --repeat 3   # the targets
     ./dev bench --scenarios churn --cycles 20000                                # a study
+    ./dev bench --scenarios fanout-pusher --repeat 3    # Pusher's subscribers against fastfan's
 
 Every server runs pinned to CPU 0 and the load generator (benchmarks/loadgen.c) to CPU 1,
 one server at a time, at the same offered rates. The suite's scenarios (the default):
@@ -20,6 +21,11 @@ one server at a time, at the same offered rates. The suite's scenarios (the defa
   idle      10,000 subscribed idle connections: server RSS per connection
   workers   the fan-out sweep, fastfan with one worker against two on the same core (half
             the subscribers on the publisher's worker, half across the embedded bus)
+  fanout-pusher  the fan-out sweep on fastfan with a Pusher app: fastfan (its own protocol,
+            a WebSocket publisher), fastfan-api (its own protocol, subscribed to the
+            Pusher channel's fastfan name, published through the server API as Pusher
+            events) and fastfan-pusher (Pusher's protocol 7 on /app/KEY, the same
+            publishes): Pusher's subscribers against fastfan's (CPU per delivery, p99)
   redis     two nodes through one redis-server: fastfan --redis, the seed's ws + ioredis,
             Socket.IO with its Redis adapter, and fastfan --workers 2 on the embedded bus
             (not pinned)
@@ -116,6 +122,12 @@ SCENARIOS = {
 }
 QUICK = Scenario("quick", 200, 100, 1, (10e3,))
 IDLE_CONNECTIONS = 10_000
+# fanout-pusher's server: one Pusher app, and the server API its publisher goes through
+PUSHER_APP_ID, PUSHER_KEY = "1", "bench-key"
+API_KEY = "bench-api-key"
+# Through the API: the Pusher event named so, on the Pusher channel's fastfan name
+API_PUBLISH = ["--publish", "api", "--api-key", API_KEY, "--api-event", "bench"]
+FANOUT_PUSHER = ("fastfan", "fastfan-api", "fastfan-pusher")  # that scenario's servers
 
 
 
@@ -125,15 +137,19 @@ IDLE_CONNECTIONS = 10_000
 BASELINE_PYTHON: list[str] = []
 
 
-def server_commands(port: int) -> dict[str, list[str]]:
+def server_commands(port: int, api_port: int) -> dict[str, list[str]]:
     # -P: its own fastfan, not this checkout's from the working directory
     baseline = [*BASELINE_PYTHON, "-P", *fastfan_command(port, [])[1:]] if BASELINE_PYTHON else []
+    with_pusher = fastfan_command(port, ["--pusher-app", f"{PUSHER_APP_ID}:{PUSHER_KEY}:secret",
+                                         "--api-port", str(api_port), "--api-key", API_KEY])
     return {
         "baseline": baseline,
         "yardstick": [str(build("yardstick")), str(port)],
         "fastfan": fastfan_command(port, []),
         # two workers on the one server core: what crossing the embedded bus costs
         "fastfan-2w": fastfan_command(port, ["--workers", "2"]),
+        "fastfan-api": with_pusher,
+        "fastfan-pusher": with_pusher,
         "uws": ["node", str(PEERS / "uws.js"), str(port)],
         "seed": ["node", str(PEERS / "seed.js"), str(port)],
         "websockets": [sys.executable, str(PEERS / "websockets_peer.py"), str(port)],
@@ -154,8 +170,10 @@ class Running:
     def __init__(self, name: str, log_dir: Path) -> None:
         self.name = name
         self.port = free_port()
+        self.api_port = free_port()
         self.log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the process's life
-        self.process = subprocess.Popen(server_commands(self.port)[name], stdout=self.log,
+        self.process = subprocess.Popen(server_commands(self.port, self.api_port)[name],
+                                        stdout=self.log,
                                         stderr=subprocess.STDOUT, preexec_fn=pinned(SERVER_CPU))
         wait_listening(self.port, self.process)
         time.sleep(0.3)
@@ -173,12 +191,27 @@ class Running:
         self.log.close()
 
 
+def subscribers_and_publisher(server: Running) -> tuple[str, list[str]]:
+    """The channel and the load generator's options for `server`'s subscribers and
+    publisher (fastfan-api and fastfan-pusher: through the server API, as Pusher events)."""
+    channel = f"bench{time.time_ns()}"
+    api = [*API_PUBLISH, "--api-port", str(server.api_port)]
+    if server.name == "fastfan-api":
+        return f"pusher.{PUSHER_APP_ID}.{channel}", api
+    if server.name == "fastfan-pusher":
+        return channel, [*api, "--protocol", "pusher", "--publish-prefix",
+                         f"pusher.{PUSHER_APP_ID}.",
+                         "--path", f"/app/{PUSHER_KEY}?protocol=7&client=js&version=8.4.0"]
+    return channel, protocol_args(server.name)
+
+
 def measure(server: Running, scenario: Scenario, offered: float,
             duration: float) -> dict[str, Any]:
+    channel, extra = subscribers_and_publisher(server)
     row = run_loadgen_measuring(
         server.process.pid, server.port, subs=scenario.subs, size=scenario.size,
-        channels=scenario.channels,
-        extra=["--per-conn", str(scenario.per_conn), *protocol_args(server.name)],
+        channels=scenario.channels, channel=channel,
+        extra=["--per-conn", str(scenario.per_conn), *extra],
         rate=offered * scenario.channels / scenario.subs / scenario.per_conn,
         duration=duration)
     row["cpu_us_per_delivery"] = round(1e6 * row.pop("server_cpu_s") / max(row["delivered"], 1),
@@ -315,7 +348,7 @@ def plot(rows: list[dict[str, Any]], scenario: str, out: Path) -> None:
     plt.close(figure)
 
 
-SUITE = ("fanout", "channels", "large", "headroom", "idle", "workers", "redis")
+SUITE = ("fanout", "channels", "large", "headroom", "idle", "workers", "fanout-pusher", "redis")
 REDIS_RATES = (50e3, 200e3, 500e3, 1e6)
 SUITE_DURATION = 5.0  # seconds per rate when --duration is not given
 # Study -> (its function in studies/, the options of this command line it takes)
@@ -438,6 +471,9 @@ def main() -> int:
         if name == "workers":  # the fan-out sweep, one worker against two on one core
             scenario = replace(SCENARIOS["fanout"], name="workers")
             names = ["fastfan", "fastfan-2w"]
+        elif name == "fanout-pusher":  # the fan-out sweep, Pusher's subscribers and fastfan's
+            scenario = replace(SCENARIOS["fanout"], name="fanout-pusher")
+            names = list(FANOUT_PUSHER)
         else:
             scenario, names = SCENARIOS[name], servers
         rows += run_scenario(replace(scenario, rates=rates or scenario.rates), names, duration,

@@ -315,6 +315,9 @@ cdef class Hub:
         # connection
         public object       publish_webhook
         public object       close_webhook
+        # (channel, payload) of a message that begins with EXCEPTING_PREFIX, None when no
+        # dialect sends any (fastfan.pusher): fans out what it wraps, leaving out whom it names
+        public object       excepting
         dict                close_reasons   # Session -> its first CLOSE's reason, kept only
                                             # for close_webhook (no field in every Session)
         public object       verify_token    # token -> auth.Identity, or AuthError; None:

@@ -25,6 +25,7 @@ class SlowConsumerPolicy(enum.IntEnum):
 
 LATENCY_BOUNDS: tuple[float, ...]
 WATCH_PREFIX: str
+EXCEPTING_PREFIX: bytes
 
 def is_valid_channel(channel: str) -> bool: ...
 def utf8_is_valid(text: bytes) -> bool: ...
@@ -112,6 +113,7 @@ class Hub:
     bus: Any  # fastfan.bus.Bus
     publish_webhook: Callable[[str, str, bytes, Any], None] | None
     close_webhook: Callable[[str, bytes, int, str], None] | None
+    excepting: Callable[[str, bytes | bytearray | memoryview], int] | None
     verify_token: Callable[[str], Any] | None
     hooks: Any  # fastfan.hooks.Hooks, None without --app
     hook_subscribe: bool

@@ -29,7 +29,7 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 from fastfan._picows.picows cimport (MemoryBuffer, WSCloseCode, WSFrame, WSListener,
                                     WSMsgType, WSTransport)
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
@@ -157,6 +157,23 @@ cdef bytes MESSAGE_PREFIX = b'{"type":"message","channel":"'
 cdef bytes DATA_PART = b'","data":'
 cdef bytes FROM_PART = b',"from":"'
 cdef bytes TIMESTAMP_PART = b'","timestamp":'
+# A message whose payload begins so names connections to leave out, wherever they are (a
+# dialect's, fastfan.pusher's): each worker's Hub hands it to Hub.excepting, which fans out
+# what it wraps. The Hub never encodes a client's message so (MESSAGE_PREFIX).
+EXCEPTING_PREFIX = b'{"except":'
+cdef bytes EXCEPTING = EXCEPTING_PREFIX
+
+
+cdef bint is_excepting(object payload) except -1:
+    """Whether `payload` begins with EXCEPTING_PREFIX."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        return view.len > len(EXCEPTING) and memcmp(
+            view.buf, PyBytes_AS_STRING(EXCEPTING), len(EXCEPTING)) == 0
+    finally:
+        PyBuffer_Release(&view)
+
 
 # Upper bounds (seconds) of fastfan_publish_latency_seconds's buckets; +Inf is implied.
 LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,

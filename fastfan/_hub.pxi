@@ -215,6 +215,7 @@ cdef class Hub:
     cpdef Py_ssize_t fanout(self, str channel, object payload, Outbox exclude=None) except -1:
         """Deliver an encoded `message` to this worker's subscribers of `channel`, but
         `exclude` (the publisher of an "echo":false message, the subject of a join/leave).
+        A payload that begins with EXCEPTING_PREFIX goes to `excepting` (when set).
 
         The payload is framed once into a scratch buffer; each subscriber gets a memcpy.
         With subscribers that negotiated permessage-deflate, it is also compressed once.
@@ -227,6 +228,8 @@ cdef class Hub:
             return 0
         if channel[0] == WATCH_MARK:
             return self._hold_event(target, payload, exclude)
+        if self.excepting is not None and is_excepting(payload):
+            return self.excepting(channel, payload)
         self._note_fanout(monotonic())
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:

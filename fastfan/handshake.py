@@ -193,7 +193,7 @@ class ListenerFactory:
             # pusher:error 4001 (what pusher-js understands).
             assert self.pusher_api is not None
             return self._session(request, ANONYMOUS, False, None, None, PusherConnection(
-                self.pusher_api.pusher, pusher_key.decode("latin-1")))
+                self.pusher_api.pusher, pusher_key.decode("latin-1"), query))
         hooks = self._hub.hooks
         try:
             if hooks is not None and hooks.app.authenticate_hook is not None and not echo:

@@ -19,6 +19,7 @@ from ._core import WATCH_PREFIX, Hub
 from .api import Api
 from .app import load_app
 from .auth import ChannelPatterns, token_verifier
+from .bus.base import Transitions
 from .bus.factory import make_bus
 from .config import Config, ConfigError, reload, tls_context
 from .directory import Node, node_name, process_start_time
@@ -31,6 +32,7 @@ from .proxy import Proxies
 from .pusher import CACHE_PATTERNS, PRESENCE_PATTERN, Pusher, parse_apps
 from .pusher.api import PusherApi
 from .webhooks import Webhooks
+from .webhooks.occupancy import Listeners
 
 log = logging.getLogger("fastfan.worker")
 
@@ -132,7 +134,6 @@ class Worker:
         self.hub.bus = self.bus
         self.webhooks = None if config.webhook_url is None else Webhooks(config)
         if self.webhooks is not None:
-            self.bus.watch_transitions(self.webhooks)
             self.webhooks.hook(self.hub)
         # --app: the application's hooks (loaded and checked by the master already), and
         # the proxies' (--proxy-*), which are hooks too
@@ -148,6 +149,13 @@ class Worker:
         if self.pusher_api is not None and self.webhooks is not None \
                 and config.webhook_format == "pusher":
             self.pusher_api.pusher.client_event_webhook = self.webhooks.client_event
+        # the deployment's transitions: the webhooks', and Pusher's member events
+        listeners: list[Transitions] = [listener for listener in (
+            self.webhooks, None if self.pusher_api is None else self.pusher_api.pusher)
+            if listener is not None]
+        if listeners:
+            self.bus.watch_transitions(listeners[0] if len(listeners) == 1
+                                       else Listeners(listeners))
         self.accepting = False
         self.leaving: tuple[int, str] | None = None  # the close code and reason, once told
         self.factory = ListenerFactory(config, self.hub, why_not_ready=self.why_not_ready,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,23 @@ def test_quick_suite_runs_every_server_without_loss() -> None:
     for server in ("yardstick", "fastfan", "uws", "seed", "websockets", "socketio"):
         assert f"\n{server:>10} " in result.stdout
     assert "6 runs, 0 with a crash or loss" in result.stdout
+
+
+def test_fanout_pusher_runs_pusher_and_fastfan_subscribers_without_loss(
+        tmp_path: Path) -> None:
+    """The fanout-pusher scenario at one light rate: fastfan's own subscribers with a
+    WebSocket publisher, then fastfan's and Pusher's subscribers of a Pusher channel
+    published to through the server API; each gets every message."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import run
+
+    scenario = replace(run.SCENARIOS["fanout"], name="fanout-pusher", rates=(20e3,))
+    rows = run.run_scenario(scenario, list(run.FANOUT_PUSHER), 1.0, tmp_path)
+    assert [row["server"] for row in rows] == ["fastfan", "fastfan-api", "fastfan-pusher"]
+    for row in rows:
+        assert not row["crashed"] and row["lost"] == 0 and row["reordered"] == 0
+        assert row["delivered"] == row["expected"] == 1000 * row["sent"] > 0
+    assert [row["api_answered"] for row in rows] == [0, rows[1]["sent"], rows[2]["sent"]]
 
 
 def test_history_study_reconnect_storm_recovers() -> None:

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 import pusher
 import pytest
-from browser import CHROMIUM, Browser
+from browser import CHROMIUM, FIREFOX, Browser, Firefox
 from support.api import call, start_api
 from support.patched import BROWSER_HEADERS
 from support.redis import RedisServer
@@ -99,6 +99,56 @@ def python_backend(server: Server, secret: str = SECRET) -> Any:
                          port=server.port, ssl=False)
 
 
+class RawPusher:
+    """A Pusher connection spoken by hand, for tests that move many in step (no Node)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.client = RawClient(server.host, server.port,
+                                f"/app/{KEY}?protocol=7&client=js&version=8.4.0")
+        self.events: list[dict[str, Any]] = []  # every one read, `data` decoded
+        self.socket_id: str = self.next("pusher:connection_established")["data"]["socket_id"]
+
+    def worker(self) -> str:
+        """Its worker's number (a socket id begins with it)."""
+        return self.socket_id.split(".")[0]
+
+    def subscribe(self, channel: str, user: str | None = None) -> None:
+        """Sends the subscribe (signed, with `user` as the member on a presence channel);
+        reads nothing."""
+        data: dict[str, Any] = {"channel": channel}
+        if channel.startswith(("private-", "presence-")):
+            member = None if user is None else {"user_id": user, "user_info": {"n": user}}
+            data.update(python_backend(self.server).authenticate(channel, self.socket_id,
+                                                                 member))
+        self.client.send_json({"event": "pusher:subscribe", "data": data})
+
+    def unsubscribe(self, channel: str) -> None:
+        self.client.send_json({"event": "pusher:unsubscribe", "data": {"channel": channel}})
+
+    def next(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Reads until an event named `event` (whose `data` has `fields`) comes."""
+        while True:
+            got = self.client.recv_json()
+            if isinstance(got.get("data"), str) and got["data"].startswith("{"):
+                got["data"] = json.loads(got["data"])
+            self.events.append(got)
+            if got["event"] == event and all(got["data"].get(name) == value
+                                             for name, value in fields.items()):
+                return got
+
+    def seen(self, event: str) -> list[Any]:
+        return [got["data"] for got in self.events if got["event"] == event]
+
+
+def on_two_workers(server: Server) -> tuple[RawPusher, RawPusher]:
+    """Two connections, each on its own worker of `server`'s two."""
+    first = RawPusher(server)
+    while (second := RawPusher(server)).worker() == first.worker():
+        second.client.close()
+    return first, second
+
+
 def start_pusher(start_server: Any, *args: str) -> Server:
     """A server with one Pusher app and no token key: --pusher-app alone is enough."""
     server: Server = start_server("--pusher-app", APP, *args, secret=None)
@@ -177,6 +227,54 @@ def test_members_are_added_and_removed_once_per_user(
     assert not alice.seen(event="member_added", id="alice")
 
 
+@pytest.mark.parametrize("deployment", ["two workers", "two nodes on redis"])
+def test_one_user_joining_and_leaving_twice_at_once_is_one_added_and_one_removed(
+        start_server: Any, redis_server: RedisServer, deployment: str) -> None:
+    """Two connections of one user join a presence channel at the same instant on two
+    workers (or nodes), then leave at the same instant, again and again: the others hear
+    exactly one member_added and one member_removed each time, and the user's own
+    connections never hear of their own user."""
+    if deployment == "two workers":
+        server = start_pusher(start_server, "--workers", "2")
+        server.wait_ready()
+        twins = on_two_workers(server)
+    else:
+        nodes = [start_pusher(start_server, "--redis", redis_server.url) for _ in range(2)]
+        for node in nodes:
+            node.wait_ready()
+        twins = (RawPusher(nodes[0]), RawPusher(nodes[1]))
+        server = nodes[0]
+    watcher = RawPusher(server)
+    watcher.subscribe("presence-room", "watcher")
+    watcher.next("pusher_internal:subscription_succeeded")
+    cycles = 8
+    for cycle in range(1, cycles + 1):
+        for twin in twins:
+            twin.subscribe("presence-room", "twin")
+        for twin in twins:
+            assert "twin" in twin.next("pusher_internal:subscription_succeeded")[
+                "data"]["presence"]["ids"]
+        added = watcher.next("pusher_internal:member_added", user_id="twin")
+        assert added["data"]["user_info"] == {"n": "twin"}
+        for twin in twins:
+            twin.unsubscribe("presence-room")
+        watcher.next("pusher_internal:member_removed", user_id="twin")
+        assert len(watcher.seen("pusher_internal:member_added")) == cycle
+    python_backend(server).trigger(["presence-room"], "marker", {})
+    watcher.next("marker")
+    assert [got["event"] for got in watcher.events
+            if got["event"].startswith("pusher_internal:member")] == [
+        "pusher_internal:member_added", "pusher_internal:member_removed"] * cycles
+    for twin in twins:  # (what came after each one's last read comes before the marker)
+        twin.subscribe("presence-room", "twin")
+        twin.next("pusher_internal:subscription_succeeded")
+    python_backend(server).trigger(["presence-room"], "marker", {})
+    for twin in twins:
+        twin.next("marker")
+        assert not [got for got in twin.events if got["event"].startswith(
+            "pusher_internal:member") and got["data"]["user_id"] == "twin"]
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_client_events_reach_the_others_never_the_sender(
         start_server: Any, pusher_js: Any, workers: str) -> None:
@@ -221,6 +319,40 @@ def test_socket_id_leaves_the_sender_out(start_server: Any, pusher_js: Any,
                  and len(other.seen(event="message", name="saved-too")) == 4)
     sender.wait(event="message", name="marker")
     assert [event["name"] for event in sender.seen(event="message")] == ["marker"]
+
+
+@pytest.fixture
+def redis_shards(tmp_path: Path) -> Iterator[str]:
+    """Three redis-servers, as --redis takes them: channels sharded over them."""
+    servers = [RedisServer(tmp_path / f"redis-{index}.log") for index in range(3)]
+    yield ",".join(server.url for server in servers)
+    for server in servers:
+        server.kill()
+
+
+def test_socket_id_travels_with_the_event_on_redis_shards(
+        start_server: Any, redis_shards: str) -> None:
+    """A trigger that leaves out a connection of another node keeps its place among the
+    channel's events, and on a cache channel it is the latest event like any other."""
+    nodes = [start_pusher(start_server, "--redis", redis_shards) for _ in range(2)]
+    for node in nodes:
+        node.wait_ready()
+    sender, other = RawPusher(nodes[0]), RawPusher(nodes[1])
+    for client in (sender, other):
+        client.subscribe("cache-news")
+        client.next("pusher:cache_miss")  # (after subscription_succeeded)
+    backend = python_backend(nodes[1])  # the sender's connection is on the other node
+    for n in range(10):
+        backend.trigger(["cache-news"], "n", {"n": n},
+                        socket_id=sender.socket_id if n % 2 else None)
+    other.next("n", n=9)
+    assert [data["n"] for data in other.seen("n")] == list(range(10))
+    late = RawPusher(nodes[0])
+    late.subscribe("cache-news")
+    assert late.next("n")["data"] == {"n": 9}
+    backend.trigger(["cache-news"], "marker", {})
+    sender.next("marker")
+    assert [data["n"] for data in sender.seen("n")] == [0, 2, 4, 6, 8]
 
 
 def test_two_nodes_on_redis_share_channels_members_and_client_events(
@@ -428,6 +560,18 @@ def test_an_unknown_key_upgrades_then_gets_4001(start_server: Any) -> None:
     assert client.recv_close()[0] == 4001
 
 
+@pytest.mark.parametrize(("query", "code"), [
+    ("?protocol=6&client=js&version=8.4.0", 4007), ("?protocol=8", 4007),
+    ("?protocol=seven", 4006), ("?client=js&version=8.4.0", 4008), ("", 4008)])
+def test_a_protocol_other_than_7_gets_pusher_s_error_and_a_close(
+        start_server: Any, query: str, code: int) -> None:
+    server = start_pusher(start_server)
+    client = RawClient(server.host, server.port, f"/app/{KEY}{query}")
+    error = client.recv_json()
+    assert error["event"] == "pusher:error" and error["data"]["code"] == code
+    assert client.recv_close()[0] == code
+
+
 def test_client_events_on_public_channels_are_refused_and_the_connection_stays(
         start_server: Any) -> None:
     server = start_pusher(start_server)
@@ -576,14 +720,18 @@ def auth_endpoint() -> Iterator[str]:
     http.shutdown()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (./dev test installs it)")
-def test_pusher_js_in_chromium_subscribes_receives_and_reconnects(
-        start_server: Any, auth_endpoint: str) -> None:
+@pytest.mark.parametrize("browser", ["chromium", "firefox"])
+def test_pusher_js_in_a_browser_subscribes_receives_and_reconnects(
+        start_server: Any, auth_endpoint: str, browser: str) -> None:
+    program, kind = {"chromium": (CHROMIUM, Browser), "firefox": (FIREFOX, Firefox)}[browser]
+    if program is None:
+        pytest.skip(f"{browser} is not on PATH (./dev test installs it)")
     server = start_pusher(start_server)
     script = (JS / "node_modules/pusher-js/dist/web/pusher.min.js").read_text()
     channels = ["news", "private-orders", "presence-room"]
-    with Browser.showing("about:blank") as page:
-        page.evaluate(script + "; true")
+    with kind.showing("about:blank") as page:
+        # (an indirect eval runs it as a page's script: `Pusher` on window)
+        page.evaluate(f"(0, eval)({json.dumps(script)}), true")
         page.evaluate(f"""(async () => {{
             window.log = []
             const client = window.client = new Pusher({json.dumps(KEY)}, {{

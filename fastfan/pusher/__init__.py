@@ -8,6 +8,18 @@ channel `pusher.ID.C` (bus_channel): its events are encoded once per channel as 
 frames (`{"event":E,"channel":C,"data":D}`) and every bus (embedded, Redis, shards,
 Cluster) carries them as it carries fastfan's messages.
 
+An event that leaves connections out travels as the channel's other events do, wrapped
+(`{"except":{"socket_id":S}|{"user_id":U},"frame":F}`, fastfan._core.EXCEPTING_PREFIX):
+the Hub of each worker hands it to Pusher.fanout_excepting, which fans out F to all but
+the connection S or U's connections there. So it keeps its place among the channel's
+events on every bus (one Redis shard carries both): a trigger with `socket_id`, and the
+member events, which never reach the connections of the member they are about.
+
+Members: `pusher_internal:member_added` when a user's first connection joins a presence
+channel anywhere, `member_removed` when their last one leaves: the bus's transitions
+(Bus.watch_transitions), decided once for the deployment, whose worker publishes the
+event (Pusher is a Transitions listener).
+
 Here: the apps (`--pusher-app ID:KEY:SECRET`) and the worker's Pusher side (Pusher): its
 connections by socket id, the ids, the encoding. The signatures are fastfan.pusher.auth's,
 the HTTP API fastfan.pusher.api's.
@@ -23,8 +35,8 @@ from typing import Any
 
 import msgspec
 
-from .._core import BusResult, Hub, Session
-from ..bus.base import Acknowledger
+from .._core import EXCEPTING_PREFIX, BusResult, Hub, Session
+from ..bus.base import Acknowledger, Presence
 from ..bus.commands import EXTENSIONS, Command, encode_command
 
 # Pusher's channel names: these characters, at most this long.
@@ -42,12 +54,25 @@ PRESENCE_PATTERN = BUS_PREFIX + "*.presence-*"
 # --history-ttl): a subscriber gets it at once, or pusher:cache_miss.
 CACHE_PREFIXES = ("cache-", "private-cache-", "private-encrypted-cache-", "presence-cache-")
 CACHE_PATTERNS = [f"{BUS_PREFIX}*.{prefix}*" for prefix in CACHE_PREFIXES]
-# The bus command of an event that leaves out a connection of another worker (socket_id).
-PUBLISH_EXCEPT = "pusher_publish_except"
 # The bus command that closes a signed-in user's connections on every worker.
 TERMINATE = "pusher_terminate"
 # The close code of a connection terminated by the API (Pusher's: do not reconnect as is).
 TERMINATED = 4009
+
+
+
+
+class _Except(msgspec.Struct, forbid_unknown_fields=False):
+    socket_id: str | None = None
+    user_id: str | None = None
+
+
+class _Excepting(msgspec.Struct, forbid_unknown_fields=False):
+    except_: _Except = msgspec.field(name="except")
+    frame: msgspec.Raw = msgspec.Raw(b"")
+
+
+_decode_excepting = msgspec.json.Decoder(_Excepting).decode
 
 
 class PusherAppError(ValueError):
@@ -112,6 +137,22 @@ def encode_event(event: str, channel: str | None, data: Any,
     return msgspec.json.encode(frame)
 
 
+def excepting(frame: bytes, *, socket_id: str | None = None,
+              user_id: str | None = None) -> bytes:
+    """`frame` for every subscriber but the connection `socket_id`, or `user_id`'s
+    connections, wherever they are (see the module's docstring)."""
+    left_out = {"socket_id": socket_id} if socket_id is not None else {"user_id": user_id}
+    return b"".join((EXCEPTING_PREFIX, msgspec.json.encode(left_out), b',"frame":', frame,
+                     b"}"))
+
+
+def unwrapped(payload: bytes) -> bytes:
+    """The frame of a payload kept as it was published (a cache channel's latest event)."""
+    if not payload.startswith(EXCEPTING_PREFIX):
+        return payload
+    return bytes(_decode_excepting(payload).frame)
+
+
 def event_from_api(bus_channel: str, data: bytes) -> bytes:
     """What fastfan's server API publishes to `pusher.ID.C`, as the Pusher event its
     clients expect: `data` is `{"event":E,"data":D}` (D a string, or any JSON value, sent
@@ -132,7 +173,8 @@ def event_from_api(bus_channel: str, data: bytes) -> bytes:
 
 
 class Pusher:
-    """One worker's Pusher side: the apps, and its connections by socket id."""
+    """One worker's Pusher side: the apps, its connections by socket id and by presence
+    member, and the member events of the deployment's transitions (a Transitions)."""
 
     def __init__(self, apps: Iterable[PusherApp], hub: Hub, *, activity_timeout: int,
                  client_event_rate: float = 10.0) -> None:
@@ -145,12 +187,16 @@ class Pusher:
         self._worker_number = secrets.randbelow(10**9) + 1
         self._next = 0
         self.sockets: dict[str, Session] = {}
+        # (bus channel, user) -> the connections here through which the user is a member
+        self.members: dict[tuple[str, str], list[Session]] = {}
+        # (bus channel, user) -> the member events held behind a gather of the user's info
+        self._held: dict[tuple[str, str], list[bytes]] = {}
         # --webhook-format pusher: (bus channel, event, data, socket_id, user_id or None)
         # of each client event; None when off
         self.client_event_webhook: Callable[[str, str, Any, str, str | None], None] | None \
             = None
-        EXTENSIONS[PUBLISH_EXCEPT] = self._publish_except
         EXTENSIONS[TERMINATE] = self._terminate
+        hub.excepting = self.fanout_excepting
 
     def new_socket_id(self) -> str:
         self._next += 1
@@ -173,19 +219,115 @@ class Pusher:
     def publish_for_api(self, app: PusherApp, channel: str, payload: bytes,
                         socket_id: str | None, ack: Acknowledger) -> int:
         """`payload` to every subscriber of `channel`, but the connection `socket_id` if
-        given, wherever it is: here, a publish that leaves it out; else a bus command,
-        which each worker fans out leaving out its own connection of that id (the bus
-        keeps it in order with the publishes of this worker). A BusResult; PENDING: `ack`
-        hears once the bus has it."""
-        session = None if socket_id is None else self.sockets.get(socket_id)
-        if socket_id is None or session is not None:
-            return self._publish(app.bus_channel(channel), payload, session, ack)
-        return int(self.hub.bus.command(encode_command(
-            PUBLISH_EXCEPT, socket_id, app.bus_channel(channel), payload.decode()), ack))
+        given, wherever it is (wrapped: see the module's docstring). A BusResult; PENDING:
+        `ack` hears once the bus has it."""
+        if socket_id is not None:
+            payload = excepting(payload, socket_id=socket_id)
+        return self._publish(app.bus_channel(channel), payload, None, ack)
 
-    def _publish_except(self, command: Command) -> None:
-        self.hub.fanout(command.channel, command.data.encode(),
-                        self.sockets.get(command.user))
+    def fanout_excepting(self, channel: str, payload: bytes | bytearray | memoryview) -> int:
+        """The Hub's `excepting`: what `payload` wraps to this worker's subscribers of
+        `channel` but those it leaves out."""
+        try:
+            wrapped = _decode_excepting(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return 0  # not a Pusher event: nothing to deliver
+        frame = bytes(wrapped.frame)
+        left_out = wrapped.except_
+        if left_out.socket_id is not None:
+            session = self.sockets.get(left_out.socket_id)
+            return self.hub.fanout(channel, frame, session)
+        here = self.members.get((channel, left_out.user_id or ""), [])
+        if len(here) <= 1:
+            return self.hub.fanout(channel, frame, here[0] if here else None)
+        # The user joined through several connections here at once (a rare race): each
+        # other subscriber, one by one.
+        delivered = 0
+        for session in self.hub.sessions:
+            if channel in session.subscriptions and session not in here:
+                session.send_text(frame)
+                delivered += 1
+        return delivered
+
+    # Members --------------------------------------------------------------------------
+
+    def member_here(self, bus_channel: str, user: str, session: Session) -> None:
+        """`session` is about to join presence channel `bus_channel` as `user`."""
+        self.members.setdefault((bus_channel, user), []).append(session)
+
+    def member_gone(self, bus_channel: str, user: str, session: Session) -> None:
+        sessions = self.members.get((bus_channel, user))
+        if sessions is not None and session in sessions:
+            sessions.remove(session)
+            if not sessions:
+                del self.members[bus_channel, user]
+
+    def occupied(self, channel: str) -> None:
+        """(A Transitions: channels filling and emptying are the webhooks' business.)"""
+
+    def vacated(self, channel: str) -> None:
+        """See occupied."""
+
+    def member_added(self, channel: str, user: str) -> None:
+        """`user`'s first connection joined presence channel `channel` somewhere: the
+        other members hear of it with the user's info, from a connection of theirs here
+        or else gathered (the events of that user and channel wait behind the gather)."""
+        name = self._presence_name(channel)
+        if name is None:
+            return
+        key = (channel, user)
+        here = self.members.get(key)
+        held = self._held.get(key)
+        if held is not None:  # behind a gather still out: in turn, with what is known here
+            held.append(self._member_added(name, user, here[0].identity.info if here else ""))
+        elif here:
+            self._publish_member(channel, self._member_added(name, user, here[0].identity.info))
+        else:
+            self._held[key] = [b""]  # its place, filled once the info is gathered
+
+            def gathered(presence: Presence | None) -> None:
+                info = next((info for _, member, info in presence[2] if member == user),
+                            "") if presence is not None else ""
+                events = self._held.pop(key)
+                events[0] = self._member_added(name, user, info)
+                for event in events:
+                    self._publish_member(channel, event)
+
+            self.hub.bus.gather_presence(channel, gathered)  # fresh: not the Hub's cache
+
+    def member_removed(self, channel: str, user: str) -> None:
+        """`user`'s last connection left presence channel `channel` everywhere."""
+        name = self._presence_name(channel)
+        if name is None:
+            return
+        removed = excepting(encode_event("pusher_internal:member_removed", name,
+                                         msgspec.json.encode({"user_id": user}).decode()),
+                            user_id=user)
+        held = self._held.get((channel, user))
+        if held is not None:
+            held.append(removed)
+        else:
+            self._publish_member(channel, removed)
+
+    def _presence_name(self, bus_channel: str) -> str | None:
+        """The Pusher channel of a presence bus channel of one of the apps, else None."""
+        if not bus_channel.startswith(BUS_PREFIX):
+            return None
+        app_id, _, name = bus_channel[len(BUS_PREFIX):].partition(".")
+        if app_id not in self.apps_by_id or not name.startswith("presence-"):
+            return None
+        return name
+
+    @staticmethod
+    def _member_added(name: str, user: str, info: str) -> bytes:
+        added = msgspec.json.encode({"user_id": user, "user_info": msgspec.Raw(
+            info.encode()) if info else None})
+        return excepting(encode_event("pusher_internal:member_added", name, added.decode()),
+                         user_id=user)
+
+    def _publish_member(self, channel: str, event: bytes) -> None:
+        """Not kept as a cache channel's latest event: that is for the app's events."""
+        self.hub.bus.publish(channel, event, None, b"")
 
     def terminate(self, app: PusherApp, user: str, ack: Acknowledger) -> int:
         """Close every connection signed in as `user` of `app`, on every worker and node

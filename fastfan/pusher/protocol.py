@@ -7,13 +7,15 @@ through the Session (`send_text`, `close`) and subscribes it to the bus channels
 Pusher channels (`subscribe_to`), whose events the core fans out as they are. Presence
 is fastfan's: the connection takes the presence user as its identity (`take_identity`),
 and the members are the channel's subscribers on every worker and node
-(Hub.gather_presence).
+(Hub.gather_presence); member_added and member_removed are the bus's transitions
+(fastfan.pusher.Pusher.member_added).
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -29,13 +31,21 @@ from . import (
     PusherApp,
     encode_event,
     is_channel_name,
+    unwrapped,
 )
 from .auth import SignatureError, check_channel_auth, check_user_auth
 
 # Pusher's close and error codes (pusher.com/docs/channels/library_auth_reference/pusher-
-# websockets-protocol): 4001 no such app, 4009 unauthorized, 4301 client events too fast.
+# websockets-protocol): 4001 no such app, 4006-4008 the `protocol` of the URL's query is
+# not a number, not one spoken here, or missing; 4009 unauthorized, 4301 client events
+# too fast.
 APP_DOES_NOT_EXIST = 4001
+INVALID_VERSION = 4006
+UNSUPPORTED_PROTOCOL = 4007
+NO_PROTOCOL = 4008
 OVER_RATE_LIMIT = 4301
+# The protocol version spoken here (pusher-js 8 connects with ?protocol=7).
+PROTOCOL = "7"
 # Channel kinds by prefix; `private-encrypted-` is a private channel whose data the
 # clients encrypt: it is relayed as it is.
 PRIVATE = "private-"
@@ -53,6 +63,19 @@ class _Message(msgspec.Struct, forbid_unknown_fields=False):
 _decode = msgspec.json.Decoder(_Message).decode
 
 
+def _protocol_refusal(query: bytes) -> tuple[int, str] | None:
+    """What Pusher answers a `protocol` it does not speak, or None for PROTOCOL."""
+    versions = parse_qs(query.decode("latin-1")).get("protocol")
+    if not versions:
+        return NO_PROTOCOL, "No protocol version supplied"
+    if not versions[0].isdigit():
+        return INVALID_VERSION, "Invalid version string format"
+    if versions[0].lstrip("0") != PROTOCOL:
+        return UNSUPPORTED_PROTOCOL, (f"Unsupported protocol version {versions[0][:20]}: "
+                                      f"this server speaks {PROTOCOL}")
+    return None
+
+
 def _signed(channel: str) -> bool:
     return channel.startswith((PRIVATE, PRESENCE))
 
@@ -60,13 +83,15 @@ def _signed(channel: str) -> bool:
 class PusherConnection:
     """One Pusher connection: its app, socket id, Pusher channels and client-event bucket."""
 
-    __slots__ = ("app", "channels", "key", "pusher", "refill_at", "socket_id",
+    __slots__ = ("app", "channels", "key", "pusher", "refill_at", "refusal", "socket_id",
                  "subscribe_refill_at", "subscribe_tokens", "tokens", "user")
 
-    def __init__(self, pusher: Pusher, key: str) -> None:
+    def __init__(self, pusher: Pusher, key: str, query: bytes = b"") -> None:
         self.pusher = pusher
         self.key = key
         self.app: PusherApp | None = pusher.apps_by_key.get(key)
+        # the pusher:error code and message that close it once connected, if any
+        self.refusal = _protocol_refusal(query)
         self.socket_id = ""
         self.channels: set[str] = set()  # Pusher channel names subscribed
         self.tokens = 2 * pusher.client_event_rate
@@ -84,6 +109,12 @@ class PusherConnection:
                         f"App key {self.key} does not exist on this server")
             session.close(APP_DOES_NOT_EXIST, "App does not exist")
             return
+        if self.refusal is not None:
+            code, message = self.refusal
+            self._error(session, code, message)
+            session.close(code, message)
+            self.app = None  # nothing it sends is handled
+            return
         self.socket_id = self.pusher.new_socket_id()
         self.pusher.sockets[self.socket_id] = session
         data = msgspec.json.encode({"socket_id": self.socket_id,
@@ -94,10 +125,11 @@ class PusherConnection:
         """The Session has left every bus channel already: the presence channels it was in
         may have lost a member."""
         self.pusher.sockets.pop(self.socket_id, None)
-        user = session.identity.user
         for channel in self.channels:
             if channel.startswith(PRESENCE):
-                self._member_left(channel, user)
+                assert self.app is not None
+                self.pusher.member_gone(self.app.bus_channel(channel), session.identity.user,
+                                        session)
         self.channels = set()
 
     def handle(self, session: Session, text: bytes) -> None:
@@ -164,6 +196,8 @@ class PusherConnection:
             assert isinstance(channel_data, str)
             if not self._take_presence_user(session, channel, channel_data):
                 return
+            self.pusher.member_here(self.app.bus_channel(channel), session.identity.user,
+                                    session)
         self.channels.add(channel)
         if not session.subscribe_to(self.app.bus_channel(channel)):
             self._succeeded(session, channel)
@@ -198,7 +232,7 @@ class PusherConnection:
             if channel not in self.channels:
                 return
             if kept is not None and kept[2]:
-                session.send_text(kept[2][-1][1])
+                session.send_text(unwrapped(kept[2][-1][1]))
             else:
                 session.send_text(encode_event("pusher:cache_miss", channel, "{}"))
 
@@ -256,16 +290,13 @@ class PusherConnection:
     def _presence_succeeded(self, session: Session, channel: str,
                             presence: Presence | None) -> None:
         """The members everywhere, this connection among them: to it, with
-        subscription_succeeded; to the others, member_added if it is its user's first."""
-        assert self.app is not None
+        subscription_succeeded."""
         if channel not in self.channels:
             return  # unsubscribed meanwhile
         members: dict[str, Any] = {}
-        connections_of_user = 0
         user = session.identity.user
         for _client, member, info in presence[2] if presence is not None else ():
             members[member] = msgspec.Raw(info.encode()) if info else None
-            connections_of_user += member == user
         members.setdefault(user, msgspec.Raw(session.identity.info.encode())
                            if session.identity.info else None)
         data = msgspec.json.encode({"presence": {
@@ -273,31 +304,14 @@ class PusherConnection:
         session.send_text(encode_event("pusher_internal:subscription_succeeded", channel,
                                        data.decode()))
         self._send_cached(session, channel)
-        if connections_of_user <= 1:
-            added = msgspec.json.encode({"user_id": user, "user_info": members[user]})
-            self.pusher.publish(self.app, channel, encode_event(
-                "pusher_internal:member_added", channel, added.decode()), session)
 
     def _unsubscribe(self, session: Session, channel: str) -> None:
         assert self.app is not None
         self.channels.discard(channel)
         session.unsubscribe_from(self.app.bus_channel(channel))
         if channel.startswith(PRESENCE):
-            self._member_left(channel, session.identity.user)
-
-    def _member_left(self, channel: str, user: str) -> None:
-        """member_removed once no connection of `user` is left in `channel` anywhere."""
-        app = self.app
-        assert app is not None
-
-        def gathered(presence: Presence | None) -> None:
-            if presence is not None and any(member == user for _, member, _ in presence[2]):
-                return
-            removed = msgspec.json.encode({"user_id": user}).decode()
-            self.pusher.publish(app, channel, encode_event("pusher_internal:member_removed",
-                                                           channel, removed))
-
-        self.pusher.hub.gather_presence(app.bus_channel(channel), gathered)
+            self.pusher.member_gone(self.app.bus_channel(channel), session.identity.user,
+                                    session)
 
     # Client events --------------------------------------------------------------------
 

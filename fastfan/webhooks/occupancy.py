@@ -31,6 +31,29 @@ def tell(listener: Transitions, channel: str, user: str | None, on: bool) -> Non
         (listener.member_added if on else listener.member_removed)(channel, user)
 
 
+class Listeners:
+    """Several listeners of the transitions (webhooks and Pusher's member events), as one."""
+
+    def __init__(self, listeners: list[Transitions]) -> None:
+        self.listeners = listeners
+
+    def occupied(self, channel: str) -> None:
+        for listener in self.listeners:
+            listener.occupied(channel)
+
+    def vacated(self, channel: str) -> None:
+        for listener in self.listeners:
+            listener.vacated(channel)
+
+    def member_added(self, channel: str, user: str) -> None:
+        for listener in self.listeners:
+            listener.member_added(channel, user)
+
+    def member_removed(self, channel: str, user: str) -> None:
+        for listener in self.listeners:
+            listener.member_removed(channel, user)
+
+
 class LocalOccupancy:
     """This worker's holdings, from its bus's calls; `edge` hears each start and stop."""
 
