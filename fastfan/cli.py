@@ -229,8 +229,8 @@ FILE_OPTIONS = {
 # Options given two ways (the value, or a file holding it): a layer that gives either one
 # decides for both, so FASTFAN_JWT_SECRET replaces the file's jwt_secret_file.
 _ONE_OF = (("jwt_secret", "jwt_secret_file"), ("api_key", "api_key_file"))
-# Printed as *** by `fastfan config show`.
-SECRETS = ("jwt_secret", "api_key")
+# Printed as *** by `fastfan config show` (and each Pusher app's secret, ID:KEY:***).
+SECRETS = ("jwt_secret", "api_key", "webhook_secret")
 
 
 def _env_name(flag: str) -> str:
@@ -469,6 +469,9 @@ def show_config(config: Config) -> str:
             lines.append(f"# {field.name} is unset")
         elif field.name in SECRETS:
             lines.append(f'{field.name} = "***"')
+        elif field.name == "pusher_app":
+            apps = [app.rsplit(":", 1)[0] + ":***" for app in value]
+            lines.append(f"{field.name} = {json.dumps(apps)}")
         elif field.name == "redis":
             masked = _URL_PASSWORD.sub(r"//\1:***@", value)
             lines.append(f"{field.name} = {json.dumps(masked)}")

@@ -69,6 +69,18 @@ def test_the_environment_gives_a_secret_the_file_gives_as_a_file(tmp_path: Path)
     assert shown(result.stdout)["jwt_secret"] == '"***"'
 
 
+def test_show_masks_the_webhook_secret_and_each_pusher_apps_secret(tmp_path: Path) -> None:
+    secret_file = write(tmp_path, "webhook-secret-0123456789\n", "webhook-secret")
+    result = fastfan("config", "show", "--webhook-url", "http://127.0.0.1:9/hooks",
+                     "--webhook-secret-file", str(secret_file),
+                     "--pusher-app", "7:app-key:pusher-secret-0123", "--insecure")
+    assert result.returncode == 0, result.stderr
+    assert "webhook-secret-0123456789" not in result.stdout
+    assert "pusher-secret-0123" not in result.stdout
+    assert 'webhook_secret = "***"' in result.stdout
+    assert 'pusher_app = ["7:app-key:***"]' in result.stdout
+
+
 def test_run_takes_its_options_from_the_file(tmp_path: Path, start_server: Any) -> None:
     config = write(tmp_path, f'jwt_secret = "{SECRET}"\nmax_subscriptions = 1\n')
     server = start_server("--config", str(config), secret=None)
