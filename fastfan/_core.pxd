@@ -430,4 +430,4 @@ cdef class Hub:
     cdef int attach(self, Session session) except -1
     cdef int note_close(self, Outbox outbox, int code, str reason) except -1
     cdef int detach(self, Session session) except -1
-    cdef bytes _new_client_id(self)
+    cpdef bytes new_client_id(self)

@@ -95,8 +95,9 @@ cdef class Session(Outbox):
     """One WebSocket connection: frames in, RFC 6455 rules and limits, requests."""
 
     def __cinit__(self, Hub hub, identity, bint echo=False, bint deflate_in=False,
-                  bint deflate_out=False):
+                  bint deflate_out=False, bytes client_id=None):
         self.hub = hub
+        self.client_id = client_id  # (chosen before the upgrade, for the hooks, or later)
         self.identity = identity
         self.echo = echo
         self.deflate_in = deflate_in
@@ -131,7 +132,8 @@ cdef class Session(Outbox):
             tcp.set_write_buffer_limits(0, 0)
             self.paused = tcp.get_write_buffer_size() > 0
             self.fd = tcp.get_extra_info("socket").fileno()
-        self.client_id = hub._new_client_id()
+        if self.client_id is None:
+            self.client_id = hub.new_client_id()
         self.connected_at = now_ms()
         self.last_seen = monotonic()
         self.refill_at = self.read_refill_at = self.history_quota_at = self.last_seen

@@ -139,11 +139,14 @@ def test_without_a_token_key_the_connect_proxy_is_enough_to_start(
 
 def test_connect_sends_centrifugos_request_with_the_allowed_headers(
         proxied: Server, backend: ProxyBackend) -> None:
-    join(proxied, "alice", **{"User-Agent": "tests/1", "X-Real-Ip": "10.0.0.7",
-                              "X-Secret": "not forwarded"}).close()
+    alice = join(proxied, "alice", **{"User-Agent": "tests/1", "X-Real-Ip": "10.0.0.7",
+                                      "X-Secret": "not forwarded"})
+    client_id = ask(alice, {"type": "stats"})["data"]["clientId"]  # as `welcome` said
     ((headers, body),) = backend.received("connect")
-    assert body == {"client": body["client"], **EVERY_FIELD}
-    assert isinstance(body["client"], str) and body["client"]
+    # the connection's clientId from the start: the backend can tell whose later requests
+    assert body == {"client": client_id, **EVERY_FIELD}
+    assert ask(alice, {"type": "subscribe", "channel": "room"})["type"] == "subscribed"
+    assert backend.received("subscribe")[-1][1]["client"] == client_id
     assert headers["Cookie"] == "session=alice" and headers["User-Agent"] == "tests/1"
     assert headers["X-Real-Ip"] == "10.0.0.7" and "X-Secret" not in headers, headers
     assert headers["Content-Type"] == "application/json"
