@@ -257,6 +257,7 @@ cdef class Session(Outbox):
     cdef int _leave(self, str channel) except -1
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1
     cdef int _publish(self, object request, bytes request_id) except -1
+    cdef int _publish_hooked(self, object request, str channel, bytes request_id) except -1
     cdef int _publish_allowed(self, str channel, object data, bytes request_id, bint echo,
                               bint history) except -1
     cdef int _dispatch(self, object request, bytes request_id) except -1
@@ -393,7 +394,7 @@ cdef class Hub:
         # App has the hooks a subscribe or a publish asks (else they cost nothing)
         public object       hooks
         public bint         hook_subscribe
-        public bint         hook_publish
+        public object       hook_publish  # the App's can_publish, or None
 
     cpdef Py_ssize_t fanout(self, str channel, object payload, Outbox exclude=*) except -1
     cpdef Py_ssize_t fanout_or_shed(self, str channel, object payload,

@@ -112,7 +112,7 @@ class Hub:
     verify_token: Callable[[str], Any] | None
     hooks: Any  # fastfan.hooks.Hooks, None without --app
     hook_subscribe: bool
-    hook_publish: bool
+    hook_publish: Any  # the App's can_publish, None without one
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_message_size: int,
                  max_subscriptions: int, max_subscription_bytes: int, max_buffer: int,
                  publish_rate: float, slow_consumer: SlowConsumerPolicy,
