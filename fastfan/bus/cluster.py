@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,7 @@ from ..history.redis import RedisHistory
 from ..webhooks.redis import RedisOccupancy
 from .base import REFUSED, Acknowledger, BusHealth, HubLink, Presence, Transitions
 from .commands import COMMANDS
+from .gather import gathered
 from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command
 from .sharded import SETTLE, RoutedBus
 
@@ -454,15 +456,14 @@ class ClusterBus(RoutedBus):
     async def _subscribed_anywhere(self) -> set[str] | None:
         """The channels matching the patterns that have a subscriber on some worker; None
         when the directory cannot tell."""
-        if self.directory is None:
+        directory = self.directory
+        if directory is None:
             return None
         subscribed: set[str] = set()
         for pattern in self._tap_patterns:
-            answered: asyncio.Future[Counts | None] = asyncio.get_running_loop().create_future()
-            self.directory.gather_channels(
-                pattern, MAX_LISTED, channel_counts(self.hub.subscriber_counts(), pattern),
-                answered.set_result)
-            counts = await answered
+            counts: Counts | None = await gathered(functools.partial(
+                directory.gather_channels, pattern, MAX_LISTED,
+                channel_counts(self.hub.subscriber_counts(), pattern)))
             if counts is None:
                 return None
             subscribed.update(name for name, count in counts if count)
