@@ -97,7 +97,7 @@ cdef class Session(Outbox):
     def __cinit__(self, Hub hub, identity, bint echo=False, bint deflate_in=False,
                   bint deflate_out=False, bytes client_id=None):
         self.hub = hub
-        self.client_id = client_id  # (chosen before the upgrade, for the hooks, or later)
+        self.client_id = client_id  # None: numbered once connected (hooks choose it earlier)
         self.identity = identity
         self.echo = echo
         self.deflate_in = deflate_in
