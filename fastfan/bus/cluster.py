@@ -434,6 +434,8 @@ class ClusterBus(RoutedBus):
             self.message_tap = tap
             self._tap_patterns = patterns
             self._matches = ChannelPatterns(patterns).allows
+            log.info("@app.on_message on a Redis Cluster hears the matching channels that "
+                     "some client subscribes to, not the others (docs/hooks.md)")
 
     def _taps(self, channel: bytes) -> str | None:
         """A Redis channel's name when it is a client channel the handlers' patterns match."""
