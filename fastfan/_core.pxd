@@ -257,6 +257,7 @@ cdef class Session(Outbox):
     cdef int _leave(self, str channel) except -1
     cdef int _unsubscribe(self, object channel, bytes request_id) except -1
     cdef int _publish(self, object request, bytes request_id) except -1
+    cdef int _publish_hooked(self, object request, str channel, bytes request_id) except -1
     cdef int _publish_allowed(self, str channel, object data, bytes request_id, bint echo,
                               bint history) except -1
     cdef int _dispatch(self, object request, bytes request_id) except -1
@@ -399,7 +400,7 @@ cdef class Hub:
         # App has the hooks a subscribe or a publish asks (else they cost nothing)
         public object       hooks
         public bint         hook_subscribe
-        public bint         hook_publish
+        public object       hook_publish  # the App's can_publish, or None
         # fastfan.namespaces.NamespaceTable when namespaces are configured, else None:
         # then nothing of them is looked at; and the same table for the worker's life,
         # whether or not any are (the history stores ask it what a channel keeps)
@@ -441,5 +442,5 @@ cdef class Hub:
     cdef int attach(self, Session session) except -1
     cdef int note_close(self, Outbox outbox, int code, str reason) except -1
     cdef int detach(self, Session session) except -1
-    cdef bytes _new_client_id(self)
+    cpdef bytes new_client_id(self)
     cpdef bytes encode_message(self, str channel, object data, bytes sender)

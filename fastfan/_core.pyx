@@ -283,6 +283,10 @@ def first_step(coroutine, waiting):
     return waiting(coroutine, answer)
 
 
+# can_publish's `data` (Session._publish_hooked): the parsed JSON value
+decode_json = msgspec.json.Decoder().decode
+
+
 def user_key(str user):
     """A user's key in a presence part: the same for the same user on every worker, and 16
     characters however long the name, so a worker's part stays small."""

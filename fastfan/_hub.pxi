@@ -179,7 +179,7 @@ cdef class Hub:
         if self.presence_answers.get(channel) is known:
             del self.presence_answers[channel]
 
-    cdef bytes _new_client_id(self):
+    cpdef bytes new_client_id(self):
         self.next_client_number += 1
         return self.client_id_prefix + (b"%x" % self.next_client_number)
 

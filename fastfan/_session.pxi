@@ -98,8 +98,9 @@ cdef class Session(Outbox):
     """One WebSocket connection: frames in, RFC 6455 rules and limits, requests."""
 
     def __cinit__(self, Hub hub, identity, bint echo=False, bint deflate_in=False,
-                  bint deflate_out=False):
+                  bint deflate_out=False, bytes client_id=None):
         self.hub = hub
+        self.client_id = client_id  # None: numbered once connected (hooks choose it earlier)
         self.identity = identity
         self.echo = echo
         self.deflate_in = deflate_in
@@ -134,7 +135,8 @@ cdef class Session(Outbox):
             tcp.set_write_buffer_limits(0, 0)
             self.paused = tcp.get_write_buffer_size() > 0
             self.fd = tcp.get_extra_info("socket").fileno()
-        self.client_id = hub._new_client_id()
+        if self.client_id is None:
+            self.client_id = hub.new_client_id()
         self.connected_at = now_ms()
         self.last_seen = monotonic()
         self.refill_at = self.read_refill_at = self.history_quota_at = self.last_seen
@@ -562,10 +564,37 @@ cdef class Session(Outbox):
                 return 0
             return self._queue_error(429, f"publish rate limit ({hub.publish_rate:g}/s) exceeded",
                                     request_id)
-        if hub.hook_publish and (rules is None or rules.ask_publish):
-            hub.hooks.can_publish(self, request, request_id)  # publish_allowed goes on
-            return 0
+        if hub.hook_publish is not None and (rules is None or rules.ask_publish):
+            return self._publish_hooked(request, channel, request_id)
         return self._publish_allowed(channel, request.data, request_id, request.echo, True)
+
+    cdef int _publish_hooked(self, request, str channel, bytes request_id) except -1:
+        """The App's can_publish decides. Its common answer, None at once, is carried out
+        here: one call of the hook and one step of its coroutine, the per-publish cost of
+        a hook. Any other answer, a wait or a fault goes to fastfan.hooks."""
+        cdef PyObject* answer = NULL
+        cdef int outcome = -1  # -1: not a coroutine, else PyIter_Send's
+        result = None
+        raw = request.data
+        try:
+            data = decode_json(raw)
+        except msgspec.DecodeError:
+            return self._queue_error(400, "invalid JSON in 'data'", request_id)
+        try:
+            coroutine = self.hub.hook_publish(self.connection, channel, data)
+            if type(coroutine) is CoroutineType:
+                outcome = PyIter_Send(coroutine, None, &answer)
+                result = <object>answer
+                Py_DECREF(result)  # PyIter_Send's new reference; `result` holds its own
+        except BaseException as exc:  # whatever a hook raises is the hook's fault
+            self.hub.hooks.can_publish_failed(self, request_id, exc)
+            return 0
+        if outcome == 0 and result is None:
+            if not self.closing:  # (the hook may have closed it)
+                self._publish_allowed(channel, raw, request_id, request.echo, True)
+            return 0
+        self.hub.hooks.can_publish(self, request, request_id, coroutine, outcome, result)
+        return 0
 
     cdef int _publish_allowed(self, str channel, data, bytes request_id, bint echo,
                               bint history) except -1:

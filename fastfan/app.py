@@ -136,7 +136,8 @@ class Request:
     """The upgrade request `authenticate` sees. `path` without the query, `query` a
     mapping of the first value of each name, `headers` case-insensitive, `peer`
     `(host, port)`, `token` the bearer token (header, else `?token=`) or None, `claims`
-    the token's claims once verified (with a token key), else None."""
+    the token's claims once verified (with a token key), else None; `client_id` the
+    clientId the connection will have (in `welcome`), chosen before the upgrade."""
 
     path: str
     query: Mapping[str, str]
@@ -144,6 +145,7 @@ class Request:
     peer: tuple[str, int] | None
     token: str | None
     claims: dict[str, Any] | None
+    client_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

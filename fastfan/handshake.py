@@ -223,33 +223,37 @@ class ListenerFactory:
                                   f"connections open, the most --max-connections-per-user "
                                   f"allows\n".encode(), {"Retry-After": "1"})
         _accept_any_connection_header(request)
+        if self._hub.hooks is not None and not echo and dialect is None:
+            hook_request = hook_request or self._hook_request(request, None, None)
+        # the clientId the hooks are told (the connect proxy's `client`), if any
+        client_id = None if hook_request is None else hook_request.client_id.encode()
         deflate = self._config.compression and _accept_deflate(
             request.headers.getall("Sec-WebSocket-Extensions", ()))
         if not deflate:
-            session = Session(self._hub, identity, echo)  # picows's own 101, as ever
+            session = Session(self._hub, identity, echo, client_id=client_id)  # picows's 101
             route: Route = session
         else:
             extension, compressed = deflate
-            session = Session(self._hub, identity, echo, True, compressed)
+            session = Session(self._hub, identity, echo, True, compressed, client_id)
             response = WSUpgradeResponse.create_101_response(
                 {"Sec-WebSocket-Extensions": extension})
             route = WSUpgradeResponseWithListener(response, session)
         session.dialect = dialect
-        if self._hub.hooks is not None and not echo and dialect is None:
-            self._hub.hooks.attach(session, identity, hook_identity,
-                                   hook_request or self._hook_request(request, None, None))
+        if hook_request is not None:
+            self._hub.hooks.attach(session, identity, hook_identity, hook_request)
         return route
 
     def _hook_request(self, request: WSUpgradeRequest, token: str | None,
                       claims: dict[str, Any] | None) -> HookRequest:
-        """The upgrade request as hooks see it (fastfan.Request)."""
+        """The upgrade request as hooks see it (fastfan.Request), with the clientId the
+        connection will have: a backend that answers the connect proxy knows it later."""
         path, _, query = request.path.partition(b"?")
         return HookRequest(
             path=path.decode(errors="replace"),
             query={name: values[0] for name, values in
                    parse_qs(query.decode("latin-1")).items()},
             headers=CIMultiDictProxy(request.headers), peer=self.peer, token=token,
-            claims=claims)
+            claims=claims, client_id=self._hub.new_client_id().decode("ascii"))
 
     def _ask_authenticate(self, hooks: Hooks, request: WSUpgradeRequest, path: bytes,
                           query: bytes) -> Route | asyncio.Future[Route]:

@@ -87,7 +87,7 @@ class Hooks:
         self._traced: set[tuple[str, str]] = set()
         hub.hooks = self
         hub.hook_subscribe = app.can_subscribe_hook is not None
-        hub.hook_publish = app.can_publish_hook is not None
+        hub.hook_publish = app.can_publish_hook  # called by the core itself (the hot path)
         app.runner = self
         self._message_handlers = [(auth.ChannelPatterns([pattern]), handler)
                                   for pattern, handler in app.message_handlers]
@@ -264,30 +264,30 @@ class Hooks:
         self.run("can_subscribe", lambda: hook(session.connection, channel), allowed,
                  functools.partial(_refuse, session, request_id), session)
 
-    def can_publish(self, session: Session, request: Any, request_id: bytes) -> None:
-        """Each publish of a server whose App has can_publish: the hot path, so the
-        common answer (None, at once) costs one coroutine step and no closure."""
-        hook = self.app.can_publish_hook
-        assert hook is not None
-        try:
-            data = _decode_json(request.data)
-        except msgspec.DecodeError:
-            session.reply(_error(400, "invalid JSON in 'data'", request_id, None))
-            return
-        try:
-            result = first_step(hook(session.connection, request.channel, data), _Resume)
-        except BaseException as exc:  # whatever a hook raises is the hook's fault
-            self._failed("can_publish", exc, functools.partial(_refuse, session, request_id))
-            return
-        if result is None:
-            session.publish_allowed(request, request_id, None, True)
-            return
-        finish = functools.partial(_publish_as_told, session, request, request_id)
+    def can_publish(self, session: Session, request: Any, request_id: bytes, coroutine: Any,
+                    outcome: int, result: Any) -> None:
+        """What the core (Session._publish_hooked, which calls the hook and takes its
+        first step) leaves to us: an answer other than None (`outcome` 0), a hook that
+        waits (1: `result` is what it waits for), or a call that gave no coroutine (-1)."""
         fail = functools.partial(_refuse, session, request_id)
+        if outcome == -1:
+            try:
+                result = first_step(coroutine, _Resume)
+            except BaseException as exc:  # whatever a hook raises is the hook's fault
+                self._failed("can_publish", exc, fail)
+                return
+        elif outcome == 1:
+            result = _Resume(coroutine, result)
+        finish = functools.partial(_publish_as_told, session, request, request_id)
         if type(result) is _Resume:
             self._wait("can_publish", result, finish, fail, session)
         else:
             self._answered("can_publish", result, finish, fail)
+
+    def can_publish_failed(self, session: Session, request_id: bytes,
+                           exc: BaseException) -> None:
+        """can_publish raised at once (the core took its first step)."""
+        self._failed("can_publish", exc, functools.partial(_refuse, session, request_id))
 
     def rpc(self, session: Session, request: Any, request_id: bytes) -> None:
         method = request.method
@@ -393,9 +393,6 @@ def _publish_as_told(session: Session, request: Any, request_id: bytes, result: 
     else:
         raise BadReturn(f"can_publish must return None or fastfan.Publish, not "
                         f"{result!r:.100}")
-
-
-_decode_json = msgspec.json.Decoder().decode
 
 
 async def _resumed(rest: _Resume) -> Any:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -178,8 +177,8 @@ class Proxies:
     async def connect(self, request: Request) -> Identity | None:
         if request.claims is not None:
             return None  # a valid JWT is enough: the token's identity (as Centrifugo)
-        # The connection has no clientId before it is accepted: this names the attempt.
-        answer = await self._ask("connect", {"client": secrets.token_hex(8)}, request.headers)
+        # the clientId the connection will have once accepted (in `welcome`)
+        answer = await self._ask("connect", {"client": request.client_id}, request.headers)
         result: _ConnectResult = _result(answer, "connect")
         for channel in result.channels:
             if not is_valid_channel(channel):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.messages import ask
 from support.server import Server
 from support.waiting import wait_for
 from support.wire import HandshakeRefusedError, RawClient, free_port
@@ -51,13 +52,6 @@ def join(chat: Server, key: str) -> RawClient:
     return client
 
 
-def ask(client: RawClient, request: dict[str, Any]) -> dict[str, Any]:
-    client.send_json({**request, "id": 1})
-    while (reply := client.recv_json()).get("id") != 1:
-        pass
-    return reply
-
-
 def test_the_example_client_talks_with_the_chat(chat: Server) -> None:
     result = subprocess.run([sys.executable, "client.py", "alice-key",
                              f"ws://{chat.host}:{chat.port}/"], cwd=CHAT, capture_output=True,
@@ -75,6 +69,6 @@ def test_the_chats_refusals(chat: Server) -> None:
     for channel, message in (("inbox.alice", "someone else's inbox"),
                              ("room.staff", "staff only")):
         assert ask(bob, {"type": "subscribe", "channel": channel}) == {
-            "type": "error", "code": 403, "message": message, "id": 1}
+            "type": "error", "code": 403, "message": message, "id": 7}
     assert ask(bob, {"type": "publish", "channel": "room.lobby", "data": "hi"})["code"] == 400
     assert ask(bob, {"type": "rpc", "method": "members"})["data"] == ["Alice", "Bob"]

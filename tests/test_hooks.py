@@ -13,6 +13,7 @@ import pytest
 from support.api import call as api_call
 from support.api import start_api
 from support.cli import assert_usage_error, fastfan
+from support.messages import ask, assert_delivered_but_not_kept
 from support.redis import RedisServer
 from support.server import SECRET, Server, token
 from support.waiting import collect, wait_for
@@ -36,14 +37,6 @@ def join(server: Server, user: str, *, path: str = "/", **headers: str) -> RawCl
         ("subscribed", f"inbox.{user}")]
     assert [m["data"] for m in then if m["type"] == "message"] == [{"hello": user}]
     return client
-
-
-def ask(client: RawClient, request: dict[str, Any]) -> dict[str, Any]:
-    """Send `request` with an id; its reply (the messages before it are skipped)."""
-    client.send_json({**request, "id": 7})
-    while (reply := client.recv_json()).get("id") != 7:
-        pass
-    return reply
 
 
 def call(client: RawClient, method: str, data: Any = None) -> Any:
@@ -276,14 +269,19 @@ def test_a_faulty_can_publish_publishes_nothing(chat: Server, channel: str, code
     assert chat.metrics()[series] == 1
 
 
-def test_publish_history_false_keeps_a_message_out_of_history(start_server: Any) -> None:
-    server = start_server(*APP, "--history-size", "10", env=ON_PATH)
-    client = join(server, "alice")
-    assert ask(client, {"type": "subscribe", "channel": "quiet.a"})["offset"] == 0
-    assert ask(client, {"type": "publish", "channel": "quiet.a", "data": "unkept"})[
-        "type"] == "published"
-    history = ask(client, {"type": "history", "channel": "quiet.a"})
-    assert history["data"]["messages"] == []
+@pytest.mark.parametrize("bus", ["one worker", "two nodes on Redis"])
+def test_publish_history_false_delivers_a_message_but_keeps_it_out_of_history(
+        start_server: Any, request: pytest.FixtureRequest, bus: str) -> None:
+    options = (*APP, "--history-size", "10")
+    if bus == "one worker":
+        servers = [start_server(*options, env=ON_PATH)]
+    else:
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        servers = [start_server(*options, "--redis", redis.url, env=ON_PATH) for _ in range(2)]
+        for server in servers:
+            server.wait_ready()
+    alice, bob = join(servers[0], "alice"), join(servers[-1], "bob")
+    assert_delivered_but_not_kept(alice, bob, "quiet.a", "unkept")
 
 
 def test_a_slow_hook_for_one_user_delays_that_user_only(start_server: Any) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from browser import CHROMIUM, Browser
 from support.cli import assert_usage_error, fastfan
+from support.messages import ask, assert_delivered_but_not_kept
 from support.proxy_backend import ProxyBackend
 from support.redis import RedisServer
 from support.server import Server, token
@@ -46,14 +47,6 @@ def join(server: Server, user: str, **headers: str) -> RawClient:
     subscribed = client.recv_json()
     assert (subscribed["type"], subscribed["channel"]) == ("subscribed", f"inbox.{user}")
     return client
-
-
-def ask(client: RawClient, request: dict[str, Any]) -> dict[str, Any]:
-    """Send `request` with an id; its reply (the messages before it are skipped)."""
-    client.send_json({**request, "id": 7})
-    while (reply := client.recv_json()).get("id") != 7:
-        pass
-    return reply
 
 
 def refusal(server: Server, user: str | None) -> tuple[int, str]:
@@ -146,11 +139,14 @@ def test_without_a_token_key_the_connect_proxy_is_enough_to_start(
 
 def test_connect_sends_centrifugos_request_with_the_allowed_headers(
         proxied: Server, backend: ProxyBackend) -> None:
-    join(proxied, "alice", **{"User-Agent": "tests/1", "X-Real-Ip": "10.0.0.7",
-                              "X-Secret": "not forwarded"}).close()
+    alice = join(proxied, "alice", **{"User-Agent": "tests/1", "X-Real-Ip": "10.0.0.7",
+                                      "X-Secret": "not forwarded"})
+    client_id = ask(alice, {"type": "stats"})["data"]["clientId"]  # as `welcome` said
     ((headers, body),) = backend.received("connect")
-    assert body == {"client": body["client"], **EVERY_FIELD}
-    assert isinstance(body["client"], str) and body["client"]
+    # the connection's clientId from the start: the backend can tell whose later requests
+    assert body == {"client": client_id, **EVERY_FIELD}
+    assert ask(alice, {"type": "subscribe", "channel": "room"})["type"] == "subscribed"
+    assert backend.received("subscribe")[-1][1]["client"] == client_id
     assert headers["Cookie"] == "session=alice" and headers["User-Agent"] == "tests/1"
     assert headers["X-Real-Ip"] == "10.0.0.7" and "X-Secret" not in headers, headers
     assert headers["Content-Type"] == "application/json"
@@ -276,17 +272,25 @@ def test_publish_is_checked_and_rewritten_by_the_proxy(deployment: Deployment,
     assert message["from"] == body["client"]  # the connection's clientId
 
 
-def test_skip_history_keeps_a_publish_out_of_history(start_server: Any,
-                                                     backend: ProxyBackend) -> None:
-    server = start_server(*backend.options(), *TIMEOUT, "--history-size", "10", secret=None)
-    alice = join(server, "alice")
-    for channel in ("kept.room", "quiet.room"):
-        assert ask(alice, {"type": "publish", "channel": channel,
-                           "data": {"text": "x"}})["type"] == "published"
-    kept = {channel: ask(alice, {"type": "history", "channel": channel})["data"]["messages"]
-            for channel in ("kept.room", "quiet.room")}
-    assert [m["data"] for m in kept["kept.room"]] == [{"text": "x", "by": "alice"}]
-    assert kept["quiet.room"] == []
+@pytest.mark.parametrize("bus", ["one worker", "two nodes on Redis"])
+def test_skip_history_delivers_a_publish_but_keeps_it_out_of_history(
+        start_server: Any, backend: ProxyBackend, request: pytest.FixtureRequest,
+        bus: str) -> None:
+    options = (*backend.options(), *TIMEOUT, "--history-size", "10")
+    if bus == "one worker":
+        servers = [start_server(*options, secret=None)]
+    else:
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        servers = [start_server(*options, "--redis", redis.url, secret=None)
+                   for _ in range(2)]
+        for server in servers:
+            server.wait_ready()
+    alice, bob = join(servers[0], "alice"), join(servers[-1], "bob")
+    assert ask(alice, {"type": "publish", "channel": "kept.room",
+                       "data": {"text": "x"}})["type"] == "published"
+    assert [m["data"] for m in ask(alice, {"type": "history", "channel": "kept.room"})[
+        "data"]["messages"]] == [{"text": "x", "by": "alice"}]
+    assert_delivered_but_not_kept(alice, bob, "quiet.room", {"text": "unkept", "by": "alice"})
 
 
 def test_rpc_is_answered_by_the_proxy(deployment: Deployment, backend: ProxyBackend) -> None:

@@ -15,6 +15,7 @@ from support.api import call, channels, name_of, nodes, start_api, two_nodes_add
 from support.messages import (
     HISTORY,
     alive,
+    ask,
     closed_by_api,
     drop_and_recover,
     each_reaches_every_listener,
@@ -28,6 +29,10 @@ from support.server import Server
 from support.waiting import assert_received_by_all, collect, wait_for
 
 pytestmark = pytest.mark.slow  # failovers that take the cluster seconds each
+
+# tests/apps/chat.py: its on_message("orders.*") publishes a receipt on `receipts`
+CHAT = ("--app", "apps.chat:app", "--workers", "2")
+ON_PATH = {"PYTHONPATH": str(Path(__file__).parent)}
 
 
 def nodes_on(start_server: Any, cluster: Cluster, *args: str) -> list[Server]:
@@ -251,3 +256,39 @@ def test_channels_and_info_across_nodes(start_server: Any, cluster: Cluster) -> 
     assert list(nodes(port)) == [name_of(near)]
     assert channels(port) == {"room": 1}
     alice.close()
+
+
+def test_on_message_runs_once_per_node_on_the_channels_clients_subscribe_to(
+        start_server: Any, cluster: Cluster) -> None:
+    """Sharded pub/sub has no patterns: each node's first worker subscribes to the
+    matching channels some client of the deployment subscribes to, and hears every
+    message there, whoever published it; once nobody subscribes, neither does it."""
+    near, far = (start_server("--redis", cluster.url, *CHAT, env=ON_PATH) for _ in range(2))
+    near.wait_ready()
+    far.wait_ready()
+    watcher, publisher, subscriber = near.connect("watcher"), near.connect("bob"), far.connect()
+    assert ask(watcher, {"type": "subscribe", "channel": "receipts"})["type"] == "subscribed"
+    assert ask(subscriber, {"type": "subscribe", "channel": "orders.tea"})["type"] == (
+        "subscribed")
+    probes = iter(range(1000))
+
+    def heard_by_both_nodes() -> bool:  # once both nodes' first workers subscribe there
+        probe = next(probes)
+        publisher.publish("orders.tea", {"item": probe})
+        receipts = [m["data"]["order"]["item"] for m in collect(watcher, 0.3)]
+        return receipts.count(probe) == 2
+
+    wait_for(heard_by_both_nodes)
+    bob = ask(publisher, {"type": "rpc", "method": "whoami"})["data"]["clientId"]
+    publisher.publish("orders.tea", {"item": "sencha"})
+    assert ask(publisher, {"type": "rpc", "method": "publish", "data": {
+        "channel": "orders.tea", "data": {"item": "scone"}}})["type"] == "rpc_result"
+    assert cluster.owner("orders.tea").command(
+        "SPUBLISH", "fastfan:orders.tea", '{"type":"message","channel":"orders.tea",'
+        '"data":{"item":"bare"},"from":"backend","timestamp":1}') != b":0\r\n"
+    receipts = [message["data"] for message in collect(watcher, 1.0)
+                if message["data"]["order"]["item"] in ("sencha", "scone", "bare")]
+    assert sorted((r["order"]["item"], r["from"]) for r in receipts) == sorted(
+        [("sencha", bob), ("scone", "server"), ("bare", "backend")] * 2)
+    subscriber.close()
+    wait_for(lambda: cluster.subscribers("orders.tea") == 0)

@@ -176,6 +176,9 @@ cdef class Pushes:
     cdef dict unechoed
     cdef object is_json_object   # msgspec's decoder: raises on anything but an object
     cdef public object directory_channels  # the directory's channels (a set), or None
+    # (redis channel, payload) -> None: every well-formed message goes there instead of
+    # `deliver` (a cluster master's @app.on_message taps), when not None
+    cdef public object divert
     cdef public Py_ssize_t invalid_total
 
     def __init__(self, Hub hub, bytes prefix, bytes commands, bytes reply_suffix, special,
@@ -202,8 +205,17 @@ cdef class Pushes:
         return True
 
     cpdef int message(self, bytes channel, bytes payload) except -1:
+        """A message Redis pushed: checked, then delivered (or diverted)."""
         if not self.well_formed(payload):
             return 0
+        if self.divert is not None:
+            self.divert(channel, payload)
+            return 0
+        return self.deliver(channel, payload)
+
+    cpdef int deliver(self, bytes channel, bytes payload) except -1:
+        """A well-formed message to this worker's subscribers of its channel, or to
+        `special` on the server's own channels."""
         if (channel == self.commands or channel.endswith(self.reply_suffix)
                 or (self.directory_channels is not None
                     and channel in self.directory_channels)):

@@ -30,12 +30,23 @@ writes on the way: the first script on the new master starts a new epoch.
 `channels` and `info` (fastfan.directory.redis): the registry through the cluster client (its
 keys in one slot), the query and reply channels SSUBSCRIBEd on their slots' masters by
 every worker, like COMMANDS, and moved with their slots.
+
+@app.on_message: sharded pub/sub has no pattern subscriptions, and Redis keeps no list of
+the channels published to. So each node's first worker SSUBSCRIBEs the channels matching
+the handlers' patterns that some client of the deployment subscribes to: its own at once
+(they are subscribed anyway), every other worker's as the directory's `channels` answers
+them, asked every TAP_PERIOD. It keeps them, as its clients' (moved with their slots,
+subscribed again on a reconnect), while they have a subscriber somewhere, and taps every
+message that comes on them: once per node, whoever published it (a client, the API,
+app.publish, a bare SPUBLISH). A channel no client subscribes to is heard by no handler,
+nor the first TAP_PERIOD of a channel subscribed on another worker (docs/hooks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -47,14 +58,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from .._core import Outbox
-from ..directory import Counts, Node
+from .._core import Outbox, is_valid_channel
+from ..auth import ChannelPatterns
+from ..directory import MAX_LISTED, Counts, Node, channel_counts
 from ..directory.redis import RedisDirectory
 from ..history import HistoryAnswer, new_epoch
 from ..history.redis import RedisHistory
 from ..webhooks.redis import RedisOccupancy
 from .base import REFUSED, Acknowledger, BusHealth, HubLink, Presence, Transitions
 from .commands import COMMANDS
+from .gather import gathered
 from .redis import CONNECT_TIMEOUT, RedisBus, Subscriber, _command
 from .sharded import SETTLE, RoutedBus
 
@@ -65,6 +78,9 @@ SCHEME = "redis+cluster://"
 # (a failover takes the cluster's node timeout and an election: seconds).
 MAP_PERIOD = 5.0
 MAP_PERIOD_DOWN = 0.25
+# How often a node's first worker asks which channels the deployment's clients subscribe
+# to, for @app.on_message: a channel subscribed on another worker is heard this much later.
+TAP_PERIOD = 1.0
 
 
 def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str]:
@@ -90,8 +106,13 @@ class ClusterMaster(RedisBus):
     def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float,
                  predecessor: str, history_ttl: float, *, name: str,
                  owns: Callable[[str], bool], moved: Callable[[bytes], None],
-                 presence_client: RedisCluster, directory: RedisDirectory | None) -> None:
+                 presence_client: RedisCluster, directory: RedisDirectory | None,
+                 tapped: set[str], taps: Callable[[bytes], str | None]) -> None:
         self.moved = moved
+        # @app.on_message's (ClusterBus.tap_messages): the channels subscribed for it, and
+        # which Redis channel's messages it sees (its name, else None)
+        self.tapped = tapped
+        self.taps = taps
         self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent, not answered
         super().__init__(hub, url, prefix, presence_ttl, predecessor, history_ttl, name=name,
                          owns=owns, settle=SETTLE, presence_client=presence_client,
@@ -113,10 +134,37 @@ class ClusterMaster(RedisBus):
         return True
 
     def _standing_channels(self) -> list[bytes]:
-        """COMMANDS and the directory's channels, where their slot is this master's."""
-        standing = [COMMANDS, *(self.directory.names if self.directory is not None else ())]
+        """COMMANDS, the directory's channels and those tapped for @app.on_message, where
+        their slot is this master's."""
+        standing = [COMMANDS, *(self.directory.names if self.directory is not None else ()),
+                    *(name for name in self.tapped if name not in self.hub.channels)]
         return [self.prefix + name.encode() for name in standing
                 if self.owns is None or self.owns(name)]
+
+    def tap(self, channel: str, on: bool) -> None:
+        """SSUBSCRIBE `channel` for @app.on_message, or leave it (unless this worker's
+        clients hold it: then it is subscribed as theirs)."""
+        if channel not in self.hub.channels:
+            self._change(channel, on)
+
+    def unsubscribe(self, channel: str) -> None:
+        """The clients' last subscriber left: the channel stays while it is tapped here."""
+        if channel not in self.tapped or self.owns is None or not self.owns(channel):
+            super().unsubscribe(channel)
+
+    async def start(self) -> None:
+        if self.message_tap is not None:  # (given by the cluster before it starts us)
+            self.pushes.divert = self._tapped_message
+        await super().start()
+
+    def _tapped_message(self, channel: bytes, payload: bytes) -> None:
+        """A well-formed message Redis pushed, with @app.on_message's taps on this worker:
+        to the subscribers here, and to the tap if its channel is tapped."""
+        name = self.taps(channel)
+        if name is None or name in self.hub.channels:  # its subscribers here
+            self.pushes.deliver(channel, payload)
+        if name is not None:
+            self.message_tap(name, payload)  # type: ignore[misc]
 
     def _subscribe_command(self, channels: list[bytes]) -> bytes:
         return b"".join(_command(b"SSUBSCRIBE", channel) for channel in channels)
@@ -178,6 +226,9 @@ class Nowhere:
     def subscribe(self, channel: str) -> bool:
         return True  # confirmed once a master has it
 
+    def tap(self, channel: str, on: bool) -> None:
+        pass  # subscribed once a master has it
+
     def unsubscribe(self, channel: str) -> None:
         pass
 
@@ -204,11 +255,6 @@ NOWHERE = Nowhere()
 
 
 class ClusterBus(RoutedBus):
-    def tap_messages(self, patterns: list[str], tap: Callable[[str, bytes], None]) -> None:
-        """Not here: a cluster's sharded pub/sub (SPUBLISH) has no pattern subscriptions."""
-        log.warning("@app.on_message does not run with Redis Cluster: its sharded pub/sub "
-                    "has no patterns (use one Redis, or shards)")
-
     def __init__(self, hub: HubLink, url: str, prefix: str, presence_ttl: float = 60.0,
                  predecessor: str = "", history_ttl: float = 300.0,
                  node: Node | None = None, worker: int = 0) -> None:
@@ -244,6 +290,10 @@ class ClusterBus(RoutedBus):
         self._moving: dict[int, float] = {}
         self._settled_at = 0.0
         self._unmapped = False  # the last reading of the map failed (logged once)
+        # @app.on_message (tap_messages): its patterns, and the channels subscribed for it
+        self._tap_patterns: list[str] = []
+        self._matches: Callable[[str], bool] = lambda channel: False
+        self.tapped: set[str] = set()
 
     def shard(self, channel: str) -> Any:
         if not self.owners:
@@ -311,6 +361,8 @@ class ClusterBus(RoutedBus):
 
     async def start(self) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_mapped()))
+        if self.message_tap is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._keep_tapping()))
         if self.occupancy is not None:
             self.occupancy.start()
 
@@ -378,6 +430,52 @@ class ClusterBus(RoutedBus):
         self._unmapped = True
         return None
 
+    # @app.on_message ------------------------------------------------------------------
+
+    def tap_messages(self, patterns: list[str], tap: Callable[[str, bytes], None]) -> None:
+        """Each node's first worker: the channels matching `patterns` that clients of the
+        deployment subscribe to (see the module's docstring)."""
+        if self._worker == 0:
+            self.message_tap = tap
+            self._tap_patterns = patterns
+            self._matches = ChannelPatterns(patterns).allows
+            log.info("@app.on_message on a Redis Cluster hears the matching channels that "
+                     "some client subscribes to, not the others (docs/hooks.md)")
+
+    def _taps(self, channel: bytes) -> str | None:
+        """A Redis channel's name when it is a client channel the handlers' patterns match."""
+        name = channel[len(self.prefix):].decode("ascii", errors="replace")
+        return name if is_valid_channel(name) and self._matches(name) else None
+
+    async def _keep_tapping(self) -> None:
+        while True:
+            await asyncio.sleep(TAP_PERIOD)
+            subscribed = await self._subscribed_anywhere()
+            if subscribed is None:
+                continue  # a worker did not answer: the channels tapped stay as they are
+            for channel in subscribed - self.tapped:
+                self.tapped.add(channel)
+                self.shard(channel).tap(channel, True)
+            for channel in self.tapped - subscribed:
+                self.tapped.discard(channel)
+                self.shard(channel).tap(channel, False)
+
+    async def _subscribed_anywhere(self) -> set[str] | None:
+        """The channels matching the patterns that have a subscriber on some worker; None
+        when the directory cannot tell."""
+        directory = self.directory
+        if directory is None:
+            return None
+        subscribed: set[str] = set()
+        for pattern in self._tap_patterns:
+            counts: Counts | None = await gathered(functools.partial(
+                directory.gather_channels, pattern, MAX_LISTED,
+                channel_counts(self.hub.subscriber_counts(), pattern)))
+            if counts is None:
+                return None
+            subscribed.update(name for name, count in counts if count)
+        return subscribed
+
     def _follow(self, owners: list[str]) -> None:
         """The channels whose master changed move to the new one."""
         if self.client is None:
@@ -394,8 +492,9 @@ class ClusterBus(RoutedBus):
                 self.occupancy.use(self.client)
         if owners == self.owners and not self._lost:
             return
-        channels = [*self.hub.channels, COMMANDS,
-                    *(self.directory.names if self.directory is not None else ())]
+        channels = list(dict.fromkeys([
+            *self.hub.channels, COMMANDS, *self.tapped,
+            *(self.directory.names if self.directory is not None else ())]))
         before = {channel: self.shard(channel) for channel in channels}
         # Every slot that leaves a master settles, whether or not a channel of it is
         # subscribed here: the nodes subscribed to one follow it meanwhile.
@@ -431,7 +530,8 @@ class ClusterBus(RoutedBus):
                             owns=lambda channel: self.owners[key_slot(
                                 self.prefix + channel.encode())] == name,
                             moved=self.moved, presence_client=self.client,
-                            directory=self.directory)
+                            directory=self.directory, tapped=self.tapped, taps=self._taps)
+        bus.message_tap = self.message_tap
         self.masters[name] = bus
         self.shards.append(bus)
         asyncio.get_running_loop().create_task(bus.start())

@@ -22,12 +22,39 @@ def publish(client: RawClient, channel: str, data: Any, request_id: Any) -> dict
     return dict(client.recv_json())
 
 
+def ask(client: RawClient, request: dict[str, Any]) -> dict[str, Any]:
+    """Send `request` with an id; its reply (the messages that come before it skipped:
+    another's publish, an application's hello)."""
+    client.send_json({**request, "id": 7})
+    while (reply := client.recv_json()).get("id") != 7:
+        pass
+    return dict(reply)
+
+
 def subscribe(client: RawClient, channel: str, **options: Any) -> dict[str, Any]:
     """A subscribe (with `options`: recover, joinLeave, id...), and its `subscribed`."""
     client.send_json({"type": "subscribe", "channel": channel, **options})
     reply = client.recv_json()
     assert reply["type"] == "subscribed", reply
     return dict(reply)
+
+
+def assert_delivered_but_not_kept(publisher: RawClient, subscriber: RawClient, channel: str,
+                                  data: Any) -> None:
+    """A publish on `channel` (history kept) that reaches `subscriber`, without an offset,
+    and that neither a history read nor a recovery from before it gives."""
+    before = ask(subscriber, {"type": "subscribe", "channel": channel})
+    assert before["offset"] == 0
+    assert ask(publisher, {"type": "publish", "channel": channel, "data": data})[
+        "type"] == "published"
+    delivered = subscriber.recv_json()
+    assert delivered["data"] == data and "offset" not in delivered, delivered
+    assert ask(publisher, {"type": "history", "channel": channel})["data"]["messages"] == []
+    assert ask(subscriber, {"type": "unsubscribe", "channel": channel})["type"] == "unsubscribed"
+    recovered = ask(subscriber, {"type": "subscribe", "channel": channel, "recover": {
+        "offset": before["offset"], "epoch": before["epoch"]}})
+    assert (recovered["offset"], recovered["recovered"]) == (0, True), recovered
+    assert collect(subscriber, quiet=0.3) == []
 
 
 def offsets(messages: list[dict[str, Any]]) -> list[int]:
