@@ -611,8 +611,9 @@ cdef class Session(Outbox):
         # On a channel with history the bus numbers the message (and acknowledges it with
         # its position: PENDING, or REFUSED).
         publish = hub.bus.publish_history if history else hub.bus.publish
-        outcome = publish(channel, payload, self if request_id else None, request_id,
-                          None if echo else self)
+        # (a C int: compared with the C enum, not the Python one each time)
+        cdef int outcome = publish(channel, payload, self if request_id else None, request_id,
+                                   None if echo else self)
         if outcome == BusResult.REFUSED:
             return self._refuse(errors.BUS_UNAVAILABLE, request_id)
         if hub.publish_webhook is not None:

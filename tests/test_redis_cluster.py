@@ -115,7 +115,10 @@ def test_a_slot_moved_to_another_master_takes_its_subscriptions(
 
 def test_a_master_killed_its_replica_takes_over_nothing_acknowledged_lost(
         start_server: Any, cluster: Cluster) -> None:
-    near, far = nodes_on(start_server, cluster, "--publish-rate", "1000000")
+    # The listeners read only at the end: what 9 s of publishing sends them waits in the
+    # server (within --max-buffer) and their 1 MiB receive buffers meanwhile.
+    near, far = nodes_on(start_server, cluster, "--publish-rate", "1000000",
+                         "--max-buffer", str(64 << 20))
     names = on_each_master(cluster, 2, "f")
     listeners = [server.connect(receive_buffer=1 << 20).subscribe(*names)
                  for server in (near, far)]

@@ -82,7 +82,10 @@ class Pipeline(asyncio.Protocol):
         self.transport.write(data)
 
     async def call(self, *parts: bytes, timeout: float) -> Any:
-        """One command and its reply (an hiredis.ReplyError is raised)."""
+        """One command and its reply (an hiredis.ReplyError is raised; a connection that
+        is already closing raises ConnectionError, as one lost while waiting does)."""
+        if not self.alive():  # (Redis closed it as it was made: restarting, say)
+            raise ConnectionError("connection to redis lost")
         reply: asyncio.Future[Any] = self.loop.create_future()
         self.send(command(*parts), [reply])
         result = await asyncio.wait_for(reply, timeout)

@@ -42,7 +42,8 @@ def place(server: Server, per_worker: int = 1, sub: str = "alice", channels: tup
             continue
         for channel in channels:
             client.send_json({"type": "subscribe", "channel": channel, **(options or {})})
-            assert client.recv_json() == {"type": "subscribed", "channel": channel}
+            answer = client.recv_json()
+            assert answer == {"type": "subscribed", "channel": channel}, answer
         placed[pid].append(client)
     raise AssertionError(f"the kernel never put {per_worker} on every worker: {placed}")
 
