@@ -44,7 +44,8 @@
  * of exiting, and stops expecting its messages; --stall N subscribes N more connections
  * that never read (a 4 KiB receive buffer): the truly slow consumers, counted apart
  * ("stalled_closed"). --window-ms W adds "windows": for each W ms of send time from
- * "origin_ns" (the first message's ts), [count, p99 ms] of the messages sent in it.
+ * "origin_ns" (the first message's ts), [count, p99 ms] of the messages sent in it, and
+ * how many deliveries were received in it.
  *
  * Build: cc -O2 -o loadgen loadgen.c
  */
@@ -104,6 +105,7 @@ static uint64_t lost, reordered, delivered;
 #define MAX_WINDOWS 4096
 static int64_t window_ns, origin_ns;
 static uint32_t (*windows)[WINDOW_BUCKETS];
+static uint64_t *window_received; /* deliveries received in each window (receive time) */
 static int nwindows;
 
 static double bucket_top[WINDOW_BUCKETS]; /* bucket b: latencies below 10^((b+1)/20) us */
@@ -123,9 +125,13 @@ static int log_bucket(uint64_t us) {
     return low;
 }
 
-static void window_record(int64_t ts, uint64_t us) {
+static void window_record(int64_t ts, int64_t now, uint64_t us) {
     if (!origin_ns) origin_ns = ts;
-    int64_t w = (ts - origin_ns) / window_ns;
+    int64_t w = (ts - origin_ns) / window_ns, r = (now - origin_ns) / window_ns;
+    if (r >= 0 && r < MAX_WINDOWS) {
+        window_received[r]++;
+        if (r >= nwindows) nwindows = (int)r + 1;
+    }
     if (w < 0 || w >= MAX_WINDOWS) return;
     if (w >= nwindows) nwindows = (int)w + 1;
     windows[w][log_bucket(us)]++;
@@ -145,7 +151,8 @@ static void print_windows(void) {
                 break;
             }
         }
-        printf("%s[%llu,%.3f]", w ? "," : "", (unsigned long long)count, p99);
+        printf("%s[%llu,%.3f,%llu]", w ? "," : "", (unsigned long long)count, p99,
+               (unsigned long long)window_received[w]);
     }
     printf("]");
 }
@@ -339,7 +346,7 @@ static void record(conn_t *c, const char *payload, size_t n, int64_t now) {
     if (us < LATENCY_BUCKETS) latency_us[us]++;
     else latency_over++;
     latency_count++;
-    if (window_ns) window_record(ts, us);
+    if (window_ns) window_record(ts, now, us);
 }
 
 /* Parse every whole frame in the buffer; keep a partial one for the next read. */
@@ -485,6 +492,7 @@ int main(int argc, char **argv) {
     if (window_ms > 0) {
         window_ns = (int64_t)window_ms * 1000000;
         windows = calloc(MAX_WINDOWS, sizeof *windows);
+        window_received = calloc(MAX_WINDOWS, sizeof *window_received);
         make_buckets();
     }
     if (pusher && rate > 0 && !publish_api) {

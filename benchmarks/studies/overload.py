@@ -12,14 +12,15 @@ burst (each of `rates`, 1.3x and 2x the 3M/s this machine's servers reach on one
 with one more subscriber that never reads (a 4 KiB receive window), which alone should be
 cut.
 
-Per run: subscribers closed of those that read (goal 0) and whether the stalled one was;
-`burst_per_s`, the deliveries of the messages sent during the burst per second of burst
-(what a server that slows its publisher delivers, not what was offered); the publisher's
-own rate during the burst (`publisher_per_s`: messages/s it could write); lost and
-reordered among the readers; peak RSS of the server and its workers; and `recovery_s`:
-from the end of the burst, how long until the p99 of the messages sent in each 100 ms
-window stays within 2x the p99 before the burst (at least 1 ms above it), for the rest of
-the run.
+Per run: subscribers closed of those that read (goal 0) and whether the stalled one was
+(fastfan: its own count of slow consumers cut, `cut_by_server`; the load generator's view,
+`stalled_closed`, sees a cut only once the server's close timeout has aborted it);
+`burst_per_s`, the deliveries received during the burst per second of it; the publisher's
+own rate during the burst (`publisher_per_s`: messages/s it could write); what the readers
+never received; peak RSS of the server and its workers; and `recovery_s`: from the end of
+the burst, how long until the p99 of the messages sent in each 100 ms window stays within
+2x the p99 before the burst (at least 1 ms above it), for the rest of the run. The load
+generator's `busy` share says whether it kept up itself (near 1: it did not).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lib import (
     fastfan_command,
     free_port,
     loadgen_command,
+    metrics,
     pinned,
     rss_bytes,
     wait_listening,
@@ -93,7 +95,7 @@ def recovery_seconds(subscribers: dict[str, Any], publisher: dict[str, Any]) -> 
     phases = publisher["phases"]
     burst_end = offset + phases[0]["seconds"] + phases[1]["seconds"]
     first_after = int(burst_end / width)
-    before = [p99 for count, p99 in windows[5:int((offset + phases[0]["seconds"]) / width)]
+    before = [p99 for count, p99, _ in windows[5:int((offset + phases[0]["seconds"]) / width)]
               if count]  # the first half second warms up
     if not before:
         return None
@@ -101,7 +103,7 @@ def recovery_seconds(subscribers: dict[str, Any], publisher: dict[str, Any]) -> 
     limit = max(2 * normal, normal + 1.0)
     last = len(windows) - 1  # the last window is partial
     for index in range(first_after, last):
-        if all(p99 <= limit for count, p99 in windows[index:last] if count):
+        if all(p99 <= limit for count, p99, _ in windows[index:last] if count):
             return round(max(float(index * width - burst_end), 0.0), 2)
     return None
 
@@ -135,6 +137,8 @@ def _run(name: str, offered: float, duration: float, stalled: int) -> dict[str, 
         if published.returncode or subscribers.returncode:
             raise RuntimeError(f"loadgen failed: {published.stderr.strip()} {errors.strip()}")
         crashed = server.poll() is not None
+        cut = (metrics(port).get("fastfan_slow_consumers_disconnected_total")
+               if name == "fastfan" and not crashed else None)
     finally:
         peak_rss = peak.stop() if peak is not None else 0
         if server.poll() is None:
@@ -148,7 +152,9 @@ def _run(name: str, offered: float, duration: float, stalled: int) -> dict[str, 
         "scenario": "overload", "server": name, "offered_per_s": offered, "burst_s": duration,
         "stalled": stalled, "crashed": crashed,
         "closed": heard["closed"], "stalled_closed": heard["stalled_closed"],
-        "burst_per_s": round(sum(count for count, _ in in_burst) / duration),
+        # received during the burst, per second (what the server kept up with)
+        "burst_per_s": round(sum(received for _, _, received in in_burst) / duration),
+        "cut_by_server": cut,  # fastfan's slow-consumer count (the stalled one, and others)
         "publisher_per_s": round(sent["phases"][1]["sent"] / duration),
         "delivered": heard["delivered"], "sent": sent["sent"],
         # what the readers never received, when none was closed (the stalled one apart)
@@ -170,7 +176,7 @@ def overload(servers: str = "yardstick,fastfan", rates: str | None = None,
     rows = []
     print(f"\noverload: {SUBSCRIBERS} subscribers, {NORMAL / 1e6:g}M deliveries/s, then "
           f"{duration:g} s of each burst, then {NORMAL / 1e6:g}M/s again")
-    print(f"{'server':>10} {'offered':>9} {'stalled':>7} {'closed':>6} {'burst/s':>10} "
+    print(f"{'server':>10} {'offered':>9} {'stalled':>7} {'closed':>6} {'cut':>4} {'burst/s':>10} "
           f"{'pub/s':>7} {'unrecvd':>8} {'p99 ms':>8} {'peak MiB':>8} {'recovery s':>10}")
     for rate in offered:
         for stalled in (0, 1):
@@ -179,6 +185,7 @@ def overload(servers: str = "yardstick,fastfan", rates: str | None = None,
                 rows.append(row)
                 cut = f"{row['closed']}" + (f"+{row['stalled_closed']}s" if stalled else "")
                 print(f"{name:>10} {rate / 1e6:>8.1f}M {stalled:>7} {cut:>6} "
+                      f"{row['cut_by_server']!s:>4} "
                       f"{row['burst_per_s'] / 1e6:>9.3f}M {row['publisher_per_s']:>7} "
                       f"{row['unreceived']!s:>8} {row['p99_ms']:>8.1f} {row['peak_rss_mib']:>8} "
                       f"{row['recovery_s']!s:>10}", flush=True)
