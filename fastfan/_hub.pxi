@@ -780,13 +780,14 @@ cdef class Hub:
             self.reading.discard(name)
             return
         # Those that recover need every kept message after the lowest position; the
-        # others only the position itself.
-        wanted = [recover.offset for _, _, recover in batch if recover is not None]
+        # others only the position itself; a dialect's that start at the latest, that.
+        wanted = [recover.offset for _, _, recover in batch
+                  if recover is not None and recover is not LATEST]
         # A cache channel's subscribers get its latest message, and recover only that.
         cache = self.namespaces is not None and self.namespaces.caches(name)
         answer = functools.partial(self._history_read, name, batch, cache)
         try:
-            if cache:
+            if cache or not wanted and any(recover is LATEST for _, _, recover in batch):
                 self.bus.read_history(name, -1, 1, answer)
             else:
                 self.bus.read_history(name, min(wanted) if wanted else -1,
@@ -807,6 +808,12 @@ cdef class Hub:
             if self.recovering.get((session, name)) is not recovery:
                 continue  # unsubscribed or disconnected meanwhile
             del self.recovering[(session, name)]
+            if recovery[2] is LATEST:  # a dialect's: no reply of ours, whatever the read
+                channel = self.channels[name]
+                channel.recovering -= 1
+                self._resume_latest(session, channel, answer)
+                session.subscriptions[name] = channel.add(session)
+                continue
             if answer is None:
                 session._queue_error(503, "history unavailable: its store did not answer, "
                                      "try again", recovery[1])
@@ -847,6 +854,21 @@ cdef class Hub:
         for message in missed:
             session.queue_bytes(message)
         self.deliveries_total += len(missed)
+        return 0
+
+    def _resume_latest(self, Session session, Channel channel, answer):
+        """A dialect's subscription from the channel's latest message (Session.
+        subscribe_to): the dialect queues what its protocol says, before the session takes
+        its place in the channel's array. A read that failed, or that stopped short of
+        the channel's top (read with others that recover), gives no latest message."""
+        latest = None
+        if answer is not None:
+            top, _, messages = answer
+            if messages and messages[len(messages) - 1][0] == top:
+                latest = messages[len(messages) - 1][1]
+        session.dialect.latest(session, channel.name, latest)
+        if latest is not None:
+            self.deliveries_total += 1
         return 0
 
     def _resume_cached(self, Session session, Channel channel, bytes request_id, recover,

@@ -23,6 +23,9 @@ cdef bytes PONG = b'{"type":"pong"}'
 # A `recover` its namespace refuses: no epoch matches "", so the subscriber is told
 # `"recovered":false` at the channel's position; its offset asks the store for nothing.
 NO_RECOVERY = Recover(offset=MAX_POSITION, epoch="")
+# A dialect's subscription that starts at the channel's latest message (Session.
+# subscribe_to): Hub.subscribe_history's seam, told to the dialect (`latest`), not replied.
+LATEST = Recover(offset=-1, epoch="")
 
 
 cdef bytes _reply(bytes kind, str channel, bytes request_id):
@@ -867,13 +870,21 @@ cdef class Session(Outbox):
         """Queue `payload` as one text message, behind what is queued."""
         self.queue_bytes(payload)
 
-    def subscribe_to(self, str channel):
+    def subscribe_to(self, str channel, bint latest=False):
         """Subscribe to `channel` on the bus, unchecked (the dialect checked): its messages
         reach this connection by the core's fan-out, as they are; presence hears of it.
         True when the bus has yet to confirm it: dialect.confirmed(session, channel)
-        follows once every message published anywhere reaches it."""
+        follows once every message published anywhere reaches it.
+
+        `latest`, on a channel with history: dialect.latest(session, channel, payload)
+        follows instead, with the channel's latest message (None: none kept) at the
+        moment the connection starts to receive the channel, as a recovery's seam: no
+        message comes twice, none older after a newer one."""
         if channel in self.subscriptions:
             return False
+        if latest and self.hub.keeps_history(channel):
+            self.hub.subscribe_history(self, channel, b"", LATEST)
+            return True
         self.hub.subscribe(self, channel)
         return self.hub.awaits_confirmation(self, channel, b"")
 

@@ -457,6 +457,44 @@ def test_cache_channels_give_a_subscriber_the_latest_event_or_a_miss(
     assert not plain.seen(event="cache_miss")
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_cache_channel_gives_each_event_once_and_in_order_while_events_flow(
+        start_server: Any, workers: str) -> None:
+    """Subscribers arriving while a backend triggers without pause: after
+    subscription_succeeded each gets the latest event, then every later one, each once.
+    (The latest used to be read after subscription_succeeded: an event triggered between
+    came live and then again as the cached one, or an older one came after it.)"""
+    server = start_pusher(start_server, "--workers", workers)
+    server.wait_ready()
+    backend = python_backend(server)
+    wait_for(lambda: triggered(backend, "cache-ticks", "tick", {"n": 0}))
+    stop = threading.Event()
+
+    def trigger_forever() -> None:
+        n = 1
+        while not stop.is_set():
+            if triggered(backend, "cache-ticks", "tick", {"n": n}):
+                n += 1
+
+    publisher = threading.Thread(target=trigger_forever, daemon=True)
+    publisher.start()
+    try:
+        for _ in range(12):
+            client = RawPusher(server)
+            client.subscribe("cache-ticks")
+            assert client.client.recv_json()["event"] == "pusher_internal:subscription_succeeded"
+            ticks = []
+            while len(ticks) < 8:
+                event = client.client.recv_json()
+                assert event["event"] == "tick", event  # the latest is never a miss here
+                ticks.append(json.loads(event["data"])["n"])
+            assert ticks == list(range(ticks[0], ticks[0] + 8)), ticks
+            client.client.close()
+    finally:
+        stop.set()
+        publisher.join(10)
+
+
 def test_pusher_and_fastfan_clients_share_a_channel_through_the_mapping(
         start_server: Any, pusher_js: Any) -> None:
     """Pusher channel C of app ID is fastfan channel pusher.ID.C: fastfan's server API

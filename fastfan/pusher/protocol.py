@@ -199,8 +199,25 @@ class PusherConnection:
             self.pusher.member_here(self.app.bus_channel(channel), session.identity.user,
                                     session)
         self.channels.add(channel)
-        if not session.subscribe_to(self.app.bus_channel(channel)):
+        # A cache channel (not a presence one, whose members are gathered first) starts at
+        # its latest event, through the core's seam: `latest` follows
+        from_latest = channel.startswith(CACHE_PREFIXES) and not channel.startswith(PRESENCE)
+        if not session.subscribe_to(self.app.bus_channel(channel), from_latest):
             self._succeeded(session, channel)
+
+    def latest(self, session: Session, bus_channel: str, payload: bytes | None) -> None:
+        """A cache channel's subscription, at the moment this connection starts receiving
+        the channel (the Hub calls, before it fans out the next event to it): succeeded,
+        then the latest event kept, or pusher:cache_miss. Read after subscription_succeeded
+        instead, an event published meanwhile came twice, or an older one after it."""
+        assert self.app is not None
+        channel = bus_channel[len(self.app.bus_channel("")):]
+        if channel not in self.channels:
+            return
+        session.send_text(encode_event("pusher_internal:subscription_succeeded",
+                                       channel, "{}"))
+        session.send_text(unwrapped(payload) if payload is not None
+                          else encode_event("pusher:cache_miss", channel, "{}"))
 
     def confirmed(self, session: Session, bus_channel: str) -> None:
         """The bus has the subscription (the Hub calls): every event published from now on,
