@@ -195,8 +195,10 @@ def test_a_rolling_restart_on_the_embedded_bus_keeps_the_other_workers_serving(
     """Without Redis, history cannot outlive its worker: the subscribers on the worker not
     being replaced receive every message acknowledged meanwhile, whoever published it."""
     pid_file = tmp_path / "fastfan.pid"
-    # A grace of 4 s: the first worker takes 2 s to close its clients, while the test looks.
-    server = start_server("--workers", "2", "--shutdown-grace", "4", "--pid-file",
+    # A grace of 12 s: the first worker takes 3-6 s to close its clients, while the test
+    # looks (with 4 s a busy CI run was still placing its clients when the master went on
+    # to replace the second worker, the one it meant to publish from).
+    server = start_server("--workers", "2", "--shutdown-grace", "12", "--pid-file",
                           str(pid_file))
     first, second = before = server.workers()
     held: dict[int | None, list[Subscriber]] = {pid: [] for pid in before}

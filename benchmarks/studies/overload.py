@@ -4,9 +4,11 @@ delivered meanwhile, how much memory it takes, and how long latency takes to com
     ./dev bench --scenarios overload                      # yardstick and fastfan, 1.3x and 2x
     ./dev bench --scenarios overload --servers fastfan --rates 3.9e6 --duration 10
 
-1000 subscribers of one channel (one load generator process on the load generator's CPU)
-and one publisher (another process, so that a publisher the server holds back never keeps
-the subscribers from reading): 100-byte data at NORMAL deliveries/s for 3 s, then the
+1000 subscribers of one channel (one load generator process, alone on the load
+generator's CPU: at these rates it needs all of it) and one publisher (another process, on
+the server's CPU, where its few thousand writes a second cost the server under 1%; a
+process of its own so that a publisher the server holds back never keeps the subscribers
+from reading): 100-byte data at NORMAL deliveries/s for 3 s, then the
 burst (each of `rates`, 1.3x and 2x the 3M/s this machine's servers reach on one core) for
 `duration` s, then NORMAL again for 8 s. Each burst twice: every subscriber reading, then
 with one more subscriber that never reads (a 4 KiB receive window), which alone should be
@@ -131,7 +133,7 @@ def _run(name: str, offered: float, duration: float, stalled: int) -> dict[str, 
         published = subprocess.run(
             [*loadgen_command(port, subs=0, rate=normal, duration=BEFORE, channel=channel),
              "--drain", "0", "--then", f"{burst:g}:{duration:g},{normal:g}:{AFTER:g}"],
-            capture_output=True, text=True, preexec_fn=pinned(LOADGEN_CPU), timeout=total + 120,
+            capture_output=True, text=True, preexec_fn=pinned(SERVER_CPU), timeout=total + 120,
             check=False)
         received, errors = subscribers.communicate(timeout=total + 120)
         if published.returncode or subscribers.returncode:
