@@ -2,8 +2,11 @@
 a RESP command, Redis's answer to it, and a message Redis pushes handed to the Hub.
 
 In Python (bus/redis.py before this) each of the three was a few Python calls, tuples and
-attribute lookups: at 100k messages/s through one Redis about half of a worker's CPU went
-to them. The connections (asyncio protocols), their state and every rare case stay in
+attribute lookups: at 100k messages/s through one Redis, the frames of these functions held
+about half of a worker's samples (py-spy, the Hub's fan-out they call included).
+Compiled, a message costs 5-9% less CPU (4.85 against 5.35 µs at 200k/s: docs/
+benchmarks.md, "Round three, session 3"); the rest is the WebSocket publish and the
+fan-out's write. The connections (asyncio protocols), their state and every rare case stay in
 Python (bus/redis.py, bus/resp.py): what comes here is only what runs per message, and
 anything unusual (an error reply, a publish someone waits for, a message on the server's
 own channels) is handed back to Python as before.
