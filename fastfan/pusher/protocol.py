@@ -216,8 +216,7 @@ class PusherConnection:
             return
         session.send_text(encode_event("pusher_internal:subscription_succeeded",
                                        channel, "{}"))
-        session.send_text(unwrapped(payload) if payload is not None
-                          else encode_event("pusher:cache_miss", channel, "{}"))
+        self._send_kept(session, channel, payload)
 
     def confirmed(self, session: Session, bus_channel: str) -> None:
         """The bus has the subscription (the Hub calls): every event published from now on,
@@ -246,14 +245,17 @@ class PusherConnection:
             return
 
         def answer(kept: HistoryAnswer | None) -> None:
-            if channel not in self.channels:
-                return
-            if kept is not None and kept[2]:
-                session.send_text(unwrapped(kept[2][-1][1]))
-            else:
-                session.send_text(encode_event("pusher:cache_miss", channel, "{}"))
+            if channel in self.channels:
+                self._send_kept(session, channel,
+                                kept[2][-1][1] if kept is not None and kept[2] else None)
 
         self.pusher.hub.bus.read_history(self.app.bus_channel(channel), -1, 1, answer)
+
+    @staticmethod
+    def _send_kept(session: Session, channel: str, payload: bytes | None) -> None:
+        """A cache channel's latest event as kept (None: pusher:cache_miss)."""
+        session.send_text(unwrapped(payload) if payload is not None
+                          else encode_event("pusher:cache_miss", channel, "{}"))
 
     def _signin(self, session: Session, data: Any) -> None:
         """User authentication: `auth` signs `socket_id::user::user_data` (any Pusher
